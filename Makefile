@@ -1,0 +1,58 @@
+# Two commands: `make demo` and `make test`. Each installs what is missing (apt, the project .venv, cargo builds)
+# and is quick when everything is present.
+SHELL := /bin/bash
+.DEFAULT_GOAL := demo
+
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.camelid-deps-stamp
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# tch builds against and runs on the libtorch that PyPI's torch wheel ships.
+export LIBTORCH_USE_PYTORCH := 1
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(VENV)/bin:$(PATH)
+export CAMELID_PYTHON := $(PY)
+TORCH_LIB = $(VENV)/lib/python3$(shell python3 -c 'import sys;print(f".{sys.version_info[1]}")')/site-packages/torch/lib
+export LD_LIBRARY_PATH := $(TORCH_LIB)$(if $(LD_LIBRARY_PATH),:$(LD_LIBRARY_PATH))
+
+DEMO_QUESTION := What are three good reasons to fine-tune a small language model instead of a large one?
+
+.PHONY: demo test setup system-deps python-deps build-release fmt clippy bench
+
+demo: setup build-release
+	@echo "== camelid generate (SmolLM2-135M-Instruct, greedy) =="
+	@echo "Q: $(DEMO_QUESTION)"
+	@target/release/camelid generate --temperature 0 --max-tokens 160 --prompt "$(DEMO_QUESTION)"
+	@echo
+	@echo "Chat with the model:   target/release/camelid chat"
+	@echo "Another model:         target/release/camelid chat --model PATH   (HF directory or .gguf)"
+
+test: setup
+	cargo test --workspace --no-fail-fast
+
+setup: system-deps python-deps
+
+# libgloo-dev: Gloo headers for libtorch's c10d process groups (the trainer's FSDP).
+system-deps:
+	@dpkg -s libgloo-dev >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q libgloo-dev; }
+
+python-deps: $(STAMP)
+
+$(STAMP): requirements.txt requirements-nodeps.txt
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	@touch $@
+
+build-release:
+	cargo build --release -p camelid-cli
+
+fmt:
+	cargo fmt --all
+
+clippy: setup
+	cargo clippy --workspace --all-targets -- -D warnings
+
+bench: setup build-release
+	$(PY) bench/decode_speed.py --camelid target/release/camelid

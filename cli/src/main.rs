@@ -1,0 +1,261 @@
+//! `camelid`: the local command line. Thin: argument parsing and printing; everything else is in the crates.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use camelid_model::{ChatMessage, GenerateRequest, LoadOptions, LoadedModel, ModelError, SamplingParams};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tch::{Device, Kind};
+
+#[derive(Parser)]
+#[command(name = "camelid", version, about = "Fine-tune and serve LLaMA-family chat models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer one message with the model's chat template; prints only the completion on stdout.
+    Generate {
+        /// The user message.
+        #[arg(long)]
+        prompt: String,
+        /// A system message (the template's default when absent).
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Interactive chat in the terminal: streams tokens and keeps the conversation (`/reset`, `/exit`).
+    Chat {
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DType {
+    F32,
+    Bf16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// An HF model directory or a .gguf file (default: CAMELID_MODEL, else SmolLM2-135M-Instruct from .venv).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Weight precision (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long, value_enum)]
+    dtype: Option<DType>,
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceArg,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// 0 disables top-k.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f64,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when this text is generated (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep generating past end-of-turn tokens until --max-tokens (for benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            ..SamplingParams::default()
+        }
+    }
+}
+
+/// A failed command: the message and the exit code (2 for what the user can fix, 1 for everything else).
+struct Failure {
+    error: anyhow::Error,
+    code: u8,
+}
+
+fn user_error(error: anyhow::Error) -> Failure {
+    Failure { error, code: 2 }
+}
+
+impl From<ModelError> for Failure {
+    fn from(e: ModelError) -> Self {
+        let code = if e.is_user_error() { 2 } else { 1 };
+        Failure { error: e.into(), code }
+    }
+}
+
+fn load(args: &ModelArgs) -> Result<LoadedModel, Failure> {
+    let device = match args.device {
+        DeviceArg::Auto => Device::cuda_if_available(),
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
+        DeviceArg::Cuda => return Err(user_error(anyhow::anyhow!("--device cuda: no CUDA device is available"))),
+    };
+    let dtype = match (args.dtype, device) {
+        (Some(DType::F32), _) | (None, Device::Cpu) => Kind::Float,
+        _ => Kind::BFloat16,
+    };
+    let path = match &args.model {
+        Some(p) => p.clone(),
+        None => camelid_model::default_model_path()?,
+    };
+    let started = std::time::Instant::now();
+    let loaded = camelid_model::load(&path, LoadOptions { dtype, device }).map_err(|e| {
+        let mut failure = Failure::from(e);
+        failure.error = failure.error.context(format!("loading {}", path.display()));
+        failure
+    })?;
+    tracing::info!(
+        model = %path.display(), ?device, ?dtype, template = loaded.template.name(),
+        seconds = format!("{:.2}", started.elapsed().as_secs_f64()), "model loaded"
+    );
+    Ok(loaded)
+}
+
+fn messages(system: &Option<String>, turns: &[ChatMessage]) -> Vec<ChatMessage> {
+    system.iter().map(|s| ChatMessage::new("system", s)).chain(turns.iter().cloned()).collect()
+}
+
+fn request(loaded: &LoadedModel, prompt_ids: Vec<u32>, sampling: &SamplingArgs) -> GenerateRequest {
+    GenerateRequest {
+        prompt_ids,
+        max_tokens: sampling.max_tokens,
+        sampling: sampling.params(),
+        stop: sampling.stop.clone(),
+        eos_token_ids: if sampling.ignore_eos { vec![] } else { loaded.eos_token_ids.clone() },
+    }
+}
+
+fn run_generate(prompt: &str, system: &Option<String>, model: &ModelArgs, sampling: &SamplingArgs) -> Result<(), Failure> {
+    sampling.params().validate().map_err(Failure::from)?;
+    let loaded = load(model)?;
+    let prompt_ids = loaded
+        .chat_prompt(&messages(system, &[ChatMessage::new("user", prompt)]))
+        .map_err(Failure::from)?;
+    let mut stdout = std::io::stdout().lock();
+    let completion = camelid_model::generate(&loaded.model, &loaded.tokenizer, &request(&loaded, prompt_ids, sampling), |piece| {
+        stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_ok()
+    })
+    .map_err(Failure::from)?;
+    let _ = writeln!(stdout);
+    tracing::info!(
+        prompt_tokens = completion.prompt_tokens,
+        completion_tokens = completion.token_ids.len(),
+        finish_reason = completion.finish_reason.as_str(),
+        prefill_seconds = format!("{:.3}", completion.prefill_time.as_secs_f64()),
+        decode_tokens_per_second = format!("{:.2}", completion.decode_tokens_per_second()),
+        "done"
+    );
+    Ok(())
+}
+
+fn run_chat(system: &Option<String>, model: &ModelArgs, sampling: &SamplingArgs) -> Result<(), Failure> {
+    sampling.params().validate().map_err(Failure::from)?;
+    let loaded = load(model)?;
+    eprintln!("camelid chat: {} ({}); /reset clears the conversation, /exit or Ctrl-D quits", loaded.source.display(), loaded.template.name());
+    let mut turns: Vec<ChatMessage> = Vec::new();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        eprint!("> ");
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading stdin").map_err(user_error)?;
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                turns.clear();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        turns.push(ChatMessage::new("user", line));
+        let context = loaded.config().max_position_embeddings;
+        // Forget the oldest exchanges when the conversation no longer fits with room for a reply.
+        let prompt_ids = loop {
+            let ids = loaded.chat_prompt(&messages(system, &turns)).map_err(Failure::from)?;
+            if ids.len() + sampling.max_tokens.min(context / 2) <= context || turns.len() <= 1 {
+                break ids;
+            }
+            turns.drain(..2.min(turns.len() - 1));
+            eprintln!("(dropped the oldest exchange to fit the {context}-token context)");
+        };
+        let mut stdout = std::io::stdout().lock();
+        match camelid_model::generate(&loaded.model, &loaded.tokenizer, &request(&loaded, prompt_ids, sampling), |piece| {
+            stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_ok()
+        }) {
+            Ok(done) => {
+                let _ = writeln!(stdout);
+                turns.push(ChatMessage::new("assistant", &done.text));
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                turns.pop();
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAMELID_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let result = match &cli.command {
+        Command::Generate { prompt, system, model, sampling } => run_generate(prompt, system, model, sampling),
+        Command::Chat { system, model, sampling } => run_chat(system, model, sampling),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure { error, code }) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(code)
+        }
+    }
+}

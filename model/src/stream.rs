@@ -1,0 +1,132 @@
+//! Streaming text out of token ids: never emit half a UTF-8 character, and never emit text that may turn out to
+//! be the start of a stop string.
+
+use crate::error::Result;
+
+/// Incremental detokenizer: decodes a small window of recent ids so that byte-level tokens which end inside a
+/// multi-byte character are held until the character is complete (the prefix/read offset scheme of TGI).
+#[derive(Debug, Default)]
+pub struct IncrementalDecoder {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl IncrementalDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one id and returns the text it completes, if any.
+    pub fn push(&mut self, id: u32, decode: impl Fn(&[u32]) -> Result<String>) -> Result<String> {
+        self.ids.push(id);
+        let prefix = decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = decode(&self.ids[self.prefix_offset..])?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
+            if let Some(new) = full.get(prefix.len()..).filter(|_| full.starts_with(&prefix)) {
+                self.prefix_offset = self.read_offset;
+                self.read_offset = self.ids.len();
+                return Ok(new.to_string());
+            }
+        }
+        Ok(String::new())
+    }
+
+    /// Whatever is still held at the end of generation (an incomplete character decodes as U+FFFD).
+    pub fn flush(&mut self, decode: impl Fn(&[u32]) -> Result<String>) -> Result<String> {
+        let prefix = decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = decode(&self.ids[self.prefix_offset..])?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok(full.get(prefix.len()..).filter(|_| full.starts_with(&prefix)).unwrap_or_default().to_string())
+    }
+}
+
+/// Finds stop strings in streamed text, holding back any tail that could still grow into one.
+#[derive(Debug, Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    pending: String,
+}
+
+impl StopMatcher {
+    pub fn new(stops: &[String]) -> Self {
+        Self { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), pending: String::new() }
+    }
+
+    /// Adds text; returns the text that is safe to emit and whether a stop string was found (the stop string and
+    /// anything after it are dropped).
+    pub fn push(&mut self, text: &str) -> (String, bool) {
+        self.pending.push_str(text);
+        let earliest = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min();
+        if let Some(pos) = earliest {
+            let out = self.pending[..pos].to_string();
+            self.pending.clear();
+            return (out, true);
+        }
+        let hold = self
+            .pending
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| self.stops.iter().any(|s| s.starts_with(&self.pending[i..])))
+            .unwrap_or(self.pending.len());
+        let out = self.pending[..hold].to_string();
+        self.pending.drain(..hold);
+        (out, false)
+    }
+
+    /// The held-back text, once no more text will come.
+    pub fn flush(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A toy byte-level vocabulary: id = byte value; decoding invalid UTF-8 gives U+FFFD like HF's ByteLevel.
+    fn decode(ids: &[u32]) -> Result<String> {
+        let bytes: Vec<u8> = ids.iter().map(|&i| i as u8).collect();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[test]
+    fn multibyte_characters_are_never_split() {
+        let text = "aé🦙z";
+        let mut dec = IncrementalDecoder::new();
+        let mut pieces = Vec::new();
+        for b in text.bytes() {
+            let piece = dec.push(u32::from(b), decode).unwrap();
+            assert!(!piece.contains('\u{FFFD}'), "emitted a broken character: {piece:?}");
+            if !piece.is_empty() {
+                pieces.push(piece);
+            }
+        }
+        assert_eq!(pieces, ["a", "é", "🦙", "z"]);
+        assert_eq!(dec.flush(decode).unwrap(), "");
+    }
+
+    #[test]
+    fn stop_strings_spanning_pushes_are_found_and_cut() {
+        let mut m = StopMatcher::new(&["</s>".into(), "User:".into()]);
+        assert_eq!(m.push("Hello <"), ("Hello ".into(), false));
+        assert_eq!(m.push("/"), (String::new(), false));
+        assert_eq!(m.push("s> more"), (String::new(), true));
+    }
+
+    #[test]
+    fn held_text_is_released_when_it_cannot_be_a_stop() {
+        let mut m = StopMatcher::new(&["STOP".into()]);
+        assert_eq!(m.push("ST"), (String::new(), false));
+        assert_eq!(m.push("ART"), ("START".into(), false));
+        assert_eq!(m.push("S"), (String::new(), false));
+        assert_eq!(m.flush(), "S");
+    }
+
+    #[test]
+    fn earliest_stop_wins() {
+        let mut m = StopMatcher::new(&["b".into(), "a".into()]);
+        assert_eq!(m.push("xxaxb"), ("xx".into(), true));
+    }
+}

@@ -1,0 +1,258 @@
+//! Tokenizers through HF `tokenizers`: read from `tokenizer.json`, or built from GGUF tokenizer metadata.
+//!
+//! GGUF tokenizers are turned into the equivalent `tokenizer.json` document and parsed by the same library, so both
+//! paths share one encoder and decoder.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use serde_json::{Value as Json, json};
+
+use crate::error::{ModelError, Result};
+use crate::gguf::{GgufFile, Value};
+
+/// A tokenizer plus the special-token facts that generation needs.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Text of the BOS/EOS tokens, for chat templates that print them.
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer").field("vocab", &self.vocab_size()).field("bos", &self.bos_token).finish()
+    }
+}
+
+fn tok_err(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| ModelError::malformed(path, "tokenizer.json", e.to_string()))?;
+        Ok(Self { inner, bos_token: None, eos_token: None })
+    }
+
+    pub fn from_json(json: &Json) -> Result<Self> {
+        let inner: tokenizers::Tokenizer = serde_json::from_value(json.clone()).map_err(tok_err)?;
+        Ok(Self { inner, bos_token: None, eos_token: None })
+    }
+
+    /// Sets the BOS/EOS token texts from their ids.
+    pub fn with_special_ids(mut self, bos: Option<u32>, eos: Option<u32>) -> Self {
+        self.bos_token = bos.and_then(|id| self.inner.id_to_token(id));
+        self.eos_token = eos.and_then(|id| self.inner.id_to_token(id));
+        self
+    }
+
+    /// Encodes text. Special tokens written in the text (`<|im_start|>`) become their ids; `add_special_tokens`
+    /// adds what the tokenizer's post-processor adds (a BOS for LLaMA-2 style tokenizers).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        Ok(self.inner.encode(text, add_special_tokens).map_err(tok_err)?.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special_tokens).map_err(tok_err)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Writes the tokenizer as `tokenizer.json` (for exports).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.inner.save(path, false).map_err(tok_err)
+    }
+
+    /// Builds the tokenizer a GGUF file describes (`tokenizer.ggml.model` `gpt2` or `llama`).
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let json = gguf_tokenizer_json(file)?;
+        let id = |key: &str| file.get(key).and_then(Value::as_u64).map(|v| v as u32);
+        Ok(Self::from_json(&json)?.with_special_ids(id("tokenizer.ggml.bos_token_id"), id("tokenizer.ggml.eos_token_id")))
+    }
+}
+
+/// GPT-2's reversible byte → printable-character map.
+fn bytes_to_unicode() -> HashMap<u8, char> {
+    let mut printable: Vec<u32> = (u32::from(b'!')..=u32::from(b'~')).collect();
+    printable.extend(0xA1..=0xAC);
+    printable.extend(0xAE..=0xFF);
+    let mut map = HashMap::new();
+    let mut extra = 0u32;
+    for b in 0u32..=255 {
+        let c = if printable.contains(&b) {
+            b
+        } else {
+            extra += 1;
+            255 + extra
+        };
+        map.insert(b as u8, char::from_u32(c).unwrap_or('?'));
+    }
+    map
+}
+
+const GGUF_CONTROL: u64 = 3;
+const GGUF_USER_DEFINED: u64 = 4;
+
+/// llama.cpp's pre-tokenizer splits by `tokenizer.ggml.pre`, as HF pre-tokenizer JSON. Unknown names use GPT-2's.
+fn byte_level_pre_tokenizer(pre: &str) -> Json {
+    let byte_level = |use_regex: bool| {
+        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
+    };
+    let split = |regex: &str| {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+            byte_level(false)]})
+    };
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    match pre {
+        // SmolLM and StarCoder vocabularies were trained with every digit on its own (llama.cpp's `smollm`,
+        // `starcoder`, `refact` pre types; the published tokenizer.json uses Digits + ByteLevel).
+        "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx" => split(LLAMA3),
+        "qwen2" | "deepseek-r1-qwen" => split(QWEN2),
+        _ => byte_level(true),
+    }
+}
+
+fn string_array<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
+    let arr = file
+        .get(key)
+        .and_then(Value::as_array)
+        .ok_or_else(|| ModelError::malformed(file.path(), "GGUF tokenizer", format!("missing {key}")))?;
+    arr.iter()
+        .map(|v| v.as_str().ok_or_else(|| ModelError::malformed(file.path(), "GGUF tokenizer", format!("{key} holds a non-string"))))
+        .collect()
+}
+
+fn added_token(id: usize, content: &str, special: bool) -> Json {
+    json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
+           "normalized": false, "special": special})
+}
+
+/// The `tokenizer.json` document equivalent to a GGUF file's tokenizer metadata.
+pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Json> {
+    let model = file.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("<missing>");
+    let tokens = string_array(file, "tokenizer.ggml.tokens")?;
+    let types: Vec<u64> = file
+        .get("tokenizer.ggml.token_type")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+        .unwrap_or_else(|| vec![1; tokens.len()]);
+    match model {
+        "gpt2" => {
+            let spelling = bytes_to_unicode();
+            let alphabet: HashSet<char> = spelling.values().copied().collect();
+            let mut vocab = serde_json::Map::new();
+            let mut added = Vec::new();
+            for (id, tok) in tokens.iter().enumerate() {
+                let spelled = if tok.chars().all(|c| alphabet.contains(&c)) {
+                    (*tok).to_string()
+                } else {
+                    tok.bytes().map(|b| spelling[&b]).collect()
+                };
+                vocab.insert(spelled, json!(id));
+                let ty = types.get(id).copied().unwrap_or(1);
+                if ty == GGUF_CONTROL && tok.chars().all(|c| alphabet.contains(&c)) {
+                    added.push(added_token(id, tok, true));
+                } else if ty == GGUF_USER_DEFINED {
+                    added.push(added_token(id, tok, false));
+                }
+            }
+            let merges = string_array(file, "tokenizer.ggml.merges")?;
+            let pre = file.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+            Ok(json!({
+                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+                "pre_tokenizer": byte_level_pre_tokenizer(pre),
+                "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                          "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                          "ignore_merges": false, "vocab": vocab, "merges": merges}
+            }))
+        }
+        "llama" => sentencepiece_json(file, &tokens, &types),
+        other => Err(ModelError::Unsupported(format!(
+            "GGUF tokenizer model {other:?} (supported: gpt2 byte-level BPE, llama SentencePiece)"
+        ))),
+    }
+}
+
+/// LLaMA/Mistral SentencePiece BPE: merges derived from the vocabulary scores (as transformers does), byte fallback
+/// for `<0xNN>` tokens, `▁` for spaces.
+fn sentencepiece_json(file: &GgufFile, tokens: &[&str], types: &[u64]) -> Result<Json> {
+    let scores: Vec<f64> = file
+        .get("tokenizer.ggml.scores")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect())
+        .ok_or_else(|| ModelError::malformed(file.path(), "GGUF tokenizer", "missing tokenizer.ggml.scores"))?;
+    let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    let mut merges: Vec<(&str, &str, f64)> = Vec::new();
+    for (id, tok) in tokens.iter().enumerate() {
+        let mut local: Vec<(&str, &str, f64)> = tok
+            .char_indices()
+            .skip(1)
+            .map(|(i, _)| (&tok[..i], &tok[i..]))
+            .filter(|(l, r)| index.contains_key(l) && index.contains_key(r))
+            .map(|(l, r)| (l, r, scores.get(id).copied().unwrap_or(0.0)))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (index[l], index[r]));
+        merges.extend(local);
+    }
+    merges.sort_by(|a, b| {
+        b.2.total_cmp(&a.2).then(b.0.chars().count().cmp(&a.0.chars().count())).then(b.1.chars().count().cmp(&a.1.chars().count()))
+    });
+    let mut added = Vec::new();
+    for (id, tok) in tokens.iter().enumerate() {
+        match types.get(id).copied().unwrap_or(1) {
+            GGUF_CONTROL => added.push(added_token(id, tok, true)),
+            GGUF_USER_DEFINED => added.push(added_token(id, tok, false)),
+            _ => {}
+        }
+    }
+    let unk = file
+        .get("tokenizer.ggml.unknown_token_id")
+        .and_then(Value::as_u64)
+        .and_then(|id| tokens.get(id as usize))
+        .copied()
+        .unwrap_or("<unk>");
+    let vocab: serde_json::Map<String, Json> = tokens.iter().enumerate().map(|(i, t)| ((*t).to_string(), json!(i))).collect();
+    let merges: Vec<Json> = merges.iter().map(|(l, r, _)| json!([l, r])).collect();
+    let add_prefix = file.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
+    let mut normalizers = vec![];
+    if add_prefix {
+        normalizers.push(json!({"type": "Prepend", "prepend": "▁"}));
+    }
+    normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if add_prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    Ok(json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null, "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    }))
+}

