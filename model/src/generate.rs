@@ -58,6 +58,23 @@ impl Completion {
     }
 }
 
+/// Sets libtorch's intra-op thread count and restores the previous one when dropped.
+struct TorchThreads(i32);
+
+impl TorchThreads {
+    fn set(n: i32) -> Self {
+        let previous = tch::get_num_threads();
+        tch::set_num_threads(n);
+        Self(previous)
+    }
+}
+
+impl Drop for TorchThreads {
+    fn drop(&mut self) {
+        tch::set_num_threads(self.0);
+    }
+}
+
 /// Generates a completion; `on_text` receives each piece of text as soon as it is final and returns false to cancel.
 pub fn generate(
     model: &Llama,
@@ -83,6 +100,9 @@ pub fn generate(
     let mut cache = model.new_cache();
     let mut logits = model.forward_last(&request.prompt_ids, &mut cache)?;
     let prefill_time = start.elapsed();
+    // Single-token decoding on CPU runs its matrix-vector products on camelid's own thread pool; libtorch's
+    // OpenMP workers would only spin between them and steal those cores. Prefill above used them.
+    let _threads = (model.device() == tch::Device::Cpu).then(|| TorchThreads::set(1));
     let decode_start = Instant::now();
 
     let decode = |ids: &[u32]| tokenizer.decode(ids, true);

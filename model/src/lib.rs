@@ -4,6 +4,7 @@
 //! [`Tokenizer`], its [`ChatTemplate`] and the ids that end a turn. [`generate()`] runs one sequence.
 
 pub mod config;
+pub mod cpu_gemv;
 pub mod error;
 pub mod generate;
 pub mod gguf;

@@ -16,8 +16,26 @@ struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+        project(x, &self.weight, self.bias.as_ref())
     }
+}
+
+/// `x W^T + b`: single-token CPU decoding goes through [`crate::cpu_gemv`], everything else through libtorch.
+fn project(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    if let Some(y) = crate::cpu_gemv::linear_single_row(x, weight, bias)? {
+        return Ok(y);
+    }
+    Ok(x.f_linear(weight, bias)?)
+}
+
+/// Several projections of the same input (one kernel pass on the single-token CPU path).
+fn project_all<const N: usize>(x: &Tensor, layers: [&Linear; N]) -> Result<[Tensor; N]> {
+    let pairs: Vec<(&Tensor, Option<&Tensor>)> = layers.iter().map(|l| (&l.weight, l.bias.as_ref())).collect();
+    let outputs = match crate::cpu_gemv::linear_single_row_many(x, &pairs)? {
+        Some(outputs) => outputs,
+        None => layers.iter().map(|l| l.forward(x)).collect::<Result<Vec<_>>>()?,
+    };
+    outputs.try_into().map_err(|_| ModelError::InvalidRequest("projection count mismatch".into()))
 }
 
 #[derive(Debug)]
@@ -279,9 +297,10 @@ impl Llama {
             let split = |y: Tensor, heads: usize| -> Result<Tensor> {
                 Ok(y.f_view([batch, t, heads as i64, c.head_dim as i64])?.f_transpose(1, 2)?)
             };
-            let q = apply_rope(&split(layer.q_proj.forward(&h)?, c.num_heads)?, &cos, &sin)?;
-            let k = apply_rope(&split(layer.k_proj.forward(&h)?, c.num_kv_heads)?, &cos, &sin)?;
-            let v = split(layer.v_proj.forward(&h)?, c.num_kv_heads)?;
+            let [q, k, v] = project_all(&h, [&layer.q_proj, &layer.k_proj, &layer.v_proj])?;
+            let q = apply_rope(&split(q, c.num_heads)?, &cos, &sin)?;
+            let k = apply_rope(&split(k, c.num_kv_heads)?, &cos, &sin)?;
+            let v = split(v, c.num_kv_heads)?;
             let (k, v) = match cache.as_deref_mut() {
                 Some(cache) => cache.append(i, &k, &v)?,
                 None => (k, v),
@@ -290,8 +309,8 @@ impl Llama {
             let attn = attn.f_transpose(1, 2)?.f_reshape([batch, t, (c.num_heads * c.head_dim) as i64])?;
             x = x.f_add(&layer.o_proj.forward(&attn)?)?;
             let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-            let gate = layer.gate_proj.forward(&h)?.f_silu()?;
-            x = x.f_add(&layer.down_proj.forward(&gate.f_mul(&layer.up_proj.forward(&h)?)?)?)?;
+            let [gate, up] = project_all(&h, [&layer.gate_proj, &layer.up_proj])?;
+            x = x.f_add(&layer.down_proj.forward(&gate.f_silu()?.f_mul(&up)?)?)?;
         }
         if let Some(cache) = cache {
             cache.advance(t as usize);
@@ -312,6 +331,6 @@ impl Llama {
         let input = Tensor::f_from_slice(&ids)?.f_to_device(self.device())?.f_unsqueeze(0)?;
         let h = self.hidden_states(&input, Some(cache))?;
         let last = h.f_select(1, -1)?.f_select(0, 0)?;
-        Ok(last.f_linear::<&Tensor>(&self.lm_head, None)?.f_to_kind(Kind::Float)?)
+        Ok(project(&last, &self.lm_head, None)?.f_to_kind(Kind::Float)?)
     }
 }
