@@ -10,7 +10,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tch::{Device, Kind};
 
 #[derive(Parser)]
-#[command(name = "camelid", version, about = "Fine-tune and serve LLaMA-family chat models")]
+#[command(
+    name = "camelid",
+    version,
+    about = "Fine-tune and serve LLaMA-family chat models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -73,14 +77,14 @@ struct SamplingArgs {
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     /// 0 is greedy.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
     temperature: f64,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f64,
     /// 0 disables top-k.
     #[arg(long, default_value_t = 0)]
     top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     repetition_penalty: f64,
     #[arg(long)]
     seed: Option<u64>,
@@ -93,6 +97,15 @@ struct SamplingArgs {
 }
 
 impl SamplingArgs {
+    /// Checks every value before the model is loaded, naming the flag.
+    fn validate(&self) -> Result<(), Failure> {
+        if self.max_tokens == 0 {
+            return Err(user_error(anyhow::anyhow!("--max-tokens must be at least 1")));
+        }
+        self.params().validate()?;
+        Ok(())
+    }
+
     fn params(&self) -> SamplingParams {
         SamplingParams {
             temperature: self.temperature,
@@ -118,7 +131,10 @@ fn user_error(error: anyhow::Error) -> Failure {
 impl From<ModelError> for Failure {
     fn from(e: ModelError) -> Self {
         let code = if e.is_user_error() { 2 } else { 1 };
-        Failure { error: e.into(), code }
+        Failure {
+            error: e.into(),
+            code,
+        }
     }
 }
 
@@ -127,7 +143,11 @@ fn load(args: &ModelArgs) -> Result<LoadedModel, Failure> {
         DeviceArg::Auto => Device::cuda_if_available(),
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
-        DeviceArg::Cuda => return Err(user_error(anyhow::anyhow!("--device cuda: no CUDA device is available"))),
+        DeviceArg::Cuda => {
+            return Err(user_error(anyhow::anyhow!(
+                "--device cuda: no CUDA device is available"
+            )));
+        }
     };
     let dtype = match (args.dtype, device) {
         (Some(DType::F32), _) | (None, Device::Cpu) => Kind::Float,
@@ -151,7 +171,11 @@ fn load(args: &ModelArgs) -> Result<LoadedModel, Failure> {
 }
 
 fn messages(system: &Option<String>, turns: &[ChatMessage]) -> Vec<ChatMessage> {
-    system.iter().map(|s| ChatMessage::new("system", s)).chain(turns.iter().cloned()).collect()
+    system
+        .iter()
+        .map(|s| ChatMessage::new("system", s))
+        .chain(turns.iter().cloned())
+        .collect()
 }
 
 fn request(loaded: &LoadedModel, prompt_ids: Vec<u32>, sampling: &SamplingArgs) -> GenerateRequest {
@@ -160,20 +184,37 @@ fn request(loaded: &LoadedModel, prompt_ids: Vec<u32>, sampling: &SamplingArgs) 
         max_tokens: sampling.max_tokens,
         sampling: sampling.params(),
         stop: sampling.stop.clone(),
-        eos_token_ids: if sampling.ignore_eos { vec![] } else { loaded.eos_token_ids.clone() },
+        eos_token_ids: if sampling.ignore_eos {
+            vec![]
+        } else {
+            loaded.eos_token_ids.clone()
+        },
     }
 }
 
-fn run_generate(prompt: &str, system: &Option<String>, model: &ModelArgs, sampling: &SamplingArgs) -> Result<(), Failure> {
-    sampling.params().validate().map_err(Failure::from)?;
+fn run_generate(
+    prompt: &str,
+    system: &Option<String>,
+    model: &ModelArgs,
+    sampling: &SamplingArgs,
+) -> Result<(), Failure> {
+    sampling.validate()?;
     let loaded = load(model)?;
     let prompt_ids = loaded
         .chat_prompt(&messages(system, &[ChatMessage::new("user", prompt)]))
         .map_err(Failure::from)?;
     let mut stdout = std::io::stdout().lock();
-    let completion = camelid_model::generate(&loaded.model, &loaded.tokenizer, &request(&loaded, prompt_ids, sampling), |piece| {
-        stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_ok()
-    })
+    let completion = camelid_model::generate(
+        &loaded.model,
+        &loaded.tokenizer,
+        &request(&loaded, prompt_ids, sampling),
+        |piece| {
+            stdout
+                .write_all(piece.as_bytes())
+                .and_then(|_| stdout.flush())
+                .is_ok()
+        },
+    )
     .map_err(Failure::from)?;
     let _ = writeln!(stdout);
     tracing::info!(
@@ -188,9 +229,13 @@ fn run_generate(prompt: &str, system: &Option<String>, model: &ModelArgs, sampli
 }
 
 fn run_chat(system: &Option<String>, model: &ModelArgs, sampling: &SamplingArgs) -> Result<(), Failure> {
-    sampling.params().validate().map_err(Failure::from)?;
+    sampling.validate()?;
     let loaded = load(model)?;
-    eprintln!("camelid chat: {} ({}); /reset clears the conversation, /exit or Ctrl-D quits", loaded.source.display(), loaded.template.name());
+    eprintln!(
+        "camelid chat: {} ({}); /reset clears the conversation, /exit or Ctrl-D quits",
+        loaded.source.display(),
+        loaded.template.name()
+    );
     let mut turns: Vec<ChatMessage> = Vec::new();
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
@@ -213,7 +258,9 @@ fn run_chat(system: &Option<String>, model: &ModelArgs, sampling: &SamplingArgs)
         let context = loaded.config().max_position_embeddings;
         // Forget the oldest exchanges when the conversation no longer fits with room for a reply.
         let prompt_ids = loop {
-            let ids = loaded.chat_prompt(&messages(system, &turns)).map_err(Failure::from)?;
+            let ids = loaded
+                .chat_prompt(&messages(system, &turns))
+                .map_err(Failure::from)?;
             if ids.len() + sampling.max_tokens.min(context / 2) <= context || turns.len() <= 1 {
                 break ids;
             }
@@ -221,9 +268,17 @@ fn run_chat(system: &Option<String>, model: &ModelArgs, sampling: &SamplingArgs)
             eprintln!("(dropped the oldest exchange to fit the {context}-token context)");
         };
         let mut stdout = std::io::stdout().lock();
-        match camelid_model::generate(&loaded.model, &loaded.tokenizer, &request(&loaded, prompt_ids, sampling), |piece| {
-            stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_ok()
-        }) {
+        match camelid_model::generate(
+            &loaded.model,
+            &loaded.tokenizer,
+            &request(&loaded, prompt_ids, sampling),
+            |piece| {
+                stdout
+                    .write_all(piece.as_bytes())
+                    .and_then(|_| stdout.flush())
+                    .is_ok()
+            },
+        ) {
             Ok(done) => {
                 let _ = writeln!(stdout);
                 turns.push(ChatMessage::new("assistant", &done.text));
@@ -248,8 +303,17 @@ fn main() -> ExitCode {
         )
         .init();
     let result = match &cli.command {
-        Command::Generate { prompt, system, model, sampling } => run_generate(prompt, system, model, sampling),
-        Command::Chat { system, model, sampling } => run_chat(system, model, sampling),
+        Command::Generate {
+            prompt,
+            system,
+            model,
+            sampling,
+        } => run_generate(prompt, system, model, sampling),
+        Command::Chat {
+            system,
+            model,
+            sampling,
+        } => run_chat(system, model, sampling),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,9 +12,16 @@ use crate::gguf::{GgufFile, Value};
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (HF `linear`).
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1's frequency-dependent scaling (HF `llama3`).
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
 }
 
 /// Everything the LLaMA forward pass needs to know, whatever file it came from.
@@ -47,10 +54,16 @@ impl Config {
             return bad("config has zero heads, layers or hidden size".into());
         }
         if self.num_heads % self.num_kv_heads != 0 {
-            return bad(format!("{} attention heads are not a multiple of {} KV heads", self.num_heads, self.num_kv_heads));
+            return bad(format!(
+                "{} attention heads are not a multiple of {} KV heads",
+                self.num_heads, self.num_kv_heads
+            ));
         }
         if self.head_dim % 2 != 0 {
-            return bad(format!("head dimension {} is odd; RoPE needs pairs", self.head_dim));
+            return bad(format!(
+                "head dimension {} is odd; RoPE needs pairs",
+                self.head_dim
+            ));
         }
         if self.vocab_size == 0 || self.max_position_embeddings == 0 {
             return bad("config has an empty vocabulary or zero context length".into());
@@ -131,10 +144,17 @@ struct HfConfig {
 }
 
 fn rope_scaling_from(rope: Option<&HfRope>) -> Result<RopeScaling> {
-    let Some(rope) = rope else { return Ok(RopeScaling::None) };
-    let kind = rope.rope_type.as_deref().or(rope.legacy_type.as_deref()).unwrap_or("default");
+    let Some(rope) = rope else {
+        return Ok(RopeScaling::None);
+    };
+    let kind = rope
+        .rope_type
+        .as_deref()
+        .or(rope.legacy_type.as_deref())
+        .unwrap_or("default");
     let factor = || {
-        rope.factor.ok_or_else(|| ModelError::Unsupported(format!("rope scaling {kind} without a factor")))
+        rope.factor
+            .ok_or_else(|| ModelError::Unsupported(format!("rope scaling {kind} without a factor")))
     };
     match kind {
         "default" => Ok(RopeScaling::None),
@@ -145,7 +165,9 @@ fn rope_scaling_from(rope: Option<&HfRope>) -> Result<RopeScaling> {
             high_freq_factor: rope.high_freq_factor.unwrap_or(4.0),
             original_max_position_embeddings: rope.original_max_position_embeddings.unwrap_or(8192.0),
         }),
-        other => Err(ModelError::Unsupported(format!("rope scaling type {other:?} (supported: default, linear, llama3)"))),
+        other => Err(ModelError::Unsupported(format!(
+            "rope scaling type {other:?} (supported: default, linear, llama3)"
+        ))),
     }
 }
 
@@ -160,18 +182,23 @@ impl Config {
     }
 
     pub fn from_hf_str(text: &str) -> Result<Self> {
-        let raw: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| ModelError::malformed("config.json", "JSON", e.to_string()))?;
-        let model_type = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("<missing>");
+        let raw: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| ModelError::malformed("config.json", "JSON", e.to_string()))?;
+        let model_type = raw
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("<missing>");
         if !matches!(model_type, "llama" | "mistral") {
             return Err(ModelError::Unsupported(format!(
                 "architecture {model_type:?} (camelid runs the LLaMA family: model_type llama or mistral)"
             )));
         }
-        let hf: HfConfig =
-            serde_json::from_value(raw).map_err(|e| ModelError::malformed("config.json", "model config", e.to_string()))?;
+        let hf: HfConfig = serde_json::from_value(raw)
+            .map_err(|e| ModelError::malformed("config.json", "model config", e.to_string()))?;
         if let Some(act) = hf.hidden_act.as_deref().filter(|a| *a != "silu") {
-            return Err(ModelError::Unsupported(format!("activation {act:?} (LLaMA uses silu)")));
+            return Err(ModelError::Unsupported(format!(
+                "activation {act:?} (LLaMA uses silu)"
+            )));
         }
         let max_pos = hf.max_position_embeddings.unwrap_or(2048);
         if let Some(window) = hf.sliding_window.filter(|&w| w < max_pos) {
@@ -181,7 +208,10 @@ impl Config {
             )));
         }
         let rope = hf.rope_parameters.as_ref().or(hf.rope_scaling.as_ref());
-        let rope_theta = hf.rope_theta.or(rope.and_then(|r| r.rope_theta)).unwrap_or(10000.0);
+        let rope_theta = hf
+            .rope_theta
+            .or(rope.and_then(|r| r.rope_theta))
+            .unwrap_or(10000.0);
         let eos_token_ids = match hf.eos_token_id {
             Some(OneOrMany::One(id)) => vec![id],
             Some(OneOrMany::Many(ids)) => ids,
@@ -194,7 +224,9 @@ impl Config {
             num_layers: hf.num_hidden_layers,
             num_heads: hf.num_attention_heads,
             num_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
-            head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
+            head_dim: hf
+                .head_dim
+                .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
             max_position_embeddings: max_pos,
             rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
@@ -212,7 +244,10 @@ impl Config {
 
     /// Reads the `llama.*` metadata of a GGUF file; `tie_word_embeddings` is true when it has no `output.weight`.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
-        let arch = file.get("general.architecture").and_then(Value::as_str).unwrap_or("<missing>");
+        let arch = file
+            .get("general.architecture")
+            .and_then(Value::as_str)
+            .unwrap_or("<missing>");
         if arch != "llama" {
             return Err(ModelError::Unsupported(format!(
                 "GGUF architecture {arch:?} (camelid runs the LLaMA family: general.architecture llama)"
@@ -221,14 +256,32 @@ impl Config {
         let path = file.path();
         let get = |key: &str| file.get(&format!("llama.{key}"));
         let req = |key: &str| {
-            get(key).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| {
-                ModelError::malformed(path, "GGUF metadata", format!("missing or non-integer llama.{key}"))
-            })
+            get(key)
+                .and_then(Value::as_u64)
+                .map(|v| v as usize)
+                .ok_or_else(|| {
+                    ModelError::malformed(
+                        path,
+                        "GGUF metadata",
+                        format!("missing or non-integer llama.{key}"),
+                    )
+                })
         };
-        let token_count = file.get("tokenizer.ggml.tokens").and_then(Value::as_array).map(<[Value]>::len);
-        let vocab_size = get("vocab_size").and_then(Value::as_u64).map(|v| v as usize).or(token_count).ok_or_else(|| {
-            ModelError::malformed(path, "GGUF metadata", "no llama.vocab_size and no tokenizer.ggml.tokens")
-        })?;
+        let token_count = file
+            .get("tokenizer.ggml.tokens")
+            .and_then(Value::as_array)
+            .map(<[Value]>::len);
+        let vocab_size = get("vocab_size")
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .or(token_count)
+            .ok_or_else(|| {
+                ModelError::malformed(
+                    path,
+                    "GGUF metadata",
+                    "no llama.vocab_size and no tokenizer.ggml.tokens",
+                )
+            })?;
         let hidden_size = req("embedding_length")?;
         let num_heads = req("attention.head_count")?;
         let head_dim = get("attention.key_length")
@@ -241,7 +294,11 @@ impl Config {
             "linear" => RopeScaling::Linear {
                 factor: get("rope.scaling.factor").and_then(Value::as_f64).unwrap_or(1.0),
             },
-            other => return Err(ModelError::Unsupported(format!("GGUF rope scaling type {other:?}"))),
+            other => {
+                return Err(ModelError::Unsupported(format!(
+                    "GGUF rope scaling type {other:?}"
+                )));
+            }
         };
         let token_id = |key: &str| file.get(key).and_then(Value::as_u64).map(|v| v as u32);
         let cfg = Config {
@@ -250,10 +307,14 @@ impl Config {
             intermediate_size: req("feed_forward_length")?,
             num_layers: req("block_count")?,
             num_heads,
-            num_kv_heads: get("attention.head_count_kv").and_then(Value::as_u64).map_or(num_heads, |v| v as usize),
+            num_kv_heads: get("attention.head_count_kv")
+                .and_then(Value::as_u64)
+                .map_or(num_heads, |v| v as usize),
             head_dim,
             max_position_embeddings: req("context_length")?,
-            rms_norm_eps: get("attention.layer_norm_rms_epsilon").and_then(Value::as_f64).unwrap_or(1e-5),
+            rms_norm_eps: get("attention.layer_norm_rms_epsilon")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-5),
             rope_theta: get("rope.freq_base").and_then(Value::as_f64).unwrap_or(10000.0),
             rope_scaling,
             tie_word_embeddings: !file.tensors.iter().any(|t| t.name == "output.weight"),
@@ -307,11 +368,21 @@ mod tests {
         let err = Config::from_hf_str(&gpt2).unwrap_err().to_string();
         assert!(err.contains("\"gpt2\"") && err.contains("LLaMA"), "{err}");
         let bad_gqa = SMOL_LIKE.replace("\"num_key_value_heads\": 3", "\"num_key_value_heads\": 4");
-        assert!(Config::from_hf_str(&bad_gqa).unwrap_err().to_string().contains("multiple"));
+        assert!(
+            Config::from_hf_str(&bad_gqa)
+                .unwrap_err()
+                .to_string()
+                .contains("multiple")
+        );
         let missing = SMOL_LIKE.replace("\"hidden_size\": 576,", "");
         let err = Config::from_hf_str(&missing).unwrap_err().to_string();
         assert!(err.contains("hidden_size"), "{err}");
         let yarn = SMOL_LIKE.replace("\"default\"", "\"yarn\"");
-        assert!(Config::from_hf_str(&yarn).unwrap_err().to_string().contains("yarn"));
+        assert!(
+            Config::from_hf_str(&yarn)
+                .unwrap_err()
+                .to_string()
+                .contains("yarn")
+        );
     }
 }

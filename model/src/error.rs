@@ -12,11 +12,19 @@ pub enum ModelError {
         source: std::io::Error,
     },
     #[error("{path}: malformed {what}: {detail}")]
-    Malformed { path: PathBuf, what: &'static str, detail: String },
+    Malformed {
+        path: PathBuf,
+        what: &'static str,
+        detail: String,
+    },
     #[error("unsupported model: {0}")]
     Unsupported(String),
     #[error("{path}: tensor {name}: {detail}")]
-    Tensor { path: PathBuf, name: String, detail: String },
+    Tensor {
+        path: PathBuf,
+        name: String,
+        detail: String,
+    },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]
@@ -51,11 +59,18 @@ impl ModelError {
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ModelError::Io { path: path.into(), source }
+        ModelError::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     pub(crate) fn malformed(path: impl Into<PathBuf>, what: &'static str, detail: impl Into<String>) -> Self {
-        ModelError::Malformed { path: path.into(), what, detail: detail.into() }
+        ModelError::Malformed {
+            path: path.into(),
+            what,
+            detail: detail.into(),
+        }
     }
 }
 

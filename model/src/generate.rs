@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::cpu_gemv::DecodePool;
 use crate::error::{ModelError, Result};
 use crate::llama::Llama;
 use crate::sampling::{Sampler, SamplingParams};
@@ -54,7 +55,11 @@ impl Completion {
     /// Decode speed after the first token (tokens/s).
     pub fn decode_tokens_per_second(&self) -> f64 {
         let steps = self.token_ids.len().saturating_sub(1);
-        if steps == 0 || self.decode_time.is_zero() { 0.0 } else { steps as f64 / self.decode_time.as_secs_f64() }
+        if steps == 0 || self.decode_time.is_zero() {
+            0.0
+        } else {
+            steps as f64 / self.decode_time.as_secs_f64()
+        }
     }
 }
 
@@ -76,8 +81,8 @@ impl Drop for TorchThreads {
 }
 
 /// Generates a completion; `on_text` receives each piece of text as soon as it is final and returns false to cancel.
-pub fn generate(
-    model: &Llama,
+pub fn generate<'m>(
+    model: &'m Llama,
     tokenizer: &Tokenizer,
     request: &GenerateRequest,
     mut on_text: impl FnMut(&str) -> bool,
@@ -88,7 +93,10 @@ pub fn generate(
         return Err(ModelError::InvalidRequest("the prompt is empty".into()));
     }
     if prompt_tokens >= context {
-        return Err(ModelError::ContextOverflow { prompt_tokens, context });
+        return Err(ModelError::ContextOverflow {
+            prompt_tokens,
+            context,
+        });
     }
     if request.max_tokens == 0 {
         return Err(ModelError::InvalidRequest("max_tokens must be at least 1".into()));
@@ -98,11 +106,8 @@ pub fn generate(
     let _guard = tch::no_grad_guard();
     let start = Instant::now();
     let mut cache = model.new_cache();
-    let mut logits = model.forward_last(&request.prompt_ids, &mut cache)?;
+    let first_logits = model.forward_last(&request.prompt_ids, &mut cache)?;
     let prefill_time = start.elapsed();
-    // Single-token decoding on CPU runs its matrix-vector products on camelid's own thread pool; libtorch's
-    // OpenMP workers would only spin between them and steal those cores. Prefill above used them.
-    let _threads = (model.device() == tch::Device::Cpu).then(|| TorchThreads::set(1));
     let decode_start = Instant::now();
 
     let decode = |ids: &[u32]| tokenizer.decode(ids, true);
@@ -119,27 +124,38 @@ pub fn generate(
         on_text(piece)
     };
     let mut hit_stop_string = false;
-    let finish_reason = loop {
-        let mut values = Vec::<f32>::try_from(&logits)?;
-        let next = sampler.sample(&mut values, &context_ids, &generated);
-        if request.eos_token_ids.contains(&next) {
-            break FinishReason::Stop;
+    let decode_loop = |pool: Option<&DecodePool<'m>>| -> Result<FinishReason> {
+        let mut logits = first_logits;
+        loop {
+            let mut values = Vec::<f32>::try_from(&logits)?;
+            let next = sampler.sample(&mut values, &context_ids, &generated);
+            if request.eos_token_ids.contains(&next) {
+                return Ok(FinishReason::Stop);
+            }
+            generated.push(next);
+            context_ids.push(next);
+            let piece = detok.push(next, decode)?;
+            let (safe, stopped) = stops.push(&piece);
+            if !emit(&safe, &mut text) {
+                return Ok(FinishReason::Cancelled);
+            }
+            if stopped {
+                hit_stop_string = true;
+                return Ok(FinishReason::Stop);
+            }
+            if generated.len() >= max_new {
+                return Ok(FinishReason::Length);
+            }
+            logits = model.forward_last_in(&[next], &mut cache, pool)?;
         }
-        generated.push(next);
-        context_ids.push(next);
-        let piece = detok.push(next, decode)?;
-        let (safe, stopped) = stops.push(&piece);
-        if !emit(&safe, &mut text) {
-            break FinishReason::Cancelled;
-        }
-        if stopped {
-            hit_stop_string = true;
-            break FinishReason::Stop;
-        }
-        if generated.len() >= max_new {
-            break FinishReason::Length;
-        }
-        logits = model.forward_last(&[next], &mut cache)?;
+    };
+    let finish_reason = if model.device() == tch::Device::Cpu {
+        // Single-token CPU decoding runs its matrix-vector products on a DecodePool; libtorch's OpenMP workers
+        // would only spin between them and take those cores, so libtorch runs single-threaded meanwhile.
+        let _threads = TorchThreads::set(1);
+        crate::cpu_gemv::with_decode_pool(|pool| decode_loop(Some(pool)))?
+    } else {
+        decode_loop(None)?
     };
     if finish_reason != FinishReason::Cancelled && !hit_stop_string {
         let tail = detok.flush(decode)?;

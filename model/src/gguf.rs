@@ -124,9 +124,17 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| {
-            ModelError::malformed(self.path, "GGUF header", format!("truncated at byte {}", self.pos))
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| {
+                ModelError::malformed(
+                    self.path,
+                    "GGUF header",
+                    format!("truncated at byte {}", self.pos),
+                )
+            })?;
         let out = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(out)
@@ -150,7 +158,11 @@ impl<'a> Cursor<'a> {
         let n = self.u64()?;
         // Nothing in a valid file is longer than the file itself; this stops absurd allocations.
         if n > self.bytes.len() as u64 {
-            return Err(ModelError::malformed(self.path, "GGUF header", format!("{what} length {n} exceeds file size")));
+            return Err(ModelError::malformed(
+                self.path,
+                "GGUF header",
+                format!("{what} length {n} exceeds file size"),
+            ));
         }
         Ok(n as usize)
     }
@@ -158,8 +170,13 @@ impl<'a> Cursor<'a> {
     fn string(&mut self) -> Result<String> {
         let n = self.len("string")?;
         let raw = self.take(n)?;
-        String::from_utf8(raw.to_vec())
-            .map_err(|_| ModelError::malformed(self.path, "GGUF header", format!("string at byte {} is not UTF-8", self.pos)))
+        String::from_utf8(raw.to_vec()).map_err(|_| {
+            ModelError::malformed(
+                self.path,
+                "GGUF header",
+                format!("string at byte {} is not UTF-8", self.pos),
+            )
+        })
     }
 
     fn value(&mut self, ty: u32) -> Result<Value> {
@@ -203,13 +220,23 @@ impl GgufFile {
         // file by another process is outside what we support (the same contract as llama.cpp and safetensors).
         #[allow(unsafe_code)]
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-        let mut cur = Cursor { bytes: &map, pos: 0, path };
+        let mut cur = Cursor {
+            bytes: &map,
+            pos: 0,
+            path,
+        };
         if cur.take(4).ok() != Some(MAGIC.as_slice()) {
-            return Err(ModelError::malformed(path, "GGUF file", "does not start with the GGUF magic"));
+            return Err(ModelError::malformed(
+                path,
+                "GGUF file",
+                "does not start with the GGUF magic",
+            ));
         }
         let version = cur.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(ModelError::Unsupported(format!("GGUF version {version} (only 2 and 3 are supported)")));
+            return Err(ModelError::Unsupported(format!(
+                "GGUF version {version} (only 2 and 3 are supported)"
+            )));
         }
         let n_tensors = cur.len("tensor count")?;
         let n_kv = cur.len("metadata count")?;
@@ -225,7 +252,11 @@ impl GgufFile {
             let name = cur.string()?;
             let n_dims = cur.u32()? as usize;
             if n_dims > 4 {
-                return Err(ModelError::malformed(path, "GGUF tensor", format!("{name} has {n_dims} dimensions")));
+                return Err(ModelError::malformed(
+                    path,
+                    "GGUF tensor",
+                    format!("{name} has {n_dims} dimensions"),
+                ));
             }
             let dims = (0..n_dims).map(|_| cur.u64()).collect::<Result<Vec<_>>>()?;
             let raw_type = cur.u32()?;
@@ -235,18 +266,38 @@ impl GgufFile {
                 detail: format!("unknown GGML tensor type {raw_type}"),
             })?;
             let offset = cur.u64()?;
-            infos.push(TensorInfo { name, dims, ggml_type, offset });
+            infos.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+            });
         }
-        let alignment = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(DEFAULT_ALIGNMENT).max(1);
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(DEFAULT_ALIGNMENT)
+            .max(1);
         let data_start = (cur.pos as u64).div_ceil(alignment) * alignment;
         for info in &mut infos {
             info.offset += data_start;
-            let size = info.ggml_type.byte_size(info.element_count()).ok_or_else(|| ModelError::Tensor {
-                path: path.into(),
-                name: info.name.clone(),
-                detail: format!("{} elements are not a whole number of {:?} blocks", info.element_count(), info.ggml_type),
-            })?;
-            if info.offset.checked_add(size).is_none_or(|end| end > map.len() as u64) {
+            let size = info
+                .ggml_type
+                .byte_size(info.element_count())
+                .ok_or_else(|| ModelError::Tensor {
+                    path: path.into(),
+                    name: info.name.clone(),
+                    detail: format!(
+                        "{} elements are not a whole number of {:?} blocks",
+                        info.element_count(),
+                        info.ggml_type
+                    ),
+                })?;
+            if info
+                .offset
+                .checked_add(size)
+                .is_none_or(|end| end > map.len() as u64)
+            {
                 return Err(ModelError::Tensor {
                     path: path.into(),
                     name: info.name.clone(),
@@ -254,7 +305,13 @@ impl GgufFile {
                 });
             }
         }
-        Ok(GgufFile { path: path.to_path_buf(), map, version, metadata, tensors: infos })
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            map,
+            version,
+            metadata,
+            tensors: infos,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -274,10 +331,12 @@ impl GgufFile {
 
     /// The tensor dequantized to f32, in GGML element order.
     pub fn dequantize(&self, info: &TensorInfo) -> Result<Vec<f32>> {
-        crate::quant::dequantize(info.ggml_type, self.tensor_bytes(info)).map_err(|detail| ModelError::Tensor {
-            path: self.path.clone(),
-            name: info.name.clone(),
-            detail,
+        crate::quant::dequantize(info.ggml_type, self.tensor_bytes(info)).map_err(|detail| {
+            ModelError::Tensor {
+                path: self.path.clone(),
+                name: info.name.clone(),
+                detail,
+            }
         })
     }
 }

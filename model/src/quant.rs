@@ -83,17 +83,26 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, String> {
     let (per_block, block_bytes) = ty.block();
     let (per_block, block_bytes) = (per_block as usize, block_bytes as usize);
     if bytes.len() % block_bytes != 0 {
-        return Err(format!("{} bytes are not a whole number of {ty:?} blocks", bytes.len()));
+        return Err(format!(
+            "{} bytes are not a whole number of {ty:?} blocks",
+            bytes.len()
+        ));
     }
     let mut out = Vec::with_capacity(bytes.len() / block_bytes * per_block);
     match ty {
         GgmlType::F32 => {
-            out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+            out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
         }
         GgmlType::F16 => out.extend(bytes.chunks_exact(2).map(|c| f16_at(c, 0))),
-        GgmlType::BF16 => {
-            out.extend(bytes.chunks_exact(2).map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)))
-        }
+        GgmlType::BF16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)),
+        ),
         GgmlType::Q8_0 => {
             for b in bytes.chunks_exact(block_bytes) {
                 let d = f16_at(b, 0);
@@ -120,7 +129,11 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, String> {
             let has_min = ty == GgmlType::Q5_1;
             for b in bytes.chunks_exact(block_bytes) {
                 let d = f16_at(b, 0);
-                let (m, rest) = if has_min { (f16_at(b, 2), &b[4..]) } else { (0.0, &b[2..]) };
+                let (m, rest) = if has_min {
+                    (f16_at(b, 2), &b[4..])
+                } else {
+                    (0.0, &b[2..])
+                };
                 let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
                 let qs = &rest[4..20];
                 let offset = if has_min { 0 } else { 16 };
@@ -134,7 +147,11 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, String> {
                 dequantize_q6k_block(b, &mut out);
             }
         }
-        other => return Err(format!("tensor type {other:?} cannot be loaded (supported: F32, F16, BF16, Q8_0, Q6_K, Q5_0, Q5_1, Q4_0, Q4_1)")),
+        other => {
+            return Err(format!(
+                "tensor type {other:?} cannot be loaded (supported: F32, F16, BF16, Q8_0, Q6_K, Q5_0, Q5_1, Q4_0, Q4_1)"
+            ));
+        }
     }
     Ok(out)
 }
@@ -145,7 +162,12 @@ fn dequantize_q6k_block(b: &[u8], out: &mut Vec<f32>) {
     let d = f16_at(b, 208);
     let mut y = [0f32; 256];
     for half in 0..2 {
-        let (ql, qh, sc, y) = (&ql[half * 64..], &qh[half * 32..], &scales[half * 8..], &mut y[half * 128..]);
+        let (ql, qh, sc, y) = (
+            &ql[half * 64..],
+            &qh[half * 32..],
+            &scales[half * 8..],
+            &mut y[half * 128..],
+        );
         for l in 0..32 {
             let is = l / 16;
             let q1 = (i32::from(ql[l] & 0xF) | (i32::from(qh[l] & 3) << 4)) - 32;
@@ -180,7 +202,10 @@ pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
 pub fn quantize_q4_0(values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() / 32 * 18);
     for block in values.chunks(32) {
-        let max = block.iter().copied().fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+        let max = block
+            .iter()
+            .copied()
+            .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
         let d = max / -8.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
@@ -253,23 +278,43 @@ mod tests {
         let mut block = f16::from_f32(1.0).to_le_bytes().to_vec();
         block.extend_from_slice(&u32::MAX.to_le_bytes());
         block.extend_from_slice(&[0u8; 16]);
-        assert!(dequantize(GgmlType::Q5_0, &block).unwrap().iter().all(|&v| v == 0.0));
+        assert!(
+            dequantize(GgmlType::Q5_0, &block)
+                .unwrap()
+                .iter()
+                .all(|&v| v == 0.0)
+        );
         block[2..6].copy_from_slice(&0u32.to_le_bytes());
-        assert!(dequantize(GgmlType::Q5_0, &block).unwrap().iter().all(|&v| v == -16.0));
+        assert!(
+            dequantize(GgmlType::Q5_0, &block)
+                .unwrap()
+                .iter()
+                .all(|&v| v == -16.0)
+        );
     }
 
     #[test]
     fn half_precision_types_decode_exactly() {
         let vals = [1.5f32, -2.25, 0.0, 65504.0];
-        let f16_bytes: Vec<u8> = vals.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect();
+        let f16_bytes: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect();
         assert_eq!(dequantize(GgmlType::F16, &f16_bytes).unwrap(), vals);
-        let bf16_bytes: Vec<u8> = vals[..3].iter().flat_map(|&v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
+        let bf16_bytes: Vec<u8> = vals[..3]
+            .iter()
+            .flat_map(|&v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+            .collect();
         assert_eq!(dequantize(GgmlType::BF16, &bf16_bytes).unwrap(), vals[..3]);
     }
 
     #[test]
     fn unsupported_types_and_ragged_data_are_errors() {
         assert!(dequantize(GgmlType::Q2K, &[0u8; 84]).unwrap_err().contains("Q2K"));
-        assert!(dequantize(GgmlType::Q8_0, &[0u8; 35]).unwrap_err().contains("whole number"));
+        assert!(
+            dequantize(GgmlType::Q8_0, &[0u8; 35])
+                .unwrap_err()
+                .contains("whole number")
+        );
     }
 }

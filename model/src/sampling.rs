@@ -39,7 +39,10 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, ..Self::default() }
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
     }
 
     /// Rejects values no sampler can honour, naming the parameter.
@@ -52,9 +55,15 @@ impl SamplingParams {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return bad(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
         }
-        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
             if !v.is_finite() || !(-2.0..=2.0).contains(&v) {
                 return bad(format!("{name} must be in [-2, 2], got {v}"));
             }
@@ -125,7 +134,11 @@ impl Sampler {
         }
         let inv_t = 1.0 / self.params.temperature as f32;
         let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-        let k = if self.params.top_k == 0 { logits.len() } else { self.params.top_k.min(logits.len()) };
+        let k = if self.params.top_k == 0 {
+            logits.len()
+        } else {
+            self.params.top_k.min(logits.len())
+        };
         let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
         if k < order.len() {
             order.select_nth_unstable_by(k - 1, by_logit);
@@ -133,7 +146,10 @@ impl Sampler {
         }
         order.sort_unstable_by(by_logit);
         let max = logits[order[0] as usize] * inv_t;
-        let mut probs: Vec<f32> = order.iter().map(|&t| (logits[t as usize] * inv_t - max).exp()).collect();
+        let mut probs: Vec<f32> = order
+            .iter()
+            .map(|&t| (logits[t as usize] * inv_t - max).exp())
+            .collect();
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         if self.params.top_p < 1.0 {
@@ -186,7 +202,10 @@ mod tests {
 
     #[test]
     fn repetition_penalty_follows_hf_sign_rule() {
-        let s = sampler(SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy() });
+        let s = sampler(SamplingParams {
+            repetition_penalty: 2.0,
+            ..SamplingParams::greedy()
+        });
         let mut logits = [4.0, -4.0, 1.0];
         s.apply_penalties(&mut logits, &[0, 1, 1], &[]);
         assert_eq!(logits, [2.0, -8.0, 1.0]);
@@ -194,7 +213,11 @@ mod tests {
 
     #[test]
     fn presence_and_frequency_penalties_count_generated_tokens() {
-        let s = sampler(SamplingParams { presence_penalty: 0.5, frequency_penalty: 0.25, ..SamplingParams::greedy() });
+        let s = sampler(SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..SamplingParams::greedy()
+        });
         let mut logits = [1.0, 1.0, 1.0];
         s.apply_penalties(&mut logits, &[2, 2, 2], &[0, 0, 1]);
         assert_eq!(logits, [0.0, 0.25, 1.0]);
@@ -202,11 +225,20 @@ mod tests {
 
     #[test]
     fn same_seed_same_choices_and_top_k_limits_support() {
-        let params = SamplingParams { temperature: 1.0, top_k: 2, seed: Some(7), ..SamplingParams::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 2,
+            seed: Some(7),
+            ..SamplingParams::default()
+        };
         let logits = [1.0f32, 0.9, 0.8, 0.7, 5.0];
         let (mut a, mut b) = (sampler(params.clone()), sampler(params));
-        let picks_a: Vec<u32> = (0..200).map(|_| a.sample(&mut logits.clone(), &[], &[])).collect();
-        let picks_b: Vec<u32> = (0..200).map(|_| b.sample(&mut logits.clone(), &[], &[])).collect();
+        let picks_a: Vec<u32> = (0..200)
+            .map(|_| a.sample(&mut logits.clone(), &[], &[]))
+            .collect();
+        let picks_b: Vec<u32> = (0..200)
+            .map(|_| b.sample(&mut logits.clone(), &[], &[]))
+            .collect();
         assert_eq!(picks_a, picks_b);
         assert!(picks_a.iter().all(|&t| t == 4 || t == 0));
         assert!(picks_a.contains(&0), "top-2 keeps the runner-up reachable");
@@ -215,7 +247,12 @@ mod tests {
     #[test]
     fn top_p_keeps_the_smallest_nucleus() {
         // softmax of [10, 0, 0, ...] puts > 0.99 on token 0: top_p 0.9 must always pick it.
-        let params = SamplingParams { temperature: 1.0, top_p: 0.9, seed: Some(1), ..SamplingParams::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            seed: Some(1),
+            ..SamplingParams::default()
+        };
         let mut s = sampler(params);
         for _ in 0..100 {
             assert_eq!(s.sample(&mut [10.0, 0.0, 0.0, 0.0], &[], &[]), 0);
@@ -225,10 +262,34 @@ mod tests {
     #[test]
     fn invalid_parameters_name_the_field() {
         for (params, field) in [
-            (SamplingParams { temperature: -1.0, ..Default::default() }, "temperature"),
-            (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p"),
-            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty"),
-            (SamplingParams { frequency_penalty: 3.0, ..Default::default() }, "frequency_penalty"),
+            (
+                SamplingParams {
+                    temperature: -1.0,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..Default::default()
+                },
+                "repetition_penalty",
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: 3.0,
+                    ..Default::default()
+                },
+                "frequency_penalty",
+            ),
         ] {
             assert!(Sampler::new(params).unwrap_err().to_string().contains(field));
         }

@@ -38,7 +38,11 @@ impl IncrementalDecoder {
         let full = decode(&self.ids[self.prefix_offset..])?;
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
-        Ok(full.get(prefix.len()..).filter(|_| full.starts_with(&prefix)).unwrap_or_default().to_string())
+        Ok(full
+            .get(prefix.len()..)
+            .filter(|_| full.starts_with(&prefix))
+            .unwrap_or_default()
+            .to_string())
     }
 }
 
@@ -51,14 +55,21 @@ pub struct StopMatcher {
 
 impl StopMatcher {
     pub fn new(stops: &[String]) -> Self {
-        Self { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), pending: String::new() }
+        Self {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            pending: String::new(),
+        }
     }
 
     /// Adds text; returns the text that is safe to emit and whether a stop string was found (the stop string and
     /// anything after it are dropped).
     pub fn push(&mut self, text: &str) -> (String, bool) {
         self.pending.push_str(text);
-        let earliest = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min();
+        let earliest = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min();
         if let Some(pos) = earliest {
             let out = self.pending[..pos].to_string();
             self.pending.clear();
@@ -98,7 +109,10 @@ mod tests {
         let mut pieces = Vec::new();
         for b in text.bytes() {
             let piece = dec.push(u32::from(b), decode).unwrap();
-            assert!(!piece.contains('\u{FFFD}'), "emitted a broken character: {piece:?}");
+            assert!(
+                !piece.contains('\u{FFFD}'),
+                "emitted a broken character: {piece:?}"
+            );
             if !piece.is_empty() {
                 pieces.push(piece);
             }

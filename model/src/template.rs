@@ -14,7 +14,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: &str, content: &str) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -28,7 +31,11 @@ pub enum ChatTemplate {
     /// FastChat `vicuna_v1.1`: `SYSTEM USER: u ASSISTANT: a</s>USER: ...`, open slot `ASSISTANT:`.
     Vicuna,
     /// A Jinja template as shipped in `tokenizer_config.json` or GGUF `tokenizer.chat_template`.
-    Jinja { source: String, bos_token: String, eos_token: String },
+    Jinja {
+        source: String,
+        bos_token: String,
+        eos_token: String,
+    },
 }
 
 impl ChatTemplate {
@@ -47,16 +54,27 @@ impl ChatTemplate {
     /// Renders the conversation; with `add_generation_prompt` the text ends where the assistant's reply begins.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         if messages.is_empty() {
-            return Err(ModelError::Template("a conversation needs at least one message".into()));
+            return Err(ModelError::Template(
+                "a conversation needs at least one message".into(),
+            ));
         }
-        if let Some((i, m)) = messages.iter().enumerate().find(|(_, m)| !matches!(m.role.as_str(), "system" | "user" | "assistant")) {
-            return Err(ModelError::Template(format!("messages[{i}].role is {:?}; expected system, user or assistant", m.role)));
+        if let Some((i, m)) = messages
+            .iter()
+            .enumerate()
+            .find(|(_, m)| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
+        {
+            return Err(ModelError::Template(format!(
+                "messages[{i}].role is {:?}; expected system, user or assistant",
+                m.role
+            )));
         }
         match self {
             ChatTemplate::Vicuna => render_vicuna(messages, add_generation_prompt),
-            ChatTemplate::Jinja { source, bos_token, eos_token } => {
-                render_jinja(source, bos_token, eos_token, messages, add_generation_prompt)
-            }
+            ChatTemplate::Jinja {
+                source,
+                bos_token,
+                eos_token,
+            } => render_jinja(source, bos_token, eos_token, messages, add_generation_prompt),
         }
     }
 }
@@ -67,11 +85,16 @@ fn render_vicuna(messages: &[ChatMessage], add_generation_prompt: bool) -> Resul
         _ => (VICUNA_SYSTEM, messages),
     };
     // FastChat's SeparatorStyle.ADD_COLON_TWO with sep " " and sep2 "</s>".
-    let mut out = String::with_capacity(system.len() + turns.iter().map(|m| m.content.len() + 16).sum::<usize>());
+    let mut out =
+        String::with_capacity(system.len() + turns.iter().map(|m| m.content.len() + 16).sum::<usize>());
     out.push_str(system);
     out.push(' ');
     for (i, m) in turns.iter().enumerate() {
-        let (expected, role, sep) = if i % 2 == 0 { ("user", "USER", " ") } else { ("assistant", "ASSISTANT", "</s>") };
+        let (expected, role, sep) = if i % 2 == 0 {
+            ("user", "USER", " ")
+        } else {
+            ("assistant", "ASSISTANT", "</s>")
+        };
         if m.role != expected {
             return Err(ModelError::Template(format!(
                 "vicuna_v1.1 needs user and assistant turns to alternate, starting with user; turn {i} is {:?}",
@@ -105,12 +128,18 @@ fn render_jinja(
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        },
+    );
     env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
-    env.add_template("chat", source).map_err(|e| ModelError::Template(format!("cannot parse: {e}")))?;
-    let tmpl = env.get_template("chat").map_err(|e| ModelError::Template(e.to_string()))?;
+    env.add_template("chat", source)
+        .map_err(|e| ModelError::Template(format!("cannot parse: {e}")))?;
+    let tmpl = env
+        .get_template("chat")
+        .map_err(|e| ModelError::Template(e.to_string()))?;
     tmpl.render(minijinja::context! {
         messages => messages,
         add_generation_prompt => add_generation_prompt,
@@ -134,15 +163,23 @@ mod tests {
 
     #[test]
     fn vicuna_open_slot_and_separators() {
-        let text = ChatTemplate::Vicuna.render(&conv(&["Hi", "Hello!", "How are you?"]), true).unwrap();
-        assert_eq!(text, format!("{VICUNA_SYSTEM} USER: Hi ASSISTANT: Hello!</s>USER: How are you? ASSISTANT:"));
+        let text = ChatTemplate::Vicuna
+            .render(&conv(&["Hi", "Hello!", "How are you?"]), true)
+            .unwrap();
+        assert_eq!(
+            text,
+            format!("{VICUNA_SYSTEM} USER: Hi ASSISTANT: Hello!</s>USER: How are you? ASSISTANT:")
+        );
     }
 
     #[test]
     fn vicuna_custom_system_replaces_default() {
         let mut msgs = vec![ChatMessage::new("system", "Be brief.")];
         msgs.extend(conv(&["Hi"]));
-        assert_eq!(ChatTemplate::Vicuna.render(&msgs, true).unwrap(), "Be brief. USER: Hi ASSISTANT:");
+        assert_eq!(
+            ChatTemplate::Vicuna.render(&msgs, true).unwrap(),
+            "Be brief. USER: Hi ASSISTANT:"
+        );
     }
 
     #[test]
@@ -150,16 +187,37 @@ mod tests {
         let msgs = vec![ChatMessage::new("assistant", "x")];
         let err = ChatTemplate::Vicuna.render(&msgs, true).unwrap_err().to_string();
         assert!(err.contains("turn 0"), "{err}");
-        let err = ChatTemplate::Vicuna.render(&[ChatMessage::new("tool", "x")], true).unwrap_err().to_string();
+        let err = ChatTemplate::Vicuna
+            .render(&[ChatMessage::new("tool", "x")], true)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("messages[0].role"), "{err}");
     }
 
     #[test]
     fn jinja_errors_name_the_problem() {
-        let t = ChatTemplate::Jinja { source: "{{ raise_exception('no system role') }}".into(), bos_token: String::new(), eos_token: String::new() };
-        assert!(t.render(&conv(&["x"]), true).unwrap_err().to_string().contains("no system role"));
-        let t = ChatTemplate::Jinja { source: "{% for %}".into(), bos_token: String::new(), eos_token: String::new() };
-        assert!(t.render(&conv(&["x"]), true).unwrap_err().to_string().contains("cannot parse"));
+        let t = ChatTemplate::Jinja {
+            source: "{{ raise_exception('no system role') }}".into(),
+            bos_token: String::new(),
+            eos_token: String::new(),
+        };
+        assert!(
+            t.render(&conv(&["x"]), true)
+                .unwrap_err()
+                .to_string()
+                .contains("no system role")
+        );
+        let t = ChatTemplate::Jinja {
+            source: "{% for %}".into(),
+            bos_token: String::new(),
+            eos_token: String::new(),
+        };
+        assert!(
+            t.render(&conv(&["x"]), true)
+                .unwrap_err()
+                .to_string()
+                .contains("cannot parse")
+        );
     }
 
     #[test]

@@ -22,7 +22,10 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer").field("vocab", &self.vocab_size()).field("bos", &self.bos_token).finish()
+        f.debug_struct("Tokenizer")
+            .field("vocab", &self.vocab_size())
+            .field("bos", &self.bos_token)
+            .finish()
     }
 }
 
@@ -34,12 +37,20 @@ impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| ModelError::malformed(path, "tokenizer.json", e.to_string()))?;
-        Ok(Self { inner, bos_token: None, eos_token: None })
+        Ok(Self {
+            inner,
+            bos_token: None,
+            eos_token: None,
+        })
     }
 
     pub fn from_json(json: &Json) -> Result<Self> {
         let inner: tokenizers::Tokenizer = serde_json::from_value(json.clone()).map_err(tok_err)?;
-        Ok(Self { inner, bos_token: None, eos_token: None })
+        Ok(Self {
+            inner,
+            bos_token: None,
+            eos_token: None,
+        })
     }
 
     /// Sets the BOS/EOS token texts from their ids.
@@ -52,7 +63,12 @@ impl Tokenizer {
     /// Encodes text. Special tokens written in the text (`<|im_start|>`) become their ids; `add_special_tokens`
     /// adds what the tokenizer's post-processor adds (a BOS for LLaMA-2 style tokenizers).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        Ok(self.inner.encode(text, add_special_tokens).map_err(tok_err)?.get_ids().to_vec())
+        Ok(self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(tok_err)?
+            .get_ids()
+            .to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
@@ -80,7 +96,10 @@ impl Tokenizer {
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let json = gguf_tokenizer_json(file)?;
         let id = |key: &str| file.get(key).and_then(Value::as_u64).map(|v| v as u32);
-        Ok(Self::from_json(&json)?.with_special_ids(id("tokenizer.ggml.bos_token_id"), id("tokenizer.ggml.eos_token_id")))
+        Ok(Self::from_json(&json)?.with_special_ids(
+            id("tokenizer.ggml.bos_token_id"),
+            id("tokenizer.ggml.eos_token_id"),
+        ))
     }
 }
 
@@ -108,9 +127,7 @@ const GGUF_USER_DEFINED: u64 = 4;
 
 /// llama.cpp's pre-tokenizer splits by `tokenizer.ggml.pre`, as HF pre-tokenizer JSON. Unknown names use GPT-2's.
 fn byte_level_pre_tokenizer(pre: &str) -> Json {
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let split = |regex: &str| {
         json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
@@ -135,7 +152,11 @@ fn string_array<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
         .and_then(Value::as_array)
         .ok_or_else(|| ModelError::malformed(file.path(), "GGUF tokenizer", format!("missing {key}")))?;
     arr.iter()
-        .map(|v| v.as_str().ok_or_else(|| ModelError::malformed(file.path(), "GGUF tokenizer", format!("{key} holds a non-string"))))
+        .map(|v| {
+            v.as_str().ok_or_else(|| {
+                ModelError::malformed(file.path(), "GGUF tokenizer", format!("{key} holds a non-string"))
+            })
+        })
         .collect()
 }
 
@@ -146,7 +167,10 @@ fn added_token(id: usize, content: &str, special: bool) -> Json {
 
 /// The `tokenizer.json` document equivalent to a GGUF file's tokenizer metadata.
 pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Json> {
-    let model = file.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("<missing>");
+    let model = file
+        .get("tokenizer.ggml.model")
+        .and_then(Value::as_str)
+        .unwrap_or("<missing>");
     let tokens = string_array(file, "tokenizer.ggml.tokens")?;
     let types: Vec<u64> = file
         .get("tokenizer.ggml.token_type")
@@ -174,7 +198,10 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Json> {
                 }
             }
             let merges = string_array(file, "tokenizer.ggml.merges")?;
-            let pre = file.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+            let pre = file
+                .get("tokenizer.ggml.pre")
+                .and_then(Value::as_str)
+                .unwrap_or("default");
             Ok(json!({
                 "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
                 "pre_tokenizer": byte_level_pre_tokenizer(pre),
@@ -199,7 +226,9 @@ fn sentencepiece_json(file: &GgufFile, tokens: &[&str], types: &[u64]) -> Result
         .get("tokenizer.ggml.scores")
         .and_then(Value::as_array)
         .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect())
-        .ok_or_else(|| ModelError::malformed(file.path(), "GGUF tokenizer", "missing tokenizer.ggml.scores"))?;
+        .ok_or_else(|| {
+            ModelError::malformed(file.path(), "GGUF tokenizer", "missing tokenizer.ggml.scores")
+        })?;
     let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
     let mut merges: Vec<(&str, &str, f64)> = Vec::new();
     for (id, tok) in tokens.iter().enumerate() {
@@ -214,7 +243,9 @@ fn sentencepiece_json(file: &GgufFile, tokens: &[&str], types: &[u64]) -> Result
         merges.extend(local);
     }
     merges.sort_by(|a, b| {
-        b.2.total_cmp(&a.2).then(b.0.chars().count().cmp(&a.0.chars().count())).then(b.1.chars().count().cmp(&a.1.chars().count()))
+        b.2.total_cmp(&a.2)
+            .then(b.0.chars().count().cmp(&a.0.chars().count()))
+            .then(b.1.chars().count().cmp(&a.1.chars().count()))
     });
     let mut added = Vec::new();
     for (id, tok) in tokens.iter().enumerate() {
@@ -230,9 +261,16 @@ fn sentencepiece_json(file: &GgufFile, tokens: &[&str], types: &[u64]) -> Result
         .and_then(|id| tokens.get(id as usize))
         .copied()
         .unwrap_or("<unk>");
-    let vocab: serde_json::Map<String, Json> = tokens.iter().enumerate().map(|(i, t)| ((*t).to_string(), json!(i))).collect();
+    let vocab: serde_json::Map<String, Json> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ((*t).to_string(), json!(i)))
+        .collect();
     let merges: Vec<Json> = merges.iter().map(|(l, r, _)| json!([l, r])).collect();
-    let add_prefix = file.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
+    let add_prefix = file
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
     let mut normalizers = vec![];
     if add_prefix {
         normalizers.push(json!({"type": "Prepend", "prepend": "▁"}));

@@ -19,7 +19,10 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: Kind::Float, device: Device::Cpu }
+        Self {
+            dtype: Kind::Float,
+            device: Device::Cpu,
+        }
     }
 }
 
@@ -57,7 +60,11 @@ pub fn read_safetensors(path: &Path, opts: LoadOptions, out: &mut Weights) -> Re
         })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
-        let t = if matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) { t.f_to_kind(opts.dtype)? } else { t };
+        let t = if matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
+            t.f_to_kind(opts.dtype)?
+        } else {
+            t
+        };
         out.insert(name, t.f_to_device(opts.device)?);
     }
     Ok(())
@@ -69,8 +76,8 @@ pub fn read_hf_dir(dir: &Path, opts: LoadOptions) -> Result<Weights> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::malformed(&index, "shard index", e.to_string()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::malformed(&index, "shard index", e.to_string()))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -82,12 +89,20 @@ pub fn read_hf_dir(dir: &Path, opts: LoadOptions) -> Result<Weights> {
             read_safetensors(&dir.join(f), opts, &mut out)?;
         }
         if let Some(missing) = map.keys().find(|k| !out.contains_key(*k)) {
-            return Err(ModelError::malformed(&index, "shard index", format!("{missing} is listed but in no shard")));
+            return Err(ModelError::malformed(
+                &index,
+                "shard index",
+                format!("{missing} is listed but in no shard"),
+            ));
         }
     } else {
         let single = dir.join("model.safetensors");
         if !single.exists() {
-            return Err(ModelError::malformed(dir, "model directory", "has neither model.safetensors nor model.safetensors.index.json"));
+            return Err(ModelError::malformed(
+                dir,
+                "model directory",
+                "has neither model.safetensors nor model.safetensors.index.json",
+            ));
         }
         read_safetensors(&single, opts, &mut out)?;
     }
@@ -133,7 +148,10 @@ pub fn unpermute_rows(t: &Tensor, n_heads: usize) -> Result<Tensor> {
     let rest: Vec<i64> = shape[1..].to_vec();
     let mut split = vec![n_heads as i64, head / 2, 2];
     split.extend(&rest);
-    Ok(t.f_reshape(&split)?.f_transpose(1, 2)?.f_contiguous()?.f_reshape(&shape)?)
+    Ok(t.f_reshape(&split)?
+        .f_transpose(1, 2)?
+        .f_contiguous()?
+        .f_reshape(&shape)?)
 }
 
 /// Reads and dequantizes every tensor of a LLaMA GGUF file under HF names.
@@ -152,7 +170,11 @@ pub fn read_gguf(file: &GgufFile, cfg: &Config, opts: LoadOptions) -> Result<Wei
         } else if name.ends_with("self_attn.k_proj.weight") || name.ends_with("self_attn.k_proj.bias") {
             t = unpermute_rows(&t, cfg.num_kv_heads)?;
         }
-        let t = if name == "rope_freqs.weight" { t } else { t.f_to_kind(opts.dtype)? };
+        let t = if name == "rope_freqs.weight" {
+            t
+        } else {
+            t.f_to_kind(opts.dtype)?
+        };
         out.insert(name, t.f_to_device(opts.device)?);
     }
     Ok(out)

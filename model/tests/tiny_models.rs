@@ -14,7 +14,10 @@ fn tokens(n: usize, vocab: usize) -> Vec<u32> {
 
 fn full_logits(model: &Llama, ids: &[u32]) -> Tensor {
     let t: Vec<i64> = ids.iter().map(|&x| i64::from(x)).collect();
-    model.forward(&Tensor::from_slice(&t).unsqueeze(0), None).unwrap().squeeze_dim(0)
+    model
+        .forward(&Tensor::from_slice(&t).unsqueeze(0), None)
+        .unwrap()
+        .squeeze_dim(0)
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -31,15 +34,32 @@ fn check_cache_equals_recompute(config: Config) {
     let mut rows = vec![];
     for chunk in [&ids[0..5], &ids[5..8]] {
         let t: Vec<i64> = chunk.iter().map(|&x| i64::from(x)).collect();
-        rows.push(model.forward(&Tensor::from_slice(&t).unsqueeze(0), Some(&mut cache)).unwrap().squeeze_dim(0));
+        rows.push(
+            model
+                .forward(&Tensor::from_slice(&t).unsqueeze(0), Some(&mut cache))
+                .unwrap()
+                .squeeze_dim(0),
+        );
     }
-    for &id in &ids[8..] {
-        rows.push(model.forward_last(&[id], &mut cache).unwrap().unsqueeze(0));
-    }
+    // Single tokens alternate between libtorch and the CPU decode kernel; both must agree with recomputation.
+    camelid_model::cpu_gemv::with_decode_pool(|pool| {
+        for (i, &id) in ids[8..].iter().enumerate() {
+            let pool = (i % 2 == 0).then_some(pool);
+            rows.push(
+                model
+                    .forward_last_in(&[id], &mut cache, pool)
+                    .unwrap()
+                    .unsqueeze(0),
+            );
+        }
+    });
     assert_eq!(cache.len(), ids.len());
     let stepped = Tensor::cat(&rows, 0);
     let diff = max_diff(&full, &stepped);
-    assert!(diff < 1e-5, "cached decoding differs from recomputation by {diff}");
+    assert!(
+        diff < 1e-5,
+        "cached decoding differs from recomputation by {diff}"
+    );
 }
 
 #[test]
@@ -64,7 +84,9 @@ fn batched_forward_equals_single_sequences() {
     let model = Llama::random(config.clone(), Kind::Float, Device::Cpu, 3).unwrap();
     let (a, b) = (tokens(6, 97), tokens(7, 97)[1..].to_vec());
     let batch: Vec<i64> = a.iter().chain(&b).map(|&x| i64::from(x)).collect();
-    let both = model.forward(&Tensor::from_slice(&batch).view([2, 6]), None).unwrap();
+    let both = model
+        .forward(&Tensor::from_slice(&batch).view([2, 6]), None)
+        .unwrap();
     assert!(max_diff(&both.get(0), &full_logits(&model, &a)) < 1e-5);
     assert!(max_diff(&both.get(1), &full_logits(&model, &b)) < 1e-5);
 }
@@ -81,20 +103,38 @@ fn context_overflow_is_an_error_not_a_panic() {
 fn missing_and_misshapen_tensors_are_named() {
     let config = Config::tiny(2, 2, true);
     let model = Llama::random(config.clone(), Kind::Float, Device::Cpu, 1).unwrap();
-    let mut weights: Weights = model.named_parameters().into_iter().map(|(k, t)| (k, t.copy())).collect();
+    let mut weights: Weights = model
+        .named_parameters()
+        .into_iter()
+        .map(|(k, t)| (k, t.copy()))
+        .collect();
     weights.remove("model.layers.1.mlp.up_proj.weight");
-    let err = Llama::from_weights(config.clone(), weights).unwrap_err().to_string();
+    let err = Llama::from_weights(config.clone(), weights)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("model.layers.1.mlp.up_proj.weight"), "{err}");
-    let mut weights: Weights = model.named_parameters().into_iter().map(|(k, t)| (k, t.copy())).collect();
-    weights.insert("model.norm.weight".into(), Tensor::ones([3], (Kind::Float, Device::Cpu)));
+    let mut weights: Weights = model
+        .named_parameters()
+        .into_iter()
+        .map(|(k, t)| (k, t.copy()))
+        .collect();
+    weights.insert(
+        "model.norm.weight".into(),
+        Tensor::ones([3], (Kind::Float, Device::Cpu)),
+    );
     let err = Llama::from_weights(config, weights).unwrap_err().to_string();
-    assert!(err.contains("model.norm.weight") && err.contains("shape"), "{err}");
+    assert!(
+        err.contains("model.norm.weight") && err.contains("shape"),
+        "{err}"
+    );
 }
 
 /// llama.cpp's `permute` from convert_hf_to_gguf.py, applied to Q/K rows when writing GGUF.
 fn llama_cpp_permute(t: &Tensor, heads: i64) -> Tensor {
     let s = t.size();
-    t.reshape([heads, 2, s[0] / heads / 2, s[1]]).transpose(1, 2).reshape([s[0], s[1]])
+    t.reshape([heads, 2, s[0] / heads / 2, s[1]])
+        .transpose(1, 2)
+        .reshape([s[0], s[1]])
 }
 
 fn gguf_name(hf: &str) -> String {
@@ -134,7 +174,10 @@ fn write_gguf(model: &Llama, ty: GgmlType, path: &std::path::Path) {
         ("llama.attention.head_count".into(), u32v(c.num_heads)),
         ("llama.attention.head_count_kv".into(), u32v(c.num_kv_heads)),
         ("llama.rope.freq_base".into(), Value::F32(c.rope_theta as f32)),
-        ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(c.rms_norm_eps as f32)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(c.rms_norm_eps as f32),
+        ),
         ("llama.vocab_size".into(), u32v(c.vocab_size)),
     ];
     let mut tensors = vec![];
@@ -150,9 +193,17 @@ fn write_gguf(model: &Llama, ty: GgmlType, path: &std::path::Path) {
         let (ggml_type, data) = match ty {
             GgmlType::Q8_0 if is_matrix => (ty, camelid_model::quant::quantize_q8_0(&values)),
             GgmlType::Q4_1 if is_matrix => (ty, camelid_model::quant::quantize_q4_1(&values)),
-            _ => (GgmlType::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            _ => (
+                GgmlType::F32,
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
         };
-        tensors.push(writer::RawTensor { name: gguf_name(&name), dims: t.size().iter().rev().map(|&d| d as u64).collect(), ggml_type, data });
+        tensors.push(writer::RawTensor {
+            name: gguf_name(&name),
+            dims: t.size().iter().rev().map(|&d| d as u64).collect(),
+            ggml_type,
+            data,
+        });
     }
     std::fs::write(path, writer::to_bytes(&metadata, &tensors)).unwrap();
 }
@@ -173,7 +224,10 @@ fn gguf_with_llama_cpp_layout_loads_back_to_the_same_model() {
         let file = camelid_model::gguf::GgufFile::open(&path).unwrap();
         let read_config = Config::from_gguf(&file).unwrap();
         assert_eq!(read_config.tie_word_embeddings, config.tie_word_embeddings);
-        assert_eq!((read_config.num_heads, read_config.num_kv_heads), (config.num_heads, config.num_kv_heads));
+        assert_eq!(
+            (read_config.num_heads, read_config.num_kv_heads),
+            (config.num_heads, config.num_kv_heads)
+        );
         let weights = camelid_model::weights::read_gguf(&file, &read_config, Default::default()).unwrap();
         let back = Llama::from_weights(read_config, weights).unwrap();
         let ids = tokens(10, config.vocab_size);
@@ -192,9 +246,16 @@ fn truncated_gguf_is_a_clear_error() {
     write_gguf(&model, GgmlType::F32, &path);
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
-    let err = camelid_model::gguf::GgufFile::open(&path).unwrap_err().to_string();
+    let err = camelid_model::gguf::GgufFile::open(&path)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("truncated") || err.contains("past the end"), "{err}");
     std::fs::write(&path, b"not a gguf").unwrap();
-    assert!(camelid_model::gguf::GgufFile::open(&path).unwrap_err().to_string().contains("magic"));
+    assert!(
+        camelid_model::gguf::GgufFile::open(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("magic")
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
