@@ -1,6 +1,6 @@
 //! `camelid`: the local command line. Thin: argument parsing and printing; everything else is in the crates.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -297,6 +297,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CAMELID_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
