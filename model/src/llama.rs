@@ -71,7 +71,14 @@ pub struct Llama {
     norm: Tensor,
     lm_head: Tensor,
     inv_freq: Tensor,
+    /// cos/sin for the first [`ROPE_TABLE_POSITIONS`] positions, `[1, 1, positions, head_dim]`; positions past it
+    /// are computed per call.
+    rope_cos: Tensor,
+    rope_sin: Tensor,
 }
+
+/// Positions whose RoPE tables are computed once at load (8192 positions of a 128-wide head take 8 MB in f32).
+const ROPE_TABLE_POSITIONS: usize = 8192;
 
 struct Taker<'a> {
     weights: &'a mut Weights,
@@ -164,6 +171,21 @@ fn inverse_frequencies(config: &Config, freq_factors: Option<&Tensor>) -> Result
     Ok(inv)
 }
 
+/// cos/sin of `position * inv_freq` for `start..start + len`, `[1, 1, len, head_dim]`, computed in f32 as
+/// transformers does and then cast.
+fn compute_rope(inv_freq: &Tensor, start: usize, len: usize, kind: Kind) -> Result<(Tensor, Tensor)> {
+    let positions = Tensor::f_arange_start(
+        start as i64,
+        (start + len) as i64,
+        (Kind::Float, inv_freq.device()),
+    )?;
+    let freqs = positions.f_outer(inv_freq)?;
+    let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?
+        .f_unsqueeze(0)?
+        .f_unsqueeze(0)?;
+    Ok((emb.f_cos()?.f_to_kind(kind)?, emb.f_sin()?.f_to_kind(kind)?))
+}
+
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.kind();
     let xf = x.f_to_kind(Kind::Float)?;
@@ -216,6 +238,8 @@ impl Llama {
         }
         let inv_freq =
             inverse_frequencies(&config, freq_factors.as_ref())?.f_to_device(embed_tokens.device())?;
+        let table_len = config.max_position_embeddings.min(ROPE_TABLE_POSITIONS);
+        let (rope_cos, rope_sin) = compute_rope(&inv_freq, 0, table_len, embed_tokens.kind())?;
         Ok(Self {
             config,
             embed_tokens,
@@ -223,6 +247,8 @@ impl Llama {
             norm,
             lm_head,
             inv_freq,
+            rope_cos,
+            rope_sin,
         })
     }
 
@@ -321,16 +347,14 @@ impl Llama {
 
     /// cos/sin tables for positions `start..start + len`, shaped `[1, 1, len, head_dim]` in the model's dtype.
     fn rope_tables(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        let positions =
-            Tensor::f_arange_start(start as i64, (start + len) as i64, (Kind::Float, self.device()))?;
-        let freqs = positions.f_outer(&self.inv_freq)?;
-        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?
-            .f_unsqueeze(0)?
-            .f_unsqueeze(0)?;
-        Ok((
-            emb.f_cos()?.f_to_kind(self.kind())?,
-            emb.f_sin()?.f_to_kind(self.kind())?,
-        ))
+        if start + len <= self.rope_cos.size()[2] as usize {
+            let (start, len) = (start as i64, len as i64);
+            return Ok((
+                self.rope_cos.f_narrow(2, start, len)?,
+                self.rope_sin.f_narrow(2, start, len)?,
+            ));
+        }
+        compute_rope(&self.inv_freq, start, len, self.kind())
     }
 
     /// Runs the decoder over `tokens` (`[batch, t]`, i64) and returns the final hidden states `[batch, t, hidden]`.

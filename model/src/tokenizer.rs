@@ -266,16 +266,19 @@ fn sentencepiece_json(file: &GgufFile, tokens: &[&str], types: &[u64]) -> Result
         .enumerate()
         .map(|(i, t)| ((*t).to_string(), json!(i)))
         .collect();
-    let merges: Vec<Json> = merges.iter().map(|(l, r, _)| json!([l, r])).collect();
+    let merges: Vec<Json> = match file.get("tokenizer.ggml.merges") {
+        Some(_) => string_array(file, "tokenizer.ggml.merges")?
+            .into_iter()
+            .map(Json::from)
+            .collect(),
+        None => merges.iter().map(|(l, r, _)| json!([l, r])).collect(),
+    };
     let add_prefix = file
         .get("tokenizer.ggml.add_space_prefix")
         .and_then(Value::as_bool)
         .unwrap_or(true);
-    let mut normalizers = vec![];
-    if add_prefix {
-        normalizers.push(json!({"type": "Prepend", "prepend": "▁"}));
-    }
-    normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
+    // Spaces become `▁` and one is put in front of the text, as transformers' LlamaTokenizer does (Metaspace).
+    let prepend_scheme = if add_prefix { "first" } else { "never" };
     let mut decoders = vec![
         json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
         json!({"type": "ByteFallback"}),
@@ -286,8 +289,9 @@ fn sentencepiece_json(file: &GgufFile, tokens: &[&str], types: &[u64]) -> Result
     }
     Ok(json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-        "normalizer": {"type": "Sequence", "normalizers": normalizers},
-        "pre_tokenizer": null, "post_processor": null,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": prepend_scheme, "split": false},
+        "post_processor": null,
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,

@@ -87,6 +87,111 @@ fn conversations() -> Vec<Value> {
     out
 }
 
+/// A LLaMA-2 style SentencePiece vocabulary (byte fallback, scored pieces, `▁` for spaces) in a GGUF file, built
+/// from a merge list so every piece is reachable.
+fn write_sentencepiece_gguf(path: &Path) {
+    use camelid_model::gguf::{Value, writer};
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut types: Vec<i32> = vec![2, 3, 3];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(6);
+    }
+    let chars = "▁abcdefghijklmnopqrstuvwxyzTHWLC.,!?'";
+    let first_piece = tokens.len();
+    for c in chars.chars() {
+        tokens.push(c.to_string());
+        types.push(1);
+    }
+    let merges = [
+        ("▁", "t"),
+        ("h", "e"),
+        ("▁t", "he"),
+        ("▁", "a"),
+        ("i", "n"),
+        ("▁", "in"),
+        ("e", "r"),
+        ("a", "n"),
+        ("l", "l"),
+        ("▁", "c"),
+        ("a", "m"),
+        ("▁c", "am"),
+        ("e", "l"),
+        ("▁cam", "el"),
+        ("▁", "l"),
+        ("▁l", "l"),
+        ("▁ll", "am"),
+        ("▁llam", "a"),
+        ("o", "r"),
+        ("l", "d"),
+        ("▁", "w"),
+        ("▁w", "or"),
+        ("▁wor", "ld"),
+        ("▁", "H"),
+        ("▁H", "e"),
+        ("▁He", "ll"),
+        ("▁Hell", "o"),
+        ("i", "s"),
+        ("▁", "is"),
+        ("▁", "an"),
+        ("n", "d"),
+        ("▁an", "d"),
+        ("o", "n"),
+        ("▁", "on"),
+        ("a", "t"),
+        ("▁", "s"),
+        ("▁s", "a"),
+        ("▁sa", "y"),
+    ];
+    for (a, b) in merges {
+        assert!(
+            tokens.contains(&a.to_string()) && tokens.contains(&b.to_string()),
+            "{a} {b}"
+        );
+        tokens.push(format!("{a}{b}"));
+        types.push(1);
+    }
+    // SentencePiece scores: later pieces are rarer; single characters rank below every merge.
+    let scores: Vec<Value> = (0..tokens.len())
+        .map(|i| {
+            Value::F32(if i < first_piece {
+                0.0
+            } else if i < first_piece + chars.chars().count() {
+                -1000.0 - i as f32
+            } else {
+                -(i as f32)
+            })
+        })
+        .collect();
+    let u32v = |v: u32| Value::U32(v);
+    let metadata = vec![
+        ("general.architecture".to_string(), Value::String("llama".into())),
+        ("llama.context_length".into(), u32v(256)),
+        ("llama.embedding_length".into(), u32v(64)),
+        ("llama.block_count".into(), u32v(1)),
+        ("llama.feed_forward_length".into(), u32v(128)),
+        ("llama.attention.head_count".into(), u32v(4)),
+        ("llama.attention.head_count_kv".into(), u32v(4)),
+        ("llama.rope.freq_base".into(), Value::F32(10000.0)),
+        ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(1e-5)),
+        ("llama.vocab_size".into(), u32v(tokens.len() as u32)),
+        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect()),
+        ),
+        ("tokenizer.ggml.scores".into(), Value::Array(scores)),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.iter().map(|&t| Value::I32(t)).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), u32v(1)),
+        ("tokenizer.ggml.eos_token_id".into(), u32v(2)),
+        ("tokenizer.ggml.unknown_token_id".into(), u32v(0)),
+    ];
+    std::fs::write(path, writer::to_bytes(&metadata, &[])).unwrap();
+}
+
 struct Reference {
     dir: PathBuf,
     hf_dir: PathBuf,
@@ -106,6 +211,13 @@ fn reference() -> &'static Reference {
             "gguf": gguf, "hf_dir": hf_dir, "max_new_tokens": MAX_NEW_TOKENS,
             "prompts": prompts(), "corpus": corpus(), "conversations": conversations(),
         });
+        let sp_gguf = dir.join("sentencepiece-tokenizer.gguf");
+        write_sentencepiece_gguf(&sp_gguf);
+        let request = {
+            let mut r = request;
+            r["sp_gguf"] = json!(sp_gguf);
+            r
+        };
         let req_path = dir.join("request.json");
         std::fs::write(&req_path, request.to_string()).unwrap();
         let status = Command::new(python())
@@ -219,6 +331,22 @@ fn tokenizers_match_hf_and_round_trip() {
             );
             assert_eq!(&back, text, "{key}: round trip changed {text:?}");
         }
+    }
+    let sp_file = camelid_model::gguf::GgufFile::open(&r.dir.join("sentencepiece-tokenizer.gguf")).unwrap();
+    let sp = camelid_model::Tokenizer::from_gguf(&sp_file).unwrap();
+    for (i, text) in corpus().iter().enumerate() {
+        let ours = sp.encode(text, false).unwrap();
+        assert_eq!(
+            ours,
+            ids(&r.json["tokens_sp"]["ids"][i]),
+            "SentencePiece GGUF tokenizer: ids differ for {text:?}"
+        );
+        let back = sp.decode(&ours, false).unwrap();
+        assert_eq!(
+            back,
+            r.json["tokens_sp"]["decoded"][i].as_str().unwrap(),
+            "SentencePiece: decode differs for {text:?}"
+        );
     }
     let special = from_gguf.encode("<|im_start|><|im_end|>", false).unwrap();
     assert_eq!(special, [1, 2], "special tokens stay whole");

@@ -118,6 +118,13 @@ def main():
         decoded = [tokenizer.backend_tokenizer.decode(ids, skip_special_tokens=False) for ids in encoded]
         result[f"tokens_{key}"] = {"ids": encoded, "decoded": decoded}
 
+    if request.get("sp_gguf"):
+        d, n = os.path.split(request["sp_gguf"])
+        sp = AutoTokenizer.from_pretrained(d, gguf_file=n)
+        encoded = [sp.backend_tokenizer.encode(t, add_special_tokens=False).ids for t in request["corpus"]]
+        decoded = [sp.backend_tokenizer.decode(ids, skip_special_tokens=False) for ids in encoded]
+        result["tokens_sp"] = {"ids": encoded, "decoded": decoded}
+
     result["vicuna"] = [fastchat_vicuna(c) for c in request["conversations"]]
     result["jinja"] = []
     for c in request["conversations"]:
