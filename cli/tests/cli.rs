@@ -1,5 +1,7 @@
 //! The `camelid` binary as users run it: completions on stdout, one clear error line and exit code 2 on bad input.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 

@@ -101,6 +101,7 @@ pub fn generate<'m>(
     if request.max_tokens == 0 {
         return Err(ModelError::InvalidRequest("max_tokens must be at least 1".into()));
     }
+    let _span = tracing::debug_span!("generate", prompt_tokens, max_tokens = request.max_tokens).entered();
     let mut sampler = Sampler::new(request.sampling.clone())?;
     let max_new = request.max_tokens.min(context - prompt_tokens);
     let _guard = tch::no_grad_guard();

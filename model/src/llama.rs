@@ -69,7 +69,7 @@ pub struct Llama {
     embed_tokens: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Linear,
     inv_freq: Tensor,
     /// cos/sin for the first [`ROPE_TABLE_POSITIONS`] positions, `[1, 1, positions, head_dim]`; positions past it
     /// are computed per call.
@@ -221,7 +221,7 @@ impl Llama {
             .map(|i| taker.layer(i))
             .collect::<Result<Vec<_>>>()?;
         let norm = taker.take("model.norm.weight", &[h])?;
-        let lm_head = if config.tie_word_embeddings {
+        let lm_head_weight = if config.tie_word_embeddings {
             let _ = taker.weights.remove("lm_head.weight");
             embed_tokens.shallow_clone()
         } else {
@@ -245,7 +245,10 @@ impl Llama {
             embed_tokens,
             layers,
             norm,
-            lm_head,
+            lm_head: Linear {
+                weight: lm_head_weight,
+                bias: None,
+            },
             inv_freq,
             rope_cos,
             rope_sin,
@@ -340,7 +343,7 @@ impl Llama {
         }
         out.push(("model.norm.weight".to_string(), &self.norm));
         if !self.config.tie_word_embeddings {
-            out.push(("lm_head.weight".to_string(), &self.lm_head));
+            out.push(("lm_head.weight".to_string(), &self.lm_head.weight));
         }
         out
     }
@@ -437,8 +440,7 @@ impl Llama {
     /// Logits `[batch, t, vocab]` in f32 for every position.
     pub fn forward(&self, tokens: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.hidden_states(tokens, cache)?;
-        Ok(h.f_linear::<&Tensor>(&self.lm_head, None)?
-            .f_to_kind(Kind::Float)?)
+        Ok(self.lm_head.forward(&h)?.f_to_kind(Kind::Float)?)
     }
 
     /// Logits `[vocab]` in f32 of the last position only: what generation needs, without the full vocabulary
@@ -460,18 +462,6 @@ impl Llama {
             .f_unsqueeze(0)?;
         let h = self.run(&input, Some(cache), pool)?;
         let last = h.f_select(1, -1)?.f_select(0, 0)?;
-        let lm_head = Linear {
-            weight: self.lm_head.shallow_clone(),
-            bias: None,
-        };
-        let logits = match pool {
-            Some(pool) => pool.linear_single_row(&last, &self.lm_head, None)?,
-            None => None,
-        };
-        let logits = match logits {
-            Some(l) => l,
-            None => lm_head.forward(&last)?,
-        };
-        Ok(logits.f_to_kind(Kind::Float)?)
+        Ok(project(pool, &last, &self.lm_head)?.f_to_kind(Kind::Float)?)
     }
 }

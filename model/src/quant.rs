@@ -136,8 +136,8 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, String> {
                 };
                 let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
                 let qs = &rest[4..20];
-                let offset = if has_min { 0 } else { 16 };
-                let value = |q: u32| (q as i32 - offset) as f32 * d + m;
+                // Q5_1 is q * d + min; Q5_0 is (q - 16) * d (no "+ 0.0", which would turn -0.0 into 0.0).
+                let value = |q: u32| if has_min { q as f32 * d + m } else { (q as i32 - 16) as f32 * d };
                 out.extend((0..16).map(|j| value(u32::from(qs[j] & 0x0F) | (((qh >> j) << 4) & 0x10))));
                 out.extend((0..16).map(|j| value(u32::from(qs[j] >> 4) | ((qh >> (j + 12)) & 0x10))));
             }
@@ -147,13 +147,50 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, String> {
                 dequantize_q6k_block(b, &mut out);
             }
         }
+        GgmlType::Q4K => {
+            for b in bytes.chunks_exact(block_bytes) {
+                dequantize_q4k_q5k_block(&b[..16], None, &b[16..144], &mut out);
+            }
+        }
+        GgmlType::Q5K => {
+            for b in bytes.chunks_exact(block_bytes) {
+                dequantize_q4k_q5k_block(&b[..16], Some(&b[16..48]), &b[48..176], &mut out);
+            }
+        }
         other => {
             return Err(format!(
-                "tensor type {other:?} cannot be loaded (supported: F32, F16, BF16, Q8_0, Q6_K, Q5_0, Q5_1, Q4_0, Q4_1)"
+                "tensor type {other:?} cannot be loaded (supported: F32, F16, BF16, Q8_0, Q6_K, Q5_K, Q5_0, Q5_1, Q4_K, Q4_0, Q4_1)"
             ));
         }
     }
     Ok(out)
+}
+
+/// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K block (`get_scale_min_k4` in ggml).
+fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+    if j < 4 {
+        (f32::from(q[j] & 63), f32::from(q[j + 4] & 63))
+    } else {
+        (
+            f32::from((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4)),
+            f32::from((q[j + 4] >> 4) | ((q[j] >> 6) << 4)),
+        )
+    }
+}
+
+/// Q4_K / Q5_K: 256 values in 8 sub-blocks of 32, each with a 6-bit scale and min under f16 super-scales
+/// (`head` = d, dmin, 12 scale bytes); Q5_K adds a fifth bit per value from `qh`.
+fn dequantize_q4k_q5k_block(head: &[u8], qh: Option<&[u8]>, qs: &[u8], out: &mut Vec<f32>) {
+    let (d, dmin, scales) = (f16_at(head, 0), f16_at(head, 2), &head[4..16]);
+    for (chunk, ql) in qs.chunks_exact(32).enumerate() {
+        let (sc1, m1) = scale_min_k4(2 * chunk, scales);
+        let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
+        let (d1, min1, d2, min2) = (d * sc1, dmin * m1, d * sc2, dmin * m2);
+        let high =
+            |l: usize, bit: usize| qh.map_or(0.0, |qh| if qh[l] & (1 << bit) != 0 { 16.0 } else { 0.0 });
+        out.extend((0..32).map(|l| d1 * (f32::from(ql[l] & 0x0F) + high(l, 2 * chunk)) - min1));
+        out.extend((0..32).map(|l| d2 * (f32::from(ql[l] >> 4) + high(l, 2 * chunk + 1)) - min2));
+    }
 }
 
 /// Q6_K: 256 values as ql[128] (low 4 bits), qh[64] (high 2 bits), 16 signed 8-bit scales and an f16 super-scale.
@@ -311,6 +348,11 @@ mod tests {
     #[test]
     fn unsupported_types_and_ragged_data_are_errors() {
         assert!(dequantize(GgmlType::Q2K, &[0u8; 84]).unwrap_err().contains("Q2K"));
+        assert!(
+            dequantize(GgmlType::Q3K, &[0u8; 110])
+                .unwrap_err()
+                .contains("supported")
+        );
         assert!(
             dequantize(GgmlType::Q8_0, &[0u8; 35])
                 .unwrap_err()

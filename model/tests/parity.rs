@@ -2,6 +2,8 @@
 //! and chat templates. The reference is computed at test time by `tests/python/hf_reference.py` in the project's
 //! `.venv` (installed by `make test`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -350,6 +352,42 @@ fn tokenizers_match_hf_and_round_trip() {
     }
     let special = from_gguf.encode("<|im_start|><|im_end|>", false).unwrap();
     assert_eq!(special, [1, 2], "special tokens stay whole");
+}
+
+#[test]
+fn dequantization_matches_gguf_py() {
+    use camelid_model::quant::{GgmlType, dequantize};
+    let r = reference();
+    let types = r.json["quant_types"].as_array().unwrap();
+    assert_eq!(types.len(), 10);
+    for name in types.iter().map(|t| t.as_str().unwrap()) {
+        let ty = match name {
+            "F16" => GgmlType::F16,
+            "BF16" => GgmlType::BF16,
+            "Q8_0" => GgmlType::Q8_0,
+            "Q4_0" => GgmlType::Q4_0,
+            "Q4_1" => GgmlType::Q4_1,
+            "Q5_0" => GgmlType::Q5_0,
+            "Q5_1" => GgmlType::Q5_1,
+            "Q4_K" => GgmlType::Q4K,
+            "Q5_K" => GgmlType::Q5K,
+            "Q6_K" => GgmlType::Q6K,
+            other => panic!("unexpected type {other}"),
+        };
+        let raw = std::fs::read(r.dir.join(format!("quant_{name}.bin"))).unwrap();
+        let expected: Vec<f32> = std::fs::read(r.dir.join(format!("quant_{name}.f32")))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let ours = dequantize(ty, &raw).unwrap();
+        assert_eq!(ours.len(), expected.len(), "{name}");
+        let mismatch = ours
+            .iter()
+            .zip(&expected)
+            .position(|(a, b)| a.to_bits() != b.to_bits());
+        assert_eq!(mismatch, None, "{name}: first differing value at {mismatch:?}");
+    }
 }
 
 #[test]

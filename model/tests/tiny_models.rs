@@ -2,6 +2,8 @@
 //! multi-head, tied and untied embeddings), and a GGUF written with llama.cpp's layout must load back to the same
 //! model.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use camelid_model::config::Config;
 use camelid_model::gguf::{Value, writer};
 use camelid_model::quant::GgmlType;
@@ -257,5 +259,42 @@ fn truncated_gguf_is_a_clear_error() {
             .to_string()
             .contains("magic")
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn sharded_safetensors_directory_loads_every_shard() {
+    let _g = tch::no_grad_guard();
+    let config = Config::tiny(4, 2, false);
+    let model = Llama::random(config.clone(), Kind::Float, Device::Cpu, 5).unwrap();
+    let dir = std::env::temp_dir().join(format!("camelid-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let params = model.named_parameters();
+    let (first, second) = params.split_at(params.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        Tensor::write_safetensors(part, dir.join(file)).unwrap();
+        for (name, _) in part {
+            weight_map.insert(name.clone(), serde_json::json!(file));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let weights = camelid_model::weights::read_hf_dir(&dir, Default::default()).unwrap();
+    let back = Llama::from_weights(config, weights).unwrap();
+    let ids = tokens(9, 97);
+    assert!(max_diff(&full_logits(&model, &ids), &full_logits(&back, &ids)) == 0.0);
+
+    // An index that names a tensor no shard holds is an error that names it.
+    let mut broken = index.clone();
+    broken["weight_map"]["model.extra.weight"] = serde_json::json!("model-00001-of-00002.safetensors");
+    std::fs::write(dir.join("model.safetensors.index.json"), broken.to_string()).unwrap();
+    let err = camelid_model::weights::read_hf_dir(&dir, Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.extra.weight"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -91,6 +91,35 @@ def fastchat_vicuna(conv_spec):
     return conv.get_prompt()
 
 
+def quant_references(out_dir):
+    """Blocks of each GGML type and gguf-py's dequantization of them, for the Rust dequantizers."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize, quantize
+
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal((4, 512)) * 0.1).astype(np.float32)
+    written = []
+    k_quants = {"Q4_K": (144, [0, 2]), "Q5_K": (176, [0, 2]), "Q6_K": (210, [208])}  # block size, f16 offsets
+    for name in ("F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"):
+        qtype = T[name]
+        if name == "F16":
+            raw = values.astype(np.float16).view(np.uint8)
+        elif name in k_quants:  # gguf-py has no K-quant quantizers: random quants with sane f16 super-scales
+            size, offsets = k_quants[name]
+            raw = rng.integers(0, 256, size=(4, 2 * size), dtype=np.uint8)
+            for i, off in enumerate(offsets):
+                scale = np.float16(0.01 * (i + 1)).tobytes()
+                raw.reshape(-1, size)[:, off:off + 2] = np.frombuffer(scale, dtype=np.uint8)
+        else:
+            raw = quantize(values, qtype)
+        deq = dequantize(raw, qtype).astype(np.float32)
+        raw.tofile(os.path.join(out_dir, f"quant_{name}.bin"))
+        deq.tofile(os.path.join(out_dir, f"quant_{name}.f32"))
+        written.append(name)
+    return written
+
+
 def main():
     request = json.load(open(sys.argv[1]))
     out_dir = sys.argv[2]
@@ -125,6 +154,7 @@ def main():
         decoded = [sp.backend_tokenizer.decode(ids, skip_special_tokens=False) for ids in encoded]
         result["tokens_sp"] = {"ids": encoded, "decoded": decoded}
 
+    result["quant_types"] = quant_references(out_dir)
     result["vicuna"] = [fastchat_vicuna(c) for c in request["conversations"]]
     result["jinja"] = []
     for c in request["conversations"]:
