@@ -18,7 +18,7 @@ export LD_LIBRARY_PATH := $(TORCH_LIB)$(if $(LD_LIBRARY_PATH),:$(LD_LIBRARY_PATH
 
 DEMO_QUESTION := What are three good reasons to fine-tune a small language model instead of a large one?
 
-.PHONY: demo test setup system-deps python-deps build-release fmt clippy bench
+.PHONY: demo test setup system-deps python-deps build-release fmt bench
 
 demo: setup build-release
 	@echo "== camelid generate (SmolLM2-135M-Instruct, greedy) =="
@@ -29,6 +29,8 @@ demo: setup build-release
 	@echo "Another model:         target/release/camelid chat --model PATH   (HF directory or .gguf)"
 
 test: setup
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace --no-fail-fast
 
 setup: system-deps python-deps
@@ -50,9 +52,6 @@ build-release:
 
 fmt:
 	cargo fmt --all
-
-clippy: setup
-	cargo clippy --workspace --all-targets -- -D warnings
 
 bench: setup build-release
 	$(PY) bench/decode_speed.py --camelid target/release/camelid

@@ -145,7 +145,7 @@ fn inverse_frequencies(config: &Config, freq_factors: Option<&Tensor>) -> Result
     let mut inv = base.f_pow(&exponents)?.f_reciprocal()?;
     match config.rope_scaling {
         RopeScaling::None => {}
-        RopeScaling::Linear { factor } => inv = inv / factor,
+        RopeScaling::Linear { factor } => inv /= factor,
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,

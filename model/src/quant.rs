@@ -70,7 +70,9 @@ impl GgmlType {
     /// Bytes taken by `elements` values, or None when they are not a whole number of blocks.
     pub fn byte_size(self, elements: u64) -> Option<u64> {
         let (per_block, bytes) = self.block();
-        (elements % per_block == 0).then(|| elements / per_block * bytes)
+        elements
+            .is_multiple_of(per_block)
+            .then(|| elements / per_block * bytes)
     }
 }
 
@@ -82,7 +84,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, String> {
     let (per_block, block_bytes) = ty.block();
     let (per_block, block_bytes) = (per_block as usize, block_bytes as usize);
-    if bytes.len() % block_bytes != 0 {
+    if !bytes.len().is_multiple_of(block_bytes) {
         return Err(format!(
             "{} bytes are not a whole number of {ty:?} blocks",
             bytes.len()
@@ -137,7 +139,13 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, String> {
                 let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
                 let qs = &rest[4..20];
                 // Q5_1 is q * d + min; Q5_0 is (q - 16) * d (no "+ 0.0", which would turn -0.0 into 0.0).
-                let value = |q: u32| if has_min { q as f32 * d + m } else { (q as i32 - 16) as f32 * d };
+                let value = |q: u32| {
+                    if has_min {
+                        q as f32 * d + m
+                    } else {
+                        (q as i32 - 16) as f32 * d
+                    }
+                };
                 out.extend((0..16).map(|j| value(u32::from(qs[j] & 0x0F) | (((qh >> j) << 4) & 0x10))));
                 out.extend((0..16).map(|j| value(u32::from(qs[j] >> 4) | ((qh >> (j + 12)) & 0x10))));
             }

@@ -22,12 +22,13 @@ impl IncrementalDecoder {
         self.ids.push(id);
         let prefix = decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = decode(&self.ids[self.prefix_offset..])?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
-            if let Some(new) = full.get(prefix.len()..).filter(|_| full.starts_with(&prefix)) {
-                self.prefix_offset = self.read_offset;
-                self.read_offset = self.ids.len();
-                return Ok(new.to_string());
-            }
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && let Some(new) = full.get(prefix.len()..).filter(|_| full.starts_with(&prefix))
+        {
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            return Ok(new.to_string());
         }
         Ok(String::new())
     }
