@@ -128,7 +128,7 @@ pub fn generate<'m>(
     let decode_loop = |pool: Option<&DecodePool<'m>>| -> Result<FinishReason> {
         let mut logits = first_logits;
         loop {
-            let mut values = Vec::<f32>::try_from(&logits)?;
+            let mut values = Vec::<f32>::try_from(&logits.f_to_device(tch::Device::Cpu)?)?;
             let next = sampler.sample(&mut values, &context_ids, &generated);
             if request.eos_token_ids.contains(&next) {
                 return Ok(FinishReason::Stop);
