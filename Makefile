@@ -21,9 +21,9 @@ DEMO_QUESTION := What are three good reasons to fine-tune a small language model
 .PHONY: demo test setup system-deps python-deps build-release fmt bench
 
 demo: setup build-release
-	@echo "== camelid generate (SmolLM2-135M-Instruct, greedy) =="
+	@echo "== camelid generate (SmolLM2-135M-Instruct, greedy, repetition penalty 1.1) =="
 	@echo "Q: $(DEMO_QUESTION)"
-	@target/release/camelid generate --temperature 0 --max-tokens 160 --prompt "$(DEMO_QUESTION)"
+	@target/release/camelid generate --temperature 0 --repetition-penalty 1.1 --max-tokens 200 --prompt "$(DEMO_QUESTION)"
 	@echo
 	@echo "Chat with the model:   target/release/camelid chat"
 	@echo "Another model:         target/release/camelid chat --model PATH   (HF directory or .gguf)"

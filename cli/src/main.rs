@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use camelid_model::{ChatMessage, GenerateRequest, LoadOptions, LoadedModel, ModelError, SamplingParams};
+use camelid_model::{
+    ChatMessage, ChatTemplate, GenerateRequest, LoadOptions, LoadedModel, ModelError, SamplingParams,
+};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tch::{Device, Kind};
 
@@ -69,6 +71,9 @@ struct ModelArgs {
     dtype: Option<DType>,
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
+    /// Chat template: `vicuna_v1.1`, or a Jinja file (default: the model's own, else vicuna_v1.1).
+    #[arg(long)]
+    template: Option<String>,
 }
 
 #[derive(Args)]
@@ -157,12 +162,40 @@ fn load(args: &ModelArgs) -> Result<LoadedModel, Failure> {
         Some(p) => p.clone(),
         None => camelid_model::default_model_path()?,
     };
+    let template = match args.template.as_deref() {
+        None => None,
+        Some(name) => Some(match ChatTemplate::named(name) {
+            Some(t) => t,
+            None => {
+                let source = std::fs::read_to_string(name).map_err(|e| {
+                    user_error(anyhow::anyhow!(
+                        "--template {name}: not vicuna_v1.1 and not a readable Jinja file: {e}"
+                    ))
+                })?;
+                ChatTemplate::Jinja {
+                    source,
+                    bos_token: String::new(),
+                    eos_token: String::new(),
+                }
+            }
+        }),
+    };
     let started = std::time::Instant::now();
-    let loaded = camelid_model::load(&path, LoadOptions { dtype, device }).map_err(|e| {
+    let mut loaded = camelid_model::load(&path, LoadOptions { dtype, device }).map_err(|e| {
         let mut failure = Failure::from(e);
         failure.error = failure.error.context(format!("loading {}", path.display()));
         failure
     })?;
+    if let Some(mut template) = template {
+        if let ChatTemplate::Jinja {
+            bos_token, eos_token, ..
+        } = &mut template
+        {
+            *bos_token = loaded.tokenizer.bos_token.clone().unwrap_or_default();
+            *eos_token = loaded.tokenizer.eos_token.clone().unwrap_or_default();
+        }
+        loaded.template = template;
+    }
     tracing::info!(
         model = %path.display(), ?device, ?dtype, template = loaded.template.name(),
         seconds = format!("{:.2}", started.elapsed().as_secs_f64()), "model loaded"

@@ -82,6 +82,25 @@ fn chat_streams_and_keeps_the_conversation() {
 }
 
 #[test]
+fn template_flag_switches_to_vicuna_and_rejects_unknown_names() {
+    let out = camelid(&[
+        "generate",
+        "--template",
+        "vicuna_v1.1",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "--prompt",
+        "Hi",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!out.stdout.is_empty());
+    let out = camelid(&["generate", "--template", "no-such-template", "--prompt", "Hi"]);
+    assert_user_error(&out, "no-such-template");
+}
+
+#[test]
 fn missing_model_path_is_one_clear_error() {
     let out = camelid(&["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"]);
     assert_user_error(&out, "/nonexistent/model.gguf");

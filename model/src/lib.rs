@@ -38,6 +38,9 @@ pub struct LoadedModel {
     pub template: ChatTemplate,
     /// Ids that end the assistant's turn (config, generation config and tokenizer EOS, merged).
     pub eos_token_ids: Vec<u32>,
+    /// The BOS id to put in front of prompts the template does not start with BOS itself (`vicuna_v1.1`), when
+    /// the model wants one (LLaMA SentencePiece models do; SmolLM's byte-level BPE does not).
+    pub prompt_bos: Option<u32>,
 }
 
 impl LoadedModel {
@@ -48,8 +51,15 @@ impl LoadedModel {
     /// Renders messages with the model's template and tokenizes them as the prompt of the assistant's reply.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         let text = self.template.render(messages, true)?;
-        // Templates print BOS themselves where the model wants it, so no extra special tokens are added.
-        self.tokenizer.encode(&text, false)
+        // Jinja templates print BOS themselves where the model wants it (transformers' convention);
+        // FastChat tokenizes vicuna_v1.1 prompts with the tokenizer's BOS.
+        let mut ids = self.tokenizer.encode(&text, false)?;
+        if let (ChatTemplate::Vicuna, Some(bos)) = (&self.template, self.prompt_bos)
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
+        }
+        Ok(ids)
     }
 }
 
@@ -130,9 +140,21 @@ fn load_hf_dir(dir: &Path, opts: LoadOptions) -> Result<LoadedModel> {
             .as_deref()
             .and_then(|t| tokenizer.token_to_id(t)),
     );
+    // BOS goes in front when tokenizer_config says so, or when the tokenizer's own post-processor adds one.
+    let prompt_bos = config.bos_token_id.filter(|&bos| {
+        tok_config
+            .get("add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or_else(|| {
+                tokenizer
+                    .encode("a", true)
+                    .is_ok_and(|ids| ids.first() == Some(&bos))
+            })
+    });
     let weights = weights::read_hf_dir(dir, opts)?;
     let model = Llama::from_weights(config, weights)?;
     Ok(LoadedModel {
+        prompt_bos,
         source: dir.into(),
         model,
         tokenizer,
@@ -169,9 +191,17 @@ fn load_gguf(path: &Path, opts: LoadOptions) -> Result<LoadedModel> {
             .and_then(gguf::Value::as_u64)
             .map(|v| v as u32),
     );
+    // llama.cpp's rule: `tokenizer.ggml.add_bos_token`, defaulting to true for SentencePiece vocabularies.
+    let sentencepiece = file.get("tokenizer.ggml.model").and_then(gguf::Value::as_str) == Some("llama");
+    let add_bos = file
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(gguf::Value::as_bool)
+        .unwrap_or(sentencepiece);
+    let prompt_bos = config.bos_token_id.filter(|_| add_bos);
     let weights = weights::read_gguf(&file, &config, opts)?;
     let model = Llama::from_weights(config, weights)?;
     Ok(LoadedModel {
+        prompt_bos,
         source: path.into(),
         model,
         tokenizer,
