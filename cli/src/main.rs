@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use camelid_model::{
-    ChatMessage, ChatTemplate, GenerateRequest, LoadOptions, LoadedModel, ModelError, SamplingParams,
+    ChatMessage, ChatTemplate, Completion, GenerateRequest, LoadOptions, LoadedModel, ModelError,
+    SamplingParams,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tch::{Device, Kind};
@@ -225,6 +226,24 @@ fn request(loaded: &LoadedModel, prompt_ids: Vec<u32>, sampling: &SamplingArgs) 
     }
 }
 
+/// Generates a reply, printing each piece on stdout as soon as it is final; a closed stdout cancels generation.
+fn stream_reply(
+    loaded: &LoadedModel,
+    prompt_ids: Vec<u32>,
+    sampling: &SamplingArgs,
+) -> Result<Completion, ModelError> {
+    let mut stdout = std::io::stdout().lock();
+    let request = request(loaded, prompt_ids, sampling);
+    let completion = camelid_model::generate(&loaded.model, &loaded.tokenizer, &request, |piece| {
+        stdout
+            .write_all(piece.as_bytes())
+            .and_then(|_| stdout.flush())
+            .is_ok()
+    })?;
+    let _ = writeln!(stdout);
+    Ok(completion)
+}
+
 fn run_generate(
     prompt: &str,
     system: &Option<String>,
@@ -236,20 +255,7 @@ fn run_generate(
     let prompt_ids = loaded
         .chat_prompt(&messages(system, &[ChatMessage::new("user", prompt)]))
         .map_err(Failure::from)?;
-    let mut stdout = std::io::stdout().lock();
-    let completion = camelid_model::generate(
-        &loaded.model,
-        &loaded.tokenizer,
-        &request(&loaded, prompt_ids, sampling),
-        |piece| {
-            stdout
-                .write_all(piece.as_bytes())
-                .and_then(|_| stdout.flush())
-                .is_ok()
-        },
-    )
-    .map_err(Failure::from)?;
-    let _ = writeln!(stdout);
+    let completion = stream_reply(&loaded, prompt_ids, sampling)?;
     tracing::info!(
         prompt_tokens = completion.prompt_tokens,
         completion_tokens = completion.token_ids.len(),
@@ -300,22 +306,8 @@ fn run_chat(system: &Option<String>, model: &ModelArgs, sampling: &SamplingArgs)
             turns.drain(..2.min(turns.len() - 1));
             eprintln!("(dropped the oldest exchange to fit the {context}-token context)");
         };
-        let mut stdout = std::io::stdout().lock();
-        match camelid_model::generate(
-            &loaded.model,
-            &loaded.tokenizer,
-            &request(&loaded, prompt_ids, sampling),
-            |piece| {
-                stdout
-                    .write_all(piece.as_bytes())
-                    .and_then(|_| stdout.flush())
-                    .is_ok()
-            },
-        ) {
-            Ok(done) => {
-                let _ = writeln!(stdout);
-                turns.push(ChatMessage::new("assistant", &done.text));
-            }
+        match stream_reply(&loaded, prompt_ids, sampling) {
+            Ok(done) => turns.push(ChatMessage::new("assistant", &done.text)),
             Err(e) => {
                 eprintln!("error: {e}");
                 turns.pop();

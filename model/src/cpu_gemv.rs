@@ -23,34 +23,31 @@ const SPIN: Duration = Duration::from_millis(20);
 mod storage {
     use tch::{Device, Kind, Tensor};
 
-    /// The elements of a contiguous CPU f32 tensor.
-    pub fn f32s(t: &Tensor) -> Option<&[f32]> {
-        if t.device() != Device::Cpu || t.kind() != Kind::Float || !t.is_contiguous() {
+    /// The elements of a contiguous CPU tensor of `kind`, whose elements are `T`-sized.
+    fn elements<T>(t: &Tensor, kind: Kind) -> Option<&[T]> {
+        if t.device() != Device::Cpu || t.kind() != kind || !t.is_contiguous() {
             return None;
         }
         let len = t.numel();
-        let ptr = t.data_ptr() as *const f32;
-        if len == 0 || ptr.is_null() {
+        let ptr = t.data_ptr() as *const T;
+        if len == 0 || ptr.is_null() || kind.elt_size_in_bytes() != std::mem::size_of::<T>() {
             return None;
         }
-        // SAFETY: the tensor is contiguous, on the CPU and of kind Float, so its storage holds `len` f32 values
-        // starting at `data_ptr()` (which accounts for the storage offset). The slice borrows `t`, whose storage
-        // stays alive and is not resized while borrowed; model weights are not written during a forward pass.
+        // SAFETY: the tensor is contiguous, on the CPU and of `kind`, whose elements have the size of `T`, so its
+        // storage holds `len` such values starting at `data_ptr()` (which accounts for the storage offset). The
+        // slice borrows `t`, whose storage stays alive and is not resized while borrowed; model weights are not
+        // written during a forward pass.
         Some(unsafe { std::slice::from_raw_parts(ptr, len) })
     }
 
-    /// The raw bits of a contiguous CPU bf16 tensor.
+    /// The values of a contiguous CPU f32 tensor.
+    pub fn f32s(t: &Tensor) -> Option<&[f32]> {
+        elements(t, Kind::Float)
+    }
+
+    /// The bit patterns of a contiguous CPU bf16 tensor.
     pub fn bf16s(t: &Tensor) -> Option<&[u16]> {
-        if t.device() != Device::Cpu || t.kind() != Kind::BFloat16 || !t.is_contiguous() {
-            return None;
-        }
-        let len = t.numel();
-        let ptr = t.data_ptr() as *const u16;
-        if len == 0 || ptr.is_null() {
-            return None;
-        }
-        // SAFETY: as for `f32s`; bf16 values are 2-byte elements, read here as their bit patterns.
-        Some(unsafe { std::slice::from_raw_parts(ptr, len) })
+        elements(t, Kind::BFloat16)
     }
 }
 
