@@ -129,14 +129,16 @@ struct Job<'a> {
 
 fn recv_spinning<T>(rx: &Receiver<T>) -> Option<T> {
     let started = Instant::now();
-    loop {
+    for spins in 0u32.. {
         match rx.try_recv() {
             Ok(v) => return Some(v),
             Err(TryRecvError::Disconnected) => return None,
-            Err(TryRecvError::Empty) if started.elapsed() < SPIN => std::hint::spin_loop(),
-            Err(TryRecvError::Empty) => return rx.recv().ok(),
+            // Reading the clock costs more than a channel poll: look at it only now and then.
+            Err(TryRecvError::Empty) if spins % 1024 == 1023 && started.elapsed() >= SPIN => break,
+            Err(TryRecvError::Empty) => std::hint::spin_loop(),
         }
     }
+    rx.recv().ok()
 }
 
 /// Helper threads for the matrix-vector products of one decode loop; see [`with_decode_pool`].
