@@ -35,9 +35,15 @@ test: setup
 
 setup: system-deps python-deps
 
-# libgloo-dev: Gloo headers for libtorch's c10d process groups (the trainer's FSDP).
+# libgloo-dev: Gloo headers for libtorch's c10d process groups (the trainer's FSDP); g++ builds tch's C++ glue;
+# python3-venv where the system Python lacks ensurepip.
 system-deps:
-	@dpkg -s libgloo-dev >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q libgloo-dev; }
+	@command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup (https://rustup.rs)"; exit 1; }
+	@missing=""; \
+	dpkg -s libgloo-dev >/dev/null 2>&1 || missing="$$missing libgloo-dev"; \
+	command -v g++ >/dev/null || missing="$$missing g++"; \
+	python3 -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$missing; fi
 
 python-deps: $(STAMP)
 
