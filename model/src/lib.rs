@@ -63,6 +63,30 @@ impl LoadedModel {
     }
 }
 
+/// A conversation tokenized for training: ids and, for each, whether it carries the loss.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrainingTokens {
+    pub ids: Vec<u32>,
+    pub labels: Vec<bool>,
+}
+
+impl LoadedModel {
+    /// Renders a whole conversation with the model's template and marks the tokens of the assistant's replies
+    /// (with each reply's end-of-turn marker) as the ones to learn; system, user and role-prefix tokens are not.
+    pub fn training_tokens(&self, messages: &[ChatMessage]) -> Result<TrainingTokens> {
+        let rendered = self.template.render_for_training(messages)?;
+        let (mut ids, offsets) = self.tokenizer.encode_with_offsets(&rendered.text)?;
+        let mut labels = template::label_mask(&offsets, &rendered.assistant_spans);
+        if let (ChatTemplate::Vicuna, Some(bos)) = (&self.template, self.prompt_bos)
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
+            labels.insert(0, false);
+        }
+        Ok(TrainingTokens { ids, labels })
+    }
+}
+
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
     if !path.exists() {
         return Ok(None);

@@ -1,6 +1,8 @@
 //! Chat templates: the model's own Jinja `chat_template` (rendered by minijinja with the options transformers uses)
 //! and FastChat's `vicuna_v1.1`, reproduced byte for byte.
 
+use std::ops::Range;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -24,6 +26,15 @@ impl ChatMessage {
 /// FastChat's `vicuna_v1.1` system prompt.
 pub const VICUNA_SYSTEM: &str = "A chat between a curious user and an artificial intelligence assistant. \
 The assistant gives helpful, detailed, and polite answers to the user's questions.";
+
+/// A conversation rendered for training: the text and the byte ranges the model learns to produce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedChat {
+    pub text: String,
+    /// For each assistant message: its content and the template's end-of-turn marker after it (`</s>` for
+    /// `vicuna_v1.1`, the EOS token for Jinja templates), but not the role prefix before it.
+    pub assistant_spans: Vec<Range<usize>>,
+}
 
 /// How a conversation becomes the prompt text.
 #[derive(Debug, Clone)]
@@ -80,6 +91,11 @@ impl ChatTemplate {
 }
 
 fn render_vicuna(messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    Ok(render_vicuna_spans(messages, add_generation_prompt)?.text)
+}
+
+/// FastChat `vicuna_v1.1` with the byte range of each assistant message's content and its `</s>`.
+fn render_vicuna_spans(messages: &[ChatMessage], add_generation_prompt: bool) -> Result<RenderedChat> {
     let (system, turns) = match messages.split_first() {
         Some((first, rest)) if first.role == "system" => (first.content.as_str(), rest),
         _ => (VICUNA_SYSTEM, messages),
@@ -89,6 +105,7 @@ fn render_vicuna(messages: &[ChatMessage], add_generation_prompt: bool) -> Resul
         String::with_capacity(system.len() + turns.iter().map(|m| m.content.len() + 16).sum::<usize>());
     out.push_str(system);
     out.push(' ');
+    let mut spans = Vec::new();
     for (i, m) in turns.iter().enumerate() {
         let (expected, role, sep) = if i % 2 == 0 {
             ("user", "USER", " ")
@@ -106,14 +123,82 @@ fn render_vicuna(messages: &[ChatMessage], add_generation_prompt: bool) -> Resul
             out.push(':');
         } else {
             out.push_str(": ");
+            let start = out.len();
             out.push_str(&m.content);
             out.push_str(sep);
+            if expected == "assistant" {
+                spans.push(start..out.len());
+            }
         }
     }
     if add_generation_prompt && turns.len() % 2 == 1 {
         out.push_str("ASSISTANT:");
     }
-    Ok(out)
+    Ok(RenderedChat {
+        text: out,
+        assistant_spans: spans,
+    })
+}
+
+impl ChatTemplate {
+    /// Renders a whole conversation (no generation prompt) with the spans that carry the training loss.
+    ///
+    /// For Jinja templates the spans come from rendering prefixes of the conversation: assistant message `i` starts
+    /// where `messages[..i]` with the generation prompt ends, and ends after the last EOS token inside
+    /// `messages[..=i]`. Templates whose output for a prefix is not a prefix of the whole are refused.
+    pub fn render_for_training(&self, messages: &[ChatMessage]) -> Result<RenderedChat> {
+        let (bos_token, eos_token, source) = match self {
+            ChatTemplate::Vicuna => {
+                self.render(messages, false)?;
+                return render_vicuna_spans(messages, false);
+            }
+            ChatTemplate::Jinja {
+                source,
+                bos_token,
+                eos_token,
+            } => (bos_token, eos_token, source),
+        };
+        let text = self.render(messages, false)?;
+        let mut spans = Vec::new();
+        for (i, _) in messages.iter().enumerate().filter(|(_, m)| m.role == "assistant") {
+            if i == 0 {
+                return Err(ModelError::Template(
+                    "messages[0] is an assistant message; a conversation starts with system or user".into(),
+                ));
+            }
+            let prefix = render_jinja(source, bos_token, eos_token, &messages[..i], true)?;
+            let through = render_jinja(source, bos_token, eos_token, &messages[..=i], false)?;
+            if !through.starts_with(&prefix) || !text.starts_with(&through) {
+                return Err(ModelError::Template(format!(
+                    "the chat template does not render messages[{i}] as a continuation of the messages before it, \
+                     so its assistant span cannot be found; use vicuna_v1.1 or a prefix-stable template"
+                )));
+            }
+            let mut end = through.len();
+            if !eos_token.is_empty() {
+                if let Some(pos) = through[prefix.len()..].rfind(eos_token.as_str()) {
+                    end = prefix.len() + pos + eos_token.len();
+                }
+            }
+            spans.push(prefix.len()..end);
+        }
+        Ok(RenderedChat {
+            text,
+            assistant_spans: spans,
+        })
+    }
+}
+
+/// Marks the tokens whose text overlaps a span: the tokens that carry the training loss.
+pub fn label_mask(offsets: &[(usize, usize)], spans: &[Range<usize>]) -> Vec<bool> {
+    offsets
+        .iter()
+        .map(|&(start, end)| {
+            spans
+                .iter()
+                .any(|s| start < s.end && end > s.start && end > start)
+        })
+        .collect()
 }
 
 fn render_jinja(
@@ -192,6 +277,65 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("messages[0].role"), "{err}");
+    }
+
+    const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+        {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+    fn spans_text(r: &RenderedChat) -> Vec<&str> {
+        r.assistant_spans.iter().map(|s| &r.text[s.clone()]).collect()
+    }
+
+    #[test]
+    fn vicuna_training_spans_cover_replies_and_their_end_marker() {
+        let mut msgs = vec![ChatMessage::new("system", "Be kind.")];
+        msgs.extend(conv(&["Hi", "Hello! 👋", "Code?", "```rs\nfn f() {}\n```"]));
+        let r = ChatTemplate::Vicuna.render_for_training(&msgs).unwrap();
+        assert_eq!(r.text, ChatTemplate::Vicuna.render(&msgs, false).unwrap());
+        assert_eq!(spans_text(&r), ["Hello! 👋</s>", "```rs\nfn f() {}\n```</s>"]);
+    }
+
+    #[test]
+    fn jinja_training_spans_end_at_the_eos_token() {
+        let t = ChatTemplate::Jinja {
+            source: CHATML.into(),
+            bos_token: String::new(),
+            eos_token: "<|im_end|>".into(),
+        };
+        let mut msgs = vec![ChatMessage::new("system", "sys")];
+        msgs.extend(conv(&["a", "b", "c", "déjà"]));
+        let r = t.render_for_training(&msgs).unwrap();
+        assert_eq!(spans_text(&r), ["b<|im_end|>", "déjà<|im_end|>"]);
+        let err = t.render_for_training(&conv(&["x"])[..0]).unwrap_err().to_string();
+        assert!(err.contains("at least one message"), "{err}");
+        let starts_with_assistant = [ChatMessage::new("assistant", "x")];
+        assert!(
+            t.render_for_training(&starts_with_assistant)
+                .unwrap_err()
+                .to_string()
+                .contains("messages[0]")
+        );
+    }
+
+    #[test]
+    fn templates_that_rewrite_history_are_refused_for_training() {
+        // Renders only the last message: earlier renderings are not prefixes of later ones.
+        let t = ChatTemplate::Jinja {
+            source: "{{ messages[-1].content }}{% if add_generation_prompt %}>{% endif %}".into(),
+            bos_token: String::new(),
+            eos_token: String::new(),
+        };
+        let err = t
+            .render_for_training(&conv(&["question", "answer"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("messages[1]"), "{err}");
+    }
+
+    #[test]
+    fn tokens_overlapping_a_span_are_labelled() {
+        let offsets = [(0, 3), (3, 5), (5, 9), (9, 9), (9, 12)];
+        assert_eq!(label_mask(&offsets, &[4..9]), [false, true, true, false, false]);
     }
 
     #[test]
