@@ -75,8 +75,9 @@ impl LoadedModel {
     /// (with each reply's end-of-turn marker) as the ones to learn; system, user and role-prefix tokens are not.
     pub fn training_tokens(&self, messages: &[ChatMessage]) -> Result<TrainingTokens> {
         let rendered = self.template.render_for_training(messages)?;
-        let (mut ids, offsets) = self.tokenizer.encode_with_offsets(&rendered.text)?;
-        let mut labels = template::label_mask(&offsets, &rendered.assistant_spans);
+        let encoded = self.tokenizer.encode_with_offsets(&rendered.text)?;
+        let mut ids = encoded.ids;
+        let mut labels = template::label_mask(&encoded.offsets, &rendered.assistant_spans);
         if let (ChatTemplate::Vicuna, Some(bos)) = (&self.template, self.prompt_bos)
             && ids.first() != Some(&bos)
         {

@@ -175,10 +175,10 @@ impl ChatTemplate {
                 )));
             }
             let mut end = through.len();
-            if !eos_token.is_empty() {
-                if let Some(pos) = through[prefix.len()..].rfind(eos_token.as_str()) {
-                    end = prefix.len() + pos + eos_token.len();
-                }
+            if !eos_token.is_empty()
+                && let Some(pos) = through[prefix.len()..].rfind(eos_token.as_str())
+            {
+                end = prefix.len() + pos + eos_token.len();
             }
             spans.push(prefix.len()..end);
         }
@@ -335,7 +335,8 @@ mod tests {
     #[test]
     fn tokens_overlapping_a_span_are_labelled() {
         let offsets = [(0, 3), (3, 5), (5, 9), (9, 9), (9, 12)];
-        assert_eq!(label_mask(&offsets, &[4..9]), [false, true, true, false, false]);
+        let spans = vec![4..9, 20..30];
+        assert_eq!(label_mask(&offsets, &spans), [false, true, true, false, false]);
     }
 
     #[test]

@@ -11,6 +11,13 @@ use serde_json::{Value as Json, json};
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, Value};
 
+/// Token ids and the byte range of `text` each one covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokensWithOffsets {
+    pub ids: Vec<u32>,
+    pub offsets: Vec<(usize, usize)>,
+}
+
 /// A tokenizer plus the special-token facts that generation needs.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -72,9 +79,12 @@ impl Tokenizer {
     }
 
     /// Encodes text without added special tokens, with each token's byte range in `text`.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<TokensWithOffsets> {
         let enc = self.inner.encode(text, false).map_err(tok_err)?;
-        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+        Ok(TokensWithOffsets {
+            ids: enc.get_ids().to_vec(),
+            offsets: enc.get_offsets().to_vec(),
+        })
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
