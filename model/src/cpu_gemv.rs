@@ -51,32 +51,22 @@ mod storage {
     }
 }
 
-fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+/// `sum(w[i] * x[i])` with `LANES` independent accumulators (so the loop vectorizes without reassociating), the
+/// weights widened to f32 by `widen`.
+fn dot<W: Copy>(w: &[W], x: &[f32], widen: impl Fn(W) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let (wc, wr) = w.as_chunks::<LANES>();
     let (xc, xr) = x.as_chunks::<LANES>();
     for (a, b) in wc.iter().zip(xc) {
         for i in 0..LANES {
-            acc[i] += a[i] * b[i];
+            acc[i] += widen(a[i]) * b[i];
         }
     }
-    acc.iter().sum::<f32>() + wr.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>()
+    acc.iter().sum::<f32>() + wr.iter().zip(xr).map(|(a, b)| widen(*a) * b).sum::<f32>()
 }
 
 fn bf16_to_f32(bits: u16) -> f32 {
     f32::from_bits(u32::from(bits) << 16)
-}
-
-fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (wc, wr) = w.as_chunks::<LANES>();
-    let (xc, xr) = x.as_chunks::<LANES>();
-    for (a, b) in wc.iter().zip(xc) {
-        for i in 0..LANES {
-            acc[i] += bf16_to_f32(a[i]) * b[i];
-        }
-    }
-    acc.iter().sum::<f32>() + wr.iter().zip(xr).map(|(a, b)| bf16_to_f32(*a) * b).sum::<f32>()
 }
 
 /// Weight rows of one dtype, borrowed from libtorch tensors.
@@ -90,8 +80,8 @@ impl Rows<'_> {
     fn dot(&self, row: usize, input: &[f32]) -> f32 {
         let cols = input.len();
         match self {
-            Rows::F32(w) => dot_f32(&w[row * cols..(row + 1) * cols], input),
-            Rows::Bf16(w) => dot_bf16(&w[row * cols..(row + 1) * cols], input),
+            Rows::F32(w) => dot(&w[row * cols..(row + 1) * cols], input, |v| v),
+            Rows::Bf16(w) => dot(&w[row * cols..(row + 1) * cols], input, bf16_to_f32),
         }
     }
 }
