@@ -18,7 +18,6 @@ struct LayerBuf {
 pub struct KvCache {
     layers: Vec<Option<LayerBuf>>,
     len: usize,
-    capacity: usize,
     max_len: usize,
 }
 
@@ -28,7 +27,6 @@ impl KvCache {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
             len: 0,
-            capacity: 0,
             max_len,
         }
     }
@@ -53,11 +51,6 @@ impl KvCache {
             .flatten()
             .map(|l| (l.keys.numel() + l.values.numel()) * l.keys.kind().elt_size_in_bytes())
             .sum()
-    }
-
-    /// Forgets everything after `len` positions (used to roll back a speculative or cancelled step).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
     }
 
     /// Appends `keys`/`values` (`[1, kv_heads, t, head_dim]`) of layer `layer` and returns the whole history
@@ -91,7 +84,6 @@ impl KvCache {
                     .f_narrow(2, 0, self.len as i64)?
                     .f_copy_(&old.values.f_narrow(2, 0, self.len as i64)?)?;
             }
-            self.capacity = self.capacity.max(cap);
             *slot = Some(grown);
         }
         let Some(buf) = slot.as_ref() else {
