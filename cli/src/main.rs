@@ -187,15 +187,8 @@ fn load(args: &ModelArgs) -> Result<LoadedModel, Failure> {
         failure.error = failure.error.context(format!("loading {}", path.display()));
         failure
     })?;
-    if let Some(mut template) = template {
-        if let ChatTemplate::Jinja {
-            bos_token, eos_token, ..
-        } = &mut template
-        {
-            *bos_token = loaded.tokenizer.bos_token.clone().unwrap_or_default();
-            *eos_token = loaded.tokenizer.eos_token.clone().unwrap_or_default();
-        }
-        loaded.template = template;
+    if let Some(template) = template {
+        loaded.set_template(template);
     }
     tracing::info!(
         model = %path.display(), ?device, ?dtype, template = loaded.template.name(),

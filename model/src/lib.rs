@@ -51,15 +51,25 @@ impl LoadedModel {
     /// Renders messages with the model's template and tokenizes them as the prompt of the assistant's reply.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         let text = self.template.render(messages, true)?;
-        // Jinja templates print BOS themselves where the model wants it (transformers' convention);
-        // FastChat tokenizes vicuna_v1.1 prompts with the tokenizer's BOS.
         let mut ids = self.tokenizer.encode(&text, false)?;
-        if let (ChatTemplate::Vicuna, Some(bos)) = (&self.template, self.prompt_bos)
-            && ids.first() != Some(&bos)
-        {
+        if let Some(bos) = self.missing_bos(&ids) {
             ids.insert(0, bos);
         }
         Ok(ids)
+    }
+
+    /// Uses `template` instead of the model's own; a Jinja template gets this model's BOS/EOS token texts.
+    pub fn set_template(&mut self, template: ChatTemplate) {
+        self.template = with_special_tokens(template, &self.tokenizer);
+    }
+
+    /// The BOS id to put in front of `ids`, if any. Jinja templates print BOS themselves where the model wants it
+    /// (transformers' convention); FastChat tokenizes vicuna_v1.1 prompts with the tokenizer's BOS.
+    fn missing_bos(&self, ids: &[u32]) -> Option<u32> {
+        match (&self.template, self.prompt_bos) {
+            (ChatTemplate::Vicuna, Some(bos)) if ids.first() != Some(&bos) => Some(bos),
+            _ => None,
+        }
     }
 }
 
@@ -78,9 +88,7 @@ impl LoadedModel {
         let encoded = self.tokenizer.encode_with_offsets(&rendered.text)?;
         let mut ids = encoded.ids;
         let mut labels = template::label_mask(&encoded.offsets, &rendered.assistant_spans);
-        if let (ChatTemplate::Vicuna, Some(bos)) = (&self.template, self.prompt_bos)
-            && ids.first() != Some(&bos)
-        {
+        if let Some(bos) = self.missing_bos(&ids) {
             ids.insert(0, bos);
             labels.insert(0, false);
         }
@@ -192,12 +200,27 @@ fn load_hf_dir(dir: &Path, opts: LoadOptions) -> Result<LoadedModel> {
 /// `vicuna_v1.1`, as Vicuna was.
 fn jinja_or_vicuna(source: Option<String>, tokenizer: &Tokenizer) -> ChatTemplate {
     match source {
-        Some(source) => ChatTemplate::Jinja {
+        Some(source) => with_special_tokens(
+            ChatTemplate::Jinja {
+                source,
+                bos_token: String::new(),
+                eos_token: String::new(),
+            },
+            tokenizer,
+        ),
+        None => ChatTemplate::Vicuna,
+    }
+}
+
+/// A Jinja template with the tokenizer's BOS/EOS texts, which templates print as `bos_token`/`eos_token`.
+fn with_special_tokens(template: ChatTemplate, tokenizer: &Tokenizer) -> ChatTemplate {
+    match template {
+        ChatTemplate::Jinja { source, .. } => ChatTemplate::Jinja {
             source,
             bos_token: tokenizer.bos_token.clone().unwrap_or_default(),
             eos_token: tokenizer.eos_token.clone().unwrap_or_default(),
         },
-        None => ChatTemplate::Vicuna,
+        other => other,
     }
 }
 
