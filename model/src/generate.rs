@@ -114,7 +114,6 @@ pub fn generate<'m>(
     let decode = |ids: &[u32]| tokenizer.decode(ids, true);
     let mut detok = IncrementalDecoder::new();
     let mut stops = StopMatcher::new(&request.stop);
-    let mut context_ids = request.prompt_ids.clone();
     let mut generated: Vec<u32> = Vec::new();
     let mut text = String::new();
     let mut emit = |piece: &str, text: &mut String| -> bool {
@@ -129,12 +128,11 @@ pub fn generate<'m>(
         let mut logits = first_logits;
         loop {
             let mut values = Vec::<f32>::try_from(&logits.f_to_device(tch::Device::Cpu)?)?;
-            let next = sampler.sample(&mut values, &context_ids, &generated);
+            let next = sampler.sample(&mut values, &request.prompt_ids, &generated);
             if request.eos_token_ids.contains(&next) {
                 return Ok(FinishReason::Stop);
             }
             generated.push(next);
-            context_ids.push(next);
             let piece = detok.push(next, decode)?;
             let (safe, stopped) = stops.push(&piece);
             if !emit(&safe, &mut text) {

@@ -97,13 +97,13 @@ impl Sampler {
         &self.params
     }
 
-    /// Applies the penalties in place. `context` is prompt + generated (repetition penalty), `generated` only the
-    /// completion so far (presence/frequency penalties).
-    pub fn apply_penalties(&self, logits: &mut [f32], context: &[u32], generated: &[u32]) {
+    /// Applies the penalties in place: the repetition penalty to every token of `prompt` and `generated`, the
+    /// presence/frequency penalties to the completion so far (`generated`) only.
+    pub fn apply_penalties(&self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             let mut seen = vec![false; logits.len()];
-            for &t in context {
+            for &t in prompt.iter().chain(generated) {
                 if let Some(s) = seen.get_mut(t as usize) {
                     *s = true;
                 }
@@ -127,8 +127,8 @@ impl Sampler {
     }
 
     /// Picks the next token from one position's logits.
-    pub fn sample(&mut self, logits: &mut [f32], context: &[u32], generated: &[u32]) -> u32 {
-        self.apply_penalties(logits, context, generated);
+    pub fn sample(&mut self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) -> u32 {
+        self.apply_penalties(logits, prompt, generated);
         if self.params.is_greedy() {
             return argmax(logits);
         }
@@ -208,6 +208,10 @@ mod tests {
         });
         let mut logits = [4.0, -4.0, 1.0];
         s.apply_penalties(&mut logits, &[0, 1, 1], &[]);
+        assert_eq!(logits, [2.0, -8.0, 1.0]);
+        // Generated tokens count as context too, once each however often they repeat.
+        let mut logits = [4.0, -4.0, 1.0];
+        s.apply_penalties(&mut logits, &[0], &[1, 1]);
         assert_eq!(logits, [2.0, -8.0, 1.0]);
     }
 
