@@ -6,6 +6,7 @@
 pub mod config;
 pub mod cpu_gemv;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod gguf;
 pub mod kv_cache;
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::Config;
 pub use error::{ModelError, Result};
+pub use export::export_hf_dir;
 pub use generate::{Completion, FinishReason, GenerateRequest, generate};
 pub use kv_cache::KvCache;
 pub use llama::Llama;
@@ -200,6 +202,7 @@ fn load_hf_dir(dir: &Path, opts: LoadOptions) -> Result<LoadedModel> {
 /// `vicuna_v1.1`, as Vicuna was.
 fn jinja_or_vicuna(source: Option<String>, tokenizer: &Tokenizer) -> ChatTemplate {
     match source {
+        Some(source) if source.trim() == template::VICUNA_JINJA => ChatTemplate::Vicuna,
         Some(source) => with_special_tokens(
             ChatTemplate::Jinja {
                 source,

@@ -77,6 +77,22 @@ pub struct Llama {
     rope_sin: Tensor,
 }
 
+/// cos/sin tables for a training sequence (see [`Llama::rope_for_training`]).
+#[derive(Debug)]
+pub struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// How one attention call masks and in which dtype it runs.
+struct Attention<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    mask: Option<&'a Tensor>,
+    is_causal: bool,
+    kind: Kind,
+}
+
 /// Positions whose RoPE tables are computed once at load (8192 positions of a 128-wide head take 8 MB in f32).
 const ROPE_TABLE_POSITIONS: usize = 8192;
 
@@ -392,7 +408,6 @@ impl Llama {
                 "a KV cache holds one sequence; batch must be 1".into(),
             ));
         }
-        let c = &self.config;
         let (cos, sin) = self.rope_tables(offset, t as usize)?;
         // Causal masking: SDPA's `is_causal` aligns the mask top-left, which is right only without history.
         let mask = if t > 1 && offset > 0 {
@@ -405,7 +420,6 @@ impl Llama {
             None
         };
         let is_causal = t > 1 && offset == 0;
-        let gqa = c.num_heads != c.num_kv_heads;
         // libtorch's CPU attention is several times slower in bf16 than in f32 (seen: 300 us against 41 us for one
         // decode step of SmolLM2), so bf16 models on CPU attend, and cache keys and values, in f32.
         let attention_kind = if self.device() == Device::Cpu && self.kind() == Kind::BFloat16 {
@@ -413,42 +427,131 @@ impl Llama {
         } else {
             self.kind()
         };
-        let mut x = Tensor::f_embedding(&self.embed_tokens, tokens, -1, false, false)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
-            let split = |y: Tensor, heads: usize| -> Result<Tensor> {
-                Ok(y.f_view([batch, t, heads as i64, c.head_dim as i64])?
-                    .f_transpose(1, 2)?)
+        let mut x = self.embed(tokens)?;
+        for i in 0..self.layers.len() {
+            let attention = Attention {
+                cos: &cos,
+                sin: &sin,
+                mask: mask.as_ref(),
+                is_causal,
+                kind: attention_kind,
             };
-            let [q, k, v] = project_all(pool, &h, [&layer.q_proj, &layer.k_proj, &layer.v_proj])?;
-            let q = apply_rope(&split(q, c.num_heads)?, &cos, &sin)?;
-            let k = apply_rope(&split(k, c.num_kv_heads)?, &cos, &sin)?;
-            let v = split(v, c.num_kv_heads)?;
-            let (q, k, v) = (
-                q.f_to_kind(attention_kind)?,
-                k.f_to_kind(attention_kind)?,
-                v.f_to_kind(attention_kind)?,
-            );
-            let (k, v) = match cache.as_deref_mut() {
-                Some(cache) => cache.append(i, &k, &v)?,
-                None => (k, v),
-            };
-            let attn =
-                Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask.as_ref(), 0.0, is_causal, None, gqa)?;
-            let attn = attn.f_to_kind(self.kind())?.f_transpose(1, 2)?.f_reshape([
-                batch,
-                t,
-                (c.num_heads * c.head_dim) as i64,
-            ])?;
-            x = x.f_add(&project(pool, &attn, &layer.o_proj)?)?;
-            let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-            let [gate, up] = project_all(pool, &h, [&layer.gate_proj, &layer.up_proj])?;
-            x = x.f_add(&project(pool, &gate.f_silu()?.f_mul(&up)?, &layer.down_proj)?)?;
+            x = self.layer_forward(i, &x, &attention, cache.as_deref_mut(), pool)?;
         }
         if let Some(cache) = cache {
             cache.advance(t as usize);
         }
-        rms_norm(&x, &self.norm, c.rms_norm_eps)
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// One decoder layer over `x` (`[batch, t, hidden]`), appending keys/values to `cache` when given.
+    fn layer_forward<'a>(
+        &'a self,
+        i: usize,
+        x: &Tensor,
+        attention: &Attention<'_>,
+        cache: Option<&mut KvCache>,
+        pool: Option<&DecodePool<'a>>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let layer = &self.layers[i];
+        let (batch, t) = (x.size()[0], x.size()[1]);
+        let h = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;
+        let split = |y: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(y.f_view([batch, t, heads as i64, c.head_dim as i64])?
+                .f_transpose(1, 2)?)
+        };
+        let [q, k, v] = project_all(pool, &h, [&layer.q_proj, &layer.k_proj, &layer.v_proj])?;
+        let q = apply_rope(&split(q, c.num_heads)?, attention.cos, attention.sin)?;
+        let k = apply_rope(&split(k, c.num_kv_heads)?, attention.cos, attention.sin)?;
+        let v = split(v, c.num_kv_heads)?;
+        let (q, k, v) = (
+            q.f_to_kind(attention.kind)?,
+            k.f_to_kind(attention.kind)?,
+            v.f_to_kind(attention.kind)?,
+        );
+        let (k, v) = match cache {
+            Some(cache) => cache.append(i, &k, &v)?,
+            None => (k, v),
+        };
+        let gqa = c.num_heads != c.num_kv_heads;
+        let attn = Tensor::f_scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            attention.mask,
+            0.0,
+            attention.is_causal,
+            None,
+            gqa,
+        )?;
+        let attn = attn.f_to_kind(self.kind())?.f_transpose(1, 2)?.f_reshape([
+            batch,
+            t,
+            (c.num_heads * c.head_dim) as i64,
+        ])?;
+        let x = x.f_add(&project(pool, &attn, &layer.o_proj)?)?;
+        let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+        let [gate, up] = project_all(pool, &h, [&layer.gate_proj, &layer.up_proj])?;
+        Ok(x.f_add(&project(pool, &gate.f_silu()?.f_mul(&up)?, &layer.down_proj)?)?)
+    }
+
+    /// Token embeddings `[batch, t, hidden]` of `tokens` (`[batch, t]`, i64).
+    pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::f_embedding(&self.embed_tokens, tokens, -1, false, false)?)
+    }
+
+    /// RoPE tables for a training sequence of `len` positions from 0, to pass to [`Llama::decoder_layer`].
+    pub fn rope_for_training(&self, len: usize) -> Result<RopeTables> {
+        if len > self.config.max_position_embeddings {
+            return Err(ModelError::ContextOverflow {
+                prompt_tokens: len,
+                context: self.config.max_position_embeddings,
+            });
+        }
+        let (cos, sin) = self.rope_tables(0, len)?;
+        Ok(RopeTables { cos, sin })
+    }
+
+    /// Decoder layer `i` over a whole causal sequence (no cache): the unit a trainer recomputes in backward
+    /// (activation checkpointing) and shards parameters by. Attention runs in the model's dtype through SDPA.
+    pub fn decoder_layer(&self, i: usize, x: &Tensor, rope: &RopeTables) -> Result<Tensor> {
+        let attention = Attention {
+            cos: &rope.cos,
+            sin: &rope.sin,
+            mask: None,
+            is_causal: x.size()[1] > 1,
+            kind: self.kind(),
+        };
+        self.layer_forward(i, x, &attention, None, None)
+    }
+
+    /// Final norm and vocabulary projection: logits `[batch, t, vocab]` in the model's dtype.
+    pub fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let h = rms_norm(x, &self.norm, self.config.rms_norm_eps)?;
+        self.lm_head.forward(&h)
+    }
+
+    /// Parameters grouped the way training recomputes and shards them: `embed` (embeddings, tied head
+    /// included), one group per decoder layer, then `head` (final norm and an untied `lm_head`).
+    pub fn parameter_groups(&self) -> Vec<Vec<(String, &Tensor)>> {
+        let all = self.named_parameters();
+        let mut groups: Vec<Vec<(String, &Tensor)>> =
+            (0..self.layers.len() + 2).map(|_| Vec::new()).collect();
+        let last = groups.len() - 1;
+        for (name, t) in all {
+            let index = match name.strip_prefix("model.layers.") {
+                Some(rest) => rest
+                    .split('.')
+                    .next()
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .map_or(last, |n| n + 1),
+                None if name == "model.embed_tokens.weight" => 0,
+                None => last,
+            };
+            groups[index].push((name, t));
+        }
+        groups
     }
 
     /// Logits `[batch, t, vocab]` in f32 for every position.

@@ -27,6 +27,21 @@ impl ChatMessage {
 pub const VICUNA_SYSTEM: &str = "A chat between a curious user and an artificial intelligence assistant. \
 The assistant gives helpful, detailed, and polite answers to the user's questions.";
 
+/// `vicuna_v1.1` as a transformers chat template, written into exported models so that transformers renders
+/// them as FastChat does; camelid loads this exact text back as [`ChatTemplate::Vicuna`].
+pub const VICUNA_JINJA: &str = "{#- camelid vicuna_v1.1 (FastChat) -#}\n\
+{%- if messages and messages[0]['role'] == 'system' -%}\
+{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}\
+{%- else -%}\
+{%- set system = 'A chat between a curious user and an artificial intelligence assistant. The assistant gives \
+helpful, detailed, and polite answers to the user\\'s questions.' -%}{%- set turns = messages -%}\
+{%- endif -%}\
+{{ system }}{{ ' ' }}\
+{%- for m in turns -%}\
+{%- if m['role'] == 'user' %}USER: {{ m['content'] }} {% else %}ASSISTANT: {{ m['content'] }}</s>{% endif -%}\
+{%- endfor -%}\
+{%- if add_generation_prompt and turns|length is odd %}ASSISTANT:{% endif -%}";
+
 /// A conversation rendered for training: the text and the byte ranges the model learns to produce.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenderedChat {

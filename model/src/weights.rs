@@ -179,3 +179,51 @@ pub fn read_gguf(file: &GgufFile, cfg: &Config, opts: LoadOptions) -> Result<Wei
     }
     Ok(out)
 }
+
+fn safetensors_dtype(kind: Kind) -> Result<safetensors::Dtype> {
+    use safetensors::Dtype;
+    Ok(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Uint8 => Dtype::U8,
+        other => {
+            return Err(ModelError::Unsupported(format!(
+                "cannot write {other:?} tensors to safetensors"
+            )));
+        }
+    })
+}
+
+/// Writes `tensors` as one `.safetensors` file with `{"format": "pt"}` metadata (transformers checks it) and
+/// syncs it to disk before returning, so a caller can rely on it surviving a crash.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let mut owned = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.f_to_device(Device::Cpu)?.f_contiguous()?;
+        let dtype = safetensors_dtype(t.kind())?;
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, numel)?;
+        owned.push((name.clone(), dtype, shape, bytes));
+    }
+    let views = owned
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| ModelError::Unsupported(format!("tensor {name}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    safetensors::serialize_to_file(views, &metadata, path).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(e) => ModelError::io(path, e),
+        other => ModelError::Unsupported(format!("cannot serialize safetensors: {other}")),
+    })?;
+    let io = |e| ModelError::io(path, e);
+    std::fs::File::open(path).map_err(io)?.sync_all().map_err(io)
+}

@@ -244,6 +244,10 @@ pub struct DataReport {
     pub dropped: BTreeMap<DropReason, usize>,
     /// The first few dropped conversations per reason, as `id (line N)`, so a user can look them up.
     pub examples: BTreeMap<DropReason, Vec<String>>,
+    /// Messages whose scraped HTML was turned into markdown.
+    pub html_converted_messages: usize,
+    /// Messages whose code fences were repaired (language name and "Copy code" label removed from the code).
+    pub code_blocks_repaired_messages: usize,
 }
 
 const EXAMPLES_PER_REASON: usize = 5;
@@ -326,7 +330,13 @@ pub fn clean(conversations: Vec<Conversation>, opts: &CleanOptions) -> (Vec<Conv
     let mut seen_ids = HashSet::new();
     let mut seen_first = HashSet::new();
     let mut kept = Vec::with_capacity(conversations.len());
-    for conv in conversations {
+    for mut conv in conversations {
+        for m in &mut conv.messages {
+            let (text, changes) = crate::markdown::normalize(&m.content);
+            report.html_converted_messages += usize::from(changes.html_converted);
+            report.code_blocks_repaired_messages += usize::from(changes.code_blocks_repaired);
+            m.content = text;
+        }
         if let Some(reason) = drop_reason(&conv, opts, &blocklist) {
             report.drop(reason, &conv);
             continue;

@@ -1,6 +1,20 @@
-//! camelid's trainer: Vicuna-style data handling and (in later work) the training loop and checkpoints.
+//! camelid's trainer: Vicuna-style data handling, the training loop with our own AdamW, atomic checkpoints with
+//! exact resume, progress reporting and export.
 //!
-//! So far: [`data`] reads ShareGPT and OpenAI-style conversation files, normalizes roles, and drops malformed or
-//! duplicate conversations with a count for every reason, never silently.
+//! The pipeline: [`data`] reads and cleans conversations ([`markdown`] repairs scraped HTML), [`dataset`]
+//! renders, splits and labels them, [`batching`] orders them, [`engine`] runs a step layer by layer,
+//! [`optim`] updates, [`checkpoint`] saves and verifies, [`progress`] reports, [`train`] ties it together.
 
+pub mod batching;
+pub mod checkpoint;
+pub mod config;
 pub mod data;
+pub mod dataset;
+pub mod engine;
+pub mod error;
+pub mod markdown;
+pub mod optim;
+pub mod progress;
+pub mod train;
+
+pub use error::{EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED, TrainError};

@@ -1,0 +1,193 @@
+//! One training step over a LLaMA model: forward and backward decoder layer by decoder layer, gradients
+//! accumulated in f32 next to f32 master weights, AdamW applied to the masters.
+//!
+//! With activation checkpointing, the forward pass keeps only each layer's input; backward recomputes one layer at a
+//! time with autograd on and pushes the incoming gradient through it. Parameters, gradients and optimizer state are
+//! grouped per decoder layer ([`Llama::parameter_groups`]), the unit a sharded trainer gathers and scatters.
+//!
+//! On CPU the model computes in f32 and is its own master copy. With `bf16` compute (the GPU default) a bf16 copy
+//! of the model runs forward and backward; its gradients are added into f32 accumulators and the updated masters
+//! are copied back into it after every optimizer step.
+
+use camelid_model::Llama;
+use tch::{Kind, Reduction, TchError, Tensor};
+
+use crate::batching::{IGNORE_INDEX, MicroBatch};
+
+#[derive(Debug)]
+pub struct Engine {
+    /// Checkpoint names, in [`Llama::named_parameters`] order.
+    pub names: Vec<String>,
+    /// f32 master weights (the parameters of `model` itself when it computes in f32).
+    pub masters: Vec<Tensor>,
+    /// f32 gradient sums over the micro-batches of the current step.
+    pub grads: Vec<Tensor>,
+    /// The bf16 copy that computes, when the master model does not compute itself.
+    compute: Option<Llama>,
+    activation_checkpointing: bool,
+}
+
+impl Engine {
+    /// Takes the master model (f32). With `compute_kind` other than f32 a copy in that dtype does the math.
+    pub fn new(
+        master: &Llama,
+        compute_kind: Kind,
+        activation_checkpointing: bool,
+    ) -> Result<Self, EngineError> {
+        let named = master.named_parameters();
+        let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
+        let masters: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
+        if masters.iter().any(|t| t.kind() != Kind::Float) {
+            return Err(EngineError::Setup("master weights must be f32".into()));
+        }
+        let compute = if compute_kind == Kind::Float {
+            for t in &masters {
+                let _ = t.set_requires_grad(true);
+            }
+            None
+        } else {
+            let weights = named
+                .iter()
+                .map(|(n, t)| {
+                    Ok((
+                        n.clone(),
+                        t.f_detach()?.f_to_kind(compute_kind)?.set_requires_grad(true),
+                    ))
+                })
+                .collect::<Result<camelid_model::weights::Weights, TchError>>()?;
+            Some(Llama::from_weights(master.config().clone(), weights)?)
+        };
+        let grads = masters
+            .iter()
+            .map(Tensor::f_zeros_like)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            names,
+            masters,
+            grads,
+            compute,
+            activation_checkpointing,
+        })
+    }
+
+    fn compute_params(&self, master: &Llama) -> Vec<Tensor> {
+        match &self.compute {
+            Some(c) => c
+                .named_parameters()
+                .into_iter()
+                .map(|(_, t)| t.shallow_clone())
+                .collect(),
+            None => master
+                .named_parameters()
+                .into_iter()
+                .map(|(_, t)| t.shallow_clone())
+                .collect(),
+        }
+    }
+
+    /// Forward and backward of one micro-batch; the loss summed over its trainable tokens is scaled by
+    /// `loss_scale` (one over the step's trainable tokens, so that the step's gradient is the mean over every
+    /// token of the global batch whatever the micro-batch split). Returns the unscaled summed loss.
+    pub fn micro_step(
+        &mut self,
+        master: &Llama,
+        batch: &MicroBatch,
+        loss_scale: f64,
+    ) -> Result<f64, EngineError> {
+        let model = self.compute.as_ref().unwrap_or(master);
+        let rope = model.rope_for_training(batch.input.size()[1] as usize)?;
+        let loss_of = |hidden: &Tensor| -> Result<Tensor, EngineError> {
+            let logits = model.head(hidden)?;
+            let vocab = logits.size()[2];
+            Ok(logits
+                .f_view([-1, vocab])?
+                .f_to_kind(Kind::Float)?
+                .f_cross_entropy_loss::<Tensor>(
+                    &batch.targets.f_view([-1])?,
+                    None,
+                    Reduction::Sum,
+                    IGNORE_INDEX,
+                    0.0,
+                )?)
+        };
+        let loss = if self.activation_checkpointing {
+            let embedded = model.embed(&batch.input)?;
+            let mut inputs = Vec::with_capacity(model.config().num_layers);
+            let last = tch::no_grad(|| -> Result<Tensor, EngineError> {
+                let mut x = embedded.f_detach()?;
+                for i in 0..model.config().num_layers {
+                    let next = model.decoder_layer(i, &x, &rope)?;
+                    inputs.push(x);
+                    x = next;
+                }
+                Ok(x)
+            })?;
+            let last = last.set_requires_grad(true);
+            let loss = loss_of(&last)?;
+            loss.f_mul_scalar(loss_scale)?.f_backward()?;
+            let mut grad = last.f_grad()?;
+            for (i, x) in inputs.iter().enumerate().rev() {
+                let x = x.f_detach()?.set_requires_grad(true);
+                let out = model.decoder_layer(i, &x, &rope)?;
+                // d(sum(out * grad))/dθ is the vector-Jacobian product backward needs for this layer.
+                out.f_mul(&grad)?.f_sum(out.kind())?.f_backward()?;
+                grad = x.f_grad()?;
+            }
+            embedded.f_mul(&grad)?.f_sum(embedded.kind())?.f_backward()?;
+            loss
+        } else {
+            let mut x = model.embed(&batch.input)?;
+            for i in 0..model.config().num_layers {
+                x = model.decoder_layer(i, &x, &rope)?;
+            }
+            let loss = loss_of(&x)?;
+            loss.f_mul_scalar(loss_scale)?.f_backward()?;
+            loss
+        };
+        tch::no_grad(|| -> Result<(), TchError> {
+            for (acc, p) in self.grads.iter().zip(self.compute_params(master)) {
+                let mut g = p.f_grad()?;
+                if g.defined() {
+                    let _ = acc.shallow_clone().f_add_(&g.f_to_kind(Kind::Float)?)?;
+                    let _ = g.f_zero_()?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(f64::try_from(loss)?)
+    }
+
+    /// After the optimizer updated the masters: clears the accumulated gradients and refreshes the compute copy.
+    pub fn finish_step(&mut self, master: &Llama) -> Result<(), EngineError> {
+        tch::no_grad(|| -> Result<(), TchError> {
+            for g in &self.grads {
+                let _ = g.shallow_clone().f_zero_()?;
+            }
+            Ok(())
+        })?;
+        self.finish_step_keep_grads(master)
+    }
+
+    /// Copies the masters into the compute copy (after an update, or after masters were loaded from a checkpoint).
+    pub fn finish_step_keep_grads(&mut self, master: &Llama) -> Result<(), EngineError> {
+        tch::no_grad(|| -> Result<(), TchError> {
+            if self.compute.is_some() {
+                for (c, m) in self.compute_params(master).iter().zip(&self.masters) {
+                    c.shallow_clone().f_copy_(m)?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot set up training: {0}")]
+    Setup(String),
+    #[error(transparent)]
+    Model(#[from] camelid_model::ModelError),
+    #[error("libtorch: {0}")]
+    Torch(#[from] TchError),
+}

@@ -1,0 +1,64 @@
+//! The trainer's errors and the exit codes the operator relies on (see `docs/design.md`).
+
+use std::path::PathBuf;
+
+use crate::checkpoint::CheckpointError;
+use crate::data::DataError;
+use crate::engine::EngineError;
+
+/// Exit code: bad arguments, config or data; retrying will not help.
+pub const EXIT_INVALID: i32 = 2;
+/// Exit code: stopped after writing a complete checkpoint (SIGTERM, SIGUSR1, `--stop-at-step`); resume with
+/// `--resume auto`. Not a failure.
+pub const EXIT_STOPPED: i32 = 75;
+/// Exit code: anything else went wrong; counts against the job's restarts.
+pub const EXIT_FAILED: i32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Model(#[from] camelid_model::ModelError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The checkpoint named by `--resume PATH` cannot be used.
+    #[error("--resume: {0}")]
+    ResumeFrom(#[source] CheckpointError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl TrainError {
+    /// A short, stable name for metrics, events and logs.
+    pub fn category(&self) -> &'static str {
+        match self {
+            TrainError::Config(_) => "invalid_config",
+            TrainError::Data(e) => e.category(),
+            TrainError::Model(e) => e.category(),
+            TrainError::Checkpoint(e) | TrainError::ResumeFrom(e) => e.category(),
+            TrainError::Engine(_) | TrainError::Torch(_) => "torch",
+            TrainError::Io { .. } => "io",
+        }
+    }
+
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            TrainError::Config(_) | TrainError::Data(_) | TrainError::ResumeFrom(_) => EXIT_INVALID,
+            TrainError::Checkpoint(CheckpointError::ConfigMismatch { .. }) => EXIT_INVALID,
+            TrainError::Model(e) if e.is_user_error() => EXIT_INVALID,
+            _ => EXIT_FAILED,
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! `camelid-trainer`: prepare data and fine-tune a LLaMA-family model (see `docs/design.md` for the exit codes and
+//! the `/progress` contract the operator relies on).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context;
+use camelid_trainer::config::{DeviceChoice, Precision, TrainConfig};
+use camelid_trainer::progress::{self, Phase, Reporter};
+use camelid_trainer::train::{self, Outcome, Resume, RunOptions};
+use camelid_trainer::{EXIT_FAILED, EXIT_STOPPED, TrainError};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "camelid-trainer", version, args_override_self = true)]
+#[command(about = "Vicuna-style fine-tuning with exact checkpoint-resume")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Clean, split and tokenize a dataset; writes data_report.json and samples.jsonl into --output.
+    Prepare(Settings),
+    /// Fine-tune; exits 0 when exported, 75 after a stop checkpoint, 2 on bad input.
+    Train {
+        #[command(flatten)]
+        settings: Settings,
+        /// `auto` (newest complete checkpoint, if any), `never`, or a checkpoint folder.
+        #[arg(long, default_value = "auto")]
+        resume: String,
+        /// Serve GET /progress and /metrics here (HOST:PORT).
+        #[arg(long)]
+        progress_addr: Option<String>,
+        /// Checkpoint and exit with 75 after step N, as on a termination notice (for drills and tests).
+        #[arg(long)]
+        stop_at_step: Option<u64>,
+    },
+}
+
+/// Every training setting: a flag overrides the config file, which overrides Vicuna's defaults.
+#[derive(Args)]
+struct Settings {
+    /// YAML or JSON file with any of the settings below (snake_case names).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// HF directory or .gguf file (default: SmolLM2-135M-Instruct from the project's .venv).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// ShareGPT or OpenAI-style conversations, JSON or JSONL.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Where the exported model, data report and metrics go.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Checkpoint folders (default: OUTPUT/checkpoints).
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    #[arg(long)]
+    epochs: Option<f64>,
+    /// Train exactly N optimizer steps; the schedule is computed from N.
+    #[arg(long)]
+    max_steps: Option<u64>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long)]
+    micro_batch: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    warmup_ratio: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    #[arg(long)]
+    keep_checkpoints: Option<usize>,
+    /// Recompute each decoder layer in backward instead of keeping its activations.
+    #[arg(long)]
+    activation_checkpointing: Option<bool>,
+    #[arg(long)]
+    group_by_length: Option<bool>,
+    #[arg(long, value_parser = ["auto", "f32", "bf16"])]
+    precision: Option<String>,
+    #[arg(long, value_parser = ["auto", "cpu", "cuda"])]
+    device: Option<String>,
+    /// `vicuna_v1.1`, or leave unset for the model's own chat template.
+    #[arg(long)]
+    template: Option<String>,
+    #[arg(long)]
+    min_turn_chars: Option<usize>,
+    /// A phrase whose conversations are dropped (repeatable).
+    #[arg(long)]
+    blocklist: Vec<String>,
+    #[arg(long, value_parser = ["f32", "bf16"])]
+    export_dtype: Option<String>,
+}
+
+impl Settings {
+    fn resolve(&self) -> Result<TrainConfig, TrainError> {
+        let mut c = match &self.config {
+            Some(path) => TrainConfig::from_file(path).map_err(TrainError::Config)?,
+            None => TrainConfig::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = &self.$field { c.$field = v.clone().into(); } )* };
+        }
+        set!(model, data, output, checkpoint_dir, template, max_steps);
+        set!(
+            epochs,
+            seq_len,
+            micro_batch,
+            grad_accum,
+            lr,
+            warmup_ratio,
+            weight_decay,
+            max_grad_norm,
+            seed
+        );
+        set!(
+            checkpoint_every,
+            keep_checkpoints,
+            activation_checkpointing,
+            group_by_length,
+            min_turn_chars
+        );
+        set!(export_dtype);
+        if !self.blocklist.is_empty() {
+            c.blocklist = self.blocklist.clone();
+        }
+        if let Some(p) = &self.precision {
+            c.precision = match p.as_str() {
+                "f32" => Precision::F32,
+                "bf16" => Precision::Bf16,
+                _ => Precision::Auto,
+            };
+        }
+        if let Some(d) = &self.device {
+            c.device = match d.as_str() {
+                "cpu" => DeviceChoice::Cpu,
+                "cuda" => DeviceChoice::Cuda,
+                _ => DeviceChoice::Auto,
+            };
+        }
+        Ok(c)
+    }
+}
+
+fn prepare(settings: &Settings) -> Result<(), TrainError> {
+    let cfg = settings.resolve()?;
+    cfg.validate().map_err(TrainError::Config)?;
+    let data = cfg
+        .data
+        .as_ref()
+        .ok_or_else(|| TrainError::Config("--data is required".into()))?;
+    let output = cfg
+        .output
+        .as_ref()
+        .ok_or_else(|| TrainError::Config("--output is required".into()))?;
+    let model_path = match &cfg.model {
+        Some(p) => p.clone(),
+        None => camelid_model::default_model_path()?,
+    };
+    let (model, _) = train::load_model(
+        &TrainConfig {
+            device: DeviceChoice::Cpu,
+            ..cfg.clone()
+        },
+        &model_path,
+    )?;
+    let (samples, report) = train::prepare_data(&cfg, data, &model)?;
+    let io = |path: PathBuf| move |source| TrainError::Io { path, source };
+    std::fs::create_dir_all(output).map_err(io(output.clone()))?;
+    let report_path = output.join("data_report.json");
+    std::fs::write(
+        &report_path,
+        serde_json::to_string_pretty(&report).unwrap_or_default(),
+    )
+    .map_err(io(report_path.clone()))?;
+    let samples_path = output.join("samples.jsonl");
+    let lines: String = samples
+        .iter()
+        .map(|s| {
+            serde_json::json!({"id": s.id, "tokens": s.ids.len(), "trainable_tokens": s.trainable_tokens(),
+                               "ids": s.ids, "labels": s.labels})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&samples_path, lines).map_err(io(samples_path.clone()))?;
+    println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    eprintln!("wrote {} and {}", report_path.display(), samples_path.display());
+    Ok(())
+}
+
+fn run_train(
+    settings: &Settings,
+    resume: &str,
+    progress_addr: Option<&str>,
+    stop_at_step: Option<u64>,
+) -> anyhow::Result<i32> {
+    let cfg = settings.resolve()?;
+    let stop_requested = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
+        // A second signal while the checkpoint is being written ends the process at once.
+        signal_hook::flag::register_conditional_shutdown(signal, EXIT_FAILED, stop_requested.clone())
+            .context("installing signal handlers")?;
+        signal_hook::flag::register(signal, stop_requested.clone()).context("installing signal handlers")?;
+    }
+    let reporter = Arc::new(Reporter::default());
+    if let Some(addr) = progress_addr {
+        let bound = progress::serve(addr, reporter.clone()).map_err(TrainError::Config)?;
+        tracing::info!(%bound, "serving /progress and /metrics");
+    }
+    let resume = match resume {
+        "auto" => Resume::Auto,
+        "never" => Resume::Never,
+        path => Resume::Path(PathBuf::from(path)),
+    };
+    let opts = RunOptions {
+        resume,
+        stop_at_step,
+        stop_requested,
+        reporter: reporter.clone(),
+    };
+    match train::train(&cfg, &opts) {
+        Ok(Outcome::Finished { steps, export }) => {
+            tracing::info!(steps, export = %export.display(), "finished");
+            Ok(0)
+        }
+        Ok(Outcome::Stopped { step, checkpoint }) => {
+            tracing::warn!(step, checkpoint = %checkpoint.display(), "stopped after a complete checkpoint; \
+                rerun with --resume auto to continue (exit code {EXIT_STOPPED})");
+            Ok(EXIT_STOPPED)
+        }
+        Err(e) => {
+            reporter.update(|p| p.phase = Phase::Failed);
+            Err(e.into())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAMELID_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let result = match &cli.command {
+        Command::Prepare(settings) => prepare(settings).map(|()| 0).map_err(anyhow::Error::from),
+        Command::Train {
+            settings,
+            resume,
+            progress_addr,
+            stop_at_step,
+        } => run_train(settings, resume, progress_addr.as_deref(), *stop_at_step),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            let code = e
+                .downcast_ref::<TrainError>()
+                .map_or(EXIT_FAILED, TrainError::exit_code);
+            let category = e
+                .downcast_ref::<TrainError>()
+                .map_or("internal", TrainError::category);
+            eprintln!("error: {e:#}");
+            tracing::debug!(category, "exiting with {code}");
+            ExitCode::from(code as u8)
+        }
+    }
+}

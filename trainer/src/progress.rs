@@ -1,0 +1,179 @@
+//! What a running trainer reports: `GET /progress` (JSON, the operator's contract), `GET /metrics` (Prometheus)
+//! and `GET /healthz` on `--progress-addr`, served from a background thread.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Loading,
+    Training,
+    Checkpointing,
+    Exporting,
+    Stopped,
+    Finished,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LastCheckpoint {
+    pub step: u64,
+    /// RFC 3339.
+    pub time: String,
+}
+
+/// The `/progress` document.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Progress {
+    pub phase: Phase,
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: f64,
+    pub loss: Option<f64>,
+    pub learning_rate: f64,
+    pub tokens_per_second: f64,
+    pub last_checkpoint: Option<LastCheckpoint>,
+    pub eta_seconds: Option<f64>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            phase: Phase::Loading,
+            step: 0,
+            total_steps: 0,
+            epoch: 0.0,
+            loss: None,
+            learning_rate: 0.0,
+            tokens_per_second: 0.0,
+            last_checkpoint: None,
+            eta_seconds: None,
+        }
+    }
+}
+
+/// The trainer's Prometheus metrics, defined once.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub step: Gauge,
+    pub total_steps: Gauge,
+    pub loss: Gauge<f64, AtomicU64>,
+    pub learning_rate: Gauge<f64, AtomicU64>,
+    pub tokens_per_second: Gauge<f64, AtomicU64>,
+    pub grad_norm: Gauge<f64, AtomicU64>,
+    pub tokens: Counter,
+    pub checkpoints: Counter,
+    pub last_checkpoint_step: Gauge,
+}
+
+impl Metrics {
+    fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("camelid_trainer");
+        r.register("step", "Optimizer steps completed", self.step.clone());
+        r.register(
+            "total_steps",
+            "Optimizer steps in the run",
+            self.total_steps.clone(),
+        );
+        r.register(
+            "loss",
+            "Mean loss per trainable token of the last step",
+            self.loss.clone(),
+        );
+        r.register(
+            "learning_rate",
+            "Learning rate of the last step",
+            self.learning_rate.clone(),
+        );
+        r.register(
+            "tokens_per_second",
+            "Training tokens per second",
+            self.tokens_per_second.clone(),
+        );
+        r.register(
+            "grad_norm",
+            "Gradient norm before clipping",
+            self.grad_norm.clone(),
+        );
+        r.register("tokens", "Training tokens processed", self.tokens.clone());
+        r.register("checkpoints", "Checkpoints written", self.checkpoints.clone());
+        r.register(
+            "last_checkpoint_step",
+            "Step of the last complete checkpoint",
+            self.last_checkpoint_step.clone(),
+        );
+        r
+    }
+}
+
+/// Shared between the training loop and the server.
+#[derive(Debug, Default)]
+pub struct Reporter {
+    progress: Mutex<Progress>,
+    pub metrics: Metrics,
+}
+
+impl Reporter {
+    pub fn update(&self, f: impl FnOnce(&mut Progress)) {
+        f(&mut self.progress.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    pub fn snapshot(&self) -> Progress {
+        self.progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.metrics.registry()).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serves the reporter on `addr` from a background thread; returns the bound address (`:0` picks a port).
+pub fn serve(addr: &str, reporter: Arc<Reporter>) -> Result<std::net::SocketAddr, String> {
+    let server = tiny_http::Server::http(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let bound = server
+        .server_addr()
+        .to_ip()
+        .ok_or_else(|| format!("{addr} is not an IP address"))?;
+    std::thread::Builder::new()
+        .name("progress-http".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let json = "application/json";
+                let (status, body, content_type) = match (request.method(), request.url()) {
+                    (tiny_http::Method::Get, "/progress") => (
+                        200,
+                        serde_json::to_string(&reporter.snapshot()).unwrap_or_default(),
+                        json,
+                    ),
+                    (tiny_http::Method::Get, "/metrics") => (
+                        200,
+                        reporter.metrics_text(),
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                    (tiny_http::Method::Get, "/healthz") => (200, "ok".to_string(), "text/plain"),
+                    _ => (404, r#"{"error":"not found"}"#.to_string(), json),
+                };
+                let mut response = tiny_http::Response::from_string(body).with_status_code(status);
+                if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", content_type) {
+                    response = response.with_header(h);
+                }
+                let _ = request.respond(response);
+            }
+        })
+        .map_err(|e| format!("cannot start the progress server: {e}"))?;
+    Ok(bound)
+}
