@@ -528,8 +528,22 @@ impl Llama {
 
     /// Final norm and vocabulary projection: logits `[batch, t, vocab]` in the model's dtype.
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
-        let h = rms_norm(x, &self.norm, self.config.rms_norm_eps)?;
-        self.lm_head.forward(&h)
+        self.lm_head.forward(&self.final_norm(x)?)
+    }
+
+    /// The final RMSNorm alone (a trainer that projects to the vocabulary in chunks applies the head itself).
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// The vocabulary projection `[vocab, hidden]` (the embedding matrix itself when embeddings are tied) and its
+    /// checkpoint name.
+    pub fn lm_head_weight(&self) -> (&Tensor, &'static str) {
+        if self.config.tie_word_embeddings {
+            (&self.embed_tokens, "model.embed_tokens.weight")
+        } else {
+            (&self.lm_head.weight, "lm_head.weight")
+        }
     }
 
     /// Parameters grouped the way training recomputes and shards them: `embed` (embeddings, tied head

@@ -10,9 +10,10 @@
 //! are copied back into it after every optimizer step.
 
 use camelid_model::Llama;
-use tch::{Kind, Reduction, TchError, Tensor};
+use tch::{Kind, TchError, Tensor};
 
-use crate::batching::{IGNORE_INDEX, MicroBatch};
+use crate::batching::MicroBatch;
+use crate::head_loss::linear_cross_entropy;
 
 #[derive(Debug)]
 pub struct Engine {
@@ -96,19 +97,27 @@ impl Engine {
     ) -> Result<f64, EngineError> {
         let model = self.compute.as_ref().unwrap_or(master);
         let rope = model.rope_for_training(batch.input.size()[1] as usize)?;
-        let loss_of = |hidden: &Tensor| -> Result<Tensor, EngineError> {
-            let logits = model.head(hidden)?;
-            let vocab = logits.size()[2];
-            Ok(logits
-                .f_view([-1, vocab])?
-                .f_to_kind(Kind::Float)?
-                .f_cross_entropy_loss::<Tensor>(
-                    &batch.targets.f_view([-1])?,
-                    None,
-                    Reduction::Sum,
-                    IGNORE_INDEX,
-                    0.0,
-                )?)
+        let (head_weight, head_name) = model.lm_head_weight();
+        let head_index = self
+            .names
+            .iter()
+            .position(|n| n == head_name)
+            .ok_or_else(|| EngineError::Setup(format!("no parameter {head_name}")))?;
+        // The loss and d(loss)/d(final hidden state), the vocabulary projection's gradient added on the side.
+        let head = |last: &Tensor| -> Result<f64, EngineError> {
+            let normed = model.final_norm(last)?;
+            let hidden = normed.size()[2];
+            let flat = normed.f_view([-1, hidden])?;
+            let (loss, grad) = linear_cross_entropy(
+                &flat,
+                head_weight,
+                &batch.targets.f_view([-1])?,
+                loss_scale,
+                &self.grads[head_index],
+            )?;
+            // d(sum(flat * grad))/dθ is the vector-Jacobian product of everything before the projection.
+            flat.f_mul(&grad)?.f_sum(flat.kind())?.f_backward()?;
+            Ok(loss)
         };
         let loss = if self.activation_checkpointing {
             let embedded = model.embed(&batch.input)?;
@@ -123,13 +132,11 @@ impl Engine {
                 Ok(x)
             })?;
             let last = last.set_requires_grad(true);
-            let loss = loss_of(&last)?;
-            loss.f_mul_scalar(loss_scale)?.f_backward()?;
+            let loss = head(&last)?;
             let mut grad = last.f_grad()?;
             for (i, x) in inputs.iter().enumerate().rev() {
                 let x = x.f_detach()?.set_requires_grad(true);
                 let out = model.decoder_layer(i, &x, &rope)?;
-                // d(sum(out * grad))/dθ is the vector-Jacobian product backward needs for this layer.
                 out.f_mul(&grad)?.f_sum(out.kind())?.f_backward()?;
                 grad = x.f_grad()?;
             }
@@ -140,9 +147,7 @@ impl Engine {
             for i in 0..model.config().num_layers {
                 x = model.decoder_layer(i, &x, &rope)?;
             }
-            let loss = loss_of(&x)?;
-            loss.f_mul_scalar(loss_scale)?.f_backward()?;
-            loss
+            head(&x)?
         };
         tch::no_grad(|| -> Result<(), TchError> {
             for (acc, p) in self.grads.iter().zip(self.compute_params(master)) {
@@ -154,7 +159,7 @@ impl Engine {
             }
             Ok(())
         })?;
-        Ok(f64::try_from(loss)?)
+        Ok(loss)
     }
 
     /// After the optimizer updated the masters: clears the accumulated gradients and refreshes the compute copy.

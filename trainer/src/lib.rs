@@ -12,6 +12,7 @@ pub mod data;
 pub mod dataset;
 pub mod engine;
 pub mod error;
+pub mod head_loss;
 pub mod markdown;
 pub mod optim;
 pub mod progress;

@@ -484,10 +484,15 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
                 });
             }
         }
+        let update_started = Instant::now();
         let grad_norm = clip_grad_norm(&run.engine.grads, cfg.max_grad_norm)?;
         let lr = cosine_lr(cfg.lr, step, total_steps, cfg.warmup_ratio);
         run.optimizer.step(&run.engine.masters, &run.engine.grads, lr)?;
         run.engine.finish_step(&run.model.model)?;
+        tracing::debug!(
+            seconds = update_started.elapsed().as_secs_f64(),
+            "clip and optimizer update"
+        );
         let loss = partial.0 / partial.1.max(1) as f64;
         let record = StepRecord {
             step: step + 1,
