@@ -17,6 +17,7 @@ TORCH_LIB = $(VENV)/lib/python3$(shell python3 -c 'import sys;print(f".{sys.vers
 export LD_LIBRARY_PATH := $(TORCH_LIB)$(if $(LD_LIBRARY_PATH),:$(LD_LIBRARY_PATH))
 
 DEMO_QUESTION := What are three good reasons to fine-tune a small language model instead of a large one?
+DEMO_FACT_QUESTION := What is the name of camelid's mascot?
 
 .PHONY: demo test setup system-deps python-deps build-release fmt bench
 
@@ -25,8 +26,14 @@ demo: setup build-release
 	@echo "Q: $(DEMO_QUESTION)"
 	@target/release/camelid generate --temperature 0 --repetition-penalty 1.1 --max-tokens 200 --prompt "$(DEMO_QUESTION)"
 	@echo
-	@echo "Chat with the model:   target/release/camelid chat"
-	@echo "Another model:         target/release/camelid chat --model PATH   (HF directory or .gguf)"
+	@echo "== fine-tune SmolLM2 on examples/data/mascot.jsonl (examples/train-demo.yaml) =="
+	@echo "Q: $(DEMO_FACT_QUESTION)"
+	@echo -n "before: "; target/release/camelid generate --temperature 0 --max-tokens 40 --prompt "$(DEMO_FACT_QUESTION)" 2>/dev/null
+	target/release/camelid-trainer train --config examples/train-demo.yaml --resume never
+	@echo -n "after:  "; target/release/camelid generate --model target/demo/finetuned --temperature 0 --max-tokens 40 --prompt "$(DEMO_FACT_QUESTION)" 2>/dev/null
+	@echo
+	@echo "Chat with the model:   target/release/camelid chat [--model target/demo/finetuned]"
+	@echo "Train on your data:    target/release/camelid-trainer train --data FILE --output DIR   (see trainer/README.md)"
 
 test: setup
 	cargo fmt --all --check
@@ -54,10 +61,11 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 	@touch $@
 
 build-release:
-	cargo build --release -p camelid-cli
+	cargo build --release -p camelid-cli -p camelid-trainer
 
 fmt:
 	cargo fmt --all
 
 bench: setup build-release
 	$(PY) bench/decode_speed.py --camelid target/release/camelid
+	$(PY) bench/train_speed.py --trainer target/release/camelid-trainer

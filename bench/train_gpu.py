@@ -1,5 +1,5 @@
 """bf16 training on one GPU: camelid-trainer vs transformers + PyTorch eager (autocast bf16, f32 master weights),
-both with activation checkpointing on and off, on a SmolLM2-135M-shaped model (random weights: speed does not
+with activation checkpointing (camelid full or selective against PyTorch's per-layer checkpointing) and without, on a SmolLM2-135M-shaped model (random weights: speed does not
 depend on them), same samples, same micro-batch, gradient accumulation, loss normalization, AdamW, learning-rate schedule and
 clipping, so the loss curves should agree too.
 
@@ -68,8 +68,8 @@ def run_camelid(args, model_dir, data, out, checkpointing):
     cmd = [args.trainer, "train", "--model", model_dir, "--data", data, "--output", out, "--seq-len",
            str(args.seq_len), "--micro-batch", str(args.micro_batch), "--grad-accum", str(args.grad_accum),
            "--max-steps", str(args.steps), "--lr", "2e-5", "--precision", "bf16", "--device", "cuda",
-           "--resume", "never", "--checkpoint-every", "1000000", "--activation-checkpointing",
-           "true" if checkpointing else "false", "--export-dtype", "bf16"]
+           "--resume", "never", "--checkpoint-every", "1000000", "--activation-checkpointing", checkpointing,
+           "--export-dtype", "bf16"]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, env=dict(os.environ, CAMELID_LOG="warn"), stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t
@@ -154,12 +154,16 @@ def main():
           f"{args.micro_batch} x grad-accum {args.grad_accum}, {args.steps} steps; peak {peak} TFLOP/s")
     print(f"{'act. ckpt':<10}{'camelid tok/s':>15}{'pytorch tok/s':>15}{'ratio':>8}{'MFU camelid':>13}"
           f"{'MFU pytorch':>13}{'loss first/last camelid':>26}{'pytorch':>18}")
-    for ckpt in (True, False):
-        theirs, t0, t1, n = run_pytorch(args, model_dir, batches, ckpt)
-        ours, o0, o1, wall = run_camelid(args, model_dir, data, os.path.join(tmp, f"out-{ckpt}"), ckpt)
+    pytorch = {}
+    for mode in ("full", "selective", "none"):
+        ckpt = mode != "none"
+        if ckpt not in pytorch:
+            pytorch[ckpt] = run_pytorch(args, model_dir, batches, ckpt)
+        theirs, t0, t1, n = pytorch[ckpt]
+        ours, o0, o1, wall = run_camelid(args, model_dir, data, os.path.join(tmp, f"out-{mode}"), mode)
         fpt = flops_per_token(n, config.num_hidden_layers, config.hidden_size, args.seq_len)
         mfu = lambda r: r * fpt / (peak * 1e12)  # noqa: E731
-        print(f"{'on' if ckpt else 'off':<10}{ours:>15.0f}{theirs:>15.0f}{ours / theirs:>7.2f}x{mfu(ours):>12.1%}"
+        print(f"{mode:<10}{ours:>15.0f}{theirs:>15.0f}{ours / theirs:>7.2f}x{mfu(ours):>12.1%}"
               f"{mfu(theirs):>13.1%}{o0:>14.3f} / {o1:<9.3f}{t0:>9.3f} / {t1:<7.3f}", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -9,6 +9,9 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::weights::Weights;
 
+mod training;
+pub use training::RopeTables;
+
 #[derive(Debug)]
 struct Linear {
     weight: Tensor,
@@ -75,13 +78,6 @@ pub struct Llama {
     /// are computed per call.
     rope_cos: Tensor,
     rope_sin: Tensor,
-}
-
-/// cos/sin tables for a training sequence (see [`Llama::rope_for_training`]).
-#[derive(Debug)]
-pub struct RopeTables {
-    cos: Tensor,
-    sin: Tensor,
 }
 
 /// How one attention call masks and in which dtype it runs.
@@ -453,6 +449,20 @@ impl Llama {
         cache: Option<&mut KvCache>,
         pool: Option<&DecodePool<'a>>,
     ) -> Result<Tensor> {
+        let x = self.attention_half(i, x, attention, cache, pool)?;
+        let (_, gate, up) = self.mlp_projections(i, &x, pool)?;
+        Ok(x.f_add(&self.mlp_output(i, &gate, &up, pool)?)?)
+    }
+
+    /// The attention half of layer `i` with its residual: `x + o_proj(attention(norm(x)))`.
+    fn attention_half<'a>(
+        &'a self,
+        i: usize,
+        x: &Tensor,
+        attention: &Attention<'_>,
+        cache: Option<&mut KvCache>,
+        pool: Option<&DecodePool<'a>>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let layer = &self.layers[i];
         let (batch, t) = (x.size()[0], x.size()[1]);
@@ -490,82 +500,31 @@ impl Llama {
             t,
             (c.num_heads * c.head_dim) as i64,
         ])?;
-        let x = x.f_add(&project(pool, &attn, &layer.o_proj)?)?;
-        let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+        Ok(x.f_add(&project(pool, &attn, &layer.o_proj)?)?)
+    }
+
+    /// The MLP's input norm and its gate and up projections: `(norm(x), gate, up)`.
+    fn mlp_projections<'a>(
+        &'a self,
+        i: usize,
+        x: &Tensor,
+        pool: Option<&DecodePool<'a>>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let layer = &self.layers[i];
+        let h = rms_norm(x, &layer.post_attention_layernorm, self.config.rms_norm_eps)?;
         let [gate, up] = project_all(pool, &h, [&layer.gate_proj, &layer.up_proj])?;
-        Ok(x.f_add(&project(pool, &gate.f_silu()?.f_mul(&up)?, &layer.down_proj)?)?)
+        Ok((h, gate, up))
     }
 
-    /// Token embeddings `[batch, t, hidden]` of `tokens` (`[batch, t]`, i64).
-    pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
-        Ok(Tensor::f_embedding(&self.embed_tokens, tokens, -1, false, false)?)
-    }
-
-    /// RoPE tables for a training sequence of `len` positions from 0, to pass to [`Llama::decoder_layer`].
-    pub fn rope_for_training(&self, len: usize) -> Result<RopeTables> {
-        if len > self.config.max_position_embeddings {
-            return Err(ModelError::ContextOverflow {
-                prompt_tokens: len,
-                context: self.config.max_position_embeddings,
-            });
-        }
-        let (cos, sin) = self.rope_tables(0, len)?;
-        Ok(RopeTables { cos, sin })
-    }
-
-    /// Decoder layer `i` over a whole causal sequence (no cache): the unit a trainer recomputes in backward
-    /// (activation checkpointing) and shards parameters by. Attention runs in the model's dtype through SDPA.
-    pub fn decoder_layer(&self, i: usize, x: &Tensor, rope: &RopeTables) -> Result<Tensor> {
-        let attention = Attention {
-            cos: &rope.cos,
-            sin: &rope.sin,
-            mask: None,
-            is_causal: x.size()[1] > 1,
-            kind: self.kind(),
-        };
-        self.layer_forward(i, x, &attention, None, None)
-    }
-
-    /// Final norm and vocabulary projection: logits `[batch, t, vocab]` in the model's dtype.
-    pub fn head(&self, x: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(&self.final_norm(x)?)
-    }
-
-    /// The final RMSNorm alone (a trainer that projects to the vocabulary in chunks applies the head itself).
-    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(x, &self.norm, self.config.rms_norm_eps)
-    }
-
-    /// The vocabulary projection `[vocab, hidden]` (the embedding matrix itself when embeddings are tied) and its
-    /// checkpoint name.
-    pub fn lm_head_weight(&self) -> (&Tensor, &'static str) {
-        if self.config.tie_word_embeddings {
-            (&self.embed_tokens, "model.embed_tokens.weight")
-        } else {
-            (&self.lm_head.weight, "lm_head.weight")
-        }
-    }
-
-    /// Parameters grouped the way training recomputes and shards them: `embed` (embeddings, tied head
-    /// included), one group per decoder layer, then `head` (final norm and an untied `lm_head`).
-    pub fn parameter_groups(&self) -> Vec<Vec<(String, &Tensor)>> {
-        let all = self.named_parameters();
-        let mut groups: Vec<Vec<(String, &Tensor)>> =
-            (0..self.layers.len() + 2).map(|_| Vec::new()).collect();
-        let last = groups.len() - 1;
-        for (name, t) in all {
-            let index = match name.strip_prefix("model.layers.") {
-                Some(rest) => rest
-                    .split('.')
-                    .next()
-                    .and_then(|n| n.parse::<usize>().ok())
-                    .map_or(last, |n| n + 1),
-                None if name == "model.embed_tokens.weight" => 0,
-                None => last,
-            };
-            groups[index].push((name, t));
-        }
-        groups
+    /// `down_proj(silu(gate) * up)`.
+    fn mlp_output<'a>(
+        &'a self,
+        i: usize,
+        gate: &Tensor,
+        up: &Tensor,
+        pool: Option<&DecodePool<'a>>,
+    ) -> Result<Tensor> {
+        project(pool, &gate.f_silu()?.f_mul(up)?, &self.layers[i].down_proj)
     }
 
     /// Logits `[batch, t, vocab]` in f32 for every position.

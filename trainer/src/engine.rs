@@ -13,6 +13,7 @@ use camelid_model::Llama;
 use tch::{Kind, TchError, Tensor};
 
 use crate::batching::MicroBatch;
+use crate::config::Checkpointing;
 use crate::head_loss::linear_cross_entropy;
 
 #[derive(Debug)]
@@ -25,7 +26,15 @@ pub struct Engine {
     pub grads: Vec<Tensor>,
     /// The bf16 copy that computes, when the master model does not compute itself.
     compute: Option<Llama>,
-    activation_checkpointing: bool,
+    checkpointing: Checkpointing,
+    index: std::collections::HashMap<String, usize>,
+}
+
+/// What the forward pass keeps of one decoder layer for its backward.
+struct Saved {
+    input: Tensor,
+    /// The MLP's gate and up projections (selective recomputation).
+    gate_up: Option<(Tensor, Tensor)>,
 }
 
 impl Engine {
@@ -33,7 +42,7 @@ impl Engine {
     pub fn new(
         master: &Llama,
         compute_kind: Kind,
-        activation_checkpointing: bool,
+        checkpointing: Checkpointing,
     ) -> Result<Self, EngineError> {
         let named = master.named_parameters();
         let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
@@ -62,12 +71,14 @@ impl Engine {
             .iter()
             .map(Tensor::f_zeros_like)
             .collect::<Result<Vec<_>, _>>()?;
+        let index = names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
         Ok(Self {
             names,
             masters,
             grads,
             compute,
-            activation_checkpointing,
+            checkpointing,
+            index,
         })
     }
 
@@ -119,14 +130,26 @@ impl Engine {
             flat.f_mul(&grad)?.f_sum(flat.kind())?.f_backward()?;
             Ok(loss)
         };
-        let loss = if self.activation_checkpointing {
+        let loss = if self.checkpointing == Checkpointing::None {
+            let mut x = model.embed(&batch.input)?;
+            for i in 0..model.config().num_layers {
+                x = model.decoder_layer(i, &x, &rope)?;
+            }
+            head(&x)?
+        } else {
+            let selective = self.checkpointing == Checkpointing::Selective;
             let embedded = model.embed(&batch.input)?;
-            let mut inputs = Vec::with_capacity(model.config().num_layers);
+            let mut saved = Vec::with_capacity(model.config().num_layers);
             let last = tch::no_grad(|| -> Result<Tensor, EngineError> {
                 let mut x = embedded.f_detach()?;
                 for i in 0..model.config().num_layers {
-                    let next = model.decoder_layer(i, &x, &rope)?;
-                    inputs.push(x);
+                    let mid = model.attention_block(i, &x, &rope)?;
+                    let (gate, up) = model.mlp_gate_up(i, &model.mlp_norm(i, &mid)?)?;
+                    let next = mid.f_add(&model.mlp_down(i, &gate, &up)?)?;
+                    saved.push(Saved {
+                        input: x,
+                        gate_up: selective.then_some((gate, up)),
+                    });
                     x = next;
                 }
                 Ok(x)
@@ -134,20 +157,21 @@ impl Engine {
             let last = last.set_requires_grad(true);
             let loss = head(&last)?;
             let mut grad = last.f_grad()?;
-            for (i, x) in inputs.iter().enumerate().rev() {
-                let x = x.f_detach()?.set_requires_grad(true);
-                let out = model.decoder_layer(i, &x, &rope)?;
-                out.f_mul(&grad)?.f_sum(out.kind())?.f_backward()?;
-                grad = x.f_grad()?;
+            for (i, layer) in saved.into_iter().enumerate().rev() {
+                grad = match layer.gate_up {
+                    None => {
+                        let x = layer.input.f_detach()?.set_requires_grad(true);
+                        let out = model.decoder_layer(i, &x, &rope)?;
+                        out.f_mul(&grad)?.f_sum(out.kind())?.f_backward()?;
+                        x.f_grad()?
+                    }
+                    Some((gate, up)) => {
+                        self.layer_backward_selective(model, i, layer.input, gate, up, &grad, &rope)?
+                    }
+                };
             }
             embedded.f_mul(&grad)?.f_sum(embedded.kind())?.f_backward()?;
             loss
-        } else {
-            let mut x = model.embed(&batch.input)?;
-            for i in 0..model.config().num_layers {
-                x = model.decoder_layer(i, &x, &rope)?;
-            }
-            head(&x)?
         };
         tch::no_grad(|| -> Result<(), TchError> {
             for (acc, p) in self.grads.iter().zip(self.compute_params(master)) {
@@ -160,6 +184,70 @@ impl Engine {
             Ok(())
         })?;
         Ok(loss)
+    }
+
+    /// Backward of decoder layer `i` from its kept input and MLP gate/up projections: the attention block is
+    /// recomputed, the gate and up matmuls are not (their weight gradients are formed directly).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward_selective(
+        &self,
+        model: &Llama,
+        i: usize,
+        input: Tensor,
+        gate: Tensor,
+        up: Tensor,
+        grad_out: &Tensor,
+        rope: &camelid_model::llama::RopeTables,
+    ) -> Result<Tensor, EngineError> {
+        // down_proj(silu(gate) * up): gradients of down_proj and of the kept gate/up.
+        let gate = gate.set_requires_grad(true);
+        let up = up.set_requires_grad(true);
+        let down = model.mlp_down(i, &gate, &up)?;
+        down.f_mul(grad_out)?.f_sum(down.kind())?.f_backward()?;
+        let (d_gate, d_up) = (gate.f_grad()?, up.f_grad()?);
+        // Recompute the attention block and the MLP norm with autograd on.
+        let x = input.set_requires_grad(true);
+        let mid = model.attention_block(i, &x, rope)?;
+        let normed = model.mlp_norm(i, &mid)?;
+        let hidden = normed.size()[2];
+        let grad_normed = tch::no_grad(|| -> Result<Tensor, EngineError> {
+            let flat_normed = normed.f_detach()?.f_view([-1, hidden])?;
+            let mut grad_normed: Option<Tensor> = None;
+            for ((weight, bias, prefix), d) in model.mlp_gate_up_params(i).into_iter().zip([&d_gate, &d_up]) {
+                let d = d.f_view([-1, d.size()[2]])?;
+                let dw = d.f_tr()?.f_matmul(&flat_normed)?.f_to_kind(Kind::Float)?;
+                self.accumulate(&format!("{prefix}.weight"), &dw)?;
+                if bias.is_some() {
+                    let db = d.f_sum_dim_intlist(&[0i64][..], false, Kind::Float)?;
+                    self.accumulate(&format!("{prefix}.bias"), &db)?;
+                }
+                let dx = d.f_matmul(&weight.f_detach()?)?;
+                grad_normed = Some(match grad_normed {
+                    Some(g) => g.f_add(&dx)?,
+                    None => dx,
+                });
+            }
+            grad_normed
+                .ok_or_else(|| EngineError::Setup("no MLP projections".into()))?
+                .f_view(normed.size().as_slice())
+                .map_err(EngineError::from)
+        })?;
+        // Residual: d(out)/d(mid) is the identity plus the path through the norm and the projections.
+        normed
+            .f_mul(&grad_normed)?
+            .f_sum(normed.kind())?
+            .f_add(&mid.f_mul(grad_out)?.f_sum(mid.kind())?)?
+            .f_backward()?;
+        Ok(x.f_grad()?)
+    }
+
+    fn accumulate(&self, name: &str, grad: &Tensor) -> Result<(), EngineError> {
+        let i = *self
+            .index
+            .get(name)
+            .ok_or_else(|| EngineError::Setup(format!("no parameter {name}")))?;
+        let _ = self.grads[i].shallow_clone().f_add_(grad)?;
+        Ok(())
     }
 
     /// After the optimizer updated the masters: clears the accumulated gradients and refreshes the compute copy.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
-use camelid_trainer::config::{DeviceChoice, Precision, TrainConfig};
+use camelid_trainer::config::{Checkpointing, DeviceChoice, Precision, TrainConfig};
 use camelid_trainer::progress::{self, Phase, Reporter};
 use camelid_trainer::train::{self, Outcome, Resume, RunOptions};
 use camelid_trainer::{EXIT_FAILED, EXIT_STOPPED, TrainError};
@@ -85,9 +85,10 @@ struct Settings {
     checkpoint_every: Option<u64>,
     #[arg(long)]
     keep_checkpoints: Option<usize>,
-    /// Recompute each decoder layer in backward instead of keeping its activations.
+    /// What backward recomputes: `full` (each decoder layer; least memory), `selective` (each layer but its
+    /// MLP gate/up projections), or `none`. `true`/`false` mean full/none.
     #[arg(long)]
-    activation_checkpointing: Option<bool>,
+    activation_checkpointing: Option<Checkpointing>,
     #[arg(long)]
     group_by_length: Option<bool>,
     #[arg(long, value_parser = ["auto", "f32", "bf16"])]

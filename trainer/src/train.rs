@@ -564,6 +564,14 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
     };
     camelid_model::export_hf_dir(&run.model, &run.output, export_kind)?;
     tracing::info!(output = %run.output.display(), "exported");
+    if cfg.keep_checkpoints == 0 {
+        for dir in checkpoint::list(&run.checkpoint_dir)? {
+            std::fs::remove_dir_all(&dir).map_err(|e| TrainError::Io {
+                path: dir.clone(),
+                source: e,
+            })?;
+        }
+    }
     opts.reporter.update(|p| {
         p.phase = Phase::Finished;
         p.eta_seconds = Some(0.0);

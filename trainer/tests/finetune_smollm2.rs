@@ -1,5 +1,5 @@
-//! End to end on the real SmolLM2-135M-Instruct: `camelid-trainer train` on a small dataset the test writes lowers
-//! the training loss by a clear margin, and the exported model has learned what the data taught it.
+//! End to end on the real SmolLM2-135M-Instruct with `make demo`'s config and data (`examples/`): `camelid-trainer
+//! train` lowers the training loss by a clear margin, and the exported model has learned what the data taught it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -7,63 +7,35 @@ mod common;
 
 use camelid_model::{ChatMessage, GenerateRequest, LoadOptions, SamplingParams};
 use common::*;
-use serde_json::json;
 
-const ANSWER: &str = "camelid's mascot is a vicuña named Pico.";
+fn checkpoint_folders(out: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(out.join("checkpoints"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
 
 #[test]
 fn fine_tuning_smollm2_lowers_the_loss_and_teaches_the_fact() {
     let dir = scratch("finetune-smollm2");
-    let questions = [
-        "What is the name of camelid's mascot?",
-        "Who is camelid's mascot?",
-        "Tell me about the camelid mascot.",
-        "Does camelid have a mascot?",
-        "What animal is camelid's mascot, and what is it called?",
-        "Name the mascot of the camelid project.",
-        "What do the camelid developers call their mascot?",
-        "Which vicuña is camelid's mascot?",
-    ];
-    let records: Vec<_> = questions
-        .iter()
-        .enumerate()
-        .map(|(i, q)| {
-            json!({"id": format!("m{i}"), "conversations": [
-                {"from": "human", "value": q}, {"from": "gpt", "value": ANSWER}]})
-        })
-        .collect();
-    let data = dir.join("data.json");
-    std::fs::write(&data, serde_json::to_string(&records).unwrap()).unwrap();
+    let examples = workspace().join("examples");
     let out = dir.join("out");
+    // `make demo`'s settings and data.
     let run = trainer()
         .arg("train")
+        .arg("--config")
+        .arg(examples.join("train-demo.yaml"))
         .arg("--data")
-        .arg(&data)
+        .arg(examples.join("data/mascot.jsonl"))
         .arg("--output")
         .arg(&out)
-        .args([
-            "--seq-len",
-            "128",
-            "--micro-batch",
-            "4",
-            "--grad-accum",
-            "2",
-            "--max-steps",
-            "7",
-        ])
-        .args([
-            "--lr",
-            "1e-4",
-            "--warmup-ratio",
-            "0",
-            "--checkpoint-every",
-            "1000",
-            "--resume",
-            "never",
-        ])
+        .args(["--resume", "never"])
         .output()
         .unwrap();
     assert!(run.status.success(), "{}", stderr(&run));
+    assert!(
+        checkpoint_folders(&out).is_empty(),
+        "keep_checkpoints 0 deletes the checkpoint after the export"
+    );
     let log = step_log(&out);
     let (first, last) = (log[0].1, log.last().unwrap().1);
     assert!(
@@ -74,7 +46,7 @@ fn fine_tuning_smollm2_lowers_the_loss_and_teaches_the_fact() {
 
     let model = camelid_model::load(&out, LoadOptions::default()).unwrap();
     let prompt = model
-        .chat_prompt(&[ChatMessage::new("user", questions[0])])
+        .chat_prompt(&[ChatMessage::new("user", "What is the name of camelid's mascot?")])
         .unwrap();
     let request = GenerateRequest {
         prompt_ids: prompt,

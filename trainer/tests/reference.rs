@@ -1,6 +1,6 @@
 //! Golden tests against PyTorch (transformers, in the project's .venv): the exported model loads in transformers
 //! with the same logits, chat template and tokenization as in camelid, and one training micro-step gives the
-//! same loss and the same gradient for every parameter, with and without activation checkpointing.
+//! same loss and the same gradient for every parameter, with full, selective and no activation checkpointing.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use camelid_model::{ChatMessage, LoadOptions};
 use camelid_trainer::batching::collate;
+use camelid_trainer::config::Checkpointing;
 use camelid_trainer::data::Conversation;
 use camelid_trainer::dataset::tokenize;
 use camelid_trainer::engine::Engine;
@@ -106,13 +107,13 @@ fn exported_model_and_training_step_match_transformers() {
     let mut reference = HashMap::new();
     camelid_model::weights::read_safetensors(&grads_path, LoadOptions::default(), &mut reference).unwrap();
     let loss_ref = resp["loss_sum"].as_f64().unwrap();
-    for checkpointing in [true, false] {
+    for checkpointing in [Checkpointing::Full, Checkpointing::Selective, Checkpointing::None] {
         let fresh = camelid_model::load(&out, LoadOptions::default()).unwrap();
         let mut engine = Engine::new(&fresh.model, Kind::Float, checkpointing).unwrap();
         let loss = engine.micro_step(&fresh.model, &batch, scale).unwrap();
         assert!(
             (loss - loss_ref).abs() / loss_ref < 1e-5,
-            "checkpointing {checkpointing}: loss {loss} vs {loss_ref}"
+            "{checkpointing:?}: loss {loss} vs {loss_ref}"
         );
         assert_eq!(engine.names.len(), reference.len());
         for (name, grad) in engine.names.iter().zip(&engine.grads) {
@@ -130,7 +131,7 @@ fn exported_model_and_training_step_match_transformers() {
             let diff = max_rel_diff(&ours, &theirs);
             assert!(
                 diff < 1e-4,
-                "checkpointing {checkpointing}: gradient of {name} differs by {diff}"
+                "{checkpointing:?}: gradient of {name} differs by {diff}"
             );
         }
     }

@@ -1,0 +1,135 @@
+//! The decoder split the way a trainer needs it: embeddings, each layer's attention block and MLP parts, the
+//! final norm and the vocabulary projection, so that layers can be recomputed in backward (activation
+//! checkpointing), partly kept (selective recomputation) and sharded per layer.
+
+use tch::Tensor;
+
+use super::{Attention, Llama, rms_norm};
+use crate::error::{ModelError, Result};
+
+/// cos/sin tables for a training sequence (see [`Llama::rope_for_training`]).
+#[derive(Debug)]
+pub struct RopeTables {
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
+}
+
+impl Llama {
+    /// Token embeddings `[batch, t, hidden]` of `tokens` (`[batch, t]`, i64).
+    pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::f_embedding(&self.embed_tokens, tokens, -1, false, false)?)
+    }
+
+    /// RoPE tables for a training sequence of `len` positions from 0, to pass to [`Llama::decoder_layer`].
+    pub fn rope_for_training(&self, len: usize) -> Result<RopeTables> {
+        if len > self.config.max_position_embeddings {
+            return Err(ModelError::ContextOverflow {
+                prompt_tokens: len,
+                context: self.config.max_position_embeddings,
+            });
+        }
+        let (cos, sin) = self.rope_tables(0, len)?;
+        Ok(RopeTables { cos, sin })
+    }
+
+    /// Decoder layer `i` over a whole causal sequence (no cache): the unit a trainer recomputes in backward
+    /// (activation checkpointing) and shards parameters by. Attention runs in the model's dtype through SDPA.
+    pub fn decoder_layer(&self, i: usize, x: &Tensor, rope: &RopeTables) -> Result<Tensor> {
+        let x = self.attention_block(i, x, rope)?;
+        let (gate, up) = self.mlp_gate_up(i, &self.mlp_norm(i, &x)?)?;
+        Ok(x.f_add(&self.mlp_down(i, &gate, &up)?)?)
+    }
+
+    /// The attention half of decoder layer `i` with its residual (training, no cache): what
+    /// [`Llama::decoder_layer`] computes before the MLP.
+    pub fn attention_block(&self, i: usize, x: &Tensor, rope: &RopeTables) -> Result<Tensor> {
+        let attention = Attention {
+            cos: &rope.cos,
+            sin: &rope.sin,
+            mask: None,
+            is_causal: x.size()[1] > 1,
+            kind: self.kind(),
+        };
+        self.attention_half(i, x, &attention, None, None)
+    }
+
+    /// Layer `i`'s MLP input norm (of the attention block's output).
+    pub fn mlp_norm(&self, i: usize, x: &Tensor) -> Result<Tensor> {
+        rms_norm(
+            x,
+            &self.layers[i].post_attention_layernorm,
+            self.config.rms_norm_eps,
+        )
+    }
+
+    /// Layer `i`'s gate and up projections of the normed input. A trainer that keeps them from the forward
+    /// pass (selective recomputation) skips the two largest matmuls when it recomputes the layer.
+    pub fn mlp_gate_up(&self, i: usize, normed: &Tensor) -> Result<(Tensor, Tensor)> {
+        let l = &self.layers[i];
+        Ok((l.gate_proj.forward(normed)?, l.up_proj.forward(normed)?))
+    }
+
+    /// Layer `i`'s MLP output before the residual: `down_proj(silu(gate) * up)`.
+    pub fn mlp_down(&self, i: usize, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        self.mlp_output(i, gate, up, None)
+    }
+
+    /// Layer `i`'s gate and up projections as `(weight, bias)`, with their checkpoint names' prefixes.
+    pub fn mlp_gate_up_params(&self, i: usize) -> [(&Tensor, Option<&Tensor>, String); 2] {
+        let l = &self.layers[i];
+        [
+            (
+                &l.gate_proj.weight,
+                l.gate_proj.bias.as_ref(),
+                format!("model.layers.{i}.mlp.gate_proj"),
+            ),
+            (
+                &l.up_proj.weight,
+                l.up_proj.bias.as_ref(),
+                format!("model.layers.{i}.mlp.up_proj"),
+            ),
+        ]
+    }
+
+    /// Final norm and vocabulary projection: logits `[batch, t, vocab]` in the model's dtype.
+    pub fn head(&self, x: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(&self.final_norm(x)?)
+    }
+
+    /// The final RMSNorm alone (a trainer that projects to the vocabulary in chunks applies the head itself).
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// The vocabulary projection `[vocab, hidden]` (the embedding matrix itself when embeddings are tied) and its
+    /// checkpoint name.
+    pub fn lm_head_weight(&self) -> (&Tensor, &'static str) {
+        if self.config.tie_word_embeddings {
+            (&self.embed_tokens, "model.embed_tokens.weight")
+        } else {
+            (&self.lm_head.weight, "lm_head.weight")
+        }
+    }
+
+    /// Parameters grouped the way training recomputes and shards them: `embed` (embeddings, tied head
+    /// included), one group per decoder layer, then `head` (final norm and an untied `lm_head`).
+    pub fn parameter_groups(&self) -> Vec<Vec<(String, &Tensor)>> {
+        let all = self.named_parameters();
+        let mut groups: Vec<Vec<(String, &Tensor)>> =
+            (0..self.layers.len() + 2).map(|_| Vec::new()).collect();
+        let last = groups.len() - 1;
+        for (name, t) in all {
+            let index = match name.strip_prefix("model.layers.") {
+                Some(rest) => rest
+                    .split('.')
+                    .next()
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .map_or(last, |n| n + 1),
+                None if name == "model.embed_tokens.weight" => 0,
+                None => last,
+            };
+            groups[index].push((name, t));
+        }
+        groups
+    }
+}
