@@ -27,6 +27,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
+from train_speed import write_dataset  # noqa: E402  (bench/ is the script's directory)
+
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s.
 PEAKS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 
@@ -37,18 +39,6 @@ def peak_tflops():
         if key in name:
             return name, value
     return name, float("nan")
-
-
-def write_dataset(path, n):
-    words = ("camels store fat in their humps while llamas carry loads across the high andes and "
-             "vicuna wool is among the finest in the world ").split()
-    records = []
-    for i in range(n):
-        answer = " ".join(words[(i + j) % len(words)] for j in range(3000))
-        records.append({"id": f"gpu-{i}", "conversations": [
-            {"from": "human", "value": f"Tell me everything about camelids, part {i}."},
-            {"from": "gpt", "value": answer}]})
-    json.dump(records, open(path, "w"))
 
 
 def cosine_lr_factor(step, total, warmup_ratio=0.03):
@@ -136,7 +126,7 @@ def main():
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(model_dir)
     data = os.path.join(tmp, "data.json")
-    write_dataset(data, args.micro_batch * args.grad_accum * args.steps)
+    write_dataset(data, args.micro_batch * args.grad_accum * args.steps, words_per_answer=3000)
     prep = os.path.join(tmp, "prepared")
     subprocess.run([args.trainer, "prepare", "--model", model_dir, "--data", data, "--output", prep, "--seq-len",
                     str(args.seq_len)], check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, CAMELID_LOG="warn"))

@@ -545,7 +545,10 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
             record.epoch,
         );
         let stop = opts.stop_requested.load(Ordering::SeqCst) || opts.stop_at_step == Some(step);
-        if stop || step % cfg.checkpoint_every == 0 || step == total_steps {
+        // The final step is checkpointed too (an export cut short resumes from it), unless no checkpoint is to be
+        // kept after the export anyway.
+        let last = step == total_steps && cfg.keep_checkpoints > 0;
+        if stop || step % cfg.checkpoint_every == 0 || last {
             let dir = run.save(step, 0, (0.0, 0))?;
             if stop {
                 opts.reporter.update(|p| p.phase = Phase::Stopped);
