@@ -129,18 +129,22 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    fn micro_batch_at(&mut self, position: u64) -> Result<crate::batching::MicroBatch, TrainError> {
+    /// The sample indices of micro-batch `position` of the endless sequence of epochs (each epoch's order is
+    /// computed once, when the run enters it).
+    fn batch_at(&mut self, position: u64) -> &[usize] {
         let per_epoch = self.batcher.batches_per_epoch() as u64;
         let (epoch, index) = (position / per_epoch, (position % per_epoch) as usize);
         if self.epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
             self.epoch_cache = Some((epoch, self.batcher.epoch(epoch)));
         }
-        let batches = self
-            .epoch_cache
+        self.epoch_cache
             .as_ref()
-            .map(|(_, b)| b)
-            .ok_or_else(|| TrainError::Config("internal: no epoch order".into()))?;
-        let rows: Vec<&Sample> = batches[index].iter().map(|&i| &self.samples[i]).collect();
+            .map_or(&[], |(_, batches)| &batches[index])
+    }
+
+    fn micro_batch_at(&mut self, position: u64) -> Result<crate::batching::MicroBatch, TrainError> {
+        let indices = self.batch_at(position).to_vec();
+        let rows: Vec<&Sample> = indices.iter().map(|&i| &self.samples[i]).collect();
         let pad = self
             .model
             .config()
@@ -155,22 +159,17 @@ impl Run<'_> {
         step * g..((step + 1) * g).min(self.total_micro)
     }
 
-    fn trainable_in_step(&mut self, step: u64) -> Result<usize, TrainError> {
+    /// Trainable tokens in the whole of optimizer step `step`: the loss is averaged over all of them.
+    fn trainable_in_step(&mut self, step: u64) -> usize {
         let mut total = 0;
         for position in self.step_range(step) {
-            let per_epoch = self.batcher.batches_per_epoch() as u64;
-            let epoch = position / per_epoch;
-            if self.epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                self.epoch_cache = Some((epoch, self.batcher.epoch(epoch)));
-            }
-            if let Some((_, batches)) = &self.epoch_cache {
-                total += batches[(position % per_epoch) as usize]
-                    .iter()
-                    .map(|&i| self.samples[i].trainable_tokens())
-                    .sum::<usize>();
-            }
+            let indices = self.batch_at(position).to_vec();
+            total += indices
+                .iter()
+                .map(|&i| self.samples[i].trainable_tokens())
+                .sum::<usize>();
         }
-        Ok(total.max(1))
+        total.max(1)
     }
 
     fn save(&self, step: u64, micro_step: u64, partial: (f64, u64)) -> Result<PathBuf, TrainError> {
@@ -466,7 +465,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
     while step < total_steps {
         let started = Instant::now();
         let range = run.step_range(step);
-        let scale = 1.0 / run.trainable_in_step(step)? as f64;
+        let scale = 1.0 / run.trainable_in_step(step) as f64;
         let mut tokens = 0;
         for position in range.start + micro..range.end {
             let batch = run.micro_batch_at(position)?;
