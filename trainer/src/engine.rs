@@ -258,11 +258,11 @@ impl Engine {
             }
             Ok(())
         })?;
-        self.finish_step_keep_grads(master)
+        self.refresh_compute_copy(master)
     }
 
     /// Copies the masters into the compute copy (after an update, or after masters were loaded from a checkpoint).
-    pub fn finish_step_keep_grads(&mut self, master: &Llama) -> Result<(), EngineError> {
+    pub fn refresh_compute_copy(&mut self, master: &Llama) -> Result<(), EngineError> {
         tch::no_grad(|| -> Result<(), TchError> {
             if self.compute.is_some() {
                 for (c, m) in self.compute_params(master).iter().zip(&self.masters) {

@@ -270,7 +270,7 @@ impl Run<'_> {
             load_named(dir, "gradients.safetensors", &grads)?;
         }
         self.optimizer.step = manifest.optimizer_step;
-        self.engine.finish_step_keep_grads(&self.model.model)?;
+        self.engine.refresh_compute_copy(&self.model.model)?;
         Ok((
             manifest.step,
             manifest.micro_step,

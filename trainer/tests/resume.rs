@@ -106,6 +106,39 @@ fn stop_at_step_then_resume_equals_a_straight_run() {
 }
 
 #[test]
+fn bf16_mixed_precision_trains_and_resumes_exactly() {
+    // The GPU path on CPU: a bf16 copy computes, f32 masters are updated and copied back, and a resumed run
+    // refreshes the copy from the checkpoint's masters.
+    let dir = scratch("bf16");
+    let data = dir.join("data.json");
+    write_dataset(&data, 30);
+    let flags = ["--max-steps", "8", "--precision", "bf16"];
+    let straight = dir.join("straight");
+    let run = train_command(&data, &straight, &[&flags[..], &["--resume", "never"]].concat())
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    let log = step_log(&straight);
+    assert!(log[7].1 < log[0].1 - 0.5, "bf16 training did not learn: {log:?}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(straight.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["torch_dtype"], "float32", "the f32 masters are exported");
+
+    let resumed = dir.join("resumed");
+    let stop = train_command(&data, &resumed, &[&flags[..], &["--stop-at-step", "3"]].concat())
+        .output()
+        .unwrap();
+    assert_eq!(stop.status.code(), Some(75), "{}", stderr(&stop));
+    let run = train_command(&data, &resumed, &flags).output().unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(step_log(&straight), step_log(&resumed));
+    assert!(
+        std::fs::read(straight.join("model.safetensors")).unwrap()
+            == std::fs::read(resumed.join("model.safetensors")).unwrap()
+    );
+}
+
+#[test]
 fn sigterm_mid_run_and_sigkill_then_resume_equal_a_straight_run() {
     let straight = straight_run("straight-b");
     let dir = scratch("signals");
