@@ -68,6 +68,9 @@ pub struct MicroBatch {
     pub tokens: usize,
     /// Tokens that carry the loss.
     pub trainable: usize,
+    /// Their positions in the flattened `[batch * t]` targets (known here, so the device never has to report
+    /// them back).
+    pub trainable_rows: Tensor,
 }
 
 pub fn collate(samples: &[&Sample], pad_id: u32, device: Device) -> Result<MicroBatch, tch::TchError> {
@@ -75,14 +78,15 @@ pub fn collate(samples: &[&Sample], pad_id: u32, device: Device) -> Result<Micro
     let b = samples.len();
     let mut input = vec![i64::from(pad_id); b * t];
     let mut targets = vec![IGNORE_INDEX; b * t];
-    let (mut tokens, mut trainable) = (0, 0);
+    let mut tokens = 0;
+    let mut rows = Vec::new();
     for (row, s) in samples.iter().enumerate() {
         tokens += s.ids.len();
         for (j, &id) in s.ids.iter().enumerate() {
             input[row * t + j] = i64::from(id);
             if j + 1 < s.ids.len() && s.labels[j + 1] {
                 targets[row * t + j] = i64::from(s.ids[j + 1]);
-                trainable += 1;
+                rows.push((row * t + j) as i64);
             }
         }
     }
@@ -93,7 +97,8 @@ pub fn collate(samples: &[&Sample], pad_id: u32, device: Device) -> Result<Micro
             .f_view(shape)?
             .f_to_device(device)?,
         tokens,
-        trainable,
+        trainable: rows.len(),
+        trainable_rows: Tensor::f_from_slice(&rows)?.f_to_device(device)?,
     })
 }
 
@@ -137,5 +142,6 @@ mod tests {
         // Labels on positions 1 and 3 of `a` and 1 of `b`: predicted from the position before.
         assert_eq!(targets, [1, -100, 3, -100, 1, -100, -100, -100]);
         assert_eq!((batch.tokens, batch.trainable), (6, 3));
+        assert_eq!(Vec::<i64>::try_from(&batch.trainable_rows).unwrap(), [0, 2, 4]);
     }
 }

@@ -99,13 +99,15 @@ impl Engine {
 
     /// Forward and backward of one micro-batch; the loss summed over its trainable tokens is scaled by
     /// `loss_scale` (one over the step's trainable tokens, so that the step's gradient is the mean over every
-    /// token of the global batch whatever the micro-batch split). Returns the unscaled summed loss.
+    /// token of the global batch whatever the micro-batch split). Returns the unscaled summed loss as a 0-dim f64
+    /// tensor on the model's device: reading it would make the host wait for the device, so callers add it up
+    /// there and read it once per step.
     pub fn micro_step(
         &mut self,
         master: &Llama,
         batch: &MicroBatch,
         loss_scale: f64,
-    ) -> Result<f64, EngineError> {
+    ) -> Result<Tensor, EngineError> {
         let model = self.compute.as_ref().unwrap_or(master);
         let rope = model.rope_for_training(batch.input.size()[1] as usize)?;
         let (head_weight, head_name) = model.lm_head_weight();
@@ -115,7 +117,7 @@ impl Engine {
             .position(|n| n == head_name)
             .ok_or_else(|| EngineError::Setup(format!("no parameter {head_name}")))?;
         // The loss and d(loss)/d(final hidden state), the vocabulary projection's gradient added on the side.
-        let head = |last: &Tensor| -> Result<f64, EngineError> {
+        let head = |last: &Tensor| -> Result<Tensor, EngineError> {
             let normed = model.final_norm(last)?;
             let hidden = normed.size()[2];
             let flat = normed.f_view([-1, hidden])?;
@@ -123,6 +125,7 @@ impl Engine {
                 &flat,
                 head_weight,
                 &batch.targets.f_view([-1])?,
+                &batch.trainable_rows,
                 loss_scale,
                 &self.grads[head_index],
             )?;

@@ -7,34 +7,42 @@
 
 use tch::{Kind, TchError, Tensor};
 
+#[cfg(test)]
 use crate::batching::IGNORE_INDEX;
 
-/// f32 logits per chunk are kept under this many bytes.
-const CHUNK_BYTES: i64 = 256 << 20;
+/// f32 logits per chunk are kept under this many bytes (fewer, larger kernels on a GPU).
+const CHUNK_BYTES_CPU: i64 = 256 << 20;
+const CHUNK_BYTES_CUDA: i64 = 1 << 30;
 
 /// For `hidden` `[n, h]` (the final-normed states, in the compute dtype), the vocabulary projection `weight`
-/// `[vocab, h]` and `targets` `[n]` ([`IGNORE_INDEX`] where no loss): returns the summed loss and the gradient
-/// of `loss * scale` with respect to `hidden`, and adds the gradient with respect to `weight` into `weight_grad`
-/// (f32).
+/// `[vocab, h]`, `targets` `[n]` and `rows`, the positions whose target is not
+/// [`crate::batching::IGNORE_INDEX`]: returns the
+/// summed loss (a 0-dim f64 tensor, left on the device) and the gradient of `loss * scale` with respect to
+/// `hidden`, and adds the gradient with respect to `weight` into `weight_grad` (f32).
 pub fn linear_cross_entropy(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &Tensor,
+    rows: &Tensor,
     scale: f64,
     weight_grad: &Tensor,
-) -> Result<(f64, Tensor), TchError> {
+) -> Result<(Tensor, Tensor), TchError> {
     tch::no_grad(|| {
         let weight = weight.f_detach()?;
         let hidden = hidden.f_detach()?;
         let grad_hidden = hidden.f_zeros_like()?;
-        let rows = targets.f_ne(IGNORE_INDEX)?.f_nonzero()?.f_squeeze_dim(1)?;
         let count = rows.size()[0];
-        let mut loss = Tensor::f_zeros([], (Kind::Float, hidden.device()))?;
+        let mut loss = Tensor::f_zeros([], (Kind::Double, hidden.device()))?;
         if count == 0 {
-            return Ok((0.0, grad_hidden));
+            return Ok((loss, grad_hidden));
         }
         let vocab = weight.size()[0];
-        let chunk = (CHUNK_BYTES / (vocab * 4)).max(1);
+        let budget = if hidden.device().is_cuda() {
+            CHUNK_BYTES_CUDA
+        } else {
+            CHUNK_BYTES_CPU
+        };
+        let chunk = (budget / (vocab * 4)).max(1);
         let mut start = 0;
         while start < count {
             let len = chunk.min(count - start);
@@ -43,7 +51,8 @@ pub fn linear_cross_entropy(
             let t = targets.f_index_select(0, &index)?.f_unsqueeze(1)?;
             let mut logits = h.f_matmul(&weight.f_tr()?)?.f_to_kind(Kind::Float)?;
             let lse = logits.f_logsumexp(&[-1i64][..], true)?;
-            loss = loss.f_add(&lse.f_sub(&logits.f_gather(1, &t, false)?)?.f_sum(Kind::Float)?)?;
+            let chunk_loss = lse.f_sub(&logits.f_gather(1, &t, false)?)?.f_sum(Kind::Float)?;
+            loss = loss.f_add(&chunk_loss.f_to_kind(Kind::Double)?)?;
             // d loss / d logits = softmax - one_hot(target), computed in place over the logits.
             let _ = logits.f_sub_(&lse)?.f_exp_()?;
             let minus_one = Tensor::f_full([len, 1], -1.0, (Kind::Float, logits.device()))?;
@@ -58,7 +67,7 @@ pub fn linear_cross_entropy(
                 .f_add_(&grad_weight.f_to_kind(Kind::Float)?)?;
             start += len;
         }
-        Ok((f64::try_from(loss)?, grad_hidden))
+        Ok((loss, grad_hidden))
     })
 }
 
@@ -75,6 +84,7 @@ mod tests {
         let hidden = Tensor::randn([n, h], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let weight = Tensor::randn([v, h], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let targets = Tensor::from_slice(&[3i64, -100, 0, 10, -100, 4, 4]);
+        let rows = Tensor::from_slice(&[0i64, 2, 3, 5, 6]);
         let scale = 0.25;
         let reference = hidden.matmul(&weight.tr()).cross_entropy_loss::<Tensor>(
             &targets,
@@ -86,8 +96,8 @@ mod tests {
         (&reference * scale).backward();
         let weight_grad = Tensor::zeros([v, h], (Kind::Float, Device::Cpu));
         let (loss, grad_hidden) =
-            linear_cross_entropy(&hidden, &weight, &targets, scale, &weight_grad).unwrap();
-        assert!((loss - f64::try_from(&reference).unwrap()).abs() < 1e-5);
+            linear_cross_entropy(&hidden, &weight, &targets, &rows, scale, &weight_grad).unwrap();
+        assert!((f64::try_from(&loss).unwrap() - f64::try_from(&reference).unwrap()).abs() < 1e-5);
         let diff = |a: &Tensor, b: &Tensor| f64::try_from((a - b).abs().max()).unwrap();
         assert!(diff(&grad_hidden, &hidden.grad()) < 1e-6);
         assert!(diff(&weight_grad, &weight.grad()) < 1e-6);

@@ -467,14 +467,19 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
         let range = run.step_range(step);
         let scale = 1.0 / run.trainable_in_step(step) as f64;
         let mut tokens = 0;
+        // The step's summed loss stays on the device until the step ends (no host sync per micro-batch).
+        let mut loss_sum = Tensor::f_from_slice(&[partial.0])?
+            .f_to_device(run.model.model.device())?
+            .f_squeeze()?;
         for position in range.start + micro..range.end {
             let batch = run.micro_batch_at(position)?;
-            partial.0 += run.engine.micro_step(&run.model.model, &batch, scale)?;
+            loss_sum = loss_sum.f_add(&run.engine.micro_step(&run.model.model, &batch, scale)?)?;
             partial.1 += batch.trainable as u64;
             tokens += batch.tokens;
             micro += 1;
             if opts.stop_requested.load(Ordering::SeqCst) && position + 1 < range.end {
                 tracing::warn!(step, micro_step = micro, "stop requested: checkpointing mid-step");
+                partial.0 = f64::try_from(&loss_sum)?;
                 let dir = run.save(step, micro, partial)?;
                 opts.reporter.update(|p| p.phase = Phase::Stopped);
                 return Ok(Outcome::Stopped {
@@ -492,7 +497,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
             seconds = update_started.elapsed().as_secs_f64(),
             "clip and optimizer update"
         );
-        let loss = partial.0 / partial.1.max(1) as f64;
+        let loss = f64::try_from(&loss_sum)? / partial.1.max(1) as f64;
         let record = StepRecord {
             step: step + 1,
             loss,

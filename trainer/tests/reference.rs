@@ -110,7 +110,7 @@ fn exported_model_and_training_step_match_transformers() {
     for checkpointing in [Checkpointing::Full, Checkpointing::Selective, Checkpointing::None] {
         let fresh = camelid_model::load(&out, LoadOptions::default()).unwrap();
         let mut engine = Engine::new(&fresh.model, Kind::Float, checkpointing).unwrap();
-        let loss = engine.micro_step(&fresh.model, &batch, scale).unwrap();
+        let loss = f64::try_from(engine.micro_step(&fresh.model, &batch, scale).unwrap()).unwrap();
         assert!(
             (loss - loss_ref).abs() / loss_ref < 1e-5,
             "{checkpointing:?}: loss {loss} vs {loss_ref}"
