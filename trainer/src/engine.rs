@@ -2,8 +2,8 @@
 //! accumulated in f32 next to f32 master weights, AdamW applied to the masters.
 //!
 //! With activation checkpointing, the forward pass keeps only each layer's input; backward recomputes one layer at a
-//! time with autograd on and pushes the incoming gradient through it. Parameters, gradients and optimizer state are
-//! grouped per decoder layer ([`Llama::parameter_groups`]), the unit a sharded trainer gathers and scatters.
+//! time with autograd on and pushes the incoming gradient through it. Each layer's forward and backward touch only
+//! that layer's parameters (named `model.layers.N.*`), the unit a sharded trainer will gather and scatter.
 //!
 //! On CPU the model computes in f32 and is its own master copy. With `bf16` compute (the GPU default) a bf16 copy
 //! of the model runs forward and backward; its gradients are added into f32 accumulators and the updated masters
@@ -83,18 +83,12 @@ impl Engine {
     }
 
     fn compute_params(&self, master: &Llama) -> Vec<Tensor> {
-        match &self.compute {
-            Some(c) => c
-                .named_parameters()
-                .into_iter()
-                .map(|(_, t)| t.shallow_clone())
-                .collect(),
-            None => master
-                .named_parameters()
-                .into_iter()
-                .map(|(_, t)| t.shallow_clone())
-                .collect(),
-        }
+        let model = self.compute.as_ref().unwrap_or(master);
+        model
+            .named_parameters()
+            .into_iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect()
     }
 
     /// Forward and backward of one micro-batch; the loss summed over its trainable tokens is scaled by
@@ -111,10 +105,9 @@ impl Engine {
         let model = self.compute.as_ref().unwrap_or(master);
         let rope = model.rope_for_training(batch.input.size()[1] as usize)?;
         let (head_weight, head_name) = model.lm_head_weight();
-        let head_index = self
-            .names
-            .iter()
-            .position(|n| n == head_name)
+        let head_index = *self
+            .index
+            .get(head_name)
             .ok_or_else(|| EngineError::Setup(format!("no parameter {head_name}")))?;
         // The loss and d(loss)/d(final hidden state), the vocabulary projection's gradient added on the side.
         let head = |last: &Tensor| -> Result<Tensor, EngineError> {

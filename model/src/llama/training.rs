@@ -93,11 +93,6 @@ impl Llama {
         ]
     }
 
-    /// Final norm and vocabulary projection: logits `[batch, t, vocab]` in the model's dtype.
-    pub fn head(&self, x: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(&self.final_norm(x)?)
-    }
-
     /// The final RMSNorm alone (a trainer that projects to the vocabulary in chunks applies the head itself).
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
         rms_norm(x, &self.norm, self.config.rms_norm_eps)
@@ -111,27 +106,5 @@ impl Llama {
         } else {
             (&self.lm_head.weight, "lm_head.weight")
         }
-    }
-
-    /// Parameters grouped the way training recomputes and shards them: `embed` (embeddings, tied head
-    /// included), one group per decoder layer, then `head` (final norm and an untied `lm_head`).
-    pub fn parameter_groups(&self) -> Vec<Vec<(String, &Tensor)>> {
-        let all = self.named_parameters();
-        let mut groups: Vec<Vec<(String, &Tensor)>> =
-            (0..self.layers.len() + 2).map(|_| Vec::new()).collect();
-        let last = groups.len() - 1;
-        for (name, t) in all {
-            let index = match name.strip_prefix("model.layers.") {
-                Some(rest) => rest
-                    .split('.')
-                    .next()
-                    .and_then(|n| n.parse::<usize>().ok())
-                    .map_or(last, |n| n + 1),
-                None if name == "model.embed_tokens.weight" => 0,
-                None => last,
-            };
-            groups[index].push((name, t));
-        }
-        groups
     }
 }
