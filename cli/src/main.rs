@@ -1,16 +1,14 @@
 //! `camelid`: the local command line. Thin: argument parsing and printing; everything else is in the crates.
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use camelid_model::{
-    ChatMessage, ChatTemplate, Completion, GenerateRequest, LoadOptions, LoadedModel, ModelError,
-    SamplingParams,
-};
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use tch::{Device, Kind};
+use camelid_model::{ChatMessage, Completion, GenerateRequest, LoadedModel, ModelError, SamplingParams};
+use camelid_worker::ModelArgs;
+use clap::{Args, Parser, Subcommand};
+
+mod serve;
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +36,8 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
     },
+    /// Serve the OpenAI API locally: a worker and the gateway in one process (Ctrl-C stops).
+    Serve(serve::ServeArgs),
     /// Interactive chat in the terminal: streams tokens and keeps the conversation (`/reset`, `/exit`).
     Chat {
         #[arg(long)]
@@ -47,34 +47,6 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
     },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum DType {
-    F32,
-    Bf16,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum DeviceArg {
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-#[derive(Args)]
-struct ModelArgs {
-    /// An HF model directory or a .gguf file (default: CAMELID_MODEL, else SmolLM2-135M-Instruct from .venv).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Weight precision (default: f32 on CPU, bf16 on CUDA).
-    #[arg(long, value_enum)]
-    dtype: Option<DType>,
-    #[arg(long, value_enum, default_value = "auto")]
-    device: DeviceArg,
-    /// Chat template: `vicuna_v1.1`, or a Jinja file (default: the model's own, else vicuna_v1.1).
-    #[arg(long)]
-    template: Option<String>,
 }
 
 #[derive(Args)]
@@ -145,56 +117,10 @@ impl From<ModelError> for Failure {
 }
 
 fn load(args: &ModelArgs) -> Result<LoadedModel, Failure> {
-    let device = match args.device {
-        DeviceArg::Auto => Device::cuda_if_available(),
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
-        DeviceArg::Cuda => {
-            return Err(user_error(anyhow::anyhow!(
-                "--device cuda: no CUDA device is available"
-            )));
-        }
-    };
-    let dtype = match (args.dtype, device) {
-        (Some(DType::F32), _) | (None, Device::Cpu) => Kind::Float,
-        _ => Kind::BFloat16,
-    };
-    let path = match &args.model {
-        Some(p) => p.clone(),
-        None => camelid_model::default_model_path()?,
-    };
-    let template = match args.template.as_deref() {
-        None => None,
-        Some(name) => Some(match ChatTemplate::named(name) {
-            Some(t) => t,
-            None => {
-                let source = std::fs::read_to_string(name).map_err(|e| {
-                    user_error(anyhow::anyhow!(
-                        "--template {name}: not vicuna_v1.1 and not a readable Jinja file: {e}"
-                    ))
-                })?;
-                ChatTemplate::Jinja {
-                    source,
-                    bos_token: String::new(),
-                    eos_token: String::new(),
-                }
-            }
-        }),
-    };
-    let started = std::time::Instant::now();
-    let mut loaded = camelid_model::load(&path, LoadOptions { dtype, device }).map_err(|e| {
-        let mut failure = Failure::from(e);
-        failure.error = failure.error.context(format!("loading {}", path.display()));
-        failure
-    })?;
-    if let Some(template) = template {
-        loaded.set_template(template);
-    }
-    tracing::info!(
-        model = %path.display(), ?device, ?dtype, template = loaded.template.name(),
-        seconds = format!("{:.2}", started.elapsed().as_secs_f64()), "model loaded"
-    );
-    Ok(loaded)
+    args.load().map_err(|e| Failure {
+        code: if e.is_user_error() { 2 } else { 1 },
+        error: e.into(),
+    })
 }
 
 fn messages(system: &Option<String>, turns: &[ChatMessage]) -> Vec<ChatMessage> {
@@ -333,6 +259,7 @@ fn main() -> ExitCode {
             model,
             sampling,
         } => run_chat(system, model, sampling),
+        Command::Serve(args) => serve::run(args).map_err(|(error, code)| Failure { error, code }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,7 +6,7 @@ use crate::cpu_gemv::DecodePool;
 use crate::error::{ModelError, Result};
 use crate::llama::Llama;
 use crate::sampling::{Sampler, SamplingParams};
-use crate::stream::{IncrementalDecoder, StopMatcher};
+use crate::stream::TokenTextStream;
 use crate::tokenizer::Tokenizer;
 
 /// What to generate.
@@ -64,10 +64,10 @@ impl Completion {
 }
 
 /// Sets libtorch's intra-op thread count and restores the previous one when dropped.
-struct TorchThreads(i32);
+pub struct TorchThreads(i32);
 
 impl TorchThreads {
-    fn set(n: i32) -> Self {
+    pub fn set(n: i32) -> Self {
         let previous = tch::get_num_threads();
         tch::set_num_threads(n);
         Self(previous)
@@ -112,38 +112,22 @@ pub fn generate<'m>(
     let decode_start = Instant::now();
 
     let decode = |ids: &[u32]| tokenizer.decode(ids, true);
-    let mut detok = IncrementalDecoder::new();
-    let mut stops = StopMatcher::new(&request.stop);
-    let mut generated: Vec<u32> = Vec::new();
+    let mut stream = TokenTextStream::new(&request.stop, request.eos_token_ids.clone(), max_new);
     let mut text = String::new();
-    let mut emit = |piece: &str, text: &mut String| -> bool {
-        if piece.is_empty() {
-            return true;
-        }
-        text.push_str(piece);
-        on_text(piece)
-    };
-    let mut hit_stop_string = false;
     let decode_loop = |pool: Option<&DecodePool<'m>>| -> Result<FinishReason> {
         let mut logits = first_logits;
         loop {
             let mut values = Vec::<f32>::try_from(&logits.f_to_device(tch::Device::Cpu)?)?;
-            let next = sampler.sample(&mut values, &request.prompt_ids, &generated);
-            if request.eos_token_ids.contains(&next) {
-                return Ok(FinishReason::Stop);
+            let next = sampler.sample(&mut values, &request.prompt_ids, stream.generated());
+            let pushed = stream.push(next, decode)?;
+            if !pushed.text.is_empty() {
+                text.push_str(&pushed.text);
+                if !on_text(&pushed.text) {
+                    return Ok(FinishReason::Cancelled);
+                }
             }
-            generated.push(next);
-            let piece = detok.push(next, decode)?;
-            let (safe, stopped) = stops.push(&piece);
-            if !emit(&safe, &mut text) {
-                return Ok(FinishReason::Cancelled);
-            }
-            if stopped {
-                hit_stop_string = true;
-                return Ok(FinishReason::Stop);
-            }
-            if generated.len() >= max_new {
-                return Ok(FinishReason::Length);
+            if let Some(reason) = pushed.finished {
+                return Ok(reason);
             }
             logits = model.forward_last_in(&[next], &mut cache, pool)?;
         }
@@ -156,15 +140,10 @@ pub fn generate<'m>(
     } else {
         decode_loop(None)?
     };
-    if finish_reason != FinishReason::Cancelled && !hit_stop_string {
-        let tail = detok.flush(decode)?;
-        let (safe, stopped) = stops.push(&tail);
-        let rest = if stopped { String::new() } else { stops.flush() };
-        emit(&(safe + &rest), &mut text);
-    }
+    let token_ids = stream.generated().to_vec();
     Ok(Completion {
         text,
-        token_ids: generated,
+        token_ids,
         finish_reason,
         prompt_tokens,
         prefill_time,

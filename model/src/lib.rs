@@ -60,6 +60,15 @@ impl LoadedModel {
         Ok(ids)
     }
 
+    /// Tokenizes raw text as a prompt (the completions API), with BOS in front where the model wants one.
+    pub fn text_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.tokenizer.encode(text, false)?;
+        if let Some(bos) = self.prompt_bos.filter(|&bos| ids.first() != Some(&bos)) {
+            ids.insert(0, bos);
+        }
+        Ok(ids)
+    }
+
     /// Uses `template` instead of the model's own; a Jinja template gets this model's BOS/EOS token texts.
     pub fn set_template(&mut self, template: ChatTemplate) {
         self.template = with_special_tokens(template, &self.tokenizer);

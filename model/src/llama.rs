@@ -9,6 +9,7 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::weights::Weights;
 
+mod batch;
 mod training;
 pub use training::RopeTables;
 

@@ -2,6 +2,7 @@
 //! be the start of a stop string.
 
 use crate::error::Result;
+use crate::generate::FinishReason;
 
 /// Incremental detokenizer: decodes a small window of recent ids so that byte-level tokens which end inside a
 /// multi-byte character are held until the character is complete (the prefix/read offset scheme of TGI).
@@ -90,6 +91,74 @@ impl StopMatcher {
     /// The held-back text, once no more text will come.
     pub fn flush(&mut self) -> String {
         std::mem::take(&mut self.pending)
+    }
+}
+
+/// What one sampled token produced.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    /// Text that became final (may be empty).
+    pub text: String,
+    /// Set when this token ended the sequence.
+    pub finished: Option<FinishReason>,
+}
+
+/// Turns one sequence's sampled tokens into streamed text and decides when it ends: on an EOS id, a stop string or
+/// `max_new` tokens. Shared by `generate` and the serving worker, so both give the same text.
+#[derive(Debug)]
+pub struct TokenTextStream {
+    detok: IncrementalDecoder,
+    stops: StopMatcher,
+    eos: Vec<u32>,
+    max_new: usize,
+    generated: Vec<u32>,
+}
+
+impl TokenTextStream {
+    pub fn new(stop: &[String], eos: Vec<u32>, max_new: usize) -> Self {
+        Self {
+            detok: IncrementalDecoder::new(),
+            stops: StopMatcher::new(stop),
+            eos,
+            max_new,
+            generated: Vec::new(),
+        }
+    }
+
+    /// Tokens generated so far (EOS is not included).
+    pub fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+
+    /// Adds a sampled token.
+    pub fn push(&mut self, token: u32, decode: impl Fn(&[u32]) -> Result<String>) -> Result<Pushed> {
+        if self.eos.contains(&token) {
+            return Ok(Pushed {
+                text: self.tail(decode)?,
+                finished: Some(FinishReason::Stop),
+            });
+        }
+        self.generated.push(token);
+        let piece = self.detok.push(token, &decode)?;
+        let (mut text, stopped) = self.stops.push(&piece);
+        if stopped {
+            return Ok(Pushed {
+                text,
+                finished: Some(FinishReason::Stop),
+            });
+        }
+        let finished = (self.generated.len() >= self.max_new).then_some(FinishReason::Length);
+        if finished.is_some() {
+            text.push_str(&self.tail(decode)?);
+        }
+        Ok(Pushed { text, finished })
+    }
+
+    /// What the detokenizer and the stop matcher still hold once the sequence ends.
+    fn tail(&mut self, decode: impl Fn(&[u32]) -> Result<String>) -> Result<String> {
+        let tail = self.detok.flush(decode)?;
+        let (safe, stopped) = self.stops.push(&tail);
+        Ok(if stopped { safe } else { safe + &self.stops.flush() })
     }
 }
 

@@ -1,0 +1,77 @@
+//! `camelid serve`: a worker and the gateway in one process, for local use. The worker serves gRPC on a loopback
+//! port of its own and the gateway routes to it, so this runs exactly the code paths of a deployment.
+
+use std::net::{IpAddr, SocketAddr};
+
+use camelid_gateway::GatewayConfig;
+use camelid_gateway::guardrails::Guardrails;
+use camelid_worker::grpc::{bind, http_router, serve_grpc};
+use camelid_worker::load::default_served_name;
+use camelid_worker::{ModelArgs, WorkerConfig, WorkerHandle};
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to serve HTTP on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// The model name clients use (default: the model's file or directory name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Most sequences decoding together.
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+}
+
+type Failed = (anyhow::Error, u8);
+
+pub fn run(args: &ServeArgs) -> Result<(), Failed> {
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| (e.into(), 1))?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: &ServeArgs) -> Result<(), Failed> {
+    let user = |e: anyhow::Error| (e, 2u8);
+    let path = args.model.path().map_err(|e| user(e.into()))?;
+    let name = args.served_model_name.clone().unwrap_or_else(|| default_served_name(&path));
+    let config = WorkerConfig {
+        name: name.clone(),
+        max_batch: args.max_batch.max(1),
+        ..WorkerConfig::default()
+    };
+    let model = args.model.clone();
+    let handle = WorkerHandle::start(config, move || Ok(model.load()?)).map_err(|e| (e.into(), 1))?;
+    handle.wait_ready().await.map_err(|e| user(e.into()))?;
+    let grpc = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.map_err(|e| (e.into(), 1))?;
+    let grpc_addr = grpc.local_addr().map_err(|e| (e.into(), 1))?;
+    let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(serve_grpc(handle.clone(), grpc, async {
+        let _ = worker_stopped.await;
+    }));
+
+    let listen = SocketAddr::new(args.host, args.port);
+    let mut gateway = GatewayConfig {
+        listen,
+        ..GatewayConfig::default()
+    };
+    gateway
+        .add_backend_flag(&format!("{name}={grpc_addr}"))
+        .map_err(|e| (e.into(), 1))?;
+    let state = camelid_gateway::state(&gateway, Guardrails::default());
+    state.router.probe_all().await;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| user(anyhow::anyhow!("binding {listen}: {e}")))?;
+    let app = camelid_gateway::api::app(state).nest("/worker", http_router(handle));
+    eprintln!("camelid serve: model `{name}` at http://{listen}/v1 (worker metrics at /worker/metrics); Ctrl-C stops");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(camelid_gateway::shutdown_signal())
+        .await
+        .map_err(|e| (e.into(), 1))?;
+    let _ = stop_worker.send(());
+    let _ = worker.await;
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! One decode step for several sequences at once (continuous batching): every projection and the MLP run as one
+//! matrix product over the batch, while attention runs per sequence against that sequence's own KV cache, so
+//! sequences of any length share a step without padding or copying their histories.
+
+use tch::{Kind, Tensor};
+
+use super::{Llama, apply_rope, compute_rope, project_all, rms_norm};
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+
+impl Llama {
+    /// Continues each sequence by one token: `tokens[j]` is appended to `caches[j]`. Returns the next-token logits
+    /// `[batch, vocab]` in f32, row `j` for sequence `j`.
+    pub fn decode_step(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let batch = tokens.len();
+        if batch == 0 || batch != caches.len() {
+            return Err(ModelError::InvalidRequest(format!(
+                "decode_step needs one cache per token, got {batch} tokens and {} caches",
+                caches.len()
+            )));
+        }
+        let context = self.config.max_position_embeddings;
+        if let Some(full) = caches.iter().find(|c| c.len() + 1 > context) {
+            return Err(ModelError::ContextOverflow {
+                prompt_tokens: full.len() + 1,
+                context,
+            });
+        }
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let input = Tensor::f_from_slice(&ids)?
+            .f_to_device(self.device())?
+            .f_view([batch as i64, 1])?;
+        let (cos, sin) = self.rope_rows(caches)?;
+        let mut x = self.embed(&input)?;
+        for i in 0..self.layers.len() {
+            x = self.batched_attention(i, &x, &cos, &sin, caches)?;
+            let (gate, up) = self.mlp_projections(i, &x, None)?;
+            x = x.f_add(&self.mlp_output(i, &gate, &up, None)?)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.advance(1);
+        }
+        let h = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?.f_view([batch as i64, -1])?;
+        Ok(self.lm_head.forward(&h)?.f_to_kind(Kind::Float)?)
+    }
+
+    /// cos/sin `[batch, 1, 1, head_dim]` for each sequence's next position.
+    fn rope_rows(&self, caches: &[&mut KvCache]) -> Result<(Tensor, Tensor)> {
+        let table = self.rope_cos.size()[2] as usize;
+        if caches.iter().all(|c| c.len() < table) {
+            let positions: Vec<i64> = caches.iter().map(|c| c.len() as i64).collect();
+            let index = Tensor::f_from_slice(&positions)?.f_to_device(self.device())?;
+            let pick = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.f_select(0, 0)?
+                    .f_select(0, 0)?
+                    .f_index_select(0, &index)?
+                    .f_view([caches.len() as i64, 1, 1, -1])?)
+            };
+            return Ok((pick(&self.rope_cos)?, pick(&self.rope_sin)?));
+        }
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for cache in caches {
+            let (c, s) = compute_rope(&self.inv_freq, cache.len(), 1, self.kind())?;
+            cos.push(c);
+            sin.push(s);
+        }
+        Ok((Tensor::f_cat(&cos, 0)?, Tensor::f_cat(&sin, 0)?))
+    }
+
+    /// Layer `i`'s attention half with its residual for a batch of single-token rows.
+    fn batched_attention(
+        &self,
+        i: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let layer = &self.layers[i];
+        let batch = x.size()[0];
+        let h = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;
+        let split = |y: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(y.f_view([batch, 1, heads as i64, c.head_dim as i64])?
+                .f_transpose(1, 2)?)
+        };
+        let [q, k, v] = project_all(None, &h, [&layer.q_proj, &layer.k_proj, &layer.v_proj])?;
+        let kind = self.attention_kind();
+        let q = apply_rope(&split(q, c.num_heads)?, cos, sin)?.f_to_kind(kind)?;
+        let k = apply_rope(&split(k, c.num_kv_heads)?, cos, sin)?.f_to_kind(kind)?;
+        let v = split(v, c.num_kv_heads)?.f_to_kind(kind)?;
+        let gqa = c.num_heads != c.num_kv_heads;
+        let mut outputs = Vec::with_capacity(caches.len());
+        for (j, cache) in caches.iter_mut().enumerate() {
+            let j = j as i64;
+            let (keys, values) = cache.append(i, &k.f_narrow(0, j, 1)?, &v.f_narrow(0, j, 1)?)?;
+            outputs.push(Tensor::f_scaled_dot_product_attention(
+                &q.f_narrow(0, j, 1)?,
+                &keys,
+                &values,
+                None::<&Tensor>,
+                0.0,
+                false,
+                None,
+                gqa,
+            )?);
+        }
+        let attn = Tensor::f_cat(&outputs, 0)?
+            .f_to_kind(self.kind())?
+            .f_transpose(1, 2)?
+            .f_reshape([batch, 1, (c.num_heads * c.head_dim) as i64])?;
+        let [out] = project_all(None, &attn, [&layer.o_proj])?;
+        Ok(x.f_add(&out)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use tch::Device;
+
+    fn tiny() -> Llama {
+        let config = Config::from_hf_str(
+            r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 97,
+                "max_position_embeddings": 64, "rms_norm_eps": 1e-5}"#,
+        )
+        .expect("config");
+        Llama::random(config, Kind::Float, Device::Cpu, 7).expect("model")
+    }
+
+    /// A batched step gives each sequence the logits it gets alone, whatever the other sequences' lengths.
+    #[test]
+    fn batched_step_matches_each_sequence_alone() {
+        let model = tiny();
+        let _guard = tch::no_grad_guard();
+        let prompts: [&[u32]; 3] = [&[1, 2, 3], &[5], &[9, 8, 7, 6, 5, 4, 3]];
+        let next = [11u32, 12, 13];
+        let mut solo = Vec::new();
+        for (p, &n) in prompts.iter().zip(&next) {
+            let mut cache = model.new_cache();
+            let _ = model.forward_last(p, &mut cache).expect("prefill");
+            solo.push(model.forward_last(&[n], &mut cache).expect("decode"));
+        }
+        let mut caches: Vec<KvCache> = prompts
+            .iter()
+            .map(|p| {
+                let mut cache = model.new_cache();
+                let _ = model.forward_last(p, &mut cache).expect("prefill");
+                cache
+            })
+            .collect();
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        let batched = model.decode_step(&next, &mut refs).expect("step");
+        assert_eq!(batched.size(), [3, 97]);
+        for (j, expected) in solo.iter().enumerate() {
+            let diff = f64::try_from(
+                (batched.get(j as i64) - expected)
+                    .abs()
+                    .max(),
+            )
+            .expect("scalar");
+            assert!(diff < 1e-4, "sequence {j} differs by {diff}");
+        }
+        assert_eq!(caches.iter().map(KvCache::len).collect::<Vec<_>>(), [4, 2, 8]);
+    }
+}

@@ -1,0 +1,166 @@
+//! The gateway's configuration: flags, or a YAML file, validated at start with errors that name the field.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::routing::Endpoints;
+use crate::validate::Limits;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error("--backend {value:?}: {message}")]
+    Backend { value: String, message: String },
+}
+
+/// Everything the gateway needs to start.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub endpoints: Endpoints,
+    pub limits: Limits,
+    pub probe_interval: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            endpoints: Endpoints::new(),
+            limits: Limits::default(),
+            probe_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_body_bytes: Option<usize>,
+    max_messages: Option<usize>,
+    max_prompt_chars: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    listen: Option<SocketAddr>,
+    /// Model name → worker addresses.
+    #[serde(default)]
+    models: Endpoints,
+    limits: Option<FileLimits>,
+    probe_interval_ms: Option<u64>,
+}
+
+impl GatewayConfig {
+    /// Reads a YAML config file (unknown keys are errors, so typos do not pass silently).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let de = serde_yaml_ng::Deserializer::from_str(&text);
+        let file: File = serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Invalid {
+            path: shown.clone(),
+            message: format!("`{}`: {}", e.path(), e.inner()),
+        })?;
+        let mut config = Self::default();
+        if let Some(listen) = file.listen {
+            config.listen = listen;
+        }
+        if let Some(l) = file.limits {
+            let d = config.limits;
+            config.limits = Limits {
+                max_body_bytes: l.max_body_bytes.unwrap_or(d.max_body_bytes),
+                max_messages: l.max_messages.unwrap_or(d.max_messages),
+                max_prompt_chars: l.max_prompt_chars.unwrap_or(d.max_prompt_chars),
+                ..d
+            };
+        }
+        if let Some(ms) = file.probe_interval_ms {
+            config.probe_interval = Duration::from_millis(ms.max(50));
+        }
+        for (model, addrs) in file.models {
+            config.add_endpoints(&model, addrs).map_err(|message| ConfigError::Invalid {
+                path: shown.clone(),
+                message: format!("`models.{model}`: {message}"),
+            })?;
+        }
+        Ok(config)
+    }
+
+    /// Adds `NAME=ADDR[,ADDR...]` from the command line.
+    pub fn add_backend_flag(&mut self, value: &str) -> Result<(), ConfigError> {
+        let err = |message: &str| ConfigError::Backend {
+            value: value.to_string(),
+            message: message.to_string(),
+        };
+        let (name, addrs) = value.split_once('=').ok_or_else(|| err("expected NAME=ADDR[,ADDR...]"))?;
+        let addrs = addrs.split(',').map(|a| a.trim().to_string()).collect();
+        self.add_endpoints(name.trim(), addrs).map_err(|m| err(&m))
+    }
+
+    fn add_endpoints(&mut self, model: &str, addrs: Vec<String>) -> Result<(), String> {
+        if model.is_empty() {
+            return Err("the model name is empty".into());
+        }
+        if addrs.is_empty() || addrs.iter().any(|a| a.is_empty()) {
+            return Err("every model needs at least one worker address".into());
+        }
+        for addr in &addrs {
+            let ok = addr.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                return Err(format!("{addr:?} is not HOST:PORT"));
+            }
+        }
+        let list = self.endpoints.entry(model.to_string()).or_default();
+        for addr in addrs {
+            if !list.contains(&addr) {
+                list.push(addr);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_flags_parse_and_bad_ones_say_why() {
+        let mut c = GatewayConfig::default();
+        c.add_backend_flag("smol=127.0.0.1:50051,10.0.0.2:50051").unwrap();
+        assert_eq!(c.endpoints["smol"], ["127.0.0.1:50051", "10.0.0.2:50051"]);
+        for bad in ["smol", "=1.2.3.4:5", "smol=host", "smol=host:notaport"] {
+            let e = c.add_backend_flag(bad).unwrap_err();
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn config_file_errors_name_the_field() {
+        let dir = std::env::temp_dir().join(format!("camelid-gw-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.yaml");
+        std::fs::write(&good, "listen: 0.0.0.0:9000\nmodels:\n  smol: [\"w1:50051\"]\nlimits:\n  max_messages: 8\n").unwrap();
+        let c = GatewayConfig::from_file(&good).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.limits.max_messages, 8);
+        let bad = dir.join("bad.yaml");
+        std::fs::write(&bad, "limits:\n  max_mesages: 8\n").unwrap();
+        let e = GatewayConfig::from_file(&bad).unwrap_err().to_string();
+        assert!(e.contains("limits") && e.contains("max_mesages"), "{e}");
+    }
+}

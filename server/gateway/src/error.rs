@@ -1,0 +1,159 @@
+//! The gateway's one error type and the one place errors become responses (OpenAI's error shape).
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::openai::{ErrorBody, ErrorDetail};
+
+/// An error a client sees: status, OpenAI `type`, `code`, the request field it is about, and the message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub code: Option<String>,
+    pub param: Option<String>,
+    pub message: String,
+    /// Seconds for `Retry-After` (overload, no ready worker).
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            code: Some(code.to_string()),
+            param: None,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into()).filter(|p: &String| !p.is_empty());
+        self
+    }
+
+    /// A value that is well-formed but not acceptable (400).
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_value", message).with_param(param)
+    }
+
+    /// A feature we do not serve (400).
+    pub fn unsupported(param: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "unsupported_parameter", message)
+            .with_param(param)
+    }
+
+    /// The body is not JSON at all (400).
+    pub fn malformed_json(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_json", message)
+    }
+
+    /// JSON of the wrong shape: a missing field or a wrong type (422).
+    pub fn wrong_shape(param: &str, message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request_error",
+            "invalid_type",
+            message,
+        )
+        .with_param(param)
+    }
+
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("the request body is larger than this gateway's limit of {limit} bytes"),
+        )
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!("the model `{model}` does not exist; GET /v1/models lists the served models"),
+        )
+        .with_param("model")
+    }
+
+    pub fn not_found(path: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", format!("no route {path}"))
+    }
+
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "method_not_allowed",
+            "method not allowed on this route",
+        )
+    }
+
+    pub fn overloaded(model: &str) -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "server_overloaded",
+                "overloaded",
+                format!("every worker of `{model}` is at capacity; retry shortly"),
+            )
+        }
+    }
+
+    pub fn no_ready_worker(model: &str) -> Self {
+        Self {
+            retry_after: Some(2),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "no_ready_worker",
+                format!("no worker of `{model}` is ready"),
+            )
+        }
+    }
+
+    pub fn worker_failed(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, "server_error", "worker_failed", message)
+    }
+
+    /// A stable label for metrics and logs.
+    pub fn category(&self) -> &'static str {
+        match self.status.as_u16() {
+            400 | 422 => "invalid_request",
+            404 => "not_found",
+            413 => "too_large",
+            429 => "overloaded",
+            503 => "unavailable",
+            _ => "server_error",
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.message.clone(),
+                kind: self.kind,
+                param: self.param.clone(),
+                code: self.code.clone(),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}

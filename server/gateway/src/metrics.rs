@@ -1,0 +1,100 @@
+//! The gateway's Prometheus metrics, defined once. Label values are bounded: models are the configured ones (any
+//! other name is counted as `unknown`), routes and statuses a fixed set.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub model: String,
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub model: String,
+    pub route: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub model: String,
+    pub endpoint: String,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<RouteLabels, Histogram>,
+    pub time_to_first_token: Family<ModelLabels, Histogram>,
+    pub in_flight: Family<ModelLabels, Gauge>,
+    pub backend_healthy: Family<BackendLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("camelid_gateway");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        let time_to_first_token = Family::<ModelLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.005, 2.0, 14))
+        });
+        let in_flight = Family::<ModelLabels, Gauge>::default();
+        let backend_healthy = Family::<BackendLabels, Gauge>::default();
+        registry.register("requests", "Requests by model, route and HTTP status", requests.clone());
+        registry.register(
+            "request_duration_seconds",
+            "From receipt to the last byte (streams: to [DONE])",
+            latency.clone(),
+        );
+        registry.register(
+            "time_to_first_token_seconds",
+            "From receipt to the first generated text",
+            time_to_first_token.clone(),
+        );
+        registry.register("in_flight_requests", "Requests being served, per model", in_flight.clone());
+        registry.register("backend_healthy", "1 while a worker endpoint gets traffic", backend_healthy.clone());
+        Self {
+            registry,
+            requests,
+            latency,
+            time_to_first_token,
+            in_flight,
+            backend_healthy,
+        }
+    }
+
+    pub fn set_backend_health(&self, model: &str, endpoint: &str, healthy: bool) {
+        self.backend_healthy
+            .get_or_create(&BackendLabels {
+                model: model.to_string(),
+                endpoint: endpoint.to_string(),
+            })
+            .set(i64::from(healthy));
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,333 @@
+//! The engine thread: owns the model, runs the [`Scheduler`]'s steps (prefill of joining sequences, then one
+//! batched decode step of the running ones) and streams each sequence's text to its caller.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use camelid_model::cpu_gemv::{DecodePool, with_decode_pool};
+use camelid_model::generate::TorchThreads;
+use camelid_model::stream::TokenTextStream;
+use camelid_model::{FinishReason, KvCache, LoadedModel, Sampler};
+use tch::{Device, Tensor};
+use tokio::sync::mpsc;
+
+use crate::error::WorkerError;
+use crate::handle::{Command, Event, Input, Shared, Submission};
+use crate::scheduler::{Rejected, Scheduler, SchedulerConfig, SeqId};
+
+struct Sequence {
+    prompt: Vec<u32>,
+    cache: KvCache,
+    sampler: Sampler,
+    text: TokenTextStream,
+    events: mpsc::UnboundedSender<Event>,
+    last_token: u32,
+    submitted: Instant,
+    last_token_at: Option<Instant>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Runs until every handle is gone and no sequence is left.
+pub(crate) fn run(
+    loaded: &LoadedModel,
+    shared: Arc<Shared>,
+    commands: mpsc::Receiver<Command>,
+    config: SchedulerConfig,
+) {
+    if loaded.model.device() == Device::Cpu {
+        with_decode_pool(|pool| Engine::new(loaded, Some(pool), shared, config).run(commands));
+    } else {
+        Engine::new(loaded, None, shared, config).run(commands);
+    }
+}
+
+struct Engine<'p, 'm> {
+    loaded: &'m LoadedModel,
+    pool: Option<&'p DecodePool<'m>>,
+    shared: Arc<Shared>,
+    scheduler: Scheduler,
+    sequences: HashMap<SeqId, Sequence>,
+    torch_threads: i32,
+}
+
+impl<'p, 'm> Engine<'p, 'm> {
+    fn new(
+        loaded: &'m LoadedModel,
+        pool: Option<&'p DecodePool<'m>>,
+        shared: Arc<Shared>,
+        config: SchedulerConfig,
+    ) -> Self {
+        let scheduler = Scheduler::new(config);
+        Self {
+            loaded,
+            pool,
+            shared,
+            scheduler,
+            sequences: HashMap::new(),
+            torch_threads: tch::get_num_threads(),
+        }
+    }
+
+    fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let _guard = tch::no_grad_guard();
+        loop {
+            if self.scheduler.is_idle() {
+                match commands.blocking_recv() {
+                    Some(command) => self.handle(command),
+                    None => return,
+                }
+            }
+            while let Ok(command) = commands.try_recv() {
+                self.handle(command);
+            }
+            self.drop_cancelled();
+            self.step();
+            self.publish_gauges();
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Submit(submission) => self.admit(*submission),
+        }
+    }
+
+    /// Tokenizes and queues a request, answering `Started` or the reason it cannot run.
+    fn admit(&mut self, s: Submission) {
+        match self.prepare(&s) {
+            Ok((prompt, cache, sampler, text, reserve)) => {
+                if let Err(Rejected::ExceedsBudget { budget, .. }) =
+                    self.scheduler.enqueue(s.id, prompt.len(), reserve)
+                {
+                    let e = WorkerError::InvalidRequest {
+                        message: format!(
+                            "the prompt ({} tokens) plus max_tokens needs {reserve} KV positions, more than this \
+                             worker's KV budget of {budget}; lower max_tokens",
+                            prompt.len()
+                        ),
+                        code: "context_length_exceeded",
+                        param: Some("max_tokens"),
+                    };
+                    self.reject(&s, e);
+                    return;
+                }
+                self.shared.metrics.prompt_tokens.inc_by(prompt.len() as u64);
+                let _ = s.events.send(Event::Started {
+                    prompt_tokens: prompt.len(),
+                });
+                self.sequences.insert(
+                    s.id,
+                    Sequence {
+                        last_token: 0,
+                        prompt,
+                        cache,
+                        sampler,
+                        text,
+                        events: s.events,
+                        submitted: s.received,
+                        last_token_at: None,
+                        _permit: s.permit,
+                    },
+                );
+            }
+            Err(e) => self.reject(&s, e),
+        }
+    }
+
+    fn reject(&self, s: &Submission, e: WorkerError) {
+        self.shared.metrics.count(e.category());
+        let _ = s.events.send(Event::Failed(e));
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn prepare(
+        &self,
+        s: &Submission,
+    ) -> Result<(Vec<u32>, KvCache, Sampler, TokenTextStream, usize), WorkerError> {
+        let loaded = self.loaded;
+        let (prompt, field) = match &s.input {
+            Input::Chat(messages) => (loaded.chat_prompt(messages), "messages"),
+            Input::Prompt(text) => (loaded.text_prompt(text), "prompt"),
+        };
+        let prompt = prompt.map_err(|e| WorkerError::from_model(e, field))?;
+        let context = loaded.config().max_position_embeddings;
+        if prompt.is_empty() {
+            return Err(WorkerError::invalid("the prompt is empty", Some(field)));
+        }
+        if prompt.len() >= context {
+            return Err(WorkerError::from_model(
+                camelid_model::ModelError::ContextOverflow {
+                    prompt_tokens: prompt.len(),
+                    context,
+                },
+                field,
+            ));
+        }
+        let room = context - prompt.len();
+        let max_new = match s.params.max_tokens {
+            Some(0) => return Err(WorkerError::invalid("max_tokens must be at least 1", Some("max_tokens"))),
+            Some(n) => n.min(room),
+            None => room,
+        };
+        let sampler = Sampler::new(s.params.sampling.clone())
+            .map_err(|e| WorkerError::from_model(e, "sampling"))?;
+        let eos = if s.params.ignore_eos {
+            vec![]
+        } else {
+            loaded.eos_token_ids.clone()
+        };
+        let reserve = prompt.len() + max_new;
+        let cache = KvCache::new(loaded.config().num_layers, reserve);
+        let text = TokenTextStream::new(&s.params.stop, eos, max_new);
+        Ok((prompt, cache, sampler, text, reserve))
+    }
+
+    /// Sequences whose caller went away leave at once.
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<SeqId> = self
+            .sequences
+            .iter()
+            .filter(|(_, s)| s.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.finish(id, "cancelled");
+        }
+    }
+
+    fn finish(&mut self, id: SeqId, outcome: &'static str) {
+        self.scheduler.remove(id);
+        self.sequences.remove(&id);
+        self.shared.metrics.count(outcome);
+    }
+
+    fn fail(&mut self, ids: &[SeqId], e: &WorkerError) {
+        tracing::error!(error = %e, sequences = ids.len(), "model step failed");
+        for &id in ids {
+            if let Some(seq) = self.sequences.get(&id) {
+                let _ = seq.events.send(Event::Failed(e.clone()));
+            }
+            self.finish(id, e.category());
+        }
+    }
+
+    fn step(&mut self) {
+        let step = self.scheduler.next_step();
+        for id in step.prefill {
+            tch::set_num_threads(self.torch_threads);
+            let Some(seq) = self.sequences.get_mut(&id) else {
+                continue;
+            };
+            let logits = self.loaded.model.forward_last(&seq.prompt, &mut seq.cache);
+            match logits.and_then(|l| Ok(Vec::<f32>::try_from(&l.f_to_device(Device::Cpu)?)?)) {
+                Ok(mut values) => self.accept(id, &mut values),
+                Err(e) => self.fail(&[id], &WorkerError::Model(e.to_string())),
+            }
+        }
+        if step.decode.is_empty() {
+            return;
+        }
+        self.shared.metrics.batch_size.observe(step.decode.len() as f64);
+        match self.decode(&step.decode) {
+            Ok(rows) => {
+                for (id, mut row) in rows {
+                    self.accept(id, &mut row);
+                }
+            }
+            Err(e) => self.fail(&step.decode, &WorkerError::Model(e.to_string())),
+        }
+    }
+
+    /// One decode step for `ids`; returns each sequence's next-token logits.
+    fn decode(&mut self, ids: &[SeqId]) -> camelid_model::Result<Vec<(SeqId, Vec<f32>)>> {
+        // Taken out of the map for the step so that each cache can be borrowed mutably alongside the others.
+        let mut batch: Vec<(SeqId, Sequence)> =
+            ids.iter().filter_map(|id| self.sequences.remove_entry(id)).collect();
+        let logits = self.forward_batch(&mut batch);
+        let ids: Vec<SeqId> = batch.iter().map(|(id, _)| *id).collect();
+        self.sequences.extend(batch);
+        let values = Vec::<f32>::try_from(&logits?.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
+        let vocab = values.len() / ids.len().max(1);
+        Ok(ids.into_iter().zip(values.chunks(vocab).map(<[f32]>::to_vec)).collect())
+    }
+
+    fn forward_batch(&self, batch: &mut [(SeqId, Sequence)]) -> camelid_model::Result<Tensor> {
+        let model = &self.loaded.model;
+        let tokens: Vec<u32> = batch.iter().map(|(_, s)| s.last_token).collect();
+        if let ([(_, seq)], Some(pool)) = (&mut *batch, self.pool) {
+            // One sequence: the single-row kernel with libtorch single-threaded (see `generate`).
+            let _threads = TorchThreads::set(1);
+            return Ok(model
+                .forward_last_in(&tokens, &mut seq.cache, Some(pool))?
+                .f_unsqueeze(0)?);
+        }
+        tch::set_num_threads(self.torch_threads);
+        let mut caches: Vec<&mut KvCache> = batch.iter_mut().map(|(_, s)| &mut s.cache).collect();
+        model.decode_step(&tokens, &mut caches)
+    }
+
+    /// Samples the next token of `id` from `logits` and streams what it produced.
+    fn accept(&mut self, id: SeqId, logits: &mut [f32]) {
+        let tokenizer = &self.loaded.tokenizer;
+        let metrics = &self.shared.metrics;
+        let Some(seq) = self.sequences.get_mut(&id) else {
+            return;
+        };
+        let next = seq.sampler.sample(logits, &seq.prompt, seq.text.generated());
+        let now = Instant::now();
+        match seq.last_token_at {
+            None => metrics
+                .time_to_first_token
+                .observe(now.duration_since(seq.submitted).as_secs_f64()),
+            Some(previous) => metrics
+                .time_per_output_token
+                .observe(now.duration_since(previous).as_secs_f64()),
+        }
+        seq.last_token_at = Some(now);
+        seq.last_token = next;
+        metrics.generated_tokens.inc();
+        let pushed = match seq.text.push(next, |ids| tokenizer.decode(ids, true)) {
+            Ok(pushed) => pushed,
+            Err(e) => {
+                self.fail(&[id], &WorkerError::Model(e.to_string()));
+                return;
+            }
+        };
+        let delivered = pushed.text.is_empty()
+            || seq
+                .events
+                .send(Event::Chunk {
+                    text: pushed.text,
+                })
+                .is_ok();
+        if !delivered {
+            self.finish(id, "cancelled");
+            return;
+        }
+        if let Some(reason) = pushed.finished {
+            let _ = seq.events.send(Event::Finished {
+                reason,
+                prompt_tokens: seq.prompt.len(),
+                completion_tokens: seq.text.generated().len(),
+            });
+            self.finish(
+                id,
+                match reason {
+                    FinishReason::Length => "length",
+                    _ => "stop",
+                },
+            );
+        }
+    }
+
+    fn publish_gauges(&self) {
+        let m = &self.shared.metrics;
+        m.queue_length.set(self.scheduler.waiting() as i64);
+        m.running_sequences.set(self.scheduler.running() as i64);
+        m.kv_reserved_tokens.set(self.scheduler.reserved_tokens() as i64);
+        m.kv_cache_bytes
+            .set(self.sequences.values().map(|s| s.cache.bytes()).sum::<usize>() as i64);
+        self.shared.set_load(self.scheduler.running(), self.scheduler.waiting());
+    }
+}

@@ -1,0 +1,17 @@
+//! camelid's model worker: one model on libtorch behind gRPC, with continuous batching.
+//!
+//! [`WorkerHandle`] is the entry point: it admits requests (a semaphore bounds running plus queued ones) and sends
+//! them to the engine thread, which runs the [`scheduler::Scheduler`]'s steps over the model. [`grpc`] exposes a
+//! handle as the `camelid.worker.v1.Worker` service.
+
+pub mod engine;
+pub mod error;
+pub mod grpc;
+pub mod handle;
+pub mod load;
+pub mod metrics;
+pub mod scheduler;
+
+pub use error::WorkerError;
+pub use handle::{Event, GenParams, Generation, Input, ModelInfo, WorkerConfig, WorkerHandle};
+pub use load::ModelArgs;

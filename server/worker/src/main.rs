@@ -1,0 +1,118 @@
+//! `camelid-worker`: serves one model over gRPC (port 50051) with metrics on port 9090.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use camelid_worker::grpc::{bind, http_router, serve_grpc};
+use camelid_worker::load::default_served_name;
+use camelid_worker::{ModelArgs, WorkerConfig, WorkerHandle};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "camelid-worker", version, about = "Serve one model over gRPC with continuous batching")]
+struct Cli {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The model name clients use (default: the model's file or directory name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// gRPC address.
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    listen: SocketAddr,
+    /// `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    metrics_addr: SocketAddr,
+    #[command(flatten)]
+    batching: BatchingArgs,
+}
+
+#[derive(clap::Args)]
+struct BatchingArgs {
+    /// Most sequences decoding together.
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+    /// Requests that may wait for the batch; more get a retryable "overloaded" error.
+    #[arg(long, default_value_t = 256)]
+    max_waiting: usize,
+    /// KV cache memory (MiB) running sequences may reserve together.
+    #[arg(long, default_value_t = 8192)]
+    kv_budget_mib: usize,
+    /// Prompt tokens prefilled per step, so long prompts do not stall running sequences for long.
+    #[arg(long, default_value_t = 4096)]
+    max_prefill_tokens: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAMELID_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((e, code)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), (anyhow::Error, u8)> {
+    let user = |e: anyhow::Error| (e, 2u8);
+    let path = cli.model.path().map_err(|e| user(e.into()))?;
+    let config = WorkerConfig {
+        name: cli.served_model_name.unwrap_or_else(|| default_served_name(&path)),
+        max_batch: cli.batching.max_batch.max(1),
+        max_waiting: cli.batching.max_waiting,
+        kv_budget_bytes: cli.batching.kv_budget_mib << 20,
+        max_prefill_tokens: cli.batching.max_prefill_tokens.max(1),
+    };
+    let model = cli.model.clone();
+    let handle = WorkerHandle::start(config, move || Ok(model.load()?)).map_err(|e| (e.into(), 1))?;
+    let grpc = bind(cli.listen).await.map_err(|e| user(e.into()))?;
+    let http = bind(cli.metrics_addr).await.map_err(|e| user(e.into()))?;
+    tracing::info!(grpc = %cli.listen, metrics = %cli.metrics_addr, "listening; loading the model");
+    let router = http_router(handle.clone());
+    tokio::spawn(async move { axum::serve(http, router).await });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_grpc(handle.clone(), grpc, async {
+        let _ = stop_rx.await;
+    }));
+    // A model that fails to load is a configuration error: exit so the pod restarts or the user sees it.
+    handle
+        .wait_ready()
+        .await
+        .map_err(|e| user(anyhow::anyhow!(e)))?;
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing running requests");
+    let _ = stop_tx.send(());
+    match server.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err((e.into(), 1)),
+        Err(e) => Err((e.into(), 1)),
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM (Kubernetes stops pods with SIGTERM).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
