@@ -36,7 +36,10 @@ pub fn run(args: &ServeArgs) -> Result<(), Failed> {
 async fn serve(args: &ServeArgs) -> Result<(), Failed> {
     let user = |e: anyhow::Error| (e, 2u8);
     let path = args.model.path().map_err(|e| user(e.into()))?;
-    let name = args.served_model_name.clone().unwrap_or_else(|| default_served_name(&path));
+    let name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| default_served_name(&path));
     let config = WorkerConfig {
         name: name.clone(),
         max_batch: args.max_batch.max(1),
@@ -45,7 +48,9 @@ async fn serve(args: &ServeArgs) -> Result<(), Failed> {
     let model = args.model.clone();
     let handle = WorkerHandle::start(config, move || Ok(model.load()?)).map_err(|e| (e.into(), 1))?;
     handle.wait_ready().await.map_err(|e| user(e.into()))?;
-    let grpc = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.map_err(|e| (e.into(), 1))?;
+    let grpc = bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .map_err(|e| (e.into(), 1))?;
     let grpc_addr = grpc.local_addr().map_err(|e| (e.into(), 1))?;
     let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(serve_grpc(handle.clone(), grpc, async {
@@ -66,7 +71,9 @@ async fn serve(args: &ServeArgs) -> Result<(), Failed> {
         .await
         .map_err(|e| user(anyhow::anyhow!("binding {listen}: {e}")))?;
     let app = camelid_gateway::api::app(state).nest("/worker", http_router(handle));
-    eprintln!("camelid serve: model `{name}` at http://{listen}/v1 (worker metrics at /worker/metrics); Ctrl-C stops");
+    eprintln!(
+        "camelid serve: model `{name}` at http://{listen}/v1 (worker metrics at /worker/metrics); Ctrl-C stops"
+    );
     axum::serve(listener, app)
         .with_graceful_shutdown(camelid_gateway::shutdown_signal())
         .await

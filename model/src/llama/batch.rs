@@ -155,12 +155,7 @@ mod tests {
         let batched = model.decode_step(&next, &mut refs).expect("step");
         assert_eq!(batched.size(), [3, 97]);
         for (j, expected) in solo.iter().enumerate() {
-            let diff = f64::try_from(
-                (batched.get(j as i64) - expected)
-                    .abs()
-                    .max(),
-            )
-            .expect("scalar");
+            let diff = f64::try_from((batched.get(j as i64) - expected).abs().max()).expect("scalar");
             assert!(diff < 1e-4, "sequence {j} differs by {diff}");
         }
         assert_eq!(caches.iter().map(KvCache::len).collect::<Vec<_>>(), [4, 2, 8]);

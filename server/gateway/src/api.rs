@@ -65,14 +65,22 @@ struct InFlightGauge(Arc<Metrics>, String);
 
 impl InFlightGauge {
     fn new(metrics: &Arc<Metrics>, model: &str) -> Self {
-        metrics.in_flight.get_or_create(&ModelLabels { model: model.into() }).inc();
+        metrics
+            .in_flight
+            .get_or_create(&ModelLabels { model: model.into() })
+            .inc();
         Self(metrics.clone(), model.into())
     }
 }
 
 impl Drop for InFlightGauge {
     fn drop(&mut self) {
-        self.0.in_flight.get_or_create(&ModelLabels { model: self.1.clone() }).dec();
+        self.0
+            .in_flight
+            .get_or_create(&ModelLabels {
+                model: self.1.clone(),
+            })
+            .dec();
     }
 }
 
@@ -90,7 +98,10 @@ pub fn app(state: AppState) -> axum::Router {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
@@ -108,7 +119,14 @@ async fn chat_completions(State(state): State<AppState>, body: Body) -> Response
 }
 
 async fn completions(State(state): State<AppState>, body: Body) -> Response {
-    handle(state, Api::Completions, body, validate::parse_completion, validate::completion).await
+    handle(
+        state,
+        Api::Completions,
+        body,
+        validate::parse_completion,
+        validate::completion,
+    )
+    .await
 }
 
 async fn handle<T: DeserializeOwned>(
@@ -157,7 +175,11 @@ async fn pipeline(
     if let Err(e) = state.guardrails.check(&request).await {
         return Err((e, record));
     }
-    let prefix = if request.api == Api::Chat { "chatcmpl" } else { "cmpl" };
+    let prefix = if request.api == Api::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    };
     let id = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
     let gauge = InFlightGauge::new(&state.metrics, &record.model);
     let mut tried = Vec::new();
@@ -210,7 +232,11 @@ enum Collected {
 }
 
 fn finish_reason(f: &v1::Finished) -> &'static str {
-    if f.reason == v1::FinishReason::Length as i32 { "length" } else { "stop" }
+    if f.reason == v1::FinishReason::Length as i32 {
+        "length"
+    } else {
+        "stop"
+    }
 }
 
 async fn collect(state: &AppState, mut started: Started, record: &RequestRecord) -> Result<Done, Collected> {
@@ -240,7 +266,11 @@ async fn collect(state: &AppState, mut started: Started, record: &RequestRecord)
             Err(status) if is_transport_failure(&status) => {
                 return Err(Collected::Broken(status.message().to_string()));
             }
-            Err(status) => return Err(Collected::Failed(ApiError::worker_failed(status.message().to_string()))),
+            Err(status) => {
+                return Err(Collected::Failed(ApiError::worker_failed(
+                    status.message().to_string(),
+                )));
+            }
         }
     }
 }
@@ -249,7 +279,9 @@ fn observe_ttft(state: &AppState, record: &RequestRecord) {
     state
         .metrics
         .time_to_first_token
-        .get_or_create(&ModelLabels { model: record.model.clone() })
+        .get_or_create(&ModelLabels {
+            model: record.model.clone(),
+        })
         .observe(record.received.elapsed().as_secs_f64());
 }
 
@@ -263,7 +295,10 @@ fn whole_response(request: &Validated, id: String, created: u64, done: Done) -> 
             model,
             choices: vec![openai::ChatChoice {
                 index: 0,
-                message: openai::AssistantMessage { role: "assistant", content: done.text },
+                message: openai::AssistantMessage {
+                    role: "assistant",
+                    content: done.text,
+                },
                 finish_reason: Some(done.finish_reason),
                 logprobs: None,
             }],
@@ -320,7 +355,10 @@ impl ChunkWriter {
                 model: self.model.clone(),
                 choices: vec![openai::ChunkChoice {
                     index: 0,
-                    delta: Delta { role: role.then_some("assistant"), content: text },
+                    delta: Delta {
+                        role: role.then_some("assistant"),
+                        content: text,
+                    },
                     finish_reason: finish,
                     logprobs: None,
                 }],
@@ -389,15 +427,20 @@ fn stream_response(
         loop {
             let message = started.stream.message().await;
             let keep_going = match message {
-                Ok(Some(v1::GenerateResponse { event: Some(generate_response::Event::Chunk(c)) })) => {
+                Ok(Some(v1::GenerateResponse {
+                    event: Some(generate_response::Event::Chunk(c)),
+                })) => {
                     if first {
                         first = false;
                         observe_ttft(&state, &record);
                     }
                     send(writer.chunk(false, Some(c.text), None)).await
                 }
-                Ok(Some(v1::GenerateResponse { event: Some(generate_response::Event::Finished(f)) })) => {
-                    if send(writer.chunk(false, None, Some(finish_reason(&f)))).await && writer.include_usage {
+                Ok(Some(v1::GenerateResponse {
+                    event: Some(generate_response::Event::Finished(f)),
+                })) => {
+                    if send(writer.chunk(false, None, Some(finish_reason(&f)))).await && writer.include_usage
+                    {
                         let usage = Usage::new(f.prompt_tokens as usize, f.completion_tokens as usize);
                         let _ = send(writer.usage(usage)).await;
                     }
@@ -427,7 +470,10 @@ fn stream_response(
     });
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
     let mut response = Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
-    response.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-cache"),
+    );
     response
 }
 
@@ -438,7 +484,12 @@ async fn list_models(State(state): State<AppState>) -> impl IntoResponse {
             .router
             .models()
             .into_iter()
-            .map(|id| openai::ModelCard { id, object: "model", created: state.created, owned_by: "camelid" })
+            .map(|id| openai::ModelCard {
+                id,
+                object: "model",
+                created: state.created,
+                owned_by: "camelid",
+            })
             .collect(),
     })
 }
@@ -453,7 +504,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
 }

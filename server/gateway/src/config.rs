@@ -92,10 +92,12 @@ impl GatewayConfig {
             config.probe_interval = Duration::from_millis(ms.max(50));
         }
         for (model, addrs) in file.models {
-            config.add_endpoints(&model, addrs).map_err(|message| ConfigError::Invalid {
-                path: shown.clone(),
-                message: format!("`models.{model}`: {message}"),
-            })?;
+            config
+                .add_endpoints(&model, addrs)
+                .map_err(|message| ConfigError::Invalid {
+                    path: shown.clone(),
+                    message: format!("`models.{model}`: {message}"),
+                })?;
         }
         Ok(config)
     }
@@ -106,7 +108,9 @@ impl GatewayConfig {
             value: value.to_string(),
             message: message.to_string(),
         };
-        let (name, addrs) = value.split_once('=').ok_or_else(|| err("expected NAME=ADDR[,ADDR...]"))?;
+        let (name, addrs) = value
+            .split_once('=')
+            .ok_or_else(|| err("expected NAME=ADDR[,ADDR...]"))?;
         let addrs = addrs.split(',').map(|a| a.trim().to_string()).collect();
         self.add_endpoints(name.trim(), addrs).map_err(|m| err(&m))
     }
@@ -119,7 +123,9 @@ impl GatewayConfig {
             return Err("every model needs at least one worker address".into());
         }
         for addr in &addrs {
-            let ok = addr.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            let ok = addr
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
             if !ok {
                 return Err(format!("{addr:?} is not HOST:PORT"));
             }
@@ -154,7 +160,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("camelid-gw-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let good = dir.join("good.yaml");
-        std::fs::write(&good, "listen: 0.0.0.0:9000\nmodels:\n  smol: [\"w1:50051\"]\nlimits:\n  max_messages: 8\n").unwrap();
+        std::fs::write(
+            &good,
+            "listen: 0.0.0.0:9000\nmodels:\n  smol: [\"w1:50051\"]\nlimits:\n  max_messages: 8\n",
+        )
+        .unwrap();
         let c = GatewayConfig::from_file(&good).unwrap();
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.limits.max_messages, 8);

@@ -9,7 +9,11 @@ use camelid_gateway::guardrails::Guardrails;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "camelid-gateway", version, about = "OpenAI-compatible gateway for camelid workers")]
+#[command(
+    name = "camelid-gateway",
+    version,
+    about = "OpenAI-compatible gateway for camelid workers"
+)]
 struct Cli {
     /// A YAML config file (`listen`, `models: {NAME: [ADDR...]}`, `limits`, `probe_interval_ms`).
     #[arg(long)]
@@ -54,7 +58,10 @@ fn main() -> ExitCode {
         config.probe_interval = std::time::Duration::from_millis(ms.max(50));
     }
     if config.endpoints.is_empty() {
-        return fail(&"no models configured: pass --backend NAME=ADDR or --config FILE", 2);
+        return fail(
+            &"no models configured: pass --backend NAME=ADDR or --config FILE",
+            2,
+        );
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -60,7 +60,11 @@ impl Metrics {
         });
         let in_flight = Family::<ModelLabels, Gauge>::default();
         let backend_healthy = Family::<BackendLabels, Gauge>::default();
-        registry.register("requests", "Requests by model, route and HTTP status", requests.clone());
+        registry.register(
+            "requests",
+            "Requests by model, route and HTTP status",
+            requests.clone(),
+        );
         registry.register(
             "request_duration_seconds",
             "From receipt to the last byte (streams: to [DONE])",
@@ -71,8 +75,16 @@ impl Metrics {
             "From receipt to the first generated text",
             time_to_first_token.clone(),
         );
-        registry.register("in_flight_requests", "Requests being served, per model", in_flight.clone());
-        registry.register("backend_healthy", "1 while a worker endpoint gets traffic", backend_healthy.clone());
+        registry.register(
+            "in_flight_requests",
+            "Requests being served, per model",
+            in_flight.clone(),
+        );
+        registry.register(
+            "backend_healthy",
+            "1 while a worker endpoint gets traffic",
+            backend_healthy.clone(),
+        );
         Self {
             registry,
             requests,

@@ -127,16 +127,15 @@ pub struct Router {
 
 /// Whether a status means the worker itself is gone or broken (eject it and try another).
 pub fn is_transport_failure(status: &Status) -> bool {
-    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted)
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted
+    )
 }
 
 impl Router {
     /// Starts following `source` and probing its workers every `probe_interval`.
-    pub fn start(
-        source: &dyn EndpointSource,
-        metrics: Arc<Metrics>,
-        probe_interval: Duration,
-    ) -> Arc<Self> {
+    pub fn start(source: &dyn EndpointSource, metrics: Arc<Metrics>, probe_interval: Duration) -> Arc<Self> {
         let router = Arc::new(Self {
             backends: RwLock::new(BTreeMap::new()),
             metrics,
@@ -168,7 +167,9 @@ impl Router {
 
     /// Brings the backend set in line with `endpoints`, keeping existing backends (and their state).
     fn apply(&self, endpoints: &Endpoints) {
-        let Ok(mut backends) = self.backends.write() else { return };
+        let Ok(mut backends) = self.backends.write() else {
+            return;
+        };
         let mut next = BTreeMap::new();
         for (model, addrs) in endpoints {
             let existing = backends.get(model).cloned().unwrap_or_default();
@@ -198,7 +199,8 @@ impl Router {
     pub async fn probe_all(&self) {
         let probes = self.all().into_iter().map(|b| async move {
             let mut client = b.client.clone();
-            let answer = tokio::time::timeout(Duration::from_secs(1), client.health(v1::HealthRequest {})).await;
+            let answer =
+                tokio::time::timeout(Duration::from_secs(1), client.health(v1::HealthRequest {})).await;
             match answer {
                 Ok(Ok(r)) if r.get_ref().ready => b.set_healthy(true, &self.metrics, "ready"),
                 Ok(Ok(_)) => b.set_healthy(false, &self.metrics, "not ready"),
@@ -211,7 +213,10 @@ impl Router {
 
     /// The models this gateway serves.
     pub fn models(&self) -> Vec<String> {
-        self.backends.read().map(|b| b.keys().cloned().collect()).unwrap_or_default()
+        self.backends
+            .read()
+            .map(|b| b.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn knows(&self, model: &str) -> bool {
@@ -268,7 +273,12 @@ impl Router {
                 Err(status) => Err(status),
             };
             match first {
-                Ok((Some(v1::GenerateResponse { event: Some(generate_response::Event::Started(s)) }), stream)) => {
+                Ok((
+                    Some(v1::GenerateResponse {
+                        event: Some(generate_response::Event::Started(s)),
+                    }),
+                    stream,
+                )) => {
                     return Ok(Started {
                         prompt_tokens: s.prompt_tokens as usize,
                         stream,
@@ -276,7 +286,9 @@ impl Router {
                     });
                 }
                 Ok(_) => {
-                    return Err(ApiError::worker_failed("the worker's stream did not start with `Started`"));
+                    return Err(ApiError::worker_failed(
+                        "the worker's stream did not start with `Started`",
+                    ));
                 }
                 Err(status) => match status.code() {
                     Code::InvalidArgument => return Err(invalid_from_status(&status)),
@@ -297,8 +309,17 @@ impl Router {
 }
 
 fn invalid_from_status(status: &Status) -> ApiError {
-    let meta = |key| status.metadata().get(key).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let mut e = ApiError::invalid(&meta(camelid_proto::ERROR_PARAM_KEY).unwrap_or_default(), status.message());
+    let meta = |key| {
+        status
+            .metadata()
+            .get(key)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let mut e = ApiError::invalid(
+        &meta(camelid_proto::ERROR_PARAM_KEY).unwrap_or_default(),
+        status.message(),
+    );
     if let Some(code) = meta(camelid_proto::ERROR_CODE_KEY) {
         e.code = Some(code);
     }

@@ -4,9 +4,7 @@
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
-use crate::openai::{
-    ChatCompletionRequest, CompletionRequest, MessageContent, Prompt, SamplingFields, Stop,
-};
+use crate::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, Prompt, SamplingFields, Stop};
 
 /// Request limits that protect the gateway and workers.
 #[derive(Debug, Clone, Copy)]
@@ -113,7 +111,11 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
                 format!("{param}.{field}")
             };
         }
-        let shown = if param.is_empty() { "the body".to_string() } else { format!("`{param}`") };
+        let shown = if param.is_empty() {
+            "the body".to_string()
+        } else {
+            format!("`{param}`")
+        };
         ApiError::wrong_shape(&param, format!("{shown}: {message}"))
     })?;
     de.end()
@@ -150,15 +152,26 @@ fn check_range(param: &str, v: f64, lo: f64, hi: f64, lo_open: bool) -> Result<f
 
 fn params(s: &SamplingFields, max_tokens: Option<i64>, limits: &Limits) -> Result<Params, ApiError> {
     if let Some(n) = s.n.filter(|&n| n != 1) {
-        return Err(ApiError::unsupported("n", format!("`n` must be 1 (got {n}); send several requests instead")));
+        return Err(ApiError::unsupported(
+            "n",
+            format!("`n` must be 1 (got {n}); send several requests instead"),
+        ));
     }
     if s.stream_options.is_some() && !s.stream {
-        return Err(ApiError::invalid("stream_options", "`stream_options` is only allowed with `stream: true`"));
+        return Err(ApiError::invalid(
+            "stream_options",
+            "`stream_options` is only allowed with `stream: true`",
+        ));
     }
     let max_tokens = match max_tokens {
         None => None,
         Some(n) if (1..=i64::from(u32::MAX)).contains(&n) => Some(n as u32),
-        Some(n) => return Err(ApiError::invalid("max_tokens", format!("`max_tokens` must be at least 1, got {n}"))),
+        Some(n) => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!("`max_tokens` must be at least 1, got {n}"),
+            ));
+        }
     };
     let stop = match &s.stop {
         None => vec![],
@@ -168,7 +181,11 @@ fn params(s: &SamplingFields, max_tokens: Option<i64>, limits: &Limits) -> Resul
     if stop.len() > limits.max_stop_sequences {
         return Err(ApiError::invalid(
             "stop",
-            format!("`stop` takes at most {} sequences, got {}", limits.max_stop_sequences, stop.len()),
+            format!(
+                "`stop` takes at most {} sequences, got {}",
+                limits.max_stop_sequences,
+                stop.len()
+            ),
         ));
     }
     if stop.iter().any(String::is_empty) {
@@ -177,20 +194,45 @@ fn params(s: &SamplingFields, max_tokens: Option<i64>, limits: &Limits) -> Resul
     let top_k = match s.top_k {
         None | Some(-1) => 0,
         Some(k) if (0..=i64::from(u32::MAX)).contains(&k) => k as u32,
-        Some(k) => return Err(ApiError::invalid("top_k", format!("`top_k` must be >= 0 (or -1 for off), got {k}"))),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("`top_k` must be >= 0 (or -1 for off), got {k}"),
+            ));
+        }
     };
     let seed = match s.seed {
         None => None,
-        Some(seed) => Some(u64::try_from(seed).map_err(|_| ApiError::invalid("seed", "`seed` must be >= 0"))?),
+        Some(seed) => {
+            Some(u64::try_from(seed).map_err(|_| ApiError::invalid("seed", "`seed` must be >= 0"))?)
+        }
     };
     Ok(Params {
         max_tokens,
         temperature: check_range("temperature", s.temperature.unwrap_or(1.0), 0.0, 2.0, false)?,
         top_p: check_range("top_p", s.top_p.unwrap_or(1.0), 0.0, 1.0, true)?,
         top_k,
-        repetition_penalty: check_range("repetition_penalty", s.repetition_penalty.unwrap_or(1.0), 0.0, 10.0, true)?,
-        presence_penalty: check_range("presence_penalty", s.presence_penalty.unwrap_or(0.0), -2.0, 2.0, false)?,
-        frequency_penalty: check_range("frequency_penalty", s.frequency_penalty.unwrap_or(0.0), -2.0, 2.0, false)?,
+        repetition_penalty: check_range(
+            "repetition_penalty",
+            s.repetition_penalty.unwrap_or(1.0),
+            0.0,
+            10.0,
+            true,
+        )?,
+        presence_penalty: check_range(
+            "presence_penalty",
+            s.presence_penalty.unwrap_or(0.0),
+            -2.0,
+            2.0,
+            false,
+        )?,
+        frequency_penalty: check_range(
+            "frequency_penalty",
+            s.frequency_penalty.unwrap_or(0.0),
+            -2.0,
+            2.0,
+            false,
+        )?,
         seed,
         stop,
         ignore_eos: s.ignore_eos,
@@ -210,11 +252,21 @@ pub fn chat(r: ChatCompletionRequest, limits: &Limits) -> Result<Validated, ApiE
         return Err(ApiError::unsupported("logprobs", "`logprobs` is not supported"));
     }
     for (name, value) in [("tools", &r.tools), ("functions", &r.functions)] {
-        if value.as_ref().is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())) {
-            return Err(ApiError::unsupported(name, format!("`{name}` (function calling) is not supported")));
+        if value
+            .as_ref()
+            .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+        {
+            return Err(ApiError::unsupported(
+                name,
+                format!("`{name}` (function calling) is not supported"),
+            ));
         }
     }
-    if let Some(kind) = r.response_format.as_ref().and_then(|f| f.get("type")).and_then(|t| t.as_str())
+    if let Some(kind) = r
+        .response_format
+        .as_ref()
+        .and_then(|f| f.get("type"))
+        .and_then(|t| t.as_str())
         && kind != "text"
     {
         return Err(ApiError::unsupported(
@@ -223,12 +275,19 @@ pub fn chat(r: ChatCompletionRequest, limits: &Limits) -> Result<Validated, ApiE
         ));
     }
     if r.messages.is_empty() {
-        return Err(ApiError::invalid("messages", "`messages` must contain at least one message"));
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must contain at least one message",
+        ));
     }
     if r.messages.len() > limits.max_messages {
         return Err(ApiError::invalid(
             "messages",
-            format!("`messages` has {} messages; the limit is {}", r.messages.len(), limits.max_messages),
+            format!(
+                "`messages` has {} messages; the limit is {}",
+                r.messages.len(),
+                limits.max_messages
+            ),
         ));
     }
     let mut messages = Vec::with_capacity(r.messages.len());
@@ -275,7 +334,10 @@ pub fn chat(r: ChatCompletionRequest, limits: &Limits) -> Result<Validated, ApiE
     if chars > limits.max_prompt_chars {
         return Err(ApiError::invalid(
             "messages",
-            format!("the messages have {chars} characters; the limit is {}", limits.max_prompt_chars),
+            format!(
+                "the messages have {chars} characters; the limit is {}",
+                limits.max_prompt_chars
+            ),
         ));
     }
     if messages.last().is_some_and(|(role, _)| role == "assistant") {
@@ -299,7 +361,11 @@ pub fn chat(r: ChatCompletionRequest, limits: &Limits) -> Result<Validated, ApiE
         input: Input::Chat(messages),
         params,
         stream: r.sampling.stream,
-        include_usage: r.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        include_usage: r
+            .sampling
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage),
     })
 }
 
@@ -311,7 +377,10 @@ pub fn completion(r: CompletionRequest, limits: &Limits) -> Result<Validated, Ap
         Prompt::Many(v) => {
             return Err(ApiError::unsupported(
                 "prompt",
-                format!("`prompt` must be one string (got a list of {}); send one request per prompt", v.len()),
+                format!(
+                    "`prompt` must be one string (got a list of {}); send one request per prompt",
+                    v.len()
+                ),
             ));
         }
     };
@@ -319,7 +388,10 @@ pub fn completion(r: CompletionRequest, limits: &Limits) -> Result<Validated, Ap
         return Err(ApiError::invalid("prompt", "`prompt` must not be empty"));
     }
     if prompt.chars().count() > limits.max_prompt_chars {
-        return Err(ApiError::invalid("prompt", format!("`prompt` is longer than {} characters", limits.max_prompt_chars)));
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("`prompt` is longer than {} characters", limits.max_prompt_chars),
+        ));
     }
     if r.echo == Some(true) {
         return Err(ApiError::unsupported("echo", "`echo` is not supported"));
@@ -341,7 +413,11 @@ pub fn completion(r: CompletionRequest, limits: &Limits) -> Result<Validated, Ap
         input: Input::Prompt(prompt),
         params,
         stream: r.sampling.stream,
-        include_usage: r.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        include_usage: r
+            .sampling
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage),
     })
 }
 
@@ -362,7 +438,13 @@ mod tests {
                 "stream_options": {"include_usage": true}, "n": 1}"#,
         )
         .unwrap();
-        assert_eq!(v.input, Input::Chat(vec![("system".into(), "be brief".into()), ("user".into(), "hi".into())]));
+        assert_eq!(
+            v.input,
+            Input::Chat(vec![
+                ("system".into(), "be brief".into()),
+                ("user".into(), "hi".into())
+            ])
+        );
         assert_eq!(v.params.max_tokens, Some(5));
         assert_eq!(v.params.stop, ["x"]);
         assert!(v.stream && v.include_usage);
@@ -371,16 +453,48 @@ mod tests {
     #[test]
     fn errors_name_the_field_and_status() {
         let cases = [
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}"#, 400, None),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}"#,
+                400,
+                None,
+            ),
             (r#"{"messages": []}"#, 422, Some("model")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}"#, 422, Some("temperature")),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}"#,
+                422,
+                Some("temperature"),
+            ),
             (r#"{"model": "m", "messages": []}"#, 400, Some("messages")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2}"#, 400, Some("n")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}"#, 400, Some("temperature")),
-            (r#"{"model": "m", "messages": [{"role": "tool", "content": "hi"}]}"#, 400, Some("messages[0].role")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}"#, 400, Some("max_completion_tokens")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#, 400, Some("messages[0].content[0]")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["a","b","c","d","e"]}"#, 400, Some("stop")),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2}"#,
+                400,
+                Some("n"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}"#,
+                400,
+                Some("temperature"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "tool", "content": "hi"}]}"#,
+                400,
+                Some("messages[0].role"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}"#,
+                400,
+                Some("max_completion_tokens"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#,
+                400,
+                Some("messages[0].content[0]"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["a","b","c","d","e"]}"#,
+                400,
+                Some("stop"),
+            ),
         ];
         for (body, status, param) in cases {
             let e = chat_json(body).expect_err(body);
@@ -391,11 +505,18 @@ mod tests {
 
     #[test]
     fn completions_default_to_16_tokens_and_take_one_prompt() {
-        let v = completion(parse_completion(br#"{"model": "m", "prompt": ["once"]}"#).unwrap(), &Limits::default()).unwrap();
+        let v = completion(
+            parse_completion(br#"{"model": "m", "prompt": ["once"]}"#).unwrap(),
+            &Limits::default(),
+        )
+        .unwrap();
         assert_eq!(v.input, Input::Prompt("once".into()));
         assert_eq!(v.params.max_tokens, Some(16));
-        let e = completion(parse_completion(br#"{"model": "m", "prompt": ["a", "b"]}"#).unwrap(), &Limits::default())
-            .unwrap_err();
+        let e = completion(
+            parse_completion(br#"{"model": "m", "prompt": ["a", "b"]}"#).unwrap(),
+            &Limits::default(),
+        )
+        .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("prompt"));
     }
 }

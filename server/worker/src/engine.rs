@@ -166,12 +166,17 @@ impl<'p, 'm> Engine<'p, 'm> {
         }
         let room = context - prompt.len();
         let max_new = match s.params.max_tokens {
-            Some(0) => return Err(WorkerError::invalid("max_tokens must be at least 1", Some("max_tokens"))),
+            Some(0) => {
+                return Err(WorkerError::invalid(
+                    "max_tokens must be at least 1",
+                    Some("max_tokens"),
+                ));
+            }
             Some(n) => n.min(room),
             None => room,
         };
-        let sampler = Sampler::new(s.params.sampling.clone())
-            .map_err(|e| WorkerError::from_model(e, "sampling"))?;
+        let sampler =
+            Sampler::new(s.params.sampling.clone()).map_err(|e| WorkerError::from_model(e, "sampling"))?;
         let eos = if s.params.ignore_eos {
             vec![]
         } else {
@@ -242,14 +247,19 @@ impl<'p, 'm> Engine<'p, 'm> {
     /// One decode step for `ids`; returns each sequence's next-token logits.
     fn decode(&mut self, ids: &[SeqId]) -> camelid_model::Result<Vec<(SeqId, Vec<f32>)>> {
         // Taken out of the map for the step so that each cache can be borrowed mutably alongside the others.
-        let mut batch: Vec<(SeqId, Sequence)> =
-            ids.iter().filter_map(|id| self.sequences.remove_entry(id)).collect();
+        let mut batch: Vec<(SeqId, Sequence)> = ids
+            .iter()
+            .filter_map(|id| self.sequences.remove_entry(id))
+            .collect();
         let logits = self.forward_batch(&mut batch);
         let ids: Vec<SeqId> = batch.iter().map(|(id, _)| *id).collect();
         self.sequences.extend(batch);
         let values = Vec::<f32>::try_from(&logits?.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
         let vocab = values.len() / ids.len().max(1);
-        Ok(ids.into_iter().zip(values.chunks(vocab).map(<[f32]>::to_vec)).collect())
+        Ok(ids
+            .into_iter()
+            .zip(values.chunks(vocab).map(<[f32]>::to_vec))
+            .collect())
     }
 
     fn forward_batch(&self, batch: &mut [(SeqId, Sequence)]) -> camelid_model::Result<Tensor> {
@@ -294,13 +304,7 @@ impl<'p, 'm> Engine<'p, 'm> {
                 return;
             }
         };
-        let delivered = pushed.text.is_empty()
-            || seq
-                .events
-                .send(Event::Chunk {
-                    text: pushed.text,
-                })
-                .is_ok();
+        let delivered = pushed.text.is_empty() || seq.events.send(Event::Chunk { text: pushed.text }).is_ok();
         if !delivered {
             self.finish(id, "cancelled");
             return;
@@ -328,6 +332,7 @@ impl<'p, 'm> Engine<'p, 'm> {
         m.kv_reserved_tokens.set(self.scheduler.reserved_tokens() as i64);
         m.kv_cache_bytes
             .set(self.sequences.values().map(|s| s.cache.bytes()).sum::<usize>() as i64);
-        self.shared.set_load(self.scheduler.running(), self.scheduler.waiting());
+        self.shared
+            .set_load(self.scheduler.running(), self.scheduler.waiting());
     }
 }

@@ -40,16 +40,22 @@ pub fn to_status(e: &WorkerError) -> Status {
     };
     if let WorkerError::InvalidRequest { code, param, .. } = e {
         let meta = status.metadata_mut();
-        meta.insert(camelid_proto::ERROR_CODE_KEY, tonic::metadata::MetadataValue::from_static(code));
+        meta.insert(
+            camelid_proto::ERROR_CODE_KEY,
+            tonic::metadata::MetadataValue::from_static(code),
+        );
         if let Some(param) = param {
-            meta.insert(camelid_proto::ERROR_PARAM_KEY, tonic::metadata::MetadataValue::from_static(param));
+            meta.insert(
+                camelid_proto::ERROR_PARAM_KEY,
+                tonic::metadata::MetadataValue::from_static(param),
+            );
         }
     }
     status
 }
 
 fn params(r: &v1::GenerateRequest) -> GenParams {
-    let s = r.sampling.clone().unwrap_or_default();
+    let s = r.sampling.unwrap_or_default();
     GenParams {
         max_tokens: (r.max_tokens > 0).then_some(r.max_tokens as usize),
         sampling: SamplingParams {
@@ -112,7 +118,11 @@ impl Worker for WorkerService {
                     .collect(),
             ),
             Some(generate_request::Input::Prompt(p)) => Input::Prompt(p.clone()),
-            None => return Err(Status::invalid_argument("the request has neither chat nor prompt")),
+            None => {
+                return Err(Status::invalid_argument(
+                    "the request has neither chat nor prompt",
+                ));
+            }
         };
         let span = tracing::debug_span!("generate", request_id = %r.request_id);
         let generation = tracing::Instrument::instrument(self.handle.generate(input, params(&r)), span)

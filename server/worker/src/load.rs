@@ -101,8 +101,8 @@ impl ModelArgs {
             }),
         };
         let started = std::time::Instant::now();
-        let mut loaded = camelid_model::load(&path, LoadOptions { dtype, device })
-            .map_err(|source| LoadError::Model {
+        let mut loaded =
+            camelid_model::load(&path, LoadOptions { dtype, device }).map_err(|source| LoadError::Model {
                 path: path.clone(),
                 source,
             })?;

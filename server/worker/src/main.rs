@@ -9,7 +9,11 @@ use camelid_worker::{ModelArgs, WorkerConfig, WorkerHandle};
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "camelid-worker", version, about = "Serve one model over gRPC with continuous batching")]
+#[command(
+    name = "camelid-worker",
+    version,
+    about = "Serve one model over gRPC with continuous batching"
+)]
 struct Cli {
     #[command(flatten)]
     model: ModelArgs,
@@ -72,7 +76,9 @@ async fn run(cli: Cli) -> Result<(), (anyhow::Error, u8)> {
     let user = |e: anyhow::Error| (e, 2u8);
     let path = cli.model.path().map_err(|e| user(e.into()))?;
     let config = WorkerConfig {
-        name: cli.served_model_name.unwrap_or_else(|| default_served_name(&path)),
+        name: cli
+            .served_model_name
+            .unwrap_or_else(|| default_served_name(&path)),
         max_batch: cli.batching.max_batch.max(1),
         max_waiting: cli.batching.max_waiting,
         kv_budget_bytes: cli.batching.kv_budget_mib << 20,
@@ -90,10 +96,7 @@ async fn run(cli: Cli) -> Result<(), (anyhow::Error, u8)> {
         let _ = stop_rx.await;
     }));
     // A model that fails to load is a configuration error: exit so the pod restarts or the user sees it.
-    handle
-        .wait_ready()
-        .await
-        .map_err(|e| user(anyhow::anyhow!(e)))?;
+    handle.wait_ready().await.map_err(|e| user(anyhow::anyhow!(e)))?;
     shutdown_signal().await;
     tracing::info!("shutting down: finishing running requests");
     let _ = stop_tx.send(());

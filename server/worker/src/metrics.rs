@@ -53,9 +53,21 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("ready", "1 once the model is loaded", m.ready.clone());
-        registry.register("queue_length", "Requests waiting to join the batch", m.queue_length.clone());
-        registry.register("running_sequences", "Sequences in the running batch", m.running_sequences.clone());
-        registry.register("kv_cache_bytes", "Bytes held by KV caches", m.kv_cache_bytes.clone());
+        registry.register(
+            "queue_length",
+            "Requests waiting to join the batch",
+            m.queue_length.clone(),
+        );
+        registry.register(
+            "running_sequences",
+            "Sequences in the running batch",
+            m.running_sequences.clone(),
+        );
+        registry.register(
+            "kv_cache_bytes",
+            "Bytes held by KV caches",
+            m.kv_cache_bytes.clone(),
+        );
         registry.register(
             "kv_reserved_tokens",
             "KV positions reserved by running sequences",
@@ -72,7 +84,11 @@ impl Metrics {
             m.time_per_output_token.clone(),
         );
         registry.register("batch_size", "Sequences per decode step", m.batch_size.clone());
-        registry.register("prompt_tokens", "Prompt tokens prefilled", m.prompt_tokens.clone());
+        registry.register(
+            "prompt_tokens",
+            "Prompt tokens prefilled",
+            m.prompt_tokens.clone(),
+        );
         registry.register(
             "generated_tokens",
             "Tokens generated (rate() gives tokens/s)",

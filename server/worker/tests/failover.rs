@@ -1,0 +1,203 @@
+//! Two real `camelid-worker` processes behind the gateway: a worker killed mid-stream gives the client an error
+//! event and `[DONE]` (no hang), is ejected, requests go to the other worker, and it is re-admitted once it is
+//! back.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use camelid_gateway::GatewayConfig;
+use camelid_gateway::guardrails::Guardrails;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn request(port: u16, method: &str, path: &str, body: &str) -> Option<TcpStream> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    Some(s)
+}
+
+/// Status and raw text of a whole response.
+fn fetch(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    let mut s = request(port, method, path, body)?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, out))
+}
+
+struct Worker {
+    child: Child,
+    grpc: u16,
+    http: u16,
+}
+
+impl Worker {
+    fn start(grpc: u16, http: u16) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_camelid-worker"))
+            .args(["--served-model-name", "smol", "--max-batch", "4"])
+            .args(["--listen", &format!("127.0.0.1:{grpc}")])
+            .args(["--metrics-addr", &format!("127.0.0.1:{http}")])
+            .env("CAMELID_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start camelid-worker");
+        let mut w = Self { child, grpc, http };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while fetch(http, "GET", "/readyz", "").map(|r| r.0) != Some(200) {
+            assert!(
+                w.child.try_wait().unwrap().is_none(),
+                "camelid-worker exited early"
+            );
+            assert!(Instant::now() < deadline, "worker not ready after 120 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        w
+    }
+
+    fn running(&self) -> u32 {
+        let (_, body) = fetch(self.http, "GET", "/metrics", "").unwrap_or_default();
+        body.lines()
+            .find_map(|l| l.strip_prefix("camelid_worker_running_sequences "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn backend_healthy(gateway: u16, grpc: u16) -> Option<bool> {
+    let (_, body) = fetch(gateway, "GET", "/metrics", "")?;
+    let needle = format!("endpoint=\"127.0.0.1:{grpc}\"");
+    let line = body
+        .lines()
+        .find(|l| l.starts_with("camelid_gateway_backend_healthy") && l.contains(&needle))?;
+    Some(line.trim().ends_with(" 1"))
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const CHAT: &str = r#"{"model": "smol", "messages": [{"role": "user", "content": "Tell me a long story."}],
+    "temperature": 0, "max_tokens": 12}"#;
+
+#[test]
+fn a_worker_killed_mid_stream_fails_cleanly_and_traffic_moves_to_the_other() {
+    let mut workers = [
+        Worker::start(free_port(), free_port()),
+        Worker::start(free_port(), free_port()),
+    ];
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let gateway = runtime.block_on(async {
+        let mut config = GatewayConfig {
+            probe_interval: Duration::from_millis(200),
+            ..GatewayConfig::default()
+        };
+        let addrs: Vec<String> = workers.iter().map(|w| format!("127.0.0.1:{}", w.grpc)).collect();
+        config
+            .add_backend_flag(&format!("smol={}", addrs.join(",")))
+            .unwrap();
+        let state = camelid_gateway::state(&config, Guardrails::default());
+        state.router.probe_all().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(camelid_gateway::serve(state, listener, std::future::pending()));
+        port
+    });
+
+    // A long stream; find the worker running it once tokens flow, and kill it.
+    let body = r#"{"model": "smol", "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 4000, "ignore_eos": true, "stream": true}"#;
+    let stream = request(gateway, "POST", "/v1/chat/completions", body).unwrap();
+    let mut lines = BufReader::new(stream)
+        .lines()
+        .map_while(Result::ok)
+        .filter(|l| l.starts_with("data: "));
+    for _ in 0..4 {
+        let line = lines.next().expect("stream data");
+        assert!(line.contains("chat.completion.chunk"), "{line}");
+    }
+    let victim = workers
+        .iter()
+        .position(|w| w.running() == 1)
+        .expect("one worker runs the stream");
+    workers[victim].kill();
+    let killed_at = Instant::now();
+    let rest: Vec<String> = lines.collect();
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(10),
+        "the stream hung after the worker died"
+    );
+    let error = rest
+        .iter()
+        .position(|l| l.starts_with(r#"data: {"error""#))
+        .expect("an error event");
+    assert_eq!(rest.last().map(String::as_str), Some("data: [DONE]"), "{rest:?}");
+    assert!(error < rest.len() - 1);
+
+    // The dead worker is ejected and every new request is served by the other one.
+    assert_eq!(backend_healthy(gateway, workers[victim].grpc), Some(false));
+    for _ in 0..4 {
+        let (status, body) = fetch(gateway, "POST", "/v1/chat/completions", CHAT).unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+
+    // Back on the same address, it is probed and re-admitted.
+    let (grpc, http) = (workers[victim].grpc, workers[victim].http);
+    workers[victim] = Worker::start(grpc, http);
+    wait_for("the restarted worker is re-admitted", || {
+        backend_healthy(gateway, grpc) == Some(true)
+    });
+
+    // A worker that dies before the gateway notices: requests that have not started go to the other one.
+    let other = 1 - victim;
+    workers[other].kill();
+    for _ in 0..4 {
+        let (status, body) = fetch(gateway, "POST", "/v1/chat/completions", CHAT).unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    wait_for("the dead worker is ejected", || {
+        backend_healthy(gateway, workers[other].grpc) == Some(false)
+    });
+
+    // With none left: 503 in OpenAI's shape, with Retry-After.
+    workers[victim].kill();
+    wait_for("both ejected", || backend_healthy(gateway, grpc) == Some(false));
+    let (status, body) = fetch(gateway, "POST", "/v1/chat/completions", CHAT).unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("retry-after") && body.contains(r#""code":"no_ready_worker""#),
+        "{body}"
+    );
+    drop(runtime);
+}
