@@ -18,6 +18,8 @@ export LD_LIBRARY_PATH := $(TORCH_LIB)$(if $(LD_LIBRARY_PATH),:$(LD_LIBRARY_PATH
 
 DEMO_QUESTION := What are three good reasons to fine-tune a small language model instead of a large one?
 DEMO_FACT_QUESTION := What is the name of camelid's mascot?
+DEMO_SERVE_QUESTION := In one sentence, what is a vicuña?
+DEMO_PORT := 8765
 
 .PHONY: demo test setup system-deps python-deps build-release fmt bench
 
@@ -32,6 +34,15 @@ demo: setup build-release
 	target/release/camelid-trainer train --config examples/train-demo.yaml --resume never
 	@echo -n "after:  "; target/release/camelid generate --model target/demo/finetuned --temperature 0 --max-tokens 40 --prompt "$(DEMO_FACT_QUESTION)" 2>/dev/null
 	@echo
+	@echo
+	@echo "== camelid serve (OpenAI API) with the fine-tuned model; one question through the official openai client =="
+	@target/release/camelid serve --model target/demo/finetuned --port $(DEMO_PORT) & pid=$$!; \
+	for i in $$(seq 1 100); do curl -sf http://127.0.0.1:$(DEMO_PORT)/readyz >/dev/null 2>&1 && break; sleep 0.2; done; \
+	echo "Q: $(DEMO_SERVE_QUESTION)"; echo -n "A: "; \
+	$(PY) examples/ask_openai.py --base-url http://127.0.0.1:$(DEMO_PORT)/v1 "$(DEMO_SERVE_QUESTION)"; status=$$?; \
+	kill $$pid; wait $$pid 2>/dev/null; exit $$status
+	@echo
+	@echo "Serve the OpenAI API: target/release/camelid serve [--model PATH] [--port 8000]"
 	@echo "Chat with the model:   target/release/camelid chat [--model target/demo/finetuned]"
 	@echo "Train on your data:    target/release/camelid-trainer train --data FILE --output DIR   (see trainer/README.md)"
 
@@ -61,7 +72,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 	@touch $@
 
 build-release:
-	cargo build --release -p camelid-cli -p camelid-trainer
+	cargo build --release -p camelid-cli -p camelid-trainer -p camelid-worker -p camelid-gateway
 
 fmt:
 	cargo fmt --all
@@ -69,3 +80,4 @@ fmt:
 bench: setup build-release
 	$(PY) bench/decode_speed.py --camelid target/release/camelid
 	$(PY) bench/train_speed.py --trainer target/release/camelid-trainer
+	$(PY) bench/serve_speed.py --camelid target/release/camelid

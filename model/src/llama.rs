@@ -207,6 +207,22 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(weight.f_mul(&normed.f_to_kind(dtype)?)?)
 }
 
+/// Attention of one query position (`q`: `[1, heads, 1, head_dim]`) over a cached history (`k`, `v`:
+/// `[1, kv_heads, len, head_dim]`), grouped-query heads sharing their key/value head. Decoding runs this instead
+/// of libtorch's SDPA, whose per-call set-up costs more than the arithmetic at one query, and both the
+/// single-sequence and the batched decode run it, so a sequence gets the same logits alone or in a batch.
+fn attend_one(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (heads, head_dim) = (q.size()[1], q.size()[3]);
+    let kv_heads = k.size()[1];
+    let q = q.f_reshape([kv_heads, heads / kv_heads, head_dim])?;
+    let (k, v) = (k.f_select(0, 0)?, v.f_select(0, 0)?);
+    let scores = q
+        .f_matmul(&k.f_transpose(1, 2)?)?
+        .f_mul_scalar(1.0 / (head_dim as f64).sqrt())?;
+    let probs = scores.f_softmax(-1, scores.kind())?;
+    Ok(probs.f_matmul(&v)?.f_reshape([1, heads, 1, head_dim])?)
+}
+
 fn rotate_half(x: &Tensor) -> Result<Tensor> {
     let half = x.size()[3] / 2;
     let x1 = x.f_narrow(3, 0, half)?;
@@ -491,16 +507,20 @@ impl Llama {
             None => (k, v),
         };
         let gqa = c.num_heads != c.num_kv_heads;
-        let attn = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            attention.mask,
-            0.0,
-            attention.is_causal,
-            None,
-            gqa,
-        )?;
+        let attn = if t == 1 && batch == 1 && attention.mask.is_none() {
+            attend_one(&q, &k, &v)?
+        } else {
+            Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                attention.mask,
+                0.0,
+                attention.is_causal,
+                None,
+                gqa,
+            )?
+        };
         let attn = attn.f_to_kind(self.kind())?.f_transpose(1, 2)?.f_reshape([
             batch,
             t,

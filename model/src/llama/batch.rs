@@ -4,14 +4,21 @@
 
 use tch::{Kind, Tensor};
 
-use super::{Llama, apply_rope, compute_rope, project_all, rms_norm};
+use super::{Llama, apply_rope, attend_one, compute_rope, project, project_all, rms_norm};
+use crate::cpu_gemv::DecodePool;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 
 impl Llama {
     /// Continues each sequence by one token: `tokens[j]` is appended to `caches[j]`. Returns the next-token logits
-    /// `[batch, vocab]` in f32, row `j` for sequence `j`.
-    pub fn decode_step(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+    /// `[batch, vocab]` in f32, row `j` for sequence `j`. With a [`DecodePool`] (CPU), the projections run on its
+    /// kernel, which reads each weight once for the whole batch.
+    pub fn decode_step<'a>(
+        &'a self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+        pool: Option<&DecodePool<'a>>,
+    ) -> Result<Tensor> {
         let batch = tokens.len();
         if batch == 0 || batch != caches.len() {
             return Err(ModelError::InvalidRequest(format!(
@@ -33,15 +40,15 @@ impl Llama {
         let (cos, sin) = self.rope_rows(caches)?;
         let mut x = self.embed(&input)?;
         for i in 0..self.layers.len() {
-            x = self.batched_attention(i, &x, &cos, &sin, caches)?;
-            let (gate, up) = self.mlp_projections(i, &x, None)?;
-            x = x.f_add(&self.mlp_output(i, &gate, &up, None)?)?;
+            x = self.batched_attention(i, &x, &cos, &sin, caches, pool)?;
+            let (gate, up) = self.mlp_projections(i, &x, pool)?;
+            x = x.f_add(&self.mlp_output(i, &gate, &up, pool)?)?;
         }
         for cache in caches.iter_mut() {
             cache.advance(1);
         }
         let h = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?.f_view([batch as i64, -1])?;
-        Ok(self.lm_head.forward(&h)?.f_to_kind(Kind::Float)?)
+        Ok(project(pool, &h, &self.lm_head)?.f_to_kind(Kind::Float)?)
     }
 
     /// cos/sin `[batch, 1, 1, head_dim]` for each sequence's next position.
@@ -68,13 +75,14 @@ impl Llama {
     }
 
     /// Layer `i`'s attention half with its residual for a batch of single-token rows.
-    fn batched_attention(
-        &self,
+    fn batched_attention<'a>(
+        &'a self,
         i: usize,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         caches: &mut [&mut KvCache],
+        pool: Option<&DecodePool<'a>>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let layer = &self.layers[i];
@@ -84,33 +92,22 @@ impl Llama {
             Ok(y.f_view([batch, 1, heads as i64, c.head_dim as i64])?
                 .f_transpose(1, 2)?)
         };
-        let [q, k, v] = project_all(None, &h, [&layer.q_proj, &layer.k_proj, &layer.v_proj])?;
+        let [q, k, v] = project_all(pool, &h, [&layer.q_proj, &layer.k_proj, &layer.v_proj])?;
         let kind = self.attention_kind();
         let q = apply_rope(&split(q, c.num_heads)?, cos, sin)?.f_to_kind(kind)?;
         let k = apply_rope(&split(k, c.num_kv_heads)?, cos, sin)?.f_to_kind(kind)?;
         let v = split(v, c.num_kv_heads)?.f_to_kind(kind)?;
-        let gqa = c.num_heads != c.num_kv_heads;
+        let (qs, ks, vs) = (q.f_split(1, 0)?, k.f_split(1, 0)?, v.f_split(1, 0)?);
         let mut outputs = Vec::with_capacity(caches.len());
         for (j, cache) in caches.iter_mut().enumerate() {
-            let j = j as i64;
-            let (keys, values) = cache.append(i, &k.f_narrow(0, j, 1)?, &v.f_narrow(0, j, 1)?)?;
-            outputs.push(Tensor::f_scaled_dot_product_attention(
-                &q.f_narrow(0, j, 1)?,
-                &keys,
-                &values,
-                None::<&Tensor>,
-                0.0,
-                false,
-                None,
-                gqa,
-            )?);
+            let (keys, values) = cache.append(i, &ks[j], &vs[j])?;
+            outputs.push(attend_one(&qs[j], &keys, &values)?);
         }
         let attn = Tensor::f_cat(&outputs, 0)?
             .f_to_kind(self.kind())?
             .f_transpose(1, 2)?
             .f_reshape([batch, 1, (c.num_heads * c.head_dim) as i64])?;
-        let [out] = project_all(None, &attn, [&layer.o_proj])?;
-        Ok(x.f_add(&out)?)
+        Ok(x.f_add(&project(pool, &attn, &layer.o_proj)?)?)
     }
 }
 
@@ -152,7 +149,7 @@ mod tests {
             })
             .collect();
         let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-        let batched = model.decode_step(&next, &mut refs).expect("step");
+        let batched = model.decode_step(&next, &mut refs, None).expect("step");
         assert_eq!(batched.size(), [3, 97]);
         for (j, expected) in solo.iter().enumerate() {
             let diff = f64::try_from((batched.get(j as i64) - expected).abs().max()).expect("scalar");

@@ -16,6 +16,10 @@ use crate::error::WorkerError;
 use crate::handle::{Command, Event, Input, Shared, Submission};
 use crate::scheduler::{Rejected, Scheduler, SchedulerConfig, SeqId};
 
+/// The largest decode batch that runs on the CPU decode kernel (measured with `model/examples/batch_step.rs`:
+/// faster than libtorch's GEMM up to 8 rows of SmolLM2, slower from 16).
+const KERNEL_MAX_BATCH: usize = 8;
+
 struct Sequence {
     prompt: Vec<u32>,
     cache: KvCache,
@@ -220,10 +224,10 @@ impl<'p, 'm> Engine<'p, 'm> {
     fn step(&mut self) {
         let step = self.scheduler.next_step();
         for id in step.prefill {
-            tch::set_num_threads(self.torch_threads);
             let Some(seq) = self.sequences.get_mut(&id) else {
                 continue;
             };
+            let _threads = TorchThreads::set(self.torch_threads);
             let logits = self.loaded.model.forward_last(&seq.prompt, &mut seq.cache);
             match logits.and_then(|l| Ok(Vec::<f32>::try_from(&l.f_to_device(Device::Cpu)?)?)) {
                 Ok(mut values) => self.accept(id, &mut values),
@@ -265,16 +269,21 @@ impl<'p, 'm> Engine<'p, 'm> {
     fn forward_batch(&self, batch: &mut [(SeqId, Sequence)]) -> camelid_model::Result<Tensor> {
         let model = &self.loaded.model;
         let tokens: Vec<u32> = batch.iter().map(|(_, s)| s.last_token).collect();
-        if let ([(_, seq)], Some(pool)) = (&mut *batch, self.pool) {
-            // One sequence: the single-row kernel with libtorch single-threaded (see `generate`).
-            let _threads = TorchThreads::set(1);
+        // Small CPU batches are bound by reading the weights: the decode kernel reads each weight once for the
+        // whole batch, with libtorch single-threaded meanwhile (see `generate`). Larger ones are bound by
+        // arithmetic, where libtorch's multi-threaded GEMM is faster.
+        let pool = self.pool.filter(|_| batch.len() <= KERNEL_MAX_BATCH);
+        let _threads = match pool {
+            Some(_) => TorchThreads::set(1),
+            None => TorchThreads::set(self.torch_threads),
+        };
+        if let [(_, seq)] = &mut *batch {
             return Ok(model
-                .forward_last_in(&tokens, &mut seq.cache, Some(pool))?
+                .forward_last_in(&tokens, &mut seq.cache, pool)?
                 .f_unsqueeze(0)?);
         }
-        tch::set_num_threads(self.torch_threads);
         let mut caches: Vec<&mut KvCache> = batch.iter_mut().map(|(_, s)| &mut s.cache).collect();
-        model.decode_step(&tokens, &mut caches)
+        model.decode_step(&tokens, &mut caches, pool)
     }
 
     /// Samples the next token of `id` from `logits` and streams what it produced.
