@@ -107,7 +107,12 @@ fn dot_rows_fma<W: Copy>(w: &[W], x: &[f32], widen: impl Fn(W) -> f32 + Copy, ou
 /// time so each weight chunk is widened and loaded once for four products; every product sums in exactly the
 /// order [`dot`] does, so a row gets the same bits alone or in a batch.
 #[inline(always)]
-fn dot_rows<const FUSED: bool, W: Copy>(w: &[W], x: &[f32], widen: impl Fn(W) -> f32 + Copy, out: &mut Vec<f32>) {
+fn dot_rows<const FUSED: bool, W: Copy>(
+    w: &[W],
+    x: &[f32],
+    widen: impl Fn(W) -> f32 + Copy,
+    out: &mut Vec<f32>,
+) {
     let cols = w.len();
     let batch = x.len() / cols.max(1);
     let (wc, wr) = w.as_chunks::<LANES>();
@@ -151,27 +156,22 @@ impl Rows<'_> {
     /// Weight row `row` dotted with each `cols`-wide row of `inputs`, appended to `out`.
     fn dots(&self, row: usize, cols: usize, inputs: &[f32], out: &mut Vec<f32>) {
         match self {
-            Rows::F32(w) => {
-                let w = &w[row * cols..(row + 1) * cols];
-                #[cfg(target_arch = "x86_64")]
-                if avx2::available() {
-                    return avx2::dots(w, inputs, out);
-                }
-                dots(w, inputs, |v| v, out)
-            }
+            Rows::F32(w) => dots(&w[row * cols..(row + 1) * cols], inputs, |v| v, out),
             Rows::Bf16(w) => dots(&w[row * cols..(row + 1) * cols], inputs, bf16_to_f32, out),
         }
     }
 }
 
-/// f32 dot products with explicit AVX2 FMA: the compiler's vectorization of [`dot_rows`] keeps its accumulators
-/// in memory and reaches a fifth of what the FMA units do, which matters once a batch makes decoding compute-bound.
+/// f32 products with explicit AVX2 FMA: the compiler's vectorization of [`dot_rows`] keeps its accumulators in
+/// memory and reaches a fraction of what the FMA units do, which matters once a batch makes decoding compute-bound.
+/// Two weight rows times four input rows are computed together (8 accumulators), so each 8-wide chunk costs six
+/// loads for eight FMAs; every (weight row, input row) pair is summed the same way whatever the tiling, so a
+/// sequence gets the same bits alone or in a batch.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2 {
-    use std::arch::x86_64::{
-        __m256, _mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps,
-    };
+    use std::arch::x86_64::{__m256, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps};
+    use std::ops::Range;
     use std::sync::OnceLock;
 
     pub fn available() -> bool {
@@ -179,59 +179,142 @@ mod avx2 {
         *AVAILABLE.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
     }
 
-    /// `w` dotted with each `w.len()`-wide row of `x`, appended to `out`. Each row's sum is computed the same way
-    /// whatever the batch (rows are only interleaved, four at a time, to load each weight chunk once).
-    pub fn dots(w: &[f32], x: &[f32], out: &mut Vec<f32>) {
-        assert!(available(), "avx2::dots called without AVX2 and FMA");
-        // SAFETY: the CPU has AVX2 and FMA (asserted above), which is all `dots_avx2` requires beyond its own
-        // bounds handling.
-        unsafe { dots_avx2(w, x, out) }
+    /// Rows `rows` of the row-major `[_, cols]` matrix `w`, each dotted with every `cols`-wide row of `x`,
+    /// appended to `out` in `[row][input]` order.
+    pub fn products(w: &[f32], cols: usize, rows: Range<usize>, x: &[f32], out: &mut Vec<f32>) {
+        assert!(available(), "avx2::products called without AVX2 and FMA");
+        assert!(rows.end * cols <= w.len() && cols > 0 && x.len().is_multiple_of(cols));
+        // SAFETY: the CPU has AVX2 and FMA (asserted above), which is all `products_avx2` requires; the bounds it
+        // relies on were asserted too.
+        unsafe { products_avx2(w, cols, rows, x, out) }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    fn dots_avx2(w: &[f32], x: &[f32], out: &mut Vec<f32>) {
-        let cols = w.len();
-        let rows = x.len() / cols.max(1);
-        let mut r = 0;
-        while r + 4 <= rows {
-            let block: [&[f32]; 4] = std::array::from_fn(|k| &x[(r + k) * cols..(r + k + 1) * cols]);
-            out.extend(dot_block(w, block));
-            r += 4;
-        }
-        for r in r..rows {
-            out.extend(dot_block(w, [&x[r * cols..(r + 1) * cols]]));
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    fn dot_block<const N: usize>(w: &[f32], x: [&[f32]; N]) -> [f32; N] {
-        let cols = w.len();
-        let vectorized = cols / 16 * 16;
-        let mut acc: [[__m256; 2]; N] = [[_mm256_setzero_ps(); 2]; N];
-        let mut c = 0;
-        while c < vectorized {
-            // SAFETY: `c + 16 <= vectorized <= cols`, and `w` and every row of `x` hold `cols` values, so both
-            // unaligned 8-lane loads at `c` and `c + 8` are in bounds.
-            unsafe {
-                let w0 = _mm256_loadu_ps(w.as_ptr().add(c));
-                let w1 = _mm256_loadu_ps(w.as_ptr().add(c + 8));
-                for k in 0..N {
-                    let xp = x[k].as_ptr().add(c);
-                    acc[k][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), acc[k][0]);
-                    acc[k][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), acc[k][1]);
+    fn products_avx2(w: &[f32], cols: usize, rows: Range<usize>, x: &[f32], out: &mut Vec<f32>) {
+        let batch = x.len() / cols;
+        let base = out.len();
+        out.resize(base + rows.len() * batch, 0.0);
+        let wrow = |r: usize| &w[r * cols..(r + 1) * cols];
+        let xrow = |k: usize| &x[k * cols..(k + 1) * cols];
+        let mut r = rows.start;
+        while r < rows.end {
+            let pair = r + 1 < rows.end;
+            let at = |row: usize, k: usize| base + (row - rows.start) * batch + k;
+            let mut k = 0;
+            while k < batch {
+                if k + 4 <= batch {
+                    let xs = [xrow(k), xrow(k + 1), xrow(k + 2), xrow(k + 3)];
+                    if pair {
+                        let t = tile([wrow(r), wrow(r + 1)], xs);
+                        for j in 0..4 {
+                            out[at(r, k + j)] = t[0][j];
+                            out[at(r + 1, k + j)] = t[1][j];
+                        }
+                    } else {
+                        let t = tile([wrow(r)], xs);
+                        for j in 0..4 {
+                            out[at(r, k + j)] = t[0][j];
+                        }
+                    }
+                    k += 4;
+                } else {
+                    if pair {
+                        let t = tile([wrow(r), wrow(r + 1)], [xrow(k)]);
+                        out[at(r, k)] = t[0][0];
+                        out[at(r + 1, k)] = t[1][0];
+                    } else {
+                        out[at(r, k)] = tile([wrow(r)], [xrow(k)])[0][0];
+                    }
+                    k += 1;
                 }
             }
-            c += 16;
+            r += if pair { 2 } else { 1 };
         }
-        std::array::from_fn(|k| {
-            let mut lanes = [0f32; 8];
-            // SAFETY: `lanes` holds the 8 values one unaligned store writes.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[k][0], acc[k][1])) };
-            let h4: [f32; 4] = std::array::from_fn(|i| lanes[i] + lanes[i + 4]);
-            let tail: f32 = w[vectorized..].iter().zip(&x[k][vectorized..]).map(|(a, b)| a * b).sum();
-            (h4[0] + h4[2]) + (h4[1] + h4[3]) + tail
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn tile<const R: usize, const N: usize>(w: [&[f32]; R], x: [&[f32]; N]) -> [[f32; N]; R] {
+        let cols = w[0].len();
+        let vectorized = cols / 8 * 8;
+        let mut acc: [[__m256; N]; R] = [[_mm256_setzero_ps(); N]; R];
+        let mut c = 0;
+        while c < vectorized {
+            // SAFETY: `c + 8 <= vectorized <= cols`, and every row of `w` and `x` holds `cols` values, so each
+            // unaligned 8-lane load at `c` is in bounds.
+            unsafe {
+                let wv: [__m256; R] = std::array::from_fn(|i| _mm256_loadu_ps(w[i].as_ptr().add(c)));
+                for k in 0..N {
+                    let xv = _mm256_loadu_ps(x[k].as_ptr().add(c));
+                    for i in 0..R {
+                        acc[i][k] = _mm256_fmadd_ps(wv[i], xv, acc[i][k]);
+                    }
+                }
+            }
+            c += 8;
+        }
+        std::array::from_fn(|i| {
+            std::array::from_fn(|k| {
+                let mut lanes = [0f32; 8];
+                // SAFETY: `lanes` holds the 8 values one unaligned store writes.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i][k]) };
+                let h4: [f32; 4] = std::array::from_fn(|j| lanes[j] + lanes[j + 4]);
+                let tail: f32 = w[i][vectorized..]
+                    .iter()
+                    .zip(&x[k][vectorized..])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                (h4[0] + h4[2]) + (h4[1] + h4[3]) + tail
+            })
         })
     }
+}
+
+/// Attention of one query position over the first `len` positions of a cache layer, on the CPU in f32. `q` holds
+/// `heads` rows of `head_dim`; `keys` and `values` are the layer's whole buffers, `[1, kv_heads, capacity,
+/// head_dim]`, query head `h` attending with key/value head `h / (heads / kv_heads)` (grouped-query attention).
+/// Appends `heads * head_dim` values to `out`, or returns false (appending nothing) when the buffers are not
+/// contiguous CPU f32. Decoding calls this once per sequence and layer: as a handful of libtorch ops it would cost
+/// more in dispatch than in arithmetic.
+pub fn attend_cached(q: &[f32], keys: &Tensor, values: &Tensor, len: usize, out: &mut Vec<f32>) -> bool {
+    let size = keys.size();
+    let (Some(k), Some(v), [_, kv_heads, capacity, head_dim]) =
+        (storage::f32s(keys), storage::f32s(values), size.as_slice())
+    else {
+        return false;
+    };
+    let (kv_heads, capacity, head_dim) = (*kv_heads as usize, *capacity as usize, *head_dim as usize);
+    let heads = q.len() / head_dim.max(1);
+    if values.size() != size || len > capacity || heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return false;
+    }
+    let group = heads / kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut weights = vec![0f32; len];
+    let mut acc = vec![0f32; head_dim];
+    for h in 0..heads {
+        let base = (h / group) * capacity * head_dim;
+        let query = &q[h * head_dim..(h + 1) * head_dim];
+        let mut max = f32::NEG_INFINITY;
+        for (p, w) in weights.iter_mut().enumerate() {
+            let at = base + p * head_dim;
+            *w = dot::<false, f32>(query, &k[at..at + head_dim], |x| x) * scale;
+            max = max.max(*w);
+        }
+        let mut sum = 0f32;
+        for w in &mut weights {
+            *w = (*w - max).exp();
+            sum += *w;
+        }
+        acc.fill(0.0);
+        for (p, w) in weights.iter().enumerate() {
+            let at = base + p * head_dim;
+            for (a, x) in acc.iter_mut().zip(&v[at..at + head_dim]) {
+                *a += w * x;
+            }
+        }
+        out.extend(acc.iter().map(|a| a / sum));
+    }
+    true
 }
 
 /// One matrix-vector product over several stacked matrices: `[W_1; W_2; ...] x`.
@@ -254,12 +337,23 @@ impl Product<'_> {
     /// Output rows `rows`, each with one value per input row (`[row][batch]` order).
     fn compute(&self, rows: std::ops::Range<usize>) -> Vec<f32> {
         let mut out = Vec::with_capacity(rows.len() * self.batch);
-        let mut m = 0;
-        for row in rows {
-            while row >= self.starts[m + 1] {
-                m += 1;
+        let mut row = rows.start;
+        while row < rows.end {
+            let m = self.starts.partition_point(|&s| s <= row) - 1;
+            let (first, end) = (self.starts[m], self.starts[m + 1].min(rows.end));
+            let local = row - first..end - first;
+            match self.matrices[m] {
+                #[cfg(target_arch = "x86_64")]
+                Rows::F32(w) if avx2::available() => {
+                    avx2::products(w, self.cols, local, &self.input, &mut out)
+                }
+                matrix => {
+                    for r in local {
+                        matrix.dots(r, self.cols, &self.input, &mut out);
+                    }
+                }
             }
-            self.matrices[m].dots(row - self.starts[m], self.cols, &self.input, &mut out);
+            row = end;
         }
         out
     }
@@ -398,7 +492,9 @@ impl<'a> DecodePool<'a> {
             batch: batch as usize,
         });
         // Bias is added before rounding to the input's dtype, as libtorch's addmm does.
-        let all = Tensor::f_from_slice(&out)?.f_view([total, batch])?.f_transpose(0, 1)?;
+        let all = Tensor::f_from_slice(&out)?
+            .f_view([total, batch])?
+            .f_transpose(0, 1)?;
         let mut results = Vec::with_capacity(weights.len());
         let mut offset = 0;
         for (w, bias) in weights {
@@ -490,24 +586,44 @@ mod tests {
         let w = Tensor::randn([70, 100], opts);
         let x = Tensor::randn([7, 1, 100], opts);
         let (batched, single) = with_decode_pool(|p| {
-            let batched = p.linear_single_row(&x, &w, None).unwrap().expect("kernel applies");
+            let batched = p
+                .linear_single_row(&x, &w, None)
+                .unwrap()
+                .expect("kernel applies");
             let single: Vec<Tensor> = (0..7)
-                .map(|i| p.linear_single_row(&x.get(i), &w, None).unwrap().expect("kernel applies"))
+                .map(|i| {
+                    p.linear_single_row(&x.get(i), &w, None)
+                        .unwrap()
+                        .expect("kernel applies")
+                })
                 .collect();
             (batched, single)
         });
         assert_eq!(batched.size(), [7, 1, 70]);
         for (i, s) in single.iter().enumerate() {
-            assert!(batched.get(i as i64).equal(s), "row {i} differs from its single-row product");
+            assert!(
+                batched.get(i as i64).equal(s),
+                "row {i} differs from its single-row product"
+            );
         }
-        assert!((batched - x.linear::<&Tensor>(&w, None)).abs().max().double_value(&[]) < 1e-4);
+        assert!(
+            (batched - x.linear::<&Tensor>(&w, None))
+                .abs()
+                .max()
+                .double_value(&[])
+                < 1e-4
+        );
     }
 
     #[test]
     fn declines_large_batches_and_trainable_weights() {
         let w = Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
         assert!(with_decode_pool(|p| p
-            .linear_single_row(&Tensor::randn([MAX_ROWS as i64 + 1, 8], (Kind::Float, Device::Cpu)), &w, None)
+            .linear_single_row(
+                &Tensor::randn([MAX_ROWS as i64 + 1, 8], (Kind::Float, Device::Cpu)),
+                &w,
+                None
+            )
             .unwrap()
             .is_none()));
         let w = w.set_requires_grad(true);

@@ -99,6 +99,11 @@ impl KvCache {
         ))
     }
 
+    /// Layer `layer`'s whole key and value buffers (`[1, kv_heads, capacity, head_dim]`), once it has any.
+    pub(crate) fn layer_buffers(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
+        self.layers.get(layer)?.as_ref().map(|l| (&l.keys, &l.values))
+    }
+
     /// Marks `t` more positions as filled once every layer has appended them.
     pub(crate) fn advance(&mut self, t: usize) {
         self.len += t;

@@ -223,6 +223,42 @@ fn attend_one(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     Ok(probs.f_matmul(&v)?.f_reshape([1, heads, 1, head_dim])?)
 }
 
+/// One query's attention (`q`: `[1, heads, 1, head_dim]`) over layer `layer` of `cache`, whose keys and values
+/// for this position were just appended (`keys`, `values` are the views `append` returned): the CPU kernel when
+/// the cache is CPU f32, else [`attend_one`]. Returns `[1, heads, 1, head_dim]`.
+fn attend_cached(
+    q: &Tensor,
+    cache: &KvCache,
+    layer: usize,
+    keys: &Tensor,
+    values: &Tensor,
+) -> Result<Tensor> {
+    let mut out = Vec::new();
+    if cpu_attention(q, cache, layer, &mut out)? {
+        return Ok(Tensor::f_from_slice(&out)?.f_view(q.size().as_slice())?);
+    }
+    attend_one(q, keys, values)
+}
+
+/// [`crate::cpu_gemv::attend_cached`] for `q` (`[.., heads, 1, head_dim]` of one sequence) over layer `layer` of
+/// `cache` including the position being decoded; false when it does not apply.
+fn cpu_attention(q: &Tensor, cache: &KvCache, layer: usize, out: &mut Vec<f32>) -> Result<bool> {
+    let Some((keys, values)) = cache.layer_buffers(layer) else {
+        return Ok(false);
+    };
+    if q.device() != Device::Cpu || q.kind() != Kind::Float {
+        return Ok(false);
+    }
+    let query = Vec::<f32>::try_from(q.f_flatten(0, -1)?)?;
+    Ok(crate::cpu_gemv::attend_cached(
+        &query,
+        keys,
+        values,
+        cache.len() + 1,
+        out,
+    ))
+}
+
 fn rotate_half(x: &Tensor) -> Result<Tensor> {
     let half = x.size()[3] / 2;
     let x1 = x.f_narrow(3, 0, half)?;
@@ -502,13 +538,16 @@ impl Llama {
             k.f_to_kind(attention.kind)?,
             v.f_to_kind(attention.kind)?,
         );
-        let (k, v) = match cache {
-            Some(cache) => cache.append(i, &k, &v)?,
-            None => (k, v),
+        let (k, v, cache) = match cache {
+            Some(cache) => {
+                let (k, v) = cache.append(i, &k, &v)?;
+                (k, v, Some(&*cache))
+            }
+            None => (k, v, None),
         };
         let gqa = c.num_heads != c.num_kv_heads;
-        let attn = if t == 1 && batch == 1 && attention.mask.is_none() {
-            attend_one(&q, &k, &v)?
+        let attn = if let Some(cache) = cache.filter(|_| t == 1 && batch == 1) {
+            attend_cached(&q, cache, i, &k, &v)?
         } else {
             Tensor::f_scaled_dot_product_attention(
                 &q,

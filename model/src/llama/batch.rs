@@ -4,7 +4,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::{Llama, apply_rope, attend_one, compute_rope, project, project_all, rms_norm};
+use super::{Llama, apply_rope, attend_one, compute_rope, cpu_attention, project, project_all, rms_norm};
 use crate::cpu_gemv::DecodePool;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
@@ -98,15 +98,19 @@ impl Llama {
         let k = apply_rope(&split(k, c.num_kv_heads)?, cos, sin)?.f_to_kind(kind)?;
         let v = split(v, c.num_kv_heads)?.f_to_kind(kind)?;
         let (qs, ks, vs) = (q.f_split(1, 0)?, k.f_split(1, 0)?, v.f_split(1, 0)?);
-        let mut outputs = Vec::with_capacity(caches.len());
+        // Every sequence's output goes into one buffer, row-major `[batch, heads, head_dim]`.
+        let mut values_out = Vec::with_capacity(q.numel());
         for (j, cache) in caches.iter_mut().enumerate() {
             let (keys, values) = cache.append(i, &ks[j], &vs[j])?;
-            outputs.push(attend_one(&qs[j], &keys, &values)?);
+            if !cpu_attention(&qs[j], cache, i, &mut values_out)? {
+                let out = attend_one(&qs[j], &keys, &values)?.f_to_kind(Kind::Float)?;
+                values_out.extend(Vec::<f32>::try_from(out.f_flatten(0, -1)?)?);
+            }
         }
-        let attn = Tensor::f_cat(&outputs, 0)?
+        let attn = Tensor::f_from_slice(&values_out)?
+            .f_to_device(self.device())?
             .f_to_kind(self.kind())?
-            .f_transpose(1, 2)?
-            .f_reshape([batch, 1, (c.num_heads * c.head_dim) as i64])?;
+            .f_view([batch, 1, (c.num_heads * c.head_dim) as i64])?;
         Ok(x.f_add(&project(pool, &attn, &layer.o_proj)?)?)
     }
 }
@@ -156,5 +160,42 @@ mod tests {
             assert!(diff < 1e-4, "sequence {j} differs by {diff}");
         }
         assert_eq!(caches.iter().map(KvCache::len).collect::<Vec<_>>(), [4, 2, 8]);
+    }
+
+    /// On the CPU decode kernel a sequence's logits do not depend on the batch it runs in: greedy replies are the
+    /// same whatever else a worker serves.
+    #[test]
+    fn on_the_decode_kernel_batched_logits_equal_solo_logits_bitwise() {
+        let model = tiny();
+        let _guard = tch::no_grad_guard();
+        let prompts: [&[u32]; 5] = [
+            &[1, 2, 3],
+            &[5],
+            &[9, 8, 7, 6, 5, 4, 3],
+            &[4, 4],
+            &[60, 61, 62, 63],
+        ];
+        let prefill = |p: &[u32]| {
+            let mut cache = model.new_cache();
+            let _ = model.forward_last(p, &mut cache).expect("prefill");
+            cache
+        };
+        crate::cpu_gemv::with_decode_pool(|pool| {
+            let solo: Vec<Tensor> = prompts
+                .iter()
+                .map(|p| {
+                    let mut cache = prefill(p);
+                    model
+                        .forward_last_in(&[11], &mut cache, Some(pool))
+                        .expect("decode")
+                })
+                .collect();
+            let mut caches: Vec<KvCache> = prompts.iter().map(|p| prefill(p)).collect();
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+            let batched = model.decode_step(&[11; 5], &mut refs, Some(pool)).expect("step");
+            for (j, expected) in solo.iter().enumerate() {
+                assert!(batched.get(j as i64).equal(expected), "sequence {j} differs");
+            }
+        });
     }
 }

@@ -25,7 +25,10 @@ impl Worker for Instant {
     async fn generate(&self, _: Request<v1::GenerateRequest>) -> Result<Response<Events>, Status> {
         let events = vec![
             event(Event::Started(v1::Started { prompt_tokens: 1 })),
-            event(Event::Chunk(v1::Chunk { text: "ok".into(), tokens: 1 })),
+            event(Event::Chunk(v1::Chunk {
+                text: "ok".into(),
+                tokens: 1,
+            })),
             event(Event::Finished(v1::Finished {
                 reason: v1::FinishReason::Length as i32,
                 prompt_tokens: 1,
@@ -36,17 +39,30 @@ impl Worker for Instant {
     }
 
     async fn health(&self, _: Request<v1::HealthRequest>) -> Result<Response<v1::HealthResponse>, Status> {
-        Ok(Response::new(v1::HealthResponse { ready: true, running: 0, waiting: 0 }))
+        Ok(Response::new(v1::HealthResponse {
+            ready: true,
+            running: 0,
+            waiting: 0,
+        }))
     }
 
-    async fn model_info(&self, _: Request<v1::ModelInfoRequest>) -> Result<Response<v1::ModelInfoResponse>, Status> {
-        Ok(Response::new(v1::ModelInfoResponse { name: "instant".into(), ..Default::default() }))
+    async fn model_info(
+        &self,
+        _: Request<v1::ModelInfoRequest>,
+    ) -> Result<Response<v1::ModelInfoResponse>, Status> {
+        Ok(Response::new(v1::ModelInfoResponse {
+            name: "instant".into(),
+            ..Default::default()
+        }))
     }
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:50199".into()).parse()?;
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:50199".into())
+        .parse()?;
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(WorkerServer::new(Instant))

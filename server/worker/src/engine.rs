@@ -16,9 +16,10 @@ use crate::error::WorkerError;
 use crate::handle::{Command, Event, Input, Shared, Submission};
 use crate::scheduler::{Rejected, Scheduler, SchedulerConfig, SeqId};
 
-/// The largest decode batch that runs on the CPU decode kernel (measured with `model/examples/batch_step.rs`:
-/// faster than libtorch's GEMM up to 8 rows of SmolLM2, slower from 16).
-const KERNEL_MAX_BATCH: usize = 8;
+/// The largest decode batch that runs on the CPU decode kernel. Up to its row limit it is at least as fast as
+/// libtorch's GEMM (`model/examples/batch_step.rs`), and it gives each sequence the same bits alone or batched,
+/// so a greedy reply does not depend on what else the worker is serving.
+const KERNEL_MAX_BATCH: usize = camelid_model::cpu_gemv::MAX_ROWS;
 
 struct Sequence {
     prompt: Vec<u32>,
@@ -269,9 +270,8 @@ impl<'p, 'm> Engine<'p, 'm> {
     fn forward_batch(&self, batch: &mut [(SeqId, Sequence)]) -> camelid_model::Result<Tensor> {
         let model = &self.loaded.model;
         let tokens: Vec<u32> = batch.iter().map(|(_, s)| s.last_token).collect();
-        // Small CPU batches are bound by reading the weights: the decode kernel reads each weight once for the
-        // whole batch, with libtorch single-threaded meanwhile (see `generate`). Larger ones are bound by
-        // arithmetic, where libtorch's multi-threaded GEMM is faster.
+        // On CPU the decode kernel reads each weight once for the whole batch, with libtorch single-threaded
+        // meanwhile (see `generate`); batches beyond its row limit go to libtorch's multi-threaded GEMM.
         let pool = self.pool.filter(|_| batch.len() <= KERNEL_MAX_BATCH);
         let _threads = match pool {
             Some(_) => TorchThreads::set(1),
