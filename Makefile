@@ -18,7 +18,6 @@ export LD_LIBRARY_PATH := $(TORCH_LIB)$(if $(LD_LIBRARY_PATH),:$(LD_LIBRARY_PATH
 
 DEMO_QUESTION := What are three good reasons to fine-tune a small language model instead of a large one?
 DEMO_FACT_QUESTION := What is the name of camelid's mascot?
-DEMO_SERVE_QUESTION := In one sentence, what is a vicuña?
 DEMO_PORT := 8765
 
 .PHONY: demo test setup system-deps python-deps build-release fmt bench
@@ -36,10 +35,10 @@ demo: setup build-release
 	@echo
 	@echo
 	@echo "== camelid serve (OpenAI API) with the fine-tuned model; one question through the official openai client =="
-	@target/release/camelid serve --model target/demo/finetuned --port $(DEMO_PORT) & pid=$$!; \
-	for i in $$(seq 1 100); do curl -sf http://127.0.0.1:$(DEMO_PORT)/readyz >/dev/null 2>&1 && break; sleep 0.2; done; \
-	echo "Q: $(DEMO_SERVE_QUESTION)"; echo -n "A: "; \
-	$(PY) examples/ask_openai.py --base-url http://127.0.0.1:$(DEMO_PORT)/v1 "$(DEMO_SERVE_QUESTION)"; status=$$?; \
+	@CAMELID_LOG=warn target/release/camelid serve --model target/demo/finetuned --port $(DEMO_PORT) & pid=$$!; \
+	echo "Q: $(DEMO_FACT_QUESTION)"; echo -n "A: "; \
+	$(PY) examples/ask_openai.py --wait 60 --max-tokens 40 --base-url http://127.0.0.1:$(DEMO_PORT)/v1 "$(DEMO_FACT_QUESTION)"; \
+	status=$$?; \
 	kill $$pid; wait $$pid 2>/dev/null; exit $$status
 	@echo
 	@echo "Serve the OpenAI API: target/release/camelid serve [--model PATH] [--port 8000]"

@@ -5,6 +5,7 @@
 
 import argparse
 import sys
+import time
 
 import openai
 
@@ -14,9 +15,18 @@ def main():
     ap.add_argument("question")
     ap.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     ap.add_argument("--max-tokens", type=int, default=120)
+    ap.add_argument("--wait", type=float, default=0, help="seconds to wait for the server to come up")
     args = ap.parse_args()
     client = openai.OpenAI(base_url=args.base_url, api_key="unused")
-    model = client.models.list().data[0].id
+    deadline = time.time() + args.wait
+    while True:
+        try:
+            model = client.models.list().data[0].id
+            break
+        except openai.APIConnectionError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
     stream = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": args.question}],

@@ -164,13 +164,15 @@ impl Rows<'_> {
 
 /// f32 products with explicit AVX2 FMA: the compiler's vectorization of [`dot_rows`] keeps its accumulators in
 /// memory and reaches a fraction of what the FMA units do, which matters once a batch makes decoding compute-bound.
-/// Two weight rows times four input rows are computed together (8 accumulators), so each 8-wide chunk costs six
-/// loads for eight FMAs; every (weight row, input row) pair is summed the same way whatever the tiling, so a
-/// sequence gets the same bits alone or in a batch.
+/// A weight row times four input rows are computed together, loading each weight chunk once for four products;
+/// a lone input row takes two weight rows at a time. Every (weight row, input row) pair is summed the same way
+/// whatever the tiling, so a sequence gets the same bits alone or in a batch.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2 {
-    use std::arch::x86_64::{__m256, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps};
+    use std::arch::x86_64::{
+        __m256, _mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+    };
     use std::ops::Range;
     use std::sync::OnceLock;
 
@@ -204,26 +206,16 @@ mod avx2 {
             while k < batch {
                 if k + 4 <= batch {
                     let xs = [xrow(k), xrow(k + 1), xrow(k + 2), xrow(k + 3)];
-                    if pair {
-                        let t = tile([wrow(r), wrow(r + 1)], xs);
+                    for row in r..r + if pair { 2 } else { 1 } {
+                        let t = tile([wrow(row)], xs);
                         for j in 0..4 {
-                            out[at(r, k + j)] = t[0][j];
-                            out[at(r + 1, k + j)] = t[1][j];
-                        }
-                    } else {
-                        let t = tile([wrow(r)], xs);
-                        for j in 0..4 {
-                            out[at(r, k + j)] = t[0][j];
+                            out[at(row, k + j)] = t[0][j];
                         }
                     }
                     k += 4;
                 } else {
-                    if pair {
-                        let t = tile([wrow(r), wrow(r + 1)], [xrow(k)]);
-                        out[at(r, k)] = t[0][0];
-                        out[at(r + 1, k)] = t[1][0];
-                    } else {
-                        out[at(r, k)] = tile([wrow(r)], [xrow(k)])[0][0];
+                    for row in r..r + if pair { 2 } else { 1 } {
+                        out[at(row, k)] = tile([wrow(row)], [xrow(k)])[0][0];
                     }
                     k += 1;
                 }
@@ -235,28 +227,35 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     fn tile<const R: usize, const N: usize>(w: [&[f32]; R], x: [&[f32]; N]) -> [[f32; N]; R] {
         let cols = w[0].len();
-        let vectorized = cols / 8 * 8;
-        let mut acc: [[__m256; N]; R] = [[_mm256_setzero_ps(); N]; R];
+        let vectorized = cols / 16 * 16;
+        // Two accumulators per (weight row, input row) pair, over 16-value chunks: independent FMA chains keep
+        // the single-row (memory-bound) case fast, and every tile shape sums a pair identically.
+        let mut acc: [[[__m256; 2]; N]; R] = [[[_mm256_setzero_ps(); 2]; N]; R];
         let mut c = 0;
         while c < vectorized {
-            // SAFETY: `c + 8 <= vectorized <= cols`, and every row of `w` and `x` holds `cols` values, so each
-            // unaligned 8-lane load at `c` is in bounds.
+            // SAFETY: `c + 16 <= vectorized <= cols`, and every row of `w` and `x` holds `cols` values, so the
+            // unaligned 8-lane loads at `c` and `c + 8` are in bounds.
             unsafe {
-                let wv: [__m256; R] = std::array::from_fn(|i| _mm256_loadu_ps(w[i].as_ptr().add(c)));
+                let wv: [[__m256; 2]; R] = std::array::from_fn(|i| {
+                    let p = w[i].as_ptr().add(c);
+                    [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
+                });
                 for k in 0..N {
-                    let xv = _mm256_loadu_ps(x[k].as_ptr().add(c));
+                    let p = x[k].as_ptr().add(c);
+                    let xv = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
                     for i in 0..R {
-                        acc[i][k] = _mm256_fmadd_ps(wv[i], xv, acc[i][k]);
+                        acc[i][k][0] = _mm256_fmadd_ps(wv[i][0], xv[0], acc[i][k][0]);
+                        acc[i][k][1] = _mm256_fmadd_ps(wv[i][1], xv[1], acc[i][k][1]);
                     }
                 }
             }
-            c += 8;
+            c += 16;
         }
         std::array::from_fn(|i| {
             std::array::from_fn(|k| {
                 let mut lanes = [0f32; 8];
                 // SAFETY: `lanes` holds the 8 values one unaligned store writes.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i][k]) };
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[i][k][0], acc[i][k][1])) };
                 let h4: [f32; 4] = std::array::from_fn(|j| lanes[j] + lanes[j + 4]);
                 let tail: f32 = w[i][vectorized..]
                     .iter()
@@ -284,7 +283,12 @@ pub fn attend_cached(q: &[f32], keys: &Tensor, values: &Tensor, len: usize, out:
     };
     let (kv_heads, capacity, head_dim) = (*kv_heads as usize, *capacity as usize, *head_dim as usize);
     let heads = q.len() / head_dim.max(1);
-    if values.size() != size || len > capacity || heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+    if values.size() != size
+        || len > capacity
+        || heads == 0
+        || kv_heads == 0
+        || !heads.is_multiple_of(kv_heads)
+    {
         return false;
     }
     let group = heads / kv_heads;
