@@ -20,7 +20,7 @@ DEMO_QUESTION := What are three good reasons to fine-tune a small language model
 DEMO_FACT_QUESTION := What is the name of camelid's mascot?
 DEMO_PORT := 8765
 
-.PHONY: demo test setup system-deps python-deps build-release fmt bench
+.PHONY: demo test setup system-deps python-deps build-release fmt bench bench-deps
 
 demo: setup build-release
 	@echo "== camelid generate (SmolLM2-135M-Instruct, greedy, repetition penalty 1.1) =="
@@ -76,7 +76,18 @@ build-release:
 fmt:
 	cargo fmt --all
 
-bench: setup build-release
+BENCH_STAMP := $(VENV)/.camelid-bench-stamp
+
+# wrk drives the gateway-overhead benchmark; bench/requirements.txt is FastChat's serving stack.
+bench-deps: $(BENCH_STAMP)
+
+$(BENCH_STAMP): bench/requirements.txt $(STAMP)
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q wrk; }
+	$(PY) -m pip install -q -r bench/requirements.txt
+	@touch $@
+
+bench: setup bench-deps build-release
+	cargo build --release -p camelid-gateway --examples
 	$(PY) bench/decode_speed.py --camelid target/release/camelid
 	$(PY) bench/train_speed.py --trainer target/release/camelid-trainer
 	$(PY) bench/serve_speed.py --camelid target/release/camelid
