@@ -346,62 +346,60 @@ impl ChunkWriter {
         self.include_usage.then_some(usage)
     }
 
-    fn chunk(&self, role: bool, text: Option<String>, finish: Option<&'static str>) -> String {
+    /// One chunk's JSON: `choice` (none for the final usage chunk) and `usage` (when the client asked for it).
+    fn json(
+        &self,
+        choice: Option<(bool, Option<String>, Option<&'static str>)>,
+        usage: Option<Usage>,
+    ) -> String {
+        let usage = self.usage_field(usage);
         let json = match self.api {
             Api::Chat => serde_json::to_string(&openai::ChatCompletionChunk {
                 id: self.id.clone(),
                 object: "chat.completion.chunk",
                 created: self.created,
                 model: self.model.clone(),
-                choices: vec![openai::ChunkChoice {
-                    index: 0,
-                    delta: Delta {
-                        role: role.then_some("assistant"),
-                        content: text,
-                    },
-                    finish_reason: finish,
-                    logprobs: None,
-                }],
-                usage: self.usage_field(None),
+                choices: choice
+                    .map(|(role, content, finish_reason)| openai::ChunkChoice {
+                        index: 0,
+                        delta: Delta {
+                            role: role.then_some("assistant"),
+                            content,
+                        },
+                        finish_reason,
+                        logprobs: None,
+                    })
+                    .into_iter()
+                    .collect(),
+                usage,
             }),
             Api::Completions => serde_json::to_string(&openai::Completion {
                 id: self.id.clone(),
                 object: "text_completion",
                 created: self.created,
                 model: self.model.clone(),
-                choices: vec![openai::CompletionChoice {
-                    index: 0,
-                    text: text.unwrap_or_default(),
-                    finish_reason: finish,
-                    logprobs: None,
-                }],
-                usage: self.usage_field(None),
+                choices: choice
+                    .map(|(_, text, finish_reason)| openai::CompletionChoice {
+                        index: 0,
+                        text: text.unwrap_or_default(),
+                        finish_reason,
+                        logprobs: None,
+                    })
+                    .into_iter()
+                    .collect(),
+                usage,
             }),
         };
         json.unwrap_or_default()
     }
 
+    fn chunk(&self, role: bool, text: Option<String>, finish: Option<&'static str>) -> String {
+        self.json(Some((role, text, finish)), None)
+    }
+
     /// The final chunk OpenAI sends with `include_usage`: no choices, the usage.
     fn usage(&self, usage: Usage) -> String {
-        let json = match self.api {
-            Api::Chat => serde_json::to_string(&openai::ChatCompletionChunk {
-                id: self.id.clone(),
-                object: "chat.completion.chunk",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![],
-                usage: Some(Some(usage)),
-            }),
-            Api::Completions => serde_json::to_string(&openai::Completion {
-                id: self.id.clone(),
-                object: "text_completion",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![],
-                usage: Some(Some(usage)),
-            }),
-        };
-        json.unwrap_or_default()
+        self.json(None, Some(usage))
     }
 }
 

@@ -28,6 +28,8 @@ struct Sequence {
     text: TokenTextStream,
     events: mpsc::UnboundedSender<Event>,
     last_token: u32,
+    /// Tokens generated since the last chunk was sent.
+    unsent_tokens: usize,
     submitted: Instant,
     last_token_at: Option<Instant>,
     _permit: tokio::sync::OwnedSemaphorePermit,
@@ -125,6 +127,7 @@ impl<'p, 'm> Engine<'p, 'm> {
                     s.id,
                     Sequence {
                         last_token: 0,
+                        unsent_tokens: 0,
                         prompt,
                         cache,
                         sampler,
@@ -313,7 +316,15 @@ impl<'p, 'm> Engine<'p, 'm> {
                 return;
             }
         };
-        let delivered = pushed.text.is_empty() || seq.events.send(Event::Chunk { text: pushed.text }).is_ok();
+        seq.unsent_tokens += 1;
+        let delivered = pushed.text.is_empty()
+            || seq
+                .events
+                .send(Event::Chunk {
+                    text: pushed.text,
+                    tokens: std::mem::take(&mut seq.unsent_tokens),
+                })
+                .is_ok();
         if !delivered {
             self.finish(id, "cancelled");
             return;

@@ -81,7 +81,10 @@ fn event_message(event: Event) -> Result<v1::GenerateResponse, Status> {
         Event::Started { prompt_tokens } => generate_response::Event::Started(v1::Started {
             prompt_tokens: prompt_tokens as u32,
         }),
-        Event::Chunk { text } => generate_response::Event::Chunk(v1::Chunk { text, tokens: 0 }),
+        Event::Chunk { text, tokens } => generate_response::Event::Chunk(v1::Chunk {
+            text,
+            tokens: tokens as u32,
+        }),
         Event::Finished {
             reason,
             prompt_tokens,

@@ -65,6 +65,8 @@ pub enum Event {
     },
     Chunk {
         text: String,
+        /// Tokens generated since the previous chunk (text can be held back over several tokens).
+        tokens: usize,
     },
     Finished {
         reason: FinishReason,
