@@ -59,7 +59,9 @@ def wait_http(url, timeout=300, ok=lambda body: True):
 
 
 def start(cmd, log):
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # FastChat writes its own log files into the working directory: keep them under target/bench.
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=ROOT / "target/bench")
 
 
 def stop(procs):
@@ -250,7 +252,7 @@ def main():
     for tool in ["wrk"]:
         if not shutil.which(tool):
             sys.exit(f"{tool} not found: apt-get install {tool}")
-    sys.path.insert(0, str(ROOT))
+    (ROOT / "target/bench").mkdir(parents=True, exist_ok=True)
     from transformers import AutoTokenizer
 
     import glob
