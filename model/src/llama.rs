@@ -208,9 +208,9 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// Attention of one query position (`q`: `[1, heads, 1, head_dim]`) over a cached history (`k`, `v`:
-/// `[1, kv_heads, len, head_dim]`), grouped-query heads sharing their key/value head. Decoding runs this instead
-/// of libtorch's SDPA, whose per-call set-up costs more than the arithmetic at one query, and both the
-/// single-sequence and the batched decode run it, so a sequence gets the same logits alone or in a batch.
+/// `[1, kv_heads, len, head_dim]`), grouped-query heads sharing their key/value head: decoding's fallback where
+/// the CPU attention kernel does not apply (GPU, or a cache that is not f32). Single-sequence and batched decode
+/// both use it, so a sequence gets the same logits alone or in a batch there too.
 fn attend_one(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (heads, head_dim) = (q.size()[1], q.size()[3]);
     let kv_heads = k.size()[1];

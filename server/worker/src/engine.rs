@@ -352,7 +352,5 @@ impl<'p, 'm> Engine<'p, 'm> {
         m.kv_reserved_tokens.set(self.scheduler.reserved_tokens() as i64);
         m.kv_cache_bytes
             .set(self.sequences.values().map(|s| s.cache.bytes()).sum::<usize>() as i64);
-        self.shared
-            .set_load(self.scheduler.running(), self.scheduler.waiting());
     }
 }

@@ -1,8 +1,8 @@
 //! The cloneable [`WorkerHandle`]: admission control (a semaphore sized to the batch plus the queue), commands to
 //! the engine thread over a bounded channel, and each request's event stream back.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use camelid_model::{ChatMessage, FinishReason, LoadedModel, SamplingParams};
@@ -111,15 +111,6 @@ enum State {
 pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     state: watch::Sender<State>,
-    load: Mutex<(usize, usize)>,
-}
-
-impl Shared {
-    pub(crate) fn set_load(&self, running: usize, waiting: usize) {
-        if let Ok(mut load) = self.load.lock() {
-            *load = (running, waiting);
-        }
-    }
 }
 
 /// Sends requests to the engine; cheap to clone.
@@ -157,11 +148,7 @@ impl WorkerHandle {
         let (commands, receiver) = mpsc::channel(capacity.max(1));
         let metrics = Arc::new(Metrics::new());
         let (state, _) = watch::channel(State::Loading);
-        let shared = Arc::new(Shared {
-            metrics,
-            state,
-            load: Mutex::new((0, 0)),
-        });
+        let shared = Arc::new(Shared { metrics, state });
         let handle = Self {
             shared: shared.clone(),
             commands,
@@ -195,9 +182,11 @@ impl WorkerHandle {
         self.info()
     }
 
-    /// Sequences running and waiting.
+    /// Sequences running and waiting, as the engine last published them in its gauges.
     pub fn load(&self) -> (usize, usize) {
-        self.shared.load.lock().map(|l| *l).unwrap_or((0, 0))
+        let m = &self.shared.metrics;
+        let count = |g: i64| usize::try_from(g).unwrap_or(0);
+        (count(m.running_sequences.get()), count(m.queue_length.get()))
     }
 
     /// Admits a request and waits until the engine has tokenized and queued it.
