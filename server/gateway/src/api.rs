@@ -97,7 +97,8 @@ pub fn app(state: AppState) -> axum::Router {
         .with_state(state)
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch, for the `created` fields.
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -188,7 +189,7 @@ async fn pipeline(
             Ok(started) => started,
             Err(e) => return Err((e, record)),
         };
-        let writer = ChunkWriter::new(&request, id, state.created_for_response());
+        let writer = ChunkWriter::new(&request, id, unix_now());
         return Ok(stream_response(state.clone(), started, writer, record, gauge));
     }
     // Nothing reaches the client before the whole answer, so a worker lost mid-way is retried on another.
@@ -202,7 +203,7 @@ async fn pipeline(
             Ok(done) => {
                 drop(gauge);
                 record.finish(StatusCode::OK);
-                return Ok(whole_response(&request, id, state.created_for_response(), done));
+                return Ok(whole_response(&request, id, unix_now(), done));
             }
             Err(Collected::Broken(why)) => {
                 tracing::warn!(endpoint = %backend.addr, why, "worker failed mid-request; retrying elsewhere");
@@ -210,12 +211,6 @@ async fn pipeline(
             }
             Err(Collected::Failed(e)) => return Err((e, record)),
         }
-    }
-}
-
-impl AppState {
-    fn created_for_response(&self) -> u64 {
-        unix_now()
     }
 }
 

@@ -28,10 +28,7 @@ pub fn state(config: &GatewayConfig, guardrails: guardrails::Guardrails) -> api:
         metrics,
         guardrails,
         limits: config.limits,
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created: api::unix_now(),
     }
 }
 
