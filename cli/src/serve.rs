@@ -2,9 +2,11 @@
 //! port of its own and the gateway routes to it, so this runs exactly the code paths of a deployment.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use camelid_gateway::GatewayConfig;
-use camelid_gateway::guardrails::Guardrails;
 use camelid_worker::grpc::{bind, http_router, serve_grpc};
 use camelid_worker::load::default_served_name;
 use camelid_worker::{ModelArgs, WorkerConfig, WorkerHandle};
@@ -24,6 +26,13 @@ pub struct ServeArgs {
     /// Most sequences decoding together.
     #[arg(long, default_value_t = 32)]
     max_batch: usize,
+    /// The gateway's YAML config (moderation, API keys, limits; its `models` and `listen` are ignored), reloaded
+    /// when it changes.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Serve without API keys on a non-loopback address.
+    #[arg(long)]
+    allow_anonymous: bool,
 }
 
 type Failed = (anyhow::Error, u8);
@@ -58,15 +67,37 @@ async fn serve(args: &ServeArgs) -> Result<(), Failed> {
     }));
 
     let listen = SocketAddr::new(args.host, args.port);
-    let mut gateway = GatewayConfig {
-        listen,
-        ..GatewayConfig::default()
+    let backend = format!("{name}={grpc_addr}");
+    let allow = args.allow_anonymous;
+    // The served model and address replace whatever the file says, at start and on every reload.
+    let overrides: camelid_gateway::reload::Overrides = Arc::new(move |config: &mut GatewayConfig| {
+        config.listen = listen;
+        config.endpoints.clear();
+        config.allow_anonymous |= allow;
+        config.add_backend_flag(&backend)
+    });
+    let mut gateway = match &args.config {
+        Some(path) => GatewayConfig::from_file(path).map_err(|e| user(e.into()))?,
+        None => GatewayConfig::default(),
     };
-    gateway
-        .add_backend_flag(&format!("{name}={grpc_addr}"))
-        .map_err(|e| (e.into(), 1))?;
-    let state = camelid_gateway::state(&gateway, Guardrails::default());
+    overrides(&mut gateway).map_err(|e| (e.into(), 1))?;
+    let state = camelid_gateway::state(&gateway).map_err(|e| user(e.into()))?;
+    let has_keys = !state.policy.current().keys.is_empty();
+    if let Some(warning) = camelid_gateway::anonymous_check(listen, has_keys, gateway.allow_anonymous)
+        .map_err(|e| user(anyhow::anyhow!(e)))?
+    {
+        eprintln!("camelid serve: warning: {warning}");
+    }
     state.router.probe_all().await;
+    if let Some(path) = &args.config {
+        camelid_gateway::reload::spawn(
+            path.clone(),
+            overrides,
+            state.clone(),
+            gateway.clone(),
+            Duration::from_secs(1),
+        );
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| user(anyhow::anyhow!("binding {listen}: {e}")))?;

@@ -1,11 +1,13 @@
 //! The gateway's configuration: flags, or a YAML file, validated at start with errors that name the field.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::keys::KeySpec;
+use crate::policy::{ModerationSpec, PolicySpec, ProviderSpec};
 use crate::routing::Endpoints;
 use crate::validate::Limits;
 
@@ -30,6 +32,12 @@ pub struct GatewayConfig {
     pub endpoints: Endpoints,
     pub limits: Limits,
     pub probe_interval: Duration,
+    /// Keys and moderation.
+    pub policy: PolicySpec,
+    /// Serve without keys on a non-loopback address.
+    pub allow_anonymous: bool,
+    /// The files this config was read from (the config file, its keys file and rules files), watched for reloads.
+    pub files: Vec<PathBuf>,
 }
 
 impl Default for GatewayConfig {
@@ -39,6 +47,9 @@ impl Default for GatewayConfig {
             endpoints: Endpoints::new(),
             limits: Limits::default(),
             probe_interval: Duration::from_secs(2),
+            policy: PolicySpec::default(),
+            allow_anonymous: false,
+            files: Vec::new(),
         }
     }
 }
@@ -60,22 +71,61 @@ struct File {
     models: Endpoints,
     limits: Option<FileLimits>,
     probe_interval_ms: Option<u64>,
+    moderation: Option<ModerationSpec>,
+    /// API keys inline.
+    keys: Option<Vec<KeySpec>>,
+    /// A YAML file with `keys: [...]` (for example a mounted Kubernetes Secret), relative to this file.
+    keys_file: Option<PathBuf>,
+    allow_anonymous: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    keys: Vec<KeySpec>,
+}
+
+/// Parses YAML, errors naming the file and the field.
+fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    let de = serde_yaml_ng::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Invalid {
+        path: shown,
+        message: format!("`{}`: {}", e.path(), e.inner()),
+    })
 }
 
 impl GatewayConfig {
     /// Reads a YAML config file (unknown keys are errors, so typos do not pass silently).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: shown.clone(),
-            source,
-        })?;
-        let de = serde_yaml_ng::Deserializer::from_str(&text);
-        let file: File = serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Invalid {
-            path: shown.clone(),
-            message: format!("`{}`: {}", e.path(), e.inner()),
-        })?;
+        let file: File = read_yaml(path)?;
         let mut config = Self::default();
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        config.files.push(path.to_path_buf());
+        let mut keys = file.keys.unwrap_or_default();
+        if let Some(keys_file) = &file.keys_file {
+            let keys_path = base.join(keys_file);
+            let more: KeysFile = read_yaml(&keys_path)?;
+            keys.extend(more.keys);
+            config.files.push(keys_path);
+        }
+        let moderation = file.moderation.unwrap_or_default();
+        for provider in moderation.providers.values() {
+            if let ProviderSpec::Rules { file: Some(f), .. } = provider {
+                config.files.push(base.join(f));
+            }
+        }
+        config.policy = PolicySpec {
+            moderation,
+            keys,
+            base,
+        };
+        config.allow_anonymous = file.allow_anonymous.unwrap_or(false);
         if let Some(listen) = file.listen {
             config.listen = listen;
         }
@@ -100,6 +150,13 @@ impl GatewayConfig {
                 })?;
         }
         Ok(config)
+    }
+
+    /// The config file's name for errors, or `the configuration` when it came from flags.
+    pub fn shown_source(&self) -> String {
+        self.files
+            .first()
+            .map_or_else(|| "the configuration".to_string(), |p| p.display().to_string())
     }
 
     /// Adds `NAME=ADDR[,ADDR...]` from the command line.

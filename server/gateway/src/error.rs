@@ -14,8 +14,10 @@ pub struct ApiError {
     pub code: Option<String>,
     pub param: Option<String>,
     pub message: String,
-    /// Seconds for `Retry-After` (overload, no ready worker).
-    pub retry_after: Option<u64>,
+    /// Seconds for `Retry-After` (overload, no ready worker, rate limits).
+    pub retry_after: Option<u32>,
+    /// The flagged moderation categories of a `content_filter` error.
+    pub categories: Option<Box<[String]>>,
 }
 
 impl ApiError {
@@ -27,6 +29,7 @@ impl ApiError {
             param: None,
             message: message.into(),
             retry_after: None,
+            categories: None,
         }
     }
 
@@ -143,14 +146,82 @@ impl ApiError {
         Self::new(StatusCode::BAD_GATEWAY, "server_error", "worker_failed", message)
     }
 
+    /// A flagged input (400 `content_filter`): never forwarded to a model.
+    pub fn content_filter(categories: Vec<String>, param: String) -> Self {
+        let message = format!(
+            "the request was rejected by content moderation (flagged: {})",
+            categories.join(", ")
+        );
+        Self {
+            categories: Some(categories.into_boxed_slice()),
+            ..Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "content_filter",
+                message,
+            )
+        }
+        .with_param(param)
+    }
+
+    /// A moderation provider could not answer and fails closed (503).
+    pub fn moderation_unavailable(message: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(5),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "moderation_unavailable",
+                format!("{}; the request was not forwarded", message.into()),
+            )
+        }
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            message,
+        )
+    }
+
+    pub fn model_not_allowed(model: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            "model_not_allowed",
+            format!("this API key may not use the model `{model}`"),
+        )
+        .with_param("model")
+    }
+
+    pub fn rate_limited(what: &str, wait: std::time::Duration) -> Self {
+        let secs = crate::keys::retry_after_secs(wait);
+        Self {
+            retry_after: Some(secs),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "rate_limit_exceeded",
+                format!("this API key's {what} limit is used up; retry in {secs} s"),
+            )
+        }
+    }
+
     /// A stable label for metrics and logs.
     pub fn category(&self) -> &'static str {
-        match self.status.as_u16() {
-            400 | 422 => "invalid_request",
-            404 => "not_found",
-            413 => "too_large",
-            429 => "overloaded",
-            503 => "unavailable",
+        match (self.status.as_u16(), self.code.as_deref()) {
+            (400, Some("content_filter")) => "content_filter",
+            (400 | 422, _) => "invalid_request",
+            (401, _) => "unauthorized",
+            (403, _) => "forbidden",
+            (404, _) => "not_found",
+            (413, _) => "too_large",
+            (429, Some("rate_limit_exceeded")) => "rate_limited",
+            (429, _) => "overloaded",
+            (503, Some("moderation_unavailable")) => "moderation_unavailable",
+            (503, _) => "unavailable",
             _ => "server_error",
         }
     }
@@ -162,6 +233,7 @@ impl ApiError {
                 kind: self.kind,
                 param: self.param.clone(),
                 code: self.code.clone(),
+                categories: self.categories.as_deref().map(<[String]>::to_vec),
             },
         }
     }

@@ -1,35 +1,75 @@
 //! camelid's OpenAI-compatible gateway (no libtorch): `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-//! health and metrics, routing each request to the least-busy ready worker of its model over gRPC.
+//! `/v1/moderations`, a chat page at `/`, health and metrics, routing each request to the least-busy ready worker
+//! of its model over gRPC.
 //!
-//! The request pipeline ([`api`]): read the body (size-limited) → parse ([`openai`] wire types) → validate
-//! ([`validate::Validated`], errors naming the field) → guardrails ([`guardrails`]) → route ([`routing`]) →
-//! respond or stream. [`error::ApiError`] is the one place errors become OpenAI-shaped responses.
+//! The request pipeline ([`api`]): authenticate ([`keys`]) → read the body (size-limited) → parse ([`openai`] wire
+//! types) → validate ([`validate::Validated`], errors naming the field) → model permission and rate limits →
+//! input moderation ([`moderation`]) → route ([`routing`]) → respond or stream ([`respond`], with output
+//! moderation). [`error::ApiError`] is the one place errors become OpenAI-shaped responses. The keys and
+//! moderation in force ([`policy`]) are reloaded when the config file changes ([`reload`]).
 
 pub mod api;
 pub mod config;
 pub mod error;
-pub mod guardrails;
+pub mod keys;
 pub mod metrics;
+pub mod moderation;
+pub mod moderations;
 pub mod openai;
+pub mod policy;
+pub mod reload;
+pub mod respond;
 pub mod routing;
 pub mod validate;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub use config::GatewayConfig;
+pub use config::{ConfigError, GatewayConfig};
 
-/// Builds the gateway's state for `config` and starts following its endpoints.
-pub fn state(config: &GatewayConfig, guardrails: guardrails::Guardrails) -> api::AppState {
+/// The chat page served at `/`: plain HTML and JavaScript, no build step.
+pub const CHAT_PAGE: &str = include_str!("chat.html");
+
+/// Builds the gateway's state for `config` and starts following its endpoints. Fails, naming the field, when the
+/// keys or moderation are invalid.
+pub fn state(config: &GatewayConfig) -> Result<api::AppState, ConfigError> {
     let metrics = Arc::new(metrics::Metrics::new());
-    let source = routing::StaticEndpoints::new(config.endpoints.clone());
-    let router = routing::Router::start(&source, metrics.clone(), config.probe_interval);
-    api::AppState {
+    let endpoints = Arc::new(routing::StaticEndpoints::new(config.endpoints.clone()));
+    let router = routing::Router::start(endpoints.as_ref(), metrics.clone(), config.probe_interval);
+    let policy =
+        policy::Policy::build(&config.policy, &router, None).map_err(|message| ConfigError::Invalid {
+            path: config.shown_source(),
+            message,
+        })?;
+    Ok(api::AppState {
         router,
+        endpoints,
         metrics,
-        guardrails,
+        policy: Arc::new(policy::PolicyCell::new(policy)),
         limits: config.limits,
         created: api::unix_now(),
+    })
+}
+
+/// Whether the gateway may serve on `listen` without keys: on loopback it may (with a warning), elsewhere only
+/// when `allow_anonymous` is set. The `Ok` value is the warning to print.
+pub fn anonymous_check(
+    listen: SocketAddr,
+    has_keys: bool,
+    allow_anonymous: bool,
+) -> Result<Option<String>, String> {
+    if has_keys {
+        return Ok(None);
     }
+    if listen.ip().is_loopback() || allow_anonymous {
+        return Ok(Some(format!(
+            "no API keys configured: serving anyone who can reach {listen} (configure `keys` to require them)"
+        )));
+    }
+    Err(format!(
+        "refusing to serve without API keys on {listen}, which is not a loopback address: configure `keys` (or \
+         `keys_file`) or pass --allow-anonymous"
+    ))
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves.

@@ -3,10 +3,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
-use camelid_gateway::GatewayConfig;
-use camelid_gateway::guardrails::Guardrails;
-use clap::Parser;
+use camelid_gateway::{ConfigError, GatewayConfig};
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -15,7 +16,10 @@ use clap::Parser;
     about = "OpenAI-compatible gateway for camelid workers"
 )]
 struct Cli {
-    /// A YAML config file (`listen`, `models: {NAME: [ADDR...]}`, `limits`, `probe_interval_ms`).
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// The YAML config file: `listen`, `models`, `limits`, `probe_interval_ms`, `moderation`, `keys`, `keys_file`,
+    /// `allow_anonymous`. Reloaded when it (or a file it names) changes.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Address to serve HTTP on (overrides the config file; default 127.0.0.1:8000).
@@ -27,10 +31,32 @@ struct Cli {
     /// How often workers are health-checked (milliseconds).
     #[arg(long)]
     probe_interval_ms: Option<u64>,
+    /// Serve without API keys on a non-loopback address.
+    #[arg(long)]
+    allow_anonymous: bool,
+    /// How often the config file is checked for changes (milliseconds; 0: never).
+    #[arg(long, default_value_t = 1000)]
+    reload_interval_ms: u64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Prints a new random API key and the `keys` entry that stores its hash (the key itself is never stored).
+    NewKey {
+        /// Who the key is for (shown in logs and metrics instead of the key).
+        #[arg(long)]
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::NewKey { name }) = &cli.command {
+        let (key, hash) = camelid_gateway::keys::new_key();
+        println!("key (give it to {name}; it is not shown again): {key}");
+        println!("entry for `keys`:\n- name: {name}\n  sha256: {hash}");
+        return ExitCode::SUCCESS;
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -39,6 +65,21 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    let backends = cli.backend.clone();
+    let (listen, probe, allow) = (cli.listen, cli.probe_interval_ms, cli.allow_anonymous);
+    let overrides: camelid_gateway::reload::Overrides = Arc::new(move |config: &mut GatewayConfig| {
+        for flag in &backends {
+            config.add_backend_flag(flag)?;
+        }
+        if let Some(listen) = listen {
+            config.listen = listen;
+        }
+        if let Some(ms) = probe {
+            config.probe_interval = Duration::from_millis(ms.max(50));
+        }
+        config.allow_anonymous |= allow;
+        Ok::<(), ConfigError>(())
+    });
     let mut config = match &cli.config {
         Some(path) => match GatewayConfig::from_file(path) {
             Ok(c) => c,
@@ -46,16 +87,8 @@ fn main() -> ExitCode {
         },
         None => GatewayConfig::default(),
     };
-    for flag in &cli.backend {
-        if let Err(e) = config.add_backend_flag(flag) {
-            return fail(&e, 2);
-        }
-    }
-    if let Some(listen) = cli.listen {
-        config.listen = listen;
-    }
-    if let Some(ms) = cli.probe_interval_ms {
-        config.probe_interval = std::time::Duration::from_millis(ms.max(50));
+    if let Err(e) = overrides(&mut config) {
+        return fail(&e, 2);
     }
     if config.endpoints.is_empty() {
         return fail(
@@ -68,12 +101,25 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e, 1),
     };
     runtime.block_on(async move {
+        let state = match camelid_gateway::state(&config) {
+            Ok(state) => state,
+            Err(e) => return fail(&e, 2),
+        };
+        let has_keys = !state.policy.current().keys.is_empty();
+        match camelid_gateway::anonymous_check(config.listen, has_keys, config.allow_anonymous) {
+            Ok(Some(warning)) => tracing::warn!("{warning}"),
+            Ok(None) => {}
+            Err(e) => return fail(&e, 2),
+        }
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
             Ok(l) => l,
             Err(e) => return fail(&format!("binding {}: {e}", config.listen), 2),
         };
-        let state = camelid_gateway::state(&config, Guardrails::default());
         state.router.probe_all().await;
+        if let (Some(path), true) = (&cli.config, cli.reload_interval_ms > 0) {
+            let interval = Duration::from_millis(cli.reload_interval_ms.max(100));
+            camelid_gateway::reload::spawn(path.clone(), overrides, state.clone(), config.clone(), interval);
+        }
         tracing::info!(listen = %config.listen, models = ?config.endpoints.keys().collect::<Vec<_>>(), "gateway listening");
         match camelid_gateway::serve(state, listener, camelid_gateway::shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,

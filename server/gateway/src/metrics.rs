@@ -32,6 +32,40 @@ pub struct BackendLabels {
     pub endpoint: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModerationLabels {
+    pub provider: String,
+    pub direction: &'static str,
+    /// `passed`, `flagged`, `unavailable` or `unparseable`.
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabels {
+    pub provider: String,
+    pub direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlagLabels {
+    pub provider: String,
+    pub direction: &'static str,
+    pub category: String,
+}
+
+/// Requests refused by keys and limits, by reason (the error category) and key name (`none` when anonymous or
+/// unknown).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub key: String,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -40,6 +74,11 @@ pub struct Metrics {
     pub time_to_first_token: Family<ModelLabels, Histogram>,
     pub in_flight: Family<ModelLabels, Gauge>,
     pub backend_healthy: Family<BackendLabels, Gauge>,
+    pub moderation_checks: Family<ModerationLabels, Counter>,
+    pub moderation_seconds: Family<ProviderLabels, Histogram>,
+    pub moderation_flags: Family<FlagLabels, Counter>,
+    pub refusals: Family<RefusalLabels, Counter>,
+    pub config_reloads: Family<ReloadLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -85,7 +124,44 @@ impl Metrics {
             "1 while a worker endpoint gets traffic",
             backend_healthy.clone(),
         );
+        let moderation_checks = Family::<ModerationLabels, Counter>::default();
+        let moderation_seconds = Family::<ProviderLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.00001, 4.0, 12))
+        });
+        let moderation_flags = Family::<FlagLabels, Counter>::default();
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        let config_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "moderation_checks",
+            "Texts checked, by provider, direction (input/output) and outcome",
+            moderation_checks.clone(),
+        );
+        registry.register(
+            "moderation_duration_seconds",
+            "Time a provider took for one request's texts",
+            moderation_seconds.clone(),
+        );
+        registry.register(
+            "moderation_flags",
+            "Flagged texts by provider, direction and category",
+            moderation_flags.clone(),
+        );
+        registry.register(
+            "refusals",
+            "Requests refused by keys, model permissions and rate limits",
+            refusals.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads by result (ok, error)",
+            config_reloads.clone(),
+        );
         Self {
+            moderation_checks,
+            moderation_seconds,
+            moderation_flags,
+            refusals,
+            config_reloads,
             registry,
             requests,
             latency,
@@ -102,6 +178,16 @@ impl Metrics {
                 endpoint: endpoint.to_string(),
             })
             .set(i64::from(healthy));
+    }
+
+    pub fn count_flag(&self, provider: &str, direction: &'static str, category: &str) {
+        self.moderation_flags
+            .get_or_create(&FlagLabels {
+                provider: provider.to_string(),
+                direction,
+                category: category.to_string(),
+            })
+            .inc();
     }
 
     pub fn encode(&self) -> String {

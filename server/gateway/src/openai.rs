@@ -213,4 +213,50 @@ pub struct ErrorDetail {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<String>,
+    /// The flagged categories of a `content_filter` error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub categories: Option<Vec<String>>,
+}
+
+/// `POST /v1/moderations`: one text, or several.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModerationRequest {
+    pub input: ModerationInput,
+    /// A moderation profile of this gateway (default: the key's, or the default profile).
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ModerationInput {
+    One(String),
+    Many(Vec<ModerationPart>),
+}
+
+/// An element of an input array: a string, or OpenAI's `{"type": "text", "text": …}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ModerationPart {
+    Text(String),
+    Typed {
+        #[serde(rename = "type")]
+        kind: String,
+        text: Option<String>,
+    },
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModerationResponse {
+    pub id: String,
+    pub model: String,
+    pub results: Vec<ModerationResult>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModerationResult {
+    pub flagged: bool,
+    pub categories: std::collections::BTreeMap<String, bool>,
+    pub category_scores: std::collections::BTreeMap<String, f64>,
 }

@@ -35,6 +35,17 @@ impl StaticEndpoints {
     }
 }
 
+impl StaticEndpoints {
+    /// Replaces the endpoints (a config reload); the router adds and drops backends to match.
+    pub fn set(&self, endpoints: Endpoints) {
+        self.0.send_if_modified(|current| {
+            let changed = *current != endpoints;
+            *current = endpoints;
+            changed
+        });
+    }
+}
+
 impl EndpointSource for StaticEndpoints {
     fn subscribe(&self) -> watch::Receiver<Endpoints> {
         self.0.subscribe()
@@ -298,6 +309,28 @@ impl Router {
                     }
                     _ => return Err(ApiError::worker_failed(status.message().to_string())),
                 },
+            }
+        }
+    }
+
+    /// Runs `request` to the end and returns its text (for the guard-model provider), with the same worker
+    /// choice and retries as clients get.
+    pub async fn complete_text(&self, request: &Validated) -> Result<String, ApiError> {
+        let id = format!("guard-{}", uuid::Uuid::new_v4().simple());
+        let mut tried = Vec::new();
+        let mut started = self.start_generation(request, &id, &mut tried).await?;
+        let mut text = String::new();
+        loop {
+            match started.stream.message().await {
+                Ok(Some(v1::GenerateResponse {
+                    event: Some(generate_response::Event::Chunk(c)),
+                })) => text.push_str(&c.text),
+                Ok(Some(v1::GenerateResponse {
+                    event: Some(generate_response::Event::Finished(_)),
+                })) => return Ok(text),
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(ApiError::worker_failed("the worker's stream ended early")),
+                Err(status) => return Err(ApiError::worker_failed(status.message().to_string())),
             }
         }
     }

@@ -7,7 +7,7 @@ use crate::error::ApiError;
 use crate::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, Prompt, SamplingFields, Stop};
 
 /// Request limits that protect the gateway and workers.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_messages: usize,
@@ -36,15 +36,25 @@ pub enum Input {
 }
 
 impl Input {
-    /// The texts moderation looks at: every system and user message, or the prompt.
-    pub fn moderated_texts(&self) -> Vec<&str> {
+    /// The texts moderation looks at, each with the request field it came from: every system and user message
+    /// (not the assistant's earlier replies), or the prompt.
+    pub fn moderated_texts(&self) -> (Vec<String>, Vec<String>) {
         match self {
             Input::Chat(messages) => messages
                 .iter()
-                .filter(|(role, _)| role != "assistant")
-                .map(|(_, c)| c.as_str())
-                .collect(),
-            Input::Prompt(p) => vec![p],
+                .enumerate()
+                .filter(|(_, (role, _))| role != "assistant")
+                .map(|(i, (_, c))| (format!("messages[{i}].content"), c.clone()))
+                .unzip(),
+            Input::Prompt(p) => (vec!["prompt".into()], vec![p.clone()]),
+        }
+    }
+
+    /// Characters of input, for the token-rate estimate.
+    pub fn chars(&self) -> usize {
+        match self {
+            Input::Chat(messages) => messages.iter().map(|(_, c)| c.chars().count()).sum(),
+            Input::Prompt(p) => p.chars().count(),
         }
     }
 }

@@ -10,7 +10,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use camelid_gateway::GatewayConfig;
-use camelid_gateway::guardrails::Guardrails;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -127,7 +126,7 @@ fn a_worker_killed_mid_stream_fails_cleanly_and_traffic_moves_to_the_other() {
         config
             .add_backend_flag(&format!("smol={}", addrs.join(",")))
             .unwrap();
-        let state = camelid_gateway::state(&config, Guardrails::default());
+        let state = camelid_gateway::state(&config).unwrap();
         state.router.probe_all().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();

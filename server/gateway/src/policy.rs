@@ -1,0 +1,340 @@
+//! The guardrail policy: API keys and moderation profiles, as configured (the `moderation`, `keys` and `keys_file`
+//! parts of the config file) and as built for serving. A built [`Policy`] is immutable; a config reload builds a
+//! new one and swaps it in, so requests in flight finish under the policy they started with.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::keys::{Key, KeySpec, KeyStore};
+use crate::moderation::guard::{self, Guard, GuardConfig, GuardPrompt};
+use crate::moderation::remote::{Remote, RemoteConfig};
+use crate::moderation::rules::{RuleCategories, Rules};
+use crate::moderation::{NamedProvider, Profile, Provider};
+use crate::routing::Router;
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModerationSpec {
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderSpec>,
+    #[serde(default)]
+    pub profiles: BTreeMap<String, ProfileSpec>,
+    /// The profile of every model without one in `models`.
+    pub default_profile: Option<String>,
+    /// Model → profile.
+    #[serde(default)]
+    pub models: BTreeMap<String, String>,
+    /// Log the text of flagged requests (off: only categories and the provider are logged).
+    #[serde(default)]
+    pub log_flagged_text: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ProviderSpec {
+    Rules {
+        /// A YAML file of category → patterns (relative to the config file).
+        file: Option<PathBuf>,
+        /// Or the rules inline.
+        categories: Option<RuleCategories>,
+        #[serde(default)]
+        fail_open: bool,
+    },
+    /// An OpenAI-compatible `/v1/moderations` endpoint.
+    Openai {
+        url: String,
+        /// The environment variable holding its key.
+        api_key_env: Option<String>,
+        model: Option<String>,
+        #[serde(default = "default_timeout_ms")]
+        timeout_ms: u64,
+        #[serde(default)]
+        thresholds: BTreeMap<String, f64>,
+        #[serde(default)]
+        fail_open: bool,
+    },
+    /// Another model served through this gateway, asked Llama-Guard style.
+    GuardModel {
+        model: String,
+        #[serde(default)]
+        prompt: PromptSpec,
+        #[serde(default)]
+        on_unparseable: Unparseable,
+        /// Code → category name (default: Llama Guard 3's S1–S14).
+        categories: Option<BTreeMap<String, String>>,
+        #[serde(default = "default_guard_tokens")]
+        max_tokens: u32,
+        #[serde(default)]
+        fail_open: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptSpec {
+    #[default]
+    Task,
+    Conversation,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum Unparseable {
+    #[default]
+    Flag,
+    Error,
+}
+
+fn default_timeout_ms() -> u64 {
+    2000
+}
+
+fn default_guard_tokens() -> u32 {
+    16
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileSpec {
+    #[serde(default)]
+    pub input: Vec<String>,
+    #[serde(default)]
+    pub output: Vec<String>,
+    #[serde(default = "default_window")]
+    pub output_window_chars: usize,
+}
+
+fn default_window() -> usize {
+    120
+}
+
+/// Everything the policy is built from, with file references resolved against the config file's folder.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PolicySpec {
+    pub moderation: ModerationSpec,
+    pub keys: Vec<KeySpec>,
+    /// The config's folder, for relative paths.
+    pub base: PathBuf,
+}
+
+/// The keys and moderation a request is checked against.
+#[derive(Debug, Default)]
+pub struct Policy {
+    /// No keys: anonymous access.
+    pub keys: KeyStore,
+    pub profiles: BTreeMap<String, Arc<Profile>>,
+    pub default_profile: Option<Arc<Profile>>,
+    pub model_profiles: BTreeMap<String, Arc<Profile>>,
+}
+
+impl Policy {
+    /// Builds the policy; every error names the field. `previous` keeps the keys' rate buckets across reloads.
+    pub fn build(spec: &PolicySpec, router: &Arc<Router>, previous: Option<&Policy>) -> Result<Self, String> {
+        let m = &spec.moderation;
+        let mut providers: BTreeMap<&str, NamedProvider> = BTreeMap::new();
+        for (name, p) in &m.providers {
+            let at = format!("moderation.providers.{name}");
+            let (provider, fail_open) =
+                build_provider(p, &spec.base, router).map_err(|e| format!("`{at}`: {e}"))?;
+            providers.insert(
+                name,
+                NamedProvider {
+                    name: name.clone(),
+                    provider,
+                    fail_open,
+                },
+            );
+        }
+        let mut profiles = BTreeMap::new();
+        for (name, p) in &m.profiles {
+            let at = format!("moderation.profiles.{name}");
+            let pick = |list: &[String], field: &str| {
+                list.iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        providers
+                            .get(n.as_str())
+                            .cloned()
+                            .ok_or_else(|| format!("`{at}.{field}[{i}]`: no provider named {n:?}"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            if p.output_window_chars < 16 {
+                return Err(format!("`{at}.output_window_chars` must be at least 16"));
+            }
+            let profile = Profile {
+                name: name.clone(),
+                input: pick(&p.input, "input")?,
+                output: pick(&p.output, "output")?,
+                output_window_chars: p.output_window_chars,
+                log_flagged_text: m.log_flagged_text,
+            };
+            profiles.insert(name.clone(), Arc::new(profile));
+        }
+        let find = |name: &str, at: &str| {
+            profiles
+                .get(name)
+                .cloned()
+                .ok_or_else(|| format!("`{at}`: no profile named {name:?}"))
+        };
+        let default_profile = match &m.default_profile {
+            Some(name) => Some(find(name, "moderation.default_profile")?),
+            None => None,
+        };
+        let mut model_profiles = BTreeMap::new();
+        for (model, name) in &m.models {
+            model_profiles.insert(model.clone(), find(name, &format!("moderation.models.{model}"))?);
+        }
+        for (i, key) in spec.keys.iter().enumerate() {
+            if let Some(name) = &key.moderation {
+                find(name, &format!("keys[{i}].moderation"))?;
+            }
+        }
+        let keys = KeyStore::new(&spec.keys, previous.map(|p| &p.keys))?;
+        Ok(Self {
+            keys,
+            profiles,
+            default_profile,
+            model_profiles,
+        })
+    }
+
+    /// The profile for a request: the key's, else the model's, else the default; none means unmoderated.
+    pub fn profile_for(&self, key: Option<&Key>, model: &str) -> Option<Arc<Profile>> {
+        key.and_then(|k| k.spec.moderation.as_ref())
+            .and_then(|name| self.profiles.get(name).cloned())
+            .or_else(|| self.model_profiles.get(model).cloned())
+            .or_else(|| self.default_profile.clone())
+    }
+}
+
+fn build_provider(
+    p: &ProviderSpec,
+    base: &Path,
+    router: &Arc<Router>,
+) -> Result<(Arc<dyn Provider>, bool), String> {
+    Ok(match p {
+        ProviderSpec::Rules {
+            file,
+            categories,
+            fail_open,
+        } => {
+            let rules = match (file, categories) {
+                (Some(file), None) => {
+                    let path = base.join(file);
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| format!("`file`: reading {}: {e}", path.display()))?;
+                    let de = serde_yaml_ng::Deserializer::from_str(&text);
+                    let rules: RuleFile = serde_path_to_error::deserialize(de)
+                        .map_err(|e| format!("{}: `{}`: {}", path.display(), e.path(), e.inner()))?;
+                    Rules::new(&rules.categories)
+                        .map_err(|e| format!("{}: categories: {e}", path.display()))?
+                }
+                (None, Some(categories)) => {
+                    Rules::new(categories).map_err(|e| format!("`categories`: {e}"))?
+                }
+                _ => return Err("a rules provider needs exactly one of `file` and `categories`".into()),
+            };
+            (Arc::new(rules) as Arc<dyn Provider>, *fail_open)
+        }
+        ProviderSpec::Openai {
+            url,
+            api_key_env,
+            model,
+            timeout_ms,
+            thresholds,
+            fail_open,
+        } => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!("`url` must start with http:// or https://, got {url:?}"));
+            }
+            if let Some((c, t)) = thresholds.iter().find(|(_, t)| !(0.0..=1.0).contains(*t)) {
+                return Err(format!("`thresholds.{c}` must be in [0, 1], got {t}"));
+            }
+            let api_key = match api_key_env {
+                Some(var) => Some(
+                    std::env::var(var)
+                        .map_err(|_| format!("`api_key_env`: the environment variable {var} is not set"))?,
+                ),
+                None => None,
+            };
+            let remote = Remote::new(RemoteConfig {
+                url: url.clone(),
+                api_key,
+                model: model.clone(),
+                timeout: Duration::from_millis((*timeout_ms).max(1)),
+                thresholds: thresholds.clone(),
+            })?;
+            (Arc::new(remote) as Arc<dyn Provider>, *fail_open)
+        }
+        ProviderSpec::GuardModel {
+            model,
+            prompt,
+            on_unparseable,
+            categories,
+            max_tokens,
+            fail_open,
+        } => {
+            let categories = categories.clone().unwrap_or_else(guard::default_categories);
+            if categories.is_empty() {
+                return Err("`categories` is empty".into());
+            }
+            if let Some(code) = categories
+                .keys()
+                .find(|c| c.to_ascii_uppercase() != **c || c.contains(','))
+            {
+                return Err(format!(
+                    "`categories`: codes are upper case without commas, got {code:?}"
+                ));
+            }
+            let guard = Guard::new(
+                GuardConfig {
+                    model: model.clone(),
+                    prompt: match prompt {
+                        PromptSpec::Task => GuardPrompt::Task,
+                        PromptSpec::Conversation => GuardPrompt::Conversation,
+                    },
+                    categories,
+                    flag_unparseable: *on_unparseable == Unparseable::Flag,
+                    max_tokens: (*max_tokens).clamp(1, 256),
+                },
+                router.clone(),
+            );
+            (Arc::new(guard) as Arc<dyn Provider>, *fail_open)
+        }
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    categories: RuleCategories,
+}
+
+/// The policy in force, swapped whole on reload.
+#[derive(Debug, Default)]
+pub struct PolicyCell(RwLock<Arc<Policy>>);
+
+impl PolicyCell {
+    pub fn new(policy: Policy) -> Self {
+        Self(RwLock::new(Arc::new(policy)))
+    }
+
+    pub fn current(&self) -> Arc<Policy> {
+        match self.0.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn replace(&self, policy: Policy) {
+        match self.0.write() {
+            Ok(mut p) => *p = Arc::new(policy),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(policy),
+        }
+    }
+}
