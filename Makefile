@@ -53,13 +53,15 @@ test: setup
 setup: system-deps python-deps
 
 # libgloo-dev: Gloo headers for libtorch's c10d process groups (the trainer's FSDP); g++ builds tch's C++ glue;
-# python3-venv where the system Python lacks ensurepip.
+# python3-venv where the system Python lacks ensurepip; chromium and chromium-driver run the chat page's browser test.
 system-deps:
 	@command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup (https://rustup.rs)"; exit 1; }
 	@missing=""; \
 	dpkg -s libgloo-dev >/dev/null 2>&1 || missing="$$missing libgloo-dev"; \
 	command -v g++ >/dev/null || missing="$$missing g++"; \
 	python3 -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$missing; fi
 
 python-deps: $(STAMP)
@@ -91,3 +93,4 @@ bench: setup bench-deps build-release
 	$(PY) bench/decode_speed.py --camelid target/release/camelid
 	$(PY) bench/train_speed.py --trainer target/release/camelid-trainer
 	$(PY) bench/serve_speed.py --camelid target/release/camelid
+	$(PY) bench/guardrails_speed.py

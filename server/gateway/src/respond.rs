@@ -98,8 +98,8 @@ pub(crate) async fn moderate_whole(
         if !full && pieces.peek().is_some() {
             continue;
         }
-        match profile.check_output(&gate.to_check(), &state.metrics).await {
-            Ok(()) => released.push_str(&gate.release()),
+        match profile.check_output(gate.to_check(), &state.metrics).await {
+            Ok(()) => released.push_str(&gate.release(pieces.peek().is_none())),
             Err(ModerationError::Flagged { .. }) => {
                 done.text = released;
                 done.finish_reason = CONTENT_FILTER;
@@ -298,9 +298,9 @@ pub(crate) fn stream_response(
                     let due = gate.push(&text) || (finished.is_some() && gate.has_pending());
                     if due {
                         profile
-                            .check_output(&gate.to_check(), &state.metrics)
+                            .check_output(gate.to_check(), &state.metrics)
                             .await
-                            .map(|()| gate.release())
+                            .map(|()| gate.release(finished.is_some()))
                     } else {
                         Ok(String::new())
                     }

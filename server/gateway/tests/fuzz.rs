@@ -138,7 +138,7 @@ keys:
     );
     let (_, app, _) = gateway(&dir, &yaml);
     let seeds = seeds();
-    let mut rng = StdRng::seed_from_u64(0x_ca3e_11d);
+    let mut rng = StdRng::seed_from_u64(0x0ca3_e11d);
     let routes = [
         ("POST", "/v1/chat/completions"),
         ("POST", "/v1/completions"),

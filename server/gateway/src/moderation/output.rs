@@ -1,23 +1,22 @@
 //! Output moderation while a reply streams: generated text is held back until a window of it is full, the window
-//! (with the end of the text already released, so a phrase split across windows is still seen whole) is checked,
-//! and only checked text is released to the client.
+//! is checked, and only checked text is released to the client, less a held-back tail that is checked again with
+//! the text after it. A pattern no longer than the tail (half a window) that spans two windows is therefore seen
+//! whole before any of it is released.
 
 /// The held-back text of one reply. Synchronous, so the windowing is tested without a provider.
 #[derive(Debug)]
 pub struct OutputGate {
     window_chars: usize,
-    overlap_chars: usize,
+    hold_chars: usize,
     pending: String,
-    released_tail: String,
 }
 
 impl OutputGate {
     pub fn new(window_chars: usize) -> Self {
         Self {
-            window_chars: window_chars.max(1),
-            overlap_chars: window_chars / 2,
+            window_chars: window_chars.max(2),
+            hold_chars: window_chars.max(2) / 2,
             pending: String::new(),
-            released_tail: String::new(),
         }
     }
 
@@ -31,18 +30,24 @@ impl OutputGate {
         !self.pending.is_empty()
     }
 
-    /// What to check: the end of the released text and everything held back.
-    pub fn to_check(&self) -> String {
-        format!("{}{}", self.released_tail, self.pending)
+    /// What to check: everything held back.
+    pub fn to_check(&self) -> &str {
+        &self.pending
     }
 
-    /// The held-back text, once it passed, for the client.
-    pub fn release(&mut self) -> String {
-        let out = std::mem::take(&mut self.pending);
-        let joined = format!("{}{}", self.released_tail, out);
-        let skip = joined.chars().count().saturating_sub(self.overlap_chars);
-        self.released_tail = joined.chars().skip(skip).collect();
-        out
+    /// The checked text for the client: all of it at the end of the reply, otherwise all but the tail.
+    pub fn release(&mut self, finished: bool) -> String {
+        if finished {
+            return std::mem::take(&mut self.pending);
+        }
+        let n = self.pending.chars().count();
+        let split = self
+            .pending
+            .char_indices()
+            .nth(n.saturating_sub(self.hold_chars))
+            .map_or(self.pending.len(), |(i, _)| i);
+        let tail = self.pending.split_off(split);
+        std::mem::replace(&mut self.pending, tail)
     }
 }
 
@@ -51,18 +56,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn text_is_held_until_a_window_fills_and_windows_overlap() {
+    fn text_is_held_until_a_window_fills_and_the_tail_is_checked_again() {
         let mut gate = OutputGate::new(10);
         assert!(!gate.push("hello "));
         assert!(gate.push("world!"));
         assert_eq!(gate.to_check(), "hello world!");
-        assert_eq!(gate.release(), "hello world!");
-        assert!(!gate.has_pending());
+        assert_eq!(gate.release(false), "hello w");
+        // The last 5 characters stay held and are checked again with the next text.
         assert!(!gate.push("bye"));
-        // The last 5 characters released are checked again with the new text.
         assert_eq!(gate.to_check(), "orld!bye");
-        assert_eq!(gate.release(), "bye");
-        assert_eq!(gate.to_check(), "d!bye");
+        assert_eq!(gate.release(true), "orld!bye");
+        assert!(!gate.has_pending());
+    }
+
+    #[test]
+    fn a_word_across_two_windows_is_checked_whole_before_any_of_it_is_released() {
+        let text: Vec<char> = "the capital is Paris, of course".chars().collect();
+        let mut gate = OutputGate::new(10);
+        let mut released = String::new();
+        for piece in text.chunks(3) {
+            if gate.push(&piece.iter().collect::<String>()) {
+                if gate.to_check().contains("Paris") {
+                    break;
+                }
+                released.push_str(&gate.release(false));
+            }
+        }
+        assert!(gate.to_check().contains("Paris"), "the word was seen");
+        assert!(!released.contains('P'), "part of it was released: {released:?}");
     }
 
     #[test]
@@ -70,7 +91,7 @@ mod tests {
         let mut gate = OutputGate::new(4);
         assert!(!gate.push("ñññ"));
         assert!(gate.push("é"));
-        assert_eq!(gate.release(), "ñññé");
+        assert_eq!(gate.release(false), "ññ");
         assert_eq!(gate.to_check(), "ñé");
     }
 }

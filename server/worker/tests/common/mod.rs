@@ -1,0 +1,104 @@
+//! Shared by the worker's integration tests: real `camelid-worker` processes and raw HTTP calls.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn request(port: u16, method: &str, path: &str, body: &str) -> Option<TcpStream> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    Some(s)
+}
+
+/// Status and raw text of a whole response.
+pub fn fetch(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    let mut s = request(port, method, path, body)?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, out))
+}
+
+pub struct Worker {
+    child: Child,
+    pub grpc: u16,
+    pub http: u16,
+}
+
+impl Worker {
+    pub fn start(grpc: u16, http: u16) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_camelid-worker"))
+            .args(["--served-model-name", "smol", "--max-batch", "4"])
+            .args(["--listen", &format!("127.0.0.1:{grpc}")])
+            .args(["--metrics-addr", &format!("127.0.0.1:{http}")])
+            .env("CAMELID_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start camelid-worker");
+        let mut w = Self { child, grpc, http };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while fetch(http, "GET", "/readyz", "").map(|r| r.0) != Some(200) {
+            assert!(
+                w.child.try_wait().unwrap().is_none(),
+                "camelid-worker exited early"
+            );
+            assert!(Instant::now() < deadline, "worker not ready after 120 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        w
+    }
+
+    pub fn running(&self) -> u32 {
+        let (_, body) = fetch(self.http, "GET", "/metrics", "").unwrap_or_default();
+        body.lines()
+            .find_map(|l| l.strip_prefix("camelid_worker_running_sequences "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The JSON body of a whole (non-chunked) response.
+pub fn body_json(raw: &str) -> serde_json::Value {
+    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {raw}"))
+}
+
+impl Worker {
+    /// Requests the worker has finished, whatever their outcome.
+    pub fn finished_requests(&self) -> u64 {
+        let (_, body) = fetch(self.http, "GET", "/metrics", "").unwrap_or_default();
+        body.lines()
+            .filter(|l| l.starts_with("camelid_worker_requests_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<u64>().ok())
+            .sum()
+    }
+}
