@@ -93,13 +93,25 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
         .route("/v1/moderations", post(crate::moderations::moderations))
-        .route("/", get(|| async { Html(crate::CHAT_PAGE) }))
+        .route("/", get(chat_page))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .with_state(state)
+}
+
+/// The chat page; it may not be framed by other sites (the key is typed into it).
+async fn chat_page() -> impl IntoResponse {
+    (
+        [
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Html(crate::CHAT_PAGE),
+    )
 }
 
 /// Seconds since the Unix epoch, for the `created` fields.

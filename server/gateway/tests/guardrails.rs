@@ -578,3 +578,31 @@ async fn config_errors_name_the_field() {
         assert!(e.contains(needle), "{yaml}: {e}");
     }
 }
+
+#[tokio::test]
+async fn the_example_config_is_valid() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/gateway/gateway.yaml");
+    let mut config = camelid_gateway::GatewayConfig::from_file(&path).unwrap();
+    assert_eq!(config.policy.keys.len(), 3);
+    assert_eq!(
+        config.files.len(),
+        3,
+        "the config, its keys file and its rules file are watched"
+    );
+    if std::env::var_os("OPENAI_API_KEY").is_none() {
+        let e = camelid_gateway::state(&config).unwrap_err().to_string();
+        assert!(
+            e.contains("moderation.providers.openai") && e.contains("OPENAI_API_KEY"),
+            "{e}"
+        );
+    }
+    // Everything else builds: the rules compile, the profiles and keys resolve.
+    config.policy.moderation.providers.remove("openai");
+    for profile in config.policy.moderation.profiles.values_mut() {
+        profile.input.retain(|p| p != "openai");
+    }
+    let state = camelid_gateway::state(&config).unwrap();
+    let policy = state.policy.current();
+    assert_eq!(policy.profiles.len(), 2);
+    assert!(policy.keys.authenticate(Some(b"Bearer anything")).is_err());
+}
