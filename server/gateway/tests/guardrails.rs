@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::http::HeaderMap;
-use common::{call, chat, gateway, sha, test_dir};
+use common::{call, chat, gateway, post_chat, sha, test_dir};
 use serde_json::json;
 
 /// A dead worker address: the model exists, nothing serves it.
@@ -83,35 +83,11 @@ async fn keys_gate_every_route() {
         }
     }
     // Bob may use smol only.
-    let r = call(
-        &app,
-        "POST",
-        "/v1/chat/completions",
-        Some("sk-bob"),
-        &chat("big", "hi", 5),
-    )
-    .await;
-    assert_eq!(
-        (r.status.as_u16(), r.error_code().as_str()),
-        (403, "model_not_allowed"),
-        "{}",
-        r.text
-    );
+    let r = post_chat(&app, Some("sk-bob"), &chat("big", "hi", 5)).await;
+    assert_eq!(r.outcome(), (403, "model_not_allowed".into()), "{}", r.text);
     assert_eq!(r.json()["error"]["param"], "model");
-    let r = call(
-        &app,
-        "POST",
-        "/v1/chat/completions",
-        Some("sk-bob"),
-        &chat("smol", "hi", 5),
-    )
-    .await;
-    assert_eq!(
-        (r.status.as_u16(), r.error_code().as_str()),
-        (503, "no_ready_worker"),
-        "{}",
-        r.text
-    );
+    let r = post_chat(&app, Some("sk-bob"), &chat("smol", "hi", 5)).await;
+    assert_eq!(r.outcome(), (503, "no_ready_worker".into()), "{}", r.text);
     let models = |key| {
         let app = app.clone();
         async move {
@@ -130,7 +106,7 @@ async fn keys_gate_every_route() {
     assert_eq!(models("sk-bob").await, ["smol"]);
     assert_eq!(models("sk-alice").await, ["big", "smol"]);
     // Keys are checked before the body is even read: a malformed body with no key is still 401.
-    let r = call(&app, "POST", "/v1/chat/completions", None, "{not json").await;
+    let r = post_chat(&app, None, "{not json").await;
     assert_eq!(r.status, 401);
 }
 
@@ -151,52 +127,26 @@ keys:
     let body = chat("smol", "hi", 5);
     // A minute's worth of burst, then one request a second.
     for i in 0..60 {
-        let r = call(&app, "POST", "/v1/chat/completions", Some("sk-fast"), &body).await;
+        let r = post_chat(&app, Some("sk-fast"), &body).await;
         assert_eq!(r.status, 503, "request {i} should pass the limit: {}", r.text);
     }
-    let r = call(&app, "POST", "/v1/chat/completions", Some("sk-fast"), &body).await;
-    assert_eq!(
-        (r.status.as_u16(), r.error_code().as_str()),
-        (429, "rate_limit_exceeded"),
-        "{}",
-        r.text
-    );
+    let r = post_chat(&app, Some("sk-fast"), &body).await;
+    assert_eq!(r.outcome(), (429, "rate_limit_exceeded".into()), "{}", r.text);
     assert_eq!(r.headers["retry-after"], "1");
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let r = call(&app, "POST", "/v1/chat/completions", Some("sk-fast"), &body).await;
+    let r = post_chat(&app, Some("sk-fast"), &body).await;
     assert_eq!(r.status, 503, "recovered after Retry-After: {}", r.text);
 
     // Tokens: the prompt estimate plus max_tokens are taken at admission.
     for _ in 0..2 {
-        let r = call(
-            &app,
-            "POST",
-            "/v1/chat/completions",
-            Some("sk-wordy"),
-            &chat("smol", "hi", 400),
-        )
-        .await;
+        let r = post_chat(&app, Some("sk-wordy"), &chat("smol", "hi", 400)).await;
         assert_eq!(r.status, 503, "{}", r.text);
     }
-    let r = call(
-        &app,
-        "POST",
-        "/v1/chat/completions",
-        Some("sk-wordy"),
-        &chat("smol", "hi", 400),
-    )
-    .await;
+    let r = post_chat(&app, Some("sk-wordy"), &chat("smol", "hi", 400)).await;
     assert_eq!(r.status, 429, "{}", r.text);
     let secs: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&secs), "{secs}");
-    let r = call(
-        &app,
-        "POST",
-        "/v1/chat/completions",
-        Some("sk-wordy"),
-        &chat("smol", "hi", 5000),
-    )
-    .await;
+    let r = post_chat(&app, Some("sk-wordy"), &chat("smol", "hi", 5000)).await;
     assert_eq!(
         (r.status.as_u16(), r.json()["error"]["param"].as_str()),
         (400, Some("max_tokens")),
@@ -286,25 +236,15 @@ moderation:
     let body = json!({"model": "smol", "messages": [
         {"role": "user", "content": "hello"}, {"role": "assistant", "content": "I could kill for tea"},
         {"role": "user", "content": "KILL it"}]});
-    let r = call(&app, "POST", "/v1/chat/completions", None, &body.to_string()).await;
-    assert_eq!(
-        (r.status.as_u16(), r.error_code().as_str()),
-        (400, "content_filter"),
-        "{}",
-        r.text
-    );
+    let r = post_chat(&app, None, &body.to_string()).await;
+    assert_eq!(r.outcome(), (400, "content_filter".into()), "{}", r.text);
     let e = &r.json()["error"];
     assert_eq!(e["param"], "messages[2].content");
     assert_eq!(e["categories"], json!(["violence"]));
     let body = json!({"model": "smol", "messages": [
         {"role": "user", "content": "hello"}, {"role": "assistant", "content": "I could kill for tea"},
         {"role": "user", "content": "and coffee?"}]});
-    assert_eq!(
-        call(&app, "POST", "/v1/chat/completions", None, &body.to_string())
-            .await
-            .status,
-        503
-    );
+    assert_eq!(post_chat(&app, None, &body.to_string()).await.status, 503);
     let r = call(
         &app,
         "POST",
@@ -395,7 +335,7 @@ moderation:
     let code = |model: &'static str, text: &'static str| {
         let app = app.clone();
         async move {
-            let r = call(&app, "POST", "/v1/chat/completions", None, &chat(model, text, 5)).await;
+            let r = post_chat(&app, None, &chat(model, text, 5)).await;
             (r.status.as_u16(), r.error_code())
         }
     };
@@ -422,7 +362,7 @@ moderation:
         (400, "content_filter".into())
     );
     // Unreachable: fail closed with 503 and Retry-After, unless fail_open.
-    let r = call(&app, "POST", "/v1/chat/completions", None, &chat("down", "hi", 5)).await;
+    let r = post_chat(&app, None, &chat("down", "hi", 5)).await;
     assert_eq!(
         (r.status.as_u16(), r.error_code().as_str()),
         (503, "moderation_unavailable")
@@ -456,16 +396,10 @@ async fn config_reloads_swap_keys_and_moderation_and_bad_edits_keep_the_old() {
     let status = |key: &'static str, text: &'static str| {
         let app = app.clone();
         async move {
-            call(
-                &app,
-                "POST",
-                "/v1/chat/completions",
-                Some(key),
-                &chat("smol", text, 5),
-            )
-            .await
-            .status
-            .as_u16()
+            post_chat(&app, Some(key), &chat("smol", text, 5))
+                .await
+                .status
+                .as_u16()
         }
     };
     assert_eq!(status("sk-alice", "hi").await, 503);

@@ -45,6 +45,11 @@ impl Reply {
         serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
     }
 
+    /// Status and error code of an error reply.
+    pub fn outcome(&self) -> (u16, String) {
+        (self.status.as_u16(), self.error_code())
+    }
+
     /// The OpenAI error's `code`, asserting the error shape.
     pub fn error_code(&self) -> String {
         let v = self.json();
@@ -79,6 +84,10 @@ pub async fn call(app: &axum::Router, method: &str, path: &str, key: Option<&str
         headers,
         text: String::from_utf8_lossy(&bytes).into_owned(),
     }
+}
+
+pub async fn post_chat(app: &axum::Router, key: Option<&str>, body: &str) -> Reply {
+    call(app, "POST", "/v1/chat/completions", key, body).await
 }
 
 pub fn chat(model: &str, content: &str, max_tokens: u32) -> String {
