@@ -69,7 +69,7 @@ python-deps: $(STAMP)
 $(STAMP): requirements.txt requirements-nodeps.txt
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install -q --no-deps --ignore-requires-python -r requirements-nodeps.txt
 	@touch $@
 
 build-release:

@@ -141,7 +141,9 @@ def main():
         d.wait("the key error to clear", "return document.getElementById('status').hidden")
         assert d.js("return sessionStorage.getItem('camelid-key')") == args.key, "the key is kept in the session"
 
-        # A message gets a streamed answer.
+        # A message gets a streamed answer (short and greedy, so the test does not wait on a long reply).
+        d.type("#max-tokens", "24")
+        d.type("#temperature", "0")
         d.type("#input", "What is the capital of France?")
         d.click("#send")
         answer = d.wait("a streamed answer",

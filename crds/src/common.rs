@@ -1,0 +1,134 @@
+//! Types both resources use: files on volumes, spot scheduling, conditions.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Toleration;
+use kube::KubeSchema;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Files on a volume: a path inside a PersistentVolumeClaim, or (without `claimName`) a path inside the image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumePath {
+    /// A PersistentVolumeClaim in the resource's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_name: Option<String>,
+    /// The path inside the claim (or, without a claim, inside the container image).
+    #[schemars(length(min = 1))]
+    #[x_kube(validation = Rule::new("!self.contains('..')").message("path must not contain '..'"))]
+    pub path: String,
+}
+
+/// Which cloud's spot node pools to use; sets the node labels and tolerations those pools carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SpotProvider {
+    /// GKE Spot VMs (`cloud.google.com/gke-spot`).
+    Gke,
+    /// EKS managed node groups (`eks.amazonaws.com/capacityType: SPOT`).
+    Eks,
+    /// Karpenter (`karpenter.sh/capacity-type: spot`).
+    Karpenter,
+    /// AKS spot node pools (`kubernetes.azure.com/scalesetpriority: spot`).
+    Aks,
+    /// Your own pools: `nodeSelector` and `tolerations` pick them.
+    Custom,
+}
+
+/// How training pods use spot capacity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.provider) || self.provider != 'custom' || (has(self.nodeSelector) && size(self.nodeSelector) > 0)")
+    .message("a custom spot provider needs nodeSelector labels that pick its spot nodes"))]
+pub struct SpotPolicy {
+    /// Run on spot nodes while the budget of preemptions and pending time lasts.
+    #[serde(default = "default_true")]
+    pub prefer_spot: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<SpotProvider>,
+    /// Extra node labels for spot attempts (all a `custom` provider has).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Extra tolerations for spot attempts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Node labels for on-demand attempts (custom pools).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub on_demand_node_selector: BTreeMap<String, String>,
+    /// Preemptions after which the next attempt goes to on-demand nodes.
+    #[serde(default = "default_max_preemptions")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub max_preemptions: i32,
+    /// How long an attempt may wait for spot nodes before the next one goes to on-demand nodes.
+    #[serde(default = "default_pending_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]+(s|m|h))+$"))]
+    pub pending_timeout: String,
+}
+
+impl Default for SpotPolicy {
+    fn default() -> Self {
+        Self {
+            prefer_spot: true,
+            provider: None,
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            on_demand_node_selector: BTreeMap::new(),
+            max_preemptions: default_max_preemptions(),
+            pending_timeout: default_pending_timeout(),
+        }
+    }
+}
+
+pub(crate) fn default_true() -> bool {
+    true
+}
+
+fn default_max_preemptions() -> i32 {
+    3
+}
+
+fn default_pending_timeout() -> String {
+    "10m".into()
+}
+
+/// Parses a Kubernetes-style duration (`1h30m`, `90s`) into seconds.
+pub fn parse_duration(text: &str) -> Option<u64> {
+    let mut total = 0u64;
+    let mut number = String::new();
+    if text.is_empty() {
+        return None;
+    }
+    for c in text.chars() {
+        match c {
+            '0'..='9' => number.push(c),
+            's' | 'm' | 'h' => {
+                let n: u64 = number.parse().ok()?;
+                number.clear();
+                let unit = match c {
+                    's' => 1,
+                    'm' => 60,
+                    _ => 3600,
+                };
+                total = total.checked_add(n.checked_mul(unit)?)?;
+            }
+            _ => return None,
+        }
+    }
+    number.is_empty().then_some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_kubernetes() {
+        assert_eq!(parse_duration("10m"), Some(600));
+        assert_eq!(parse_duration("1h30m"), Some(5400));
+        assert_eq!(parse_duration("90s"), Some(90));
+        for bad in ["", "10", "m", "1d", "1.5h", "-1m"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+}
