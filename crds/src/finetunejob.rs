@@ -285,6 +285,9 @@ pub struct FineTuneJobStatus {
     pub start_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt_start_time: Option<Time>,
+    /// GPU time is counted up to here (while the attempt's pods run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accounted_until: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
     /// Where the exported model is (`pvc://claim/path`).

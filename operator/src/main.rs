@@ -1,4 +1,4 @@
-//! `camelid-operator`: prints camelid's CRDs (`crds`); the controllers land with the FineTuneJob issue.
+//! `camelid-operator`: `run` reconciles FineTuneJobs; `crds` prints camelid's CRDs.
 
 use std::process::ExitCode;
 
@@ -13,6 +13,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Runs the controllers against the cluster in the environment (in-cluster config or KUBECONFIG).
+    Run(Box<camelid_operator::run::RunArgs>),
     /// Prints the FineTuneJob and ChatModel CRDs as YAML, or writes one file each into `--out`.
     Crds {
         #[arg(long)]
@@ -22,6 +24,7 @@ enum Command {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Run(args) => run(*args),
         Command::Crds { out } => match write_crds(out.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -29,6 +32,35 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn run(args: camelid_operator::run::RunArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAMELID_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let client = kube::Client::try_default().await?;
+        camelid_operator::run::run(args, client).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

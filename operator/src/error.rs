@@ -1,0 +1,27 @@
+//! The operator's errors, each with a stable category for metrics and logs.
+
+use crate::finetunejob::build::BuildError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("building children: {0}")]
+    Build(#[from] BuildError),
+}
+
+impl Error {
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Kube(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => "invalid_spec",
+            Error::Kube(_) => "api",
+            Error::Build(_) => "invalid_spec",
+        }
+    }
+
+    /// Retrying cannot help until the object changes.
+    pub fn is_invalid_spec(&self) -> bool {
+        self.category() == "invalid_spec"
+    }
+}

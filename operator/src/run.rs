@@ -1,0 +1,98 @@
+//! `camelid-operator run`: the FineTuneJob controller, its health and metrics endpoints, leader election and
+//! graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::routing::get;
+use kube::Client;
+
+use crate::finetunejob::build::Settings;
+use crate::finetunejob::controller::{self, Context};
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// The operator's own namespace (its lease and the GPU prices ConfigMap live here).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "camelid-system")]
+    pub namespace: String,
+    /// The ConfigMap of GPU prices (`<gpuType>.spot` and `<gpuType>.on-demand`, dollars per GPU-hour).
+    #[arg(long)]
+    pub gpu_prices: Option<String>,
+    #[arg(long, default_value_t = Settings::default().trainer_image)]
+    pub trainer_image: String,
+    #[arg(long, default_value_t = Settings::default().fetch_image)]
+    pub fetch_image: String,
+    /// Seconds a trainer has to write its termination checkpoint.
+    #[arg(long, default_value_t = 180)]
+    pub termination_grace_seconds: i64,
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:8081")]
+    pub health_addr: SocketAddr,
+    /// Reconcile only while holding the `camelid-operator` Lease.
+    #[arg(long)]
+    pub leader_election: bool,
+    /// The trainers' `/progress` port (tests point it elsewhere).
+    #[arg(long, default_value_t = 8090, hide = true)]
+    pub progress_port: u16,
+    /// Seconds between reads of a running job's progress.
+    #[arg(long, default_value_t = 15)]
+    pub progress_poll_seconds: u64,
+}
+
+pub async fn run(args: RunArgs, client: Client) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let settings = Settings {
+        trainer_image: args.trainer_image.clone(),
+        fetch_image: args.fetch_image.clone(),
+        termination_grace_seconds: args.termination_grace_seconds,
+    };
+    let prices = args.gpu_prices.clone().map(|name| (args.namespace.clone(), name));
+    let mut ctx = Context::new(client.clone(), settings, prices, metrics.clone());
+    ctx.progress_port = args.progress_port;
+    ctx.poll = std::time::Duration::from_secs(args.progress_poll_seconds.max(1));
+    let m = metrics.clone();
+    let metrics_app = axum::Router::new().route("/metrics", get(move || async move { m.encode() }));
+    let health_app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }));
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr).await?;
+    let health_listener = tokio::net::TcpListener::bind(args.health_addr).await?;
+    tokio::spawn(async move { axum::serve(metrics_listener, metrics_app).await });
+    tokio::spawn(async move { axum::serve(health_listener, health_app).await });
+    let identity =
+        std::env::var("POD_NAME").unwrap_or_else(|_| format!("camelid-operator-{}", std::process::id()));
+    let lost = if args.leader_election {
+        crate::lease::acquire(client.clone(), &args.namespace, "camelid-operator", &identity).await?;
+        let hold = crate::lease::hold(
+            client.clone(),
+            args.namespace.clone(),
+            "camelid-operator".into(),
+            identity,
+        );
+        Some(tokio::spawn(hold))
+    } else {
+        None
+    };
+    let shutdown = async move {
+        match lost {
+            Some(lost) => {
+                tokio::select! { _ = lost => {}, () = shutdown_signal() => {} }
+            }
+            None => shutdown_signal().await,
+        }
+    };
+    tracing::info!("camelid-operator reconciling FineTuneJobs");
+    controller::run(Arc::new(ctx), shutdown).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    tokio::select! { _ = tokio::signal::ctrl_c() => {}, () = term => {} }
+}
