@@ -222,6 +222,16 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
             "helm",
         )
         .unwrap();
+    // A malformed FineTuneJob (as if written before a schema change): it gets an Event, and breaks nothing.
+    s.server
+        .cluster()
+        .create(
+            &key("apis/camelid.dev/v1alpha1", "finetunejobs", Some(NS), "broken"),
+            json!({"apiVersion": "camelid.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "broken"},
+                   "spec": {"workers": "two"}}),
+            "old-client",
+        )
+        .unwrap();
     let mut operator = s.start_operator();
 
     // kubectl apply -f examples/finetunejob.yaml
@@ -411,7 +421,7 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
         .cluster()
         .list(&Resource::new("apis/events.k8s.io/v1", "events"), Some(NS), None);
     let reasons: Vec<&str> = events.iter().filter_map(|e| e["reason"].as_str()).collect();
-    for reason in ["AttemptStarted", "Preempted", "Succeeded"] {
+    for reason in ["AttemptStarted", "Preempted", "Succeeded", "InvalidSpec"] {
         assert!(reasons.contains(&reason), "no {reason} event in {reasons:?}");
     }
     operator.abort();

@@ -13,6 +13,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -85,7 +86,8 @@ impl Context {
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
-    let jobs = Api::<FineTuneJob>::all(client.clone());
+    // One malformed FineTuneJob (say, written before a schema change) must not break the watch of all of them.
+    let jobs = Api::<DeserializeGuard<FineTuneJob>>::all(client.clone());
     let selector = "app.kubernetes.io/managed-by=camelid-operator,app.kubernetes.io/component=trainer";
     Controller::new(jobs, watcher::Config::default().any_semantic())
         .owns(
@@ -97,7 +99,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             watcher::Config::default().labels(selector),
             |pod| {
                 let name = pod.labels().get("camelid.dev/finetunejob")?.clone();
-                Some(ObjectRef::<FineTuneJob>::new(&name).within(&pod.namespace()?))
+                Some(ObjectRef::<DeserializeGuard<FineTuneJob>>::new(&name).within(&pod.namespace()?))
             },
         )
         .graceful_shutdown_on(shutdown)
@@ -106,7 +108,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .await;
 }
 
-fn error_policy(job: Arc<FineTuneJob>, e: &Error, ctx: Arc<Context>) -> Action {
+fn error_policy(job: Arc<DeserializeGuard<FineTuneJob>>, e: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error(e.category());
     tracing::warn!(job = %job.name_any(), category = e.category(), error = %e, "reconcile failed");
     if e.is_invalid_spec() {
@@ -322,9 +324,30 @@ fn set_condition(
     });
 }
 
-pub async fn reconcile(ftj: Arc<FineTuneJob>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(
+    guarded: Arc<DeserializeGuard<FineTuneJob>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
     let started = std::time::Instant::now();
-    let result = reconcile_inner(&ftj, &ctx).await;
+    let ftj = match &guarded.0 {
+        Ok(ftj) => ftj,
+        Err(invalid) => {
+            // Say what is wrong where users look, and wait for them to fix it.
+            let name = invalid.metadata.name.clone().unwrap_or_default();
+            tracing::warn!(job = %name, error = %invalid.error, "FineTuneJob cannot be read");
+            ctx.metrics.reconcile_error("invalid_spec");
+            let ev = Event {
+                type_: EventType::Warning,
+                reason: "InvalidSpec".into(),
+                note: Some(format!("this FineTuneJob cannot be read: {}", invalid.error)),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            let _ = ctx.recorder.publish(&ev, &guarded.object_ref(&())).await;
+            return Ok(Action::await_change());
+        }
+    };
+    let result = reconcile_inner(ftj, &ctx).await;
     ctx.metrics.reconciled(started.elapsed());
     result
 }

@@ -1,0 +1,84 @@
+//! End to end on a real cluster: runs only when `KUBECONFIG` points at one (and says clearly that it was skipped
+//! otherwise). It installs the CRDs, runs the operator in-process, applies a tiny CPU FineTuneJob (one worker, two
+//! steps) and waits for it to succeed. The cluster must be able to pull `CAMELID_E2E_TRAINER_IMAGE` and bind
+//! `CAMELID_E2E_CLAIM` (a ReadWriteMany PersistentVolumeClaim in `CAMELID_E2E_NAMESPACE`, default `default`)
+//! holding `model.gguf` and `data.jsonl`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use camelid_crds::FineTuneJob;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+fn skip(why: &str) {
+    eprintln!("SKIPPED cluster e2e: {why}");
+}
+
+#[tokio::test]
+async fn a_tiny_finetunejob_succeeds_on_a_real_cluster() {
+    if std::env::var_os("KUBECONFIG").is_none() {
+        return skip("KUBECONFIG is not set; no Kubernetes cluster is reachable from this machine");
+    }
+    let (Ok(image), Ok(claim)) = (
+        std::env::var("CAMELID_E2E_TRAINER_IMAGE"),
+        std::env::var("CAMELID_E2E_CLAIM"),
+    ) else {
+        return skip(
+            "set CAMELID_E2E_TRAINER_IMAGE and CAMELID_E2E_CLAIM (a claim holding model.gguf and data.jsonl)",
+        );
+    };
+    let ns = std::env::var("CAMELID_E2E_NAMESPACE").unwrap_or_else(|_| "default".into());
+    let client = Client::try_default().await.expect("a client from KUBECONFIG");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in camelid_crds::crds() {
+        crds.patch(
+            &crd.name_any(),
+            &PatchParams::apply("camelid-e2e").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let args = camelid_operator::run::RunArgs {
+        namespace: ns.clone(),
+        gpu_prices: None,
+        trainer_image: image,
+        fetch_image: "curlimages/curl:8.11.1".into(),
+        termination_grace_seconds: 60,
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        health_addr: "127.0.0.1:0".parse().unwrap(),
+        leader_election: false,
+        progress_port: 8090,
+        progress_poll_seconds: 5,
+    };
+    let operator = tokio::spawn(camelid_operator::run::run(args, client.clone()));
+    let name = format!("e2e-{}", std::process::id());
+    let job: FineTuneJob = serde_json::from_value(json!({
+        "apiVersion": "camelid.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name, "namespace": ns},
+        "spec": {"baseModel": {"claimName": claim, "path": "model.gguf"},
+                 "dataset": {"claimName": claim, "path": "data.jsonl"},
+                 "hyperparameters": {"maxSteps": 2, "globalBatch": 2, "microBatch": 2, "maxLength": 128},
+                 "workers": 1, "gpusPerWorker": 0, "spot": {"preferSpot": false},
+                 "checkpoints": {"claimName": claim}, "output": {"claimName": claim}}})).unwrap();
+    let api: Api<FineTuneJob> = Api::namespaced(client, &ns);
+    api.patch(&name, &PatchParams::apply("camelid-e2e"), &Patch::Apply(&job))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    let phase = loop {
+        let status = api.get(&name).await.unwrap().status.unwrap_or_default();
+        match status.phase.map(|p| format!("{p:?}")) {
+            Some(p) if p == "Succeeded" || p == "Failed" => break (p, status.message),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "not finished after 30 minutes");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    };
+    operator.abort();
+    assert_eq!(phase.0, "Succeeded", "{:?}", phase.1);
+}
