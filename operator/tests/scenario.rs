@@ -89,6 +89,16 @@ impl Scenario {
         })
     }
 
+    fn job(&self, attempt: i32) -> Job {
+        let name = format!("vicuna-smol-a{attempt}");
+        let job = self
+            .server
+            .cluster()
+            .get(&key("apis/batch/v1", "jobs", Some(NS), &name))
+            .cloned();
+        serde_json::from_value(job.unwrap_or_else(|| panic!("no Job {name}"))).unwrap()
+    }
+
     fn ftj(&self) -> Value {
         self.server
             .cluster()
@@ -178,11 +188,16 @@ impl Scenario {
     async fn wait_attempt(&self, attempt: i32) {
         let job = format!("vicuna-smol-a{attempt}");
         let previous = format!("vicuna-smol-a{}", attempt - 1);
-        eventually(&format!("attempt {attempt} replaces the last"), || {
-            let done = self.jobs() == [job.clone()] && self.status()["attempt"] == json!(attempt);
-            async move { done }
-        })
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(self.jobs() == [job.clone()] && self.status()["attempt"] == json!(attempt)) {
+            assert!(
+                Instant::now() < deadline,
+                "attempt {attempt} did not replace the last: jobs {:?}, status {}",
+                self.jobs(),
+                self.status()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         assert!(!self.jobs().contains(&previous));
         let pods = self.server.cluster().list(
             &Resource::new("api/v1", "pods"),
@@ -247,14 +262,7 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
         async move { jobs == ["vicuna-smol-a1"] }
     })
     .await;
-    let job: Job = serde_json::from_value(
-        s.server
-            .cluster()
-            .get(&key("apis/batch/v1", "jobs", Some(NS), "vicuna-smol-a1"))
-            .cloned()
-            .unwrap(),
-    )
-    .unwrap();
+    let job = s.job(1);
     assert_eq!(
         job.metadata.labels.as_ref().unwrap()["camelid.dev/capacity"],
         "spot"
@@ -334,14 +342,7 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
     );
     s.wait_attempt(3).await;
     assert_eq!(s.status()["preemptions"], 2);
-    let job: Job = serde_json::from_value(
-        s.server
-            .cluster()
-            .get(&key("apis/batch/v1", "jobs", Some(NS), "vicuna-smol-a3"))
-            .cloned()
-            .unwrap(),
-    )
-    .unwrap();
+    let job = s.job(3);
     assert_eq!(
         job.metadata.labels.as_ref().unwrap()["camelid.dev/capacity"],
         "spot"
@@ -353,14 +354,7 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
     s.wait_attempt(4).await;
     assert_eq!(s.status()["preemptions"], 3);
     assert_eq!(s.status()["capacity"], "on-demand");
-    let job: Job = serde_json::from_value(
-        s.server
-            .cluster()
-            .get(&key("apis/batch/v1", "jobs", Some(NS), "vicuna-smol-a4"))
-            .cloned()
-            .unwrap(),
-    )
-    .unwrap();
+    let job = s.job(4);
     assert_eq!(
         job.metadata.labels.as_ref().unwrap()["camelid.dev/capacity"],
         "on-demand"
@@ -421,7 +415,13 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
         .cluster()
         .list(&Resource::new("apis/events.k8s.io/v1", "events"), Some(NS), None);
     let reasons: Vec<&str> = events.iter().filter_map(|e| e["reason"].as_str()).collect();
-    for reason in ["AttemptStarted", "Preempted", "Succeeded", "InvalidSpec"] {
+    for reason in [
+        "AttemptStarted",
+        "PhaseChanged",
+        "Preempted",
+        "Succeeded",
+        "InvalidSpec",
+    ] {
         assert!(reasons.contains(&reason), "no {reason} event in {reasons:?}");
     }
     operator.abort();

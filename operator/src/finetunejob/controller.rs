@@ -260,6 +260,23 @@ async fn apply_children(ctx: &Context, ftj: &FineTuneJob, attempt: Attempt) -> R
     Ok(())
 }
 
+/// Applies the children of `attempt` and records it in `status`.
+async fn start_attempt(
+    ctx: &Context,
+    ftj: &FineTuneJob,
+    status: &mut FineTuneJobStatus,
+    attempt: Attempt,
+    now: &Time,
+) -> Result<(), Error> {
+    apply_children(ctx, ftj, attempt).await?;
+    status.attempt = attempt.number;
+    status.capacity = Some(attempt.capacity.as_str().into());
+    status.attempt_start_time = Some(now.clone());
+    status.start_time.get_or_insert(now.clone());
+    status.accounted_until = None;
+    Ok(())
+}
+
 async fn delete_attempt(ctx: &Context, ftj: &FineTuneJob, attempt: i32) -> Result<(), Error> {
     let ns = ftj.namespace().unwrap_or_default();
     let dp = DeleteParams {
@@ -347,9 +364,19 @@ pub async fn reconcile(
             return Ok(Action::await_change());
         }
     };
-    let result = reconcile_inner(ftj, &ctx).await;
+    let result = reconcile_fresh(ftj, &ctx).await;
     ctx.metrics.reconciled(started.elapsed());
     result
+}
+
+/// Reconciles from a fresh read: the watch cache may not have this controller's own last status write yet, and
+/// acting on an older attempt number would start that attempt again.
+async fn reconcile_fresh(cached: &FineTuneJob, ctx: &Context) -> Result<Action, Error> {
+    let api: Api<FineTuneJob> = Api::namespaced(ctx.client.clone(), &cached.namespace().unwrap_or_default());
+    match api.get_opt(&cached.name_any()).await? {
+        Some(fresh) => reconcile_inner(&fresh, ctx).await,
+        None => Ok(Action::await_change()),
+    }
 }
 
 async fn reconcile_inner(ftj: &FineTuneJob, ctx: &Context) -> Result<Action, Error> {
@@ -400,19 +427,17 @@ async fn reconcile_inner(ftj: &FineTuneJob, ctx: &Context) -> Result<Action, Err
     let mut event: Option<(EventType, &str, String)> = None;
     let requeue = match decision {
         Decision::Start { attempt, capacity } => {
-            apply_children(
+            start_attempt(
                 ctx,
                 ftj,
+                &mut status,
                 Attempt {
                     number: attempt,
                     capacity,
                 },
+                &now_time,
             )
             .await?;
-            status.attempt = attempt;
-            status.capacity = Some(capacity.as_str().into());
-            status.attempt_start_time = Some(now_time.clone());
-            status.start_time.get_or_insert(now_time.clone());
             status.phase = Some(FineTuneJobPhase::Pending);
             event = Some((
                 EventType::Normal,
@@ -470,19 +495,17 @@ async fn reconcile_inner(ftj: &FineTuneJob, ctx: &Context) -> Result<Action, Err
                 RestartReason::Failed => status.restarts += 1,
                 RestartReason::PendingTimeout => {}
             }
-            apply_children(
+            start_attempt(
                 ctx,
                 ftj,
+                &mut status,
                 Attempt {
                     number: attempt,
                     capacity,
                 },
+                &now_time,
             )
             .await?;
-            status.attempt = attempt;
-            status.capacity = Some(capacity.as_str().into());
-            status.attempt_start_time = Some(now_time.clone());
-            status.accounted_until = None;
             status.phase = Some(FineTuneJobPhase::Recovering);
             let kind = match reason {
                 RestartReason::Preempted => "Preempted",
@@ -537,6 +560,9 @@ async fn reconcile_inner(ftj: &FineTuneJob, ctx: &Context) -> Result<Action, Err
         }
     };
     let phase = status.phase.map(|p| format!("{p:?}")).unwrap_or_default();
+    if event.is_none() && status.phase != old.phase {
+        event = Some((EventType::Normal, "PhaseChanged", format!("now {phase}")));
+    }
     let succeeded = status.phase == Some(FineTuneJobPhase::Succeeded);
     let message = status.message.clone().unwrap_or_default();
     set_condition(
