@@ -14,8 +14,11 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
+/// Says why the suite did not run, on the real stderr (not the test harness's captured output), so that it shows
+/// in `make test` logs.
 fn skip(why: &str) {
-    eprintln!("SKIPPED cluster e2e: {why}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED cluster e2e: {why}");
 }
 
 #[tokio::test]
