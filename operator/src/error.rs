@@ -8,6 +8,9 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("building children: {0}")]
     Build(#[from] BuildError),
+    /// The spec asks for something that cannot be done; retrying will not help until it changes.
+    #[error("invalid spec: {0}")]
+    Invalid(String),
 }
 
 impl Error {
@@ -16,7 +19,7 @@ impl Error {
             Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
             Error::Kube(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => "invalid_spec",
             Error::Kube(_) => "api",
-            Error::Build(_) => "invalid_spec",
+            Error::Build(_) | Error::Invalid(_) => "invalid_spec",
         }
     }
 

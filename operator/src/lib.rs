@@ -1,6 +1,7 @@
-//! camelid's operator: CRD rendering ([`crdgen`]) and the FineTuneJob controller ([`finetunejob`]), whose
-//! desired state is pure functions from a spec to owned Kubernetes objects.
+//! camelid's operator: CRD rendering ([`crdgen`]), the FineTuneJob controller ([`finetunejob`]) and the ChatModel
+//! controller ([`chatmodel`]), whose desired state is pure functions from a spec to owned Kubernetes objects.
 
+pub mod chatmodel;
 pub mod crdgen;
 pub mod error;
 pub mod finetunejob;

@@ -13,8 +13,15 @@ pub struct ErrorLabels {
     pub category: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScaleLabels {
+    /// `ScaledUp`, `ScaledDown` or `ScaledToZero`.
+    pub direction: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
+    scale_decisions: Family<ScaleLabels, Counter>,
     registry: Registry,
     reconciles: Counter,
     reconcile_seconds: Histogram,
@@ -35,7 +42,17 @@ impl Metrics {
         let reconcile_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let errors = Family::<ErrorLabels, Counter>::default();
         let preemptions = Counter::default();
-        registry.register("reconciles", "FineTuneJob reconciles", reconciles.clone());
+        let scale_decisions = Family::<ScaleLabels, Counter>::default();
+        registry.register(
+            "scale_decisions",
+            "ChatModel replica changes by direction",
+            scale_decisions.clone(),
+        );
+        registry.register(
+            "reconciles",
+            "FineTuneJob and ChatModel reconciles",
+            reconciles.clone(),
+        );
         registry.register(
             "reconcile_duration_seconds",
             "Time per reconcile",
@@ -52,6 +69,7 @@ impl Metrics {
             preemptions.clone(),
         );
         Self {
+            scale_decisions,
             registry,
             reconciles,
             reconcile_seconds,
@@ -67,6 +85,12 @@ impl Metrics {
 
     pub fn reconcile_error(&self, category: &'static str) {
         self.errors.get_or_create(&ErrorLabels { category }).inc();
+    }
+
+    pub fn scaled(&self, direction: &'static str) {
+        self.scale_decisions
+            .get_or_create(&ScaleLabels { direction })
+            .inc();
     }
 
     pub fn preempted(&self) {

@@ -1,4 +1,4 @@
-//! `camelid-operator run`: the FineTuneJob controller, its health and metrics endpoints, leader election and
+//! `camelid-operator run`: the FineTuneJob and ChatModel controllers, their health and metrics endpoints, leader election and
 //! graceful shutdown.
 
 use std::net::SocketAddr;
@@ -7,6 +7,8 @@ use std::sync::Arc;
 use axum::routing::get;
 use kube::Client;
 
+use crate::chatmodel;
+use crate::chatmodel::load::Gateways;
 use crate::finetunejob::build::Settings;
 use crate::finetunejob::controller::{self, Context};
 use crate::metrics::Metrics;
@@ -23,6 +25,14 @@ pub struct RunArgs {
     pub trainer_image: String,
     #[arg(long, default_value_t = Settings::default().fetch_image)]
     pub fetch_image: String,
+    #[arg(long, default_value_t = Settings::default().worker_image)]
+    pub worker_image: String,
+    /// The gateway Service in the operator's namespace: its pods report each model's load.
+    #[arg(long, default_value = "camelid-gateway")]
+    pub gateway_service: String,
+    /// Seconds between autoscaling decisions for each ChatModel.
+    #[arg(long, default_value_t = 5)]
+    pub autoscale_seconds: u64,
     /// Seconds a trainer has to write its termination checkpoint.
     #[arg(long, default_value_t = 180)]
     pub termination_grace_seconds: i64,
@@ -47,8 +57,13 @@ pub async fn run(args: RunArgs, client: Client) -> anyhow::Result<()> {
         trainer_image: args.trainer_image.clone(),
         fetch_image: args.fetch_image.clone(),
         termination_grace_seconds: args.termination_grace_seconds,
+        worker_image: args.worker_image.clone(),
     };
     let prices = args.gpu_prices.clone().map(|name| (args.namespace.clone(), name));
+    let gateways = Gateways::new(args.namespace.clone(), args.gateway_service.clone());
+    let mut serving =
+        chatmodel::controller::Context::new(client.clone(), settings.clone(), gateways, metrics.clone());
+    serving.period = std::time::Duration::from_secs(args.autoscale_seconds.max(1));
     let mut ctx = Context::new(client.clone(), settings, prices, metrics.clone());
     ctx.progress_port = args.progress_port;
     ctx.poll = std::time::Duration::from_secs(args.progress_poll_seconds.max(1));
@@ -83,8 +98,23 @@ pub async fn run(args: RunArgs, client: Client) -> anyhow::Result<()> {
             None => shutdown_signal().await,
         }
     };
-    tracing::info!("camelid-operator reconciling FineTuneJobs");
-    controller::run(Arc::new(ctx), shutdown).await;
+    // Both controllers stop together: on a signal, or when the lease is lost.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stopping = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
+    tracing::info!("camelid-operator reconciling FineTuneJobs and ChatModels");
+    tokio::join!(
+        controller::run(Arc::new(ctx), stopping()),
+        chatmodel::controller::run(Arc::new(serving), stopping()),
+    );
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -79,6 +79,9 @@ fn the_chart_renders_lints_and_parses_as_kubernetes_objects() {
                 let kind = doc["kind"].as_str().unwrap().to_string();
                 match kind.as_str() {
                     "Deployment" => check_deployment(case, &typed::<Deployment>(&doc)),
+                    "Service" => {
+                        typed::<Service>(&doc);
+                    }
                     "ClusterRole" => check_rules(&typed::<ClusterRole>(&doc).rules.unwrap_or_default()),
                     "Role" => check_rules(&typed::<Role>(&doc).rules.unwrap_or_default()),
                     "ClusterRoleBinding" => {
@@ -90,32 +93,48 @@ fn the_chart_renders_lints_and_parses_as_kubernetes_objects() {
                     "ServiceAccount" => {
                         typed::<ServiceAccount>(&doc);
                     }
-                    "ConfigMap" => check_prices(case, &typed::<ConfigMap>(&doc)),
+                    "ConfigMap" => {
+                        let cm = typed::<ConfigMap>(&doc);
+                        match cm.data.as_ref().and_then(|d| d.get("gateway.yaml")) {
+                            Some(config) => check_gateway_config(case, config),
+                            None => check_prices(case, &cm),
+                        }
+                    }
                     other => panic!("{case}: unexpected kind {other} in {path}"),
                 }
                 kinds.push(kind);
             }
         }
         kinds.sort();
-        assert_eq!(
-            kinds,
-            [
+        let mut expected = vec![
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "Deployment",
+            "Role",
+            "RoleBinding",
+            "ServiceAccount",
+        ];
+        if case != "no-gateway" {
+            // The gateway's own account, read-only ClusterRole, config, Service and Deployment.
+            expected.extend([
                 "ClusterRole",
                 "ClusterRoleBinding",
                 "ConfigMap",
                 "Deployment",
-                "Role",
-                "RoleBinding",
-                "ServiceAccount"
-            ],
-            "{case}"
-        );
+                "Service",
+                "ServiceAccount",
+            ]);
+        }
+        expected.sort_unstable();
+        assert_eq!(kinds, expected, "{case}");
     }
 }
 
 fn check_deployment(case: &str, d: &Deployment) {
     let spec = d.spec.as_ref().unwrap();
     let pod = spec.template.spec.as_ref().unwrap();
+    let component = d.metadata.labels.as_ref().unwrap()["app.kubernetes.io/component"].clone();
     let psc = pod.security_context.as_ref().unwrap();
     assert_eq!(psc.run_as_non_root, Some(true));
     let c = &pod.containers[0];
@@ -127,7 +146,14 @@ fn check_deployment(case: &str, d: &Deployment) {
         Some(&["ALL".to_string()][..])
     );
     let args = c.args.as_ref().unwrap();
+    if component == "gateway" {
+        return check_gateway(case, spec, args);
+    }
     assert_eq!(args[0], "run");
+    assert!(
+        args.contains(&"--gateway-service=camelid-gateway".to_string()),
+        "{args:?}"
+    );
     let leader = args.iter().any(|a| a == "--leader-election");
     match case {
         "ha" => {
@@ -139,6 +165,41 @@ fn check_deployment(case: &str, d: &Deployment) {
         "no-leader-election" => assert!(!leader),
         _ => assert!(leader && c.image.as_deref() == Some("ghcr.io/camelid-dev/camelid-operator:0.1.0")),
     }
+}
+
+fn check_gateway(case: &str, spec: &k8s_openapi::api::apps::v1::DeploymentSpec, args: &[String]) {
+    assert!(args.contains(&"--discover-chatmodels".to_string()), "{args:?}");
+    let pod = spec.template.spec.as_ref().unwrap();
+    let c = &pod.containers[0];
+    // Ready while it runs: a model at zero replicas needs the gateway to hold its requests.
+    let ready = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+    assert_eq!(ready.path.as_deref(), Some("/healthz"));
+    let anonymous = args.iter().any(|a| a == "--allow-anonymous");
+    let keys = pod.volumes.iter().flatten().any(|v| v.name == "keys");
+    match case {
+        "open-gateway" => {
+            assert!(anonymous && !keys);
+            assert!(args.contains(&"--watch-namespace=team-a".to_string()));
+        }
+        _ => assert!(!anonymous && keys, "keys are required by default"),
+    }
+}
+
+/// The rendered gateway config is one the real gateway accepts (moderation included).
+fn check_gateway_config(case: &str, text: &str) {
+    let dir = std::env::temp_dir().join(format!("camelid-chart-{}-{case}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.yaml");
+    // The keys file is a Secret mounted in the pod; here an empty one stands in at the same relative place.
+    let text = text.replace("/etc/camelid/keys/keys.yaml", "keys.yaml");
+    std::fs::write(dir.join("keys.yaml"), "keys: []\n").unwrap();
+    std::fs::write(&path, &text).unwrap();
+    let config =
+        camelid_gateway::GatewayConfig::from_file(&path).unwrap_or_else(|e| panic!("{case}: {e}\n{text}"));
+    assert_eq!(config.hold.timeout, std::time::Duration::from_secs(180));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async { camelid_gateway::state(&config).unwrap_or_else(|e| panic!("{case}: {e}")) });
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 fn check_rules(rules: &[k8s_openapi::api::rbac::v1::PolicyRule]) {

@@ -76,6 +76,9 @@ impl Scenario {
             gpu_prices: Some("gpu-prices".into()),
             trainer_image: "camelid-trainer:test".into(),
             fetch_image: "curl:test".into(),
+            worker_image: "camelid-worker:test".into(),
+            gateway_service: "camelid-gateway".into(),
+            autoscale_seconds: 1,
             termination_grace_seconds: 180,
             metrics_addr: "127.0.0.1:0".parse().unwrap(),
             health_addr: "127.0.0.1:0".parse().unwrap(),
@@ -404,10 +407,49 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
         ))
         .cloned();
     let chat = chat.expect("the ChatModel is created");
-    assert_eq!(
-        chat["spec"]["model"],
-        json!({"claimName": "models", "path": "vicuna-smol"})
-    );
+    assert_eq!(chat["spec"]["model"], json!({"fineTuneJob": "vicuna-smol"}));
+    // The ChatModel controller serves the exported model: its workers load it from the job's output claim.
+    eventually("the ChatModel's workers and Service", || async {
+        let store = s.server.cluster();
+        store
+            .get(&key(
+                "apis/apps/v1",
+                "deployments",
+                Some(NS),
+                "vicuna-smol-worker",
+            ))
+            .is_some()
+            && store
+                .get(&key("api/v1", "services", Some(NS), "vicuna-smol"))
+                .is_some()
+    })
+    .await;
+    let workers = s
+        .server
+        .cluster()
+        .get(&key(
+            "apis/apps/v1",
+            "deployments",
+            Some(NS),
+            "vicuna-smol-worker",
+        ))
+        .cloned()
+        .unwrap();
+    let args = workers["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+    assert_eq!(args[1], "/camelid/volumes/models/vicuna-smol", "{args}");
+    eventually("the ChatModel's status", || async {
+        let store = s.server.cluster();
+        let cm = store.get(&key(
+            "apis/camelid.dev/v1alpha1",
+            "chatmodels",
+            Some(NS),
+            "vicuna-smol",
+        ));
+        cm.is_some_and(|cm| {
+            cm["status"]["model"] == "finetunejob/vicuna-smol" && cm["status"]["phase"] == "Loading"
+        })
+    })
+    .await;
 
     // Events were recorded for each step.
     let events = s

@@ -17,6 +17,8 @@ CASES = {
     "ha": {"replicaCount": 2, "leaderElection": True, "imagePullSecrets": [{"name": "regcred"}],
            "nodeSelector": {"pool": "system"}, "tolerations": [{"key": "dedicated", "operator": "Exists"}]},
     "no-leader-election": {"leaderElection": False, "gpuPrices": {"nvidia-t4": {"spot": 0.11, "onDemand": 0.35}}},
+    "no-gateway": {"gateway": {"enabled": False}},
+    "open-gateway": {"gateway": {"allowAnonymous": True, "keysSecret": "", "watchNamespace": "team-a"}},
 }
 
 

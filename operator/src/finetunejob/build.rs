@@ -38,6 +38,8 @@ pub struct Settings {
     pub fetch_image: String,
     /// Seconds between SIGTERM and SIGKILL: the trainer writes its termination checkpoint in this time.
     pub termination_grace_seconds: i64,
+    /// The worker image when a ChatModel names none.
+    pub worker_image: String,
 }
 
 impl Default for Settings {
@@ -46,6 +48,7 @@ impl Default for Settings {
             trainer_image: "ghcr.io/camelid-dev/camelid-trainer:0.1.0".into(),
             fetch_image: "curlimages/curl:8.11.1".into(),
             termination_grace_seconds: 180,
+            worker_image: "ghcr.io/camelid-dev/camelid-worker:0.1.0".into(),
         }
     }
 }
@@ -119,7 +122,7 @@ fn claims(job: &FineTuneJob) -> BTreeMap<String, bool> {
     claims
 }
 
-fn on_claim(claim: &str, path: &str) -> String {
+pub(crate) fn on_claim(claim: &str, path: &str) -> String {
     format!("{VOLUMES_ROOT}/{claim}/{}", path.trim_start_matches('/'))
 }
 
@@ -290,32 +293,10 @@ pub fn children(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> Res
     }
     let mut init_containers = Vec::new();
     if let Some(uri) = &s.base_model.uri {
-        volumes.push(Volume {
-            name: "download".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Volume::default()
-        });
-        let mount = VolumeMount {
-            name: "download".into(),
-            mount_path: DOWNLOAD_DIR.into(),
-            ..VolumeMount::default()
-        };
-        mounts.push(mount.clone());
-        init_containers.push(Container {
-            name: "fetch-model".into(),
-            image: Some(settings.fetch_image.clone()),
-            args: Some(vec![
-                "-fsSL".into(),
-                "--retry".into(),
-                "5".into(),
-                "-o".into(),
-                format!("{DOWNLOAD_DIR}/model.gguf"),
-                uri.clone(),
-            ]),
-            volume_mounts: Some(vec![mount]),
-            security_context: Some(restricted()),
-            ..Container::default()
-        });
+        let (volume, mount, fetch) = download(&settings.fetch_image, uri);
+        volumes.push(volume);
+        mounts.push(mount);
+        init_containers.push(fetch);
     }
     let mut resources = s.resources.clone().unwrap_or_default();
     if s.gpus_per_worker > 0 {
@@ -384,12 +365,7 @@ pub fn children(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> Res
                     init_containers: (!init_containers.is_empty()).then_some(init_containers),
                     containers: vec![trainer],
                     volumes: Some(volumes),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(1000),
-                        fs_group: Some(1000),
-                        ..PodSecurityContext::default()
-                    }),
+                    security_context: Some(pod_security()),
                     ..PodSpec::default()
                 }),
             },
@@ -400,7 +376,48 @@ pub fn children(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> Res
     Ok(Children { service, job })
 }
 
-fn restricted() -> SecurityContext {
+/// The emptyDir, its mount and the init container that download a model given by URI to
+/// `DOWNLOAD_DIR/model.gguf`.
+pub(crate) fn download(fetch_image: &str, uri: &str) -> (Volume, VolumeMount, Container) {
+    let volume = Volume {
+        name: "download".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    };
+    let mount = VolumeMount {
+        name: "download".into(),
+        mount_path: DOWNLOAD_DIR.into(),
+        ..VolumeMount::default()
+    };
+    let fetch = Container {
+        name: "fetch-model".into(),
+        image: Some(fetch_image.to_string()),
+        args: Some(vec![
+            "-fsSL".into(),
+            "--retry".into(),
+            "5".into(),
+            "-o".into(),
+            format!("{DOWNLOAD_DIR}/model.gguf"),
+            uri.to_string(),
+        ]),
+        volume_mounts: Some(vec![mount.clone()]),
+        security_context: Some(restricted()),
+        ..Container::default()
+    };
+    (volume, mount, fetch)
+}
+
+/// camelid's images run as user 1000, never root.
+pub(crate) fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(1000),
+        fs_group: Some(1000),
+        ..PodSecurityContext::default()
+    }
+}
+
+pub(crate) fn restricted() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
         capabilities: Some(k8s_openapi::api::core::v1::Capabilities {

@@ -299,13 +299,11 @@ async fn publish_model(ctx: &Context, ftj: &FineTuneJob) -> Result<(), Error> {
         return Ok(());
     };
     let ns = ftj.namespace().unwrap_or_default();
-    let default = format!("models/{}", ftj.name_any());
-    let path = ftj.spec.output.path.clone().unwrap_or(default);
+    // By the job, not its output path: the ChatModel's workers then roll whenever the job exports again.
     let patch = json!({
         "apiVersion": "camelid.dev/v1alpha1", "kind": "ChatModel",
         "metadata": {"name": name, "namespace": ns, "labels": {"camelid.dev/finetunejob": ftj.name_any()}},
-        "spec": {"model": {"claimName": ftj.spec.output.claim_name, "path": path},
-                 "template": ftj.spec.template},
+        "spec": {"model": {"fineTuneJob": ftj.name_any()}, "template": ftj.spec.template},
     });
     Api::<ChatModel>::namespaced(ctx.client.clone(), &ns)
         .patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))

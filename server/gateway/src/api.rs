@@ -12,6 +12,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 
+use crate::discovery::ModelRules;
 use crate::error::ApiError;
 use crate::keys::{Key, estimate_tokens};
 use crate::metrics::{Metrics, ModelLabels, RefusalLabels, RequestLabels, RouteLabels};
@@ -19,7 +20,7 @@ use crate::moderation::Profile;
 use crate::openai;
 use crate::policy::{Policy, PolicyCell};
 use crate::respond::{ChunkWriter, Collected, collect, moderate_whole, stream_response, whole_response};
-use crate::routing::{Router, StaticEndpoints};
+use crate::routing::{HoldLimits, Router, StaticEndpoints};
 use crate::validate::{self, Api, Limits, Validated};
 
 /// Everything a handler needs; cheap to clone.
@@ -32,6 +33,10 @@ pub struct AppState {
     /// Keys and moderation; replaced whole when the config file changes.
     pub policy: Arc<PolicyCell>,
     pub limits: Limits,
+    /// How requests wait for a model with no ready worker.
+    pub hold: HoldLimits,
+    /// What ChatModels ask besides routing (their moderation profile and keys); empty outside a cluster.
+    pub rules: ModelRules,
     pub created: u64,
 }
 
@@ -97,6 +102,7 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/internal/load", get(load))
         .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .with_state(state)
@@ -238,6 +244,16 @@ async fn admit(
     key: Option<&Key>,
     request: &Validated,
 ) -> Result<Option<Arc<Profile>>, ApiError> {
+    let rule = state
+        .rules
+        .read()
+        .ok()
+        .and_then(|r| r.get(&request.model).cloned())
+        .unwrap_or_default();
+    if !rule.allowed_keys.is_empty() && !key.is_some_and(|k| rule.allowed_keys.iter().any(|n| n == k.name()))
+    {
+        return Err(refused(state, key, ApiError::model_not_allowed(&request.model)));
+    }
     if let Some(key) = key {
         let limits = key
             .allow_model(&request.model)
@@ -247,7 +263,15 @@ async fn admit(
             });
         limits.map_err(|e| refused(state, Some(key), e))?;
     }
-    let Some(profile) = policy.profile_for(key, &request.model) else {
+    let named = match (key.and_then(|k| k.spec.moderation.as_ref()), &rule.moderation) {
+        (None, Some(name)) => Some(policy.profiles.get(name).cloned().ok_or_else(|| {
+            ApiError::moderation_unavailable(format!(
+                "the model's moderation profile `{name}` is not in the gateway's config"
+            ))
+        })?),
+        _ => None,
+    };
+    let Some(profile) = named.or_else(|| policy.profile_for(key, &request.model)) else {
         return Ok(None);
     };
     let (params, texts) = request.input.moderated_texts();
@@ -276,6 +300,47 @@ async fn pipeline(
     let id = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
     let gauge = InFlightGauge::new(&state.metrics, &record.model);
     let mut tried = Vec::new();
+    // Only a ChatModel's requests wait: the operator starts its workers when they queue. A model of the static
+    // config with no ready worker gets 503 at once (nothing would start one).
+    let scaled = state.rules.read().is_ok_and(|r| r.contains_key(&request.model));
+    let waiting = scaled && !state.router.has_ready(&request.model);
+    if waiting && request.stream {
+        // Headers go now and comments keep the stream open while a worker starts; the answer follows.
+        let Some(held) = state.router.hold(&request.model, state.hold.max_requests) else {
+            return Err((ApiError::too_many_waiting(&request.model), record));
+        };
+        let writer = ChunkWriter::new(&request, id.clone(), unix_now());
+        let st = state.clone();
+        let start = async move {
+            let ready = st.router.wait_ready(&request.model, st.hold.timeout).await;
+            drop(held);
+            if !ready {
+                return Err(ApiError::model_starting(&request.model, st.hold.timeout));
+            }
+            st.router.start_generation(&request, &id, &mut tried).await
+        };
+        return Ok(stream_response(
+            state.clone(),
+            start,
+            writer,
+            record,
+            gauge,
+            output,
+        ));
+    }
+    if waiting {
+        let Some(held) = state.router.hold(&request.model, state.hold.max_requests) else {
+            return Err((ApiError::too_many_waiting(&request.model), record));
+        };
+        let ready = state.router.wait_ready(&request.model, state.hold.timeout).await;
+        drop(held);
+        if !ready {
+            return Err((
+                ApiError::model_starting(&request.model, state.hold.timeout),
+                record,
+            ));
+        }
+    }
     if request.stream {
         let started = match state.router.start_generation(&request, &id, &mut tried).await {
             Ok(started) => started,
@@ -284,7 +349,7 @@ async fn pipeline(
         let writer = ChunkWriter::new(&request, id, unix_now());
         return Ok(stream_response(
             state.clone(),
-            started,
+            std::future::ready(Ok(started)),
             writer,
             record,
             gauge,
@@ -350,6 +415,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "no ready worker").into_response()
     }
+}
+
+/// Each model's requests in flight and held, for the operator's autoscaler (summed over gateways there).
+async fn load(State(state): State<AppState>) -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "models": state.router.load() }))
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::keys::KeySpec;
 use crate::policy::{ModerationSpec, PolicySpec, ProviderSpec};
-use crate::routing::Endpoints;
+use crate::routing::{Endpoints, HoldLimits};
 use crate::validate::Limits;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,8 @@ pub struct GatewayConfig {
     pub endpoints: Endpoints,
     pub limits: Limits,
     pub probe_interval: Duration,
+    /// How requests wait for a model with no ready worker.
+    pub hold: HoldLimits,
     /// Keys and moderation.
     pub policy: PolicySpec,
     /// Serve without keys on a non-loopback address.
@@ -47,6 +49,7 @@ impl Default for GatewayConfig {
             endpoints: Endpoints::new(),
             limits: Limits::default(),
             probe_interval: Duration::from_secs(2),
+            hold: HoldLimits::default(),
             policy: PolicySpec::default(),
             allow_anonymous: false,
             files: Vec::new(),
@@ -64,7 +67,17 @@ struct FileLimits {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct FileHold {
+    timeout_ms: Option<u64>,
+    max_requests: Option<usize>,
+    keepalive_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct File {
+    /// Holding requests for a model with no ready worker (scaled to zero, or starting).
+    hold: Option<FileHold>,
     listen: Option<SocketAddr>,
     /// Model name → worker addresses.
     #[serde(default)]
@@ -140,6 +153,16 @@ impl GatewayConfig {
         }
         if let Some(ms) = file.probe_interval_ms {
             config.probe_interval = Duration::from_millis(ms.max(50));
+        }
+        if let Some(h) = file.hold {
+            let d = config.hold;
+            config.hold = HoldLimits {
+                timeout: h.timeout_ms.map_or(d.timeout, Duration::from_millis),
+                max_requests: h.max_requests.unwrap_or(d.max_requests),
+                keepalive: h
+                    .keepalive_ms
+                    .map_or(d.keepalive, |ms| Duration::from_millis(ms.max(100))),
+            };
         }
         for (model, addrs) in file.models {
             config

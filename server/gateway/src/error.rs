@@ -142,6 +142,37 @@ impl ApiError {
         }
     }
 
+    /// A held request whose model had no ready worker within the hold time.
+    pub fn model_starting(model: &str, waited: std::time::Duration) -> Self {
+        Self {
+            retry_after: Some(10),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "model_starting",
+                format!(
+                    "no worker of `{model}` became ready within {}s (it may be scaling up from zero): retry later",
+                    waited.as_secs()
+                ),
+            )
+        }
+    }
+
+    /// Too many requests are already held for models without a ready worker.
+    pub fn too_many_waiting(model: &str) -> Self {
+        Self {
+            retry_after: Some(5),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "too_many_waiting",
+                format!(
+                    "no worker of `{model}` is ready and the gateway holds as many waiting requests as it may"
+                ),
+            )
+        }
+    }
+
     pub fn worker_failed(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_GATEWAY, "server_error", "worker_failed", message)
     }

@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod config;
+pub mod discovery;
 pub mod error;
 pub mod keys;
 pub mod metrics;
@@ -33,9 +34,28 @@ pub const CHAT_PAGE: &str = include_str!("chat.html");
 /// Builds the gateway's state for `config` and starts following its endpoints. Fails, naming the field, when the
 /// keys or moderation are invalid.
 pub fn state(config: &GatewayConfig) -> Result<api::AppState, ConfigError> {
+    state_with(config, None)
+}
+
+/// Like [`state`], also routing to the endpoints `discovered` keeps (ChatModels in a cluster, see
+/// [`discovery::spawn`]) and following the rules in `rules`.
+pub fn state_with(
+    config: &GatewayConfig,
+    discovered: Option<(Arc<routing::StaticEndpoints>, discovery::ModelRules)>,
+) -> Result<api::AppState, ConfigError> {
     let metrics = Arc::new(metrics::Metrics::new());
     let endpoints = Arc::new(routing::StaticEndpoints::new(config.endpoints.clone()));
-    let router = routing::Router::start(endpoints.as_ref(), metrics.clone(), config.probe_interval);
+    let (router, rules) = match &discovered {
+        Some((found, rules)) => {
+            let merged = routing::merge(&[endpoints.as_ref(), found.as_ref()]);
+            let router = routing::Router::start(&merged, metrics.clone(), config.probe_interval);
+            (router, rules.clone())
+        }
+        None => (
+            routing::Router::start(endpoints.as_ref(), metrics.clone(), config.probe_interval),
+            discovery::ModelRules::default(),
+        ),
+    };
     let policy =
         policy::Policy::build(&config.policy, &router, None).map_err(|message| ConfigError::Invalid {
             path: config.shown_source(),
@@ -47,6 +67,8 @@ pub fn state(config: &GatewayConfig) -> Result<api::AppState, ConfigError> {
         metrics,
         policy: Arc::new(policy::PolicyCell::new(policy)),
         limits: config.limits,
+        hold: config.hold,
+        rules,
         created: api::unix_now(),
     })
 }

@@ -37,6 +37,13 @@ struct Cli {
     /// How often the config file is checked for changes (milliseconds; 0: never).
     #[arg(long, default_value_t = 1000)]
     reload_interval_ms: u64,
+    /// Serve the cluster's ChatModels: route to their ready workers (EndpointSlices), follow their moderation
+    /// profile and allowed keys. Uses the in-cluster service account, or KUBECONFIG.
+    #[arg(long)]
+    discover_chatmodels: bool,
+    /// Only ChatModels in this namespace (default: all namespaces).
+    #[arg(long, requires = "discover_chatmodels")]
+    watch_namespace: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -90,9 +97,9 @@ fn main() -> ExitCode {
     if let Err(e) = overrides(&mut config) {
         return fail(&e, 2);
     }
-    if config.endpoints.is_empty() {
+    if config.endpoints.is_empty() && !cli.discover_chatmodels {
         return fail(
-            &"no models configured: pass --backend NAME=ADDR or --config FILE",
+            &"no models configured: pass --backend NAME=ADDR, --config FILE or --discover-chatmodels",
             2,
         );
     }
@@ -101,7 +108,19 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e, 1),
     };
     runtime.block_on(async move {
-        let state = match camelid_gateway::state(&config) {
+        let discovered = if cli.discover_chatmodels {
+            let client = match kube::Client::try_default().await {
+                Ok(c) => c,
+                Err(e) => return fail(&format!("--discover-chatmodels: no Kubernetes client: {e}"), 2),
+            };
+            let found = Arc::new(camelid_gateway::routing::StaticEndpoints::new(Default::default()));
+            let rules = camelid_gateway::discovery::ModelRules::default();
+            camelid_gateway::discovery::spawn(client, cli.watch_namespace.clone(), found.clone(), rules.clone());
+            Some((found, rules))
+        } else {
+            None
+        };
+        let state = match camelid_gateway::state_with(&config, discovered) {
             Ok(state) => state,
             Err(e) => return fail(&e, 2),
         };

@@ -239,20 +239,36 @@ impl ChunkWriter {
     }
 }
 
+/// Streams the generation `start` begins. `start` may first wait for a worker (a model at zero replicas):
+/// meanwhile the stream is open and gets a comment every `hold.keepalive`; if it fails, the stream carries the
+/// error (OpenAI's shape) and ends with `[DONE]`.
 pub(crate) fn stream_response(
     state: AppState,
-    mut started: Started,
+    start: impl std::future::Future<Output = Result<Started, ApiError>> + Send + 'static,
     writer: ChunkWriter,
     record: RequestRecord,
     gauge: InFlightGauge,
     output: Option<Arc<Profile>>,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    let keepalive = state.hold.keepalive;
     tokio::spawn(async move {
         let _gauge = gauge;
         let send = |data: String| {
             let tx = tx.clone();
             async move { tx.send(Ok(SseEvent::default().data(data))).await.is_ok() }
+        };
+        let mut started = tokio::select! {
+            started = start => match started {
+                Ok(started) => started,
+                Err(e) => {
+                    let _ = send(serde_json::to_string(&e.body()).unwrap_or_default()).await;
+                    let _ = send("[DONE]".into()).await;
+                    return record.finish(e.status);
+                }
+            },
+            // The client left while its request waited.
+            () = tx.closed() => return record.finish(StatusCode::OK),
         };
         // A client that went away drops the receiver; returning drops the worker stream, which cancels it.
         if writer.api == Api::Chat && !send(writer.chunk(true, Some(String::new()), None)).await {
@@ -340,7 +356,9 @@ pub(crate) fn stream_response(
         record.finish(StatusCode::OK);
     });
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let mut response = Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
+    let mut response = Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
+        .into_response();
     response.headers_mut().insert(
         header::CACHE_CONTROL,
         header::HeaderValue::from_static("no-cache"),

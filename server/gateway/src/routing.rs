@@ -1,10 +1,12 @@
-//! Where requests go: endpoint sources (static config now; a ChatModel's EndpointSlices later, behind the same
-//! trait), per-model backends with in-flight counts, least-in-flight choice, ejection of failing workers and
-//! probing them back, and the start of a generation with retries on another worker while nothing has been sent.
+//! Where requests go: endpoint sources (the config's static endpoints and, in a cluster, ChatModels' EndpointSlices
+//! from [`crate::discovery`], merged), per-model backends with in-flight counts, least-in-flight choice, ejection
+//! of failing workers and probing them back, holding requests for a model with no ready worker (at zero replicas,
+//! or while one starts) until one is, and the start of a generation with retries on another worker while nothing
+//! has been sent.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use camelid_proto::v1::worker_client::WorkerClient;
@@ -52,6 +54,94 @@ impl EndpointSource for StaticEndpoints {
     }
 }
 
+/// The union of several sources: a model's workers are those every source lists for it.
+pub fn merge(sources: &[&dyn EndpointSource]) -> StaticEndpoints {
+    let receivers: Vec<_> = sources.iter().map(|s| s.subscribe()).collect();
+    let union = |receivers: &[watch::Receiver<Endpoints>]| {
+        let mut all = Endpoints::new();
+        for rx in receivers {
+            for (model, addrs) in rx.borrow().iter() {
+                let list = all.entry(model.clone()).or_default();
+                for addr in addrs {
+                    if !list.contains(addr) {
+                        list.push(addr.clone());
+                    }
+                }
+            }
+        }
+        all
+    };
+    let merged = StaticEndpoints::new(union(&receivers));
+    let sender = merged.0.clone();
+    tokio::spawn(async move {
+        let mut receivers = receivers;
+        loop {
+            let changes = receivers.iter_mut().map(|rx| Box::pin(rx.changed()));
+            let (result, _, _) = futures_util::future::select_all(changes).await;
+            if result.is_err() {
+                return;
+            }
+            let next = union(&receivers);
+            sender.send_if_modified(|current| {
+                let changed = *current != next;
+                *current = next;
+                changed
+            });
+        }
+    });
+    merged
+}
+
+/// How requests wait for a model that has no ready worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldLimits {
+    /// Longest a request waits; then 503 with `Retry-After`.
+    pub timeout: Duration,
+    /// Most requests waiting at once, over all models; more get 503 at once.
+    pub max_requests: usize,
+    /// How often a waiting stream gets an SSE comment, so proxies and clients keep it open.
+    pub keepalive: Duration,
+}
+
+impl Default for HoldLimits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(180),
+            max_requests: 1000,
+            keepalive: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Counts a request as held for its model while it lives.
+#[derive(Debug)]
+pub struct Held {
+    router: Arc<Router>,
+    model: String,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.router.held_total.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut held) = self.router.held.lock()
+            && let Some(n) = held.get_mut(&self.model)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.model);
+            }
+        }
+    }
+}
+
+/// One model's load, as the operator's autoscaler reads it from `/internal/load`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelLoad {
+    pub in_flight: u32,
+    pub queued: u32,
+}
+
 /// One worker endpoint of one model.
 #[derive(Debug)]
 pub struct Backend {
@@ -86,7 +176,7 @@ impl Backend {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    fn set_healthy(&self, healthy: bool, metrics: &Metrics, why: &str) {
+    fn set_healthy(&self, healthy: bool, metrics: &Metrics, why: &str) -> bool {
         let was = self.healthy.swap(healthy, Ordering::Relaxed);
         metrics.set_backend_health(&self.model, &self.addr, healthy);
         if was != healthy {
@@ -96,6 +186,7 @@ impl Backend {
                 tracing::warn!(model = %self.model, endpoint = %self.addr, why, "worker ejected");
             }
         }
+        healthy && !was
     }
 }
 
@@ -134,6 +225,10 @@ pub struct Router {
     metrics: Arc<Metrics>,
     probe_interval: Duration,
     rotation: AtomicUsize,
+    /// Bumped whenever a worker may have become ready, to wake held requests.
+    readiness: watch::Sender<u64>,
+    held: Mutex<BTreeMap<String, u32>>,
+    held_total: AtomicUsize,
 }
 
 /// Whether a status means the worker itself is gone or broken (eject it and try another).
@@ -152,6 +247,9 @@ impl Router {
             metrics,
             probe_interval,
             rotation: AtomicUsize::new(0),
+            readiness: watch::Sender::new(0),
+            held: Mutex::new(BTreeMap::new()),
+            held_total: AtomicUsize::new(0),
         });
         let mut rx = source.subscribe();
         router.apply(&rx.borrow_and_update());
@@ -160,7 +258,12 @@ impl Router {
             while rx.changed().await.is_ok() {
                 let Some(router) = weak.upgrade() else { return };
                 let endpoints = rx.borrow_and_update().clone();
-                router.apply(&endpoints);
+                let added = router.apply(&endpoints);
+                // A new worker (an EndpointSlice just marked it ready) is asked at once, not at the next probe.
+                if !added.is_empty() {
+                    let router = router.clone();
+                    tokio::spawn(async move { router.probe(added).await });
+                }
             }
         });
         let weak = Arc::downgrade(&router);
@@ -176,10 +279,12 @@ impl Router {
         router
     }
 
-    /// Brings the backend set in line with `endpoints`, keeping existing backends (and their state).
-    fn apply(&self, endpoints: &Endpoints) {
+    /// Brings the backend set in line with `endpoints`, keeping existing backends (and their state). Returns the
+    /// backends added.
+    fn apply(&self, endpoints: &Endpoints) -> Vec<Arc<Backend>> {
+        let mut added = Vec::new();
         let Ok(mut backends) = self.backends.write() else {
-            return;
+            return added;
         };
         let mut next = BTreeMap::new();
         for (model, addrs) in endpoints {
@@ -189,7 +294,11 @@ impl Router {
                 match existing.iter().find(|b| &b.addr == addr) {
                     Some(b) => list.push(b.clone()),
                     None => match Backend::new(model, addr) {
-                        Ok(b) => list.push(Arc::new(b)),
+                        Ok(b) => {
+                            let b = Arc::new(b);
+                            added.push(b.clone());
+                            list.push(b);
+                        }
                         Err(e) => tracing::error!(model, error = e, "ignoring endpoint"),
                     },
                 }
@@ -197,6 +306,7 @@ impl Router {
             next.insert(model.clone(), list);
         }
         *backends = next;
+        added
     }
 
     fn all(&self) -> Vec<Arc<Backend>> {
@@ -208,7 +318,11 @@ impl Router {
 
     /// Asks every worker whether it is ready; ejects those that are not, admits those that are.
     pub async fn probe_all(&self) {
-        let probes = self.all().into_iter().map(|b| async move {
+        self.probe(self.all()).await;
+    }
+
+    async fn probe(&self, backends: Vec<Arc<Backend>>) {
+        let probes = backends.into_iter().map(|b| async move {
             let mut client = b.client.clone();
             let answer =
                 tokio::time::timeout(Duration::from_secs(1), client.health(v1::HealthRequest {})).await;
@@ -219,7 +333,66 @@ impl Router {
                 Err(_) => b.set_healthy(false, &self.metrics, "health check timed out"),
             }
         });
-        futures_util::future::join_all(probes).await;
+        let admitted = futures_util::future::join_all(probes).await;
+        if admitted.contains(&true) {
+            self.readiness.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Whether `model` has a worker ready for a request.
+    pub fn has_ready(&self, model: &str) -> bool {
+        self.backends.read().is_ok_and(|b| {
+            b.get(model)
+                .is_some_and(|list| list.iter().any(|b| b.is_healthy()))
+        })
+    }
+
+    /// Counts a request as waiting for `model`; `None` when `limit` requests already wait.
+    pub fn hold(self: &Arc<Self>, model: &str, limit: usize) -> Option<Held> {
+        if self.held_total.fetch_add(1, Ordering::Relaxed) >= limit {
+            self.held_total.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        if let Ok(mut held) = self.held.lock() {
+            *held.entry(model.to_string()).or_default() += 1;
+        }
+        Some(Held {
+            router: self.clone(),
+            model: model.to_string(),
+        })
+    }
+
+    /// Waits until `model` has a ready worker, or `timeout` passes (then `false`).
+    pub async fn wait_ready(&self, model: &str, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut rx = self.readiness.subscribe();
+        loop {
+            if self.has_ready(model) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return self.has_ready(model),
+            }
+        }
+    }
+
+    /// Each model's requests in flight at its workers and held for want of one.
+    pub fn load(&self) -> BTreeMap<String, ModelLoad> {
+        let mut load: BTreeMap<String, ModelLoad> = BTreeMap::new();
+        if let Ok(backends) = self.backends.read() {
+            for (model, list) in backends.iter() {
+                let in_flight: usize = list.iter().map(|b| b.in_flight()).sum();
+                load.entry(model.clone()).or_default().in_flight =
+                    u32::try_from(in_flight).unwrap_or(u32::MAX);
+            }
+        }
+        if let Ok(held) = self.held.lock() {
+            for (model, n) in held.iter() {
+                load.entry(model.clone()).or_default().queued = *n;
+            }
+        }
+        load
     }
 
     /// The models this gateway serves.

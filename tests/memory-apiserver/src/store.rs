@@ -537,9 +537,12 @@ impl Store {
         }
         let mut next = stored.object.clone();
         let mut owners = stored.owners.clone();
+        // Ownership is per subresource (as managedFields entries are): applying the status never takes back what
+        // the same manager applied to the main resource, nor the other way round.
+        let in_part = |p: &str| (p == "status" || p.starts_with("status.")) == (part == Part::Status);
         let previously: Vec<String> = owners
             .iter()
-            .filter(|(_, m)| *m == manager)
+            .filter(|(p, m)| *m == manager && in_part(p))
             .map(|(p, _)| p.clone())
             .collect();
         for p in previously {

@@ -177,6 +177,19 @@ async fn status_is_its_own_subresource() {
         "a main write cannot change the status"
     );
     assert_eq!(after.metadata.labels.unwrap()["x"], "y");
+
+    // One manager applying both: its status apply keeps the spec it applied, and its next spec apply the status.
+    let status = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "status": {"phase": "Running"}});
+    let after = api
+        .patch_status("p", &PatchParams::apply("ctrl"), &Patch::Apply(&status))
+        .await
+        .unwrap();
+    assert_eq!(after.spec.unwrap().containers[0].name, "c");
+    let after = api
+        .patch("p", &PatchParams::apply("ctrl"), &Patch::Apply(&pod))
+        .await
+        .unwrap();
+    assert_eq!(after.status.unwrap().phase.as_deref(), Some("Running"));
 }
 
 #[tokio::test]

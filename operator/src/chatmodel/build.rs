@@ -1,0 +1,361 @@
+//! The children of a ChatModel, as owned objects (no API calls): one worker Deployment, or two when
+//! `spot.baseOnDemand` is set (the base on on-demand nodes, the rest on spot), a Service whose EndpointSlices
+//! the gateways route by, and a PodDisruptionBudget. Workers are ready only once their weights are loaded
+//! (`/readyz`), and a rolling update surges one new worker before an old one goes, so ready replicas never drop
+//! below the desired count because of an update.
+
+use std::collections::BTreeMap;
+
+use camelid_crds::ChatModel;
+use camelid_crds::common::SpotPolicy;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, HTTPGetAction, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::finetunejob::build::{
+    BuildError, DOWNLOAD_DIR, Settings, VOLUMES_ROOT, download, on_claim, pod_security, restricted,
+};
+use crate::finetunejob::spot::{Capacity, placement};
+
+/// The workers' gRPC port.
+pub const GRPC_PORT: i32 = 50051;
+/// The workers' `/metrics`, `/healthz` and `/readyz`.
+pub const HTTP_PORT: i32 = 9090;
+/// The label that ties workers, Service and EndpointSlices to their ChatModel.
+pub const MODEL_LABEL: &str = "camelid.dev/chatmodel";
+/// Which Deployment a worker belongs to: `base` (`NAME-worker`) or `spot` (`NAME-worker-spot`).
+pub const POOL_LABEL: &str = "camelid.dev/pool";
+/// The pod template annotation that changes (and so rolls the workers) when the model's files change.
+pub const REVISION_ANNOTATION: &str = "camelid.dev/model-revision";
+
+/// Where the served model's files are, resolved from the ChatModel's source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelFiles {
+    /// A PersistentVolumeClaim holding them, or none (a path in the image, or a download).
+    pub claim: Option<String>,
+    /// The path inside the claim or image.
+    pub path: Option<String>,
+    /// A URI to download the model (GGUF) from.
+    pub uri: Option<String>,
+    /// What is served, for `status.model` (`finetunejob/NAME`, `pvc://CLAIM/PATH`, a path or the URI).
+    pub shown: String,
+    /// Changes whenever the files may have: the FineTuneJob's completion, or the source itself.
+    pub revision: String,
+}
+
+impl ModelFiles {
+    /// The path the worker loads.
+    fn worker_path(&self) -> String {
+        match (&self.claim, &self.path) {
+            (Some(claim), Some(path)) => on_claim(claim, path),
+            (None, Some(path)) => path.clone(),
+            _ => format!("{DOWNLOAD_DIR}/model.gguf"),
+        }
+    }
+}
+
+/// A short, stable fingerprint of `text` (FNV-1a), for revisions.
+pub fn fingerprint(text: &str) -> String {
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
+/// The children of a ChatModel at `replicas` desired workers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Children {
+    pub service: Service,
+    /// On-demand (or, without `baseOnDemand`, all) workers.
+    pub workers: Deployment,
+    /// Spot workers beyond the on-demand base, when `baseOnDemand` is set.
+    pub spot_workers: Option<Deployment>,
+    pub budget: PodDisruptionBudget,
+}
+
+pub fn workers_name(model: &ChatModel) -> String {
+    format!("{}-worker", model.name_any())
+}
+
+pub fn spot_workers_name(model: &ChatModel) -> String {
+    format!("{}-worker-spot", model.name_any())
+}
+
+/// The Service (and the gateways' model name) of a ChatModel: its own name.
+pub fn service_name(model: &ChatModel) -> String {
+    model.name_any()
+}
+
+pub fn labels(model: &ChatModel) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "camelid".into()),
+        ("app.kubernetes.io/component".into(), "worker".into()),
+        ("app.kubernetes.io/managed-by".into(), "camelid-operator".into()),
+        (MODEL_LABEL.into(), model.name_any()),
+    ])
+}
+
+/// How `replicas` split into (on-demand, spot) workers.
+pub fn split(model: &ChatModel, replicas: i32) -> (i32, i32) {
+    match model.spec.spot.base_on_demand {
+        Some(base) => {
+            let on_demand = replicas.min(base.max(0));
+            (on_demand, replicas - on_demand)
+        }
+        None => (replicas, 0),
+    }
+}
+
+/// The capacity of the single Deployment when there is no on-demand base: spot when a provider is named.
+fn single_capacity(model: &ChatModel) -> Option<Capacity> {
+    model.spec.spot.provider.map(|_| Capacity::Spot)
+}
+
+fn worker_args(model: &ChatModel, files: &ModelFiles) -> Vec<String> {
+    let mut args = vec![
+        "--model".to_string(),
+        files.worker_path(),
+        "--served-model-name".into(),
+        model.name_any(),
+        "--listen".into(),
+        format!("0.0.0.0:{GRPC_PORT}"),
+        "--metrics-addr".into(),
+        format!("0.0.0.0:{HTTP_PORT}"),
+        "--device".into(),
+        if model.spec.gpus > 0 { "cuda" } else { "cpu" }.into(),
+    ];
+    if let Some(template) = &model.spec.template {
+        args.extend(["--template".into(), template.clone()]);
+    }
+    args
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+/// The pod template of workers on `capacity` (`None`: no placement of their own).
+fn pod_template(
+    model: &ChatModel,
+    files: &ModelFiles,
+    pool: &str,
+    capacity: Option<Capacity>,
+    settings: &Settings,
+) -> PodTemplateSpec {
+    let s = &model.spec;
+    let mut labels = labels(model);
+    labels.insert(POOL_LABEL.into(), pool.into());
+    if let Some(c) = capacity {
+        labels.insert("camelid.dev/capacity".into(), c.as_str().into());
+    }
+    let mut volumes = Vec::new();
+    let mut mounts = Vec::new();
+    let mut init_containers = Vec::new();
+    if let Some(claim) = &files.claim {
+        volumes.push(Volume {
+            name: "model".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone(),
+                read_only: Some(true),
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "model".into(),
+            mount_path: format!("{VOLUMES_ROOT}/{claim}"),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    if let Some(uri) = &files.uri {
+        let (volume, mount, fetch) = download(&settings.fetch_image, uri);
+        volumes.push(volume);
+        mounts.push(mount);
+        init_containers.push(fetch);
+    }
+    let mut resources = s.resources.clone().unwrap_or_default();
+    if s.gpus > 0 {
+        let gpus = Quantity(s.gpus.to_string());
+        for list in [&mut resources.limits, &mut resources.requests] {
+            list.get_or_insert_with(BTreeMap::new)
+                .insert("nvidia.com/gpu".into(), gpus.clone());
+        }
+    }
+    let spot = SpotPolicy {
+        provider: s.spot.provider,
+        node_selector: s.spot.node_selector.clone(),
+        tolerations: s.spot.tolerations.clone(),
+        ..SpotPolicy::default()
+    };
+    let place = match capacity {
+        Some(c) => placement(&spot, c, s.gpus, s.gpu_type.as_deref()),
+        None => placement(
+            &SpotPolicy::default(),
+            Capacity::OnDemand,
+            s.gpus,
+            s.gpu_type.as_deref(),
+        ),
+    };
+    let worker = Container {
+        name: "worker".into(),
+        image: Some(s.image.clone().unwrap_or_else(|| settings.worker_image.clone())),
+        image_pull_policy: s.image_pull_policy.map(|p| format!("{p:?}")),
+        command: Some(vec!["camelid-worker".into()]),
+        args: Some(worker_args(model, files)),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("grpc".into()),
+                container_port: GRPC_PORT,
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: HTTP_PORT,
+                ..ContainerPort::default()
+            },
+        ]),
+        // Loading a large model takes minutes: the startup probe allows 30 of them before liveness applies.
+        startup_probe: Some(http_probe("/healthz", 5, 360)),
+        liveness_probe: Some(http_probe("/healthz", 10, 3)),
+        // Ready (and so in the EndpointSlices the gateways route by) only with the weights loaded.
+        readiness_probe: Some(http_probe("/readyz", 2, 1)),
+        resources: (resources != ResourceRequirements::default()).then_some(resources),
+        volume_mounts: (!mounts.is_empty()).then_some(mounts),
+        security_context: Some(restricted()),
+        ..Container::default()
+    };
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels),
+            annotations: Some(BTreeMap::from([(
+                REVISION_ANNOTATION.into(),
+                files.revision.clone(),
+            )])),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            node_selector: (!place.node_selector.is_empty()).then_some(place.node_selector),
+            tolerations: (!place.tolerations.is_empty()).then_some(place.tolerations),
+            affinity: place.affinity,
+            init_containers: (!init_containers.is_empty()).then_some(init_containers),
+            containers: vec![worker],
+            volumes: (!volumes.is_empty()).then_some(volumes),
+            security_context: Some(pod_security()),
+            termination_grace_period_seconds: Some(60),
+            ..PodSpec::default()
+        }),
+    }
+}
+
+/// The children of `model` serving `files` with `replicas` workers. Pure: the same inputs give the same objects.
+pub fn children(
+    model: &ChatModel,
+    files: &ModelFiles,
+    replicas: i32,
+    settings: &Settings,
+) -> Result<Children, BuildError> {
+    let owner: OwnerReference = model.controller_owner_ref(&()).ok_or(BuildError::NoOwner)?;
+    let meta = |name: String, labels: BTreeMap<String, String>| ObjectMeta {
+        name: Some(name),
+        namespace: model.namespace(),
+        labels: Some(labels),
+        owner_references: Some(vec![owner.clone()]),
+        ..ObjectMeta::default()
+    };
+    let selector = BTreeMap::from([
+        (MODEL_LABEL.to_string(), model.name_any()),
+        ("app.kubernetes.io/component".to_string(), "worker".to_string()),
+    ]);
+    let service = Service {
+        metadata: meta(service_name(model), labels(model)),
+        spec: Some(ServiceSpec {
+            selector: Some(selector.clone()),
+            ports: Some(vec![ServicePort {
+                name: Some("grpc".into()),
+                port: GRPC_PORT,
+                target_port: Some(IntOrString::String("grpc".into())),
+                app_protocol: Some("kubernetes.io/h2c".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    // Each Deployment selects its own pool (a fixed label: selectors cannot change), never the other's pods.
+    let deployment = |name: String, replicas: i32, pool: &str, capacity: Option<Capacity>| {
+        let template = pod_template(model, files, pool, capacity, settings);
+        let mut match_labels = selector.clone();
+        match_labels.insert(POOL_LABEL.into(), pool.into());
+        Deployment {
+            metadata: meta(name, labels(model)),
+            spec: Some(DeploymentSpec {
+                replicas: Some(replicas),
+                selector: LabelSelector {
+                    match_labels: Some(match_labels),
+                    ..LabelSelector::default()
+                },
+                strategy: Some(DeploymentStrategy {
+                    type_: Some("RollingUpdate".into()),
+                    rolling_update: Some(RollingUpdateDeployment {
+                        max_surge: Some(IntOrString::Int(1)),
+                        max_unavailable: Some(IntOrString::Int(0)),
+                    }),
+                }),
+                template,
+                ..DeploymentSpec::default()
+            }),
+            ..Deployment::default()
+        }
+    };
+    let (on_demand, spot) = split(model, replicas);
+    let (workers, spot_workers) = match model.spec.spot.base_on_demand {
+        Some(_) => (
+            deployment(workers_name(model), on_demand, "base", Some(Capacity::OnDemand)),
+            Some(deployment(
+                spot_workers_name(model),
+                spot,
+                "spot",
+                Some(Capacity::Spot),
+            )),
+        ),
+        None => (
+            deployment(workers_name(model), replicas, "base", single_capacity(model)),
+            None,
+        ),
+    };
+    let budget = PodDisruptionBudget {
+        metadata: meta(workers_name(model), labels(model)),
+        spec: Some(PodDisruptionBudgetSpec {
+            // Node drains take workers one at a time, so the others keep serving.
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        status: None,
+    };
+    Ok(Children {
+        service,
+        workers,
+        spot_workers,
+        budget,
+    })
+}

@@ -1,0 +1,365 @@
+//! The ChatModel controller: fetch (the model's source, its Deployments, the gateways' load) → decide (the
+//! autoscaler, [`super::autoscale`]) → build ([`super::build`]) → apply (server-side apply) → status
+//! (`patch_status`), with an Event on every scale decision. Requeues every autoscaling period.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use camelid_crds::chatmodel::ScaleDecision;
+use camelid_crds::finetunejob::FineTuneJobPhase;
+use camelid_crds::{ChatModel, FineTuneJob};
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+
+use super::autoscale::{self, History, Policy};
+use super::build::{self, ModelFiles, fingerprint};
+use super::load::Gateways;
+use super::status::{self, Source};
+use crate::error::Error;
+use crate::finetunejob::build::Settings;
+use crate::finetunejob::controller::MANAGER;
+use crate::metrics::Metrics;
+
+/// What reconciles need.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub gateways: Gateways,
+    /// How often each model's load is read and its replicas decided.
+    pub period: Duration,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Each model's recent recommendations (by uid).
+    histories: Mutex<HashMap<String, History>>,
+    /// A fingerprint of the children last applied for each model (by uid): unchanged children are not sent
+    /// again every period.
+    applied: Mutex<HashMap<String, String>>,
+}
+
+impl Context {
+    pub fn new(client: Client, settings: Settings, gateways: Gateways, metrics: Arc<Metrics>) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            gateways,
+            period: Duration::from_secs(5),
+            metrics,
+            histories: Mutex::new(HashMap::new()),
+            applied: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let models = Api::<DeserializeGuard<ChatModel>>::all(client.clone());
+    let selector = "app.kubernetes.io/managed-by=camelid-operator,app.kubernetes.io/component=worker";
+    Controller::new(models, watcher::Config::default().any_semantic())
+        .owns(
+            Api::<Deployment>::all(client),
+            watcher::Config::default().labels(selector),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
+}
+
+fn error_policy(model: Arc<DeserializeGuard<ChatModel>>, e: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_error(e.category());
+    tracing::warn!(model = %model.name_any(), category = e.category(), error = %e, "reconcile failed");
+    if e.is_invalid_spec() {
+        Action::await_change()
+    } else {
+        Action::requeue(Duration::from_secs(5))
+    }
+}
+
+pub async fn reconcile(
+    guarded: Arc<DeserializeGuard<ChatModel>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let model = match &guarded.0 {
+        Ok(model) => model,
+        Err(invalid) => {
+            let name = invalid.metadata.name.clone().unwrap_or_default();
+            tracing::warn!(model = %name, error = %invalid.error, "ChatModel cannot be read");
+            ctx.metrics.reconcile_error("invalid_spec");
+            let note = format!("this ChatModel cannot be read: {}", invalid.error);
+            publish(
+                &ctx,
+                &guarded.object_ref(&()),
+                EventType::Warning,
+                "InvalidSpec",
+                note,
+            )
+            .await;
+            return Ok(Action::await_change());
+        }
+    };
+    let api: Api<ChatModel> = Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+    let result = match api.get_opt(&model.name_any()).await? {
+        Some(fresh) => reconcile_inner(&fresh, &ctx).await,
+        None => {
+            if let Some(uid) = model.uid() {
+                if let Ok(mut h) = ctx.histories.lock() {
+                    h.remove(&uid);
+                }
+                if let Ok(mut a) = ctx.applied.lock() {
+                    a.remove(&uid);
+                }
+            }
+            Ok(Action::await_change())
+        }
+    };
+    ctx.metrics.reconciled(started.elapsed());
+    result
+}
+
+async fn publish(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, reference).await {
+        tracing::debug!(error = %e, "publishing an event failed");
+    }
+}
+
+/// Where the model's files are, or why they are not there yet.
+async fn resolve(ctx: &Context, model: &ChatModel) -> Result<Result<ModelFiles, Source>, Error> {
+    let src = &model.spec.model;
+    let Some(job) = &src.fine_tune_job else {
+        let shown = match (&src.claim_name, &src.path, &src.uri) {
+            (Some(claim), Some(path), _) => format!("pvc://{claim}/{}", path.trim_start_matches('/')),
+            (None, Some(path), _) => path.clone(),
+            (_, _, Some(uri)) => uri.clone(),
+            _ => return Ok(Err(Source::Failed("set one of fineTuneJob, path and uri".into()))),
+        };
+        return Ok(Ok(ModelFiles {
+            claim: src.claim_name.clone(),
+            path: src.path.clone(),
+            uri: src.uri.clone(),
+            revision: fingerprint(&shown),
+            shown,
+        }));
+    };
+    let jobs: Api<FineTuneJob> = Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+    let Some(ftj) = jobs.get_opt(job).await? else {
+        return Ok(Err(Source::Waiting(format!("FineTuneJob {job} does not exist"))));
+    };
+    let status = ftj.status.clone().unwrap_or_default();
+    match status.phase {
+        Some(FineTuneJobPhase::Succeeded) => {
+            let path = ftj
+                .spec
+                .output
+                .path
+                .clone()
+                .unwrap_or_else(|| format!("models/{job}"));
+            let completed = status
+                .completion_time
+                .map(|t| t.0.to_string())
+                .unwrap_or_default();
+            Ok(Ok(ModelFiles {
+                claim: Some(ftj.spec.output.claim_name.clone()),
+                path: Some(path),
+                uri: None,
+                shown: format!("finetunejob/{job}"),
+                revision: fingerprint(&format!("{}/{completed}", ftj.uid().unwrap_or_default())),
+            }))
+        }
+        Some(FineTuneJobPhase::Failed) => Ok(Err(Source::Failed(format!(
+            "FineTuneJob {job} failed: {}",
+            status.message.unwrap_or_default()
+        )))),
+        phase => Ok(Err(Source::Waiting(format!(
+            "waiting for FineTuneJob {job} to succeed (now {})",
+            phase.map_or("new".into(), |p| format!("{p:?}"))
+        )))),
+    }
+}
+
+/// The workers' desired and ready replicas now, summed over both Deployments; `None` before they exist.
+async fn observe_workers(ctx: &Context, model: &ChatModel) -> Result<Option<(i32, i32)>, Error> {
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+    let mut found = None;
+    for name in [build::workers_name(model), build::spot_workers_name(model)] {
+        if let Some(d) = api.get_opt(&name).await? {
+            let (desired, ready) = found.get_or_insert((0, 0));
+            *desired += d.spec.and_then(|s| s.replicas).unwrap_or(1);
+            *ready += d.status.and_then(|s| s.ready_replicas).unwrap_or(0);
+        }
+    }
+    Ok(found)
+}
+
+/// Applies the children unless the same were applied last time and the workers still run `observed` replicas.
+async fn apply(
+    ctx: &Context,
+    model: &ChatModel,
+    files: &ModelFiles,
+    replicas: i32,
+    observed: Option<i32>,
+) -> Result<(), Error> {
+    let children = build::children(model, files, replicas, &ctx.settings)?;
+    let uid = model.uid().unwrap_or_default();
+    let print = fingerprint(&format!("{children:?}"));
+    let same = ctx.applied.lock().is_ok_and(|a| a.get(&uid) == Some(&print));
+    if same && observed == Some(replicas) {
+        return Ok(());
+    }
+    apply_children(ctx, model, &children).await?;
+    if let Ok(mut a) = ctx.applied.lock() {
+        a.insert(uid, print);
+    }
+    Ok(())
+}
+
+async fn apply_children(ctx: &Context, model: &ChatModel, children: &build::Children) -> Result<(), Error> {
+    let ns = model.namespace().unwrap_or_default();
+    let pp = PatchParams::apply(MANAGER).force();
+    Api::<Service>::namespaced(ctx.client.clone(), &ns)
+        .patch(&build::service_name(model), &pp, &Patch::Apply(&children.service))
+        .await?;
+    let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &ns);
+    deployments
+        .patch(&build::workers_name(model), &pp, &Patch::Apply(&children.workers))
+        .await?;
+    match &children.spot_workers {
+        Some(spot) => {
+            deployments
+                .patch(&build::spot_workers_name(model), &pp, &Patch::Apply(spot))
+                .await?;
+        }
+        None => match deployments
+            .delete(&build::spot_workers_name(model), &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        },
+    }
+    Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), &ns)
+        .patch(&build::workers_name(model), &pp, &Patch::Apply(&children.budget))
+        .await?;
+    Ok(())
+}
+
+async fn reconcile_inner(model: &ChatModel, ctx: &Context) -> Result<Action, Error> {
+    let now = jiff::Timestamp::now();
+    let now_time = Time(now);
+    let old = model.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    status.observed_generation = model.metadata.generation;
+    status.endpoint = Some(build::service_name(model));
+    let Some(policy) = Policy::of(model) else {
+        return Err(Error::Invalid(format!(
+            "spec.autoscaling.scaleDownDelay {:?} is not a duration like 5m or 1h30m",
+            model.spec.autoscaling.scale_down_delay
+        )));
+    };
+    let mut event = None;
+    match resolve(ctx, model).await? {
+        Err(source) => {
+            let workers = observe_workers(ctx, model).await?;
+            let (desired, ready) = workers.unwrap_or((0, 0));
+            status::observe(&mut status, &source, desired, ready, &now_time);
+        }
+        Ok(files) => {
+            let workers = observe_workers(ctx, model).await?;
+            let (current, ready) = workers.unwrap_or((policy.min, 0));
+            let load = ctx.gateways.load(&ctx.client, &model.name_any()).await;
+            let decision = {
+                let mut histories = ctx
+                    .histories
+                    .lock()
+                    .map_err(|_| Error::Invalid("poisoned".into()))?;
+                let history = histories.entry(model.uid().unwrap_or_default()).or_default();
+                autoscale::decide(&policy, current, load, history, now.as_second())
+            };
+            apply(ctx, model, &files, decision.replicas, workers.map(|w| w.0)).await?;
+            if workers.is_some() && decision.replicas != current {
+                let reason = if decision.replicas == 0 {
+                    "ScaledToZero"
+                } else if decision.replicas > current {
+                    "ScaledUp"
+                } else {
+                    "ScaledDown"
+                };
+                status.last_scale = Some(ScaleDecision {
+                    time: now_time.clone(),
+                    from: current,
+                    to: decision.replicas,
+                    reason: decision.reason.clone(),
+                });
+                ctx.metrics.scaled(reason);
+                event = Some((
+                    reason,
+                    format!("{current} → {}: {}", decision.replicas, decision.reason),
+                ));
+            }
+            status.model = Some(files.shown.clone());
+            if status.model_revision.as_ref() != Some(&files.revision) && old.model_revision.is_some() {
+                event.get_or_insert((
+                    "ModelUpdated",
+                    format!("rolling the workers to revision {}", files.revision),
+                ));
+            }
+            status.model_revision = Some(files.revision.clone());
+            status::observe(
+                &mut status,
+                &Source::Ready,
+                decision.replicas,
+                ready.min(decision.replicas),
+                &now_time,
+            );
+        }
+    }
+    if event.is_none() && status.phase != old.phase {
+        let phase = status.phase.map(|p| format!("{p:?}")).unwrap_or_default();
+        event = Some(("PhaseChanged", format!("now {phase}")));
+    }
+    if status != old {
+        let api: Api<ChatModel> = Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+        let patch = json!({"apiVersion": "camelid.dev/v1alpha1", "kind": "ChatModel", "status": status});
+        api.patch_status(
+            &model.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    }
+    if let Some((reason, note)) = event {
+        publish(ctx, &model.object_ref(&()), EventType::Normal, reason, note).await;
+    }
+    Ok(Action::requeue(ctx.period))
+}

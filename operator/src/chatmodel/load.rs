@@ -1,0 +1,119 @@
+//! The load the gateways report (`GET /internal/load` on each ready gateway pod, found through the EndpointSlices
+//! of the gateway Service), summed per model. One read serves every ChatModel's reconcile for a second.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Client;
+use kube::api::{Api, ListParams};
+use serde::Deserialize;
+
+use super::autoscale::Load;
+
+/// What one gateway answers.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Report {
+    pub models: BTreeMap<String, Load>,
+}
+
+/// Where the gateways are and the last sum read from them.
+#[derive(Debug)]
+pub struct Gateways {
+    pub namespace: String,
+    /// The gateway Service; its EndpointSlices' ready endpoints are the gateways asked.
+    pub service: String,
+    http: reqwest::Client,
+    cache: Mutex<Option<(Instant, Option<Report>)>>,
+}
+
+impl Gateways {
+    pub fn new(namespace: String, service: String) -> Self {
+        Self {
+            namespace,
+            service,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .unwrap_or_default(),
+            cache: Mutex::new(None),
+        }
+    }
+
+    /// The load of `model` summed over the gateways that answered; `None` when none did.
+    pub async fn load(&self, client: &Client, model: &str) -> Option<Load> {
+        let cached = self.cache.lock().ok().and_then(|c| {
+            c.as_ref()
+                .filter(|(at, _)| at.elapsed() < Duration::from_secs(1))
+                .cloned()
+        });
+        let report = match cached {
+            Some((_, report)) => report,
+            None => {
+                let report = self.read(client).await;
+                if let Ok(mut c) = self.cache.lock() {
+                    *c = Some((Instant::now(), report.clone()));
+                }
+                report
+            }
+        };
+        report.map(|r| r.models.get(model).copied().unwrap_or_default())
+    }
+
+    async fn read(&self, client: &Client) -> Option<Report> {
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &self.namespace);
+        let selector = format!("kubernetes.io/service-name={}", self.service);
+        let list = slices.list(&ListParams::default().labels(&selector)).await.ok()?;
+        let urls = gateway_urls(&list.items);
+        let answers = futures_util::future::join_all(urls.iter().map(|url| async move {
+            let response = self.http.get(url).send().await.ok()?.error_for_status().ok()?;
+            response.json::<Report>().await.ok()
+        }))
+        .await;
+        let mut sum = Report::default();
+        let mut any = false;
+        for report in answers.into_iter().flatten() {
+            any = true;
+            for (model, load) in report.models {
+                let entry = sum.models.entry(model).or_default();
+                entry.in_flight += load.in_flight;
+                entry.queued += load.queued;
+            }
+        }
+        if !any && !urls.is_empty() {
+            tracing::warn!(service = %self.service, "no gateway answered /internal/load");
+        }
+        any.then_some(sum)
+    }
+}
+
+/// `http://ADDR:PORT/internal/load` of every ready endpoint (port `http`) of `slices`.
+pub fn gateway_urls(slices: &[EndpointSlice]) -> Vec<String> {
+    let mut urls = Vec::new();
+    for slice in slices {
+        let Some(port) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some("http"))
+            .and_then(|p| p.port)
+        else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let ready = endpoint.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if ready {
+                for addr in &endpoint.addresses {
+                    let host = if addr.contains(':') {
+                        format!("[{addr}]")
+                    } else {
+                        addr.clone()
+                    };
+                    urls.push(format!("http://{host}:{port}/internal/load"));
+                }
+            }
+        }
+    }
+    urls
+}

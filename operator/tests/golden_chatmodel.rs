@@ -1,0 +1,145 @@
+//! `examples/chatmodel.yaml` → the exact children it gets at 3 desired workers (1 on-demand base + 2 spot), as a
+//! YAML snapshot in `tests/golden/`; and the other shapes a ChatModel takes (one Deployment, a model by URI).
+//! `UPDATE_GOLDEN=1 cargo test -p camelid-operator --test golden_chatmodel` rewrites the snapshot.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+
+use camelid_crds::ChatModel;
+use camelid_operator::chatmodel::build::{Children, ModelFiles, children, split};
+use camelid_operator::finetunejob::build::Settings;
+use serde_json::json;
+
+fn example() -> ChatModel {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/chatmodel.yaml");
+    let mut model: ChatModel = serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    model.metadata.uid = Some("7d1f2e3a-4b5c-4d6e-8f90-a1b2c3d4e5f6".into());
+    model
+}
+
+fn files() -> ModelFiles {
+    ModelFiles {
+        claim: Some("models".into()),
+        path: Some("vicuna-smol".into()),
+        uri: None,
+        shown: "finetunejob/vicuna-smol".into(),
+        revision: "0123456789abcdef".into(),
+    }
+}
+
+fn yaml(c: &Children) -> String {
+    let mut docs = vec![
+        serde_yaml_ng::to_string(&c.service).unwrap(),
+        serde_yaml_ng::to_string(&c.workers).unwrap(),
+    ];
+    if let Some(spot) = &c.spot_workers {
+        docs.push(serde_yaml_ng::to_string(spot).unwrap());
+    }
+    docs.push(serde_yaml_ng::to_string(&c.budget).unwrap());
+    docs.join("---\n")
+}
+
+fn value<T: serde::Serialize>(t: &T) -> serde_json::Value {
+    serde_json::to_value(t).unwrap()
+}
+
+#[test]
+fn the_example_builds_exactly_these_children() {
+    let model = example();
+    let c = children(&model, &files(), 3, &Settings::default()).unwrap();
+    let actual = yaml(&c);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/chatmodel-3-replicas.yaml");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        expected == actual,
+        "{} differs (UPDATE_GOLDEN=1 rewrites it):\n{actual}",
+        path.display()
+    );
+}
+
+#[test]
+fn the_on_demand_base_fills_first_and_spot_takes_the_rest() {
+    let model = example();
+    assert_eq!(split(&model, 0), (0, 0));
+    assert_eq!(split(&model, 1), (1, 0));
+    assert_eq!(split(&model, 4), (1, 3));
+    let c = children(&model, &files(), 4, &Settings::default()).unwrap();
+    let base = value(&c.workers);
+    let spot = value(c.spot_workers.as_ref().unwrap());
+    assert_eq!(
+        (base["spec"]["replicas"].clone(), spot["spec"]["replicas"].clone()),
+        (json!(1), json!(3))
+    );
+    // Spot workers go to GKE's spot pool; the base keeps off it.
+    let spot_pod = &spot["spec"]["template"]["spec"];
+    assert_eq!(spot_pod["nodeSelector"]["cloud.google.com/gke-spot"], "true");
+    assert!(
+        base["spec"]["template"]["spec"]["nodeSelector"]
+            .get("cloud.google.com/gke-spot")
+            .is_none()
+    );
+    // Each Deployment selects only its own pool.
+    assert_eq!(
+        base["spec"]["selector"]["matchLabels"]["camelid.dev/pool"],
+        "base"
+    );
+    assert_eq!(
+        spot["spec"]["selector"]["matchLabels"]["camelid.dev/pool"],
+        "spot"
+    );
+}
+
+#[test]
+fn workers_are_ready_only_with_weights_loaded_and_updates_never_drop_below_the_desired_count() {
+    let c = children(&example(), &files(), 2, &Settings::default()).unwrap();
+    let d = value(&c.workers);
+    let worker = &d["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(worker["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(
+        d["spec"]["strategy"]["rollingUpdate"],
+        json!({"maxSurge": 1, "maxUnavailable": 0})
+    );
+    assert_eq!(
+        d["spec"]["template"]["metadata"]["annotations"]["camelid.dev/model-revision"],
+        "0123456789abcdef"
+    );
+    assert_eq!(worker["resources"]["limits"]["nvidia.com/gpu"], "1");
+    assert_eq!(value(&c.budget)["spec"]["maxUnavailable"], 1);
+    for owned in [value(&c.service), d.clone(), value(&c.budget)] {
+        assert_eq!(owned["metadata"]["ownerReferences"][0]["kind"], "ChatModel");
+        assert_eq!(owned["metadata"]["ownerReferences"][0]["controller"], true);
+    }
+}
+
+#[test]
+fn without_an_on_demand_base_there_is_one_deployment_and_a_uri_is_downloaded_first() {
+    let mut model = example();
+    model.spec.spot = Default::default();
+    model.spec.gpus = 0;
+    let files = ModelFiles {
+        claim: None,
+        path: None,
+        uri: Some("https://example.com/smol.gguf".into()),
+        shown: "https://example.com/smol.gguf".into(),
+        revision: "r".into(),
+    };
+    let c = children(&model, &files, 2, &Settings::default()).unwrap();
+    assert!(c.spot_workers.is_none());
+    let pod = value(&c.workers)["spec"]["template"]["spec"].clone();
+    assert_eq!(pod["initContainers"][0]["name"], "fetch-model");
+    assert_eq!(pod["containers"][0]["args"][1], "/camelid/download/model.gguf");
+    assert_eq!(pod["containers"][0]["args"][9], "cpu");
+    assert!(pod.get("nodeSelector").is_none());
+}
+
+#[test]
+fn children_need_an_owner() {
+    let mut model = example();
+    model.metadata.uid = None;
+    assert!(children(&model, &files(), 1, &Settings::default()).is_err());
+}

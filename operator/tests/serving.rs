@@ -1,0 +1,213 @@
+//! A ChatModel through the unmodified operator (`camelid_operator::run::run`) against the in-memory API server.
+//! The test plays the Deployment controller (ready replicas) and the gateways: a `/internal/load` server behind
+//! the gateway Service's EndpointSlice, reporting the load the test sets, exactly as real gateways do.
+//!
+//! At zero replicas (scaleToZero) → one queued request starts a worker → a burst scales up at once → the load
+//! stops and, one scale-down delay later, the model is back at zero; every decision is in `status.lastScale` and
+//! an Event. A malformed ChatModel gets an Event and breaks nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use camelid_memory_apiserver::MemoryApiServer;
+use camelid_memory_apiserver::store::{Key, Resource};
+use kube::{Client, Config};
+use serde_json::{Value, json};
+
+const NS: &str = "default";
+
+fn key(prefix: &str, plural: &str, ns: Option<&str>, name: &str) -> Key {
+    Key {
+        resource: Resource::new(prefix, plural),
+        namespace: ns.map(str::to_string),
+        name: name.into(),
+    }
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A gateway's `/internal/load`, answering what the test sets.
+async fn gateway_load() -> (u16, Arc<Mutex<Value>>) {
+    let doc = Arc::new(Mutex::new(json!({"models": {}})));
+    let d = doc.clone();
+    let app = axum::Router::new().route(
+        "/internal/load",
+        axum::routing::get(move || {
+            let d = d.clone();
+            async move { axum::Json(d.lock().unwrap().clone()) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, doc)
+}
+
+fn replicas(server: &MemoryApiServer) -> Option<i64> {
+    server
+        .cluster()
+        .get(&key("apis/apps/v1", "deployments", Some(NS), "smol-worker"))
+        .and_then(|d| d["spec"]["replicas"].as_i64())
+}
+
+fn status(server: &MemoryApiServer) -> Value {
+    server
+        .cluster()
+        .get(&key("apis/camelid.dev/v1alpha1", "chatmodels", Some(NS), "smol"))
+        .map(|m| m["status"].clone())
+        .unwrap_or_default()
+}
+
+/// The Deployment controller's part: every desired worker is ready.
+fn all_ready(server: &MemoryApiServer) {
+    let n = replicas(server).unwrap();
+    server
+        .cluster()
+        .merge(
+            &key("apis/apps/v1", "deployments", Some(NS), "smol-worker"),
+            &json!({"status": {"replicas": n, "readyReplicas": n}}),
+            camelid_memory_apiserver::store::Part::Status,
+            "kube-controller-manager",
+        )
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chatmodel_scales_from_zero_with_load_and_back_to_zero_when_idle() {
+    let server = MemoryApiServer::start().await.unwrap();
+    let mut config = Config::new(server.url().parse().unwrap());
+    config.default_namespace = NS.into();
+    let client = Client::try_from(config).unwrap();
+    let (load_port, load) = gateway_load().await;
+    // The gateway Service's EndpointSlice: one ready gateway pod.
+    server
+        .cluster()
+        .create(
+            &key("apis/discovery.k8s.io/v1", "endpointslices", Some("camelid-system"), "camelid-gateway-x1"),
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                   "metadata": {"name": "camelid-gateway-x1", "labels": {"kubernetes.io/service-name": "camelid-gateway"}},
+                   "addressType": "IPv4", "ports": [{"name": "http", "port": load_port, "protocol": "TCP"}],
+                   "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}]}),
+            "kube-controller-manager",
+        )
+        .unwrap();
+    server
+        .cluster()
+        .create(
+            &key("apis/camelid.dev/v1alpha1", "chatmodels", Some(NS), "broken"),
+            json!({"apiVersion": "camelid.dev/v1alpha1", "kind": "ChatModel", "metadata": {"name": "broken"},
+                   "spec": {"replicas": "many"}}),
+            "old-client",
+        )
+        .unwrap();
+    let args = camelid_operator::run::RunArgs {
+        namespace: "camelid-system".into(),
+        gpu_prices: None,
+        trainer_image: "camelid-trainer:test".into(),
+        fetch_image: "curl:test".into(),
+        worker_image: "camelid-worker:test".into(),
+        gateway_service: "camelid-gateway".into(),
+        autoscale_seconds: 1,
+        termination_grace_seconds: 180,
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        health_addr: "127.0.0.1:0".parse().unwrap(),
+        leader_election: false,
+        progress_port: 1,
+        progress_poll_seconds: 1,
+    };
+    let operator = tokio::spawn(async move { camelid_operator::run::run(args, client).await.unwrap() });
+    server
+        .cluster()
+        .create(
+            &key("apis/camelid.dev/v1alpha1", "chatmodels", Some(NS), "smol"),
+            json!({"apiVersion": "camelid.dev/v1alpha1", "kind": "ChatModel", "metadata": {"name": "smol"},
+                   "spec": {"model": {"claimName": "models", "path": "smol"},
+                            "replicas": {"min": 0, "max": 4},
+                            "autoscaling": {"targetInFlight": 2, "scaleDownDelay": "3s", "scaleToZero": true}}}),
+            "kubectl",
+        )
+        .unwrap();
+
+    // Idle and allowed to: it starts at zero, its Service and budget in place.
+    eventually("the workers at zero", || async { replicas(&server) == Some(0) }).await;
+    eventually("ScaledToZero", || async {
+        status(&server)["phase"] == "ScaledToZero"
+    })
+    .await;
+    assert_eq!(status(&server)["endpoint"], "smol");
+    assert_eq!(status(&server)["model"], "pvc://models/smol");
+    for (prefix, plural, name) in [
+        ("api/v1", "services", "smol"),
+        ("apis/policy/v1", "poddisruptionbudgets", "smol-worker"),
+    ] {
+        assert!(
+            server
+                .cluster()
+                .get(&key(prefix, plural, Some(NS), name))
+                .is_some(),
+            "no {plural}/{name}"
+        );
+    }
+
+    // A request waits at a gateway: one worker starts.
+    *load.lock().unwrap() = json!({"models": {"smol": {"inFlight": 0, "queued": 1}}});
+    eventually("one worker", || async { replicas(&server) == Some(1) }).await;
+    let last = status(&server)["lastScale"].clone();
+    assert_eq!((last["from"].clone(), last["to"].clone()), (json!(0), json!(1)));
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains("waiting at zero replicas"),
+        "{last}"
+    );
+    assert_eq!(status(&server)["phase"], "Loading");
+    all_ready(&server);
+    eventually("Ready 1/1", || async {
+        status(&server)["ready"] == "1/1" && status(&server)["phase"] == "Ready"
+    })
+    .await;
+
+    // A burst: 7 in flight at 2 per worker → 4 at once.
+    *load.lock().unwrap() = json!({"models": {"smol": {"inFlight": 7, "queued": 0}}});
+    eventually("four workers", || async { replicas(&server) == Some(4) }).await;
+    assert_eq!(
+        status(&server)["phase"],
+        "Degraded",
+        "1 of 4 ready while the new workers load"
+    );
+    all_ready(&server);
+
+    // The load stops: nothing changes within the delay, then the model goes back to zero.
+    *load.lock().unwrap() = json!({"models": {}});
+    let stopped = Instant::now();
+    eventually("back at zero", || async { replicas(&server) == Some(0) }).await;
+    assert!(
+        stopped.elapsed() >= Duration::from_secs(3),
+        "scaled down before the 3 s delay: {:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(status(&server)["phase"], "ScaledToZero");
+
+    let events = server
+        .cluster()
+        .list(&Resource::new("apis/events.k8s.io/v1", "events"), Some(NS), None);
+    let reasons: Vec<&str> = events.iter().filter_map(|e| e["reason"].as_str()).collect();
+    for reason in ["ScaledUp", "ScaledToZero", "InvalidSpec"] {
+        assert!(reasons.contains(&reason), "no {reason} event in {reasons:?}");
+    }
+    operator.abort();
+}
