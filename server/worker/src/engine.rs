@@ -210,9 +210,14 @@ impl<'p, 'm> Engine<'p, 'm> {
     }
 
     fn finish(&mut self, id: SeqId, outcome: &'static str) {
+        self.forget(id);
+        self.shared.metrics.count(outcome);
+    }
+
+    /// Drops a sequence that is done (and counted).
+    fn forget(&mut self, id: SeqId) {
         self.scheduler.remove(id);
         self.sequences.remove(&id);
-        self.shared.metrics.count(outcome);
     }
 
     fn fail(&mut self, ids: &[SeqId], e: &WorkerError) {
@@ -330,18 +335,17 @@ impl<'p, 'm> Engine<'p, 'm> {
             return;
         }
         if let Some(reason) = pushed.finished {
+            // Counted before the client can see the end, so the metrics never lag behind an answer.
+            metrics.count(match reason {
+                FinishReason::Length => "length",
+                _ => "stop",
+            });
             let _ = seq.events.send(Event::Finished {
                 reason,
                 prompt_tokens: seq.prompt.len(),
                 completion_tokens: seq.text.generated().len(),
             });
-            self.finish(
-                id,
-                match reason {
-                    FinishReason::Length => "length",
-                    _ => "stop",
-                },
-            );
+            self.forget(id);
         }
     }
 
