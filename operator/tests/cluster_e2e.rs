@@ -2,7 +2,8 @@
 //! otherwise). It installs the CRDs, runs the operator in-process, applies a tiny CPU FineTuneJob (one worker, two
 //! steps) and waits for it to succeed. The cluster must be able to pull `CAMELID_E2E_TRAINER_IMAGE` and bind
 //! `CAMELID_E2E_CLAIM` (a ReadWriteMany PersistentVolumeClaim in `CAMELID_E2E_NAMESPACE`, default `default`)
-//! holding `model.gguf` and `data.jsonl`.
+//! holding `model.gguf` and `data.jsonl`. With `CAMELID_E2E_WORKER_IMAGE` set, the job's ChatModel then serves the
+//! exported model: the test waits until its worker is ready (`1/1`, phase `Ready`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -52,9 +53,10 @@ async fn a_tiny_finetunejob_succeeds_on_a_real_cluster() {
         gpu_prices: None,
         trainer_image: image,
         fetch_image: "curlimages/curl:8.11.1".into(),
-        worker_image: "camelid-worker:test".into(),
+        worker_image: std::env::var("CAMELID_E2E_WORKER_IMAGE")
+            .unwrap_or_else(|_| "camelid-worker:e2e".into()),
         gateway_service: "camelid-gateway".into(),
-        autoscale_seconds: 1,
+        autoscale_seconds: 5,
         termination_grace_seconds: 60,
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         health_addr: "127.0.0.1:0".parse().unwrap(),
@@ -70,8 +72,8 @@ async fn a_tiny_finetunejob_succeeds_on_a_real_cluster() {
                  "dataset": {"claimName": claim, "path": "data.jsonl"},
                  "hyperparameters": {"maxSteps": 2, "globalBatch": 2, "microBatch": 2, "maxLength": 128},
                  "workers": 1, "gpusPerWorker": 0, "spot": {"preferSpot": false},
-                 "checkpoints": {"claimName": claim}, "output": {"claimName": claim}}})).unwrap();
-    let api: Api<FineTuneJob> = Api::namespaced(client, &ns);
+                 "checkpoints": {"claimName": claim}, "output": {"claimName": claim, "chatModel": name}}})).unwrap();
+    let api: Api<FineTuneJob> = Api::namespaced(client.clone(), &ns);
     api.patch(&name, &PatchParams::apply("camelid-e2e"), &Patch::Apply(&job))
         .await
         .unwrap();
@@ -85,6 +87,30 @@ async fn a_tiny_finetunejob_succeeds_on_a_real_cluster() {
         assert!(Instant::now() < deadline, "not finished after 30 minutes");
         tokio::time::sleep(Duration::from_secs(10)).await;
     };
-    operator.abort();
     assert_eq!(phase.0, "Succeeded", "{:?}", phase.1);
+    if std::env::var_os("CAMELID_E2E_WORKER_IMAGE").is_none() {
+        operator.abort();
+        return skip("the serving half: set CAMELID_E2E_WORKER_IMAGE to serve the exported model");
+    }
+    let models: Api<camelid_crds::ChatModel> = Api::namespaced(client, &ns);
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let status = models
+            .get(&name)
+            .await
+            .ok()
+            .and_then(|m| m.status)
+            .unwrap_or_default();
+        if status.ready.as_deref() == Some("1/1")
+            && status.phase.map(|p| format!("{p:?}")).as_deref() == Some("Ready")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ChatModel is not ready after 15 minutes: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+    operator.abort();
 }

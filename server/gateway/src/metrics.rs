@@ -73,6 +73,8 @@ pub struct Metrics {
     pub latency: Family<RouteLabels, Histogram>,
     pub time_to_first_token: Family<ModelLabels, Histogram>,
     pub in_flight: Family<ModelLabels, Gauge>,
+    /// Requests waiting for a ChatModel with no ready worker (scaled to zero, or starting).
+    pub held: Family<ModelLabels, Gauge>,
     pub backend_healthy: Family<BackendLabels, Gauge>,
     pub moderation_checks: Family<ModerationLabels, Counter>,
     pub moderation_seconds: Family<ProviderLabels, Histogram>,
@@ -98,6 +100,7 @@ impl Metrics {
             Histogram::new(exponential_buckets(0.005, 2.0, 14))
         });
         let in_flight = Family::<ModelLabels, Gauge>::default();
+        let held = Family::<ModelLabels, Gauge>::default();
         let backend_healthy = Family::<BackendLabels, Gauge>::default();
         registry.register(
             "requests",
@@ -118,6 +121,11 @@ impl Metrics {
             "in_flight_requests",
             "Requests being served, per model",
             in_flight.clone(),
+        );
+        registry.register(
+            "held_requests",
+            "Requests waiting for a worker of a ChatModel (at zero replicas, or while one starts)",
+            held.clone(),
         );
         registry.register(
             "backend_healthy",
@@ -167,6 +175,7 @@ impl Metrics {
             latency,
             time_to_first_token,
             in_flight,
+            held,
             backend_healthy,
         }
     }

@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::error::ApiError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ModelLabels};
 use crate::validate::{Input, Validated};
 
 /// Model name → worker addresses (`host:port`).
@@ -123,6 +123,13 @@ pub struct Held {
 impl Drop for Held {
     fn drop(&mut self) {
         self.router.held_total.fetch_sub(1, Ordering::Relaxed);
+        self.router
+            .metrics
+            .held
+            .get_or_create(&ModelLabels {
+                model: self.model.clone(),
+            })
+            .dec();
         if let Ok(mut held) = self.router.held.lock()
             && let Some(n) = held.get_mut(&self.model)
         {
@@ -356,6 +363,10 @@ impl Router {
         if let Ok(mut held) = self.held.lock() {
             *held.entry(model.to_string()).or_default() += 1;
         }
+        self.metrics
+            .held
+            .get_or_create(&ModelLabels { model: model.into() })
+            .inc();
         Some(Held {
             router: self.clone(),
             model: model.to_string(),

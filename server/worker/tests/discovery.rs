@@ -115,6 +115,11 @@ fn the_gateway_serves_chatmodels_holds_requests_at_zero_and_routes_only_to_ready
     wait_for("the request queued", || {
         load(gateway)["models"]["smol"]["queued"] == 1
     });
+    let (_, metrics) = fetch(gateway, "GET", "/metrics", "").unwrap();
+    assert!(
+        metrics.contains("camelid_gateway_held_requests{model=\"smol\"} 1"),
+        "{metrics}"
+    );
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(worker.finished_requests(), 0, "an unready endpoint got a request");
     let ready = json!({"endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}, "nodeName": "node-a"}]});
