@@ -315,7 +315,8 @@ fn a_finetuned_model_is_served_from_zero_moderated_and_scaled_back_to_zero() {
         kubelet.sync();
         status(&server)["phase"] == "ScaledToZero"
     });
-    assert!(kubelet.worker.is_none());
+    kubelet.sync();
+    assert!(kubelet.worker.is_none(), "the worker still runs at zero replicas");
     let events = server
         .cluster()
         .list(&Resource::new("apis/events.k8s.io/v1", "events"), Some(NS), None);
