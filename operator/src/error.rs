@@ -1,6 +1,9 @@
 //! The operator's errors, each with a stable category for metrics and logs.
 
+use kube::runtime::controller::Action;
+
 use crate::finetunejob::build::BuildError;
+use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -26,5 +29,17 @@ impl Error {
     /// Retrying cannot help until the object changes.
     pub fn is_invalid_spec(&self) -> bool {
         self.category() == "invalid_spec"
+    }
+
+    /// What a controller does after this error reconciling `kind` `name`: counted and logged; an invalid spec
+    /// waits for a change, anything else is retried in 5 s.
+    pub fn retry_policy(&self, kind: &str, name: &str, metrics: &Metrics) -> Action {
+        metrics.reconcile_error(self.category());
+        tracing::warn!(kind, name, category = self.category(), error = %self, "reconcile failed");
+        if self.is_invalid_spec() {
+            Action::await_change()
+        } else {
+            Action::requeue(std::time::Duration::from_secs(5))
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! controller ([`chatmodel`]), whose desired state is pure functions from a spec to owned Kubernetes objects.
 
 pub mod chatmodel;
+pub mod conditions;
 pub mod crdgen;
 pub mod error;
 pub mod finetunejob;

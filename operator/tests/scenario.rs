@@ -9,58 +9,27 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use camelid_crds::FineTuneJob;
+mod common;
+
 use camelid_memory_apiserver::MemoryApiServer;
 use camelid_memory_apiserver::store::{Key, Part, Resource};
+use common::{NS, client, eventually, json_server};
 use k8s_openapi::api::batch::v1::Job;
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
-use kube::{Client, Config};
 use serde_json::{Value, json};
 
-const NS: &str = "default";
-
-fn key(prefix: &str, plural: &str, ns: Option<&str>, name: &str) -> Key {
-    Key {
-        resource: Resource::new(prefix, plural),
-        namespace: ns.map(str::to_string),
-        name: name.into(),
-    }
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A `/progress` server whose document the test sets.
-async fn progress_server() -> (u16, Arc<Mutex<Value>>) {
-    let doc = Arc::new(Mutex::new(
-        json!({"phase": "loading", "step": 0, "total_steps": 0, "epoch": 0.0,
-        "loss": null, "learning_rate": 0.0, "tokens_per_second": 0.0, "last_checkpoint": null, "eta_seconds": null}),
-    ));
-    let d = doc.clone();
-    let app = axum::Router::new().route(
+/// A trainer's `/progress`, whose document the test sets.
+async fn progress_server() -> (u16, std::sync::Arc<std::sync::Mutex<Value>>) {
+    json_server(
         "/progress",
-        axum::routing::get(move || {
-            let d = d.clone();
-            async move { axum::Json(d.lock().unwrap().clone()) }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (port, doc)
+        json!({"phase": "loading", "step": 0, "total_steps": 0, "epoch": 0.0, "loss": null, "learning_rate": 0.0,
+               "tokens_per_second": 0.0, "last_checkpoint": null, "eta_seconds": null}),
+    )
+    .await
 }
 
 struct Scenario {
@@ -97,7 +66,7 @@ impl Scenario {
         let job = self
             .server
             .cluster()
-            .get(&key("apis/batch/v1", "jobs", Some(NS), &name))
+            .get(&Key::new("apis/batch/v1", "jobs", Some(NS), &name))
             .cloned();
         serde_json::from_value(job.unwrap_or_else(|| panic!("no Job {name}"))).unwrap()
     }
@@ -105,7 +74,7 @@ impl Scenario {
     fn ftj(&self) -> Value {
         self.server
             .cluster()
-            .get(&key(
+            .get(&Key::new(
                 "apis/camelid.dev/v1alpha1",
                 "finetunejobs",
                 Some(NS),
@@ -134,12 +103,12 @@ impl Scenario {
         let mut store = self.server.cluster();
         let job_name = format!("vicuna-smol-a{attempt}");
         let job = store
-            .get(&key("apis/batch/v1", "jobs", Some(NS), &job_name))
+            .get(&Key::new("apis/batch/v1", "jobs", Some(NS), &job_name))
             .cloned()
             .unwrap();
         for node in nodes {
             let _ = store.create(
-                &key("api/v1", "nodes", None, node),
+                &Key::new("api/v1", "nodes", None, node),
                 json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}),
                 "kubelet",
             );
@@ -153,7 +122,7 @@ impl Scenario {
                     "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job_name,
                         "uid": job["metadata"]["uid"], "controller": true}]},
                 "spec": job["spec"]["template"]["spec"].clone()});
-            let k = key("api/v1", "pods", Some(NS), &name);
+            let k = Key::new("api/v1", "pods", Some(NS), &name);
             store.create(&k, pod, "job-controller").unwrap();
             store
                 .merge(&k, &json!({"spec": {"nodeName": node}}), Part::Main, "scheduler")
@@ -173,7 +142,7 @@ impl Scenario {
         self.server
             .cluster()
             .merge(
-                &key("api/v1", "pods", Some(NS), name),
+                &Key::new("api/v1", "pods", Some(NS), name),
                 &json!({"status": status}),
                 Part::Status,
                 "kubelet",
@@ -184,7 +153,7 @@ impl Scenario {
     fn delete_node(&self, node: &str) {
         self.server
             .cluster()
-            .delete(&key("api/v1", "nodes", None, node))
+            .delete(&Key::new("api/v1", "nodes", None, node))
             .unwrap();
     }
 
@@ -222,9 +191,7 @@ fn terminated(code: i32) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its_model() {
     let server = MemoryApiServer::start().await.unwrap();
-    let mut config = Config::new(server.url().parse().unwrap());
-    config.default_namespace = NS.into();
-    let client = Client::try_from(config).unwrap();
+    let client = client(&server);
     let (progress_port, progress) = progress_server().await;
     let s = Scenario {
         server,
@@ -234,7 +201,7 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
     s.server
         .cluster()
         .create(
-            &key("api/v1", "configmaps", Some("camelid-system"), "gpu-prices"),
+            &Key::new("api/v1", "configmaps", Some("camelid-system"), "gpu-prices"),
             json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "gpu-prices"},
                    "data": {"nvidia-l4.spot": "0.22", "nvidia-l4.on-demand": "0.71"}}),
             "helm",
@@ -244,7 +211,7 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
     s.server
         .cluster()
         .create(
-            &key("apis/camelid.dev/v1alpha1", "finetunejobs", Some(NS), "broken"),
+            &Key::new("apis/camelid.dev/v1alpha1", "finetunejobs", Some(NS), "broken"),
             json!({"apiVersion": "camelid.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "broken"},
                    "spec": {"workers": "two"}}),
             "old-client",
@@ -399,7 +366,7 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
     let chat = s
         .server
         .cluster()
-        .get(&key(
+        .get(&Key::new(
             "apis/camelid.dev/v1alpha1",
             "chatmodels",
             Some(NS),
@@ -412,7 +379,7 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
     eventually("the ChatModel's workers and Service", || async {
         let store = s.server.cluster();
         store
-            .get(&key(
+            .get(&Key::new(
                 "apis/apps/v1",
                 "deployments",
                 Some(NS),
@@ -420,14 +387,14 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
             ))
             .is_some()
             && store
-                .get(&key("api/v1", "services", Some(NS), "vicuna-smol"))
+                .get(&Key::new("api/v1", "services", Some(NS), "vicuna-smol"))
                 .is_some()
     })
     .await;
     let workers = s
         .server
         .cluster()
-        .get(&key(
+        .get(&Key::new(
             "apis/apps/v1",
             "deployments",
             Some(NS),
@@ -439,7 +406,7 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
     assert_eq!(args[1], "/camelid/volumes/models/vicuna-smol", "{args}");
     eventually("the ChatModel's status", || async {
         let store = s.server.cluster();
-        let cm = store.get(&key(
+        let cm = store.get(&Key::new(
             "apis/camelid.dev/v1alpha1",
             "chatmodels",
             Some(NS),

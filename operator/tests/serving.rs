@@ -8,65 +8,31 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+mod common;
 
 use camelid_memory_apiserver::MemoryApiServer;
 use camelid_memory_apiserver::store::{Key, Resource};
-use kube::{Client, Config};
+use common::{NS, client, eventually, json_server};
 use serde_json::{Value, json};
-
-const NS: &str = "default";
-
-fn key(prefix: &str, plural: &str, ns: Option<&str>, name: &str) -> Key {
-    Key {
-        resource: Resource::new(prefix, plural),
-        namespace: ns.map(str::to_string),
-        name: name.into(),
-    }
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A gateway's `/internal/load`, answering what the test sets.
-async fn gateway_load() -> (u16, Arc<Mutex<Value>>) {
-    let doc = Arc::new(Mutex::new(json!({"models": {}})));
-    let d = doc.clone();
-    let app = axum::Router::new().route(
-        "/internal/load",
-        axum::routing::get(move || {
-            let d = d.clone();
-            async move { axum::Json(d.lock().unwrap().clone()) }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (port, doc)
-}
 
 fn replicas(server: &MemoryApiServer) -> Option<i64> {
     server
         .cluster()
-        .get(&key("apis/apps/v1", "deployments", Some(NS), "smol-worker"))
+        .get(&Key::new("apis/apps/v1", "deployments", Some(NS), "smol-worker"))
         .and_then(|d| d["spec"]["replicas"].as_i64())
 }
 
 fn status(server: &MemoryApiServer) -> Value {
     server
         .cluster()
-        .get(&key("apis/camelid.dev/v1alpha1", "chatmodels", Some(NS), "smol"))
+        .get(&Key::new(
+            "apis/camelid.dev/v1alpha1",
+            "chatmodels",
+            Some(NS),
+            "smol",
+        ))
         .map(|m| m["status"].clone())
         .unwrap_or_default()
 }
@@ -77,7 +43,7 @@ fn all_ready(server: &MemoryApiServer) {
     server
         .cluster()
         .merge(
-            &key("apis/apps/v1", "deployments", Some(NS), "smol-worker"),
+            &Key::new("apis/apps/v1", "deployments", Some(NS), "smol-worker"),
             &json!({"status": {"replicas": n, "readyReplicas": n}}),
             camelid_memory_apiserver::store::Part::Status,
             "kube-controller-manager",
@@ -88,15 +54,14 @@ fn all_ready(server: &MemoryApiServer) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chatmodel_scales_from_zero_with_load_and_back_to_zero_when_idle() {
     let server = MemoryApiServer::start().await.unwrap();
-    let mut config = Config::new(server.url().parse().unwrap());
-    config.default_namespace = NS.into();
-    let client = Client::try_from(config).unwrap();
-    let (load_port, load) = gateway_load().await;
+    let client = client(&server);
+    // The gateways' `/internal/load`, as the test sets it.
+    let (load_port, load) = json_server("/internal/load", json!({"models": {}})).await;
     // The gateway Service's EndpointSlice: one ready gateway pod.
     server
         .cluster()
         .create(
-            &key("apis/discovery.k8s.io/v1", "endpointslices", Some("camelid-system"), "camelid-gateway-x1"),
+            &Key::new("apis/discovery.k8s.io/v1", "endpointslices", Some("camelid-system"), "camelid-gateway-x1"),
             json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                    "metadata": {"name": "camelid-gateway-x1", "labels": {"kubernetes.io/service-name": "camelid-gateway"}},
                    "addressType": "IPv4", "ports": [{"name": "http", "port": load_port, "protocol": "TCP"}],
@@ -107,7 +72,7 @@ async fn a_chatmodel_scales_from_zero_with_load_and_back_to_zero_when_idle() {
     server
         .cluster()
         .create(
-            &key("apis/camelid.dev/v1alpha1", "chatmodels", Some(NS), "broken"),
+            &Key::new("apis/camelid.dev/v1alpha1", "chatmodels", Some(NS), "broken"),
             json!({"apiVersion": "camelid.dev/v1alpha1", "kind": "ChatModel", "metadata": {"name": "broken"},
                    "spec": {"replicas": "many"}}),
             "old-client",
@@ -132,7 +97,7 @@ async fn a_chatmodel_scales_from_zero_with_load_and_back_to_zero_when_idle() {
     server
         .cluster()
         .create(
-            &key("apis/camelid.dev/v1alpha1", "chatmodels", Some(NS), "smol"),
+            &Key::new("apis/camelid.dev/v1alpha1", "chatmodels", Some(NS), "smol"),
             json!({"apiVersion": "camelid.dev/v1alpha1", "kind": "ChatModel", "metadata": {"name": "smol"},
                    "spec": {"model": {"claimName": "models", "path": "smol"},
                             "replicas": {"min": 0, "max": 4},
@@ -156,7 +121,7 @@ async fn a_chatmodel_scales_from_zero_with_load_and_back_to_zero_when_idle() {
         assert!(
             server
                 .cluster()
-                .get(&key(prefix, plural, Some(NS), name))
+                .get(&Key::new(prefix, plural, Some(NS), name))
                 .is_some(),
             "no {plural}/{name}"
         );

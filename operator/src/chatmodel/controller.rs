@@ -83,13 +83,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
 }
 
 fn error_policy(model: Arc<DeserializeGuard<ChatModel>>, e: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.reconcile_error(e.category());
-    tracing::warn!(model = %model.name_any(), category = e.category(), error = %e, "reconcile failed");
-    if e.is_invalid_spec() {
-        Action::await_change()
-    } else {
-        Action::requeue(Duration::from_secs(5))
-    }
+    e.retry_policy("ChatModel", &model.name_any(), &ctx.metrics)
 }
 
 pub async fn reconcile(

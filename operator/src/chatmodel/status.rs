@@ -1,7 +1,7 @@
 //! A ChatModel's status from what was observed (pure): its phase, `ready/desired`, and conditions.
 
 use camelid_crds::chatmodel::{ChatModelPhase, ChatModelStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 /// Whether the model's files can be served yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,8 +25,7 @@ pub fn phase(source: &Source, desired: i32, ready: i32) -> ChatModelPhase {
     }
 }
 
-/// Sets condition `type_`, keeping its transition time while its status and reason stay the same.
-pub fn set_condition(
+fn set_condition(
     status: &mut ChatModelStatus,
     type_: &str,
     ok: bool,
@@ -34,26 +33,16 @@ pub fn set_condition(
     message: &str,
     now: &Time,
 ) {
-    let value = if ok { "True" } else { "False" };
     let generation = status.observed_generation;
-    if let Some(c) = status
-        .conditions
-        .iter_mut()
-        .find(|c| c.type_ == type_ && c.status == value && c.reason == reason)
-    {
-        c.message = message.into();
-        c.observed_generation = generation;
-        return;
-    }
-    status.conditions.retain(|c| c.type_ != type_);
-    status.conditions.push(Condition {
-        type_: type_.into(),
-        status: value.into(),
-        reason: reason.into(),
-        message: message.into(),
-        last_transition_time: now.clone(),
-        observed_generation: generation,
-    });
+    crate::conditions::set(
+        &mut status.conditions,
+        type_,
+        ok,
+        reason,
+        message,
+        now,
+        generation,
+    );
 }
 
 /// Fills the replica fields, phase and conditions.

@@ -11,7 +11,7 @@ use camelid_crds::{ChatModel, FineTuneJob};
 use futures_util::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
@@ -109,13 +109,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
 }
 
 fn error_policy(job: Arc<DeserializeGuard<FineTuneJob>>, e: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.reconcile_error(e.category());
-    tracing::warn!(job = %job.name_any(), category = e.category(), error = %e, "reconcile failed");
-    if e.is_invalid_spec() {
-        Action::await_change()
-    } else {
-        Action::requeue(Duration::from_secs(5))
-    }
+    e.retry_policy("FineTuneJob", &job.name_any(), &ctx.metrics)
 }
 
 /// The observed state of the current attempt.
@@ -309,34 +303,6 @@ async fn publish_model(ctx: &Context, ftj: &FineTuneJob) -> Result<(), Error> {
         .patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
         .await?;
     Ok(())
-}
-
-fn set_condition(
-    status: &mut FineTuneJobStatus,
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: &str,
-    now: &Time,
-    generation: Option<i64>,
-) {
-    let value = if ok { "True" } else { "False" };
-    let same = status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == type_ && c.status == value && c.reason == reason);
-    if same {
-        return;
-    }
-    status.conditions.retain(|c| c.type_ != type_);
-    status.conditions.push(Condition {
-        type_: type_.into(),
-        status: value.into(),
-        reason: reason.into(),
-        message: message.into(),
-        last_transition_time: now.clone(),
-        observed_generation: generation,
-    });
 }
 
 pub async fn reconcile(
@@ -563,8 +529,8 @@ async fn reconcile_inner(ftj: &FineTuneJob, ctx: &Context) -> Result<Action, Err
     }
     let succeeded = status.phase == Some(FineTuneJobPhase::Succeeded);
     let message = status.message.clone().unwrap_or_default();
-    set_condition(
-        &mut status,
+    crate::conditions::set(
+        &mut status.conditions,
         "Ready",
         succeeded,
         &phase,

@@ -15,19 +15,11 @@ use camelid_gateway::GatewayConfig;
 use camelid_gateway::discovery::ModelRules;
 use camelid_gateway::routing::{HoldLimits, StaticEndpoints};
 use camelid_memory_apiserver::MemoryApiServer;
-use camelid_memory_apiserver::store::{Key, Part, Resource};
+use camelid_memory_apiserver::store::{Key, Part};
 use common::{Worker, body_json, fetch, free_port};
 use serde_json::{Value, json};
 
 const NS: &str = "default";
-
-fn key(prefix: &str, plural: &str, ns: Option<&str>, name: &str) -> Key {
-    Key {
-        resource: Resource::new(prefix, plural),
-        namespace: ns.map(str::to_string),
-        name: name.into(),
-    }
-}
 
 fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -52,13 +44,13 @@ fn chat(stream: bool) -> String {
 fn the_gateway_serves_chatmodels_holds_requests_at_zero_and_routes_only_to_ready_workers() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let server = runtime.block_on(MemoryApiServer::start()).unwrap();
-    let slice = key(
+    let slice = Key::new(
         "apis/discovery.k8s.io/v1",
         "endpointslices",
         Some(NS),
         "smol-x7k2p",
     );
-    let model = key("apis/camelid.dev/v1alpha1", "chatmodels", Some(NS), "smol");
+    let model = Key::new("apis/camelid.dev/v1alpha1", "chatmodels", Some(NS), "smol");
     server
         .cluster()
         .create(
@@ -151,7 +143,7 @@ fn the_gateway_serves_chatmodels_holds_requests_at_zero_and_routes_only_to_ready
     server
         .cluster()
         .create(
-            &key("api/v1", "nodes", None, "node-a"),
+            &Key::new("api/v1", "nodes", None, "node-a"),
             json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
                    "spec": {"taints": [{"key": "cloud.google.com/impending-node-termination", "effect": "NoSchedule"}]}}),
             "kubelet",

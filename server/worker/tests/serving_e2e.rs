@@ -27,14 +27,6 @@ use serde_json::{Value, json};
 
 const NS: &str = "default";
 
-fn key(prefix: &str, plural: &str, ns: Option<&str>, name: &str) -> Key {
-    Key {
-        resource: Resource::new(prefix, plural),
-        namespace: ns.map(str::to_string),
-        name: name.into(),
-    }
-}
-
 fn wait_for(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !check() {
@@ -54,7 +46,7 @@ impl Kubelet {
     fn deployment(&self) -> Value {
         self.server
             .cluster()
-            .get(&key("apis/apps/v1", "deployments", Some(NS), "smol-worker"))
+            .get(&Key::new("apis/apps/v1", "deployments", Some(NS), "smol-worker"))
             .cloned()
             .unwrap_or_default()
     }
@@ -83,7 +75,7 @@ impl Kubelet {
             _ => json!([]),
         };
         let mut store = self.server.cluster();
-        let slice = key(
+        let slice = Key::new(
             "apis/discovery.k8s.io/v1",
             "endpointslices",
             Some(NS),
@@ -107,7 +99,7 @@ impl Kubelet {
             store.create(&slice, body, "endpointslice-controller").unwrap();
         }
         let status = json!({"status": {"replicas": want, "readyReplicas": i64::from(ready)}});
-        let deployment = key("apis/apps/v1", "deployments", Some(NS), "smol-worker");
+        let deployment = Key::new("apis/apps/v1", "deployments", Some(NS), "smol-worker");
         store
             .merge(&deployment, &status, Part::Status, "kube-controller-manager")
             .unwrap();
@@ -157,7 +149,12 @@ impl Drop for Kubelet {
 fn status(server: &MemoryApiServer) -> Value {
     server
         .cluster()
-        .get(&key("apis/camelid.dev/v1alpha1", "chatmodels", Some(NS), "smol"))
+        .get(&Key::new(
+            "apis/camelid.dev/v1alpha1",
+            "chatmodels",
+            Some(NS),
+            "smol",
+        ))
         .map(|m| m["status"].clone())
         .unwrap_or_default()
 }
@@ -230,7 +227,7 @@ fn a_finetuned_model_is_served_from_zero_moderated_and_scaled_back_to_zero() {
         // The gateway Service's EndpointSlice: this gateway, which the operator asks for load.
         store
             .create(
-                &key("apis/discovery.k8s.io/v1", "endpointslices", Some("camelid-system"), "camelid-gateway-1"),
+                &Key::new("apis/discovery.k8s.io/v1", "endpointslices", Some("camelid-system"), "camelid-gateway-1"),
                 json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                        "metadata": {"name": "camelid-gateway-1", "labels": {"kubernetes.io/service-name": "camelid-gateway"}},
                        "addressType": "IPv4", "ports": [{"name": "http", "port": gateway, "protocol": "TCP"}],
@@ -245,7 +242,7 @@ fn a_finetuned_model_is_served_from_zero_moderated_and_scaled_back_to_zero() {
         let mut job: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(example).unwrap()).unwrap();
         job["metadata"] = json!({"name": "smol-ft"});
         job["spec"]["output"] = json!({"claimName": "models", "path": "smol-ft.gguf"});
-        let ftj = key("apis/camelid.dev/v1alpha1", "finetunejobs", Some(NS), "smol-ft");
+        let ftj = Key::new("apis/camelid.dev/v1alpha1", "finetunejobs", Some(NS), "smol-ft");
         store.create(&ftj, job, "kubectl").unwrap();
         let done = json!({"status": {"phase": "Succeeded", "completionTime": "2026-11-27T03:00:00Z"}});
         store
@@ -253,7 +250,7 @@ fn a_finetuned_model_is_served_from_zero_moderated_and_scaled_back_to_zero() {
             .unwrap();
         store
             .create(
-                &key("apis/camelid.dev/v1alpha1", "chatmodels", Some(NS), "smol"),
+                &Key::new("apis/camelid.dev/v1alpha1", "chatmodels", Some(NS), "smol"),
                 json!({"apiVersion": "camelid.dev/v1alpha1", "kind": "ChatModel", "metadata": {"name": "smol"},
                        "spec": {"model": {"fineTuneJob": "smol-ft"}, "replicas": {"min": 0, "max": 2},
                                 "autoscaling": {"targetInFlight": 4, "scaleDownDelay": "3s", "scaleToZero": true},

@@ -56,6 +56,18 @@ pub struct Key {
     pub name: String,
 }
 
+impl Key {
+    /// `name` (in `namespace`, for a namespaced resource) of the resource served at `prefix`/`plural`, e.g.
+    /// `Key::new("apis/apps/v1", "deployments", Some("default"), "web")`.
+    pub fn new(prefix: &str, plural: &str, namespace: Option<&str>, name: &str) -> Self {
+        Self {
+            resource: Resource::new(prefix, plural),
+            namespace: namespace.map(str::to_string),
+            name: name.into(),
+        }
+    }
+}
+
 /// A watch event as the API server streams it.
 #[derive(Debug, Clone)]
 pub struct Change {
