@@ -5,6 +5,7 @@ pub mod chatmodel;
 pub mod conditions;
 pub mod crdgen;
 pub mod error;
+pub mod events;
 pub mod finetunejob;
 pub mod lease;
 pub mod metrics;

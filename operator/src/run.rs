@@ -51,6 +51,20 @@ pub struct RunArgs {
     pub progress_poll_seconds: u64,
 }
 
+impl Default for RunArgs {
+    /// `camelid-operator run` with no flags: the command line's own defaults, so they are written once.
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Command {
+            #[command(flatten)]
+            args: RunArgs,
+        }
+        <Command as clap::Parser>::try_parse_from(["run"])
+            .map(|c| c.args)
+            .unwrap_or_else(|e| e.exit())
+    }
+}
+
 pub async fn run(args: RunArgs, client: Client) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let settings = Settings {

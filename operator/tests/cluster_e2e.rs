@@ -52,17 +52,15 @@ async fn a_tiny_finetunejob_succeeds_on_a_real_cluster() {
         namespace: ns.clone(),
         gpu_prices: None,
         trainer_image: image,
-        fetch_image: "curlimages/curl:8.11.1".into(),
         worker_image: std::env::var("CAMELID_E2E_WORKER_IMAGE")
             .unwrap_or_else(|_| "camelid-worker:e2e".into()),
-        gateway_service: "camelid-gateway".into(),
         autoscale_seconds: 5,
         termination_grace_seconds: 60,
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         health_addr: "127.0.0.1:0".parse().unwrap(),
         leader_election: false,
-        progress_port: 8090,
         progress_poll_seconds: 5,
+        ..camelid_operator::run::RunArgs::default()
     };
     let operator = tokio::spawn(camelid_operator::run::run(args, client.clone()));
     let name = format!("e2e-{}", std::process::id());

@@ -45,15 +45,13 @@ impl Scenario {
             gpu_prices: Some("gpu-prices".into()),
             trainer_image: "camelid-trainer:test".into(),
             fetch_image: "curl:test".into(),
-            worker_image: "camelid-worker:test".into(),
-            gateway_service: "camelid-gateway".into(),
             autoscale_seconds: 1,
-            termination_grace_seconds: 180,
             metrics_addr: "127.0.0.1:0".parse().unwrap(),
             health_addr: "127.0.0.1:0".parse().unwrap(),
             leader_election: true,
             progress_port: self.progress_port,
             progress_poll_seconds: 1,
+            ..camelid_operator::run::RunArgs::default()
         };
         let client = self.client.clone();
         tokio::spawn(async move {

@@ -80,18 +80,12 @@ async fn a_chatmodel_scales_from_zero_with_load_and_back_to_zero_when_idle() {
         .unwrap();
     let args = camelid_operator::run::RunArgs {
         namespace: "camelid-system".into(),
-        gpu_prices: None,
-        trainer_image: "camelid-trainer:test".into(),
-        fetch_image: "curl:test".into(),
-        worker_image: "camelid-worker:test".into(),
-        gateway_service: "camelid-gateway".into(),
         autoscale_seconds: 1,
-        termination_grace_seconds: 180,
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         health_addr: "127.0.0.1:0".parse().unwrap(),
         leader_election: false,
-        progress_port: 1,
         progress_poll_seconds: 1,
+        ..camelid_operator::run::RunArgs::default()
     };
     let operator = tokio::spawn(async move { camelid_operator::run::run(args, client).await.unwrap() });
     server

@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
@@ -27,6 +27,7 @@ use super::build::{self, ModelFiles, fingerprint};
 use super::load::Gateways;
 use super::status::{self, Source};
 use crate::error::Error;
+use crate::events::publish;
 use crate::finetunejob::build::Settings;
 use crate::finetunejob::controller::MANAGER;
 use crate::metrics::Metrics;
@@ -93,19 +94,8 @@ pub async fn reconcile(
     let started = std::time::Instant::now();
     let model = match &guarded.0 {
         Ok(model) => model,
-        Err(invalid) => {
-            let name = invalid.metadata.name.clone().unwrap_or_default();
-            tracing::warn!(model = %name, error = %invalid.error, "ChatModel cannot be read");
-            ctx.metrics.reconcile_error("invalid_spec");
-            let note = format!("this ChatModel cannot be read: {}", invalid.error);
-            publish(
-                &ctx,
-                &guarded.object_ref(&()),
-                EventType::Warning,
-                "InvalidSpec",
-                note,
-            )
-            .await;
+        Err(_) => {
+            crate::events::invalid_spec(&ctx.recorder, &ctx.metrics, "ChatModel", &guarded).await;
             return Ok(Action::await_change());
         }
     };
@@ -126,25 +116,6 @@ pub async fn reconcile(
     };
     ctx.metrics.reconciled(started.elapsed());
     result
-}
-
-async fn publish(
-    ctx: &Context,
-    reference: &k8s_openapi::api::core::v1::ObjectReference,
-    type_: EventType,
-    reason: &str,
-    note: String,
-) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, reference).await {
-        tracing::debug!(error = %e, "publishing an event failed");
-    }
 }
 
 /// Where the model's files are, or why they are not there yet.
@@ -353,7 +324,14 @@ async fn reconcile_inner(model: &ChatModel, ctx: &Context) -> Result<Action, Err
         .await?;
     }
     if let Some((reason, note)) = event {
-        publish(ctx, &model.object_ref(&()), EventType::Normal, reason, note).await;
+        publish(
+            &ctx.recorder,
+            &model.object_ref(&()),
+            EventType::Normal,
+            reason,
+            note,
+        )
+        .await;
     }
     Ok(Action::requeue(ctx.period))
 }

@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -312,19 +312,8 @@ pub async fn reconcile(
     let started = std::time::Instant::now();
     let ftj = match &guarded.0 {
         Ok(ftj) => ftj,
-        Err(invalid) => {
-            // Say what is wrong where users look, and wait for them to fix it.
-            let name = invalid.metadata.name.clone().unwrap_or_default();
-            tracing::warn!(job = %name, error = %invalid.error, "FineTuneJob cannot be read");
-            ctx.metrics.reconcile_error("invalid_spec");
-            let ev = Event {
-                type_: EventType::Warning,
-                reason: "InvalidSpec".into(),
-                note: Some(format!("this FineTuneJob cannot be read: {}", invalid.error)),
-                action: "Reconcile".into(),
-                secondary: None,
-            };
-            let _ = ctx.recorder.publish(&ev, &guarded.object_ref(&())).await;
+        Err(_) => {
+            crate::events::invalid_spec(&ctx.recorder, &ctx.metrics, "FineTuneJob", &guarded).await;
             return Ok(Action::await_change());
         }
     };
@@ -551,16 +540,7 @@ async fn reconcile_inner(ftj: &FineTuneJob, ctx: &Context) -> Result<Action, Err
         .await?;
     }
     if let Some((type_, reason, note)) = event {
-        let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&ev, &ftj.object_ref(&())).await {
-            tracing::debug!(error = %e, "publishing an event failed");
-        }
+        crate::events::publish(&ctx.recorder, &ftj.object_ref(&()), type_, reason, note).await;
     }
     Ok(if requeue.is_zero() {
         Action::await_change()

@@ -7,16 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use camelid_memory_apiserver::MemoryApiServer;
-use kube::{Client, Config};
+use kube::Client;
 use serde_json::Value;
 
 pub const NS: &str = "default";
 
-/// A kube client of `server`, with `default` as its namespace.
+/// A kube client of `server`, with `default` (`NS`) as its namespace.
 pub fn client(server: &MemoryApiServer) -> Client {
-    let mut config = Config::new(server.url().parse().unwrap());
-    config.default_namespace = NS.into();
-    Client::try_from(config).unwrap()
+    server.client().unwrap()
 }
 
 /// Waits up to 30 s for `check`.

@@ -62,8 +62,7 @@ fn the_gateway_serves_chatmodels_holds_requests_at_zero_and_routes_only_to_ready
         )
         .unwrap();
     let gateway = runtime.block_on(async {
-        let config = kube::Config::new(server.url().parse().unwrap());
-        let client = kube::Client::try_from(config).unwrap();
+        let client = server.client().unwrap();
         let found = Arc::new(StaticEndpoints::new(Default::default()));
         let rules = ModelRules::default();
         camelid_gateway::discovery::spawn(client, Some(NS.into()), found.clone(), rules.clone());

@@ -185,9 +185,7 @@ fn a_finetuned_model_is_served_from_zero_moderated_and_scaled_back_to_zero() {
     )
     .unwrap();
     let gateway = runtime.block_on(async {
-        let mut config = kube::Config::new(server.url().parse().unwrap());
-        config.default_namespace = NS.into();
-        let client = kube::Client::try_from(config).unwrap();
+        let client = server.client().unwrap();
         let found = Arc::new(StaticEndpoints::new(Default::default()));
         let rules = ModelRules::default();
         camelid_gateway::discovery::spawn(client.clone(), Some(NS.into()), found.clone(), rules.clone());
@@ -206,18 +204,12 @@ fn a_finetuned_model_is_served_from_zero_moderated_and_scaled_back_to_zero() {
         tokio::spawn(camelid_gateway::serve(state, listener, std::future::pending()));
         let args = camelid_operator::run::RunArgs {
             namespace: "camelid-system".into(),
-            gpu_prices: None,
-            trainer_image: "camelid-trainer:test".into(),
-            fetch_image: "curl:test".into(),
-            worker_image: "camelid-worker:test".into(),
-            gateway_service: "camelid-gateway".into(),
             autoscale_seconds: 1,
-            termination_grace_seconds: 180,
             metrics_addr: "127.0.0.1:0".parse().unwrap(),
             health_addr: "127.0.0.1:0".parse().unwrap(),
             leader_election: false,
-            progress_port: 1,
             progress_poll_seconds: 1,
+            ..camelid_operator::run::RunArgs::default()
         };
         tokio::spawn(async move { camelid_operator::run::run(args, client).await.unwrap() });
         port

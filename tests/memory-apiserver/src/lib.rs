@@ -82,6 +82,17 @@ impl MemoryApiServer {
         &self.url
     }
 
+    /// A kube-rs client of this server, with `default` as its namespace.
+    pub fn client(&self) -> Result<kube::Client, kube::Error> {
+        let url = self
+            .url
+            .parse()
+            .map_err(|e: axum::http::uri::InvalidUri| kube::Error::Service(e.into()))?;
+        let mut config = kube::Config::new(url);
+        config.default_namespace = "default".into();
+        kube::Client::try_from(config)
+    }
+
     /// The store, for the test's side of the cluster (creating pods, setting their status, removing nodes).
     pub fn cluster(&self) -> Cluster<'_> {
         Cluster {

@@ -10,14 +10,12 @@ use camelid_memory_apiserver::MemoryApiServer;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
-use kube::{Client, Config};
 
 async fn client(server: &MemoryApiServer) -> Client {
-    let mut config = Config::new(server.url().parse().unwrap());
-    config.default_namespace = "default".into();
-    Client::try_from(config).unwrap()
+    server.client().unwrap()
 }
 
 fn config_map(name: &str, labels: &[(&str, &str)], data: &[(&str, &str)]) -> ConfigMap {
