@@ -304,41 +304,30 @@ async fn pipeline(
     // config with no ready worker gets 503 at once (nothing would start one).
     let scaled = state.rules.read().is_ok_and(|r| r.contains_key(&request.model));
     let waiting = scaled && !state.router.has_ready(&request.model);
-    if waiting && request.stream {
-        // Headers go now and comments keep the stream open while a worker starts; the answer follows.
-        let Some(held) = state.router.hold(&request.model, state.hold.max_requests) else {
-            return Err((ApiError::too_many_waiting(&request.model), record));
-        };
-        let writer = ChunkWriter::new(&request, id.clone(), unix_now());
-        let st = state.clone();
-        let start = async move {
-            let ready = st.router.wait_ready(&request.model, st.hold.timeout).await;
-            drop(held);
-            if !ready {
-                return Err(ApiError::model_starting(&request.model, st.hold.timeout));
-            }
-            st.router.start_generation(&request, &id, &mut tried).await
-        };
-        return Ok(stream_response(
-            state.clone(),
-            start,
-            writer,
-            record,
-            gauge,
-            output,
-        ));
-    }
     if waiting {
-        let Some(held) = state.router.hold(&request.model, state.hold.max_requests) else {
-            return Err((ApiError::too_many_waiting(&request.model), record));
+        let held = match state.router.hold(&request.model, state.hold.max_requests) {
+            Ok(held) => held,
+            Err(e) => return Err((e, record)),
         };
-        let ready = state.router.wait_ready(&request.model, state.hold.timeout).await;
-        drop(held);
-        if !ready {
-            return Err((
-                ApiError::model_starting(&request.model, state.hold.timeout),
+        if request.stream {
+            // Headers go now and comments keep the stream open while a worker starts; the answer follows.
+            let writer = ChunkWriter::new(&request, id.clone(), unix_now());
+            let st = state.clone();
+            let start = async move {
+                held.until_ready(st.hold.timeout).await?;
+                st.router.start_generation(&request, &id, &mut tried).await
+            };
+            return Ok(stream_response(
+                state.clone(),
+                start,
+                writer,
                 record,
+                gauge,
+                output,
             ));
+        }
+        if let Err(e) = held.until_ready(state.hold.timeout).await {
+            return Err((e, record));
         }
     }
     if request.stream {

@@ -120,6 +120,17 @@ pub struct Held {
     model: String,
 }
 
+impl Held {
+    /// Waits, counted as held, until the model has a ready worker; past `timeout`, 503 `model_starting`.
+    pub async fn until_ready(self, timeout: Duration) -> Result<(), ApiError> {
+        if self.router.wait_ready(&self.model, timeout).await {
+            Ok(())
+        } else {
+            Err(ApiError::model_starting(&self.model, timeout))
+        }
+    }
+}
+
 impl Drop for Held {
     fn drop(&mut self) {
         self.router.held_total.fetch_sub(1, Ordering::Relaxed);
@@ -354,11 +365,11 @@ impl Router {
         })
     }
 
-    /// Counts a request as waiting for `model`; `None` when `limit` requests already wait.
-    pub fn hold(self: &Arc<Self>, model: &str, limit: usize) -> Option<Held> {
+    /// Counts a request as waiting for `model`; 503 `too_many_waiting` when `limit` requests already wait.
+    pub fn hold(self: &Arc<Self>, model: &str, limit: usize) -> Result<Held, ApiError> {
         if self.held_total.fetch_add(1, Ordering::Relaxed) >= limit {
             self.held_total.fetch_sub(1, Ordering::Relaxed);
-            return None;
+            return Err(ApiError::too_many_waiting(model));
         }
         if let Ok(mut held) = self.held.lock() {
             *held.entry(model.to_string()).or_default() += 1;
@@ -367,7 +378,7 @@ impl Router {
             .held
             .get_or_create(&ModelLabels { model: model.into() })
             .inc();
-        Some(Held {
+        Ok(Held {
             router: self.clone(),
             model: model.to_string(),
         })
