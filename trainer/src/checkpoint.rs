@@ -95,6 +95,26 @@ pub struct Manifest {
     /// RFC 3339 time the checkpoint was written.
     pub created: String,
     pub files: BTreeMap<String, FileEntry>,
+    /// Ranks that wrote it; each rank's files are named `NAME.rank-R-of-W.safetensors` when more than one.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub world_size: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn is_one(n: &u64) -> bool {
+    *n == 1
+}
+
+/// The file `base` (`model`, `optimizer`, `gradients`) of rank `rank` of `world`.
+pub fn shard_file(base: &str, rank: usize, world: usize) -> String {
+    if world == 1 {
+        format!("{base}.safetensors")
+    } else {
+        format!("{base}.rank-{rank:05}-of-{world:05}.safetensors")
+    }
 }
 
 /// One checkpoint's state in memory.
@@ -170,24 +190,36 @@ pub fn write(root: &Path, state: State) -> Result<PathBuf, CheckpointError> {
         })?;
         manifest.files.insert(file, sha256_file(&path)?);
     }
-    let manifest_path = temp.join(MANIFEST);
-    let text = serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::Invalid {
-        path: manifest_path.clone(),
-        detail: e.to_string(),
-    })?;
-    {
-        let mut f = std::fs::File::create(&manifest_path).map_err(io_err(&manifest_path))?;
-        std::io::Write::write_all(&mut f, &text).map_err(io_err(&manifest_path))?;
-        f.sync_all().map_err(io_err(&manifest_path))?;
-    }
-    fsync_dir(&temp)?;
-    let final_path = root.join(&name);
+    publish(root, &temp, &name, &manifest)
+}
+
+/// Writes `manifest` last into the finished temporary folder `temp` and renames it to `root/name`.
+fn publish(root: &Path, temp: &Path, name: &str, manifest: &Manifest) -> Result<PathBuf, CheckpointError> {
+    write_synced(&temp.join(MANIFEST), manifest, true)?;
+    fsync_dir(temp)?;
+    let final_path = root.join(name);
     if final_path.exists() {
         std::fs::remove_dir_all(&final_path).map_err(io_err(&final_path))?;
     }
-    std::fs::rename(&temp, &final_path).map_err(io_err(&final_path))?;
+    std::fs::rename(temp, &final_path).map_err(io_err(&final_path))?;
     fsync_dir(root)?;
     Ok(final_path)
+}
+
+/// Writes `value` as JSON into `path` and fsyncs it.
+fn write_synced(path: &Path, value: &impl Serialize, pretty: bool) -> Result<(), CheckpointError> {
+    let text = if pretty {
+        serde_json::to_vec_pretty(value)
+    } else {
+        serde_json::to_vec(value)
+    }
+    .map_err(|e| CheckpointError::Invalid {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    let mut f = std::fs::File::create(path).map_err(io_err(path))?;
+    std::io::Write::write_all(&mut f, &text).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
 }
 
 /// Reads and verifies the manifest of the checkpoint in `dir` (sizes and checksums of every file).
@@ -301,4 +333,61 @@ pub fn prune(root: &Path, keep: usize) -> Result<(), CheckpointError> {
         }
     }
     Ok(())
+}
+
+/// Writes this rank's part of a checkpoint that all ranks of `comm` write together into one shared folder: rank 0
+/// prepares the temporary folder, every rank writes its files and a list of their sizes and checksums, and after
+/// a barrier rank 0 writes the manifest (naming every rank's files) last and renames the folder into place. A
+/// checkpoint is therefore complete for every rank or has no manifest and is never resumed. The checkpoint
+/// folder must be shared by all ranks (one volume, or one node).
+pub fn write_sharded(
+    root: &Path,
+    state: State,
+    comm: &crate::dist::Comm,
+) -> Result<PathBuf, crate::TrainError> {
+    let State { mut manifest, files } = state;
+    let name = folder_name(manifest.step, manifest.micro_step);
+    let _span = tracing::info_span!("checkpoint_write", name = %name, rank = comm.rank()).entered();
+    let temp = root.join(format!("{TEMP_PREFIX}{name}"));
+    if comm.is_leader() {
+        std::fs::create_dir_all(root).map_err(io_err(root))?;
+        if temp.exists() {
+            std::fs::remove_dir_all(&temp).map_err(io_err(&temp))?;
+        }
+        std::fs::create_dir(&temp).map_err(io_err(&temp))?;
+    }
+    comm.barrier()?;
+    let mut mine = BTreeMap::new();
+    for (file, tensors) in files {
+        let path = temp.join(&file);
+        camelid_model::weights::write_safetensors(&path, &tensors).map_err(|source| {
+            CheckpointError::Tensors {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        mine.insert(file, sha256_file(&path)?);
+    }
+    let list = |rank: usize| temp.join(format!("files.rank-{rank:05}.json"));
+    write_synced(&list(comm.rank()), &mine, false)?;
+    comm.barrier()?;
+    let final_path = root.join(&name);
+    if comm.is_leader() {
+        manifest.files.clear();
+        manifest.world_size = comm.world() as u64;
+        for rank in 0..comm.world() {
+            let path = list(rank);
+            let text = std::fs::read(&path).map_err(io_err(&path))?;
+            let entries: BTreeMap<String, FileEntry> =
+                serde_json::from_slice(&text).map_err(|e| CheckpointError::Invalid {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                })?;
+            manifest.files.extend(entries);
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+        publish(root, &temp, &name, &manifest)?;
+    }
+    comm.barrier()?;
+    Ok(final_path)
 }

@@ -31,6 +31,9 @@ pub enum TrainError {
     Engine(#[from] EngineError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A collective or the rendezvous failed: a peer died, hung past the timeout, or never came.
+    #[error("process group: {0}")]
+    Dist(#[from] camelid_dist::DistError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -49,6 +52,11 @@ impl TrainError {
             TrainError::Checkpoint(e) | TrainError::ResumeFrom(e) => e.category(),
             TrainError::Engine(_) | TrainError::Torch(_) => "torch",
             TrainError::Io { .. } => "io",
+            TrainError::Dist(e) => match e.category() {
+                "rendezvous" => "dist_rendezvous",
+                "collective" => "dist_collective",
+                _ => "dist_invalid",
+            },
         }
     }
 

@@ -9,6 +9,8 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use camelid_trainer::config::{Checkpointing, DeviceChoice, Precision, TrainConfig};
+use camelid_trainer::dist::DistEnv;
+use camelid_trainer::launch::{self, Plan};
 use camelid_trainer::progress::{self, Phase, Reporter};
 use camelid_trainer::train::{self, Outcome, Resume, RunOptions};
 use camelid_trainer::{EXIT_FAILED, EXIT_STOPPED, TrainError};
@@ -39,6 +41,22 @@ enum Command {
         /// Checkpoint and exit with 75 after step N, as on a termination notice (for drills and tests).
         #[arg(long)]
         stop_at_step: Option<u64>,
+    },
+    /// Start N ranks of `train` on this machine as one gang (torchrun's environment: RANK, WORLD_SIZE,
+    /// MASTER_ADDR, ...); e.g. `launch --nproc 2 -- train --data d.json --output out`.
+    Launch {
+        /// Ranks to start here.
+        #[arg(long)]
+        nproc: usize,
+        /// Rendezvous port on rank 0's host (default: MASTER_PORT, else 29500).
+        #[arg(long)]
+        master_port: Option<u16>,
+        /// After a rank fails, how long the others get to exit on their own before they are killed.
+        #[arg(long, default_value = "30")]
+        grace_seconds: u64,
+        /// `train` and its flags.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
 }
 
@@ -233,6 +251,7 @@ fn run_train(
         stop_at_step,
         stop_requested,
         reporter: reporter.clone(),
+        dist: DistEnv::from_vars(|k| std::env::var(k).ok())?,
     };
     match train::train(&cfg, &opts) {
         Ok(Outcome::Finished { steps, export }) => {
@@ -249,6 +268,34 @@ fn run_train(
             Err(e.into())
         }
     }
+}
+
+fn run_launch(
+    nproc: usize,
+    master_port: Option<u16>,
+    grace_seconds: u64,
+    command: &[String],
+) -> anyhow::Result<i32> {
+    if command.first().map(String::as_str) != Some("train") {
+        return Err(TrainError::Config(format!(
+            "launch starts `train` ranks: expected `-- train ...`, got `-- {}`",
+            command.join(" ")
+        ))
+        .into());
+    }
+    let plan = Plan::from_vars(nproc, master_port, |k| std::env::var(k).ok()).map_err(TrainError::Config)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
+    }
+    let program = std::env::current_exe().context("finding camelid-trainer's own path")?;
+    Ok(launch::run(
+        &plan,
+        &program,
+        command,
+        &stop,
+        std::time::Duration::from_secs(grace_seconds),
+    ))
 }
 
 fn main() -> ExitCode {
@@ -270,6 +317,12 @@ fn main() -> ExitCode {
             progress_addr,
             stop_at_step,
         } => run_train(settings, resume, progress_addr.as_deref(), *stop_at_step),
+        Command::Launch {
+            nproc,
+            master_port,
+            grace_seconds,
+            command,
+        } => run_launch(*nproc, *master_port, *grace_seconds, command),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

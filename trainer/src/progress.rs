@@ -41,6 +41,9 @@ pub struct Progress {
     pub tokens_per_second: f64,
     pub last_checkpoint: Option<LastCheckpoint>,
     pub eta_seconds: Option<f64>,
+    /// What this rank holds when it is one of several (sharded training).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<crate::fsdp::ShardMemory>,
 }
 
 impl Default for Progress {
@@ -55,6 +58,7 @@ impl Default for Progress {
             tokens_per_second: 0.0,
             last_checkpoint: None,
             eta_seconds: None,
+            shards: None,
         }
     }
 }

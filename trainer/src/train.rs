@@ -3,20 +3,24 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use camelid_model::{ChatTemplate, LoadOptions, LoadedModel};
 use tch::{Device, Kind, Tensor};
 
-use crate::batching::{Batcher, collate};
-use crate::checkpoint::{self, Manifest, State};
-use crate::config::{DeviceChoice, Precision, TrainConfig, differences, hash_file, hash_json};
+use crate::backend::Backend;
+use crate::batching::Batcher;
+use crate::checkpoint;
+use crate::config::{DeviceChoice, Precision, TrainConfig, hash_file, hash_json};
 use crate::data::{self, CleanOptions};
 use crate::dataset::{self, Sample};
+use crate::dist::{Comm, DistEnv};
 use crate::engine::Engine;
 use crate::error::TrainError;
-use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, cosine_lr};
+use crate::fsdp::ShardedEngine;
+use crate::optim::{AdamW, AdamWConfig, cosine_lr};
 use crate::progress::{LastCheckpoint, Phase, Reporter};
+use crate::run::Run;
 
 /// Where to resume from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +39,8 @@ pub struct RunOptions {
     /// Set by SIGTERM/SIGUSR1: finish the micro-batch in flight, checkpoint, stop.
     pub stop_requested: Arc<AtomicBool>,
     pub reporter: Arc<Reporter>,
+    /// This process's place in a gang of several (`None`: it trains alone).
+    pub dist: Option<DistEnv>,
 }
 
 /// How a run ended.
@@ -107,206 +113,6 @@ fn required<'a>(v: &'a Option<PathBuf>, flag: &str) -> Result<&'a PathBuf, Train
         .ok_or_else(|| TrainError::Config(format!("{flag} is required")))
 }
 
-fn rfc3339_now() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-}
-
-/// Everything the loop carries between steps.
-struct Run<'a> {
-    cfg: &'a TrainConfig,
-    model: LoadedModel,
-    engine: Engine,
-    optimizer: AdamW,
-    samples: Vec<Sample>,
-    batcher: Batcher,
-    total_micro: u64,
-    identity: serde_json::Value,
-    config_hash: String,
-    checkpoint_dir: PathBuf,
-    output: PathBuf,
-    opts: &'a RunOptions,
-    epoch_cache: Option<(u64, Vec<Vec<usize>>)>,
-}
-
-impl Run<'_> {
-    /// The sample indices of micro-batch `position` of the endless sequence of epochs (each epoch's order is
-    /// computed once, when the run enters it).
-    fn batch_at(&mut self, position: u64) -> &[usize] {
-        let per_epoch = self.batcher.batches_per_epoch() as u64;
-        let (epoch, index) = (position / per_epoch, (position % per_epoch) as usize);
-        if self.epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            self.epoch_cache = Some((epoch, self.batcher.epoch(epoch)));
-        }
-        self.epoch_cache
-            .as_ref()
-            .map_or(&[], |(_, batches)| &batches[index])
-    }
-
-    fn micro_batch_at(&mut self, position: u64) -> Result<crate::batching::MicroBatch, TrainError> {
-        let indices = self.batch_at(position).to_vec();
-        let rows: Vec<&Sample> = indices.iter().map(|&i| &self.samples[i]).collect();
-        let pad = self
-            .model
-            .config()
-            .pad_token_id
-            .or(self.model.eos_token_ids.first().copied())
-            .unwrap_or(0);
-        Ok(collate(&rows, pad, self.model.model.device())?)
-    }
-
-    fn step_range(&self, step: u64) -> std::ops::Range<u64> {
-        let g = self.cfg.grad_accum as u64;
-        step * g..((step + 1) * g).min(self.total_micro)
-    }
-
-    /// Trainable tokens in the whole of optimizer step `step`: the loss is averaged over all of them.
-    fn trainable_in_step(&mut self, step: u64) -> usize {
-        let mut total = 0;
-        for position in self.step_range(step) {
-            let indices = self.batch_at(position).to_vec();
-            total += indices
-                .iter()
-                .map(|&i| self.samples[i].trainable_tokens())
-                .sum::<usize>();
-        }
-        total.max(1)
-    }
-
-    fn save(&self, step: u64, micro_step: u64, partial: (f64, u64)) -> Result<PathBuf, TrainError> {
-        self.opts.reporter.update(|p| p.phase = Phase::Checkpointing);
-        let params: Vec<(String, Tensor)> = self
-            .engine
-            .names
-            .iter()
-            .cloned()
-            .zip(self.engine.masters.iter().map(Tensor::shallow_clone))
-            .collect();
-        let mut optimizer = Vec::with_capacity(params.len() * 2);
-        for (i, name) in self.engine.names.iter().enumerate() {
-            optimizer.push((
-                format!("exp_avg.{name}"),
-                self.optimizer.exp_avg[i].shallow_clone(),
-            ));
-            optimizer.push((
-                format!("exp_avg_sq.{name}"),
-                self.optimizer.exp_avg_sq[i].shallow_clone(),
-            ));
-        }
-        let mut files = vec![
-            ("model.safetensors".to_string(), params),
-            ("optimizer.safetensors".to_string(), optimizer),
-        ];
-        if micro_step > 0 {
-            let grads = self
-                .engine
-                .names
-                .iter()
-                .cloned()
-                .zip(self.engine.grads.iter().map(Tensor::shallow_clone))
-                .collect();
-            files.push(("gradients.safetensors".to_string(), grads));
-        }
-        let position = step * self.cfg.grad_accum as u64 + micro_step;
-        let manifest = Manifest {
-            format_version: 1,
-            step,
-            micro_step,
-            data_position: position,
-            data_seed: self.cfg.seed,
-            epoch: position / self.batcher.batches_per_epoch() as u64,
-            optimizer_step: self.optimizer.step,
-            optimizer: self.optimizer.config,
-            partial_loss_sum: partial.0,
-            partial_tokens: partial.1,
-            config_hash: self.config_hash.clone(),
-            config: self.identity.clone(),
-            created: rfc3339_now(),
-            files: Default::default(),
-        };
-        let started = Instant::now();
-        let dir = checkpoint::write(&self.checkpoint_dir, State { manifest, files })?;
-        checkpoint::prune(&self.checkpoint_dir, self.cfg.keep_checkpoints)?;
-        tracing::info!(
-            checkpoint = %dir.display(), step, micro_step, seconds = started.elapsed().as_secs_f64(),
-            "checkpoint written"
-        );
-        self.opts.reporter.metrics.checkpoints.inc();
-        self.opts.reporter.metrics.last_checkpoint_step.set(step as i64);
-        self.opts.reporter.update(|p| {
-            p.phase = Phase::Training;
-            p.last_checkpoint = Some(LastCheckpoint {
-                step,
-                time: rfc3339_now(),
-            });
-        });
-        Ok(dir)
-    }
-
-    /// Loads a verified checkpoint; returns (step, micro_step, partial loss/tokens).
-    fn restore(&mut self, dir: &Path, manifest: &Manifest) -> Result<(u64, u64, (f64, u64)), TrainError> {
-        if manifest.config_hash != self.config_hash {
-            return Err(checkpoint::CheckpointError::ConfigMismatch {
-                path: dir.to_path_buf(),
-                found: manifest.config_hash.clone(),
-                expected: self.config_hash.clone(),
-                hint: format!(
-                    "changed: {}; resume with the same settings and data, or use --resume never",
-                    differences(&manifest.config, &self.identity).join("; ")
-                ),
-            }
-            .into());
-        }
-        let names = &self.engine.names;
-        let masters: Vec<(String, &Tensor)> = names.iter().cloned().zip(&self.engine.masters).collect();
-        load_named(dir, "model.safetensors", &masters)?;
-        let mut moments: Vec<(String, &Tensor)> = Vec::with_capacity(names.len() * 2);
-        for (i, name) in names.iter().enumerate() {
-            moments.push((format!("exp_avg.{name}"), &self.optimizer.exp_avg[i]));
-            moments.push((format!("exp_avg_sq.{name}"), &self.optimizer.exp_avg_sq[i]));
-        }
-        load_named(dir, "optimizer.safetensors", &moments)?;
-        if manifest.micro_step > 0 {
-            let grads: Vec<(String, &Tensor)> = names.iter().cloned().zip(&self.engine.grads).collect();
-            load_named(dir, "gradients.safetensors", &grads)?;
-        }
-        self.optimizer.step = manifest.optimizer_step;
-        self.engine.refresh_compute_copy(&self.model.model)?;
-        Ok((
-            manifest.step,
-            manifest.micro_step,
-            (manifest.partial_loss_sum, manifest.partial_tokens),
-        ))
-    }
-}
-
-/// Copies the tensors of `file` into `targets` (same names, same shapes, nothing missing or extra).
-fn load_named(dir: &Path, file: &str, targets: &[(String, &Tensor)]) -> Result<(), TrainError> {
-    let invalid = |detail: String| checkpoint::CheckpointError::Invalid {
-        path: dir.join(file),
-        detail,
-    };
-    let mut tensors: std::collections::HashMap<String, Tensor> =
-        checkpoint::read_tensors(dir, file)?.into_iter().collect();
-    for (name, target) in targets {
-        let t = tensors
-            .remove(name)
-            .ok_or_else(|| invalid(format!("tensor {name} is missing")))?;
-        if t.size() != target.size() {
-            return Err(invalid(format!(
-                "tensor {name} has shape {:?}, the model {:?}",
-                t.size(),
-                target.size()
-            ))
-            .into());
-        }
-        tch::no_grad(|| target.shallow_clone().f_copy_(&t))?;
-    }
-    if let Some(extra) = tensors.keys().min() {
-        return Err(invalid(format!("unexpected tensor {extra}")).into());
-    }
-    Ok(())
-}
-
 /// One line per step in `metrics.jsonl` (kept in step order across resumes).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct StepRecord {
@@ -318,6 +124,9 @@ pub struct StepRecord {
     pub trainable_tokens: u64,
     pub epoch: f64,
     pub seconds: f64,
+    /// Seconds this rank spent in collectives during the step (several ranks only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_seconds: Option<f64>,
 }
 
 /// Keeps the records of steps `<= step` (a resume redoes the later ones) and opens the file for appending.
@@ -352,7 +161,48 @@ fn progress_bar(step: u64, total: u64) -> String {
     )
 }
 
-/// Runs `train` to the end (export) or to a stop (checkpoint written).
+/// Writes `value` as pretty JSON into `path`.
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), TrainError> {
+    let text = serde_json::to_string_pretty(value).unwrap_or_default();
+    std::fs::write(path, text).map_err(|e| TrainError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
+/// Joins the gang, if any, and picks the engine: the whole model in this process, or this rank's shards.
+fn setup_engine(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    model: &mut LoadedModel,
+    compute_kind: Kind,
+) -> Result<(Backend, Comm), TrainError> {
+    let Some(dist) = &opts.dist else {
+        let engine = Engine::new(&model.model, compute_kind, cfg.activation_checkpointing)?;
+        return Ok((Backend::Single(Box::new(engine)), Comm::default()));
+    };
+    if model.model.device() != Device::Cpu {
+        return Err(TrainError::Config(format!(
+            "WORLD_SIZE={} on {:?}: this build's process groups are Gloo (CPU tensors); sharded training on \
+             GPUs needs the NCCL build of camelid-dist (see dist/README.md)",
+            dist.world,
+            model.model.device()
+        )));
+    }
+    let group = std::rc::Rc::new(dist.connect()?);
+    if cfg.activation_checkpointing != crate::config::Checkpointing::Full {
+        tracing::info!(
+            "sharded training recomputes every layer in backward (full activation checkpointing) whatever \
+             --activation-checkpointing says: that is what lets a layer's gathered weights be freed between its \
+             forward and its backward (the results are the same)"
+        );
+    }
+    let engine = ShardedEngine::new(&mut model.model, compute_kind, group.clone())?;
+    Ok((Backend::Sharded(engine), Comm { group: Some(group) }))
+}
+
+/// Runs `train` to the end (export) or to a stop (checkpoint written). With [`RunOptions::dist`], every rank of
+/// the gang runs this together: rank 0 alone writes the data report, the metrics log and the export.
 pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError> {
     cfg.validate().map_err(TrainError::Config)?;
     let model_path = match &cfg.model {
@@ -374,17 +224,14 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
         source,
     })?;
 
-    let (model, compute_kind) = load_model(cfg, &model_path)?;
+    let (mut model, compute_kind) = load_model(cfg, &model_path)?;
     let (samples, report) = prepare_data(cfg, data_path, &model)?;
+    let (engine, comm) = setup_engine(cfg, opts, &mut model, compute_kind)?;
+    let leader = comm.is_leader();
     let report_path = output.join("data_report.json");
-    std::fs::write(
-        &report_path,
-        serde_json::to_string_pretty(&report).unwrap_or_default(),
-    )
-    .map_err(|e| TrainError::Io {
-        path: report_path.clone(),
-        source: e,
-    })?;
+    if leader {
+        write_json(&report_path, &report)?;
+    }
     tracing::info!(
         samples = samples.len(),
         report = %report_path.display(),
@@ -395,7 +242,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
 
     let batcher = Batcher::new(&samples, cfg.micro_batch, cfg.seed, cfg.group_by_length);
     let per_epoch = batcher.batches_per_epoch() as u64;
-    let g = cfg.grad_accum as u64;
+    let g = (cfg.grad_accum * comm.world()) as u64;
     let (total_steps, total_micro) = match cfg.max_steps {
         Some(n) => (n, n * g),
         None => {
@@ -405,8 +252,10 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
     };
     let mut identity = cfg.identity(&data_sha);
     identity["model"] = model.config().to_hf_json();
+    if comm.world() > 1 {
+        identity["world_size"] = serde_json::json!(comm.world());
+    }
     let config_hash = hash_json(&identity);
-    let engine = Engine::new(&model.model, compute_kind, cfg.activation_checkpointing)?;
     let optimizer = AdamW::new(
         AdamWConfig {
             beta1: cfg.adam_beta1,
@@ -414,13 +263,28 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
             eps: cfg.adam_eps,
             weight_decay: cfg.weight_decay,
         },
-        &engine.masters,
+        engine.masters(),
     )?;
+    if let Backend::Sharded(sharded) = &engine {
+        let mut memory = sharded.memory();
+        memory.optimizer_state_bytes = (optimizer.exp_avg.iter().chain(&optimizer.exp_avg_sq))
+            .map(|t| t.numel() as u64 * 4)
+            .sum();
+        tracing::info!(?memory, "holding this rank's shards");
+        opts.reporter.update(|p| p.shards = Some(memory));
+        let ranks_dir = output.join("ranks");
+        std::fs::create_dir_all(&ranks_dir).map_err(|e| TrainError::Io {
+            path: ranks_dir.clone(),
+            source: e,
+        })?;
+        write_json(&ranks_dir.join(format!("rank-{:05}.json", comm.rank())), &memory)?;
+    }
     let mut run = Run {
         cfg,
         model,
         engine,
         optimizer,
+        comm,
         samples,
         batcher,
         total_micro,
@@ -437,6 +301,18 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
         Resume::Auto => checkpoint::latest(&run.checkpoint_dir)?,
         Resume::Path(p) => Some((p.clone(), checkpoint::verify(p).map_err(TrainError::ResumeFrom)?)),
     };
+    // Every rank verifies on its own; they must have found the same checkpoint.
+    let key = found
+        .as_ref()
+        .map_or(-1.0, |(_, m)| (m.step * 1_000_000 + m.micro_step) as f64);
+    if run.comm.sum(&[key])?[0] != key * run.comm.world() as f64 {
+        return Err(TrainError::Config(format!(
+            "the ranks do not see the same newest complete checkpoint under {} (this rank: {:?}); is the \
+             checkpoint directory shared by every rank?",
+            run.checkpoint_dir.display(),
+            found.as_ref().map(|(dir, _)| dir)
+        )));
+    }
     let (mut step, mut micro, mut partial) = (0, 0, (0.0, 0));
     if let Some((dir, manifest)) = found {
         (step, micro, partial) = run.restore(&dir, &manifest)?;
@@ -458,28 +334,47 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
         p.step = step;
         p.total_steps = total_steps;
     });
-    let mut step_log = open_step_log(&output.join("metrics.jsonl"), step)?;
+    let metrics_path = output.join("metrics.jsonl");
+    let mut step_log = if leader {
+        Some(open_step_log(&metrics_path, step)?)
+    } else {
+        None
+    };
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut mean_step_seconds: Option<f64> = None;
+    let (rank, world) = (run.comm.rank() as u64, run.comm.world() as u64);
 
     while step < total_steps {
         let started = Instant::now();
         let range = run.step_range(step);
-        let scale = 1.0 / run.trainable_in_step(step) as f64;
+        let scale = 1.0 / run.trainable_at(range.clone()).max(1) as f64;
         let mut tokens = 0;
         // The step's summed loss stays on the device until the step ends (no host sync per micro-batch).
         let mut loss_sum = Tensor::f_from_slice(&[partial.0])?
             .f_to_device(run.model.model.device())?
             .f_squeeze()?;
-        for position in range.start + micro..range.end {
-            let batch = run.micro_batch_at(position)?;
-            loss_sum = loss_sum.f_add(&run.engine.micro_step(&run.model.model, &batch, scale)?)?;
-            partial.1 += batch.trainable as u64;
-            tokens += batch.tokens;
-            micro += 1;
-            if opts.stop_requested.load(Ordering::SeqCst) && position + 1 < range.end {
+        // Each round, every rank takes one micro-batch (the last round of a step may leave some without).
+        let mut position = range.start + micro;
+        while position < range.end {
+            let mine = position + rank;
+            let batch = if mine < range.end {
+                Some(run.micro_batch_at(mine)?)
+            } else {
+                None
+            };
+            let loss = run
+                .engine
+                .micro_step(&mut run.model.model, batch.as_ref(), scale)?;
+            loss_sum = loss_sum.f_add(&loss)?;
+            tokens += batch.as_ref().map_or(0, |b| b.tokens);
+            let next = (position + world).min(range.end);
+            partial.1 += run.trainable_at(position..next);
+            micro = next - range.start;
+            position = next;
+            let stop = run.comm.any(opts.stop_requested.load(Ordering::SeqCst))?;
+            if stop && position < range.end {
                 tracing::warn!(step, micro_step = micro, "stop requested: checkpointing mid-step");
-                partial.0 = f64::try_from(&loss_sum)?;
+                partial.0 = run.comm.sum(&[f64::try_from(&loss_sum)?])?[0];
                 let dir = run.save(step, micro, partial)?;
                 opts.reporter.update(|p| p.phase = Phase::Stopped);
                 return Ok(Outcome::Stopped {
@@ -489,15 +384,17 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
             }
         }
         let update_started = Instant::now();
-        let grad_norm = clip_grad_norm(&run.engine.grads, cfg.max_grad_norm)?;
+        let grad_norm = run.engine.clip_grad_norm(cfg.max_grad_norm)?;
         let lr = cosine_lr(cfg.lr, step, total_steps, cfg.warmup_ratio);
-        run.optimizer.step(&run.engine.masters, &run.engine.grads, lr)?;
+        run.optimizer.step(run.engine.masters(), run.engine.grads(), lr)?;
         run.engine.finish_step(&run.model.model)?;
         tracing::debug!(
             seconds = update_started.elapsed().as_secs_f64(),
             "clip and optimizer update"
         );
-        let loss = f64::try_from(&loss_sum)? / partial.1.max(1) as f64;
+        let sums = run.comm.sum(&[f64::try_from(&loss_sum)?, tokens as f64])?;
+        let (loss_total, tokens) = (sums[0], sums[1] as usize);
+        let loss = loss_total / partial.1.max(1) as f64;
         let record = StepRecord {
             step: step + 1,
             loss,
@@ -507,6 +404,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
             trainable_tokens: partial.1,
             epoch: range.end as f64 / per_epoch as f64,
             seconds: started.elapsed().as_secs_f64(),
+            comm_seconds: run.engine.take_comm_time().map(|d| d.as_secs_f64()),
         };
         step += 1;
         micro = 0;
@@ -516,12 +414,10 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
         mean_step_seconds = Some(mean);
         let tokens_per_second = tokens as f64 / seconds;
         let eta = mean * (total_steps - step) as f64;
-        if let Ok(line) = serde_json::to_string(&record) {
-            std::io::Write::write_all(&mut step_log, format!("{line}\n").as_bytes()).map_err(|e| {
-                TrainError::Io {
-                    path: output.join("metrics.jsonl"),
-                    source: e,
-                }
+        if let (Some(log), Ok(line)) = (step_log.as_mut(), serde_json::to_string(&record)) {
+            std::io::Write::write_all(log, format!("{line}\n").as_bytes()).map_err(|e| TrainError::Io {
+                path: metrics_path.clone(),
+                source: e,
             })?;
         }
         metrics.step.set(step as i64);
@@ -540,15 +436,19 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
         });
         tracing::info!(
             "{}step {step}/{total_steps} loss {loss:.4} lr {lr:.3e} grad_norm {grad_norm:.3} \
-             tokens/s {tokens_per_second:.0} epoch {:.2} eta {eta:.0}s",
+             tokens/s {tokens_per_second:.0} epoch {:.2} eta {eta:.0}s{}",
             if tty {
                 progress_bar(step, total_steps)
             } else {
                 String::new()
             },
             record.epoch,
+            record
+                .comm_seconds
+                .map_or(String::new(), |c| format!(" comm {c:.3}s")),
         );
-        let stop = opts.stop_requested.load(Ordering::SeqCst) || opts.stop_at_step == Some(step);
+        let stop =
+            run.comm.any(opts.stop_requested.load(Ordering::SeqCst))? || opts.stop_at_step == Some(step);
         // The final step is checkpointed too (an export cut short resumes from it), unless no checkpoint is to be
         // kept after the export anyway.
         let last = step == total_steps && cfg.keep_checkpoints > 0;
@@ -569,9 +469,13 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
     } else {
         Kind::Float
     };
-    camelid_model::export_hf_dir(&run.model, &run.output, export_kind)?;
-    tracing::info!(output = %run.output.display(), "exported");
-    if cfg.keep_checkpoints == 0 {
+    run.engine.prepare_export(&mut run.model.model, export_kind)?;
+    if leader {
+        camelid_model::export_hf_dir(&run.model, &run.output, export_kind)?;
+        tracing::info!(output = %run.output.display(), "exported");
+    }
+    run.comm.barrier()?;
+    if cfg.keep_checkpoints == 0 && leader {
         for dir in checkpoint::list(&run.checkpoint_dir)? {
             std::fs::remove_dir_all(&dir).map_err(|e| TrainError::Io {
                 path: dir.clone(),

@@ -108,3 +108,55 @@ impl Llama {
         }
     }
 }
+
+impl Llama {
+    /// Swaps in `tensor` for the parameter `name` (a checkpoint key from [`Llama::named_parameters`]) and
+    /// returns the one it replaces. A sharded trainer gathers a layer's parameters into place just before the
+    /// layer runs and swaps in empty tensors afterwards, so only the layers in use are ever whole in memory. The
+    /// shape is not checked: using the model with a parameter swapped out fails in libtorch. With tied
+    /// embeddings the vocabulary projection follows `model.embed_tokens.weight`.
+    pub fn replace_parameter(&mut self, name: &str, tensor: Tensor) -> Result<Tensor> {
+        let unknown = || ModelError::InvalidRequest(format!("the model has no parameter {name}"));
+        let slot: &mut Tensor = match name {
+            "model.embed_tokens.weight" => &mut self.embed_tokens,
+            "model.norm.weight" => &mut self.norm,
+            "lm_head.weight" if !self.config.tie_word_embeddings => &mut self.lm_head.weight,
+            _ => {
+                let rest = name.strip_prefix("model.layers.").ok_or_else(unknown)?;
+                let (index, field) = rest.split_once('.').ok_or_else(unknown)?;
+                let layer = index
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|i| self.layers.get_mut(i))
+                    .ok_or_else(unknown)?;
+                match field {
+                    "input_layernorm.weight" => &mut layer.input_layernorm,
+                    "post_attention_layernorm.weight" => &mut layer.post_attention_layernorm,
+                    _ => {
+                        let (proj, kind) = field.rsplit_once('.').ok_or_else(unknown)?;
+                        let linear = match proj {
+                            "self_attn.q_proj" => &mut layer.q_proj,
+                            "self_attn.k_proj" => &mut layer.k_proj,
+                            "self_attn.v_proj" => &mut layer.v_proj,
+                            "self_attn.o_proj" => &mut layer.o_proj,
+                            "mlp.gate_proj" => &mut layer.gate_proj,
+                            "mlp.up_proj" => &mut layer.up_proj,
+                            "mlp.down_proj" => &mut layer.down_proj,
+                            _ => return Err(unknown()),
+                        };
+                        match (kind, linear.bias.as_mut()) {
+                            ("weight", _) => &mut linear.weight,
+                            ("bias", Some(bias)) => bias,
+                            _ => return Err(unknown()),
+                        }
+                    }
+                }
+            }
+        };
+        let old = std::mem::replace(slot, tensor);
+        if name == "model.embed_tokens.weight" && self.config.tie_word_embeddings {
+            self.lm_head.weight = self.embed_tokens.shallow_clone();
+        }
+        Ok(old)
+    }
+}
