@@ -92,6 +92,7 @@ bench: setup bench-deps build-release
 	cargo build --release -p camelid-gateway --examples
 	$(PY) bench/decode_speed.py --camelid target/release/camelid
 	$(PY) bench/train_speed.py --trainer target/release/camelid-trainer
+	$(PY) bench/fsdp_speed.py --trainer target/release/camelid-trainer
 	$(PY) bench/serve_speed.py --camelid target/release/camelid
 	$(PY) bench/guardrails_speed.py
 	cargo build --release -p camelid-operator --bins --examples

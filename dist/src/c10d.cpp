@@ -1,8 +1,13 @@
-// The c10d shim: libtorch's TCPStore and ProcessGroupGloo behind a C ABI for Rust. Every entry point catches C++
-// exceptions and returns them as a malloc'd message (freed by Rust with camelid_c10d_free_error).
+// The c10d shim: libtorch's TCPStore and ProcessGroupGloo (and, built with USE_C10D_NCCL, ProcessGroupNCCL) behind
+// a C ABI for Rust. Every entry point catches C++ exceptions and returns them as a malloc'd message (freed by Rust
+// with camelid_c10d_free_error).
 #include <torch/torch.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef USE_C10D_NCCL
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 #include <chrono>
 #include <cstdlib>
@@ -10,8 +15,14 @@
 #include <string>
 #include <vector>
 
+struct camelid_work {
+  c10::intrusive_ptr<c10d::Work> work;
+};
+
 struct camelid_pg {
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  c10::intrusive_ptr<c10d::Backend> pg;
+  // The CUDA device of an NCCL group (its barrier must name it); -1 for Gloo.
+  int device;
 };
 
 static int fail(char** err, const char* what) {
@@ -19,9 +30,9 @@ static int fail(char** err, const char* what) {
   return -1;
 }
 
-#define GUARD(body)                         \
+#define GUARD(...)                          \
   try {                                     \
-    body;                                   \
+    __VA_ARGS__;                            \
     return 0;                               \
   } catch (const std::exception& e) {       \
     return fail(err, e.what());             \
@@ -33,22 +44,53 @@ extern "C" {
 
 void camelid_c10d_free_error(char* err) { free(err); }
 
+static c10::intrusive_ptr<c10d::TCPStore> make_store(const char* host, uint16_t port, int rank, int world,
+                                                     std::chrono::milliseconds timeout) {
+  c10d::TCPStoreOptions opts;
+  opts.port = port;
+  opts.isServer = rank == 0;
+  opts.numWorkers = world;
+  opts.waitWorkers = false;
+  opts.timeout = timeout;
+  return c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+}
+
 int camelid_c10d_gloo(const char* host, uint16_t port, int rank, int world, int64_t timeout_ms, camelid_pg** out,
                       char** err) {
   GUARD({
     auto timeout = std::chrono::milliseconds(timeout_ms);
-    c10d::TCPStoreOptions opts;
-    opts.port = port;
-    opts.isServer = rank == 0;
-    opts.numWorkers = world;
-    opts.waitWorkers = false;
-    opts.timeout = timeout;
-    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    auto store = make_store(host, port, rank, world, timeout);
     auto options = c10d::ProcessGroupGloo::Options::create(timeout);
     options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
-    *out = new camelid_pg{pg};
+    *out = new camelid_pg{pg, -1};
   })
+}
+
+int camelid_c10d_has_nccl() {
+#ifdef USE_C10D_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+int camelid_c10d_nccl(const char* host, uint16_t port, int rank, int world, int64_t timeout_ms, int device,
+                      camelid_pg** out, char** err) {
+#ifdef USE_C10D_NCCL
+  GUARD({
+    auto timeout = std::chrono::milliseconds(timeout_ms);
+    c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
+    auto store = make_store(host, port, rank, world, timeout);
+    auto options = c10d::ProcessGroupNCCL::Options::create();
+    options->timeout = timeout;
+    auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, options);
+    *out = new camelid_pg{pg, device};
+  })
+#else
+  (void)host, (void)port, (void)rank, (void)world, (void)timeout_ms, (void)device, (void)out;
+  return fail(err, "this build of camelid-dist has no NCCL (build with the `nccl` feature)");
+#endif
 }
 
 void camelid_c10d_free(camelid_pg* pg) { delete pg; }
@@ -73,11 +115,28 @@ int camelid_c10d_all_gather_into(camelid_pg* pg, at::Tensor* out, at::Tensor* in
   GUARD({ pg->pg->_allgather_base(*out, *in)->wait(); })
 }
 
+// Starts an all-gather and returns at once; the caller keeps both tensors alive until camelid_c10d_work_wait.
+int camelid_c10d_all_gather_start(camelid_pg* pg, at::Tensor* out, at::Tensor* in, camelid_work** work, char** err) {
+  GUARD({ *work = new camelid_work{pg->pg->_allgather_base(*out, *in)}; })
+}
+
+int camelid_c10d_work_wait(camelid_work* work, char** err) {
+  GUARD({ work->work->wait(); })
+}
+
+void camelid_c10d_work_free(camelid_work* work) { delete work; }
+
 int camelid_c10d_reduce_scatter_sum(camelid_pg* pg, at::Tensor* out, at::Tensor* in, char** err) {
   GUARD({ pg->pg->_reduce_scatter_base(*out, *in)->wait(); })
 }
 
 int camelid_c10d_barrier(camelid_pg* pg, char** err) {
-  GUARD({ pg->pg->barrier()->wait(); })
+  GUARD({
+    c10d::BarrierOptions opts;
+    if (pg->device >= 0) {
+      opts.device_ids = {static_cast<int64_t>(pg->device)};
+    }
+    pg->pg->barrier(opts)->wait();
+  })
 }
 }

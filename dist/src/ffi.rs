@@ -24,6 +24,17 @@ unsafe extern "C" {
         out: *mut *mut RawGroup,
         err: *mut *mut c_char,
     ) -> c_int;
+    fn camelid_c10d_has_nccl() -> c_int;
+    fn camelid_c10d_nccl(
+        host: *const c_char,
+        port: u16,
+        rank: c_int,
+        world: c_int,
+        timeout_ms: i64,
+        device: c_int,
+        out: *mut *mut RawGroup,
+        err: *mut *mut c_char,
+    ) -> c_int;
     fn camelid_c10d_free(pg: *mut RawGroup);
     fn camelid_c10d_all_reduce_sum(pg: *mut RawGroup, t: *mut C_tensor, err: *mut *mut c_char) -> c_int;
     fn camelid_c10d_broadcast(
@@ -45,6 +56,55 @@ unsafe extern "C" {
         err: *mut *mut c_char,
     ) -> c_int;
     fn camelid_c10d_barrier(pg: *mut RawGroup, err: *mut *mut c_char) -> c_int;
+    fn camelid_c10d_all_gather_start(
+        pg: *mut RawGroup,
+        out: *mut C_tensor,
+        input: *mut C_tensor,
+        work: *mut *mut RawWork,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn camelid_c10d_work_wait(work: *mut RawWork, err: *mut *mut c_char) -> c_int;
+    fn camelid_c10d_work_free(work: *mut RawWork);
+}
+
+/// An opaque `camelid_work` (a c10d Work in flight).
+#[repr(C)]
+pub struct RawWork {
+    _private: [u8; 0],
+}
+
+/// A collective in flight, with the tensors it reads and writes (kept alive until it is waited for).
+pub struct Work {
+    raw: NonNull<RawWork>,
+    _tensors: (Tensor, Tensor),
+    waited: bool,
+}
+
+// SAFETY: a c10d Work may be waited for from any thread; the pointer is freed once, in Drop.
+unsafe impl Send for Work {}
+
+impl Work {
+    /// Blocks until the collective is done.
+    pub fn wait(mut self) -> Result<(), String> {
+        self.waited = true;
+        let raw = self.raw.as_ptr();
+        // SAFETY: `raw` is live until Drop; its tensors are held by `self`.
+        call(|err| unsafe { camelid_c10d_work_wait(raw, err) })
+    }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        let raw = self.raw.as_ptr();
+        if !self.waited {
+            // Never free tensors under a collective still writing them: wait (an error was already reported
+            // to whoever gave up on this work, or is moot now).
+            // SAFETY: as in `wait`.
+            let _ = call(|err| unsafe { camelid_c10d_work_wait(raw, err) });
+        }
+        // SAFETY: created by the shim, freed exactly once here.
+        unsafe { camelid_c10d_work_free(raw) }
+    }
 }
 
 /// A live process group from the shim, freed on drop.
@@ -61,6 +121,40 @@ impl Group {
         // SAFETY: `host` is NUL-terminated and outlives the call; `raw` and `err` are valid out-pointers.
         call(|err| unsafe {
             camelid_c10d_gloo(host.as_ptr(), port, rank, world, timeout_ms, &mut raw, err)
+        })?;
+        NonNull::new(raw)
+            .map(Self)
+            .ok_or_else(|| "the shim returned no group".to_string())
+    }
+
+    /// Whether the shim was compiled with ProcessGroupNCCL.
+    pub fn has_nccl() -> bool {
+        // SAFETY: takes nothing, returns a constant.
+        unsafe { camelid_c10d_has_nccl() != 0 }
+    }
+
+    /// Rendezvous at `host:port` and an NCCL group on CUDA device `device` (fails without the `nccl` build).
+    pub fn nccl(
+        host: &CStr,
+        port: u16,
+        rank: c_int,
+        world: c_int,
+        timeout_ms: i64,
+        device: c_int,
+    ) -> Result<Self, String> {
+        let mut raw: *mut RawGroup = std::ptr::null_mut();
+        // SAFETY: as in `gloo`.
+        call(|err| unsafe {
+            camelid_c10d_nccl(
+                host.as_ptr(),
+                port,
+                rank,
+                world,
+                timeout_ms,
+                device,
+                &mut raw,
+                err,
+            )
         })?;
         NonNull::new(raw)
             .map(Self)
@@ -84,6 +178,23 @@ impl Group {
         let ip = input.as_ptr().cast_mut();
         // SAFETY: both tensors are live for the call; c10d only reads `input`.
         call(|err| unsafe { camelid_c10d_all_gather_into(self.0.as_ptr(), op, ip, err) })
+    }
+
+    /// Starts an all-gather of `input` into `out`; the returned work holds both until it is waited for.
+    pub fn all_gather_start(&self, out: &Tensor, input: &Tensor) -> Result<Work, String> {
+        let (out, input) = (out.shallow_clone(), input.shallow_clone());
+        let op = out.as_ptr().cast_mut();
+        let ip = input.as_ptr().cast_mut();
+        let mut raw: *mut RawWork = std::ptr::null_mut();
+        // SAFETY: both tensors are live and kept alive by the returned Work until the collective is done; c10d
+        // writes only `out`.
+        call(|err| unsafe { camelid_c10d_all_gather_start(self.0.as_ptr(), op, ip, &mut raw, err) })?;
+        let raw = NonNull::new(raw).ok_or_else(|| "the shim returned no work".to_string())?;
+        Ok(Work {
+            raw,
+            _tensors: (out, input),
+            waited: false,
+        })
     }
 
     pub fn reduce_scatter_sum(&self, out: &mut Tensor, input: &Tensor) -> Result<(), String> {

@@ -82,6 +82,15 @@ fn two_ranks_reduce_broadcast_gather_and_scatter() {
     let mut out = Tensor::zeros([4], (Kind::Float, tch::Device::Cpu));
     pg.all_gather_into(&mut out, &input).unwrap();
     assert_eq!(values(&out), [0.0, 0.5, 1.0, 1.5]);
+    // Started in the background, overlapping another collective issued meanwhile, then waited for.
+    let input = Tensor::from_slice(&[10.0 + r]);
+    let gathered = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu));
+    let pending = pg.all_gather_start(&gathered, &input).unwrap();
+    let mut meanwhile = Tensor::from_slice(&[r]);
+    pg.all_reduce_sum(&mut meanwhile).unwrap();
+    pending.wait().unwrap();
+    assert_eq!(values(&gathered), [10.0, 11.0]);
+    assert_eq!(values(&meanwhile), [1.0]);
     // Reduce-scatter: the sum of [0,1,2,3] + 10r over ranks is [10,12,14,16]; rank r keeps its half.
     let input = Tensor::from_slice(&[0.0f32, 1.0, 2.0, 3.0]) + 10.0 * f64::from(r);
     let mut half = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu));

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use camelid_dist::ProcessGroup;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use crate::error::TrainError;
 
@@ -92,19 +92,24 @@ impl DistEnv {
         }))
     }
 
-    /// Joins the gang (waits for every rank, up to the timeout).
-    pub fn connect(&self) -> Result<ProcessGroup, TrainError> {
+    /// Joins the gang (waits for every rank, up to the timeout): Gloo for a model on the CPU, NCCL on this
+    /// rank's GPU (`LOCAL_RANK`) for a model on CUDA.
+    pub fn connect(&self, device: Device) -> Result<ProcessGroup, TrainError> {
         tracing::info!(
             rank = self.rank, world = self.world, master = %format!("{}:{}", self.master_addr, self.master_port),
-            "joining the process group"
+            ?device, "joining the process group"
         );
-        Ok(ProcessGroup::gloo(
-            &self.master_addr,
-            self.master_port,
-            self.rank,
-            self.world,
-            self.timeout,
-        )?)
+        let (addr, port, rank, world) = (&self.master_addr, self.master_port, self.rank, self.world);
+        Ok(match device {
+            Device::Cpu => ProcessGroup::gloo(addr, port, rank, world, self.timeout)?,
+            _ if !ProcessGroup::has_nccl() => {
+                return Err(TrainError::Config(format!(
+                    "WORLD_SIZE={world} on {device:?}: this build of camelid-trainer has no NCCL process group \
+                     (build it with `--features nccl`, see dist/README.md), and Gloo does not shard CUDA tensors"
+                )));
+            }
+            _ => ProcessGroup::nccl(addr, port, rank, world, self.timeout, self.local_rank)?,
+        })
     }
 }
 
@@ -132,9 +137,9 @@ impl Comm {
         let Some(group) = &self.group else {
             return Ok(values.to_vec());
         };
-        let mut t = Tensor::f_from_slice(values)?;
+        let mut t = Tensor::f_from_slice(values)?.f_to_device(group.device())?;
         group.all_reduce_sum(&mut t)?;
-        Ok(Vec::<f64>::try_from(&t)?)
+        Ok(Vec::<f64>::try_from(&t.f_to_device(Device::Cpu)?)?)
     }
 
     /// Whether any rank says yes (a stop requested on one rank stops them all at the same micro-batch).

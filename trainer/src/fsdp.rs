@@ -10,10 +10,11 @@
 //! forward pass all-gathers a layer's shards (cast to the compute dtype) into place just before the layer runs
 //! and swaps the layer out right after, keeping only the layer's input; backward gathers the layer again,
 //! recomputes it with autograd on, pushes the gradient through, flattens the layer's parameter gradients,
-//! reduce-scatters them (in f32) so that each rank adds only its slice, and frees the layer. The `rest` unit
+//! reduce-scatters them (in f32) so that each rank adds only its slice, and frees the layer. The next layer's
+//! all-gather is started before a layer computes (forward and backward), so it runs meanwhile on Gloo's threads. The `rest` unit
 //! stays gathered for the micro-batch (the embeddings are used at both ends). Gradient clipping uses the norm
 //! over all ranks' shards, and AdamW updates only the local shard, so the update is the single-process update
-//! computed in pieces. Collectives are synchronous, so communication is not overlapped with compute yet.
+//! computed in pieces.
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -44,6 +45,13 @@ struct Unit {
     slots: Vec<Slot>,
     /// Flat length, padded to a multiple of the world size.
     padded: i64,
+}
+
+/// A unit's all-gather in flight.
+struct Gathering {
+    unit: usize,
+    full: Tensor,
+    pending: camelid_dist::Pending,
 }
 
 /// What this rank holds, in bytes (for the progress report and the memory test).
@@ -202,21 +210,31 @@ impl ShardedEngine {
         Ok(out?)
     }
 
-    /// All-gathers unit `u` in `kind` and swaps its parameters into `model`; returns them (leaves that collect
-    /// their gradients when `trainable`).
-    fn gather(
+    /// Starts all-gathering unit `u` in `kind` (the caller computes meanwhile; [`ShardedEngine::finish_gather`]
+    /// puts it in place).
+    fn start_gather(&mut self, u: usize, kind: Kind) -> Result<Gathering, TrainError> {
+        let full = Tensor::f_empty([self.units[u].padded], (kind, self.device))?;
+        let shard = self.masters[u].f_to_kind(kind)?;
+        let pending = self.timed(|g| g.all_gather_start(&full, &shard))?;
+        Ok(Gathering {
+            unit: u,
+            full,
+            pending,
+        })
+    }
+
+    /// Waits for a gather and swaps the unit's parameters into `model`; returns them (leaves that collect their
+    /// gradients when `trainable`).
+    fn finish_gather(
         &mut self,
         model: &mut Llama,
-        u: usize,
-        kind: Kind,
+        gathering: Gathering,
         trainable: bool,
     ) -> Result<Vec<Tensor>, TrainError> {
-        let padded = self.units[u].padded;
-        let mut full = Tensor::f_empty([padded], (kind, self.device))?;
-        let shard = self.masters[u].f_to_kind(kind)?;
-        self.timed(|g| g.all_gather_into(&mut full, &shard))?;
-        let mut leaves = Vec::with_capacity(self.units[u].slots.len());
-        for slot in &self.units[u].slots {
+        let Gathering { unit, full, pending } = gathering;
+        self.timed(|_| pending.wait())?;
+        let mut leaves = Vec::with_capacity(self.units[unit].slots.len());
+        for slot in &self.units[unit].slots {
             let view = full
                 .f_narrow(0, slot.offset, slot.numel)?
                 .f_view(slot.shape.as_slice())?;
@@ -229,6 +247,17 @@ impl ShardedEngine {
             leaves.push(leaf);
         }
         Ok(leaves)
+    }
+
+    fn gather(
+        &mut self,
+        model: &mut Llama,
+        u: usize,
+        kind: Kind,
+        trainable: bool,
+    ) -> Result<Vec<Tensor>, TrainError> {
+        let gathering = self.start_gather(u, kind)?;
+        self.finish_gather(model, gathering, trainable)
     }
 
     /// Swaps unit `u`'s parameters out of `model` (so that its gathered storage is freed once the caller drops
@@ -299,8 +328,21 @@ impl ShardedEngine {
         let embedded = batch.map(|b| model.embed(&b.input)).transpose()?;
         let mut x = embedded.as_ref().map(Tensor::f_detach).transpose()?;
         let mut saved = Vec::with_capacity(layers);
+        // Each layer's gather is started before the previous layer computes (one layer of prefetch, forward and
+        // backward), so communication overlaps compute.
+        let mut next = if layers > 0 {
+            Some(self.start_gather(1, kind)?)
+        } else {
+            None
+        };
         for i in 0..layers {
-            let _leaves = self.gather(model, i + 1, kind, false)?;
+            let current = next
+                .take()
+                .ok_or_else(|| EngineError::Setup("no gather in flight".into()))?;
+            let _leaves = self.finish_gather(model, current, false)?;
+            if i + 1 < layers {
+                next = Some(self.start_gather(i + 2, kind)?);
+            }
             if let (Some(input), Some(rope)) = (x.take(), rope.as_ref()) {
                 let next = tch::no_grad(|| model.decoder_layer(i, &input, rope))?;
                 saved.push(input);
@@ -308,6 +350,11 @@ impl ShardedEngine {
             }
             self.release(model, i + 1)?;
         }
+        let mut next = if layers > 0 {
+            Some(self.start_gather(layers, kind)?)
+        } else {
+            None
+        };
         let (head_weight, head_name) = model.lm_head_weight();
         let head_name = head_name.to_string();
         let head_grad = head_weight.f_zeros_like()?.f_to_kind(Kind::Float)?;
@@ -329,7 +376,13 @@ impl ShardedEngine {
             grad = Some(last.f_grad()?);
         }
         for i in (0..layers).rev() {
-            let leaves = self.gather(model, i + 1, kind, true)?;
+            let current = next
+                .take()
+                .ok_or_else(|| EngineError::Setup("no gather in flight".into()))?;
+            let leaves = self.finish_gather(model, current, true)?;
+            if i > 0 {
+                next = Some(self.start_gather(i, kind)?);
+            }
             if let (Some(g), Some(input), Some(rope)) = (grad.take(), saved.pop(), rope.as_ref()) {
                 let input = input.set_requires_grad(true);
                 let out = model.decoder_layer(i, &input, rope)?;
@@ -356,9 +409,9 @@ impl ShardedEngine {
             }
             Ok(sum)
         })?;
-        let mut total = Tensor::f_from_slice(&[local])?;
+        let mut total = Tensor::f_from_slice(&[local])?.f_to_device(self.device)?;
         self.timed(|g| g.all_reduce_sum(&mut total))?;
-        let norm = f64::try_from(&total)?.sqrt();
+        let norm = f64::try_from(&total.f_to_device(Device::Cpu)?)?.sqrt();
         if max_norm > 0.0 && norm.is_finite() {
             let coef = max_norm / (norm + 1e-6);
             if coef < 1.0 {

@@ -35,7 +35,7 @@ enum Command {
         /// `auto` (newest complete checkpoint, if any), `never`, or a checkpoint folder.
         #[arg(long, default_value = "auto")]
         resume: String,
-        /// Serve GET /progress and /metrics here (HOST:PORT).
+        /// Serve GET /progress and /metrics here (HOST:PORT); under `launch`, local rank 0 serves them.
         #[arg(long)]
         progress_addr: Option<String>,
         /// Checkpoint and exit with 75 after step N, as on a termination notice (for drills and tests).
@@ -196,6 +196,7 @@ fn prepare(settings: &Settings) -> Result<(), TrainError> {
             ..cfg.clone()
         },
         &model_path,
+        0,
     )?;
     let (samples, report) = train::prepare_data(&cfg, data, &model)?;
     let io = |path: PathBuf| move |source| TrainError::Io { path, source };
@@ -237,7 +238,10 @@ fn run_train(
         signal_hook::flag::register(signal, stop_requested.clone()).context("installing signal handlers")?;
     }
     let reporter = Arc::new(Reporter::default());
-    if let Some(addr) = progress_addr {
+    let dist = DistEnv::from_vars(|k| std::env::var(k).ok())?;
+    // Several ranks in one pod share its address: the pod's first rank serves the progress.
+    let serves_progress = dist.as_ref().is_none_or(|d| d.local_rank == 0);
+    if let Some(addr) = progress_addr.filter(|_| serves_progress) {
         let bound = progress::serve(addr, reporter.clone()).map_err(TrainError::Config)?;
         tracing::info!(%bound, "serving /progress and /metrics");
     }
@@ -251,7 +255,7 @@ fn run_train(
         stop_at_step,
         stop_requested,
         reporter: reporter.clone(),
-        dist: DistEnv::from_vars(|k| std::env::var(k).ok())?,
+        dist,
     };
     match train::train(&cfg, &opts) {
         Ok(Outcome::Finished { steps, export }) => {

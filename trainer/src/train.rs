@@ -77,8 +77,13 @@ pub fn prepare_data(
     Ok((samples, report))
 }
 
-/// Loads the model as f32 masters on the chosen device with the chosen template.
-pub fn load_model(cfg: &TrainConfig, path: &Path) -> Result<(LoadedModel, Kind), TrainError> {
+/// Loads the model as f32 masters on the chosen device (CUDA device `cuda_index` for a GPU: a rank's
+/// `LOCAL_RANK`) with the chosen template.
+pub fn load_model(
+    cfg: &TrainConfig,
+    path: &Path,
+    cuda_index: usize,
+) -> Result<(LoadedModel, Kind), TrainError> {
     let device = match cfg.device {
         DeviceChoice::Cpu => Device::Cpu,
         DeviceChoice::Cuda if !tch::Cuda::is_available() => {
@@ -86,8 +91,9 @@ pub fn load_model(cfg: &TrainConfig, path: &Path) -> Result<(LoadedModel, Kind),
                 "--device cuda, but no CUDA device is available".into(),
             ));
         }
-        DeviceChoice::Cuda => Device::Cuda(0),
-        DeviceChoice::Auto => Device::cuda_if_available(),
+        DeviceChoice::Cuda => Device::Cuda(cuda_index),
+        DeviceChoice::Auto if tch::Cuda::is_available() => Device::Cuda(cuda_index),
+        DeviceChoice::Auto => Device::Cpu,
     };
     let compute = match (cfg.precision, device) {
         (Precision::F32, _) | (Precision::Auto, Device::Cpu) => Kind::Float,
@@ -181,15 +187,7 @@ fn setup_engine(
         let engine = Engine::new(&model.model, compute_kind, cfg.activation_checkpointing)?;
         return Ok((Backend::Single(Box::new(engine)), Comm::default()));
     };
-    if model.model.device() != Device::Cpu {
-        return Err(TrainError::Config(format!(
-            "WORLD_SIZE={} on {:?}: this build's process groups are Gloo (CPU tensors); sharded training on \
-             GPUs needs the NCCL build of camelid-dist (see dist/README.md)",
-            dist.world,
-            model.model.device()
-        )));
-    }
-    let group = std::rc::Rc::new(dist.connect()?);
+    let group = std::rc::Rc::new(dist.connect(model.model.device())?);
     if cfg.activation_checkpointing != crate::config::Checkpointing::Full {
         tracing::info!(
             "sharded training recomputes every layer in backward (full activation checkpointing) whatever \
@@ -224,7 +222,8 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
         source,
     })?;
 
-    let (mut model, compute_kind) = load_model(cfg, &model_path)?;
+    let cuda_index = opts.dist.as_ref().map_or(0, |d| d.local_rank);
+    let (mut model, compute_kind) = load_model(cfg, &model_path, cuda_index)?;
     let (samples, report) = prepare_data(cfg, data_path, &model)?;
     let (engine, comm) = setup_engine(cfg, opts, &mut model, compute_kind)?;
     let leader = comm.is_leader();

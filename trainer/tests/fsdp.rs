@@ -104,8 +104,9 @@ fn two_ranks_match_one_rank_with_the_same_global_batch_and_each_holds_half() {
     let data = dir.join("data.json");
     write_dataset(&data, 30);
     let (one, two) = (dir.join("one"), dir.join("two"));
-    // One process accumulating 2 micro-batches per step; two ranks taking one each.
-    let common = ["--max-steps", "6", "--resume", "never", "--weight-decay", "0.1"];
+    // One process accumulating 2 micro-batches per step; two ranks taking one each. One epoch of 30
+    // conversations is 15 micro-batches of 2, so the last step has one micro-batch: rank 1 sits it out.
+    let common = ["--epochs", "1", "--resume", "never", "--weight-decay", "0.1"];
     let single = train_command(&data, &one, &[&common[..], &["--grad-accum", "2"]].concat())
         .output()
         .unwrap();
@@ -116,8 +117,8 @@ fn two_ranks_match_one_rank_with_the_same_global_batch_and_each_holds_half() {
     assert!(sharded.status.success(), "{}", stderr(&sharded));
 
     let (a, b) = (step_log(&one), step_log(&two));
-    assert_eq!(a.len(), 6);
-    assert_eq!(b.len(), 6);
+    assert_eq!(a.len(), 8);
+    assert_eq!(b.len(), 8);
     for ((step, loss_a, lr_a, norm_a), (_, loss_b, lr_b, norm_b)) in a.iter().zip(&b) {
         assert!(
             (loss_a - loss_b).abs() < 1e-4,
@@ -137,7 +138,7 @@ fn two_ranks_match_one_rank_with_the_same_global_batch_and_each_holds_half() {
         assert_eq!(ta.size(), tb.size(), "{name_a}");
         worst = worst.max(f64::try_from((ta - tb).abs().max()).unwrap());
     }
-    // Six AdamW steps at lr 1e-3 move a weight by at most ~6e-3; the two runs agree far more closely than that.
+    // Eight AdamW steps at lr 1e-3 move a weight by up to ~8e-3; the two runs agree far more closely than that.
     assert!(worst < 5e-4, "largest weight difference {worst}");
     eprintln!("2 ranks vs 1: largest final weight difference {worst:.2e}");
 
@@ -167,6 +168,7 @@ fn a_stopped_or_broken_gang_resumes_from_its_last_complete_checkpoint() {
     let dir = scratch("fsdp-failures");
     let data = dir.join("data.json");
     write_dataset(&data, 30);
+    // Two rounds per step, so a stop can land between the micro-batches of a step.
     let settings = [
         "--max-steps",
         "10",
@@ -175,7 +177,7 @@ fn a_stopped_or_broken_gang_resumes_from_its_last_complete_checkpoint() {
         "--keep-checkpoints",
         "3",
         "--grad-accum",
-        "1",
+        "2",
     ];
     let straight = dir.join("straight");
     let run = launch_two(
