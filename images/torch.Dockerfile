@@ -12,7 +12,10 @@ RUN python3 -m venv /opt/torch && /opt/torch/bin/pip install -q torch==2.11.0
 ENV LIBTORCH_USE_PYTORCH=1 PATH=/opt/torch/bin:$PATH
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p camelid-trainer -p camelid-worker
+# The trainer shards across GPUs through c10d's ProcessGroupNCCL: CUDA headers from the toolkit, NCCL's from the
+# nvidia-nccl-cu13 wheel torch installs (dist/README.md).
+RUN CAMELID_CUDA_INCLUDE=/usr/local/cuda/include \
+    cargo build --release --locked -p camelid-trainer -p camelid-worker --features camelid-trainer/nccl
 
 FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 AS runtime
 RUN apt-get update -q && apt-get install -y -q --no-install-recommends python3 libgomp1 \

@@ -104,6 +104,16 @@ fn shim_args(
     Ok((c_host, to_int(rank)?, to_int(world)?, ms))
 }
 
+fn rendezvous_error(host: &str, port: u16, rank: usize, world: usize) -> impl FnOnce(String) -> DistError {
+    let addr = format!("{host}:{port}");
+    move |message| DistError::Rendezvous {
+        addr,
+        rank,
+        world,
+        message,
+    }
+}
+
 impl ProcessGroup {
     /// Joins the Gloo group (CPU tensors) of `world` processes that meet at `host:port` (rank 0 serves the store
     /// there). Waits up to `timeout` for the others; every later collective has the same timeout.
@@ -115,12 +125,8 @@ impl ProcessGroup {
         timeout: Duration,
     ) -> Result<Self, DistError> {
         let (c_host, r, w, ms) = shim_args(host, rank, world, timeout)?;
-        let group = ffi::Group::gloo(&c_host, port, r, w, ms).map_err(|message| DistError::Rendezvous {
-            addr: format!("{host}:{port}"),
-            rank,
-            world,
-            message,
-        })?;
+        let group =
+            ffi::Group::gloo(&c_host, port, r, w, ms).map_err(rendezvous_error(host, port, rank, world))?;
         Ok(Self {
             group,
             rank,
@@ -152,13 +158,8 @@ impl ProcessGroup {
         }
         let (c_host, r, w, ms) = shim_args(host, rank, world, timeout)?;
         let d = i32::try_from(device).map_err(|_| DistError::Invalid(format!("device {device}")))?;
-        let group =
-            ffi::Group::nccl(&c_host, port, r, w, ms, d).map_err(|message| DistError::Rendezvous {
-                addr: format!("{host}:{port}"),
-                rank,
-                world,
-                message,
-            })?;
+        let group = ffi::Group::nccl(&c_host, port, r, w, ms, d)
+            .map_err(rendezvous_error(host, port, rank, world))?;
         Ok(Self {
             group,
             rank,

@@ -173,24 +173,38 @@ pub fn write(root: &Path, state: State) -> Result<PathBuf, CheckpointError> {
     let State { mut manifest, files } = state;
     let name = folder_name(manifest.step, manifest.micro_step);
     let _span = tracing::info_span!("checkpoint_write", name = %name).entered();
-    std::fs::create_dir_all(root).map_err(io_err(root))?;
     let temp = root.join(format!("{TEMP_PREFIX}{name}-{}", std::process::id()));
+    fresh_dir(root, &temp)?;
+    manifest.files = write_files(&temp, files)?;
+    publish(root, &temp, &name, &manifest)
+}
+
+/// Creates `temp` under `root`, empty (a leftover of an earlier attempt is removed).
+fn fresh_dir(root: &Path, temp: &Path) -> Result<(), CheckpointError> {
+    std::fs::create_dir_all(root).map_err(io_err(root))?;
     if temp.exists() {
-        std::fs::remove_dir_all(&temp).map_err(io_err(&temp))?;
+        std::fs::remove_dir_all(temp).map_err(io_err(temp))?;
     }
-    std::fs::create_dir(&temp).map_err(io_err(&temp))?;
-    manifest.files.clear();
+    std::fs::create_dir(temp).map_err(io_err(temp))
+}
+
+/// Writes each file's tensors into `dir`; returns their sizes and checksums.
+fn write_files(
+    dir: &Path,
+    files: Vec<(String, Vec<(String, Tensor)>)>,
+) -> Result<BTreeMap<String, FileEntry>, CheckpointError> {
+    let mut entries = BTreeMap::new();
     for (file, tensors) in files {
-        let path = temp.join(&file);
+        let path = dir.join(&file);
         camelid_model::weights::write_safetensors(&path, &tensors).map_err(|source| {
             CheckpointError::Tensors {
                 path: path.clone(),
                 source,
             }
         })?;
-        manifest.files.insert(file, sha256_file(&path)?);
+        entries.insert(file, sha256_file(&path)?);
     }
-    publish(root, &temp, &name, &manifest)
+    Ok(entries)
 }
 
 /// Writes `manifest` last into the finished temporary folder `temp` and renames it to `root/name`.
@@ -350,24 +364,10 @@ pub fn write_sharded(
     let _span = tracing::info_span!("checkpoint_write", name = %name, rank = comm.rank()).entered();
     let temp = root.join(format!("{TEMP_PREFIX}{name}"));
     if comm.is_leader() {
-        std::fs::create_dir_all(root).map_err(io_err(root))?;
-        if temp.exists() {
-            std::fs::remove_dir_all(&temp).map_err(io_err(&temp))?;
-        }
-        std::fs::create_dir(&temp).map_err(io_err(&temp))?;
+        fresh_dir(root, &temp)?;
     }
     comm.barrier()?;
-    let mut mine = BTreeMap::new();
-    for (file, tensors) in files {
-        let path = temp.join(&file);
-        camelid_model::weights::write_safetensors(&path, &tensors).map_err(|source| {
-            CheckpointError::Tensors {
-                path: path.clone(),
-                source,
-            }
-        })?;
-        mine.insert(file, sha256_file(&path)?);
-    }
+    let mine = write_files(&temp, files)?;
     let list = |rank: usize| temp.join(format!("files.rank-{rank:05}.json"));
     write_synced(&list(comm.rank()), &mine, false)?;
     comm.barrier()?;

@@ -17,6 +17,28 @@ use crate::error::TrainError;
 /// (a dead peer is usually noticed at once, as a closed connection; a hung one within this).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// The variable `name` as a non-negative integer (`None` when unset or empty).
+pub(crate) fn env_number(var: &impl Fn(&str) -> Option<String>, name: &str) -> Result<Option<usize>, String> {
+    var(name)
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("{name}={v:?} is not a non-negative integer"))
+        })
+        .transpose()
+}
+
+/// A variable lookup over `pairs`, for tests.
+#[cfg(test)]
+pub(crate) fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+    let map: std::collections::HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |k| map.get(k).cloned()
+}
+
 /// This process's place in the gang.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DistEnv {
@@ -31,16 +53,7 @@ pub struct DistEnv {
 impl DistEnv {
     /// Reads the gang from `var` (the process environment in production). `None` for a world of one.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<Self>, TrainError> {
-        let number = |name: &str| -> Result<Option<usize>, TrainError> {
-            var(name)
-                .filter(|v| !v.trim().is_empty())
-                .map(|v| {
-                    v.trim().parse::<usize>().map_err(|_| {
-                        TrainError::Config(format!("{name}={v:?} is not a non-negative integer"))
-                    })
-                })
-                .transpose()
-        };
+        let number = |name: &str| env_number(&var, name).map_err(TrainError::Config);
         let world = number("WORLD_SIZE")?.unwrap_or(1);
         if world == 0 {
             return Err(TrainError::Config(
@@ -159,13 +172,7 @@ impl Comm {
 mod tests {
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: std::collections::HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| map.get(k).cloned()
-    }
+    use vars as env;
 
     #[test]
     fn no_world_or_a_world_of_one_trains_alone() {

@@ -37,16 +37,7 @@ impl Plan {
         if nproc == 0 {
             return Err("--nproc must be at least 1".into());
         }
-        let number = |name: &str| -> Result<Option<usize>, String> {
-            var(name)
-                .filter(|v| !v.trim().is_empty())
-                .map(|v| {
-                    v.trim()
-                        .parse()
-                        .map_err(|_| format!("{name}={v:?} is not a number"))
-                })
-                .transpose()
-        };
+        let number = |name: &str| crate::dist::env_number(&var, name);
         let nnodes = number("NNODES")?.unwrap_or(1).max(1);
         let node_rank = match number("NODE_RANK")? {
             Some(n) => n,
@@ -193,13 +184,7 @@ pub fn run(plan: &Plan, program: &Path, args: &[String], stop: &Arc<AtomicBool>,
 mod tests {
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: std::collections::HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| map.get(k).cloned()
-    }
+    use crate::dist::vars as env;
 
     fn lookup(vars: &[(String, String)], key: &str) -> String {
         vars.iter()

@@ -13,14 +13,6 @@ use std::time::{Duration, Instant};
 use camelid_model::LoadOptions;
 use common::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `launch --nproc 2 -- train ...` with the tiny model's settings (see [`train_command`]).
 fn launch_two(data: &Path, out: &Path, extra: &[&str]) -> Command {
     let train = train_command(data, out, extra);

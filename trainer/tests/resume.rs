@@ -40,14 +40,6 @@ fn assert_same_run(straight: &Path, resumed: &Path) {
     assert!(wa == wb, "final weights must be bitwise identical");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn progress(port: u16) -> Option<serde_json::Value> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.write_all(b"GET /progress HTTP/1.0\r\n\r\n").ok()?;
