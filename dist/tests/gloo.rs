@@ -146,3 +146,28 @@ fn a_rank_outside_the_world_is_refused() {
     assert_eq!(e.category(), "invalid");
     assert!(e.to_string().contains("rank 2 is not in a world of 2"), "{e}");
 }
+
+#[test]
+fn nccl_runs_on_a_gpu_and_is_refused_clearly_elsewhere() {
+    let result = ProcessGroup::nccl("127.0.0.1", free_port(), 0, 1, Duration::from_secs(30), 0);
+    match (ProcessGroup::has_nccl(), tch::Cuda::is_available()) {
+        (true, true) => {
+            // A world of one on GPU 0: the collectives run through NCCL on CUDA tensors.
+            let pg = result.unwrap();
+            assert_eq!(pg.device(), tch::Device::Cuda(0));
+            let mut t = Tensor::from_slice(&[2.0f32, 3.0]).to_device(pg.device());
+            pg.all_reduce_sum(&mut t).unwrap();
+            assert_eq!(values(&t.to_device(tch::Device::Cpu)), [2.0, 3.0]);
+            pg.barrier().unwrap();
+        }
+        (true, false) => {
+            let e = result.unwrap_err();
+            assert_eq!(e.category(), "rendezvous", "{e}");
+        }
+        (false, _) => {
+            let e = result.unwrap_err();
+            assert!(e.to_string().contains("--features nccl"), "{e}");
+            assert_eq!(e.category(), "invalid");
+        }
+    }
+}
