@@ -163,7 +163,7 @@ fn a_stopped_or_broken_gang_resumes_from_its_last_complete_checkpoint() {
     // Two rounds per step, so a stop can land between the micro-batches of a step.
     let settings = [
         "--max-steps",
-        "10",
+        "14",
         "--checkpoint-every",
         "2",
         "--keep-checkpoints",
