@@ -120,6 +120,11 @@ int camelid_c10d_all_gather_start(camelid_pg* pg, at::Tensor* out, at::Tensor* i
   GUARD({ *work = new camelid_work{pg->pg->_allgather_base(*out, *in)}; })
 }
 
+int camelid_c10d_reduce_scatter_start(camelid_pg* pg, at::Tensor* out, at::Tensor* in, camelid_work** work,
+                                      char** err) {
+  GUARD({ *work = new camelid_work{pg->pg->_reduce_scatter_base(*out, *in)}; })
+}
+
 int camelid_c10d_work_wait(camelid_work* work, char** err) {
   GUARD({ work->work->wait(); })
 }

@@ -63,6 +63,13 @@ unsafe extern "C" {
         work: *mut *mut RawWork,
         err: *mut *mut c_char,
     ) -> c_int;
+    fn camelid_c10d_reduce_scatter_start(
+        pg: *mut RawGroup,
+        out: *mut C_tensor,
+        input: *mut C_tensor,
+        work: *mut *mut RawWork,
+        err: *mut *mut c_char,
+    ) -> c_int;
     fn camelid_c10d_work_wait(work: *mut RawWork, err: *mut *mut c_char) -> c_int;
     fn camelid_c10d_work_free(work: *mut RawWork);
 }
@@ -182,13 +189,33 @@ impl Group {
 
     /// Starts an all-gather of `input` into `out`; the returned work holds both until it is waited for.
     pub fn all_gather_start(&self, out: &Tensor, input: &Tensor) -> Result<Work, String> {
+        self.start(out, input, camelid_c10d_all_gather_start)
+    }
+
+    /// Starts a reduce-scatter (sum) of `input` into `out`; as [`Group::all_gather_start`].
+    pub fn reduce_scatter_start(&self, out: &Tensor, input: &Tensor) -> Result<Work, String> {
+        self.start(out, input, camelid_c10d_reduce_scatter_start)
+    }
+
+    fn start(
+        &self,
+        out: &Tensor,
+        input: &Tensor,
+        shim: unsafe extern "C" fn(
+            *mut RawGroup,
+            *mut C_tensor,
+            *mut C_tensor,
+            *mut *mut RawWork,
+            *mut *mut c_char,
+        ) -> c_int,
+    ) -> Result<Work, String> {
         let (out, input) = (out.shallow_clone(), input.shallow_clone());
         let op = out.as_ptr().cast_mut();
         let ip = input.as_ptr().cast_mut();
         let mut raw: *mut RawWork = std::ptr::null_mut();
         // SAFETY: both tensors are live and kept alive by the returned Work until the collective is done; c10d
         // writes only `out`.
-        call(|err| unsafe { camelid_c10d_all_gather_start(self.0.as_ptr(), op, ip, &mut raw, err) })?;
+        call(|err| unsafe { shim(self.0.as_ptr(), op, ip, &mut raw, err) })?;
         let raw = NonNull::new(raw).ok_or_else(|| "the shim returned no work".to_string())?;
         Ok(Work {
             raw,

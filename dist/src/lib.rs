@@ -43,27 +43,30 @@ impl DistError {
     }
 }
 
-/// A collective started with [`ProcessGroup::all_gather_start`]; dropping it waits for it too.
+/// A collective started with [`ProcessGroup::all_gather_start`] or [`ProcessGroup::reduce_scatter_start`];
+/// dropping it waits for it too.
 pub struct Pending {
     work: ffi::Work,
+    op: &'static str,
     rank: usize,
 }
 
 impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pending").field("rank", &self.rank).finish()
+        f.debug_struct("Pending")
+            .field("op", &self.op)
+            .field("rank", &self.rank)
+            .finish()
     }
 }
 
 impl Pending {
     /// Blocks until the collective is done; its output may be read afterwards.
     pub fn wait(self) -> Result<(), DistError> {
-        let rank = self.rank;
-        self.work.wait().map_err(|message| DistError::Collective {
-            op: "all_gather",
-            rank,
-            message,
-        })
+        let (op, rank) = (self.op, self.rank);
+        self.work
+            .wait()
+            .map_err(|message| DistError::Collective { op, rank, message })
     }
 }
 
@@ -217,6 +220,20 @@ impl ProcessGroup {
             .map_err(self.named("all_gather"))?;
         Ok(Pending {
             work,
+            op: "all_gather",
+            rank: self.rank,
+        })
+    }
+
+    /// Starts [`ProcessGroup::reduce_scatter_sum`] and returns at once; as [`ProcessGroup::all_gather_start`].
+    pub fn reduce_scatter_start(&self, out: &Tensor, input: &Tensor) -> Result<Pending, DistError> {
+        let work = self
+            .group
+            .reduce_scatter_start(out, input)
+            .map_err(self.named("reduce_scatter"))?;
+        Ok(Pending {
+            work,
+            op: "reduce_scatter",
             rank: self.rank,
         })
     }

@@ -96,6 +96,11 @@ fn two_ranks_reduce_broadcast_gather_and_scatter() {
     let mut half = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu));
     pg.reduce_scatter_sum(&mut half, &input).unwrap();
     assert_eq!(values(&half), if rank == 0 { [10.0, 12.0] } else { [14.0, 16.0] });
+    // The same reduce-scatter, started in the background and waited for later.
+    let later = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu));
+    let pending = pg.reduce_scatter_start(&later, &input).unwrap();
+    pending.wait().unwrap();
+    assert_eq!(values(&later), values(&half));
     pg.barrier().unwrap();
     println!("rank {rank} ok");
 }

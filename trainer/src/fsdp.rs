@@ -11,7 +11,8 @@
 //! and swaps the layer out right after, keeping only the layer's input; backward gathers the layer again,
 //! recomputes it with autograd on, pushes the gradient through, flattens the layer's parameter gradients,
 //! reduce-scatters them (in f32) so that each rank adds only its slice, and frees the layer. The next layer's
-//! all-gather is started before a layer computes (forward and backward), so it runs meanwhile on Gloo's threads. The `rest` unit
+//! all-gather is started before a layer computes (forward and backward), and a layer's reduce-scatter is waited for
+//! only after the next layer's backward, so both run meanwhile on the process group's threads. The `rest` unit
 //! stays gathered for the micro-batch (the embeddings are used at both ends). Gradient clipping uses the norm
 //! over all ranks' shards, and AdamW updates only the local shard, so the update is the single-process update
 //! computed in pieces.
@@ -51,6 +52,13 @@ struct Unit {
 struct Gathering {
     unit: usize,
     full: Tensor,
+    pending: camelid_dist::Pending,
+}
+
+/// A unit's gradient reduce-scatter in flight: `mine` receives this rank's slice.
+struct Reducing {
+    unit: usize,
+    mine: Tensor,
     pending: camelid_dist::Pending,
 }
 
@@ -270,14 +278,14 @@ impl ShardedEngine {
         Ok(())
     }
 
-    /// Reduce-scatters unit `u`'s gradients (the leaves' `.grad`, plus `extra` for the parameter it names) in f32
-    /// and adds this rank's slice into its gradient shard.
-    fn reduce_grads(
+    /// Starts reduce-scattering unit `u`'s gradients (the leaves' `.grad`, plus `extra` for the parameter it
+    /// names) in f32; [`ShardedEngine::finish_reduce`] adds this rank's slice into its gradient shard.
+    fn start_reduce(
         &mut self,
         u: usize,
         leaves: &[Tensor],
         extra: Option<(&str, &Tensor)>,
-    ) -> Result<(), TrainError> {
+    ) -> Result<Reducing, TrainError> {
         let unit = &self.units[u];
         let mut parts = Vec::with_capacity(unit.slots.len() + 1);
         let mut total = 0;
@@ -303,9 +311,19 @@ impl ShardedEngine {
             )?);
         }
         let flat = Tensor::f_cat(&parts, 0)?;
-        let mut mine = self.grads[u].f_zeros_like()?;
-        self.timed(|g| g.reduce_scatter_sum(&mut mine, &flat))?;
-        let _ = self.grads[u].shallow_clone().f_add_(&mine)?;
+        let mine = self.grads[u].f_zeros_like()?;
+        let pending = self.timed(|g| g.reduce_scatter_start(&mine, &flat))?;
+        Ok(Reducing {
+            unit: u,
+            mine,
+            pending,
+        })
+    }
+
+    fn finish_reduce(&mut self, reducing: Reducing) -> Result<(), TrainError> {
+        let Reducing { unit, mine, pending } = reducing;
+        self.timed(|_| pending.wait())?;
+        let _ = self.grads[unit].shallow_clone().f_add_(&mine)?;
         Ok(())
     }
 
@@ -375,6 +393,7 @@ impl ShardedEngine {
             loss = sum;
             grad = Some(last.f_grad()?);
         }
+        let mut reducing: Option<Reducing> = None;
         for i in (0..layers).rev() {
             let current = next
                 .take()
@@ -389,13 +408,21 @@ impl ShardedEngine {
                 out.f_mul(&g)?.f_sum(out.kind())?.f_backward()?;
                 grad = Some(input.f_grad()?);
             }
-            self.reduce_grads(i + 1, &leaves, None)?;
+            // The layer's reduce-scatter runs while the next layer recomputes; the previous one is done by now.
+            let started = self.start_reduce(i + 1, &leaves, None)?;
+            if let Some(previous) = reducing.replace(started) {
+                self.finish_reduce(previous)?;
+            }
             self.release(model, i + 1)?;
         }
         if let (Some(embedded), Some(g)) = (embedded, grad) {
             embedded.f_mul(&g)?.f_sum(embedded.kind())?.f_backward()?;
         }
-        self.reduce_grads(0, &rest, Some((&head_name, &head_grad)))?;
+        let rest_reducing = self.start_reduce(0, &rest, Some((&head_name, &head_grad)))?;
+        if let Some(previous) = reducing.take() {
+            self.finish_reduce(previous)?;
+        }
+        self.finish_reduce(rest_reducing)?;
         self.release(model, 0)?;
         Ok(loss)
     }
