@@ -3,6 +3,7 @@
 
 use std::ffi::{CStr, c_char, c_int};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tch::Tensor;
 use torch_sys::C_tensor;
@@ -84,7 +85,6 @@ pub struct RawWork {
 pub struct Work {
     raw: NonNull<RawWork>,
     _tensors: (Tensor, Tensor),
-    waited: bool,
 }
 
 // SAFETY: a c10d Work may be waited for from any thread; the pointer is freed once, in Drop.
@@ -92,8 +92,7 @@ unsafe impl Send for Work {}
 
 impl Work {
     /// Blocks until the collective is done.
-    pub fn wait(mut self) -> Result<(), String> {
-        self.waited = true;
+    pub fn wait(self) -> Result<(), String> {
         let raw = self.raw.as_ptr();
         // SAFETY: `raw` is live until Drop; its tensors are held by `self`.
         call(|err| unsafe { camelid_c10d_work_wait(raw, err) })
@@ -102,15 +101,11 @@ impl Work {
 
 impl Drop for Work {
     fn drop(&mut self) {
-        let raw = self.raw.as_ptr();
-        if !self.waited {
-            // Never free tensors under a collective still writing them: wait (an error was already reported
-            // to whoever gave up on this work, or is moot now).
-            // SAFETY: as in `wait`.
-            let _ = call(|err| unsafe { camelid_c10d_work_wait(raw, err) });
-        }
+        // Not waited for (an error path): c10d's own work item holds its tensors until the collective ends, so
+        // dropping our handle frees nothing it still writes, and the caller is not held up by a collective that
+        // may only end at the timeout.
         // SAFETY: created by the shim, freed exactly once here.
-        unsafe { camelid_c10d_work_free(raw) }
+        unsafe { camelid_c10d_work_free(self.raw.as_ptr()) }
     }
 }
 
@@ -220,7 +215,6 @@ impl Group {
         Ok(Work {
             raw,
             _tensors: (out, input),
-            waited: false,
         })
     }
 
@@ -237,8 +231,16 @@ impl Group {
     }
 }
 
+/// Set once any c10d call of this process has failed (a peer died or timed out).
+static FAILED: AtomicBool = AtomicBool::new(false);
+
 impl Drop for Group {
     fn drop(&mut self) {
+        if FAILED.load(Ordering::SeqCst) {
+            // c10d's destructor waits for every queued collective, and after a peer died those only end at the
+            // timeout (10 minutes by default): the process is failing anyway, so leave the group to the exit.
+            return;
+        }
         // SAFETY: the pointer came from the shim and is freed exactly once, here.
         unsafe { camelid_c10d_free(self.0.as_ptr()) }
     }
@@ -250,6 +252,7 @@ fn call(f: impl FnOnce(*mut *mut c_char) -> c_int) -> Result<(), String> {
     if f(&mut err) == 0 {
         return Ok(());
     }
+    FAILED.store(true, Ordering::SeqCst);
     if err.is_null() {
         return Err("c10d failed without a message".into());
     }

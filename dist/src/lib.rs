@@ -43,8 +43,8 @@ impl DistError {
     }
 }
 
-/// A collective started with [`ProcessGroup::all_gather_start`] or [`ProcessGroup::reduce_scatter_start`];
-/// dropping it waits for it too.
+/// A collective started with [`ProcessGroup::all_gather_start`] or [`ProcessGroup::reduce_scatter_start`].
+/// Dropping it without waiting (an error path) leaves the collective to c10d, which keeps its tensors alive.
 pub struct Pending {
     work: ffi::Work,
     op: &'static str,

@@ -114,7 +114,7 @@ fn a_dead_rank_makes_the_other_fail_instead_of_hanging() {
         assert!(out.contains("rank 0 saw the failure"), "{out}");
         return;
     };
-    let pg = ProcessGroup::gloo("127.0.0.1", port, rank, 2, Duration::from_secs(10)).unwrap();
+    let pg = ProcessGroup::gloo("127.0.0.1", port, rank, 2, Duration::from_secs(60)).unwrap();
     pg.barrier().unwrap();
     if rank == 1 {
         // Gone without a word, as a preempted pod.
@@ -136,13 +136,25 @@ fn a_dead_rank_makes_the_other_fail_instead_of_hanging() {
         "{e}"
     );
     assert_eq!(e.category(), "collective");
-    // Within the collective timeout (10 s) and then some slack: it must not hang.
+    // Well within the collective timeout (60 s): it must not hang.
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "took {:?}",
         started.elapsed()
     );
     println!("rank 0 saw the failure after {:?}: {e}", started.elapsed());
+    // Giving up on a collective still in flight and on the group returns at once instead of waiting for the
+    // collective timeout (c10d's destructor would wait for it).
+    let gathered = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu));
+    let pending = pg.all_gather_start(&gathered, &t);
+    let dropping = Instant::now();
+    drop(pending);
+    drop(pg);
+    assert!(
+        dropping.elapsed() < Duration::from_secs(5),
+        "dropping took {:?}",
+        dropping.elapsed()
+    );
 }
 
 #[test]
