@@ -113,6 +113,8 @@ impl ShardedEngine {
         let (rank, world) = (group.rank() as i64, group.world() as i64);
         let device = model.device();
         let mut units: Vec<Unit> = Vec::new();
+        // Each unit's parameters, flattened (views of the model's tensors, not copies), in checkpoint order.
+        let mut flats: Vec<Vec<Tensor>> = Vec::new();
         for (name, t) in model.named_parameters() {
             if t.kind() != Kind::Float {
                 return Err(EngineError::Setup("master weights must be f32".into()).into());
@@ -126,6 +128,7 @@ impl ShardedEngine {
                         slots: Vec::new(),
                         padded: 0,
                     });
+                    flats.push(Vec::new());
                     units.len() - 1
                 }
             };
@@ -138,21 +141,13 @@ impl ShardedEngine {
                 numel,
             });
             unit.padded += numel;
+            flats[index].push(t.f_detach()?.f_reshape([-1])?);
         }
         let mut masters = Vec::with_capacity(units.len());
-        for unit in &mut units {
+        for (unit, mut parts) in units.iter_mut().zip(flats) {
             let total = unit.padded;
             unit.padded = (total + world - 1) / world * world;
             let shard_len = unit.padded / world;
-            let params = model.named_parameters();
-            let mut parts = Vec::with_capacity(unit.slots.len() + 1);
-            for slot in &unit.slots {
-                let (_, t) = params
-                    .iter()
-                    .find(|(n, _)| *n == slot.name)
-                    .ok_or_else(|| EngineError::Setup(format!("no parameter {}", slot.name)))?;
-                parts.push(t.f_detach()?.f_reshape([-1])?);
-            }
             if unit.padded > total {
                 parts.push(Tensor::f_zeros([unit.padded - total], (Kind::Float, device))?);
             }
