@@ -4,11 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod crd_cases;
 mod schema;
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 fn chart_crds() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/camelid/crds")
@@ -36,105 +37,18 @@ fn crd_schema(file: &str) -> Value {
     crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
 }
 
-fn example(file: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples")
-        .join(file);
-    serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-/// Applies a JSON merge patch (RFC 7386) to `base`.
-fn patched(base: &Value, patch: Value) -> Value {
-    let mut out = base.clone();
-    merge(&mut out, patch);
-    out
-}
-
-fn merge(target: &mut Value, patch: Value) {
-    match patch {
-        Value::Object(map) => {
-            if !target.is_object() {
-                *target = json!({});
-            }
-            let t = target.as_object_mut().unwrap();
-            for (k, v) in map {
-                if v.is_null() {
-                    t.remove(&k);
-                } else {
-                    merge(t.entry(k).or_insert(Value::Null), v);
-                }
-            }
-        }
-        other => *target = other,
-    }
-}
-
 #[test]
 fn finetunejob_examples_pass_and_bad_specs_are_rejected_with_clear_messages() {
     let schema = crd_schema("finetunejobs.camelid.dev.yaml");
-    let good = example("finetunejob.yaml");
+    let good = crd_cases::example("finetunejob.yaml");
     schema::check(&schema, &good).unwrap();
     // Minimal: everything with a default left out.
-    let minimal = json!({"apiVersion": "camelid.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "m"},
-        "spec": {"baseModel": {"uri": "https://example.com/m.gguf"}, "dataset": {"path": "/data/d.json"},
-                 "hyperparameters": {}, "gpusPerWorker": 0,
-                 "checkpoints": {"claimName": "c"}, "output": {"claimName": "o"}}});
+    let minimal = crd_cases::minimal_finetunejob();
     schema::check(&schema, &minimal).unwrap();
 
-    let cases = [
-        (json!({"spec": {"workers": 0}}), "workers"),
-        (json!({"spec": {"workers": "two"}}), "workers"),
-        (json!({"spec": {"gpusPerWorker": 17}}), "gpusPerWorker"),
-        (
-            json!({"spec": {"hyperparameters": {"learningRate": -1}}}),
-            "learningRate",
-        ),
-        (
-            json!({"spec": {"hyperparameters": {"maxSteps": 100}}}),
-            "set epochs or maxSteps, not both",
-        ),
-        (
-            json!({"spec": {"hyperparameters": {"microBatch": 3}}}),
-            "multiple of workers x gpusPerWorker",
-        ),
-        (
-            json!({"spec": {"hyperparameters": {"microBatch": 256}}}),
-            "microBatch must not exceed globalBatch",
-        ),
-        (
-            json!({"spec": {"baseModel": {"uri": "https://x/m.gguf"}}}),
-            "exactly one of path and uri",
-        ),
-        (
-            json!({"spec": {"baseModel": {"path": null, "claimName": "models"}}}),
-            "exactly one of path and uri",
-        ),
-        (
-            json!({"spec": {"baseModel": {"claimName": null, "path": null, "uri": "ftp://x"}}}),
-            "uri",
-        ),
-        (
-            json!({"spec": {"dataset": {"path": "../../etc/passwd"}}}),
-            "must not contain '..'",
-        ),
-        (
-            json!({"spec": {"spot": {"provider": "custom"}}}),
-            "custom spot provider needs nodeSelector",
-        ),
-        (json!({"spec": {"spot": {"provider": "gcp"}}}), "provider"),
-        (
-            json!({"spec": {"spot": {"pendingTimeout": "ten minutes"}}}),
-            "pendingTimeout",
-        ),
-        (json!({"spec": {"checkpoints": null}}), "checkpoints"),
-        (
-            json!({"spec": {"imagePullPolicy": "Sometimes"}}),
-            "imagePullPolicy",
-        ),
-        (json!({"spec": {"maxRestarts": -1}}), "maxRestarts"),
-    ];
+    let cases = crd_cases::finetunejob_cases();
     for (patch, needle) in cases {
-        let bad = patched(&good, patch.clone());
+        let bad = crd_cases::patched(&good, patch.clone());
         let e = schema::check(&schema, &bad).expect_err(&patch.to_string());
         assert!(e.contains(needle), "{patch}: {e}");
     }
@@ -143,33 +57,11 @@ fn finetunejob_examples_pass_and_bad_specs_are_rejected_with_clear_messages() {
 #[test]
 fn chatmodel_examples_pass_and_bad_specs_are_rejected_with_clear_messages() {
     let schema = crd_schema("chatmodels.camelid.dev.yaml");
-    let good = example("chatmodel.yaml");
+    let good = crd_cases::example("chatmodel.yaml");
     schema::check(&schema, &good).unwrap();
-    let cases = [
-        (
-            json!({"spec": {"replicas": {"min": 3, "max": 2}}}),
-            "replicas.min must not exceed replicas.max",
-        ),
-        (
-            json!({"spec": {"autoscaling": {"scaleToZero": false}}}),
-            "set autoscaling.scaleToZero",
-        ),
-        (
-            json!({"spec": {"model": {"path": "/m"}}}),
-            "exactly one of fineTuneJob, path and uri",
-        ),
-        (
-            json!({"spec": {"model": {"fineTuneJob": null}}}),
-            "exactly one of fineTuneJob, path and uri",
-        ),
-        (
-            json!({"spec": {"autoscaling": {"targetInFlight": 0}}}),
-            "targetInFlight",
-        ),
-        (json!({"spec": {"gpus": -1}}), "gpus"),
-    ];
+    let cases = crd_cases::chatmodel_cases();
     for (patch, needle) in cases {
-        let bad = patched(&good, patch.clone());
+        let bad = crd_cases::patched(&good, patch.clone());
         let e = schema::check(&schema, &bad).expect_err(&patch.to_string());
         assert!(e.contains(needle), "{patch}: {e}");
     }

@@ -1,0 +1,133 @@
+//! The FineTuneJob and ChatModel specs users write, good and bad, shared by the schema tests (`crds.rs`, kube's CEL
+//! engine on the generated YAML) and the real API server's (`k8s_chart.rs`): each bad case is a merge patch on an
+//! example and a fragment its rejection must name.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+pub fn example(file: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(file);
+    serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Applies a JSON merge patch (RFC 7386) to `base`.
+pub fn patched(base: &Value, patch: Value) -> Value {
+    let mut out = base.clone();
+    merge(&mut out, patch);
+    out
+}
+
+fn merge(target: &mut Value, patch: Value) {
+    match patch {
+        Value::Object(map) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in map {
+                if v.is_null() {
+                    t.remove(&k);
+                } else {
+                    merge(t.entry(k).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other,
+    }
+}
+
+/// Bad FineTuneJobs: a merge patch on `examples/finetunejob.yaml` and what the rejection must say.
+pub fn finetunejob_cases() -> Vec<(Value, &'static str)> {
+    vec![
+        (json!({"spec": {"workers": 0}}), "workers"),
+        (json!({"spec": {"workers": "two"}}), "workers"),
+        (json!({"spec": {"gpusPerWorker": 17}}), "gpusPerWorker"),
+        (
+            json!({"spec": {"hyperparameters": {"learningRate": -1}}}),
+            "learningRate",
+        ),
+        (
+            json!({"spec": {"hyperparameters": {"maxSteps": 100}}}),
+            "set epochs or maxSteps, not both",
+        ),
+        (
+            json!({"spec": {"hyperparameters": {"microBatch": 3}}}),
+            "multiple of workers x gpusPerWorker",
+        ),
+        (
+            json!({"spec": {"hyperparameters": {"microBatch": 256}}}),
+            "microBatch must not exceed globalBatch",
+        ),
+        (
+            json!({"spec": {"baseModel": {"uri": "https://x/m.gguf"}}}),
+            "exactly one of path and uri",
+        ),
+        (
+            json!({"spec": {"baseModel": {"path": null, "claimName": "models"}}}),
+            "exactly one of path and uri",
+        ),
+        (
+            json!({"spec": {"baseModel": {"claimName": null, "path": null, "uri": "ftp://x"}}}),
+            "uri",
+        ),
+        (
+            json!({"spec": {"dataset": {"path": "../../etc/passwd"}}}),
+            "must not contain '..'",
+        ),
+        (
+            json!({"spec": {"spot": {"provider": "custom"}}}),
+            "custom spot provider needs nodeSelector",
+        ),
+        (json!({"spec": {"spot": {"provider": "gcp"}}}), "provider"),
+        (
+            json!({"spec": {"spot": {"pendingTimeout": "ten minutes"}}}),
+            "pendingTimeout",
+        ),
+        (json!({"spec": {"checkpoints": null}}), "checkpoints"),
+        (
+            json!({"spec": {"imagePullPolicy": "Sometimes"}}),
+            "imagePullPolicy",
+        ),
+        (json!({"spec": {"maxRestarts": -1}}), "maxRestarts"),
+    ]
+}
+
+/// A FineTuneJob with everything that has a default left out.
+pub fn minimal_finetunejob() -> Value {
+    json!({"apiVersion": "camelid.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "m"},
+        "spec": {"baseModel": {"uri": "https://example.com/m.gguf"}, "dataset": {"path": "/data/d.json"},
+                 "hyperparameters": {}, "gpusPerWorker": 0,
+                 "checkpoints": {"claimName": "c"}, "output": {"claimName": "o"}}})
+}
+
+/// Bad ChatModels: a merge patch on `examples/chatmodel.yaml` and what the rejection must say.
+pub fn chatmodel_cases() -> Vec<(Value, &'static str)> {
+    vec![
+        (
+            json!({"spec": {"replicas": {"min": 3, "max": 2}}}),
+            "replicas.min must not exceed replicas.max",
+        ),
+        (
+            json!({"spec": {"autoscaling": {"scaleToZero": false}}}),
+            "set autoscaling.scaleToZero",
+        ),
+        (
+            json!({"spec": {"model": {"path": "/m"}}}),
+            "exactly one of fineTuneJob, path and uri",
+        ),
+        (
+            json!({"spec": {"model": {"fineTuneJob": null}}}),
+            "exactly one of fineTuneJob, path and uri",
+        ),
+        (
+            json!({"spec": {"autoscaling": {"targetInFlight": 0}}}),
+            "targetInFlight",
+        ),
+        (json!({"spec": {"gpus": -1}}), "gpus"),
+    ]
+}

@@ -1,0 +1,84 @@
+//! Two operator processes with leader election against a real API server: one holds the `camelid-operator` Lease
+//! and reconciles; killed (SIGKILL, no goodbye), the other takes the Lease over within its duration plus one retry,
+//! carries on reconciling, and nothing is created twice.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod k8s_common;
+
+use std::time::{Duration, Instant};
+
+use camelid_k8s_harness::{ControlPlane, FakeNode};
+use k8s_common::{Daemon, apply, get, names, operator, wait_until};
+use serde_json::json;
+
+const NS: &str = "default";
+
+fn finetunejob(name: &str) -> String {
+    json!({"apiVersion": "camelid.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name, "namespace": NS},
+        "spec": {"baseModel": {"uri": "https://example.com/m.gguf"}, "dataset": {"path": "/data/d.json"},
+                 "hyperparameters": {"maxSteps": 10}, "workers": 1, "gpusPerWorker": 0,
+                 "spot": {"preferSpot": false},
+                 "checkpoints": {"claimName": "training"}, "output": {"claimName": "models"}}})
+    .to_string()
+}
+
+fn holder(cp: &ControlPlane) -> Option<String> {
+    get(cp, &["lease", "camelid-operator", "-n", "camelid-system"])["spec"]["holderIdentity"]
+        .as_str()
+        .map(str::to_string)
+}
+
+#[test]
+fn a_standby_operator_takes_over_within_the_lease_and_nothing_is_created_twice() {
+    let cp = ControlPlane::start().unwrap();
+    let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/camelid/crds");
+    cp.kubectl(&["apply", "-f", &crds.display().to_string()]).unwrap();
+    cp.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"]).unwrap();
+    cp.kubectl(&["create", "namespace", "camelid-system"]).unwrap();
+    for claim in ["models", "training"] {
+        cp.add_claim(NS, claim).unwrap();
+    }
+    cp.add_node(&FakeNode::new("cpu-1")).unwrap();
+    let mut operators: Vec<Daemon> = ["operator-a", "operator-b"]
+        .iter()
+        .map(|name| operator(&cp, name, cp.kubeconfig(), &["--leader-election", "--progress-poll-seconds", "1"]))
+        .collect();
+    wait_until("one operator holds the lease", 60, || holder(&cp).is_some());
+    let leader = holder(&cp).unwrap();
+
+    let out = apply(&cp, &finetunejob("first"), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_until("the leader starts the first job", 60, || names(&cp, &["jobs", "-n", NS]) == ["first-a1"]);
+    let standby = operators.iter().find(|d| d.name != leader).unwrap();
+    assert!(
+        !standby.log_text().contains("first"),
+        "the standby reconciled while not leading:\n{}",
+        standby.log_text()
+    );
+
+    let killed_at = Instant::now();
+    operators.iter_mut().find(|d| d.name == leader).unwrap().kill();
+    let lease_seconds = get(&cp, &["lease", "camelid-operator", "-n", "camelid-system"])["spec"]
+        ["leaseDurationSeconds"]
+        .as_u64()
+        .unwrap();
+    wait_until("the standby takes the lease", lease_seconds + 15, || {
+        holder(&cp).is_some_and(|h| h != leader)
+    });
+    let took = killed_at.elapsed();
+    assert!(took <= Duration::from_secs(lease_seconds + 5), "took over after {took:?}");
+    eprintln!("standby took over {took:.1?} after the leader was killed (lease {lease_seconds} s)");
+
+    let out = apply(&cp, &finetunejob("second"), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_until("the new leader starts the second job", 60, || {
+        names(&cp, &["jobs", "-n", NS]) == ["first-a1", "second-a1"]
+    });
+    // A few more reconciles of both jobs: still one Job and one Service each.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(names(&cp, &["jobs", "-n", NS]), ["first-a1", "second-a1"]);
+    assert_eq!(names(&cp, &["services", "-n", NS, "-l", "app.kubernetes.io/managed-by=camelid-operator"]).len(), 2);
+    let st = get(&cp, &["finetunejob", "first", "-n", NS])["status"].clone();
+    assert_eq!(st["attempt"], 1, "the first job was not restarted by the takeover: {st}");
+}
