@@ -129,7 +129,9 @@ pub fn operator(cp: &ControlPlane, name: &str, kubeconfig: &Path, extra: &[&str]
     Daemon::start(name, cp.dir(), &mut c)
 }
 
-/// The path of another workspace binary (the gateway's), built with cargo if this test run did not build it.
+/// The path of another workspace binary (the gateway's). `cargo test --workspace` builds every workspace binary
+/// before it runs any test; a narrower run builds it here. (Not always: `cargo build -p` alone unifies features
+/// differently and would rebuild kube and the gateway.)
 pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     let target = std::env::current_exe()
         .unwrap()

@@ -129,6 +129,14 @@ pub fn rules_from(models: &[ChatModel]) -> BTreeMap<String, ModelRule> {
         .collect()
 }
 
+/// A failed watch is retried with backoff; saying so is what tells an operator that, say, the gateway's RBAC lacks
+/// a verb, instead of a gateway that silently knows no models.
+fn log_watch_error<T>(kind: &str, event: Result<T, watcher::Error>) {
+    if let Err(e) = event {
+        tracing::warn!(kind, error = %e, "ChatModel discovery: watching failed; retrying");
+    }
+}
+
 /// Follows the ChatModels (in `namespace`, or all), their EndpointSlices and the nodes, and keeps `sink` and
 /// `rules` current until the process ends.
 pub fn spawn(client: Client, namespace: Option<String>, sink: Arc<StaticEndpoints>, rules: ModelRules) {
@@ -141,33 +149,44 @@ pub fn spawn(client: Client, namespace: Option<String>, sink: Arc<StaticEndpoint
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     let nodes_api: Api<Node> = Api::all(client);
-    let (models, models_writer) = reflector::store();
+    let (models_store, models_writer) = reflector::store();
     let (slices, slices_writer) = reflector::store();
     let (nodes, nodes_writer) = reflector::store();
     let cfg = watcher::Config::default().any_semantic();
     let model_events = watcher(models_api, cfg.clone())
         .default_backoff()
         .reflect(models_writer)
-        .map(|_| ());
+        .map(|event| log_watch_error("ChatModel", event));
     let slice_events = watcher(slices_api, cfg.clone().labels(MODEL_LABEL))
         .default_backoff()
         .reflect(slices_writer)
-        .map(|_| ());
+        .map(|event| log_watch_error("EndpointSlice", event));
     let node_events = watcher(nodes_api, cfg)
         .default_backoff()
         .reflect(nodes_writer)
-        .map(|_| ());
+        .map(|event| log_watch_error("Node", event));
     let mut events = Box::pin(futures_util::stream::select(
         model_events,
         futures_util::stream::select(slice_events, node_events),
     ));
     tokio::spawn(async move {
+        let mut malformed = BTreeSet::new();
         while events.next().await.is_some() {
-            let models: Vec<ChatModel> = models
-                .state()
-                .iter()
-                .filter_map(|m| m.0.as_ref().ok().cloned())
-                .collect();
+            let mut models = Vec::new();
+            let mut bad = BTreeSet::new();
+            for m in models_store.state().iter() {
+                match &m.0 {
+                    Ok(model) => models.push(model.clone()),
+                    Err(e) => {
+                        let name = format!("{}/{}", m.namespace().unwrap_or_default(), m.name_any());
+                        if !malformed.contains(&name) {
+                            tracing::warn!(chatmodel = %name, error = %e, "ChatModel discovery: malformed ChatModel left out");
+                        }
+                        bad.insert(name);
+                    }
+                }
+            }
+            malformed = bad;
             let slices: Vec<EndpointSlice> = slices.state().iter().map(|s| (**s).clone()).collect();
             let leaving: BTreeSet<String> = nodes
                 .state()
