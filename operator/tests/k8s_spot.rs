@@ -89,14 +89,18 @@ impl Cluster {
             .unwrap()
     }
 
-    /// Waits for attempt `attempt` to replace the last, with `preemptions` counted and nothing counted as a failure.
-    fn restarted(&self, attempt: i32, preemptions: i32) {
+    /// Waits for attempt `attempt` to replace the last, with `preemptions` counted, nothing counted as a failure,
+    /// and the cause in the status message.
+    fn restarted(&self, attempt: i32, preemptions: i32, cause: &str) {
         wait_until(&format!("attempt {attempt} after preemption {preemptions}"), 90, || {
             let st = self.status();
             st["attempt"] == attempt && st["preemptions"] == preemptions
         });
         let st = self.status();
         assert_eq!(st["restarts"], 0, "a preemption is not a failure: {st}");
+        let message = st["message"].as_str().unwrap_or_default();
+        assert!(message.contains(cause), "attempt {attempt}: expected {cause:?} in {message:?}");
+        eprintln!("attempt {attempt}: {message}");
         let previous = format!("vicuna-smol-a{}", attempt - 1);
         wait_until(&format!("{previous} is deleted"), 60, || {
             !names(&self.cp, &["jobs", "-n", NS]).contains(&previous)
@@ -154,7 +158,7 @@ fn a_finetunejob_survives_each_kind_of_preemption_on_real_controllers_and_publis
     let node = c.node_of(1, "0");
     c.cp.kubectl(&["taint", "node", &node, "cloud.google.com/impending-node-termination=true:NoSchedule"])
         .unwrap();
-    c.restarted(2, 1);
+    c.restarted(2, 1, "stopped after a termination checkpoint");
     assert!(c.events().contains("CheckpointRequested"), "{}", c.events());
     // The tainted node is leaving: a new spot node takes its place, as a node pool would.
     c.cp.kubectl(&["delete", "node", &node]).unwrap();
@@ -166,7 +170,7 @@ fn a_finetunejob_survives_each_kind_of_preemption_on_real_controllers_and_publis
     // controller marks and evicts them.
     let node = c.node_of(2, "1");
     c.cp.kubectl(&["taint", "node", &node, "camelid.test/reclaimed=true:NoExecute"]).unwrap();
-    c.restarted(3, 2);
+    c.restarted(3, 2, "was disrupted");
     c.cp.kubectl(&["delete", "node", &node]).unwrap();
     c.cp.add_node(&spot_node("spot-4")).unwrap();
     let nodes = c.running(3);
@@ -176,7 +180,7 @@ fn a_finetunejob_survives_each_kind_of_preemption_on_real_controllers_and_publis
     // allowed on spot: attempt 4 goes on-demand.
     let pod = c.pod_name(3, "0");
     c.cp.kubectl(&["annotate", "pod", &pod, "-n", NS, "kwok.camelid.dev/exit-code=75"]).unwrap();
-    c.restarted(4, 3);
+    c.restarted(4, 3, "stopped after a termination checkpoint");
     assert_eq!(c.status()["capacity"], "on-demand");
     let nodes = c.running(4);
     assert_eq!(nodes, ["od-1", "od-2"].map(String::from).into(), "an on-demand attempt never on spot");
@@ -185,7 +189,7 @@ fn a_finetunejob_survives_each_kind_of_preemption_on_real_controllers_and_publis
     let node = c.node_of(4, "1");
     c.cp.kubectl(&["delete", "node", &node]).unwrap();
     c.cp.add_node(&on_demand_node("od-3")).unwrap();
-    c.restarted(5, 4);
+    c.restarted(5, 4, "node is gone");
     assert_eq!(c.status()["capacity"], "on-demand");
     c.running(5);
 
