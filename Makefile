@@ -104,3 +104,4 @@ bench: setup bench-deps build-release
 	$(PY) bench/guardrails_speed.py
 	cargo build --release -p camelid-operator --bins --examples
 	target/release/examples/scale 1000
+	target/release/examples/scale --real 1000

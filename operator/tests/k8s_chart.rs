@@ -53,8 +53,18 @@ fn the_chart_installs_upgrades_and_uninstalls_on_a_real_cluster_and_its_roles_su
     let lint = cp.helm(&["lint", "--strict", &chart()]).unwrap();
     assert!(!lint.contains("[WARNING]") && !lint.contains("[ERROR]"), "{lint}");
 
-    cp.helm(&["install", "camelid", &chart(), "-n", NS, "--create-namespace", "--wait", "--timeout", "3m"])
-        .unwrap();
+    cp.helm(&[
+        "install",
+        "camelid",
+        &chart(),
+        "-n",
+        NS,
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "3m",
+    ])
+    .unwrap();
     cp.kubectl(&[
         "wait",
         "--for=condition=Established",
@@ -65,7 +75,11 @@ fn the_chart_installs_upgrades_and_uninstalls_on_a_real_cluster_and_its_roles_su
     .unwrap();
     for deployment in ["camelid-operator", "camelid-gateway"] {
         let d = get(&cp, &["deployment", deployment, "-n", NS]);
-        assert_eq!(d["status"]["availableReplicas"], d["spec"]["replicas"], "{deployment}: {}", d["status"]);
+        assert_eq!(
+            d["status"]["availableReplicas"], d["spec"]["replicas"],
+            "{deployment}: {}",
+            d["status"]
+        );
     }
 
     examples_are_accepted(&cp);
@@ -85,15 +99,35 @@ fn the_chart_installs_upgrades_and_uninstalls_on_a_real_cluster_and_its_roles_su
     drop((operator, gateway));
 
     cp.helm(&[
-        "upgrade", "camelid", &chart(), "-n", NS, "--reuse-values", "--set", "replicaCount=2", "--wait", "--timeout",
+        "upgrade",
+        "camelid",
+        &chart(),
+        "-n",
+        NS,
+        "--reuse-values",
+        "--set",
+        "replicaCount=2",
+        "--wait",
+        "--timeout",
         "3m",
     ])
     .unwrap();
     let d = get(&cp, &["deployment", "camelid-operator", "-n", NS]);
-    assert_eq!((d["spec"]["replicas"].clone(), d["status"]["readyReplicas"].clone()), (2.into(), 2.into()));
-    assert!(cp.helm(&["history", "camelid", "-n", NS]).unwrap().contains("Upgrade complete"));
+    assert_eq!(
+        (
+            d["spec"]["replicas"].clone(),
+            d["status"]["readyReplicas"].clone()
+        ),
+        (2.into(), 2.into())
+    );
+    assert!(
+        cp.helm(&["history", "camelid", "-n", NS])
+            .unwrap()
+            .contains("Upgrade complete")
+    );
 
-    cp.helm(&["uninstall", "camelid", "-n", NS, "--wait", "--timeout", "3m"]).unwrap();
+    cp.helm(&["uninstall", "camelid", "-n", NS, "--wait", "--timeout", "3m"])
+        .unwrap();
     assert!(names(&cp, &["deployments", "-n", NS]).is_empty());
     assert!(names(&cp, &["clusterroles", "-l", "app.kubernetes.io/instance=camelid"]).is_empty());
     // Helm never deletes what crds/ installed, so users' jobs and models survive an uninstall.
@@ -106,10 +140,19 @@ fn examples_are_accepted(cp: &ControlPlane) {
     for entry in std::fs::read_dir(repo().join("examples")).unwrap() {
         let path = entry.unwrap().path();
         let text = std::fs::read_to_string(&path).unwrap_or_default();
-        if path.extension().is_some_and(|e| e == "yaml") && text.contains("\nkind: ") && text.contains("apiVersion:")
+        if path.extension().is_some_and(|e| e == "yaml")
+            && text.contains("\nkind: ")
+            && text.contains("apiVersion:")
         {
-            let out = cp.kubectl_output(&["apply", "-f", &path.display().to_string()]).unwrap();
-            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            let out = cp
+                .kubectl_output(&["apply", "-f", &path.display().to_string()])
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
             applied.push(path.file_name().unwrap().to_string_lossy().into_owned());
         }
     }
@@ -131,7 +174,10 @@ fn bad_specs_are_rejected(cp: &ControlPlane) {
             let out = apply(cp, &bad.to_string(), &["--dry-run=server"]);
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "{file} with {patch} was accepted");
-            assert!(stderr.contains(needle), "{file} with {patch}: expected {needle:?} in:\n{stderr}");
+            assert!(
+                stderr.contains(needle),
+                "{file} with {patch}: expected {needle:?} in:\n{stderr}"
+            );
         }
     }
     let minimal = crd_cases::minimal_finetunejob();
@@ -151,27 +197,52 @@ fn operator_as_its_service_account(cp: &ControlPlane) -> Daemon {
         .filter(|a| !a.starts_with("--metrics-addr") && !a.starts_with("--health-addr"))
         .collect();
     assert_eq!(args[0], "run");
-    let account = deployment["spec"]["template"]["spec"]["serviceAccountName"].as_str().unwrap();
+    let account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .unwrap();
     let kubeconfig = cp.service_account_kubeconfig(NS, account).unwrap();
     let rest: Vec<&str> = args[1..].iter().map(String::as_str).collect();
     let mut extra = rest.clone();
     extra.retain(|a| !a.starts_with("--namespace"));
     let daemon = operator(cp, "operator", &kubeconfig, &extra);
-    wait_until("the operator's first attempt of vicuna-smol runs on the spot pool", 90, || {
-        let pods = get(cp, &["pods", "-n", "default", "-l", "camelid.dev/finetunejob=vicuna-smol"]);
-        let items = pods["items"].as_array().cloned().unwrap_or_default();
-        items.len() == 2
-            && items.iter().all(|p| {
-                p["status"]["phase"] == "Running" && p["spec"]["nodeName"] == "gke-spot-l4-1"
-            })
-    });
+    wait_until(
+        "the operator's first attempt of vicuna-smol runs on the spot pool",
+        90,
+        || {
+            let pods = get(
+                cp,
+                &[
+                    "pods",
+                    "-n",
+                    "default",
+                    "-l",
+                    "camelid.dev/finetunejob=vicuna-smol",
+                ],
+            );
+            let items = pods["items"].as_array().cloned().unwrap_or_default();
+            items.len() == 2
+                && items
+                    .iter()
+                    .all(|p| p["status"]["phase"] == "Running" && p["spec"]["nodeName"] == "gke-spot-l4-1")
+        },
+    );
     wait_until("the FineTuneJob's status says Running", 60, || {
         get(cp, &["finetunejob", "vicuna-smol", "-n", "default"])["status"]["phase"] == "Running"
     });
     let events = cp
-        .kubectl(&["get", "events", "-n", "default", "--field-selector", "involvedObject.name=vicuna-smol"])
+        .kubectl(&[
+            "get",
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            "involvedObject.name=vicuna-smol",
+        ])
         .unwrap();
-    assert!(events.contains("AttemptStarted"), "the operator's Events: {events}");
+    assert!(
+        events.contains("AttemptStarted"),
+        "the operator's Events: {events}"
+    );
     daemon
 }
 
@@ -188,7 +259,12 @@ fn gateway_as_its_service_account(cp: &ControlPlane) -> Daemon {
     command
         .env("KUBECONFIG", &kubeconfig)
         .env("CAMELID_LOG", "info")
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--discover-chatmodels", "--allow-anonymous"]);
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--discover-chatmodels",
+            "--allow-anonymous",
+        ]);
     let daemon = Daemon::start("gateway", cp.dir(), &mut command);
     wait_until("the gateway lists the discovered ChatModel", 60, || {
         http_get(port, "/v1/models").is_some_and(|body| body.contains("vicuna-smol"))
@@ -197,14 +273,36 @@ fn gateway_as_its_service_account(cp: &ControlPlane) -> Daemon {
 }
 
 fn printer_columns_show_the_operators_values(cp: &ControlPlane) {
+    // What README's "On Kubernetes" shows.
+    eprintln!(
+        "{}",
+        cp.kubectl(&["get", "finetunejobs,chatmodels", "-n", "default"])
+            .unwrap()
+    );
     let ftj = table(&cp.kubectl(&["get", "finetunejobs", "-n", "default"]).unwrap());
     let columns: Vec<&str> = ftj[0].iter().map(|(c, _)| c.as_str()).collect();
     assert_eq!(
         columns,
-        ["NAME", "PHASE", "PROGRESS", "LOSS", "PREEMPTIONS", "LAST-CKPT", "COST", "AGE"]
+        [
+            "NAME",
+            "PHASE",
+            "PROGRESS",
+            "LOSS",
+            "PREEMPTIONS",
+            "LAST-CKPT",
+            "COST",
+            "AGE"
+        ]
     );
     let row: std::collections::BTreeMap<_, _> = ftj[0].iter().cloned().collect();
-    assert_eq!((row["NAME"].as_str(), row["PHASE"].as_str(), row["PREEMPTIONS"].as_str()), ("vicuna-smol", "Running", "0"));
+    assert_eq!(
+        (
+            row["NAME"].as_str(),
+            row["PHASE"].as_str(),
+            row["PREEMPTIONS"].as_str()
+        ),
+        ("vicuna-smol", "Running", "0")
+    );
     assert!(row["COST"].starts_with('$'), "COST: {:?}", row["COST"]);
     let chat = table(&cp.kubectl(&["get", "chatmodels", "-n", "default"]).unwrap());
     let columns: Vec<&str> = chat[0].iter().map(|(c, _)| c.as_str()).collect();
@@ -222,5 +320,8 @@ fn http_get(port: u16, path: &str) -> Option<String> {
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
-    head.split(' ').nth(1).is_some_and(|code| code == "200").then(|| body.to_string())
+    head.split(' ')
+        .nth(1)
+        .is_some_and(|code| code == "200")
+        .then(|| body.to_string())
 }

@@ -34,7 +34,14 @@ fn a_standby_operator_takes_over_within_the_lease_and_nothing_is_created_twice()
     let cp = ControlPlane::start().unwrap();
     let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/camelid/crds");
     cp.kubectl(&["apply", "-f", &crds.display().to_string()]).unwrap();
-    cp.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"]).unwrap();
+    cp.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd",
+        "--all",
+    ])
+    .unwrap();
     cp.kubectl(&["create", "namespace", "camelid-system"]).unwrap();
     for claim in ["models", "training"] {
         cp.add_claim(NS, claim).unwrap();
@@ -42,14 +49,23 @@ fn a_standby_operator_takes_over_within_the_lease_and_nothing_is_created_twice()
     cp.add_node(&FakeNode::new("cpu-1")).unwrap();
     let mut operators: Vec<Daemon> = ["operator-a", "operator-b"]
         .iter()
-        .map(|name| operator(&cp, name, cp.kubeconfig(), &["--leader-election", "--progress-poll-seconds", "1"]))
+        .map(|name| {
+            operator(
+                &cp,
+                name,
+                cp.kubeconfig(),
+                &["--leader-election", "--progress-poll-seconds", "1"],
+            )
+        })
         .collect();
     wait_until("one operator holds the lease", 60, || holder(&cp).is_some());
     let leader = holder(&cp).unwrap();
 
     let out = apply(&cp, &finetunejob("first"), &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    wait_until("the leader starts the first job", 60, || names(&cp, &["jobs", "-n", NS]) == ["first-a1"]);
+    wait_until("the leader starts the first job", 60, || {
+        names(&cp, &["jobs", "-n", NS]) == ["first-a1"]
+    });
     let standby = operators.iter().find(|d| d.name != leader).unwrap();
     assert!(
         !standby.log_text().contains("first"),
@@ -59,15 +75,18 @@ fn a_standby_operator_takes_over_within_the_lease_and_nothing_is_created_twice()
 
     let killed_at = Instant::now();
     operators.iter_mut().find(|d| d.name == leader).unwrap().kill();
-    let lease_seconds = get(&cp, &["lease", "camelid-operator", "-n", "camelid-system"])["spec"]
-        ["leaseDurationSeconds"]
-        .as_u64()
-        .unwrap();
+    let lease_seconds =
+        get(&cp, &["lease", "camelid-operator", "-n", "camelid-system"])["spec"]["leaseDurationSeconds"]
+            .as_u64()
+            .unwrap();
     wait_until("the standby takes the lease", lease_seconds + 15, || {
         holder(&cp).is_some_and(|h| h != leader)
     });
     let took = killed_at.elapsed();
-    assert!(took <= Duration::from_secs(lease_seconds + 5), "took over after {took:?}");
+    assert!(
+        took <= Duration::from_secs(lease_seconds + 5),
+        "took over after {took:?}"
+    );
     eprintln!("standby took over {took:.1?} after the leader was killed (lease {lease_seconds} s)");
 
     let out = apply(&cp, &finetunejob("second"), &[]);
@@ -78,7 +97,23 @@ fn a_standby_operator_takes_over_within_the_lease_and_nothing_is_created_twice()
     // A few more reconciles of both jobs: still one Job and one Service each.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(names(&cp, &["jobs", "-n", NS]), ["first-a1", "second-a1"]);
-    assert_eq!(names(&cp, &["services", "-n", NS, "-l", "app.kubernetes.io/managed-by=camelid-operator"]).len(), 2);
+    assert_eq!(
+        names(
+            &cp,
+            &[
+                "services",
+                "-n",
+                NS,
+                "-l",
+                "app.kubernetes.io/managed-by=camelid-operator"
+            ]
+        )
+        .len(),
+        2
+    );
     let st = get(&cp, &["finetunejob", "first", "-n", NS])["status"].clone();
-    assert_eq!(st["attempt"], 1, "the first job was not restarted by the takeover: {st}");
+    assert_eq!(
+        st["attempt"], 1,
+        "the first job was not restarted by the takeover: {st}"
+    );
 }

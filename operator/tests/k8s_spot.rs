@@ -47,7 +47,10 @@ impl Cluster {
 
     fn pods(&self, attempt: i32) -> Vec<Value> {
         let selector = format!("camelid.dev/finetunejob=vicuna-smol,camelid.dev/attempt={attempt}");
-        get(&self.cp, &["pods", "-n", NS, "-l", &selector])["items"].as_array().cloned().unwrap_or_default()
+        get(&self.cp, &["pods", "-n", NS, "-l", &selector])["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Waits for attempt `attempt` to be the only Job, with both ranks Running; returns their nodes.
@@ -57,7 +60,9 @@ impl Cluster {
             let pods = self.pods(attempt);
             names(&self.cp, &["jobs", "-n", NS]) == [job.clone()]
                 && pods.len() == 2
-                && pods.iter().all(|p| p["status"]["phase"] == "Running" && p["metadata"]["deletionTimestamp"].is_null())
+                && pods.iter().all(|p| {
+                    p["status"]["phase"] == "Running" && p["metadata"]["deletionTimestamp"].is_null()
+                })
         });
         wait_until(&format!("the status shows attempt {attempt} Running"), 60, || {
             let st = self.status();
@@ -67,10 +72,21 @@ impl Cluster {
         for pod in self.pods(attempt) {
             let name = pod["metadata"]["name"].as_str().unwrap();
             self.cp
-                .kubectl(&["annotate", "pod", name, "-n", NS, "kwok.camelid.dev/exit-on-sigterm=75", "--overwrite"])
+                .kubectl(&[
+                    "annotate",
+                    "pod",
+                    name,
+                    "-n",
+                    NS,
+                    "kwok.camelid.dev/exit-on-sigterm=75",
+                    "--overwrite",
+                ])
                 .unwrap();
         }
-        self.pods(attempt).iter().map(|p| p["spec"]["nodeName"].as_str().unwrap().to_string()).collect()
+        self.pods(attempt)
+            .iter()
+            .map(|p| p["spec"]["nodeName"].as_str().unwrap().to_string())
+            .collect()
     }
 
     fn node_of(&self, attempt: i32, rank: &str) -> String {
@@ -92,14 +108,21 @@ impl Cluster {
     /// Waits for attempt `attempt` to replace the last, with `preemptions` counted, nothing counted as a failure,
     /// and the cause in the status message.
     fn restarted(&self, attempt: i32, preemptions: i32, cause: &str) {
-        wait_until(&format!("attempt {attempt} after preemption {preemptions}"), 90, || {
-            let st = self.status();
-            st["attempt"] == attempt && st["preemptions"] == preemptions
-        });
+        wait_until(
+            &format!("attempt {attempt} after preemption {preemptions}"),
+            90,
+            || {
+                let st = self.status();
+                st["attempt"] == attempt && st["preemptions"] == preemptions
+            },
+        );
         let st = self.status();
         assert_eq!(st["restarts"], 0, "a preemption is not a failure: {st}");
         let message = st["message"].as_str().unwrap_or_default();
-        assert!(message.contains(cause), "attempt {attempt}: expected {cause:?} in {message:?}");
+        assert!(
+            message.contains(cause),
+            "attempt {attempt}: expected {cause:?} in {message:?}"
+        );
         eprintln!("attempt {attempt}: {message}");
         let previous = format!("vicuna-smol-a{}", attempt - 1);
         wait_until(&format!("{previous} is deleted"), 60, || {
@@ -109,7 +132,14 @@ impl Cluster {
 
     fn events(&self) -> String {
         self.cp
-            .kubectl(&["get", "events", "-n", NS, "--field-selector", "involvedObject.name=vicuna-smol"])
+            .kubectl(&[
+                "get",
+                "events",
+                "-n",
+                NS,
+                "--field-selector",
+                "involvedObject.name=vicuna-smol",
+            ])
             .unwrap()
     }
 }
@@ -119,10 +149,22 @@ fn a_finetunejob_survives_each_kind_of_preemption_on_real_controllers_and_publis
     let cp = ControlPlane::start().unwrap();
     let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/camelid/crds");
     cp.kubectl(&["apply", "-f", &crds.display().to_string()]).unwrap();
-    cp.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"]).unwrap();
+    cp.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd",
+        "--all",
+    ])
+    .unwrap();
     cp.kubectl(&["create", "namespace", "camelid-system"]).unwrap();
     cp.kubectl(&[
-        "create", "configmap", "gpu-prices", "-n", "camelid-system", "--from-literal=nvidia-l4.spot=0.22",
+        "create",
+        "configmap",
+        "gpu-prices",
+        "-n",
+        "camelid-system",
+        "--from-literal=nvidia-l4.spot=0.22",
         "--from-literal=nvidia-l4.on-demand=0.71",
     ])
     .unwrap();
@@ -140,7 +182,14 @@ fn a_finetunejob_survives_each_kind_of_preemption_on_real_controllers_and_publis
         &c.cp,
         "operator",
         c.cp.kubeconfig(),
-        &["--gpu-prices", "gpu-prices", "--progress-poll-seconds", "1", "--termination-grace-seconds", "30"],
+        &[
+            "--gpu-prices",
+            "gpu-prices",
+            "--progress-poll-seconds",
+            "1",
+            "--termination-grace-seconds",
+            "30",
+        ],
     );
     let example = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/finetunejob.yaml"),
@@ -156,34 +205,51 @@ fn a_finetunejob_survives_each_kind_of_preemption_on_real_controllers_and_publis
     // Preemption 1, the checkpoint-first path: GKE's termination notice taint on a node. The operator deletes the
     // pod with its grace period; the trainer checkpoints and exits 75.
     let node = c.node_of(1, "0");
-    c.cp.kubectl(&["taint", "node", &node, "cloud.google.com/impending-node-termination=true:NoSchedule"])
-        .unwrap();
+    c.cp.kubectl(&[
+        "taint",
+        "node",
+        &node,
+        "cloud.google.com/impending-node-termination=true:NoSchedule",
+    ])
+    .unwrap();
     c.restarted(2, 1, "stopped after a termination checkpoint");
     assert!(c.events().contains("CheckpointRequested"), "{}", c.events());
     // The tainted node is leaving: a new spot node takes its place, as a node pool would.
     c.cp.kubectl(&["delete", "node", &node]).unwrap();
     c.cp.add_node(&spot_node("spot-3")).unwrap();
     let nodes = c.running(2);
-    assert!(nodes.iter().all(|n| n.starts_with("spot-")), "spot attempt on {nodes:?}");
+    assert!(
+        nodes.iter().all(|n| n.starts_with("spot-")),
+        "spot attempt on {nodes:?}"
+    );
 
     // Preemption 2, a DisruptionTarget: a NoExecute taint the pods do not tolerate, so Kubernetes' taint-eviction
     // controller marks and evicts them.
     let node = c.node_of(2, "1");
-    c.cp.kubectl(&["taint", "node", &node, "camelid.test/reclaimed=true:NoExecute"]).unwrap();
+    c.cp.kubectl(&["taint", "node", &node, "camelid.test/reclaimed=true:NoExecute"])
+        .unwrap();
     c.restarted(3, 2, "was disrupted");
     c.cp.kubectl(&["delete", "node", &node]).unwrap();
     c.cp.add_node(&spot_node("spot-4")).unwrap();
     let nodes = c.running(3);
-    assert!(nodes.iter().all(|n| n.starts_with("spot-")), "spot attempt on {nodes:?}");
+    assert!(
+        nodes.iter().all(|n| n.starts_with("spot-")),
+        "spot attempt on {nodes:?}"
+    );
 
     // Preemption 3: the trainer exits 75 by itself (it got SIGTERM from the node's shutdown). That is the last
     // allowed on spot: attempt 4 goes on-demand.
     let pod = c.pod_name(3, "0");
-    c.cp.kubectl(&["annotate", "pod", &pod, "-n", NS, "kwok.camelid.dev/exit-code=75"]).unwrap();
+    c.cp.kubectl(&["annotate", "pod", &pod, "-n", NS, "kwok.camelid.dev/exit-code=75"])
+        .unwrap();
     c.restarted(4, 3, "stopped after a termination checkpoint");
     assert_eq!(c.status()["capacity"], "on-demand");
     let nodes = c.running(4);
-    assert_eq!(nodes, ["od-1", "od-2"].map(String::from).into(), "an on-demand attempt never on spot");
+    assert_eq!(
+        nodes,
+        ["od-1", "od-2"].map(String::from).into(),
+        "an on-demand attempt never on spot"
+    );
 
     // A node deleted under the on-demand attempt is a loss too (counted; the attempt stays on-demand).
     let node = c.node_of(4, "1");
@@ -195,18 +261,29 @@ fn a_finetunejob_survives_each_kind_of_preemption_on_real_controllers_and_publis
 
     let row = &table(&c.cp.kubectl(&["get", "finetunejobs", "-n", NS]).unwrap())[0];
     let row: std::collections::BTreeMap<_, _> = row.iter().cloned().collect();
-    assert_eq!((row["PHASE"].as_str(), row["PREEMPTIONS"].as_str()), ("Running", "4"));
+    assert_eq!(
+        (row["PHASE"].as_str(), row["PREEMPTIONS"].as_str()),
+        ("Running", "4")
+    );
     assert!(row["COST"].starts_with('$'), "{row:?}");
-    assert!(c.status()["lostGpuHours"].as_f64().unwrap() > 0.0, "{}", c.status());
+    assert!(
+        c.status()["lostGpuHours"].as_f64().unwrap() > 0.0,
+        "{}",
+        c.status()
+    );
 
     // Every rank finishes: the job succeeds and its ChatModel appears.
     for pod in c.pods(5) {
         let name = pod["metadata"]["name"].as_str().unwrap();
-        c.cp.kubectl(&["annotate", "pod", name, "-n", NS, "kwok.camelid.dev/exit-code=0"]).unwrap();
+        c.cp.kubectl(&["annotate", "pod", name, "-n", NS, "kwok.camelid.dev/exit-code=0"])
+            .unwrap();
     }
     wait_until("the job succeeds", 90, || c.status()["phase"] == "Succeeded");
     let st = c.status();
-    assert_eq!((st["output"].clone(), st["restarts"].clone()), (json!("pvc://models/vicuna-smol"), json!(0)));
+    assert_eq!(
+        (st["output"].clone(), st["restarts"].clone()),
+        (json!("pvc://models/vicuna-smol"), json!(0))
+    );
     wait_until("the ChatModel is created", 30, || {
         names(&c.cp, &["chatmodels", "-n", NS]) == ["vicuna-smol"]
     });

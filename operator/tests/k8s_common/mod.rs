@@ -15,7 +15,10 @@ use serde_json::Value;
 pub fn wait_until(what: &str, seconds: u64, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     while !check() {
-        assert!(Instant::now() < deadline, "timed out after {seconds} s waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {seconds} s waiting for: {what}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -24,7 +27,9 @@ pub fn wait_until(what: &str, seconds: u64, mut check: impl FnMut() -> bool) {
 pub fn get(cp: &ControlPlane, args: &[&str]) -> Value {
     let mut all = args.to_vec();
     all.extend(["-o", "json", "--ignore-not-found"]);
-    let out = cp.kubectl(&["get"].iter().chain(all.iter()).copied().collect::<Vec<_>>()).unwrap();
+    let out = cp
+        .kubectl(&["get"].iter().chain(all.iter()).copied().collect::<Vec<_>>())
+        .unwrap();
     if out.trim().is_empty() {
         Value::Null
     } else {
@@ -123,7 +128,13 @@ pub fn operator(cp: &ControlPlane, name: &str, kubeconfig: &Path, extra: &[&str]
     c.env("KUBECONFIG", kubeconfig)
         .env("CAMELID_LOG", "info,kube=warn")
         .env("POD_NAME", name)
-        .args(["run", "--namespace", "camelid-system", "--metrics-addr", "127.0.0.1:0"])
+        .args([
+            "run",
+            "--namespace",
+            "camelid-system",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
         .args(["--health-addr", "127.0.0.1:0"])
         .args(extra);
     Daemon::start(name, cp.dir(), &mut c)
@@ -166,9 +177,16 @@ pub fn table(text: &str) -> Vec<Vec<(String, String)>> {
     }
     let cell = |line: &str, i: usize| -> String {
         let end = starts.get(i + 1).copied().unwrap_or(usize::MAX).min(line.len());
-        line.get(starts[i].min(line.len())..end).unwrap_or_default().trim().to_string()
+        line.get(starts[i].min(line.len())..end)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
     };
     lines
-        .map(|line| (0..starts.len()).map(|i| (cell(header, i), cell(line, i))).collect())
+        .map(|line| {
+            (0..starts.len())
+                .map(|i| (cell(header, i), cell(line, i)))
+                .collect()
+        })
         .collect()
 }

@@ -67,7 +67,9 @@ pub fn bin_dir() -> Result<PathBuf, HarnessError> {
         .output()
         .map_err(io("run tools/k8s-bins.sh --print-dir"))?;
     if !out.status.success() {
-        return Err(HarnessError::BinDir(String::from_utf8_lossy(&out.stderr).into_owned()));
+        return Err(HarnessError::BinDir(
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
     }
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
@@ -127,37 +129,48 @@ impl ControlPlane {
             format!("{token},{ADMIN_TOKEN_USER},{ADMIN_TOKEN_USER},\"system:masters\"\n"),
         )
         .map_err(io("write tokens.csv"))?;
-        run_ok(Command::new("openssl").args(["genrsa", "-out"]).arg(d.join("sa.key")).arg("2048"))?;
+        run_ok(
+            Command::new("openssl")
+                .args(["genrsa", "-out"])
+                .arg(d.join("sa.key"))
+                .arg("2048"),
+        )?;
 
         let etcd_port = free_port()?;
-        processes.spawn("etcd", Command::new(bin.join("etcd")).args([
-            format!("--data-dir={}", d.join("etcd").display()),
-            format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
-            format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
-            format!("--listen-peer-urls=http://127.0.0.1:{}", free_port()?),
-            "--unsafe-no-fsync=true".into(),
-            "--log-level=warn".into(),
-        ]))?;
+        processes.spawn(
+            "etcd",
+            Command::new(bin.join("etcd")).args([
+                format!("--data-dir={}", d.join("etcd").display()),
+                format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
+                format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{}", free_port()?),
+                "--unsafe-no-fsync=true".into(),
+                "--log-level=warn".into(),
+            ]),
+        )?;
 
         let api_port = free_port()?;
         let server = format!("https://127.0.0.1:{api_port}");
         let sa_key = d.join("sa.key").display().to_string();
-        processes.spawn("kube-apiserver", Command::new(bin.join("kube-apiserver")).args([
-            format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
-            format!("--secure-port={api_port}"),
-            format!("--cert-dir={}", d.join("pki").display()),
-            format!("--token-auth-file={}", d.join("tokens.csv").display()),
-            "--authorization-mode=RBAC".into(),
-            "--allow-privileged=true".into(),
-            "--service-cluster-ip-range=10.96.0.0/16".into(),
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-            format!("--service-account-key-file={sa_key}"),
-            format!("--service-account-signing-key-file={sa_key}"),
-            "--endpoint-reconciler-type=none".into(),
-            "--profiling=false".into(),
-        ]))?;
+        processes.spawn(
+            "kube-apiserver",
+            Command::new(bin.join("kube-apiserver")).args([
+                format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--secure-port={api_port}"),
+                format!("--cert-dir={}", d.join("pki").display()),
+                format!("--token-auth-file={}", d.join("tokens.csv").display()),
+                "--authorization-mode=RBAC".into(),
+                "--allow-privileged=true".into(),
+                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                format!("--service-account-key-file={sa_key}"),
+                format!("--service-account-signing-key-file={sa_key}"),
+                "--endpoint-reconciler-type=none".into(),
+                "--profiling=false".into(),
+            ]),
+        )?;
         let ca = d.join("pki/apiserver.crt");
         let kubeconfig = d.join("kubeconfig");
         let mut plane = ControlPlane {
@@ -173,7 +186,9 @@ impl ControlPlane {
         plane.wait_for_apiserver()?;
         plane.start_controllers(&sa_key)?;
         plane.wait_for("the default ServiceAccount", || {
-            plane.kubectl(&["get", "serviceaccount", "default", "-n", "default"]).is_ok()
+            plane
+                .kubectl(&["get", "serviceaccount", "default", "-n", "default"])
+                .is_ok()
         })?;
         Ok(plane)
     }
@@ -181,7 +196,9 @@ impl ControlPlane {
     fn wait_for_apiserver(&self) -> Result<(), HarnessError> {
         // The serving certificate appears first, then /readyz answers.
         self.wait_for("kube-apiserver's certificate", || self.ca.is_file())?;
-        self.wait_for("kube-apiserver /readyz", || self.kubectl(&["get", "--raw", "/readyz"]).is_ok())
+        self.wait_for("kube-apiserver /readyz", || {
+            self.kubectl(&["get", "--raw", "/readyz"]).is_ok()
+        })
     }
 
     fn start_controllers(&mut self, sa_key: &str) -> Result<(), HarnessError> {
@@ -239,10 +256,15 @@ impl ControlPlane {
                 kubeconfig,
                 format!(
                     "--config={}",
-                    Path::new(env!("CARGO_MANIFEST_DIR")).join("stages.yaml").display()
+                    Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("stages.yaml")
+                        .display()
                 ),
                 "--manage-all-nodes=false".into(),
-                format!("--manage-nodes-with-annotation-selector={}", nodes::KWOK_ANNOTATION),
+                format!(
+                    "--manage-nodes-with-annotation-selector={}",
+                    nodes::KWOK_ANNOTATION
+                ),
                 "--node-lease-duration-seconds=40".into(),
                 "--cidr=10.244.0.0/16".into(),
                 "--node-ip=10.244.0.1".into(),
@@ -303,7 +325,10 @@ impl ControlPlane {
 
     /// Runs kubectl as the administrator and returns its whole output, whatever its exit status.
     pub fn kubectl_output(&self, args: &[&str]) -> Result<Output, HarnessError> {
-        self.command("kubectl").args(args).output().map_err(io("run kubectl"))
+        self.command("kubectl")
+            .args(args)
+            .output()
+            .map_err(io("run kubectl"))
     }
 
     /// Runs helm as the administrator; its stdout, or an error with its stderr.
@@ -315,7 +340,8 @@ impl ControlPlane {
     pub fn add_node(&self, node: &FakeNode) -> Result<(), HarnessError> {
         let path = self.dir.path().join(format!("node-{}.json", node.name));
         std::fs::write(&path, node.manifest().to_string()).map_err(io("write node manifest"))?;
-        self.kubectl(&["apply", "-f", &path.display().to_string()]).map(drop)
+        self.kubectl(&["apply", "-f", &path.display().to_string()])
+            .map(drop)
     }
 
     /// A ReadWriteMany PersistentVolumeClaim `namespace/name`, bound to its own hostPath volume (the real
@@ -366,10 +392,27 @@ pub async fn client_from(kubeconfig: &Path) -> kube::Client {
     kube::Client::try_from(config).unwrap_or_else(|e| panic!("client: {e}"))
 }
 
+/// This host's first non-loopback IPv4 address: what a test that plays the kubelet gives its pods, since the API
+/// server refuses loopback addresses in EndpointSlices (as it should: they would point each client at itself).
+pub fn host_ip() -> Result<String, HarnessError> {
+    let out = run_ok(Command::new("hostname").arg("-I"))?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find(|a| a.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| !ip.is_loopback()))
+        .map(str::to_string)
+        .ok_or_else(|| HarnessError::Io {
+            what: "find a non-loopback IPv4 address of this host (`hostname -I`)".into(),
+            source: std::io::Error::other("none"),
+        })
+}
+
 /// A port that was free a moment ago on loopback.
 pub fn free_port() -> Result<u16, HarnessError> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(io("bind a free port"))?;
-    listener.local_addr().map(|a| a.port()).map_err(io("read a free port"))
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(io("read a free port"))
 }
 
 fn random_token() -> Result<String, HarnessError> {

@@ -13,6 +13,9 @@ pub struct FakeNode {
     /// `(key, value, effect)`.
     pub taints: Vec<(String, String, String)>,
     pub gpus: u32,
+    /// Left to the test, which plays its kubelet (runs its pods' containers as local processes and reports their
+    /// status), instead of kwok.
+    pub played_by_test: bool,
 }
 
 impl FakeNode {
@@ -33,6 +36,12 @@ impl FakeNode {
         self
     }
 
+    /// A node whose kubelet the test plays: kwok leaves it and its pods alone.
+    pub fn played_by_test(mut self) -> FakeNode {
+        self.played_by_test = true;
+        self
+    }
+
     pub fn gpus(mut self, gpus: u32) -> FakeNode {
         self.gpus = gpus;
         self
@@ -41,11 +50,8 @@ impl FakeNode {
     /// The Node object, with capacity for the pods of a small cluster.
     pub fn manifest(&self) -> Value {
         let (key, value) = KWOK_ANNOTATION.split_once('=').unwrap_or_default();
-        let mut labels: serde_json::Map<String, Value> = self
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), json!(v)))
-            .collect();
+        let mut labels: serde_json::Map<String, Value> =
+            self.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
         labels.insert("kubernetes.io/hostname".into(), json!(self.name));
         labels.insert("kubernetes.io/os".into(), json!("linux"));
         labels.insert("kubernetes.io/arch".into(), json!("amd64"));
@@ -59,9 +65,14 @@ impl FakeNode {
         if self.gpus > 0 {
             capacity["nvidia.com/gpu"] = json!(self.gpus.to_string());
         }
+        let annotations = if self.played_by_test {
+            json!({})
+        } else {
+            json!({key: value})
+        };
         json!({
             "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": self.name, "labels": labels, "annotations": {key: value}},
+            "metadata": {"name": self.name, "labels": labels, "annotations": annotations},
             "spec": {"taints": taints},
             "status": {"capacity": capacity, "allocatable": capacity},
         })

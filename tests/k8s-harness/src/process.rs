@@ -31,7 +31,10 @@ impl Processes {
     pub(crate) fn new(dir: &Path) -> Result<Processes, HarnessError> {
         // Reads PIDs, one per line, until stdin closes; then kills them all.
         let mut watchdog = Command::new("sh")
-            .args(["-c", "pids=; while read -r p; do pids=\"$pids $p\"; done; kill -9 $pids 2>/dev/null; exit 0"])
+            .args([
+                "-c",
+                "pids=; while read -r p; do pids=\"$pids $p\"; done; kill -9 $pids 2>/dev/null; exit 0",
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -72,7 +75,9 @@ impl Processes {
 
     /// The first process that has exited, with its status and log tail.
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Proc>> {
-        self.procs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.procs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub(crate) fn exited(&self) -> Option<String> {

@@ -1,9 +1,11 @@
-//! Benchmark: 1,000 FineTuneJobs in the in-memory API server, reconciled by the real `camelid-operator run`
-//! process (pointed at it by a kubeconfig): the time until every job has its first attempt's children, the
-//! operator's reconcile latency p50/p99 (from its own histogram) and its resident memory.
+//! Benchmark: 1,000 FineTuneJobs reconciled by the real `camelid-operator run` process (pointed at the API server
+//! by a kubeconfig): the time until every job has its first attempt's children, the operator's reconcile latency
+//! p50/p99 (from its own histogram), its resident memory, and the API server's request rate. Against the
+//! in-memory API server, or with `--real` against Kubernetes' own (etcd, kube-apiserver, controller-manager,
+//! scheduler and kwok from `tools/k8s-bins.sh`), where the Job controller also makes every Job's pods.
 //!
 //!     cargo build --release -p camelid-operator --bins --examples
-//!     target/release/examples/scale [JOBS]
+//!     target/release/examples/scale [--real] [JOBS]
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -81,10 +83,38 @@ fn rss_mib(pid: u32) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let jobs: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(1000);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let jobs: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(1000);
+    if args.iter().any(|a| a == "--real") {
+        real::run(jobs);
+    } else {
+        memory(jobs).await;
+    }
+}
+
+fn operator_binary() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/camelid-operator")
+}
+
+/// The operator's reconcile numbers from its `/metrics`.
+fn report(metrics: &str, rss: f64) {
+    let name = "camelid_operator_reconcile_duration_seconds";
+    let count = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}_count ")))
+        .unwrap_or("?")
+        .to_string();
+    println!(
+        "  reconcile latency p50 {:.2} ms, p99 {:.2} ms over {count} reconciles (operator's histogram)",
+        percentile(metrics, name, 0.5) * 1000.0,
+        percentile(metrics, name, 0.99) * 1000.0
+    );
+    println!("  operator resident memory: {rss:.1} MiB");
+}
+
+mod real;
+
+async fn memory(jobs: usize) {
     let server = MemoryApiServer::start().await.unwrap();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).unwrap();
@@ -117,8 +147,7 @@ async fn main() {
         }
     }
     let metrics_port = free_port();
-    let operator =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/camelid-operator");
+    let operator = operator_binary();
     let mut child = Command::new(&operator)
         .args(["run", "--namespace", "camelid-system"])
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
@@ -150,12 +179,6 @@ async fn main() {
     // Let the status writes settle, then read the operator's own numbers.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let metrics = http_get(metrics_port, "/metrics");
-    let name = "camelid_operator_reconcile_duration_seconds";
-    let count = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}_count ")))
-        .unwrap_or("?")
-        .to_string();
     let rss = rss_mib(child.id());
     let _ = child.kill();
     let _ = child.wait();
@@ -164,10 +187,5 @@ async fn main() {
         "  every job's first attempt created after {:.2} s",
         all_started.as_secs_f64()
     );
-    println!(
-        "  reconcile latency p50 {:.2} ms, p99 {:.2} ms over {count} reconciles (operator's histogram)",
-        percentile(&metrics, name, 0.5) * 1000.0,
-        percentile(&metrics, name, 0.99) * 1000.0
-    );
-    println!("  operator resident memory: {rss:.1} MiB");
+    report(&metrics, rss);
 }
