@@ -117,8 +117,11 @@ impl ControlPlane {
         ] {
             binary(name)?;
         }
+        // CAMELID_K8S_KEEP=1 keeps the directory (logs, kubeconfig, etcd data) for a look afterwards.
+        let keep = std::env::var_os("CAMELID_K8S_KEEP").is_some();
         let dir = tempfile::Builder::new()
             .prefix("camelid-k8s-")
+            .disable_cleanup(keep)
             .tempdir()
             .map_err(io("create the control plane's directory"))?;
         let d = dir.path().to_path_buf();
