@@ -374,7 +374,7 @@ impl ControlPlane {
         let deadline = Instant::now() + Duration::from_secs(90);
         while !ready() {
             if let Some(exited) = self.processes.exited() {
-                return Err(HarnessError::NotReady(what.into(), format!("{exited}")));
+                return Err(HarnessError::NotReady(what.into(), exited));
             }
             if Instant::now() > deadline {
                 return Err(HarnessError::NotReady(what.into(), self.processes.log_tails()));
