@@ -81,18 +81,10 @@ fn the_printer_columns_are_the_ones_users_see() {
     };
     assert_eq!(
         columns("finetunejobs.camelid.dev.yaml"),
-        [
-            "PHASE",
-            "PROGRESS",
-            "LOSS",
-            "PREEMPTIONS",
-            "LAST-CKPT",
-            "COST",
-            "AGE"
-        ]
+        crd_cases::FINETUNEJOB_COLUMNS
     );
     assert_eq!(
         columns("chatmodels.camelid.dev.yaml"),
-        ["READY", "REPLICAS", "MODEL", "ENDPOINT", "AGE"]
+        crd_cases::CHATMODEL_COLUMNS
     );
 }

@@ -8,8 +8,8 @@ mod k8s_common;
 
 use std::time::{Duration, Instant};
 
-use camelid_k8s_harness::{ControlPlane, FakeNode};
-use k8s_common::{Daemon, apply, get, names, operator, wait_until};
+use camelid_k8s_harness::{ControlPlane, Daemon, FakeNode, wait_until};
+use k8s_common::{names, operator};
 use serde_json::json;
 
 const NS: &str = "default";
@@ -24,7 +24,7 @@ fn finetunejob(name: &str) -> String {
 }
 
 fn holder(cp: &ControlPlane) -> Option<String> {
-    get(cp, &["lease", "camelid-operator", "-n", "camelid-system"])["spec"]["holderIdentity"]
+    cp.get_json(&["lease", "camelid-operator", "-n", "camelid-system"])["spec"]["holderIdentity"]
         .as_str()
         .map(str::to_string)
 }
@@ -32,17 +32,7 @@ fn holder(cp: &ControlPlane) -> Option<String> {
 #[test]
 fn a_standby_operator_takes_over_within_the_lease_and_nothing_is_created_twice() {
     let cp = ControlPlane::start().unwrap();
-    let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/camelid/crds");
-    cp.kubectl(&["apply", "-f", &crds.display().to_string()]).unwrap();
-    cp.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd",
-        "--all",
-    ])
-    .unwrap();
-    cp.kubectl(&["create", "namespace", "camelid-system"]).unwrap();
+    cp.install_crds().unwrap();
     for claim in ["models", "training"] {
         cp.add_claim(NS, claim).unwrap();
     }
@@ -61,8 +51,7 @@ fn a_standby_operator_takes_over_within_the_lease_and_nothing_is_created_twice()
     wait_until("one operator holds the lease", 60, || holder(&cp).is_some());
     let leader = holder(&cp).unwrap();
 
-    let out = apply(&cp, &finetunejob("first"), &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    cp.apply(&finetunejob("first")).unwrap();
     wait_until("the leader starts the first job", 60, || {
         names(&cp, &["jobs", "-n", NS]) == ["first-a1"]
     });
@@ -76,7 +65,7 @@ fn a_standby_operator_takes_over_within_the_lease_and_nothing_is_created_twice()
     let killed_at = Instant::now();
     operators.iter_mut().find(|d| d.name == leader).unwrap().kill();
     let lease_seconds =
-        get(&cp, &["lease", "camelid-operator", "-n", "camelid-system"])["spec"]["leaseDurationSeconds"]
+        cp.get_json(&["lease", "camelid-operator", "-n", "camelid-system"])["spec"]["leaseDurationSeconds"]
             .as_u64()
             .unwrap();
     wait_until("the standby takes the lease", lease_seconds + 15, || {
@@ -89,8 +78,7 @@ fn a_standby_operator_takes_over_within_the_lease_and_nothing_is_created_twice()
     );
     eprintln!("standby took over {took:.1?} after the leader was killed (lease {lease_seconds} s)");
 
-    let out = apply(&cp, &finetunejob("second"), &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    cp.apply(&finetunejob("second")).unwrap();
     wait_until("the new leader starts the second job", 60, || {
         names(&cp, &["jobs", "-n", NS]) == ["first-a1", "second-a1"]
     });
@@ -111,7 +99,7 @@ fn a_standby_operator_takes_over_within_the_lease_and_nothing_is_created_twice()
         .len(),
         2
     );
-    let st = get(&cp, &["finetunejob", "first", "-n", NS])["status"].clone();
+    let st = cp.get_json(&["finetunejob", "first", "-n", NS])["status"].clone();
     assert_eq!(
         st["attempt"], 1,
         "the first job was not restarted by the takeover: {st}"

@@ -16,8 +16,8 @@ mod k8s_common;
 
 use std::collections::BTreeSet;
 
-use camelid_k8s_harness::{ControlPlane, FakeNode};
-use k8s_common::{apply, get, names, operator, table, wait_until};
+use camelid_k8s_harness::{ControlPlane, FakeNode, wait_until};
+use k8s_common::{names, operator, table};
 use serde_json::{Value, json};
 
 const NS: &str = "default";
@@ -42,12 +42,12 @@ struct Cluster {
 
 impl Cluster {
     fn status(&self) -> Value {
-        get(&self.cp, &["finetunejob", "vicuna-smol", "-n", NS])["status"].clone()
+        self.cp.get_json(&["finetunejob", "vicuna-smol", "-n", NS])["status"].clone()
     }
 
     fn pods(&self, attempt: i32) -> Vec<Value> {
         let selector = format!("camelid.dev/finetunejob=vicuna-smol,camelid.dev/attempt={attempt}");
-        get(&self.cp, &["pods", "-n", NS, "-l", &selector])["items"]
+        self.cp.get_json(&["pods", "-n", NS, "-l", &selector])["items"]
             .as_array()
             .cloned()
             .unwrap_or_default()
@@ -89,20 +89,26 @@ impl Cluster {
             .collect()
     }
 
-    fn node_of(&self, attempt: i32, rank: &str) -> String {
+    /// The pod of `rank` in attempt `attempt`.
+    fn rank(&self, attempt: i32, rank: &str) -> Value {
         self.pods(attempt)
             .into_iter()
             .find(|p| p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == rank)
-            .map(|p| p["spec"]["nodeName"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("no rank {rank} pod in attempt {attempt}"))
+    }
+
+    fn node_of(&self, attempt: i32, rank: &str) -> String {
+        self.rank(attempt, rank)["spec"]["nodeName"]
+            .as_str()
             .unwrap()
+            .to_string()
     }
 
     fn pod_name(&self, attempt: i32, rank: &str) -> String {
-        self.pods(attempt)
-            .into_iter()
-            .find(|p| p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == rank)
-            .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        self.rank(attempt, rank)["metadata"]["name"]
+            .as_str()
             .unwrap()
+            .to_string()
     }
 
     /// Waits for attempt `attempt` to replace the last, with `preemptions` counted, nothing counted as a failure,
@@ -147,17 +153,7 @@ impl Cluster {
 #[test]
 fn a_finetunejob_survives_each_kind_of_preemption_on_real_controllers_and_publishes_its_model() {
     let cp = ControlPlane::start().unwrap();
-    let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/camelid/crds");
-    cp.kubectl(&["apply", "-f", &crds.display().to_string()]).unwrap();
-    cp.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd",
-        "--all",
-    ])
-    .unwrap();
-    cp.kubectl(&["create", "namespace", "camelid-system"]).unwrap();
+    cp.install_crds().unwrap();
     cp.kubectl(&[
         "create",
         "configmap",
@@ -195,8 +191,7 @@ fn a_finetunejob_survives_each_kind_of_preemption_on_real_controllers_and_publis
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/finetunejob.yaml"),
     )
     .unwrap();
-    let out = apply(&c.cp, &example, &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.cp.apply(&example).unwrap();
 
     // Attempt 1 on the spot pool, placed by the scheduler.
     assert_eq!(c.running(1), ["spot-1", "spot-2"].map(String::from).into());

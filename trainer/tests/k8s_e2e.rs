@@ -18,48 +18,12 @@ mod kubelet;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use camelid_k8s_harness::{ControlPlane, FakeNode};
-use serde_json::{Value, json};
+use camelid_k8s_harness::{ControlPlane, Daemon, FakeNode, wait_until, workspace_binary};
+use serde_json::json;
 
 const NS: &str = "default";
-
-fn wait_until(what: &str, seconds: u64, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {seconds} s waiting for: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-fn get(cp: &ControlPlane, args: &[&str]) -> Value {
-    let mut all = vec!["get"];
-    all.extend(args);
-    all.extend(["-o", "json", "--ignore-not-found"]);
-    let out = cp.kubectl(&all).unwrap_or_default();
-    serde_json::from_str(&out).unwrap_or(Value::Null)
-}
-
-fn apply(cp: &ControlPlane, name: &str, doc: &Value) {
-    let path = cp.dir().join(format!("{name}.json"));
-    std::fs::write(&path, doc.to_string()).unwrap();
-    cp.kubectl(&["apply", "-f", &path.display().to_string()]).unwrap();
-}
-
-/// A binary of this workspace beside the trainer's (`cargo test --workspace` builds them all).
-fn sibling(bin: &str) -> std::path::PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_camelid-trainer")).with_file_name(bin);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo test --workspace` (or cargo build -p ...)",
-        path.display()
-    );
-    path
-}
 
 fn spot_node(name: &str) -> FakeNode {
     FakeNode::new(name)
@@ -68,40 +32,10 @@ fn spot_node(name: &str) -> FakeNode {
         .played_by_test()
 }
 
-struct Daemon(std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn daemon(cp: &ControlPlane, name: &str, command: &mut Command) -> Daemon {
-    let log = std::fs::File::create(cp.dir().join(format!("{name}.log"))).unwrap();
-    Daemon(
-        command
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
-}
-
 #[test]
 fn a_job_is_preempted_resumes_finishes_and_its_model_is_served_with_every_process_real() {
     let cp = Arc::new(ControlPlane::start().unwrap());
-    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/camelid/crds");
-    cp.kubectl(&["apply", "-f", &crds.display().to_string()]).unwrap();
-    cp.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd",
-        "--all",
-    ])
-    .unwrap();
-    cp.kubectl(&["create", "namespace", "camelid-system"]).unwrap();
+    cp.install_crds().unwrap();
     for claim in ["models", "datasets", "training"] {
         cp.add_claim(NS, claim).unwrap();
     }
@@ -133,7 +67,10 @@ fn a_job_is_preempted_resumes_finishes_and_its_model_is_served_with_every_proces
                 "camelid-trainer".to_string(),
                 Path::new(env!("CARGO_BIN_EXE_camelid-trainer")).to_path_buf(),
             ),
-            ("camelid-worker".to_string(), sibling("camelid-worker")),
+            (
+                "camelid-worker".to_string(),
+                workspace_binary("camelid-worker", "camelid-worker"),
+            ),
         ]
         .into(),
         // Every pod is on this host's address: the progress port is a free one (the operator is told), the
@@ -160,10 +97,10 @@ fn a_job_is_preempted_resumes_finishes_and_its_model_is_served_with_every_proces
          rules: {type: rules, categories: {violence: [\"build a bomb\"]}}\n  profiles:\n    default: {input: [rules]}\n",
     )
     .unwrap();
-    let _gateway = daemon(
-        &cp,
+    let _gateway = Daemon::start(
         "gateway",
-        Command::new(sibling("camelid-gateway"))
+        cp.dir(),
+        Command::new(workspace_binary("camelid-gateway", "camelid-gateway"))
             .env("KUBECONFIG", cp.kubeconfig())
             .env("CAMELID_LOG", "info")
             .arg("--config")
@@ -175,26 +112,22 @@ fn a_job_is_preempted_resumes_finishes_and_its_model_is_served_with_every_proces
                 "--allow-anonymous",
             ]),
     );
-    apply(
-        &cp,
-        "gateway-service",
+    cp.apply(
         &json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "camelid-gateway", "namespace": "camelid-system"},
-        "spec": {"ports": [{"name": "http", "port": 8000}]}}),
-    );
-    apply(
-        &cp,
-        "gateway-slice",
-        &json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "spec": {"ports": [{"name": "http", "port": 8000}]}})
+        .to_string(),
+    )
+    .unwrap();
+    cp.apply(&json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": "camelid-gateway-local", "namespace": "camelid-system",
             "labels": {"kubernetes.io/service-name": "camelid-gateway", "endpointslice.kubernetes.io/managed-by": "camelid-test"}},
         "addressType": "IPv4", "ports": [{"name": "http", "port": gateway_port, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [ip.clone()], "conditions": {"ready": true}}]}),
-    );
-    let _operator = daemon(
-        &cp,
+        "endpoints": [{"addresses": [ip.clone()], "conditions": {"ready": true}}]}).to_string()).unwrap();
+    let _operator = Daemon::start(
         "operator",
-        Command::new(sibling("camelid-operator"))
+        cp.dir(),
+        Command::new(workspace_binary("camelid-operator", "camelid-operator"))
             .env("KUBECONFIG", cp.kubeconfig())
             .env("CAMELID_LOG", "info,kube=warn")
             .args([
@@ -215,9 +148,7 @@ fn a_job_is_preempted_resumes_finishes_and_its_model_is_served_with_every_proces
             .args(["--metrics-addr", "127.0.0.1:0", "--health-addr", "127.0.0.1:0"]),
     );
 
-    apply(
-        &cp,
-        "finetunejob",
+    cp.apply(
         &json!({"apiVersion": "camelid.dev/v1alpha1", "kind": "FineTuneJob",
         "metadata": {"name": "tiny", "namespace": NS},
         "spec": {"baseModel": {"claimName": "models", "path": "tiny"},
@@ -227,24 +158,23 @@ fn a_job_is_preempted_resumes_finishes_and_its_model_is_served_with_every_proces
                  "workers": 1, "gpusPerWorker": 0,
                  "spot": {"preferSpot": true, "provider": "gke", "maxPreemptions": 3},
                  "checkpoints": {"claimName": "training", "intervalSteps": 25, "keep": 1},
-                 "output": {"claimName": "models", "path": "tiny-ft", "chatModel": "tiny"}}}),
-    );
+                 "output": {"claimName": "models", "path": "tiny-ft", "chatModel": "tiny"}}})
+        .to_string(),
+    )
+    .unwrap();
 
     // Attempt 1 trains on a spot node; its progress reaches the status.
     wait_until("attempt 1 trains and reports progress", 180, || {
-        let st = &get(&cp, &["finetunejob", "tiny", "-n", NS])["status"];
+        let st = &cp.get_json(&["finetunejob", "tiny", "-n", NS])["status"];
         st["phase"] == "Running" && st["lastCheckpoint"]["step"].as_u64().is_some_and(|s| s >= 25)
     });
-    let pod = get(
-        &cp,
-        &[
-            "pods",
-            "-n",
-            NS,
-            "-l",
-            "camelid.dev/finetunejob=tiny,camelid.dev/attempt=1",
-        ],
-    )["items"][0]
+    let pod = cp.get_json(&[
+        "pods",
+        "-n",
+        NS,
+        "-l",
+        "camelid.dev/finetunejob=tiny,camelid.dev/attempt=1",
+    ])["items"][0]
         .clone();
     let node = pod["spec"]["nodeName"].as_str().unwrap().to_string();
     assert!(node.starts_with("spot-"), "a spot attempt ran on {node}");
@@ -258,7 +188,7 @@ fn a_job_is_preempted_resumes_finishes_and_its_model_is_served_with_every_proces
     ])
     .unwrap();
     wait_until("attempt 2 after the preemption", 120, || {
-        let st = &get(&cp, &["finetunejob", "tiny", "-n", NS])["status"];
+        let st = &cp.get_json(&["finetunejob", "tiny", "-n", NS])["status"];
         st["attempt"] == 2 && st["preemptions"] == 1
     });
     let pod_name = pod["metadata"]["name"].as_str().unwrap().to_string();
@@ -267,24 +197,21 @@ fn a_job_is_preempted_resumes_finishes_and_its_model_is_served_with_every_proces
         record.contains(&(pod_name.clone(), 75)),
         "the trainer stopped after its checkpoint: {record:?}"
     );
-    let st = get(&cp, &["finetunejob", "tiny", "-n", NS])["status"].clone();
+    let st = cp.get_json(&["finetunejob", "tiny", "-n", NS])["status"].clone();
     assert_eq!(st["restarts"], 0, "{st}");
 
     // Attempt 2 resumes from the checkpoint and finishes; the ChatModel appears.
     wait_until("the job succeeds", 300, || {
-        get(&cp, &["finetunejob", "tiny", "-n", NS])["status"]["phase"] == "Succeeded"
+        cp.get_json(&["finetunejob", "tiny", "-n", NS])["status"]["phase"] == "Succeeded"
     });
     let log = std::fs::read_to_string(cp.dir().join(format!("pod-{}.log", {
-        let pods = get(
-            &cp,
-            &[
-                "pods",
-                "-n",
-                NS,
-                "-l",
-                "camelid.dev/finetunejob=tiny,camelid.dev/attempt=2",
-            ],
-        );
+        let pods = cp.get_json(&[
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            "camelid.dev/finetunejob=tiny,camelid.dev/attempt=2",
+        ]);
         pods["items"][0]["metadata"]["name"]
             .as_str()
             .unwrap_or("none")
@@ -300,7 +227,7 @@ fn a_job_is_preempted_resumes_finishes_and_its_model_is_served_with_every_proces
         "the model was exported"
     );
     wait_until("the ChatModel is created", 30, || {
-        !get(&cp, &["chatmodel", "tiny", "-n", NS]).is_null()
+        !cp.get_json(&["chatmodel", "tiny", "-n", NS]).is_null()
     });
 
     // The user lets it scale to zero, with moderation.
@@ -308,7 +235,7 @@ fn a_job_is_preempted_resumes_finishes_and_its_model_is_served_with_every_proces
         r#"{"spec":{"replicas":{"min":0,"max":1},"autoscaling":{"scaleToZero":true,"scaleDownDelay":"5s"},"moderation":"default","gpus":0}}"#])
         .unwrap();
     wait_until("the ChatModel is at zero", 120, || {
-        get(&cp, &["chatmodel", "tiny", "-n", NS])["status"]["phase"] == "ScaledToZero"
+        cp.get_json(&["chatmodel", "tiny", "-n", NS])["status"]["phase"] == "ScaledToZero"
     });
 
     // The official openai client, through the gateway: held at zero, served once a worker is up; a flagged prompt
@@ -338,7 +265,7 @@ fn a_job_is_preempted_resumes_finishes_and_its_model_is_served_with_every_proces
     );
 
     wait_until("back to zero after the scale-down delay", 120, || {
-        get(&cp, &["chatmodel", "tiny", "-n", NS])["status"]["phase"] == "ScaledToZero"
+        cp.get_json(&["chatmodel", "tiny", "-n", NS])["status"]["phase"] == "ScaledToZero"
     });
     let events = cp.kubectl(&["get", "events", "-n", NS]).unwrap();
     for reason in ["CheckpointRequested", "Preempted", "ScaledUp", "ScaledToZero"] {

@@ -28,12 +28,9 @@ fn http_get(port: u16, path: &str) -> String {
     out
 }
 
+/// A free loopback port (the harness's, which the cluster tests use too).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    camelid_k8s_harness::free_port().expect("a free port")
 }
 
 /// A percentile of a Prometheus histogram (linear within the bucket).

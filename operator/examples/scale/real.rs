@@ -27,17 +27,7 @@ fn count(cp: &ControlPlane, kind: &str) -> usize {
 
 pub fn run(jobs: usize) {
     let cp = ControlPlane::start().expect("start the control plane (tools/k8s-bins.sh builds it)");
-    let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/camelid/crds");
-    cp.kubectl(&["apply", "-f", &crds.display().to_string()]).unwrap();
-    cp.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd",
-        "--all",
-    ])
-    .unwrap();
-    cp.kubectl(&["create", "namespace", "camelid-system"]).unwrap();
+    cp.install_crds().unwrap();
     cp.add_node(&FakeNode::new("cpu-1")).unwrap();
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/finetunejob.yaml");
     let template: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(example).unwrap()).unwrap();

@@ -41,6 +41,20 @@ fn merge(target: &mut Value, patch: Value) {
     }
 }
 
+/// The printer columns of `kubectl get finetunejobs` after NAME, in order.
+pub const FINETUNEJOB_COLUMNS: [&str; 7] = [
+    "PHASE",
+    "PROGRESS",
+    "LOSS",
+    "PREEMPTIONS",
+    "LAST-CKPT",
+    "COST",
+    "AGE",
+];
+
+/// The printer columns of `kubectl get chatmodels` after NAME, in order.
+pub const CHATMODEL_COLUMNS: [&str; 5] = ["READY", "REPLICAS", "MODEL", "ENDPOINT", "AGE"];
+
 /// Bad FineTuneJobs: a merge patch on `examples/finetunejob.yaml` and what the rejection must say.
 pub fn finetunejob_cases() -> Vec<(Value, &'static str)> {
     vec![

@@ -7,6 +7,7 @@
 //! unwinding (a timeout's SIGKILL). When the drop happens during a panic, the tail of each process's log is printed
 //! so that a failure in the control plane is visible in the test's output.
 
+mod daemon;
 mod nodes;
 mod process;
 
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+pub use daemon::{Daemon, workspace_binary};
 pub use nodes::FakeNode;
 use process::Processes;
 
@@ -339,12 +341,67 @@ impl ControlPlane {
         run_ok(self.command("helm").args(args)).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
     }
 
+    /// `kubectl apply -f` of `doc` (JSON or YAML) as the administrator, with `extra` flags; kubectl's whole
+    /// output, whatever its exit status (a test of a refusal reads its stderr).
+    pub fn apply_output(&self, doc: &str, extra: &[&str]) -> Result<Output, HarnessError> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let path = self
+            .dir
+            .path()
+            .join(format!("apply-{}.yaml", N.fetch_add(1, Ordering::Relaxed)));
+        std::fs::write(&path, doc).map_err(io(format!("write {}", path.display())))?;
+        let file = path.display().to_string();
+        let mut args = vec!["apply", "-f", file.as_str()];
+        args.extend(extra);
+        self.kubectl_output(&args)
+    }
+
+    /// `kubectl apply -f` of `doc` as the administrator; an error with kubectl's stderr if it is refused.
+    pub fn apply(&self, doc: &str) -> Result<(), HarnessError> {
+        let out = self.apply_output(doc, &[])?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(HarnessError::Command {
+                command: format!(
+                    "kubectl apply -f <{}...>",
+                    doc.chars().take(80).collect::<String>()
+                ),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            })
+        }
+    }
+
+    /// `kubectl get <args> -o json` as the administrator, parsed; `Value::Null` when it does not exist or the
+    /// request fails.
+    pub fn get_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["get"];
+        all.extend(args);
+        all.extend(["-o", "json", "--ignore-not-found"]);
+        let out = self.kubectl(&all).unwrap_or_default();
+        serde_json::from_str(&out).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// What the operator needs that the chart would install: camelid's CRDs (from `charts/camelid/crds`),
+    /// established, and the operator's namespace `camelid-system`.
+    pub fn install_crds(&self) -> Result<(), HarnessError> {
+        let crds = workspace().join("charts/camelid/crds");
+        self.kubectl(&["apply", "-f", &crds.display().to_string()])?;
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "--all",
+        ])?;
+        self.kubectl(&["create", "namespace", "camelid-system"]).map(drop)
+    }
+
     /// Creates a node that kwok keeps Ready.
     pub fn add_node(&self, node: &FakeNode) -> Result<(), HarnessError> {
-        let path = self.dir.path().join(format!("node-{}.json", node.name));
-        std::fs::write(&path, node.manifest().to_string()).map_err(io("write node manifest"))?;
-        self.kubectl(&["apply", "-f", &path.display().to_string()])
-            .map(drop)
+        self.apply(&node.manifest().to_string())
     }
 
     /// A ReadWriteMany PersistentVolumeClaim `namespace/name`, bound to its own hostPath volume (the real
@@ -362,12 +419,7 @@ impl ControlPlane {
                 "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": volume,
                     "resources": {"requests": {"storage": "100Gi"}}}}),
         ];
-        for (i, doc) in docs.iter().enumerate() {
-            let path = self.dir.path().join(format!("claim-{volume}-{i}.json"));
-            std::fs::write(&path, doc.to_string()).map_err(io("write claim manifest"))?;
-            self.kubectl(&["apply", "-f", &path.display().to_string()])?;
-        }
-        Ok(())
+        docs.iter().try_for_each(|doc| self.apply(&doc.to_string()))
     }
 
     fn wait_for(&self, what: &str, mut ready: impl FnMut() -> bool) -> Result<(), HarnessError> {
@@ -382,6 +434,18 @@ impl ControlPlane {
             std::thread::sleep(Duration::from_millis(200));
         }
         Ok(())
+    }
+}
+
+/// Polls `check` every 200 ms until it holds, or panics after `seconds` naming `what`.
+pub fn wait_until(what: &str, seconds: u64, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {seconds} s waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

@@ -161,15 +161,9 @@ impl State {
             let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                 "metadata": {"name": node, "namespace": "kube-node-lease"},
                 "spec": {"holderIdentity": node, "leaseDurationSeconds": 40, "renewTime": now}});
-            let path = self.logs.join(format!("lease-{node}.json"));
-            std::fs::write(&path, lease.to_string()).unwrap();
-            let _ = self.kubectl(&[
-                "apply",
-                "--server-side",
-                "--field-manager=kubelet",
-                "-f",
-                &path.display().to_string(),
-            ]);
+            let _ = self
+                .cp
+                .apply_output(&lease.to_string(), &["--server-side", "--field-manager=kubelet"]);
             let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                 "message": "kubelet is posting ready status", "lastHeartbeatTime": now, "lastTransitionTime": now}]}});
             self.patch_status("", "node", &node, &status);
