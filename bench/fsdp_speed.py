@@ -8,7 +8,7 @@ For camelid the time rank 0 spends waiting for collectives (the communication co
 too. On a 2-core machine two ranks share the
 cores one process had, so expect little or no speed-up: the numbers show what sharding costs, not what it buys.
 
-    python bench/fsdp_speed.py --trainer target/release/camelid-trainer [--steps 4] [--seq-len 256] [--rounds 2]
+    python bench/fsdp_speed.py --trainer target/release/camelid-trainer [--steps 4] [--max-length 256] [--rounds 2]
 """
 
 import argparse
@@ -29,10 +29,10 @@ sys.path.insert(0, HERE)
 
 
 def camelid(args, data, out, nproc):
-    train = ["train", "--model", args.model, "--data", data, "--output", out, "--seq-len", str(args.seq_len),
+    train = ["train", "--model", args.model, "--data", data, "--output", out, "--max-length", str(args.max_length),
              "--micro-batch", str(args.micro_batch), "--grad-accum", str(2 // nproc), "--max-steps",
-             str(args.steps), "--lr", "2e-5", "--device", "cpu", "--precision", "f32", "--resume", "never",
-             "--checkpoint-every", "1000000", "--keep-checkpoints", "0", "--activation-checkpointing", "full"]
+             str(args.steps), "--learning-rate", "2e-5", "--device", "cpu", "--precision", "f32", "--resume", "never",
+             "--checkpoint-interval-steps", "1000000", "--checkpoint-keep", "0", "--activation-checkpointing", "full"]
     cmd = [args.trainer] + (["launch", "--nproc", str(nproc), "--master-port", "29641", "--"] if nproc > 1 else []) + train
     env = dict(os.environ, CAMELID_LOG="warn", OMP_NUM_THREADS=str(max(1, args.threads // nproc)))
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -115,7 +115,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--trainer", default=os.path.join(ROOT, "target/release/camelid-trainer"))
     p.add_argument("--model", default=None)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -132,12 +132,12 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "bench.json")
-        write_dataset(data, args.micro_batch * 2 * args.steps, words_per_answer=args.seq_len * 3)
+        write_dataset(data, args.micro_batch * 2 * args.steps, words_per_answer=args.max_length * 3)
         prepared = os.path.join(tmp, "prepared")
         subprocess.run([args.trainer, "prepare", "--model", args.model, "--data", data, "--output", prepared,
-                        "--seq-len", str(args.seq_len)], check=True, stdout=subprocess.DEVNULL,
+                        "--max-length", str(args.max_length)], check=True, stdout=subprocess.DEVNULL,
                        env=dict(os.environ, CAMELID_LOG="warn"))
-        print(f"SmolLM2-135M, CPU, {args.threads} threads in all, seq {args.seq_len}, global batch "
+        print(f"SmolLM2-135M, CPU, {args.threads} threads in all, seq {args.max_length}, global batch "
               f"2 x micro-batch {args.micro_batch}, {args.steps} steps (first is warm-up), f32, layers recomputed")
         # The machine's speed drifts: each round measures all four back to back, and the medians over rounds are
         # printed (ratios are medians of the ratios within a round).

@@ -5,7 +5,7 @@ clipping, so the loss curves should agree too.
 
 Prints tokens/s (median over the steps after the first) and MFU against the GPU's dense bf16 peak.
 
-    python3 bench/train_gpu.py --trainer PATH --template DIR [--steps 50] [--seq-len 2048] [--micro-batch 8]
+    python3 bench/train_gpu.py --trainer PATH --template DIR [--steps 50] [--max-length 2048] [--micro-batch 8]
 
 DIR holds an exported SmolLM2 model's config.json, tokenizer.json, tokenizer_config.json and chat template.
 """
@@ -55,10 +55,10 @@ def flops_per_token(n_params, layers, hidden, seq_len):
 
 
 def run_camelid(args, model_dir, data, out, checkpointing):
-    cmd = [args.trainer, "train", "--model", model_dir, "--data", data, "--output", out, "--seq-len",
-           str(args.seq_len), "--micro-batch", str(args.micro_batch), "--grad-accum", str(args.grad_accum),
-           "--max-steps", str(args.steps), "--lr", "2e-5", "--precision", "bf16", "--device", "cuda",
-           "--resume", "never", "--checkpoint-every", "1000000", "--activation-checkpointing", checkpointing,
+    cmd = [args.trainer, "train", "--model", model_dir, "--data", data, "--output", out, "--max-length",
+           str(args.max_length), "--micro-batch", str(args.micro_batch), "--grad-accum", str(args.grad_accum),
+           "--max-steps", str(args.steps), "--learning-rate", "2e-5", "--precision", "bf16", "--device", "cuda",
+           "--resume", "never", "--checkpoint-interval-steps", "1000000", "--activation-checkpointing", checkpointing,
            "--export-dtype", "bf16"]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, env=dict(os.environ, CAMELID_LOG="warn"), stdout=subprocess.DEVNULL)
@@ -114,7 +114,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--trainer", required=True)
     p.add_argument("--template", required=True)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--steps", type=int, default=50)
@@ -128,10 +128,10 @@ def main():
     data = os.path.join(tmp, "data.json")
     write_dataset(data, args.micro_batch * args.grad_accum * args.steps, words_per_answer=3000)
     prep = os.path.join(tmp, "prepared")
-    subprocess.run([args.trainer, "prepare", "--model", model_dir, "--data", data, "--output", prep, "--seq-len",
-                    str(args.seq_len)], check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, CAMELID_LOG="warn"))
+    subprocess.run([args.trainer, "prepare", "--model", model_dir, "--data", data, "--output", prep, "--max-length",
+                    str(args.max_length)], check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, CAMELID_LOG="warn"))
     samples = [json.loads(line) for line in open(os.path.join(prep, "samples.jsonl"))]
-    assert all(len(s["ids"]) == args.seq_len for s in samples)
+    assert all(len(s["ids"]) == args.max_length for s in samples)
     batches = []
     for i in range(0, len(samples), args.micro_batch):
         chunk = samples[i:i + args.micro_batch]
@@ -140,7 +140,7 @@ def main():
                               device="cuda")
         batches.append((ids, labels))
     name, peak = peak_tflops()
-    print(f"{name}: SmolLM2-135M shape, bf16 compute / f32 master, seq {args.seq_len}, micro-batch "
+    print(f"{name}: SmolLM2-135M shape, bf16 compute / f32 master, seq {args.max_length}, micro-batch "
           f"{args.micro_batch} x grad-accum {args.grad_accum}, {args.steps} steps; peak {peak} TFLOP/s")
     print(f"{'act. ckpt':<10}{'camelid tok/s':>15}{'pytorch tok/s':>15}{'ratio':>8}{'MFU camelid':>13}"
           f"{'MFU pytorch':>13}{'loss first/last camelid':>26}{'pytorch':>18}")
@@ -151,7 +151,7 @@ def main():
             pytorch[ckpt] = run_pytorch(args, model_dir, batches, ckpt)
         theirs, t0, t1, n = pytorch[ckpt]
         ours, o0, o1, wall = run_camelid(args, model_dir, data, os.path.join(tmp, f"out-{mode}"), mode)
-        fpt = flops_per_token(n, config.num_hidden_layers, config.hidden_size, args.seq_len)
+        fpt = flops_per_token(n, config.num_hidden_layers, config.hidden_size, args.max_length)
         mfu = lambda r: r * fpt / (peak * 1e12)  # noqa: E731
         print(f"{mode:<10}{ours:>15.0f}{theirs:>15.0f}{ours / theirs:>7.2f}x{mfu(ours):>12.1%}"
               f"{mfu(theirs):>13.1%}{o0:>14.3f} / {o1:<9.3f}{t0:>9.3f} / {t1:<7.3f}", flush=True)

@@ -1,6 +1,6 @@
 """Training speed of SmolLM2-135M on CPU: camelid-trainer vs transformers + PyTorch eager, same machine, same run.
 
-Both sides train on the same samples (each exactly --seq-len tokens, so no padding), with the same micro-batch,
+Both sides train on the same samples (each exactly --max-length tokens, so no padding), with the same micro-batch,
 gradient accumulation, AdamW and gradient clipping, on the same number of threads: in f32, and (unless --no-bf16)
 in bf16 mixed precision (camelid: bf16 compute with f32 masters; PyTorch: autocast); with activation checkpointing
 (camelid's full and selective against PyTorch's per-layer checkpointing) and without. Tokens per second is the
@@ -8,7 +8,7 @@ median over the timed steps (the first step of each run is warm-up). The compute
 of the precision divided by the model FLOPs per token (6 x parameters plus attention); the fraction printed is model
 FLOPs utilization (recomputation not counted as useful work).
 
-    python bench/train_speed.py --trainer target/release/camelid-trainer [--steps 3] [--rounds 2] [--seq-len 512] [--no-bf16]
+    python bench/train_speed.py --trainer target/release/camelid-trainer [--steps 3] [--rounds 2] [--max-length 512] [--no-bf16]
 """
 
 import argparse
@@ -39,7 +39,7 @@ def default_gguf():
 
 
 def write_dataset(path, n, words_per_answer=1200):
-    """Conversations whose single exchange is longer than --seq-len: each sample is truncated to exactly --seq-len
+    """Conversations whose single exchange is longer than --max-length: each sample is truncated to exactly --max-length
     tokens (and counted as truncated in the data report). 1200 words cover 512 tokens; 3000 cover 2048."""
     words = ("camels store fat in their humps while llamas carry loads across the high andes and "
              "vicuna wool is among the finest in the world ").split()
@@ -84,9 +84,9 @@ def flops_per_token(params, layers, hidden, seq_len):
 
 def run_camelid(args, data, out, checkpointing, precision):
     cmd = [args.trainer, "train", "--model", args.model, "--data", data, "--output", out,
-           "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--grad-accum",
-           str(args.grad_accum), "--max-steps", str(args.steps), "--lr", "2e-5", "--device", "cpu",
-           "--resume", "never", "--checkpoint-every", "1000000", "--keep-checkpoints", "0",
+           "--max-length", str(args.max_length), "--micro-batch", str(args.micro_batch), "--grad-accum",
+           str(args.grad_accum), "--max-steps", str(args.steps), "--learning-rate", "2e-5", "--device", "cpu",
+           "--resume", "never", "--checkpoint-interval-steps", "1000000", "--checkpoint-keep", "0",
            "--activation-checkpointing", checkpointing, "--precision", precision]
     env = dict(os.environ, CAMELID_LOG="warn")
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -130,7 +130,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--trainer", default=os.path.join(ROOT, "target/release/camelid-trainer"))
     p.add_argument("--model", default=None)
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
@@ -145,13 +145,13 @@ def main():
         write_dataset(data, args.micro_batch * args.grad_accum * args.steps)
         prep = os.path.join(tmp, "prepared")
         subprocess.run([args.trainer, "prepare", "--model", args.model, "--data", data, "--output", prep,
-                        "--seq-len", str(args.seq_len)], check=True, stdout=subprocess.DEVNULL,
+                        "--max-length", str(args.max_length)], check=True, stdout=subprocess.DEVNULL,
                        env=dict(os.environ, CAMELID_LOG="warn"))
         samples = [json.loads(line) for line in open(os.path.join(prep, "samples.jsonl"))]
-        assert all(len(s["ids"]) == args.seq_len for s in samples), "samples must be exactly --seq-len tokens"
+        assert all(len(s["ids"]) == args.max_length for s in samples), "samples must be exactly --max-length tokens"
         batches = to_batches(samples, args.micro_batch)
 
-        print(f"SmolLM2-135M training on CPU, {args.threads} threads, seq {args.seq_len}, micro-batch "
+        print(f"SmolLM2-135M training on CPU, {args.threads} threads, seq {args.max_length}, micro-batch "
               f"{args.micro_batch} x grad-accum {args.grad_accum}, {args.steps} steps (first is warm-up)")
         gflops = {"f32": matmul_gflops(args.threads, torch.float32)}
         if not args.no_bf16:
@@ -176,7 +176,7 @@ def main():
                 ratios.append(ours / torch_rate)
         rows = []
         for (precision, mode), (ours_all, theirs_all, ratios) in measured.items():
-            bound = gflops[precision] * 1e9 / flops_per_token(params, layers, hidden, args.seq_len)
+            bound = gflops[precision] * 1e9 / flops_per_token(params, layers, hidden, args.max_length)
             rows.append((precision, mode, statistics.median(ours_all), statistics.median(theirs_all),
                          statistics.median(ratios), bound))
         for precision, rate in gflops.items():

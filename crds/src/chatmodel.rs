@@ -166,6 +166,20 @@ pub enum ChatModelPhase {
     Failed,
 }
 
+impl ChatModelPhase {
+    /// The name Kubernetes and `kubectl get` show (the serialized form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChatModelPhase::Pending => "Pending",
+            ChatModelPhase::Loading => "Loading",
+            ChatModelPhase::Ready => "Ready",
+            ChatModelPhase::Degraded => "Degraded",
+            ChatModelPhase::ScaledToZero => "ScaledToZero",
+            ChatModelPhase::Failed => "Failed",
+        }
+    }
+}
+
 /// The last scaling decision and why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]

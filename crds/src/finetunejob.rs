@@ -87,6 +87,17 @@ pub enum PullPolicy {
     Never,
 }
 
+impl PullPolicy {
+    /// The name Kubernetes and `kubectl get` show (the serialized form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
 /// A model: a path on a claim (or in the image), or a URI fetched before training.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -223,6 +234,19 @@ pub enum FineTuneJobPhase {
     Recovering,
     Succeeded,
     Failed,
+}
+
+impl FineTuneJobPhase {
+    /// The name Kubernetes and `kubectl get` show (the serialized form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FineTuneJobPhase::Pending => "Pending",
+            FineTuneJobPhase::Running => "Running",
+            FineTuneJobPhase::Recovering => "Recovering",
+            FineTuneJobPhase::Succeeded => "Succeeded",
+            FineTuneJobPhase::Failed => "Failed",
+        }
+    }
 }
 
 /// The checkpoint an attempt would resume from.

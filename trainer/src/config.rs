@@ -1,91 +1,19 @@
-//! Training settings: Vicuna's defaults, overridden by a YAML/JSON config file, overridden by flags. The part
-//! that decides the math (and the data file's checksum) is hashed into every checkpoint, so a resume with other
-//! settings is refused instead of silently training a different run.
+//! Training settings resolved: Vicuna's defaults, overridden by a YAML/JSON config file, overridden by flags (both
+//! parsed into [`TrainerSettings`], the contract the operator writes). The part that decides the math (and the data
+//! file's checksum) is hashed into every checkpoint, so a resume with other settings is refused instead of silently
+//! training a different run.
 
 use std::path::{Path, PathBuf};
 
+use camelid_contracts::TrainerSettings;
+pub use camelid_contracts::settings::{Checkpointing, Device, ExportDtype, Precision};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// bf16 compute with f32 master weights on GPU, f32 on CPU.
-    Auto,
-    F32,
-    Bf16,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceChoice {
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-/// What the backward pass recomputes instead of keeping from the forward pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "CheckpointingSetting", into = "String")]
-pub enum Checkpointing {
-    /// Keep only each decoder layer's input and recompute the layer in backward (least memory).
-    Full,
-    /// Also keep each layer's MLP gate and up projections, so recomputation skips the two largest matmuls:
-    /// about half the recompute for `2 x intermediate_size` more values per token and layer.
-    Selective,
-    /// Keep every activation.
-    None,
-}
-
-impl std::str::FromStr for Checkpointing {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "full" | "true" | "on" => Ok(Self::Full),
-            "selective" => Ok(Self::Selective),
-            "none" | "false" | "off" => Ok(Self::None),
-            other => Err(format!(
-                "activation checkpointing {other:?}: expected full, selective or none"
-            )),
-        }
-    }
-}
-
-impl From<Checkpointing> for String {
-    fn from(c: Checkpointing) -> String {
-        match c {
-            Checkpointing::Full => "full",
-            Checkpointing::Selective => "selective",
-            Checkpointing::None => "none",
-        }
-        .into()
-    }
-}
-
-/// `activation_checkpointing` in a config file: `full`/`selective`/`none`, or a boolean.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum CheckpointingSetting {
-    Bool(bool),
-    Name(String),
-}
-
-impl TryFrom<CheckpointingSetting> for Checkpointing {
-    type Error = String;
-
-    fn try_from(v: CheckpointingSetting) -> Result<Self, String> {
-        match v {
-            CheckpointingSetting::Bool(true) => Ok(Self::Full),
-            CheckpointingSetting::Bool(false) => Ok(Self::None),
-            CheckpointingSetting::Name(name) => name.parse(),
-        }
-    }
-}
-
-/// Every training setting; each is a `train` flag of the same name (with dashes) and a config-file field.
+/// Every training setting with its value decided; the fields are [`TrainerSettings`]'s, so each is a `train` flag
+/// and a config-file field of the same name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrainConfig {
     pub model: Option<PathBuf>,
     pub data: Option<PathBuf>,
@@ -93,10 +21,10 @@ pub struct TrainConfig {
     pub checkpoint_dir: Option<PathBuf>,
     pub epochs: f64,
     pub max_steps: Option<u64>,
-    pub seq_len: usize,
+    pub max_length: usize,
     pub micro_batch: usize,
     pub grad_accum: usize,
-    pub lr: f64,
+    pub learning_rate: f64,
     pub warmup_ratio: f64,
     pub weight_decay: f64,
     pub adam_beta1: f64,
@@ -104,19 +32,19 @@ pub struct TrainConfig {
     pub adam_eps: f64,
     pub max_grad_norm: f64,
     pub seed: u64,
-    pub checkpoint_every: u64,
+    pub checkpoint_interval_steps: u64,
     /// Complete checkpoints kept; 0 keeps only the newest while training and deletes it after the export.
-    pub keep_checkpoints: usize,
+    pub checkpoint_keep: usize,
     pub activation_checkpointing: Checkpointing,
     pub group_by_length: bool,
     pub precision: Precision,
-    pub device: DeviceChoice,
+    pub device: Device,
     /// `vicuna_v1.1`, or unset for the model's own template (vicuna_v1.1 when it has none).
     pub template: Option<String>,
     pub min_turn_chars: usize,
     pub blocklist: Vec<String>,
     /// dtype of the exported weights: `f32` or `bf16`.
-    pub export_dtype: String,
+    pub export_dtype: ExportDtype,
 }
 
 impl Default for TrainConfig {
@@ -130,10 +58,10 @@ impl Default for TrainConfig {
             checkpoint_dir: None,
             epochs: 3.0,
             max_steps: None,
-            seq_len: 2048,
+            max_length: 2048,
             micro_batch: 4,
             grad_accum: 32,
-            lr: 2e-5,
+            learning_rate: 2e-5,
             warmup_ratio: 0.03,
             weight_decay: 0.0,
             adam_beta1: 0.9,
@@ -141,32 +69,46 @@ impl Default for TrainConfig {
             adam_eps: 1e-8,
             max_grad_norm: 1.0,
             seed: 42,
-            checkpoint_every: 100,
-            keep_checkpoints: 2,
+            checkpoint_interval_steps: 100,
+            checkpoint_keep: 2,
             activation_checkpointing: Checkpointing::Full,
             group_by_length: true,
             precision: Precision::Auto,
-            device: DeviceChoice::Auto,
+            device: Device::Auto,
             template: None,
             min_turn_chars: 0,
             blocklist: Vec::new(),
-            export_dtype: "f32".into(),
+            export_dtype: ExportDtype::F32,
         }
     }
 }
 
 impl TrainConfig {
-    /// Reads a YAML or JSON config file (JSON is YAML); unknown fields are errors that name the field.
-    pub fn from_file(path: &Path) -> Result<Self, String> {
+    /// Reads a YAML or JSON config file (JSON is YAML) of settings; unknown fields are errors that name the field.
+    pub fn read_file(path: &Path) -> Result<TrainerSettings, String> {
         let text =
             std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         serde_yaml_ng::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
+    /// Vicuna's defaults with every setting that `settings` sets taken from it.
+    pub fn from_settings(settings: &TrainerSettings) -> Result<Self, String> {
+        // The two structs share their field names (a test holds them to it), so the settings lay over the defaults
+        // as JSON objects.
+        let (Ok(serde_json::Value::Object(mut base)), Ok(serde_json::Value::Object(set))) = (
+            serde_json::to_value(Self::default()),
+            serde_json::to_value(settings),
+        ) else {
+            return Err("settings are not a JSON object".into());
+        };
+        base.extend(set);
+        serde_json::from_value(serde_json::Value::Object(base)).map_err(|e| e.to_string())
+    }
+
     /// Checks ranges; the message names the setting.
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
-            ("seq-len", self.seq_len),
+            ("max-length", self.max_length),
             ("micro-batch", self.micro_batch),
             ("grad-accum", self.grad_accum),
         ];
@@ -175,11 +117,14 @@ impl TrainConfig {
                 return Err(format!("--{name} must be at least 1"));
             }
         }
-        if self.seq_len < 16 {
-            return Err("--seq-len must be at least 16 tokens".into());
+        if self.max_length < 16 {
+            return Err("--max-length must be at least 16 tokens".into());
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(format!("--lr must be a positive number, got {}", self.lr));
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return Err(format!(
+                "--learning-rate must be a positive number, got {}",
+                self.learning_rate
+            ));
         }
         if !(self.epochs > 0.0 && self.epochs.is_finite()) && self.max_steps.is_none() {
             return Err(format!("--epochs must be positive, got {}", self.epochs));
@@ -189,21 +134,15 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             return Err(format!(
-                "warmup_ratio must be in [0, 1), got {}",
+                "--warmup-ratio must be in [0, 1), got {}",
                 self.warmup_ratio
             ));
         }
         if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
             return Err("adam betas must be in [0, 1)".into());
         }
-        if self.checkpoint_every == 0 {
-            return Err("--checkpoint-every must be at least 1".into());
-        }
-        if !matches!(self.export_dtype.as_str(), "f32" | "bf16") {
-            return Err(format!(
-                "export_dtype must be f32 or bf16, got {:?}",
-                self.export_dtype
-            ));
+        if self.checkpoint_interval_steps == 0 {
+            return Err("--checkpoint-interval-steps must be at least 1".into());
         }
         if let Some(t) = &self.template
             && camelid_model::ChatTemplate::named(t).is_none()
@@ -216,12 +155,13 @@ impl TrainConfig {
     }
 
     /// The settings that decide what is computed, as hashed into checkpoints (paths, checkpoint cadence and
-    /// reporting are left out: they may change between a run and its resume).
+    /// reporting are left out: they may change between a run and its resume). The keys are part of the checkpoint
+    /// format, older than the settings' names: renaming them would refuse every existing checkpoint.
     pub fn identity(&self, data_sha256: &str) -> serde_json::Value {
         serde_json::json!({
             "data_sha256": data_sha256,
-            "epochs": self.epochs, "max_steps": self.max_steps, "seq_len": self.seq_len,
-            "micro_batch": self.micro_batch, "grad_accum": self.grad_accum, "lr": self.lr,
+            "epochs": self.epochs, "max_steps": self.max_steps, "seq_len": self.max_length,
+            "micro_batch": self.micro_batch, "grad_accum": self.grad_accum, "lr": self.learning_rate,
             "warmup_ratio": self.warmup_ratio, "weight_decay": self.weight_decay,
             "adam_beta1": self.adam_beta1, "adam_beta2": self.adam_beta2, "adam_eps": self.adam_eps,
             "max_grad_norm": self.max_grad_norm, "seed": self.seed, "group_by_length": self.group_by_length,
@@ -266,48 +206,102 @@ mod tests {
     use super::*;
 
     #[test]
-    fn config_files_override_defaults_and_reject_unknown_fields() {
-        let dir = std::env::temp_dir().join(format!("camelid-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("train.yaml");
-        std::fs::write(
-            &path,
-            "lr: 1.0e-4\nseq_len: 512\nblocklist: [openai]\nactivation_checkpointing: false\n",
+    fn settings_lay_over_the_defaults_under_the_same_names() {
+        let settings: TrainerSettings = serde_yaml_ng::from_str(
+            "learningRate: 1.0e-4\nmaxLength: 512\nblocklist: [openai]\nactivationCheckpointing: false\n",
         )
         .unwrap();
-        let cfg = TrainConfig::from_file(&path).unwrap();
+        let cfg = TrainConfig::from_settings(&settings).unwrap();
         assert_eq!(cfg.activation_checkpointing, Checkpointing::None);
-        std::fs::write(&path, "activation_checkpointing: selective\n").unwrap();
-        let selective = TrainConfig::from_file(&path).unwrap();
-        assert_eq!(selective.activation_checkpointing, Checkpointing::Selective);
-        assert_eq!((cfg.lr, cfg.seq_len, cfg.grad_accum), (1e-4, 512, 32));
+        assert_eq!(
+            (cfg.learning_rate, cfg.max_length, cfg.grad_accum),
+            (1e-4, 512, 32)
+        );
         assert_eq!(cfg.blocklist, ["openai"]);
-        std::fs::write(&path, "{\"learning_rate\": 1}").unwrap();
-        let err = TrainConfig::from_file(&path).unwrap_err();
-        assert!(err.contains("learning_rate"), "{err}");
+    }
+
+/// Each setting set to a valid value.
+    fn every_setting() -> TrainerSettings {
+        TrainerSettings {
+            model: Some("m".into()),
+            data: Some("d".into()),
+            output: Some("o".into()),
+            checkpoint_dir: Some("c".into()),
+            epochs: Some(1.0),
+            max_steps: Some(3),
+            max_length: Some(64),
+            micro_batch: Some(1),
+            grad_accum: Some(1),
+            learning_rate: Some(1e-3),
+            warmup_ratio: Some(0.1),
+            weight_decay: Some(0.1),
+            adam_beta1: Some(0.8),
+            adam_beta2: Some(0.9),
+            adam_eps: Some(1e-6),
+            max_grad_norm: Some(2.0),
+            seed: Some(1),
+            checkpoint_interval_steps: Some(5),
+            checkpoint_keep: Some(1),
+            activation_checkpointing: Some(Checkpointing::Selective),
+            group_by_length: Some(false),
+            precision: Some(Precision::F32),
+            device: Some(Device::Cpu),
+            template: Some("vicuna_v1.1".into()),
+            min_turn_chars: Some(2),
+            blocklist: vec!["x".into()],
+            export_dtype: Some(ExportDtype::Bf16),
+        }
+    }
+
+    #[test]
+    fn every_setting_is_a_field_of_the_resolved_config() {
+        // from_settings refuses unknown fields, so a setting the contract adds without the trainer knowing fails here.
+        let cfg = TrainConfig::from_settings(&every_setting()).unwrap();
+        assert_eq!(
+            (
+                cfg.checkpoint_interval_steps,
+                cfg.checkpoint_keep,
+                cfg.export_dtype
+            ),
+            (5, 1, ExportDtype::Bf16)
+        );
+        assert_eq!(cfg.adam_eps, 1e-6);
+    }
+
+    #[test]
+    fn the_flags_the_operator_writes_parse_back_into_the_same_settings() {
+        #[derive(clap::Parser)]
+        struct Train {
+            #[command(flatten)]
+            settings: TrainerSettings,
+        }
+        let all = every_setting();
+        let args = std::iter::once("train".to_string()).chain(all.to_args());
+        let parsed = <Train as clap::Parser>::try_parse_from(args).unwrap();
+        assert_eq!(parsed.settings, all);
     }
 
     #[test]
     fn identity_changes_name_the_setting() {
         let a = TrainConfig::default();
         let b = TrainConfig {
-            lr: 1e-3,
+            learning_rate: 1e-3,
             ..a.clone()
         };
         let (ia, ib) = (a.identity("x"), b.identity("x"));
         assert_ne!(hash_json(&ia), hash_json(&ib));
         assert_eq!(differences(&ia, &ib), ["lr: checkpoint 0.00002, now 0.001"]);
         let c = TrainConfig {
-            checkpoint_every: 7,
-            keep_checkpoints: 9,
+            checkpoint_interval_steps: 7,
+            checkpoint_keep: 9,
             ..a.clone()
         };
         assert_eq!(hash_json(&ia), hash_json(&c.identity("x")));
         assert!(
-            TrainConfig { seq_len: 0, ..a }
+            TrainConfig { max_length: 0, ..a }
                 .validate()
                 .unwrap_err()
-                .contains("--seq-len")
+                .contains("--max-length")
         );
     }
 }

@@ -2,17 +2,11 @@
 
 use std::path::PathBuf;
 
+use camelid_contracts::exit;
+
 use crate::checkpoint::CheckpointError;
 use crate::data::DataError;
 use crate::engine::EngineError;
-
-/// Exit code: bad arguments, config or data; retrying will not help.
-pub const EXIT_INVALID: i32 = 2;
-/// Exit code: stopped after writing a complete checkpoint (SIGTERM, SIGUSR1, `--stop-at-step`); resume with
-/// `--resume auto`. Not a failure.
-pub const EXIT_STOPPED: i32 = 75;
-/// Exit code: anything else went wrong; counts against the job's restarts.
-pub const EXIT_FAILED: i32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -63,10 +57,10 @@ impl TrainError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            TrainError::Config(_) | TrainError::Data(_) | TrainError::ResumeFrom(_) => EXIT_INVALID,
-            TrainError::Checkpoint(CheckpointError::ConfigMismatch { .. }) => EXIT_INVALID,
-            TrainError::Model(e) if e.is_user_error() => EXIT_INVALID,
-            _ => EXIT_FAILED,
+            TrainError::Config(_) | TrainError::Data(_) | TrainError::ResumeFrom(_) => exit::INVALID,
+            TrainError::Checkpoint(CheckpointError::ConfigMismatch { .. }) => exit::INVALID,
+            TrainError::Model(e) if e.is_user_error() => exit::INVALID,
+            _ => exit::FAILED,
         }
     }
 }

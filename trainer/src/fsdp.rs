@@ -62,20 +62,7 @@ struct Reducing {
     pending: camelid_dist::Pending,
 }
 
-/// What this rank holds, in bytes (for the progress report and the memory test).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct ShardMemory {
-    pub rank: usize,
-    pub world: usize,
-    /// f32 master weights of the local shards.
-    pub parameter_bytes: u64,
-    /// f32 gradient accumulators of the local shards.
-    pub gradient_bytes: u64,
-    /// AdamW's two moments for the local shards (filled in once the optimizer exists).
-    pub optimizer_state_bytes: u64,
-    /// The whole model's f32 parameters, for comparison.
-    pub full_parameter_bytes: u64,
-}
+pub use camelid_contracts::progress::ShardMemory;
 
 pub struct ShardedEngine {
     group: Rc<ProcessGroup>,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::error::{EXIT_FAILED, EXIT_STOPPED};
+use camelid_contracts::exit;
 
 /// Where this node's ranks sit in the gang.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +119,7 @@ pub fn run(plan: &Plan, program: &Path, args: &[String], stop: &Arc<AtomicBool>,
                     let _ = child.kill();
                     let _ = child.wait();
                 }
-                return EXIT_FAILED;
+                return exit::FAILED;
             }
         }
     }
@@ -143,9 +143,9 @@ pub fn run(plan: &Plan, program: &Path, args: &[String], stop: &Arc<AtomicBool>,
             }
             if let Ok(Some(status)) = child.try_wait() {
                 // Killed by a signal: report it as a failure.
-                let code = status.code().unwrap_or(EXIT_FAILED);
+                let code = status.code().unwrap_or(exit::FAILED);
                 codes[i] = Some(code);
-                if code != 0 && code != EXIT_STOPPED && first_failure.is_none() {
+                if code != 0 && code != exit::STOPPED && first_failure.is_none() {
                     eprintln!(
                         "launch: rank {} exited with {code}; waiting for the others",
                         *local
@@ -164,7 +164,7 @@ pub fn run(plan: &Plan, program: &Path, args: &[String], stop: &Arc<AtomicBool>,
                     eprintln!("launch: rank {local} is still running {grace:?} after a failure; killing it");
                     let _ = child.kill();
                     let _ = child.wait();
-                    codes[i] = Some(EXIT_FAILED);
+                    codes[i] = Some(exit::FAILED);
                 }
             }
             break;
@@ -174,9 +174,9 @@ pub fn run(plan: &Plan, program: &Path, args: &[String], stop: &Arc<AtomicBool>,
     match first_failure {
         Some((_, code)) => code,
         None if codes.iter().all(|c| *c == Some(0)) => 0,
-        None if codes.iter().all(|c| *c == Some(EXIT_STOPPED)) => EXIT_STOPPED,
+        None if codes.iter().all(|c| *c == Some(exit::STOPPED)) => exit::STOPPED,
         // Some finished and some stopped: not a state a gang should reach; resume sorts it out.
-        None => EXIT_FAILED,
+        None => exit::FAILED,
     }
 }
 

@@ -24,4 +24,4 @@ pub mod progress;
 mod run;
 pub mod train;
 
-pub use error::{EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED, TrainError};
+pub use error::TrainError;

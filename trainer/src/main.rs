@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
-use camelid_trainer::config::{Checkpointing, DeviceChoice, Precision, TrainConfig};
+use camelid_contracts::TrainerSettings;
+use camelid_contracts::exit;
+use camelid_trainer::TrainError;
+use camelid_trainer::config::{Device, TrainConfig};
 use camelid_trainer::dist::DistEnv;
 use camelid_trainer::launch::{self, Plan};
 use camelid_trainer::progress::{self, Phase, Reporter};
 use camelid_trainer::train::{self, Outcome, Resume, RunOptions};
-use camelid_trainer::{EXIT_FAILED, EXIT_STOPPED, TrainError};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -63,115 +65,20 @@ enum Command {
 /// Every training setting: a flag overrides the config file, which overrides Vicuna's defaults.
 #[derive(Args)]
 struct Settings {
-    /// YAML or JSON file with any of the settings below (snake_case names).
+    /// YAML or JSON file with any of the settings below (camelCase: `maxLength`, `learningRate`, ...).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// HF directory or .gguf file (default: SmolLM2-135M-Instruct from the project's .venv).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// ShareGPT or OpenAI-style conversations, JSON or JSONL.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Where the exported model, data report and metrics go.
-    #[arg(long)]
-    output: Option<PathBuf>,
-    /// Checkpoint folders (default: OUTPUT/checkpoints).
-    #[arg(long)]
-    checkpoint_dir: Option<PathBuf>,
-    #[arg(long)]
-    epochs: Option<f64>,
-    /// Train exactly N optimizer steps; the schedule is computed from N.
-    #[arg(long)]
-    max_steps: Option<u64>,
-    #[arg(long)]
-    seq_len: Option<usize>,
-    #[arg(long)]
-    micro_batch: Option<usize>,
-    #[arg(long)]
-    grad_accum: Option<usize>,
-    #[arg(long)]
-    lr: Option<f64>,
-    #[arg(long)]
-    warmup_ratio: Option<f64>,
-    #[arg(long)]
-    weight_decay: Option<f64>,
-    #[arg(long)]
-    max_grad_norm: Option<f64>,
-    #[arg(long)]
-    seed: Option<u64>,
-    #[arg(long)]
-    checkpoint_every: Option<u64>,
-    #[arg(long)]
-    keep_checkpoints: Option<usize>,
-    /// What backward recomputes: `full` (each decoder layer; least memory), `selective` (each layer but its
-    /// MLP gate/up projections), or `none`. `true`/`false` mean full/none.
-    #[arg(long)]
-    activation_checkpointing: Option<Checkpointing>,
-    #[arg(long)]
-    group_by_length: Option<bool>,
-    #[arg(long, value_parser = ["auto", "f32", "bf16"])]
-    precision: Option<String>,
-    #[arg(long, value_parser = ["auto", "cpu", "cuda"])]
-    device: Option<String>,
-    /// `vicuna_v1.1`, or leave unset for the model's own chat template.
-    #[arg(long)]
-    template: Option<String>,
-    #[arg(long)]
-    min_turn_chars: Option<usize>,
-    /// A phrase whose conversations are dropped (repeatable).
-    #[arg(long)]
-    blocklist: Vec<String>,
-    #[arg(long, value_parser = ["f32", "bf16"])]
-    export_dtype: Option<String>,
+    #[command(flatten)]
+    flags: TrainerSettings,
 }
 
 impl Settings {
     fn resolve(&self) -> Result<TrainConfig, TrainError> {
-        let mut c = match &self.config {
-            Some(path) => TrainConfig::from_file(path).map_err(TrainError::Config)?,
-            None => TrainConfig::default(),
+        let file = match &self.config {
+            Some(path) => TrainConfig::read_file(path).map_err(TrainError::Config)?,
+            None => TrainerSettings::default(),
         };
-        macro_rules! set {
-            ($($field:ident),*) => { $( if let Some(v) = &self.$field { c.$field = v.clone().into(); } )* };
-        }
-        set!(model, data, output, checkpoint_dir, template, max_steps);
-        set!(
-            epochs,
-            seq_len,
-            micro_batch,
-            grad_accum,
-            lr,
-            warmup_ratio,
-            weight_decay,
-            max_grad_norm,
-            seed
-        );
-        set!(
-            checkpoint_every,
-            keep_checkpoints,
-            activation_checkpointing,
-            group_by_length,
-            min_turn_chars
-        );
-        set!(export_dtype);
-        if !self.blocklist.is_empty() {
-            c.blocklist = self.blocklist.clone();
-        }
-        if let Some(p) = &self.precision {
-            c.precision = match p.as_str() {
-                "f32" => Precision::F32,
-                "bf16" => Precision::Bf16,
-                _ => Precision::Auto,
-            };
-        }
-        if let Some(d) = &self.device {
-            c.device = match d.as_str() {
-                "cpu" => DeviceChoice::Cpu,
-                "cuda" => DeviceChoice::Cuda,
-                _ => DeviceChoice::Auto,
-            };
-        }
-        Ok(c)
+        TrainConfig::from_settings(&file.overlay(&self.flags)).map_err(TrainError::Config)
     }
 }
 
@@ -192,7 +99,7 @@ fn prepare(settings: &Settings) -> Result<(), TrainError> {
     };
     let (model, _) = train::load_model(
         &TrainConfig {
-            device: DeviceChoice::Cpu,
+            device: Device::Cpu,
             ..cfg.clone()
         },
         &model_path,
@@ -233,7 +140,7 @@ fn run_train(
     let stop_requested = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
         // A second signal while the checkpoint is being written ends the process at once.
-        signal_hook::flag::register_conditional_shutdown(signal, EXIT_FAILED, stop_requested.clone())
+        signal_hook::flag::register_conditional_shutdown(signal, exit::FAILED, stop_requested.clone())
             .context("installing signal handlers")?;
         signal_hook::flag::register(signal, stop_requested.clone()).context("installing signal handlers")?;
     }
@@ -264,8 +171,8 @@ fn run_train(
         }
         Ok(Outcome::Stopped { step, checkpoint }) => {
             tracing::warn!(step, checkpoint = %checkpoint.display(), "stopped after a complete checkpoint; \
-                rerun with --resume auto to continue (exit code {EXIT_STOPPED})");
-            Ok(EXIT_STOPPED)
+                rerun with --resume auto to continue (exit code {})", exit::STOPPED);
+            Ok(exit::STOPPED)
         }
         Err(e) => {
             reporter.update(|p| p.phase = Phase::Failed);
@@ -333,7 +240,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let code = e
                 .downcast_ref::<TrainError>()
-                .map_or(EXIT_FAILED, TrainError::exit_code);
+                .map_or(exit::FAILED, TrainError::exit_code);
             let category = e
                 .downcast_ref::<TrainError>()
                 .map_or("internal", TrainError::category);

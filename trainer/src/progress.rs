@@ -8,60 +8,8 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    Loading,
-    Training,
-    Checkpointing,
-    Exporting,
-    Stopped,
-    Finished,
-    Failed,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct LastCheckpoint {
-    pub step: u64,
-    /// RFC 3339.
-    pub time: String,
-}
-
-/// The `/progress` document.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Progress {
-    pub phase: Phase,
-    pub step: u64,
-    pub total_steps: u64,
-    pub epoch: f64,
-    pub loss: Option<f64>,
-    pub learning_rate: f64,
-    pub tokens_per_second: f64,
-    pub last_checkpoint: Option<LastCheckpoint>,
-    pub eta_seconds: Option<f64>,
-    /// What this rank holds when it is one of several (sharded training).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub shards: Option<crate::fsdp::ShardMemory>,
-}
-
-impl Default for Progress {
-    fn default() -> Self {
-        Self {
-            phase: Phase::Loading,
-            step: 0,
-            total_steps: 0,
-            epoch: 0.0,
-            loss: None,
-            learning_rate: 0.0,
-            tokens_per_second: 0.0,
-            last_checkpoint: None,
-            eta_seconds: None,
-            shards: None,
-        }
-    }
-}
+pub use camelid_contracts::progress::{LastCheckpoint, Phase, Progress, ShardMemory};
 
 /// The trainer's Prometheus metrics, defined once.
 #[derive(Debug, Default)]
@@ -158,7 +106,7 @@ pub fn serve(addr: &str, reporter: Arc<Reporter>) -> Result<std::net::SocketAddr
             for request in server.incoming_requests() {
                 let json = "application/json";
                 let (status, body, content_type) = match (request.method(), request.url()) {
-                    (tiny_http::Method::Get, "/progress") => (
+                    (tiny_http::Method::Get, camelid_contracts::progress::PATH) => (
                         200,
                         serde_json::to_string(&reporter.snapshot()).unwrap_or_default(),
                         json,

@@ -155,7 +155,7 @@ impl Run<'_> {
             checkpoint::write_sharded(&self.checkpoint_dir, state, &self.comm)?
         };
         if self.comm.is_leader() {
-            checkpoint::prune(&self.checkpoint_dir, self.cfg.keep_checkpoints)?;
+            checkpoint::prune(&self.checkpoint_dir, self.cfg.checkpoint_keep)?;
         }
         tracing::info!(
             checkpoint = %dir.display(), step, micro_step, seconds = started.elapsed().as_secs_f64(),

@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 use crate::backend::Backend;
 use crate::batching::Batcher;
 use crate::checkpoint;
-use crate::config::{DeviceChoice, Precision, TrainConfig, hash_file, hash_json};
+use crate::config::{Device as DeviceSetting, ExportDtype, Precision, TrainConfig, hash_file, hash_json};
 use crate::data::{self, CleanOptions};
 use crate::dataset::{self, Sample};
 use crate::dist::{Comm, DistEnv};
@@ -66,7 +66,7 @@ pub fn prepare_data(
             blocklist: cfg.blocklist.clone(),
         },
     );
-    let (samples, tokens) = dataset::tokenize(&kept, model, cfg.seq_len)?;
+    let (samples, tokens) = dataset::tokenize(&kept, model, cfg.max_length)?;
     let report = serde_json::json!({"file": data_path, "cleaning": cleaning, "tokenization": tokens});
     if samples.is_empty() {
         return Err(TrainError::Config(format!(
@@ -85,15 +85,15 @@ pub fn load_model(
     cuda_index: usize,
 ) -> Result<(LoadedModel, Kind), TrainError> {
     let device = match cfg.device {
-        DeviceChoice::Cpu => Device::Cpu,
-        DeviceChoice::Cuda if !tch::Cuda::is_available() => {
+        DeviceSetting::Cpu => Device::Cpu,
+        DeviceSetting::Cuda if !tch::Cuda::is_available() => {
             return Err(TrainError::Config(
                 "--device cuda, but no CUDA device is available".into(),
             ));
         }
-        DeviceChoice::Cuda => Device::Cuda(cuda_index),
-        DeviceChoice::Auto if tch::Cuda::is_available() => Device::Cuda(cuda_index),
-        DeviceChoice::Auto => Device::Cpu,
+        DeviceSetting::Cuda => Device::Cuda(cuda_index),
+        DeviceSetting::Auto if tch::Cuda::is_available() => Device::Cuda(cuda_index),
+        DeviceSetting::Auto => Device::Cpu,
     };
     let compute = match (cfg.precision, device) {
         (Precision::F32, _) | (Precision::Auto, Device::Cpu) => Kind::Float,
@@ -384,7 +384,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
         }
         let update_started = Instant::now();
         let grad_norm = run.engine.clip_grad_norm(cfg.max_grad_norm)?;
-        let lr = cosine_lr(cfg.lr, step, total_steps, cfg.warmup_ratio);
+        let lr = cosine_lr(cfg.learning_rate, step, total_steps, cfg.warmup_ratio);
         run.optimizer.step(run.engine.masters(), run.engine.grads(), lr)?;
         run.engine.finish_step(&run.model.model)?;
         tracing::debug!(
@@ -450,8 +450,8 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
             run.comm.any(opts.stop_requested.load(Ordering::SeqCst))? || opts.stop_at_step == Some(step);
         // The final step is checkpointed too (an export cut short resumes from it), unless no checkpoint is to be
         // kept after the export anyway.
-        let last = step == total_steps && cfg.keep_checkpoints > 0;
-        if stop || step % cfg.checkpoint_every == 0 || last {
+        let last = step == total_steps && cfg.checkpoint_keep > 0;
+        if stop || step % cfg.checkpoint_interval_steps == 0 || last {
             let dir = run.save(step, 0, (0.0, 0))?;
             if stop {
                 opts.reporter.update(|p| p.phase = Phase::Stopped);
@@ -463,7 +463,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
         }
     }
     opts.reporter.update(|p| p.phase = Phase::Exporting);
-    let export_kind = if cfg.export_dtype == "bf16" {
+    let export_kind = if cfg.export_dtype == ExportDtype::Bf16 {
         Kind::BFloat16
     } else {
         Kind::Float
@@ -474,7 +474,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome, TrainError
         tracing::info!(output = %run.output.display(), "exported");
     }
     run.comm.barrier()?;
-    if cfg.keep_checkpoints == 0 && leader {
+    if cfg.checkpoint_keep == 0 && leader {
         for dir in checkpoint::list(&run.checkpoint_dir)? {
             std::fs::remove_dir_all(&dir).map_err(|e| TrainError::Io {
                 path: dir.clone(),

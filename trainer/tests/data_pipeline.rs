@@ -145,7 +145,7 @@ fn prepare_reports_every_drop_reason_and_repair() {
             "2",
             "--blocklist",
             "as an ai language model",
-            "--seq-len",
+            "--max-length",
             "128",
         ])
         .output()

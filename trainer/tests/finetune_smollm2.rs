@@ -34,7 +34,7 @@ fn fine_tuning_smollm2_lowers_the_loss_and_teaches_the_fact() {
     assert!(run.status.success(), "{}", stderr(&run));
     assert!(
         checkpoint_folders(&out).is_empty(),
-        "keep_checkpoints 0 deletes the checkpoint after the export"
+        "checkpointKeep 0 deletes the checkpoint after the export"
     );
     let log = step_log(&out);
     let (first, last) = (log[0].1, log.last().unwrap().1);

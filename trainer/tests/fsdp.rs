@@ -178,9 +178,9 @@ fn a_stopped_or_broken_gang_resumes_from_its_last_complete_checkpoint() {
     let settings = [
         "--max-steps",
         "14",
-        "--checkpoint-every",
+        "--checkpoint-interval-steps",
         "2",
-        "--keep-checkpoints",
+        "--checkpoint-keep",
         "3",
         "--grad-accum",
         "2",

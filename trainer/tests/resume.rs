@@ -170,7 +170,7 @@ fn sigterm_mid_run_and_sigkill_then_resume_equal_a_straight_run() {
             &[
                 "--max-steps",
                 STEPS,
-                "--checkpoint-every",
+                "--checkpoint-interval-steps",
                 "4",
                 "--progress-addr",
                 &addr,
@@ -224,9 +224,9 @@ fn corrupt_checkpoints_are_skipped_with_the_reason() {
     let flags = [
         "--max-steps",
         "4",
-        "--checkpoint-every",
+        "--checkpoint-interval-steps",
         "1",
-        "--keep-checkpoints",
+        "--checkpoint-keep",
         "10",
         "--stop-at-step",
         "4",
@@ -272,7 +272,7 @@ fn resuming_with_different_settings_is_refused_and_names_them() {
         .output()
         .unwrap();
     assert_eq!(run.status.code(), Some(75), "{}", stderr(&run));
-    let changed = train_command(&data, &out, &["--max-steps", "4", "--lr", "5e-4"])
+    let changed = train_command(&data, &out, &["--max-steps", "4", "--learning-rate", "5e-4"])
         .output()
         .unwrap();
     assert_eq!(changed.status.code(), Some(2), "{}", stderr(&changed));

@@ -48,14 +48,7 @@ impl Policy {
 }
 
 /// What the gateways report for one model, summed over gateways.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Load {
-    /// Requests a worker is generating for.
-    pub in_flight: u32,
-    /// Requests the gateways hold because no worker is ready (at zero replicas, or while scaling).
-    pub queued: u32,
-}
+pub use camelid_contracts::load::ModelLoad as Load;
 
 /// Recent recommendations of one model (kept by the controller between reconciles, lost on restart: a restarted
 /// operator waits one whole window before scaling down).

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use camelid_contracts::names;
 use camelid_crds::ChatModel;
 use camelid_crds::common::SpotPolicy;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
@@ -25,15 +26,10 @@ use crate::finetunejob::build::{
 use crate::finetunejob::spot::{Capacity, placement};
 
 /// The workers' gRPC port.
-pub const GRPC_PORT: i32 = 50051;
+pub const GRPC_PORT: i32 = names::WORKER_GRPC_PORT as i32;
 /// The workers' `/metrics`, `/healthz` and `/readyz`.
-pub const HTTP_PORT: i32 = 9090;
-/// The label that ties workers, Service and EndpointSlices to their ChatModel.
-pub const MODEL_LABEL: &str = "camelid.dev/chatmodel";
-/// Which Deployment a worker belongs to: `base` (`NAME-worker`) or `spot` (`NAME-worker-spot`).
-pub const POOL_LABEL: &str = "camelid.dev/pool";
-/// The pod template annotation that changes (and so rolls the workers) when the model's files change.
-pub const REVISION_ANNOTATION: &str = "camelid.dev/model-revision";
+pub const HTTP_PORT: i32 = names::WORKER_HTTP_PORT as i32;
+pub use names::{CHATMODEL_LABEL as MODEL_LABEL, POOL_LABEL, REVISION_ANNOTATION};
 
 /// Where the served model's files are, resolved from the ChatModel's source.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,9 +91,9 @@ pub fn service_name(model: &ChatModel) -> String {
 
 pub fn labels(model: &ChatModel) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/name".into(), "camelid".into()),
+        ("app.kubernetes.io/name".into(), names::APP_NAME.into()),
         ("app.kubernetes.io/component".into(), "worker".into()),
-        ("app.kubernetes.io/managed-by".into(), "camelid-operator".into()),
+        ("app.kubernetes.io/managed-by".into(), names::MANAGER.into()),
         (MODEL_LABEL.into(), model.name_any()),
     ])
 }
@@ -141,7 +137,7 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
-            port: IntOrString::String("http".into()),
+            port: IntOrString::String(names::WORKER_HTTP_PORT_NAME.into()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
@@ -162,7 +158,7 @@ fn pod_template(
     let mut labels = labels(model);
     labels.insert(POOL_LABEL.into(), pool.into());
     if let Some(c) = capacity {
-        labels.insert("camelid.dev/capacity".into(), c.as_str().into());
+        labels.insert(names::CAPACITY_LABEL.into(), c.as_str().into());
     }
     let mut volumes = Vec::new();
     let mut mounts = Vec::new();
@@ -215,17 +211,17 @@ fn pod_template(
     let worker = Container {
         name: "worker".into(),
         image: Some(s.image.clone().unwrap_or_else(|| settings.worker_image.clone())),
-        image_pull_policy: s.image_pull_policy.map(|p| format!("{p:?}")),
+        image_pull_policy: s.image_pull_policy.map(|p| p.as_str().into()),
         command: Some(vec!["camelid-worker".into()]),
         args: Some(worker_args(model, files)),
         ports: Some(vec![
             ContainerPort {
-                name: Some("grpc".into()),
+                name: Some(names::WORKER_GRPC_PORT_NAME.into()),
                 container_port: GRPC_PORT,
                 ..ContainerPort::default()
             },
             ContainerPort {
-                name: Some("http".into()),
+                name: Some(names::WORKER_HTTP_PORT_NAME.into()),
                 container_port: HTTP_PORT,
                 ..ContainerPort::default()
             },
@@ -287,9 +283,9 @@ pub fn children(
         spec: Some(ServiceSpec {
             selector: Some(selector.clone()),
             ports: Some(vec![ServicePort {
-                name: Some("grpc".into()),
+                name: Some(names::WORKER_GRPC_PORT_NAME.into()),
                 port: GRPC_PORT,
-                target_port: Some(IntOrString::String("grpc".into())),
+                target_port: Some(IntOrString::String(names::WORKER_GRPC_PORT_NAME.into())),
                 app_protocol: Some("kubernetes.io/h2c".into()),
                 ..ServicePort::default()
             }]),

@@ -167,7 +167,7 @@ async fn resolve(ctx: &Context, model: &ChatModel) -> Result<Result<ModelFiles, 
         )))),
         phase => Ok(Err(Source::Waiting(format!(
             "waiting for FineTuneJob {job} to succeed (now {})",
-            phase.map_or("new".into(), |p| format!("{p:?}"))
+            phase.map_or("new", |p| p.as_str())
         )))),
     }
 }
@@ -310,7 +310,7 @@ async fn reconcile_inner(model: &ChatModel, ctx: &Context) -> Result<Action, Err
         }
     }
     if event.is_none() && status.phase != old.phase {
-        let phase = status.phase.map(|p| format!("{p:?}")).unwrap_or_default();
+        let phase = status.phase.map(|p| p.as_str()).unwrap_or_default();
         event = Some(("PhaseChanged", format!("now {phase}")));
     }
     if status != old {

@@ -1,22 +1,16 @@
 //! The load the gateways report (`GET /internal/load` on each ready gateway pod, found through the EndpointSlices
 //! of the gateway Service), summed per model. One read serves every ChatModel's reconcile for a second.
 
-use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use camelid_contracts::load::{self, LoadReport as Report};
+use camelid_contracts::names;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
 use kube::api::{Api, ListParams};
-use serde::Deserialize;
 
 use super::autoscale::Load;
-
-/// What one gateway answers.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct Report {
-    pub models: BTreeMap<String, Load>,
-}
 
 /// Where the gateways are and the last sum read from them.
 #[derive(Debug)]
@@ -75,11 +69,7 @@ impl Gateways {
         let mut any = false;
         for report in answers.into_iter().flatten() {
             any = true;
-            for (model, load) in report.models {
-                let entry = sum.models.entry(model).or_default();
-                entry.in_flight += load.in_flight;
-                entry.queued += load.queued;
-            }
+            sum.add(&report);
         }
         if !any && !urls.is_empty() {
             tracing::warn!(service = %self.service, "no gateway answered /internal/load");
@@ -96,7 +86,7 @@ pub fn gateway_urls(slices: &[EndpointSlice]) -> Vec<String> {
             .ports
             .iter()
             .flatten()
-            .find(|p| p.name.as_deref() == Some("http"))
+            .find(|p| p.name.as_deref() == Some(names::GATEWAY_PORT_NAME))
             .and_then(|p| p.port)
         else {
             continue;
@@ -110,7 +100,7 @@ pub fn gateway_urls(slices: &[EndpointSlice]) -> Vec<String> {
                     } else {
                         addr.clone()
                     };
-                    urls.push(format!("http://{host}:{port}/internal/load"));
+                    urls.push(format!("http://{host}:{port}{}", load::PATH));
                 }
             }
         }

@@ -4,6 +4,9 @@
 
 use std::collections::BTreeMap;
 
+use camelid_contracts::TrainerSettings;
+use camelid_contracts::names;
+use camelid_contracts::settings::Device;
 use camelid_crds::FineTuneJob;
 use camelid_crds::common::VolumePath;
 use camelid_crds::finetunejob::ModelSource;
@@ -21,9 +24,9 @@ use kube::{Resource, ResourceExt};
 use super::spot::{Capacity, placement};
 
 /// Port of the gang's rendezvous (rank 0's TCPStore).
-pub const MASTER_PORT: i32 = 29500;
+const MASTER_PORT: i32 = names::RENDEZVOUS_PORT as i32;
 /// Port of the trainer's `/progress` and `/metrics`.
-pub const PROGRESS_PORT: i32 = 8090;
+const PROGRESS_PORT: i32 = names::TRAINER_PROGRESS_PORT as i32;
 /// Where each claim is mounted.
 pub const VOLUMES_ROOT: &str = "/camelid/volumes";
 /// Where a model given by URI is downloaded.
@@ -85,10 +88,10 @@ pub fn job_name(job: &FineTuneJob, attempt: i32) -> String {
 /// The labels every child (and pod) of `job` carries.
 pub fn labels(job: &FineTuneJob) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/name".into(), "camelid".into()),
+        ("app.kubernetes.io/name".into(), names::APP_NAME.into()),
         ("app.kubernetes.io/component".into(), "trainer".into()),
-        ("app.kubernetes.io/managed-by".into(), "camelid-operator".into()),
-        ("camelid.dev/finetunejob".into(), job.name_any()),
+        ("app.kubernetes.io/managed-by".into(), names::MANAGER.into()),
+        (names::FINETUNEJOB_LABEL.into(), job.name_any()),
     ])
 }
 
@@ -153,51 +156,47 @@ pub fn output_dir(job: &FineTuneJob) -> String {
     on_claim(&o.claim_name, o.path.as_deref().unwrap_or(&default))
 }
 
-/// `camelid-trainer train` arguments for `job`.
-pub fn trainer_args(job: &FineTuneJob) -> Vec<String> {
+/// The trainer settings `job` asks for, in the contract the trainer parses.
+pub fn trainer_settings(job: &FineTuneJob) -> TrainerSettings {
     let s = &job.spec;
     let h = &s.hyperparameters;
+    TrainerSettings {
+        model: Some(model_path(&s.base_model).into()),
+        data: Some(file(&s.dataset).into()),
+        output: Some(output_dir(job).into()),
+        checkpoint_dir: Some(checkpoint_dir(job).into()),
+        learning_rate: Some(h.learning_rate),
+        max_length: usize::try_from(h.max_length).ok(),
+        micro_batch: usize::try_from(h.micro_batch).ok(),
+        grad_accum: usize::try_from(grad_accum(job)).ok(),
+        warmup_ratio: Some(h.warmup_ratio),
+        // The seed is any 64-bit pattern; the CRD's integer carries it.
+        seed: Some(h.seed as u64),
+        checkpoint_interval_steps: u64::try_from(s.checkpoints.interval_steps).ok(),
+        checkpoint_keep: usize::try_from(s.checkpoints.keep).ok(),
+        device: Some(if s.gpus_per_worker > 0 {
+            Device::Cuda
+        } else {
+            Device::Cpu
+        }),
+        // maxSteps wins over epochs (the CRD refuses both).
+        max_steps: h.max_steps.and_then(|n| u64::try_from(n).ok()),
+        epochs: h.epochs.filter(|_| h.max_steps.is_none()),
+        template: s.template.clone(),
+        ..TrainerSettings::default()
+    }
+}
+
+/// `camelid-trainer train` arguments for `job`.
+pub fn trainer_args(job: &FineTuneJob) -> Vec<String> {
     let mut args = vec![
         "train".to_string(),
-        "--model".into(),
-        model_path(&s.base_model),
-        "--data".into(),
-        file(&s.dataset),
-        "--output".into(),
-        output_dir(job),
-        "--checkpoint-dir".into(),
-        checkpoint_dir(job),
         "--resume".into(),
         "auto".into(),
         "--progress-addr".into(),
-        format!("0.0.0.0:{PROGRESS_PORT}"),
-        "--lr".into(),
-        h.learning_rate.to_string(),
-        "--seq-len".into(),
-        h.max_length.to_string(),
-        "--micro-batch".into(),
-        h.micro_batch.to_string(),
-        "--grad-accum".into(),
-        grad_accum(job).to_string(),
-        "--warmup-ratio".into(),
-        h.warmup_ratio.to_string(),
-        "--seed".into(),
-        h.seed.to_string(),
-        "--checkpoint-every".into(),
-        s.checkpoints.interval_steps.to_string(),
-        "--keep-checkpoints".into(),
-        s.checkpoints.keep.to_string(),
-        "--device".into(),
-        if s.gpus_per_worker > 0 { "cuda" } else { "cpu" }.into(),
+        format!("0.0.0.0:{}", names::TRAINER_PROGRESS_PORT),
     ];
-    match (h.epochs, h.max_steps) {
-        (_, Some(steps)) => args.extend(["--max-steps".into(), steps.to_string()]),
-        (Some(epochs), None) => args.extend(["--epochs".into(), epochs.to_string()]),
-        (None, None) => {}
-    }
-    if let Some(template) = &s.template {
-        args.extend(["--template".into(), template.clone()]);
-    }
+    args.extend(trainer_settings(job).to_args());
     args
 }
 
@@ -234,13 +233,13 @@ pub fn children(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> Res
             selector: Some(selector),
             ports: Some(vec![
                 ServicePort {
-                    name: Some("rendezvous".into()),
+                    name: Some(names::RENDEZVOUS_PORT_NAME.into()),
                     port: MASTER_PORT,
                     target_port: Some(IntOrString::Int(MASTER_PORT)),
                     ..ServicePort::default()
                 },
                 ServicePort {
-                    name: Some("progress".into()),
+                    name: Some(names::TRAINER_PROGRESS_PORT_NAME.into()),
                     port: PROGRESS_PORT,
                     target_port: Some(IntOrString::Int(PROGRESS_PORT)),
                     ..ServicePort::default()
@@ -251,8 +250,8 @@ pub fn children(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> Res
         ..Service::default()
     };
 
-    labels.insert("camelid.dev/attempt".into(), attempt.number.to_string());
-    labels.insert("camelid.dev/capacity".into(), attempt.capacity.as_str().into());
+    labels.insert(names::ATTEMPT_LABEL.into(), attempt.number.to_string());
+    labels.insert(names::CAPACITY_LABEL.into(), attempt.capacity.as_str().into());
     let s = &job.spec;
     let ranks = ranks_per_pod(job);
     let mut env = vec![
@@ -319,18 +318,18 @@ pub fn children(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> Res
     let trainer = Container {
         name: "trainer".into(),
         image: Some(s.image.clone().unwrap_or_else(|| settings.trainer_image.clone())),
-        image_pull_policy: s.image_pull_policy.map(|p| format!("{p:?}")),
+        image_pull_policy: s.image_pull_policy.map(|p| p.as_str().into()),
         command: Some(command),
         args: Some(trainer_args(job)),
         env: Some(env),
         ports: Some(vec![
             ContainerPort {
-                name: Some("rendezvous".into()),
+                name: Some(names::RENDEZVOUS_PORT_NAME.into()),
                 container_port: MASTER_PORT,
                 ..ContainerPort::default()
             },
             ContainerPort {
-                name: Some("progress".into()),
+                name: Some(names::TRAINER_PROGRESS_PORT_NAME.into()),
                 container_port: PROGRESS_PORT,
                 ..ContainerPort::default()
             },

@@ -29,17 +29,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 
 /// The field manager of everything this controller writes.
-pub const MANAGER: &str = "camelid-operator";
-
-/// Node taints that announce a spot termination (GKE, AWS node-termination-handler, Karpenter, Kubernetes'
-/// own out-of-service, and AKS's spot eviction).
-const TERMINATION_TAINTS: [&str; 5] = [
-    "cloud.google.com/impending-node-termination",
-    "aws-node-termination-handler/spot-itn",
-    "karpenter.sh/disrupted",
-    "node.kubernetes.io/out-of-service",
-    "kubernetes.azure.com/scalesetpriority-eviction",
-];
+pub const MANAGER: &str = camelid_contracts::names::MANAGER;
 
 /// What reconciles need.
 pub struct Context {
@@ -72,7 +62,7 @@ impl Context {
             client,
             settings,
             prices,
-            progress_port: build::PROGRESS_PORT as u16,
+            progress_port: camelid_contracts::names::TRAINER_PROGRESS_PORT,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(2))
                 .build()
@@ -164,7 +154,7 @@ async fn observe(ctx: &Context, ftj: &FineTuneJob, attempt: i32) -> Result<Obser
                         false,
                         taints
                             .iter()
-                            .any(|t| TERMINATION_TAINTS.contains(&t.key.as_str())),
+                            .any(|t| camelid_contracts::names::TERMINATION_TAINTS.contains(&t.key.as_str())),
                     )
                 }
             },
@@ -512,7 +502,7 @@ async fn reconcile_inner(ftj: &FineTuneJob, ctx: &Context) -> Result<Action, Err
             Duration::ZERO
         }
     };
-    let phase = status.phase.map(|p| format!("{p:?}")).unwrap_or_default();
+    let phase = status.phase.map(|p| p.as_str()).unwrap_or_default();
     if event.is_none() && status.phase != old.phase {
         event = Some((EventType::Normal, "PhaseChanged", format!("now {phase}")));
     }

@@ -4,12 +4,9 @@
 //! `maxRestarts`; a real failure counts; bad input (exit code 2) fails at once; after `maxPreemptions`, or after
 //! waiting `pendingTimeout` for spot nodes, the next attempt goes to on-demand nodes.
 
-use super::spot::Capacity;
+use camelid_contracts::exit;
 
-/// The trainer's exit code after a complete termination checkpoint (`docs/design.md`).
-pub const EXIT_STOPPED: i32 = 75;
-/// The trainer's exit code for bad arguments, config or data: retrying cannot help.
-pub const EXIT_BAD_INPUT: i32 = 2;
+use super::spot::Capacity;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PodPhase {
@@ -132,23 +129,24 @@ pub fn decide(state: &State, job: Option<JobView>, pods: &[PodView]) -> Decision
             capacity,
         };
     };
-    let bad_input = pods.iter().find(|p| p.exit_code == Some(EXIT_BAD_INPUT));
+    let bad_input = pods.iter().find(|p| p.exit_code == Some(exit::INVALID));
     if let Some(p) = bad_input {
         return Decision::Failed {
             why: format!(
-                "{} exited with {EXIT_BAD_INPUT}: bad arguments, config or data (see its log); not retried",
-                p.name
+                "{} exited with {}: bad arguments, config or data (see its log); not retried",
+                p.name,
+                exit::INVALID
             ),
         };
     }
     let preempted = pods.iter().find(|p| {
         p.disruption_target
             || p.node_gone
-            || p.exit_code == Some(EXIT_STOPPED)
+            || p.exit_code == Some(exit::STOPPED)
             || (p.phase == PodPhase::Failed && p.deleting)
     });
     if let Some(p) = preempted {
-        let why = if p.exit_code == Some(EXIT_STOPPED) {
+        let why = if p.exit_code == Some(exit::STOPPED) {
             format!("{} stopped after a termination checkpoint", p.name)
         } else if p.node_gone {
             format!("{}'s node is gone", p.name)
@@ -275,7 +273,7 @@ mod tests {
         let mut disrupted = pod("j-a1-0", PodPhase::Running);
         disrupted.disruption_target = true;
         let mut stopped = pod("j-a1-0", PodPhase::Failed);
-        stopped.exit_code = Some(EXIT_STOPPED);
+        stopped.exit_code = Some(exit::STOPPED);
         for p in [gone, disrupted, stopped] {
             let d = decide(&state(), RUNNING, &[pod("x", PodPhase::Running), p.clone()]);
             let Decision::Restart {
@@ -336,7 +334,7 @@ mod tests {
             "{why}"
         );
         let mut bad = pod("j-a1-0", PodPhase::Failed);
-        bad.exit_code = Some(EXIT_BAD_INPUT);
+        bad.exit_code = Some(exit::INVALID);
         let Decision::Failed { why } = decide(&state(), RUNNING, &[bad]) else {
             panic!()
         };

@@ -5,31 +5,10 @@ use std::collections::BTreeMap;
 
 use camelid_crds::finetunejob::{CheckpointRef, FineTuneJobStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use serde::Deserialize;
 
 use super::spot::Capacity;
 
-/// The trainer's `GET /progress` document (`docs/design.md`, trainer ↔ operator).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct Progress {
-    pub phase: String,
-    pub step: u64,
-    pub total_steps: u64,
-    pub epoch: f64,
-    pub loss: Option<f64>,
-    #[serde(default)]
-    pub learning_rate: f64,
-    pub tokens_per_second: f64,
-    pub last_checkpoint: Option<ProgressCheckpoint>,
-    pub eta_seconds: Option<f64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct ProgressCheckpoint {
-    pub step: u64,
-    /// RFC 3339.
-    pub time: String,
-}
+pub use camelid_contracts::progress::Progress;
 
 /// Copies what the trainer reports into `status`.
 pub fn apply_progress(status: &mut FineTuneJobStatus, p: &Progress) {

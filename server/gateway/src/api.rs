@@ -102,7 +102,7 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/internal/load", get(load))
+        .route(camelid_contracts::load::PATH, get(load))
         .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .with_state(state)
@@ -408,7 +408,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 /// Each model's requests in flight and held, for the operator's autoscaler (summed over gateways there).
 async fn load(State(state): State<AppState>) -> impl IntoResponse {
-    axum::Json(serde_json::json!({ "models": state.router.load() }))
+    axum::Json(camelid_contracts::LoadReport {
+        models: state.router.load(),
+    })
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -21,19 +21,9 @@ use crate::routing::{Endpoints, StaticEndpoints};
 
 /// The label Kubernetes puts on an EndpointSlice: its Service's name (a ChatModel's Service has its name).
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// The label the operator puts on a ChatModel's Service, which EndpointSlices inherit.
-const MODEL_LABEL: &str = "camelid.dev/chatmodel";
-/// The workers' gRPC port's name.
-const GRPC_PORT_NAME: &str = "grpc";
-
-/// Node taints that announce a spot termination (the operator's list).
-pub const TERMINATION_TAINTS: [&str; 5] = [
-    "cloud.google.com/impending-node-termination",
-    "aws-node-termination-handler/spot-itn",
-    "karpenter.sh/disrupted",
-    "node.kubernetes.io/out-of-service",
-    "kubernetes.azure.com/scalesetpriority-eviction",
-];
+use camelid_contracts::names::{
+    CHATMODEL_LABEL as MODEL_LABEL, TERMINATION_TAINTS, WORKER_GRPC_PORT_NAME as GRPC_PORT_NAME,
+};
 
 /// What a ChatModel asks of the gateway besides routing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

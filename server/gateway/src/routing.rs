@@ -153,12 +153,7 @@ impl Drop for Held {
 }
 
 /// One model's load, as the operator's autoscaler reads it from `/internal/load`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ModelLoad {
-    pub in_flight: u32,
-    pub queued: u32,
-}
+pub use camelid_contracts::load::ModelLoad;
 
 /// One worker endpoint of one model.
 #[derive(Debug)]

@@ -10,5 +10,3 @@ pub mod v1 {
 pub const ERROR_CODE_KEY: &str = "camelid-error-code";
 /// gRPC metadata key naming the request field an `InvalidArgument` is about.
 pub const ERROR_PARAM_KEY: &str = "camelid-error-param";
-/// The worker's default gRPC port.
-pub const DEFAULT_PORT: u16 = 50051;

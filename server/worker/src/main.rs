@@ -1,8 +1,9 @@
-//! `camelid-worker`: serves one model over gRPC (port 50051) with metrics on port 9090.
+//! `camelid-worker`: serves one model over gRPC (port 50051) with metrics on port 9090 (`camelid_contracts::names`).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
+use camelid_contracts::names;
 use camelid_worker::grpc::{bind, http_router, serve_grpc};
 use camelid_worker::load::default_served_name;
 use camelid_worker::{ModelArgs, WorkerConfig, WorkerHandle};
@@ -21,10 +22,10 @@ struct Cli {
     #[arg(long)]
     served_model_name: Option<String>,
     /// gRPC address.
-    #[arg(long, default_value = "0.0.0.0:50051")]
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], names::WORKER_GRPC_PORT)))]
     listen: SocketAddr,
     /// `/metrics`, `/healthz` and `/readyz`.
-    #[arg(long, default_value = "0.0.0.0:9090")]
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], names::WORKER_HTTP_PORT)))]
     metrics_addr: SocketAddr,
     #[command(flatten)]
     batching: BatchingArgs,

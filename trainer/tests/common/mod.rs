@@ -96,13 +96,13 @@ pub fn train_command(data: &Path, out: &Path, extra: &[&str]) -> Command {
         .arg("--output")
         .arg(out)
         .args([
-            "--seq-len",
+            "--max-length",
             "96",
             "--micro-batch",
             "2",
             "--grad-accum",
             "3",
-            "--lr",
+            "--learning-rate",
             "1e-3",
         ])
         .args(["--warmup-ratio", "0.1", "--seed", "5"])
