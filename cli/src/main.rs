@@ -1,6 +1,6 @@
 //! `camelid`: the local command line. Thin: argument parsing and printing; everything else is in the crates.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, Write};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -19,6 +19,8 @@ mod serve;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    telemetry: camelid_telemetry::TelemetryArgs,
 }
 
 #[derive(Subcommand)]
@@ -238,15 +240,7 @@ fn run_chat(system: &Option<String>, model: &ModelArgs, sampling: &SamplingArgs)
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CAMELID_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let _telemetry = camelid_telemetry::init("camelid", &cli.telemetry);
     let result = match &cli.command {
         Command::Generate {
             prompt,

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use camelid_gateway::GatewayConfig;
-use camelid_worker::grpc::{bind, http_router, serve_grpc};
+use camelid_worker::grpc::{bind, serve_grpc};
+use camelid_worker::http::http_router;
 use camelid_worker::load::default_served_name;
 use camelid_worker::{ModelArgs, WorkerConfig, WorkerHandle};
 
@@ -101,12 +102,12 @@ async fn serve(args: &ServeArgs) -> Result<(), Failed> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| user(anyhow::anyhow!("binding {listen}: {e}")))?;
-    let app = camelid_gateway::api::app(state).nest("/worker", http_router(handle));
+    let app = camelid_gateway::app(state).nest("/worker", http_router(handle));
     eprintln!(
         "camelid serve: model `{name}` at http://{listen}/v1 (worker metrics at /worker/metrics); Ctrl-C stops"
     );
     axum::serve(listener, app)
-        .with_graceful_shutdown(camelid_gateway::shutdown_signal())
+        .with_graceful_shutdown(camelid_telemetry::shutdown_signal())
         .await
         .map_err(|e| (e.into(), 1))?;
     let _ = stop_worker.send(());

@@ -9,28 +9,10 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use camelid_model::{ChatMessage, ChatTemplate, GenerateRequest, LoadOptions, LoadedModel, SamplingParams};
+use camelid_test_support::{python, workspace};
 use serde_json::{Value, json};
 
 const MAX_NEW_TOKENS: usize = 32;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-fn python() -> PathBuf {
-    let p = std::env::var_os("CAMELID_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join(".venv/bin/python"));
-    assert!(
-        p.exists(),
-        "{} not found: run `make test` (it creates the project .venv with transformers)",
-        p.display()
-    );
-    p
-}
 
 fn prompts() -> Vec<Vec<ChatMessage>> {
     let m = ChatMessage::new;

@@ -1,9 +1,5 @@
-//! The operator's errors, each with a stable category for metrics and logs.
-
-use kube::runtime::controller::Action;
-
-use crate::finetunejob::build::BuildError;
-use crate::metrics::Metrics;
+//! The operator's errors, each with a stable category for metrics and logs: [`Error`] for a reconcile, and
+//! [`BuildError`] for building the children of either controller's objects.
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -22,7 +18,8 @@ impl Error {
             Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
             Error::Kube(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => "invalid_spec",
             Error::Kube(_) => "api",
-            Error::Build(_) | Error::Invalid(_) => "invalid_spec",
+            Error::Build(e) => e.category(),
+            Error::Invalid(_) => "invalid_spec",
         }
     }
 
@@ -30,16 +27,20 @@ impl Error {
     pub fn is_invalid_spec(&self) -> bool {
         self.category() == "invalid_spec"
     }
+}
 
-    /// What a controller does after this error reconciling `kind` `name`: counted and logged; an invalid spec
-    /// waits for a change, anything else is retried in 5 s.
-    pub fn retry_policy(&self, kind: &str, name: &str, metrics: &Metrics) -> Action {
-        metrics.reconcile_error(self.category());
-        tracing::warn!(kind, name, category = self.category(), error = %self, "reconcile failed");
-        if self.is_invalid_spec() {
-            Action::await_change()
-        } else {
-            Action::requeue(std::time::Duration::from_secs(5))
+/// Why the children of a FineTuneJob or ChatModel could not be built (pure; no API calls).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BuildError {
+    /// The object has no UID yet (not read from the API server), so children cannot be owned by it.
+    #[error("the object has no uid; its children need an owner reference")]
+    NoOwner,
+}
+
+impl BuildError {
+    pub fn category(&self) -> &'static str {
+        match self {
+            BuildError::NoOwner => "invalid_spec",
         }
     }
 }

@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    telemetry: camelid_telemetry::TelemetryArgs,
 }
 
 #[derive(Subcommand)]
@@ -23,8 +25,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
-        Command::Run(args) => run(*args),
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            let _telemetry = camelid_telemetry::init("camelid-operator", &cli.telemetry);
+            run(*args)
+        }
         Command::Crds { out } => match write_crds(out.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -36,14 +42,6 @@ fn main() -> ExitCode {
 }
 
 fn run(args: camelid_operator::run::RunArgs) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CAMELID_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -4,14 +4,15 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use axum::routing::get;
 use kube::Client;
 
 use crate::chatmodel;
 use crate::chatmodel::load::Gateways;
-use crate::finetunejob::build::Settings;
 use crate::finetunejob::controller::{self, Context};
 use crate::metrics::Metrics;
+use crate::settings::Settings;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -74,11 +75,13 @@ pub async fn run(args: RunArgs, client: Client) -> anyhow::Result<()> {
         worker_image: args.worker_image.clone(),
     };
     let prices = args.gpu_prices.clone().map(|name| (args.namespace.clone(), name));
-    let gateways = Gateways::new(args.namespace.clone(), args.gateway_service.clone());
+    let gateways = Gateways::new(args.namespace.clone(), args.gateway_service.clone())
+        .context("building the HTTP client that reads the gateways' load")?;
     let mut serving =
         chatmodel::controller::Context::new(client.clone(), settings.clone(), gateways, metrics.clone());
     serving.period = std::time::Duration::from_secs(args.autoscale_seconds.max(1));
-    let mut ctx = Context::new(client.clone(), settings, prices, metrics.clone());
+    let mut ctx = Context::new(client.clone(), settings, prices, metrics.clone())
+        .context("building the HTTP client that reads the trainers' progress")?;
     ctx.progress_port = args.progress_port;
     ctx.poll = std::time::Duration::from_secs(args.progress_poll_seconds.max(1));
     let m = metrics.clone();
@@ -107,9 +110,9 @@ pub async fn run(args: RunArgs, client: Client) -> anyhow::Result<()> {
     let shutdown = async move {
         match lost {
             Some(lost) => {
-                tokio::select! { _ = lost => {}, () = shutdown_signal() => {} }
+                tokio::select! { _ = lost => {}, () = camelid_telemetry::shutdown_signal() => {} }
             }
-            None => shutdown_signal().await,
+            None => camelid_telemetry::shutdown_signal().await,
         }
     };
     // Both controllers stop together: on a signal, or when the lease is lost.
@@ -130,13 +133,4 @@ pub async fn run(args: RunArgs, client: Client) -> anyhow::Result<()> {
         chatmodel::controller::run(Arc::new(serving), stopping()),
     );
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            s.recv().await;
-        }
-    };
-    tokio::select! { _ = tokio::signal::ctrl_c() => {}, () = term => {} }
 }

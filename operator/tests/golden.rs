@@ -7,8 +7,10 @@
 use std::path::Path;
 
 use camelid_crds::FineTuneJob;
-use camelid_operator::finetunejob::build::{Attempt, BuildError, Settings, children, grad_accum};
-use camelid_operator::finetunejob::spot::Capacity;
+use camelid_operator::error::BuildError;
+use camelid_operator::finetunejob::build::{Attempt, children, grad_accum};
+use camelid_operator::placement::Capacity;
+use camelid_operator::settings::Settings;
 
 fn example() -> FineTuneJob {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/finetunejob.yaml");

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use camelid_crds::ChatModel;
 use camelid_operator::chatmodel::build::{Children, ModelFiles, children, split};
-use camelid_operator::finetunejob::build::Settings;
+use camelid_operator::settings::Settings;
 use serde_json::json;
 
 fn example() -> ChatModel {

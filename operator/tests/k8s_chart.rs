@@ -18,7 +18,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 
-use camelid_k8s_harness::{ControlPlane, Daemon, FakeNode, wait_until, workspace_binary};
+use camelid_test_support::k8s::{ControlPlane, Daemon, FakeNode, wait_until, workspace_binary};
 use k8s_common::{names, operator, table};
 use serde_json::Value;
 
@@ -253,7 +253,7 @@ fn gateway_as_its_service_account(cp: &ControlPlane) -> Daemon {
         .unwrap()
         .to_string();
     let kubeconfig = cp.service_account_kubeconfig(NS, &account).unwrap();
-    let port = camelid_k8s_harness::free_port().unwrap();
+    let port = camelid_test_support::free_port();
     let mut command = Command::new(workspace_binary("camelid-gateway", "camelid-gateway"));
     command
         .env("KUBECONFIG", &kubeconfig)

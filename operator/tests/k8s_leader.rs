@@ -8,7 +8,7 @@ mod k8s_common;
 
 use std::time::{Duration, Instant};
 
-use camelid_k8s_harness::{ControlPlane, Daemon, FakeNode, wait_until};
+use camelid_test_support::k8s::{ControlPlane, Daemon, FakeNode, wait_until};
 use k8s_common::{names, operator};
 use serde_json::json;
 

@@ -16,7 +16,7 @@ mod k8s_common;
 
 use std::collections::BTreeSet;
 
-use camelid_k8s_harness::{ControlPlane, FakeNode, wait_until};
+use camelid_test_support::k8s::{ControlPlane, FakeNode, wait_until};
 use k8s_common::{names, operator, table};
 use serde_json::{Value, json};
 

@@ -78,7 +78,7 @@ pub struct Manifest {
     pub step: u64,
     /// Micro-batches of step `step` (0-based) already added into the saved gradients; 0 at a step boundary.
     pub micro_step: u64,
-    /// Index of the next micro-batch in the endless sequence of epochs (see [`crate::batching`]).
+    /// Index of the next micro-batch in the endless sequence of epochs (see [`crate::data::batching`]).
     pub data_position: u64,
     /// The data order's random state: it is reseeded per epoch from `seed` and the epoch number.
     pub data_seed: u64,
@@ -357,7 +357,7 @@ pub fn prune(root: &Path, keep: usize) -> Result<(), CheckpointError> {
 pub fn write_sharded(
     root: &Path,
     state: State,
-    comm: &crate::dist::Comm,
+    comm: &crate::torchrun::Comm,
 ) -> Result<PathBuf, crate::TrainError> {
     let State { mut manifest, files } = state;
     let name = folder_name(manifest.step, manifest.micro_step);

@@ -220,7 +220,7 @@ mod tests {
         assert_eq!(cfg.blocklist, ["openai"]);
     }
 
-/// Each setting set to a valid value.
+    /// Each setting set to a valid value.
     fn every_setting() -> TrainerSettings {
         TrainerSettings {
             model: Some("m".into()),

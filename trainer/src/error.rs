@@ -6,7 +6,7 @@ use camelid_contracts::exit;
 
 use crate::checkpoint::CheckpointError;
 use crate::data::DataError;
-use crate::engine::EngineError;
+use crate::step::engine::EngineError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -27,7 +27,7 @@ pub enum TrainError {
     Torch(#[from] tch::TchError),
     /// A collective or the rendezvous failed: a peer died, hung past the timeout, or never came.
     #[error("process group: {0}")]
-    Dist(#[from] camelid_dist::DistError),
+    Dist(#[from] camelid_c10d::DistError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

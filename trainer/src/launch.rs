@@ -37,7 +37,7 @@ impl Plan {
         if nproc == 0 {
             return Err("--nproc must be at least 1".into());
         }
-        let number = |name: &str| crate::dist::env_number(&var, name);
+        let number = |name: &str| crate::torchrun::env_number(&var, name);
         let nnodes = number("NNODES")?.unwrap_or(1).max(1);
         let node_rank = match number("NODE_RANK")? {
             Some(n) => n,
@@ -184,7 +184,7 @@ pub fn run(plan: &Plan, program: &Path, args: &[String], stop: &Arc<AtomicBool>,
 mod tests {
     use super::*;
 
-    use crate::dist::vars as env;
+    use crate::torchrun::vars as env;
 
     fn lookup(vars: &[(String, String)], key: &str) -> String {
         vars.iter()

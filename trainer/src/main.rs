@@ -1,7 +1,6 @@
 //! `camelid-trainer`: prepare data and fine-tune a LLaMA-family model (see `docs/design.md` for the exit codes and
 //! the `/progress` contract the operator relies on).
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -12,9 +11,9 @@ use camelid_contracts::TrainerSettings;
 use camelid_contracts::exit;
 use camelid_trainer::TrainError;
 use camelid_trainer::config::{Device, TrainConfig};
-use camelid_trainer::dist::DistEnv;
 use camelid_trainer::launch::{self, Plan};
 use camelid_trainer::progress::{self, Phase, Reporter};
+use camelid_trainer::torchrun::DistEnv;
 use camelid_trainer::train::{self, Outcome, Resume, RunOptions};
 use clap::{Args, Parser, Subcommand};
 
@@ -24,6 +23,8 @@ use clap::{Args, Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    telemetry: camelid_telemetry::TelemetryArgs,
 }
 
 #[derive(Subcommand)]
@@ -109,11 +110,9 @@ fn prepare(settings: &Settings) -> Result<(), TrainError> {
     let io = |path: PathBuf| move |source| TrainError::Io { path, source };
     std::fs::create_dir_all(output).map_err(io(output.clone()))?;
     let report_path = output.join("data_report.json");
-    std::fs::write(
-        &report_path,
-        serde_json::to_string_pretty(&report).unwrap_or_default(),
-    )
-    .map_err(io(report_path.clone()))?;
+    let report_text = serde_json::to_string_pretty(&report)
+        .map_err(|e| TrainError::Config(format!("the data report is not JSON: {e}")))?;
+    std::fs::write(&report_path, &report_text).map_err(io(report_path.clone()))?;
     let samples_path = output.join("samples.jsonl");
     let lines: String = samples
         .iter()
@@ -125,7 +124,7 @@ fn prepare(settings: &Settings) -> Result<(), TrainError> {
         })
         .collect();
     std::fs::write(&samples_path, lines).map_err(io(samples_path.clone()))?;
-    println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    println!("{report_text}");
     eprintln!("wrote {} and {}", report_path.display(), samples_path.display());
     Ok(())
 }
@@ -211,15 +210,7 @@ fn run_launch(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CAMELID_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let _telemetry = camelid_telemetry::init("camelid-trainer", &cli.telemetry);
     let result = match &cli.command {
         Command::Prepare(settings) => prepare(settings).map(|()| 0).map_err(anyhow::Error::from),
         Command::Train {

@@ -8,7 +8,7 @@ mod common;
 
 use camelid_model::{ChatMessage, LoadOptions, LoadedModel};
 use camelid_trainer::data::Conversation;
-use camelid_trainer::dataset::{Sample, tokenize};
+use camelid_trainer::data::tokenize::{Sample, tokenize};
 use common::*;
 use serde_json::json;
 

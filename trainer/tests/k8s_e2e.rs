@@ -20,7 +20,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use camelid_k8s_harness::{ControlPlane, Daemon, FakeNode, wait_until, workspace_binary};
+use camelid_test_support::k8s::{ControlPlane, Daemon, FakeNode, wait_until, workspace_binary};
 use serde_json::json;
 
 const NS: &str = "default";
@@ -56,8 +56,8 @@ fn a_job_is_preempted_resumes_finishes_and_its_model_is_served_with_every_proces
     std::os::unix::fs::symlink(common::tiny_model(), claims.join("models/tiny")).unwrap();
     common::write_dataset(&claims.join("datasets/chats.jsonl"), 24);
 
-    let progress_port = camelid_k8s_harness::free_port().unwrap();
-    let ip = camelid_k8s_harness::host_ip().unwrap();
+    let progress_port = camelid_test_support::free_port();
+    let ip = camelid_test_support::k8s::host_ip().unwrap();
     let _kubelet = kubelet::start(
         cp.clone(),
         &["spot-a", "spot-b", "cpu-a"],
@@ -83,13 +83,13 @@ fn a_job_is_preempted_resumes_finishes_and_its_model_is_served_with_every_proces
             ("MASTER_ADDR".into(), "127.0.0.1".into()),
             (
                 "MASTER_PORT".into(),
-                camelid_k8s_harness::free_port().unwrap().to_string(),
+                camelid_test_support::free_port().to_string(),
             ),
         ],
     );
 
     // The gateway, discovering ChatModels over the API, and its Service's endpoint, where the operator reads load.
-    let gateway_port = camelid_k8s_harness::free_port().unwrap();
+    let gateway_port = camelid_test_support::free_port();
     let gateway_config = cp.dir().join("gateway.yaml");
     std::fs::write(
         &gateway_config,

@@ -9,11 +9,11 @@ mod common;
 use std::collections::HashMap;
 
 use camelid_model::{ChatMessage, LoadOptions};
-use camelid_trainer::batching::collate;
 use camelid_trainer::config::Checkpointing;
 use camelid_trainer::data::Conversation;
-use camelid_trainer::dataset::tokenize;
-use camelid_trainer::engine::Engine;
+use camelid_trainer::data::batching::collate;
+use camelid_trainer::data::tokenize::tokenize;
+use camelid_trainer::step::Engine;
 use common::*;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};

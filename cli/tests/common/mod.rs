@@ -2,38 +2,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
+pub use camelid_test_support::{free_port, python, workspace};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::TcpStream;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-pub fn python() -> PathBuf {
-    let p = std::env::var_os("CAMELID_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join(".venv/bin/python"));
-    assert!(
-        p.exists(),
-        "{} not found: run `make test` (it creates the project .venv)",
-        p.display()
-    );
-    p
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A plain HTTP GET; returns the status code, or None while nothing listens.
 pub fn http_status(port: u16, path: &str) -> Option<u16> {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use camelid_memory_apiserver::MemoryApiServer;
 use camelid_memory_apiserver::store::{Key, Resource};
+use camelid_test_support::free_port;
 use serde_json::json;
 
 fn http_get(port: u16, path: &str) -> String {
@@ -26,11 +27,6 @@ fn http_get(port: u16, path: &str) -> String {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
-}
-
-/// A free loopback port (the harness's, which the cluster tests use too).
-fn free_port() -> u16 {
-    camelid_k8s_harness::free_port().expect("a free port")
 }
 
 /// A percentile of a Prometheus histogram (linear within the bucket).

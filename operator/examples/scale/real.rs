@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use camelid_k8s_harness::{ControlPlane, FakeNode};
+use camelid_test_support::k8s::{ControlPlane, FakeNode};
 use serde_json::{Value, json};
 
 use crate::{free_port, http_get, operator_binary, report, rss_mib};

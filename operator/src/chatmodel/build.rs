@@ -20,10 +20,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::finetunejob::build::{
-    BuildError, DOWNLOAD_DIR, Settings, VOLUMES_ROOT, download, on_claim, pod_security, restricted,
-};
-use crate::finetunejob::spot::{Capacity, placement};
+use crate::error::BuildError;
+use crate::placement::{Capacity, Placement, placement};
+use crate::pod::{DOWNLOAD_DIR, VOLUMES_ROOT, download, on_claim, pod_security, restricted};
+use crate::settings::Settings;
 
 /// The workers' gRPC port.
 pub const GRPC_PORT: i32 = names::WORKER_GRPC_PORT as i32;
@@ -154,12 +154,42 @@ fn pod_template(
     capacity: Option<Capacity>,
     settings: &Settings,
 ) -> PodTemplateSpec {
-    let s = &model.spec;
     let mut labels = labels(model);
     labels.insert(POOL_LABEL.into(), pool.into());
     if let Some(c) = capacity {
         labels.insert(names::CAPACITY_LABEL.into(), c.as_str().into());
     }
+    let (volumes, mounts, init_containers) = worker_volumes(files, settings);
+    let place = worker_placement(model, capacity);
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels),
+            annotations: Some(BTreeMap::from([(
+                REVISION_ANNOTATION.into(),
+                files.revision.clone(),
+            )])),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            node_selector: (!place.node_selector.is_empty()).then_some(place.node_selector),
+            tolerations: (!place.tolerations.is_empty()).then_some(place.tolerations),
+            affinity: place.affinity,
+            init_containers: (!init_containers.is_empty()).then_some(init_containers),
+            containers: vec![worker_container(model, files, settings, mounts)],
+            volumes: (!volumes.is_empty()).then_some(volumes),
+            security_context: Some(pod_security()),
+            termination_grace_period_seconds: Some(60),
+            ..PodSpec::default()
+        }),
+    }
+}
+
+/// The model's claim, mounted read-only, or the download of a model given by URI: the volumes, the worker's
+/// mounts of them and the init containers that fill them.
+fn worker_volumes(
+    files: &ModelFiles,
+    settings: &Settings,
+) -> (Vec<Volume>, Vec<VolumeMount>, Vec<Container>) {
     let mut volumes = Vec::new();
     let mut mounts = Vec::new();
     let mut init_containers = Vec::new();
@@ -185,6 +215,34 @@ fn pod_template(
         mounts.push(mount);
         init_containers.push(fetch);
     }
+    (volumes, mounts, init_containers)
+}
+
+/// Where workers on `capacity` go; without a capacity of their own, only their GPUs place them.
+fn worker_placement(model: &ChatModel, capacity: Option<Capacity>) -> Placement {
+    let s = &model.spec;
+    match capacity {
+        Some(c) => {
+            let spot = SpotPolicy {
+                provider: s.spot.provider,
+                node_selector: s.spot.node_selector.clone(),
+                tolerations: s.spot.tolerations.clone(),
+                ..SpotPolicy::default()
+            };
+            placement(&spot, c, s.gpus, s.gpu_type.as_deref())
+        }
+        None => placement(
+            &SpotPolicy::default(),
+            Capacity::OnDemand,
+            s.gpus,
+            s.gpu_type.as_deref(),
+        ),
+    }
+}
+
+/// The model's resources, with its GPUs as both limit and request.
+fn worker_resources(model: &ChatModel) -> ResourceRequirements {
+    let s = &model.spec;
     let mut resources = s.resources.clone().unwrap_or_default();
     if s.gpus > 0 {
         let gpus = Quantity(s.gpus.to_string());
@@ -193,22 +251,19 @@ fn pod_template(
                 .insert("nvidia.com/gpu".into(), gpus.clone());
         }
     }
-    let spot = SpotPolicy {
-        provider: s.spot.provider,
-        node_selector: s.spot.node_selector.clone(),
-        tolerations: s.spot.tolerations.clone(),
-        ..SpotPolicy::default()
-    };
-    let place = match capacity {
-        Some(c) => placement(&spot, c, s.gpus, s.gpu_type.as_deref()),
-        None => placement(
-            &SpotPolicy::default(),
-            Capacity::OnDemand,
-            s.gpus,
-            s.gpu_type.as_deref(),
-        ),
-    };
-    let worker = Container {
+    resources
+}
+
+/// The `camelid-worker` container: its ports, probes and resources.
+fn worker_container(
+    model: &ChatModel,
+    files: &ModelFiles,
+    settings: &Settings,
+    mounts: Vec<VolumeMount>,
+) -> Container {
+    let s = &model.spec;
+    let resources = worker_resources(model);
+    Container {
         name: "worker".into(),
         image: Some(s.image.clone().unwrap_or_else(|| settings.worker_image.clone())),
         image_pull_policy: s.image_pull_policy.map(|p| p.as_str().into()),
@@ -235,27 +290,6 @@ fn pod_template(
         volume_mounts: (!mounts.is_empty()).then_some(mounts),
         security_context: Some(restricted()),
         ..Container::default()
-    };
-    PodTemplateSpec {
-        metadata: Some(ObjectMeta {
-            labels: Some(labels),
-            annotations: Some(BTreeMap::from([(
-                REVISION_ANNOTATION.into(),
-                files.revision.clone(),
-            )])),
-            ..ObjectMeta::default()
-        }),
-        spec: Some(PodSpec {
-            node_selector: (!place.node_selector.is_empty()).then_some(place.node_selector),
-            tolerations: (!place.tolerations.is_empty()).then_some(place.tolerations),
-            affinity: place.affinity,
-            init_containers: (!init_containers.is_empty()).then_some(init_containers),
-            containers: vec![worker],
-            volumes: (!volumes.is_empty()).then_some(volumes),
-            security_context: Some(pod_security()),
-            termination_grace_period_seconds: Some(60),
-            ..PodSpec::default()
-        }),
     }
 }
 
@@ -280,17 +314,7 @@ pub fn children(
     ]);
     let service = Service {
         metadata: meta(service_name(model), labels(model)),
-        spec: Some(ServiceSpec {
-            selector: Some(selector.clone()),
-            ports: Some(vec![ServicePort {
-                name: Some(names::WORKER_GRPC_PORT_NAME.into()),
-                port: GRPC_PORT,
-                target_port: Some(IntOrString::String(names::WORKER_GRPC_PORT_NAME.into())),
-                app_protocol: Some("kubernetes.io/h2c".into()),
-                ..ServicePort::default()
-            }]),
-            ..ServiceSpec::default()
-        }),
+        spec: Some(service_spec(selector.clone())),
         ..Service::default()
     };
     // Each Deployment selects its own pool (a fixed label: selectors cannot change), never the other's pods.
@@ -337,15 +361,7 @@ pub fn children(
     };
     let budget = PodDisruptionBudget {
         metadata: meta(workers_name(model), labels(model)),
-        spec: Some(PodDisruptionBudgetSpec {
-            // Node drains take workers one at a time, so the others keep serving.
-            max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(LabelSelector {
-                match_labels: Some(selector),
-                ..LabelSelector::default()
-            }),
-            ..PodDisruptionBudgetSpec::default()
-        }),
+        spec: Some(budget_spec(selector)),
         status: None,
     };
     Ok(Children {
@@ -354,4 +370,31 @@ pub fn children(
         spot_workers,
         budget,
     })
+}
+
+/// The workers' gRPC Service, whose EndpointSlices the gateways route by.
+fn service_spec(selector: BTreeMap<String, String>) -> ServiceSpec {
+    ServiceSpec {
+        selector: Some(selector),
+        ports: Some(vec![ServicePort {
+            name: Some(names::WORKER_GRPC_PORT_NAME.into()),
+            port: GRPC_PORT,
+            target_port: Some(IntOrString::String(names::WORKER_GRPC_PORT_NAME.into())),
+            app_protocol: Some("kubernetes.io/h2c".into()),
+            ..ServicePort::default()
+        }]),
+        ..ServiceSpec::default()
+    }
+}
+
+/// Node drains take workers one at a time, so the others keep serving.
+fn budget_spec(selector: BTreeMap<String, String>) -> PodDisruptionBudgetSpec {
+    PodDisruptionBudgetSpec {
+        max_unavailable: Some(IntOrString::Int(1)),
+        selector: Some(LabelSelector {
+            match_labels: Some(selector),
+            ..LabelSelector::default()
+        }),
+        ..PodDisruptionBudgetSpec::default()
+    }
 }

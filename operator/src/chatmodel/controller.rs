@@ -1,36 +1,37 @@
-//! The ChatModel controller: fetch (the model's source, its Deployments, the gateways' load) → decide (the
-//! autoscaler, [`super::autoscale`]) → build ([`super::build`]) → apply (server-side apply) → status
-//! (`patch_status`), with an Event on every scale decision. Requeues every autoscaling period.
+//! The ChatModel controller: fetch (a fresh copy, the model's source, its Deployments, the gateways' load) →
+//! validate (the autoscaling policy) → decide (the autoscaler, [`super::autoscale`]) → build ([`super::build`])
+//! → apply (server-side apply) → status (`patch_status`), with an Event on every scale decision. Requeues every
+//! autoscaling period. The guard around each reconcile and the error policy are [`crate::reconcile`]'s, shared
+//! with the FineTuneJob controller.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use camelid_crds::chatmodel::ScaleDecision;
-use camelid_crds::finetunejob::FineTuneJobPhase;
+use camelid_crds::chatmodel::{ChatModelStatus, ScaleDecision};
+// The CRD's module, not this crate's controller: a ChatModel reads a FineTuneJob's phase.
+use camelid_crds::finetunejob as training;
 use camelid_crds::{ChatModel, FineTuneJob};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::events::Recorder;
 use kube::runtime::watcher;
-use kube::{Client, Resource, ResourceExt};
-use serde_json::json;
+use kube::{Client, ResourceExt};
 
 use super::autoscale::{self, History, Policy};
 use super::build::{self, ModelFiles, fingerprint};
 use super::load::Gateways;
 use super::status::{self, Source};
 use crate::error::Error;
-use crate::events::publish;
-use crate::finetunejob::build::Settings;
-use crate::finetunejob::controller::MANAGER;
 use crate::metrics::Metrics;
+use crate::reconcile::{self, Controlled, Note};
+use crate::settings::Settings;
 
 /// What reconciles need.
 pub struct Context {
@@ -50,12 +51,8 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: Client, settings: Settings, gateways: Gateways, metrics: Arc<Metrics>) -> Self {
-        let reporter = Reporter {
-            controller: MANAGER.into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: reconcile::recorder(&client),
             client,
             settings,
             gateways,
@@ -64,6 +61,32 @@ impl Context {
             histories: Mutex::new(HashMap::new()),
             applied: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Forgets what was kept for a model that is gone.
+    fn forget(&self, model: &ChatModel) {
+        if let Some(uid) = model.uid() {
+            if let Ok(mut h) = self.histories.lock() {
+                h.remove(&uid);
+            }
+            if let Ok(mut a) = self.applied.lock() {
+                a.remove(&uid);
+            }
+        }
+    }
+}
+
+impl Controlled for Context {
+    fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn recorder(&self) -> &Recorder {
+        &self.recorder
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 }
 
@@ -78,44 +101,27 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             watcher::Config::default().labels(selector),
         )
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, reconcile::error_policy, ctx)
         .for_each(|_| async {})
         .await;
-}
-
-fn error_policy(model: Arc<DeserializeGuard<ChatModel>>, e: &Error, ctx: Arc<Context>) -> Action {
-    e.retry_policy("ChatModel", &model.name_any(), &ctx.metrics)
 }
 
 pub async fn reconcile(
     guarded: Arc<DeserializeGuard<ChatModel>>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
-    let started = std::time::Instant::now();
-    let model = match &guarded.0 {
-        Ok(model) => model,
-        Err(_) => {
-            crate::events::invalid_spec(&ctx.recorder, &ctx.metrics, "ChatModel", &guarded).await;
-            return Ok(Action::await_change());
-        }
-    };
-    let api: Api<ChatModel> = Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
-    let result = match api.get_opt(&model.name_any()).await? {
-        Some(fresh) => reconcile_inner(&fresh, &ctx).await,
+    reconcile::guarded(&guarded, &*ctx, |cached| reconcile_fresh(cached, &ctx)).await
+}
+
+/// Reconciles from a fresh read (see [`reconcile::fetch`]); a model that is gone is forgotten.
+async fn reconcile_fresh(cached: &ChatModel, ctx: &Context) -> Result<Action, Error> {
+    match reconcile::fetch(&ctx.client, cached).await? {
+        Some(fresh) => reconcile_inner(&fresh, ctx).await,
         None => {
-            if let Some(uid) = model.uid() {
-                if let Ok(mut h) = ctx.histories.lock() {
-                    h.remove(&uid);
-                }
-                if let Ok(mut a) = ctx.applied.lock() {
-                    a.remove(&uid);
-                }
-            }
+            ctx.forget(cached);
             Ok(Action::await_change())
         }
-    };
-    ctx.metrics.reconciled(started.elapsed());
-    result
+    }
 }
 
 /// Where the model's files are, or why they are not there yet.
@@ -136,13 +142,13 @@ async fn resolve(ctx: &Context, model: &ChatModel) -> Result<Result<ModelFiles, 
             shown,
         }));
     };
-    let jobs: Api<FineTuneJob> = Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+    let jobs: Api<FineTuneJob> = reconcile::namespaced(&ctx.client, model);
     let Some(ftj) = jobs.get_opt(job).await? else {
         return Ok(Err(Source::Waiting(format!("FineTuneJob {job} does not exist"))));
     };
     let status = ftj.status.clone().unwrap_or_default();
     match status.phase {
-        Some(FineTuneJobPhase::Succeeded) => {
+        Some(training::FineTuneJobPhase::Succeeded) => {
             let path = ftj
                 .spec
                 .output
@@ -161,7 +167,7 @@ async fn resolve(ctx: &Context, model: &ChatModel) -> Result<Result<ModelFiles, 
                 revision: fingerprint(&format!("{}/{completed}", ftj.uid().unwrap_or_default())),
             }))
         }
-        Some(FineTuneJobPhase::Failed) => Ok(Err(Source::Failed(format!(
+        Some(training::FineTuneJobPhase::Failed) => Ok(Err(Source::Failed(format!(
             "FineTuneJob {job} failed: {}",
             status.message.unwrap_or_default()
         )))),
@@ -174,7 +180,7 @@ async fn resolve(ctx: &Context, model: &ChatModel) -> Result<Result<ModelFiles, 
 
 /// The workers' desired and ready replicas now, summed over both Deployments; `None` before they exist.
 async fn observe_workers(ctx: &Context, model: &ChatModel) -> Result<Option<(i32, i32)>, Error> {
-    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+    let api: Api<Deployment> = reconcile::namespaced(&ctx.client, model);
     let mut found = None;
     for name in [build::workers_name(model), build::spot_workers_name(model)] {
         if let Some(d) = api.get_opt(&name).await? {
@@ -209,129 +215,126 @@ async fn apply(
 }
 
 async fn apply_children(ctx: &Context, model: &ChatModel, children: &build::Children) -> Result<(), Error> {
-    let ns = model.namespace().unwrap_or_default();
-    let pp = PatchParams::apply(MANAGER).force();
-    Api::<Service>::namespaced(ctx.client.clone(), &ns)
-        .patch(&build::service_name(model), &pp, &Patch::Apply(&children.service))
-        .await?;
-    let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &ns);
-    deployments
-        .patch(&build::workers_name(model), &pp, &Patch::Apply(&children.workers))
-        .await?;
+    let services: Api<Service> = reconcile::namespaced(&ctx.client, model);
+    reconcile::apply(&services, &build::service_name(model), &children.service).await?;
+    let deployments: Api<Deployment> = reconcile::namespaced(&ctx.client, model);
+    reconcile::apply(&deployments, &build::workers_name(model), &children.workers).await?;
+    let spot = build::spot_workers_name(model);
     match &children.spot_workers {
-        Some(spot) => {
-            deployments
-                .patch(&build::spot_workers_name(model), &pp, &Patch::Apply(spot))
-                .await?;
-        }
-        None => match deployments
-            .delete(&build::spot_workers_name(model), &DeleteParams::default())
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        },
+        Some(workers) => reconcile::apply(&deployments, &spot, workers).await?,
+        None => reconcile::delete(&deployments, &spot, &DeleteParams::default()).await?,
     }
-    Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), &ns)
-        .patch(&build::workers_name(model), &pp, &Patch::Apply(&children.budget))
-        .await?;
-    Ok(())
+    let budgets: Api<PodDisruptionBudget> = reconcile::namespaced(&ctx.client, model);
+    reconcile::apply(&budgets, &build::workers_name(model), &children.budget).await
 }
 
+/// The pipeline on a fresh copy of `model`: validate → fetch (the model's files, the workers) → decide → apply →
+/// status.
 async fn reconcile_inner(model: &ChatModel, ctx: &Context) -> Result<Action, Error> {
     let now = jiff::Timestamp::now();
-    let now_time = Time(now);
     let old = model.status.clone().unwrap_or_default();
     let mut status = old.clone();
     status.observed_generation = model.metadata.generation;
     status.endpoint = Some(build::service_name(model));
-    let Some(policy) = Policy::of(model) else {
-        return Err(Error::Invalid(format!(
-            "spec.autoscaling.scaleDownDelay {:?} is not a duration like 5m or 1h30m",
-            model.spec.autoscaling.scale_down_delay
-        )));
-    };
-    let mut event = None;
-    match resolve(ctx, model).await? {
+    let policy = validate(model)?;
+    let note = match resolve(ctx, model).await? {
         Err(source) => {
             let workers = observe_workers(ctx, model).await?;
             let (desired, ready) = workers.unwrap_or((0, 0));
-            status::observe(&mut status, &source, desired, ready, &now_time);
+            status::observe(&mut status, &source, desired, ready, &Time(now));
+            None
         }
-        Ok(files) => {
-            let workers = observe_workers(ctx, model).await?;
-            let (current, ready) = workers.unwrap_or((policy.min, 0));
-            let load = ctx.gateways.load(&ctx.client, &model.name_any()).await;
-            let decision = {
-                let mut histories = ctx
-                    .histories
-                    .lock()
-                    .map_err(|_| Error::Invalid("poisoned".into()))?;
-                let history = histories.entry(model.uid().unwrap_or_default()).or_default();
-                autoscale::decide(&policy, current, load, history, now.as_second())
-            };
-            apply(ctx, model, &files, decision.replicas, workers.map(|w| w.0)).await?;
-            if workers.is_some() && decision.replicas != current {
-                let reason = if decision.replicas == 0 {
-                    "ScaledToZero"
-                } else if decision.replicas > current {
-                    "ScaledUp"
-                } else {
-                    "ScaledDown"
-                };
-                status.last_scale = Some(ScaleDecision {
-                    time: now_time.clone(),
-                    from: current,
-                    to: decision.replicas,
-                    reason: decision.reason.clone(),
-                });
-                ctx.metrics.scaled(reason);
-                event = Some((
-                    reason,
-                    format!("{current} → {}: {}", decision.replicas, decision.reason),
-                ));
-            }
-            status.model = Some(files.shown.clone());
-            if status.model_revision.as_ref() != Some(&files.revision) && old.model_revision.is_some() {
-                event.get_or_insert((
-                    "ModelUpdated",
-                    format!("rolling the workers to revision {}", files.revision),
-                ));
-            }
-            status.model_revision = Some(files.revision.clone());
-            status::observe(
-                &mut status,
-                &Source::Ready,
-                decision.replicas,
-                ready.min(decision.replicas),
-                &now_time,
-            );
+        Ok(files) => serve(ctx, model, &policy, &files, &old, &mut status, now).await?,
+    };
+    let note = match note {
+        None if status.phase != old.phase => {
+            let phase = status.phase.map(|p| p.as_str()).unwrap_or_default();
+            Some(Note::normal("PhaseChanged", format!("now {phase}")))
         }
-    }
-    if event.is_none() && status.phase != old.phase {
-        let phase = status.phase.map(|p| p.as_str()).unwrap_or_default();
-        event = Some(("PhaseChanged", format!("now {phase}")));
-    }
-    if status != old {
-        let api: Api<ChatModel> = Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
-        let patch = json!({"apiVersion": "camelid.dev/v1alpha1", "kind": "ChatModel", "status": status});
-        api.patch_status(
-            &model.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-    }
-    if let Some((reason, note)) = event {
-        publish(
-            &ctx.recorder,
-            &model.object_ref(&()),
-            EventType::Normal,
-            reason,
-            note,
-        )
-        .await;
-    }
+        note => note,
+    };
+    reconcile::write_status(ctx, model, &old, &status, note).await?;
     Ok(Action::requeue(ctx.period))
+}
+
+/// Validate: the autoscaling policy, which needs a readable `scaleDownDelay`.
+fn validate(model: &ChatModel) -> Result<Policy, Error> {
+    Policy::of(model).ok_or_else(|| {
+        Error::Invalid(format!(
+            "spec.autoscaling.scaleDownDelay {:?} is not a duration like 5m or 1h30m",
+            model.spec.autoscaling.scale_down_delay
+        ))
+    })
+}
+
+/// The model's files are there: observe the workers and the load, decide the replicas, apply the children and
+/// record it all in `status`. Returns the Event to record: a scale decision, or else a new model revision.
+async fn serve(
+    ctx: &Context,
+    model: &ChatModel,
+    policy: &Policy,
+    files: &ModelFiles,
+    old: &ChatModelStatus,
+    status: &mut ChatModelStatus,
+    now: jiff::Timestamp,
+) -> Result<Option<Note>, Error> {
+    let now_time = Time(now);
+    let workers = observe_workers(ctx, model).await?;
+    let (current, ready) = workers.unwrap_or((policy.min, 0));
+    let decision = decide(ctx, model, policy, current, now).await?;
+    apply(ctx, model, files, decision.replicas, workers.map(|w| w.0)).await?;
+    let mut note = None;
+    if workers.is_some() && decision.replicas != current {
+        let reason = if decision.replicas == 0 {
+            "ScaledToZero"
+        } else if decision.replicas > current {
+            "ScaledUp"
+        } else {
+            "ScaledDown"
+        };
+        status.last_scale = Some(ScaleDecision {
+            time: now_time.clone(),
+            from: current,
+            to: decision.replicas,
+            reason: decision.reason.clone(),
+        });
+        ctx.metrics.scaled(reason);
+        note = Some(Note::normal(
+            reason,
+            format!("{current} → {}: {}", decision.replicas, decision.reason),
+        ));
+    }
+    status.model = Some(files.shown.clone());
+    if status.model_revision.as_ref() != Some(&files.revision) && old.model_revision.is_some() {
+        note.get_or_insert(Note::normal(
+            "ModelUpdated",
+            format!("rolling the workers to revision {}", files.revision),
+        ));
+    }
+    status.model_revision = Some(files.revision.clone());
+    status::observe(
+        status,
+        &Source::Ready,
+        decision.replicas,
+        ready.min(decision.replicas),
+        &now_time,
+    );
+    Ok(note)
+}
+
+/// Decide: the autoscaler's replicas for the gateways' load of `model`, given its recent recommendations.
+async fn decide(
+    ctx: &Context,
+    model: &ChatModel,
+    policy: &Policy,
+    current: i32,
+    now: jiff::Timestamp,
+) -> Result<autoscale::Decision, Error> {
+    let load = ctx.gateways.load(&ctx.client, &model.name_any()).await;
+    let mut histories = ctx
+        .histories
+        .lock()
+        .map_err(|_| Error::Invalid("poisoned".into()))?;
+    let history = histories.entry(model.uid().unwrap_or_default()).or_default();
+    Ok(autoscale::decide(policy, current, load, history, now.as_second()))
 }

@@ -23,16 +23,14 @@ pub struct Gateways {
 }
 
 impl Gateways {
-    pub fn new(namespace: String, service: String) -> Self {
-        Self {
+    /// Fails only when the HTTP client (with its 2 s timeout per gateway) cannot be built.
+    pub fn new(namespace: String, service: String) -> Result<Self, reqwest::Error> {
+        Ok(Self {
             namespace,
             service,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(2))
-                .build()
-                .unwrap_or_default(),
+            http: crate::reconcile::http_client(Duration::from_secs(2))?,
             cache: Mutex::new(None),
-        }
+        })
     }
 
     /// The load of `model` summed over the gateways that answered; `None` when none did.

@@ -12,49 +12,23 @@ use camelid_crds::common::VolumePath;
 use camelid_crds::finetunejob::ModelSource;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    Container, ContainerPort, EnvVar, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
+    ResourceRequirements, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use super::spot::{Capacity, placement};
+use crate::error::BuildError;
+use crate::placement::{Capacity, placement};
+use crate::pod::{DOWNLOAD_DIR, VOLUMES_ROOT, download, env_var, on_claim, pod_security, restricted};
+use crate::settings::Settings;
 
 /// Port of the gang's rendezvous (rank 0's TCPStore).
 const MASTER_PORT: i32 = names::RENDEZVOUS_PORT as i32;
 /// Port of the trainer's `/progress` and `/metrics`.
 const PROGRESS_PORT: i32 = names::TRAINER_PROGRESS_PORT as i32;
-/// Where each claim is mounted.
-pub const VOLUMES_ROOT: &str = "/camelid/volumes";
-/// Where a model given by URI is downloaded.
-pub const DOWNLOAD_DIR: &str = "/camelid/download";
-
-/// Operator-wide settings the children depend on.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Settings {
-    /// The trainer image when a job names none.
-    pub trainer_image: String,
-    /// The image that downloads a model given by URI.
-    pub fetch_image: String,
-    /// Seconds between SIGTERM and SIGKILL: the trainer writes its termination checkpoint in this time.
-    pub termination_grace_seconds: i64,
-    /// The worker image when a ChatModel names none.
-    pub worker_image: String,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            trainer_image: "ghcr.io/camelid-dev/camelid-trainer:0.1.0".into(),
-            fetch_image: "curlimages/curl:8.11.1".into(),
-            termination_grace_seconds: 180,
-            worker_image: "ghcr.io/camelid-dev/camelid-worker:0.1.0".into(),
-        }
-    }
-}
 
 /// One gang of trainer pods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,13 +42,6 @@ pub struct Attempt {
 pub struct Children {
     pub service: Service,
     pub job: Job,
-}
-
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum BuildError {
-    /// The job has no UID yet (not read from the API server), so children cannot be owned by it.
-    #[error("the FineTuneJob has no uid; children need an owner reference")]
-    NoOwner,
 }
 
 pub fn service_name(job: &FineTuneJob) -> String {
@@ -123,10 +90,6 @@ fn claims(job: &FineTuneJob) -> BTreeMap<String, bool> {
     add(&job.spec.checkpoints.claim_name, false);
     add(&job.spec.output.claim_name, false);
     claims
-}
-
-pub(crate) fn on_claim(claim: &str, path: &str) -> String {
-    format!("{VOLUMES_ROOT}/{claim}/{}", path.trim_start_matches('/'))
 }
 
 fn file(v: &VolumePath) -> String {
@@ -200,77 +163,128 @@ pub fn trainer_args(job: &FineTuneJob) -> Vec<String> {
     args
 }
 
-fn env_var(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..EnvVar::default()
-    }
-}
-
 /// The children of `job` for `attempt`. Pure: the same inputs give the same objects.
 pub fn children(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> Result<Children, BuildError> {
-    let owner: OwnerReference = job.controller_owner_ref(&()).ok_or(BuildError::NoOwner)?;
-    let namespace = job.namespace();
-    let service_name = service_name(job);
-    let job_name = job_name(job, attempt.number);
-    let mut labels = labels(job);
-    let selector = labels.clone();
-    let meta = |name: &str, labels: &BTreeMap<String, String>| ObjectMeta {
-        name: Some(name.to_string()),
-        namespace: namespace.clone(),
-        labels: Some(labels.clone()),
+    let owner = job.controller_owner_ref(&()).ok_or(BuildError::NoOwner)?;
+    let meta = |name: String, labels: BTreeMap<String, String>| ObjectMeta {
+        name: Some(name),
+        namespace: job.namespace(),
+        labels: Some(labels),
         owner_references: Some(vec![owner.clone()]),
         ..ObjectMeta::default()
     };
-
     let service = Service {
-        metadata: meta(&service_name, &labels),
-        spec: Some(ServiceSpec {
-            cluster_ip: Some("None".into()),
-            // Ranks find each other before any of them is ready.
-            publish_not_ready_addresses: Some(true),
-            selector: Some(selector),
-            ports: Some(vec![
-                ServicePort {
-                    name: Some(names::RENDEZVOUS_PORT_NAME.into()),
-                    port: MASTER_PORT,
-                    target_port: Some(IntOrString::Int(MASTER_PORT)),
-                    ..ServicePort::default()
-                },
-                ServicePort {
-                    name: Some(names::TRAINER_PROGRESS_PORT_NAME.into()),
-                    port: PROGRESS_PORT,
-                    target_port: Some(IntOrString::Int(PROGRESS_PORT)),
-                    ..ServicePort::default()
-                },
-            ]),
-            ..ServiceSpec::default()
-        }),
+        metadata: meta(service_name(job), labels(job)),
+        spec: Some(service_spec(labels(job))),
         ..Service::default()
     };
+    let pod_labels = attempt_labels(job, attempt);
+    let gang = Job {
+        metadata: meta(job_name(job, attempt.number), pod_labels.clone()),
+        spec: Some(job_spec(job, attempt, settings, pod_labels)),
+        ..Job::default()
+    };
+    Ok(Children { service, job: gang })
+}
 
+/// The headless Service of the gang: rank 0's rendezvous and every rank's progress, resolvable before any rank is
+/// ready.
+fn service_spec(selector: BTreeMap<String, String>) -> ServiceSpec {
+    ServiceSpec {
+        cluster_ip: Some("None".into()),
+        // Ranks find each other before any of them is ready.
+        publish_not_ready_addresses: Some(true),
+        selector: Some(selector),
+        ports: Some(vec![
+            ServicePort {
+                name: Some(names::RENDEZVOUS_PORT_NAME.into()),
+                port: MASTER_PORT,
+                target_port: Some(IntOrString::Int(MASTER_PORT)),
+                ..ServicePort::default()
+            },
+            ServicePort {
+                name: Some(names::TRAINER_PROGRESS_PORT_NAME.into()),
+                port: PROGRESS_PORT,
+                target_port: Some(IntOrString::Int(PROGRESS_PORT)),
+                ..ServicePort::default()
+            },
+        ]),
+        ..ServiceSpec::default()
+    }
+}
+
+/// The labels of an attempt's Job and pods: the job's, its attempt number and its capacity.
+fn attempt_labels(job: &FineTuneJob, attempt: Attempt) -> BTreeMap<String, String> {
+    let mut labels = labels(job);
     labels.insert(names::ATTEMPT_LABEL.into(), attempt.number.to_string());
     labels.insert(names::CAPACITY_LABEL.into(), attempt.capacity.as_str().into());
+    labels
+}
+
+/// The Indexed Job of an attempt: one pod per worker, never retried by Kubernetes.
+fn job_spec(
+    job: &FineTuneJob,
+    attempt: Attempt,
+    settings: &Settings,
+    labels: BTreeMap<String, String>,
+) -> JobSpec {
+    let workers = job.spec.workers;
+    JobSpec {
+        completion_mode: Some("Indexed".into()),
+        completions: Some(workers),
+        parallelism: Some(workers),
+        // The operator restarts the whole gang itself, deciding between preemption and failure.
+        backoff_limit: Some(0),
+        template: PodTemplateSpec {
+            metadata: Some(ObjectMeta {
+                labels: Some(labels),
+                ..ObjectMeta::default()
+            }),
+            spec: Some(pod_spec(job, attempt, settings)),
+        },
+        ..JobSpec::default()
+    }
+}
+
+/// The pod of one worker of `attempt`: the trainer, its volumes, its placement.
+fn pod_spec(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> PodSpec {
     let s = &job.spec;
-    let ranks = ranks_per_pod(job);
-    let mut env = vec![
-        // Indexed Job pods are `<job>-<index>.<subdomain>`: rank 0 hosts the rendezvous.
-        env_var("MASTER_ADDR", format!("{job_name}-0.{service_name}")),
-        env_var("MASTER_PORT", MASTER_PORT.to_string()),
-        env_var("WORLD_SIZE", (s.workers * ranks).to_string()),
-        env_var("NNODES", s.workers.to_string()),
-        env_var("NPROC_PER_NODE", ranks.to_string()),
-        env_var("CAMELID_ATTEMPT", attempt.number.to_string()),
-    ];
-    if ranks == 1 {
-        // One process per pod: its rank is the pod's completion index (JOB_COMPLETION_INDEX, set by Kubernetes).
-        env.push(env_var("LOCAL_RANK", "0"));
+    let PodVolumes {
+        volumes,
+        mounts,
+        init_containers,
+    } = pod_volumes(job, settings);
+    let place = placement(
+        &s.spot,
+        attempt.capacity,
+        s.gpus_per_worker,
+        s.gpu_type.as_deref(),
+    );
+    PodSpec {
+        subdomain: Some(service_name(job)),
+        restart_policy: Some("Never".into()),
+        termination_grace_period_seconds: Some(settings.termination_grace_seconds),
+        priority_class_name: s.priority_class_name.clone(),
+        node_selector: (!place.node_selector.is_empty()).then_some(place.node_selector),
+        tolerations: (!place.tolerations.is_empty()).then_some(place.tolerations),
+        affinity: place.affinity,
+        init_containers: (!init_containers.is_empty()).then_some(init_containers),
+        containers: vec![trainer_container(job, attempt, settings, mounts)],
+        volumes: Some(volumes),
+        security_context: Some(pod_security()),
+        ..PodSpec::default()
     }
-    let mut command = vec!["camelid-trainer".to_string()];
-    if ranks > 1 {
-        command.extend(["launch".into(), "--nproc".into(), ranks.to_string(), "--".into()]);
-    }
+}
+
+/// A pod's volumes, the trainer's mounts of them, and the init containers that fill them.
+struct PodVolumes {
+    volumes: Vec<Volume>,
+    mounts: Vec<VolumeMount>,
+    init_containers: Vec<Container>,
+}
+
+/// Each claim the job uses, mounted once under `VOLUMES_ROOT`, and the download of a model given by URI.
+fn pod_volumes(job: &FineTuneJob, settings: &Settings) -> PodVolumes {
     let mut volumes = Vec::new();
     let mut mounts = Vec::new();
     for (i, (claim, read_only)) in claims(job).into_iter().enumerate() {
@@ -291,37 +305,35 @@ pub fn children(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> Res
         });
     }
     let mut init_containers = Vec::new();
-    if let Some(uri) = &s.base_model.uri {
+    if let Some(uri) = &job.spec.base_model.uri {
         let (volume, mount, fetch) = download(&settings.fetch_image, uri);
         volumes.push(volume);
         mounts.push(mount);
         init_containers.push(fetch);
     }
-    let mut resources = s.resources.clone().unwrap_or_default();
-    if s.gpus_per_worker > 0 {
-        let gpus = Quantity(s.gpus_per_worker.to_string());
-        resources
-            .limits
-            .get_or_insert_with(BTreeMap::new)
-            .insert("nvidia.com/gpu".into(), gpus.clone());
-        resources
-            .requests
-            .get_or_insert_with(BTreeMap::new)
-            .insert("nvidia.com/gpu".into(), gpus);
+    PodVolumes {
+        volumes,
+        mounts,
+        init_containers,
     }
-    let place = placement(
-        &s.spot,
-        attempt.capacity,
-        s.gpus_per_worker,
-        s.gpu_type.as_deref(),
-    );
-    let trainer = Container {
+}
+
+/// The trainer container: `camelid-trainer` (or its launcher, for several GPUs) with the gang's environment.
+fn trainer_container(
+    job: &FineTuneJob,
+    attempt: Attempt,
+    settings: &Settings,
+    mounts: Vec<VolumeMount>,
+) -> Container {
+    let s = &job.spec;
+    let resources = trainer_resources(job);
+    Container {
         name: "trainer".into(),
         image: Some(s.image.clone().unwrap_or_else(|| settings.trainer_image.clone())),
         image_pull_policy: s.image_pull_policy.map(|p| p.as_str().into()),
-        command: Some(command),
+        command: Some(trainer_command(job)),
         args: Some(trainer_args(job)),
-        env: Some(env),
+        env: Some(trainer_env(job, attempt)),
         ports: Some(vec![
             ContainerPort {
                 name: Some(names::RENDEZVOUS_PORT_NAME.into()),
@@ -338,91 +350,56 @@ pub fn children(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> Res
         volume_mounts: Some(mounts),
         security_context: Some(restricted()),
         ..Container::default()
-    };
-    let workers = s.workers;
-    let job = Job {
-        metadata: meta(&job_name, &labels),
-        spec: Some(JobSpec {
-            completion_mode: Some("Indexed".into()),
-            completions: Some(workers),
-            parallelism: Some(workers),
-            // The operator restarts the whole gang itself, deciding between preemption and failure.
-            backoff_limit: Some(0),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(PodSpec {
-                    subdomain: Some(service_name),
-                    restart_policy: Some("Never".into()),
-                    termination_grace_period_seconds: Some(settings.termination_grace_seconds),
-                    priority_class_name: s.priority_class_name.clone(),
-                    node_selector: (!place.node_selector.is_empty()).then_some(place.node_selector),
-                    tolerations: (!place.tolerations.is_empty()).then_some(place.tolerations),
-                    affinity: place.affinity,
-                    init_containers: (!init_containers.is_empty()).then_some(init_containers),
-                    containers: vec![trainer],
-                    volumes: Some(volumes),
-                    security_context: Some(pod_security()),
-                    ..PodSpec::default()
-                }),
-            },
-            ..JobSpec::default()
-        }),
-        ..Job::default()
-    };
-    Ok(Children { service, job })
-}
-
-/// The emptyDir, its mount and the init container that download a model given by URI to
-/// `DOWNLOAD_DIR/model.gguf`.
-pub(crate) fn download(fetch_image: &str, uri: &str) -> (Volume, VolumeMount, Container) {
-    let volume = Volume {
-        name: "download".into(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
-        ..Volume::default()
-    };
-    let mount = VolumeMount {
-        name: "download".into(),
-        mount_path: DOWNLOAD_DIR.into(),
-        ..VolumeMount::default()
-    };
-    let fetch = Container {
-        name: "fetch-model".into(),
-        image: Some(fetch_image.to_string()),
-        args: Some(vec![
-            "-fsSL".into(),
-            "--retry".into(),
-            "5".into(),
-            "-o".into(),
-            format!("{DOWNLOAD_DIR}/model.gguf"),
-            uri.to_string(),
-        ]),
-        volume_mounts: Some(vec![mount.clone()]),
-        security_context: Some(restricted()),
-        ..Container::default()
-    };
-    (volume, mount, fetch)
-}
-
-/// camelid's images run as user 1000, never root.
-pub(crate) fn pod_security() -> PodSecurityContext {
-    PodSecurityContext {
-        run_as_non_root: Some(true),
-        run_as_user: Some(1000),
-        fs_group: Some(1000),
-        ..PodSecurityContext::default()
     }
 }
 
-pub(crate) fn restricted() -> SecurityContext {
-    SecurityContext {
-        allow_privilege_escalation: Some(false),
-        capabilities: Some(k8s_openapi::api::core::v1::Capabilities {
-            drop: Some(vec!["ALL".into()]),
-            ..Default::default()
-        }),
-        ..SecurityContext::default()
+/// `camelid-trainer`, or `camelid-trainer launch --nproc N --` for one process per GPU.
+fn trainer_command(job: &FineTuneJob) -> Vec<String> {
+    let ranks = ranks_per_pod(job);
+    let mut command = vec!["camelid-trainer".to_string()];
+    if ranks > 1 {
+        command.extend(["launch".into(), "--nproc".into(), ranks.to_string(), "--".into()]);
     }
+    command
+}
+
+/// The torchrun-compatible environment of the gang.
+fn trainer_env(job: &FineTuneJob, attempt: Attempt) -> Vec<EnvVar> {
+    let s = &job.spec;
+    let ranks = ranks_per_pod(job);
+    let mut env = vec![
+        // Indexed Job pods are `<job>-<index>.<subdomain>`: rank 0 hosts the rendezvous.
+        env_var(
+            "MASTER_ADDR",
+            format!("{}-0.{}", job_name(job, attempt.number), service_name(job)),
+        ),
+        env_var("MASTER_PORT", MASTER_PORT.to_string()),
+        env_var("WORLD_SIZE", (s.workers * ranks).to_string()),
+        env_var("NNODES", s.workers.to_string()),
+        env_var("NPROC_PER_NODE", ranks.to_string()),
+        env_var("CAMELID_ATTEMPT", attempt.number.to_string()),
+    ];
+    if ranks == 1 {
+        // One process per pod: its rank is the pod's completion index (JOB_COMPLETION_INDEX, set by Kubernetes).
+        env.push(env_var("LOCAL_RANK", "0"));
+    }
+    env
+}
+
+/// The job's resources, with its GPUs as both limit and request.
+fn trainer_resources(job: &FineTuneJob) -> ResourceRequirements {
+    let s = &job.spec;
+    let mut resources = s.resources.clone().unwrap_or_default();
+    if s.gpus_per_worker > 0 {
+        let gpus = Quantity(s.gpus_per_worker.to_string());
+        resources
+            .limits
+            .get_or_insert_with(BTreeMap::new)
+            .insert("nvidia.com/gpu".into(), gpus.clone());
+        resources
+            .requests
+            .get_or_insert_with(BTreeMap::new)
+            .insert("nvidia.com/gpu".into(), gpus);
+    }
+    resources
 }

@@ -1,8 +1,9 @@
-//! The FineTuneJob controller: fetch (the job's attempt: its Job, pods, their nodes, rank 0's `/progress`) →
-//! decide ([`super::decide`]) → apply (children by server-side apply, deletions) → status (`patch_status`), with
-//! an Event on every phase change. Watches FineTuneJobs, the Jobs they own and their pods.
+//! The FineTuneJob controller: fetch (a fresh copy of the job, then its attempt: Job, pods, their nodes, rank 0's
+//! `/progress`, [`super::observe`]) → validate (the spec's limits into the decision's [`State`]) → decide
+//! ([`super::decide`]) → apply (children by server-side apply, deletions) → status (`patch_status`), with an
+//! Event on every phase change. Watches FineTuneJobs, the Jobs they own and their pods. The guard around each
+//! reconcile and the error policy are [`crate::reconcile`]'s, shared with the ChatModel controller.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,26 +11,26 @@ use camelid_crds::finetunejob::{FineTuneJobPhase, FineTuneJobStatus};
 use camelid_crds::{ChatModel, FineTuneJob};
 use futures_util::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
+use kube::api::{Api, DeleteParams, PropagationPolicy};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use serde_json::json;
 
-use super::build::{self, Attempt, Settings};
-use super::decide::{self, Decision, JobView, PodPhase, PodView, RestartReason, State};
-use super::spot::Capacity;
+use super::build::{self, Attempt};
+use super::decide::{self, Decision, RestartReason, State};
+use super::observe::{self, Observed};
 use super::status;
 use crate::error::Error;
 use crate::metrics::Metrics;
-
-/// The field manager of everything this controller writes.
-pub const MANAGER: &str = camelid_contracts::names::MANAGER;
+use crate::placement::Capacity;
+use crate::reconcile::{self, Controlled, Note};
+use crate::settings::Settings;
 
 /// What reconciles need.
 pub struct Context {
@@ -47,29 +48,37 @@ pub struct Context {
 }
 
 impl Context {
+    /// Fails only when the HTTP client that reads the trainers' `/progress` cannot be built.
     pub fn new(
         client: Client,
         settings: Settings,
         prices: Option<(String, String)>,
         metrics: Arc<Metrics>,
-    ) -> Self {
-        let reporter = Reporter {
-            controller: MANAGER.into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
-        Self {
-            recorder: Recorder::new(client.clone(), reporter),
+    ) -> Result<Self, reqwest::Error> {
+        Ok(Self {
+            recorder: reconcile::recorder(&client),
             client,
             settings,
             prices,
             progress_port: camelid_contracts::names::TRAINER_PROGRESS_PORT,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(2))
-                .build()
-                .unwrap_or_default(),
+            http: reconcile::http_client(Duration::from_secs(2))?,
             poll: Duration::from_secs(15),
             metrics,
-        }
+        })
+    }
+}
+
+impl Controlled for Context {
+    fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn recorder(&self) -> &Recorder {
+        &self.recorder
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 }
 
@@ -93,126 +102,321 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             },
         )
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, reconcile::error_policy, ctx)
         .for_each(|_| async {})
         .await;
 }
 
-fn error_policy(job: Arc<DeserializeGuard<FineTuneJob>>, e: &Error, ctx: Arc<Context>) -> Action {
-    e.retry_policy("FineTuneJob", &job.name_any(), &ctx.metrics)
+pub async fn reconcile(
+    guarded: Arc<DeserializeGuard<FineTuneJob>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    reconcile::guarded(&guarded, &*ctx, |cached| reconcile_fresh(cached, &ctx)).await
 }
 
-/// The observed state of the current attempt.
-struct Observed {
-    job: Option<JobView>,
-    pods: Vec<PodView>,
-    rank0_ip: Option<String>,
-    running: bool,
-}
-
-async fn observe(ctx: &Context, ftj: &FineTuneJob, attempt: i32) -> Result<Observed, Error> {
-    let ns = ftj.namespace().unwrap_or_default();
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-    let job = jobs.get_opt(&build::job_name(ftj, attempt)).await?.map(|j| {
-        let cond = |t: &str| {
-            j.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == t && c.status == "True"))
-        };
-        JobView {
-            complete: cond("Complete"),
-            failed: cond("Failed"),
-        }
-    });
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let selector = format!(
-        "camelid.dev/finetunejob={},camelid.dev/attempt={attempt}",
-        ftj.name_any()
-    );
-    let mut views = Vec::new();
-    let mut rank0_ip = None;
-    let mut running = false;
-    for pod in pods.list(&ListParams::default().labels(&selector)).await?.items {
-        let status = pod.status.clone().unwrap_or_default();
-        let phase = match status.phase.as_deref() {
-            Some("Pending") => PodPhase::Pending,
-            Some("Running") => PodPhase::Running,
-            Some("Succeeded") => PodPhase::Succeeded,
-            Some("Failed") => PodPhase::Failed,
-            _ => PodPhase::Unknown,
-        };
-        running |= phase == PodPhase::Running;
-        let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-        let (node_gone, node_terminating) = match &node_name {
-            Some(n) => match nodes.get_opt(n).await? {
-                None => (true, false),
-                Some(node) => {
-                    let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
-                    (
-                        false,
-                        taints
-                            .iter()
-                            .any(|t| camelid_contracts::names::TERMINATION_TAINTS.contains(&t.key.as_str())),
-                    )
-                }
-            },
-            None => (false, false),
-        };
-        let exit_code = status
-            .container_statuses
-            .iter()
-            .flatten()
-            .find(|c| c.name == "trainer")
-            .and_then(|c| c.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code));
-        let index = pod
-            .labels()
-            .get("batch.kubernetes.io/job-completion-index")
-            .cloned();
-        if index.as_deref() == Some("0") && phase == PodPhase::Running {
-            rank0_ip = status.pod_ip.clone();
-        }
-        views.push(PodView {
-            name: pod.name_any(),
-            phase,
-            scheduled: node_name.is_some(),
-            node_gone,
-            node_terminating,
-            disruption_target: status
-                .conditions
-                .iter()
-                .flatten()
-                .any(|c| c.type_ == "DisruptionTarget" && c.status == "True"),
-            exit_code,
-            deleting: pod.metadata.deletion_timestamp.is_some(),
-        });
+/// Reconciles from a fresh read: the watch cache may not have this controller's own last status write yet, and
+/// acting on an older attempt number would start that attempt again.
+async fn reconcile_fresh(cached: &FineTuneJob, ctx: &Context) -> Result<Action, Error> {
+    match reconcile::fetch(&ctx.client, cached).await? {
+        Some(fresh) => reconcile_inner(&fresh, ctx).await,
+        None => Ok(Action::await_change()),
     }
-    Ok(Observed {
-        job,
-        pods: views,
-        rank0_ip,
-        running,
+}
+
+/// What acting on a decision changed besides the status: when to look again, and what to tell users.
+struct Step {
+    /// Zero: wait for a change.
+    requeue: Duration,
+    note: Option<Note>,
+}
+
+/// The pipeline on a fresh copy of `ftj`: validate → fetch the attempt → decide → apply → status.
+async fn reconcile_inner(ftj: &FineTuneJob, ctx: &Context) -> Result<Action, Error> {
+    let old = ftj.status.clone().unwrap_or_default();
+    if finished(&old) {
+        return Ok(Action::await_change());
+    }
+    let now = jiff::Timestamp::now();
+    let mut status = old.clone();
+    let state = validate(ftj, &status, now);
+    let observed = match state.attempt {
+        0 => None,
+        attempt => Some(observe::observe(ctx, ftj, attempt).await?),
+    };
+    let decision = match &observed {
+        None => decide::decide(&state, None, &[]),
+        Some(o) => decide::decide(&state, o.job, &o.pods),
+    };
+    if let Some(o) = &observed {
+        record_progress(ctx, ftj, &mut status, o, state.capacity, now).await;
+    }
+    let running = observed.as_ref().is_some_and(|o| o.running);
+    let step = act(ctx, ftj, decision, running, &mut status, now).await?;
+    write_status(ctx, ftj, &old, status, step.note, now).await?;
+    Ok(if step.requeue.is_zero() {
+        Action::await_change()
+    } else {
+        Action::requeue(step.requeue)
     })
 }
 
-async fn progress(ctx: &Context, ip: &str) -> Option<status::Progress> {
-    let url = format!("http://{ip}:{}/progress", ctx.progress_port);
-    let response = ctx.http.get(&url).send().await.ok()?;
-    response.error_for_status().ok()?.json().await.ok()
+/// A job that succeeded or failed is done: nothing is reconciled until its spec changes.
+fn finished(status: &FineTuneJobStatus) -> bool {
+    matches!(
+        status.phase,
+        Some(FineTuneJobPhase::Succeeded | FineTuneJobPhase::Failed)
+    )
 }
 
-async fn prices(ctx: &Context) -> BTreeMap<String, String> {
-    let Some((ns, name)) = &ctx.prices else {
-        return BTreeMap::new();
+/// Validate: the spec's limits and durations, and the status so far, as the decision table's state. An
+/// unreadable `pendingTimeout` (the CRD's pattern refuses one) falls back to 10 minutes.
+fn validate(ftj: &FineTuneJob, status: &FineTuneJobStatus, now: jiff::Timestamp) -> State {
+    State {
+        attempt: status.attempt,
+        capacity: capacity_of(status),
+        preemptions: status.preemptions,
+        restarts: status.restarts,
+        max_preemptions: ftj.spec.spot.max_preemptions,
+        max_restarts: ftj.spec.max_restarts,
+        prefer_spot: ftj.spec.spot.prefer_spot,
+        pending_timeout_secs: camelid_crds::common::parse_duration(&ftj.spec.spot.pending_timeout)
+            .unwrap_or(600),
+        attempt_age_secs: status
+            .attempt_start_time
+            .as_ref()
+            .map_or(0, |t| (now - t.0).get_seconds().max(0) as u64),
+    }
+}
+
+/// Rank 0's progress into `status`, and the GPU-hours of the attempt so far.
+async fn record_progress(
+    ctx: &Context,
+    ftj: &FineTuneJob,
+    status: &mut FineTuneJobStatus,
+    observed: &Observed,
+    capacity: Capacity,
+    now: jiff::Timestamp,
+) {
+    if let Some(ip) = &observed.rank0_ip
+        && let Some(p) = observe::progress(ctx, ip).await
+    {
+        status::apply_progress(status, &p);
+    }
+    status::account(status, now, observed.running, capacity, gpus_in_gang(ftj));
+}
+
+/// Apply: carries out `decision` on the cluster and in `status`.
+async fn act(
+    ctx: &Context,
+    ftj: &FineTuneJob,
+    decision: Decision,
+    running: bool,
+    status: &mut FineTuneJobStatus,
+    now: jiff::Timestamp,
+) -> Result<Step, Error> {
+    match decision {
+        Decision::Start { attempt, capacity } => {
+            let attempt = Attempt {
+                number: attempt,
+                capacity,
+            };
+            start(ctx, ftj, status, attempt, now).await
+        }
+        Decision::Wait => Ok(wait(ctx, status, running)),
+        Decision::CheckpointFirst { pods } => checkpoint_first(ctx, ftj, &pods).await,
+        Decision::Restart {
+            reason,
+            attempt,
+            capacity,
+            why,
+        } => {
+            let attempt = Attempt {
+                number: attempt,
+                capacity,
+            };
+            restart(ctx, ftj, status, reason, attempt, &why, now).await
+        }
+        Decision::Succeeded => succeed(ctx, ftj, status, now).await,
+        Decision::Failed { why } => Ok(fail(status, why, now)),
+    }
+}
+
+/// The first attempt.
+async fn start(
+    ctx: &Context,
+    ftj: &FineTuneJob,
+    status: &mut FineTuneJobStatus,
+    attempt: Attempt,
+    now: jiff::Timestamp,
+) -> Result<Step, Error> {
+    start_attempt(ctx, ftj, status, attempt, &Time(now)).await?;
+    status.phase = Some(FineTuneJobPhase::Pending);
+    let message = format!(
+        "attempt {} on {} capacity",
+        attempt.number,
+        attempt.capacity.as_str()
+    );
+    Ok(Step {
+        requeue: ctx.poll.min(Duration::from_secs(10)),
+        note: Some(Note::normal("AttemptStarted", message)),
+    })
+}
+
+/// Nothing to do but watch: the phase follows whether the gang runs.
+fn wait(ctx: &Context, status: &mut FineTuneJobStatus, running: bool) -> Step {
+    status.phase = Some(match (running, status.phase) {
+        (true, _) => FineTuneJobPhase::Running,
+        (false, Some(FineTuneJobPhase::Recovering)) => FineTuneJobPhase::Recovering,
+        (false, _) => FineTuneJobPhase::Pending,
+    });
+    Step {
+        requeue: if running {
+            ctx.poll
+        } else {
+            ctx.poll.min(Duration::from_secs(10))
+        },
+        note: None,
+    }
+}
+
+/// A termination notice on the nodes of `pods`: deleting them with the grace period asks their trainers to write
+/// a checkpoint. Every pod is asked; the first failure (other than a pod already gone) is returned afterwards.
+async fn checkpoint_first(ctx: &Context, ftj: &FineTuneJob, pods: &[String]) -> Result<Step, Error> {
+    let api: Api<Pod> = reconcile::namespaced(&ctx.client, ftj);
+    let dp = DeleteParams {
+        grace_period_seconds: Some(ctx.settings.termination_grace_seconds as u32),
+        ..DeleteParams::default()
     };
-    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
-    api.get_opt(name)
-        .await
-        .ok()
-        .flatten()
-        .and_then(|c| c.data)
-        .unwrap_or_default()
+    let mut failed = None;
+    for pod in pods {
+        if let Err(e) = reconcile::delete(&api, pod, &dp).await {
+            failed.get_or_insert(e);
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let message = format!(
+        "termination notice on the nodes of {}: asked them to checkpoint",
+        pods.join(", ")
+    );
+    Ok(Step {
+        requeue: Duration::from_secs(5),
+        note: Some(Note::normal("CheckpointRequested", message)),
+    })
+}
+
+/// Replaces the current attempt with `attempt`, which resumes from the last checkpoint.
+async fn restart(
+    ctx: &Context,
+    ftj: &FineTuneJob,
+    status: &mut FineTuneJobStatus,
+    reason: RestartReason,
+    attempt: Attempt,
+    why: &str,
+    now: jiff::Timestamp,
+) -> Result<Step, Error> {
+    delete_attempt(ctx, ftj, status.attempt).await?;
+    match reason {
+        RestartReason::Preempted => {
+            status.preemptions += 1;
+            status.lost_gpu_hours += status::lost_gpu_hours(status, now, gpus_in_gang(ftj));
+            status.lost_gpu_hours = (status.lost_gpu_hours * 1e6).round() / 1e6;
+            ctx.metrics.preempted();
+        }
+        RestartReason::Failed => status.restarts += 1,
+        RestartReason::PendingTimeout => {}
+    }
+    start_attempt(ctx, ftj, status, attempt, &Time(now)).await?;
+    status.phase = Some(FineTuneJobPhase::Recovering);
+    let message = format!(
+        "{why}; attempt {} resumes from the last checkpoint on {} capacity",
+        attempt.number,
+        attempt.capacity.as_str()
+    );
+    status.message = Some(message.clone());
+    let note = match reason {
+        RestartReason::Preempted => Note::normal("Preempted", message),
+        RestartReason::PendingTimeout => Note::normal("SpotUnavailable", message),
+        RestartReason::Failed => Note::warning("AttemptFailed", message),
+    };
+    Ok(Step {
+        requeue: Duration::from_secs(5),
+        note: Some(note),
+    })
+}
+
+/// The model is exported: recorded, and published as the job's ChatModel.
+async fn succeed(
+    ctx: &Context,
+    ftj: &FineTuneJob,
+    status: &mut FineTuneJobStatus,
+    now: jiff::Timestamp,
+) -> Result<Step, Error> {
+    publish_model(ctx, ftj).await?;
+    status.phase = Some(FineTuneJobPhase::Succeeded);
+    status.completion_time = Some(Time(now));
+    status.accounted_until = None;
+    status.output = Some(format!(
+        "pvc://{}/{}",
+        ftj.spec.output.claim_name,
+        ftj.spec
+            .output
+            .path
+            .clone()
+            .unwrap_or_else(|| format!("models/{}", ftj.name_any()))
+    ));
+    status.message = Some("the model is exported".into());
+    let message = format!("exported to {}", status.output.clone().unwrap_or_default());
+    Ok(Step {
+        requeue: Duration::ZERO,
+        note: Some(Note::normal("Succeeded", message)),
+    })
+}
+
+/// The job cannot succeed.
+fn fail(status: &mut FineTuneJobStatus, why: String, now: jiff::Timestamp) -> Step {
+    status.phase = Some(FineTuneJobPhase::Failed);
+    status.completion_time = Some(Time(now));
+    status.accounted_until = None;
+    status.message = Some(why.clone());
+    Step {
+        requeue: Duration::ZERO,
+        note: Some(Note::warning("Failed", why)),
+    }
+}
+
+/// Status: the `Ready` condition, the cost so far and the observed generation, written when anything changed,
+/// with `note` (or, on a phase change without one, `PhaseChanged`) as an Event.
+async fn write_status(
+    ctx: &Context,
+    ftj: &FineTuneJob,
+    old: &FineTuneJobStatus,
+    mut status: FineTuneJobStatus,
+    note: Option<Note>,
+    now: jiff::Timestamp,
+) -> Result<(), Error> {
+    let generation = ftj.metadata.generation;
+    let phase = status.phase.map(|p| p.as_str()).unwrap_or_default();
+    let note = match note {
+        None if status.phase != old.phase => Some(Note::normal("PhaseChanged", format!("now {phase}"))),
+        note => note,
+    };
+    let succeeded = status.phase == Some(FineTuneJobPhase::Succeeded);
+    let message = status.message.clone().unwrap_or_default();
+    crate::conditions::set(
+        &mut status.conditions,
+        "Ready",
+        succeeded,
+        phase,
+        &message,
+        &Time(now),
+        generation,
+    );
+    status.estimated_cost =
+        status::estimated_cost(&status, ftj.spec.gpu_type.as_deref(), &observe::prices(ctx).await);
+    status.observed_generation = generation;
+    reconcile::write_status(ctx, ftj, old, &status, note).await
 }
 
 fn gpus_in_gang(ftj: &FineTuneJob) -> i32 {
@@ -227,23 +431,6 @@ fn capacity_of(status: &FineTuneJobStatus) -> Capacity {
     }
 }
 
-async fn apply_children(ctx: &Context, ftj: &FineTuneJob, attempt: Attempt) -> Result<(), Error> {
-    let children = build::children(ftj, attempt, &ctx.settings)?;
-    let ns = ftj.namespace().unwrap_or_default();
-    let pp = PatchParams::apply(MANAGER).force();
-    Api::<Service>::namespaced(ctx.client.clone(), &ns)
-        .patch(&build::service_name(ftj), &pp, &Patch::Apply(&children.service))
-        .await?;
-    Api::<Job>::namespaced(ctx.client.clone(), &ns)
-        .patch(
-            &build::job_name(ftj, attempt.number),
-            &pp,
-            &Patch::Apply(&children.job),
-        )
-        .await?;
-    Ok(())
-}
-
 /// Applies the children of `attempt` and records it in `status`.
 async fn start_attempt(
     ctx: &Context,
@@ -252,7 +439,11 @@ async fn start_attempt(
     attempt: Attempt,
     now: &Time,
 ) -> Result<(), Error> {
-    apply_children(ctx, ftj, attempt).await?;
+    let children = build::children(ftj, attempt, &ctx.settings)?;
+    let services: Api<Service> = reconcile::namespaced(&ctx.client, ftj);
+    reconcile::apply(&services, &build::service_name(ftj), &children.service).await?;
+    let jobs: Api<Job> = reconcile::namespaced(&ctx.client, ftj);
+    reconcile::apply(&jobs, &build::job_name(ftj, attempt.number), &children.job).await?;
     status.attempt = attempt.number;
     status.capacity = Some(attempt.capacity.as_str().into());
     status.attempt_start_time = Some(now.clone());
@@ -261,20 +452,14 @@ async fn start_attempt(
     Ok(())
 }
 
+/// Deletes the Job of `attempt` (its pods in the background); one already gone is fine.
 async fn delete_attempt(ctx: &Context, ftj: &FineTuneJob, attempt: i32) -> Result<(), Error> {
-    let ns = ftj.namespace().unwrap_or_default();
     let dp = DeleteParams {
         propagation_policy: Some(PropagationPolicy::Background),
         ..DeleteParams::default()
     };
-    match Api::<Job>::namespaced(ctx.client.clone(), &ns)
-        .delete(&build::job_name(ftj, attempt), &dp)
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    let jobs: Api<Job> = reconcile::namespaced(&ctx.client, ftj);
+    reconcile::delete(&jobs, &build::job_name(ftj, attempt), &dp).await
 }
 
 /// Creates or points the job's ChatModel at the exported model.
@@ -289,252 +474,6 @@ async fn publish_model(ctx: &Context, ftj: &FineTuneJob) -> Result<(), Error> {
         "metadata": {"name": name, "namespace": ns, "labels": {"camelid.dev/finetunejob": ftj.name_any()}},
         "spec": {"model": {"fineTuneJob": ftj.name_any()}, "template": ftj.spec.template},
     });
-    Api::<ChatModel>::namespaced(ctx.client.clone(), &ns)
-        .patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
-        .await?;
-    Ok(())
-}
-
-pub async fn reconcile(
-    guarded: Arc<DeserializeGuard<FineTuneJob>>,
-    ctx: Arc<Context>,
-) -> Result<Action, Error> {
-    let started = std::time::Instant::now();
-    let ftj = match &guarded.0 {
-        Ok(ftj) => ftj,
-        Err(_) => {
-            crate::events::invalid_spec(&ctx.recorder, &ctx.metrics, "FineTuneJob", &guarded).await;
-            return Ok(Action::await_change());
-        }
-    };
-    let result = reconcile_fresh(ftj, &ctx).await;
-    ctx.metrics.reconciled(started.elapsed());
-    result
-}
-
-/// Reconciles from a fresh read: the watch cache may not have this controller's own last status write yet, and
-/// acting on an older attempt number would start that attempt again.
-async fn reconcile_fresh(cached: &FineTuneJob, ctx: &Context) -> Result<Action, Error> {
-    let api: Api<FineTuneJob> = Api::namespaced(ctx.client.clone(), &cached.namespace().unwrap_or_default());
-    match api.get_opt(&cached.name_any()).await? {
-        Some(fresh) => reconcile_inner(&fresh, ctx).await,
-        None => Ok(Action::await_change()),
-    }
-}
-
-async fn reconcile_inner(ftj: &FineTuneJob, ctx: &Context) -> Result<Action, Error> {
-    let old = ftj.status.clone().unwrap_or_default();
-    if matches!(
-        old.phase,
-        Some(FineTuneJobPhase::Succeeded | FineTuneJobPhase::Failed)
-    ) {
-        return Ok(Action::await_change());
-    }
-    let now = jiff::Timestamp::now();
-    let now_time = Time(now);
-    let mut status = old.clone();
-    let attempt = status.attempt;
-    let observed = if attempt > 0 {
-        Some(observe(ctx, ftj, attempt).await?)
-    } else {
-        None
-    };
-    let state = State {
-        attempt,
-        capacity: capacity_of(&status),
-        preemptions: status.preemptions,
-        restarts: status.restarts,
-        max_preemptions: ftj.spec.spot.max_preemptions,
-        max_restarts: ftj.spec.max_restarts,
-        prefer_spot: ftj.spec.spot.prefer_spot,
-        pending_timeout_secs: camelid_crds::common::parse_duration(&ftj.spec.spot.pending_timeout)
-            .unwrap_or(600),
-        attempt_age_secs: status
-            .attempt_start_time
-            .as_ref()
-            .map_or(0, |t| (now - t.0).get_seconds().max(0) as u64),
-    };
-    let decision = match &observed {
-        None => decide::decide(&state, None, &[]),
-        Some(o) => decide::decide(&state, o.job, &o.pods),
-    };
-    if let Some(o) = &observed {
-        if let Some(ip) = &o.rank0_ip
-            && let Some(p) = progress(ctx, ip).await
-        {
-            status::apply_progress(&mut status, &p);
-        }
-        status::account(&mut status, now, o.running, state.capacity, gpus_in_gang(ftj));
-    }
-    let generation = ftj.metadata.generation;
-    let mut event: Option<(EventType, &str, String)> = None;
-    let requeue = match decision {
-        Decision::Start { attempt, capacity } => {
-            start_attempt(
-                ctx,
-                ftj,
-                &mut status,
-                Attempt {
-                    number: attempt,
-                    capacity,
-                },
-                &now_time,
-            )
-            .await?;
-            status.phase = Some(FineTuneJobPhase::Pending);
-            event = Some((
-                EventType::Normal,
-                "AttemptStarted",
-                format!("attempt {attempt} on {} capacity", capacity.as_str()),
-            ));
-            ctx.poll.min(Duration::from_secs(10))
-        }
-        Decision::Wait => {
-            let running = observed.as_ref().is_some_and(|o| o.running);
-            status.phase = Some(match (running, status.phase) {
-                (true, _) => FineTuneJobPhase::Running,
-                (false, Some(FineTuneJobPhase::Recovering)) => FineTuneJobPhase::Recovering,
-                (false, _) => FineTuneJobPhase::Pending,
-            });
-            if running {
-                ctx.poll
-            } else {
-                ctx.poll.min(Duration::from_secs(10))
-            }
-        }
-        Decision::CheckpointFirst { pods } => {
-            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ftj.namespace().unwrap_or_default());
-            let dp = DeleteParams {
-                grace_period_seconds: Some(ctx.settings.termination_grace_seconds as u32),
-                ..DeleteParams::default()
-            };
-            for pod in &pods {
-                let _ = api.delete(pod, &dp).await;
-            }
-            event = Some((
-                EventType::Normal,
-                "CheckpointRequested",
-                format!(
-                    "termination notice on the nodes of {}: asked them to checkpoint",
-                    pods.join(", ")
-                ),
-            ));
-            Duration::from_secs(5)
-        }
-        Decision::Restart {
-            reason,
-            attempt,
-            capacity,
-            why,
-        } => {
-            delete_attempt(ctx, ftj, status.attempt).await?;
-            match reason {
-                RestartReason::Preempted => {
-                    status.preemptions += 1;
-                    status.lost_gpu_hours += status::lost_gpu_hours(&status, now, gpus_in_gang(ftj));
-                    status.lost_gpu_hours = (status.lost_gpu_hours * 1e6).round() / 1e6;
-                    ctx.metrics.preempted();
-                }
-                RestartReason::Failed => status.restarts += 1,
-                RestartReason::PendingTimeout => {}
-            }
-            start_attempt(
-                ctx,
-                ftj,
-                &mut status,
-                Attempt {
-                    number: attempt,
-                    capacity,
-                },
-                &now_time,
-            )
-            .await?;
-            status.phase = Some(FineTuneJobPhase::Recovering);
-            let kind = match reason {
-                RestartReason::Preempted => "Preempted",
-                RestartReason::PendingTimeout => "SpotUnavailable",
-                RestartReason::Failed => "AttemptFailed",
-            };
-            let message = format!(
-                "{why}; attempt {attempt} resumes from the last checkpoint on {} capacity",
-                capacity.as_str()
-            );
-            status.message = Some(message.clone());
-            event = Some((
-                if reason == RestartReason::Failed {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
-                },
-                kind,
-                message,
-            ));
-            Duration::from_secs(5)
-        }
-        Decision::Succeeded => {
-            publish_model(ctx, ftj).await?;
-            status.phase = Some(FineTuneJobPhase::Succeeded);
-            status.completion_time = Some(now_time.clone());
-            status.accounted_until = None;
-            status.output = Some(format!(
-                "pvc://{}/{}",
-                ftj.spec.output.claim_name,
-                ftj.spec
-                    .output
-                    .path
-                    .clone()
-                    .unwrap_or_else(|| format!("models/{}", ftj.name_any()))
-            ));
-            status.message = Some("the model is exported".into());
-            event = Some((
-                EventType::Normal,
-                "Succeeded",
-                format!("exported to {}", status.output.clone().unwrap_or_default()),
-            ));
-            Duration::ZERO
-        }
-        Decision::Failed { why } => {
-            status.phase = Some(FineTuneJobPhase::Failed);
-            status.completion_time = Some(now_time.clone());
-            status.accounted_until = None;
-            status.message = Some(why.clone());
-            event = Some((EventType::Warning, "Failed", why));
-            Duration::ZERO
-        }
-    };
-    let phase = status.phase.map(|p| p.as_str()).unwrap_or_default();
-    if event.is_none() && status.phase != old.phase {
-        event = Some((EventType::Normal, "PhaseChanged", format!("now {phase}")));
-    }
-    let succeeded = status.phase == Some(FineTuneJobPhase::Succeeded);
-    let message = status.message.clone().unwrap_or_default();
-    crate::conditions::set(
-        &mut status.conditions,
-        "Ready",
-        succeeded,
-        &phase,
-        &message,
-        &now_time,
-        generation,
-    );
-    status.estimated_cost = status::estimated_cost(&status, ftj.spec.gpu_type.as_deref(), &prices(ctx).await);
-    status.observed_generation = generation;
-    if status != old {
-        let api: Api<FineTuneJob> = Api::namespaced(ctx.client.clone(), &ftj.namespace().unwrap_or_default());
-        let patch = json!({"apiVersion": "camelid.dev/v1alpha1", "kind": "FineTuneJob", "status": status});
-        api.patch_status(
-            &ftj.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-    }
-    if let Some((type_, reason, note)) = event {
-        crate::events::publish(&ctx.recorder, &ftj.object_ref(&()), type_, reason, note).await;
-    }
-    Ok(if requeue.is_zero() {
-        Action::await_change()
-    } else {
-        Action::requeue(requeue)
-    })
+    let models: Api<ChatModel> = reconcile::namespaced(&ctx.client, ftj);
+    reconcile::apply(&models, name, &patch).await
 }

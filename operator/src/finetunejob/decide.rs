@@ -6,7 +6,7 @@
 
 use camelid_contracts::exit;
 
-use super::spot::Capacity;
+use crate::placement::Capacity;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PodPhase {

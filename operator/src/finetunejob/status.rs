@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use camelid_crds::finetunejob::{CheckpointRef, FineTuneJobStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::spot::Capacity;
+use crate::placement::Capacity;
 
 pub use camelid_contracts::progress::Progress;
 

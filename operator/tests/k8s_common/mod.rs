@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use camelid_k8s_harness::{ControlPlane, Daemon};
+use camelid_test_support::k8s::{ControlPlane, Daemon};
 
 /// The names of `kubectl get <args>`'s items.
 pub fn names(cp: &ControlPlane, args: &[&str]) -> Vec<String> {

@@ -1,4 +1,5 @@
-//! The gateway's one error type and the one place errors become responses (OpenAI's error shape).
+//! The gateway's one error type and the one place errors become responses (OpenAI's error shape), with the
+//! `Retry-After` seconds they carry. The lowest layer of the gateway: it depends only on the wire types.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -228,7 +229,7 @@ impl ApiError {
     }
 
     pub fn rate_limited(what: &str, wait: std::time::Duration) -> Self {
-        let secs = crate::keys::retry_after_secs(wait);
+        let secs = retry_after_secs(wait);
         Self {
             retry_after: Some(secs),
             ..Self::new(
@@ -270,6 +271,12 @@ impl ApiError {
     }
 }
 
+/// Seconds for `Retry-After`: at least one.
+pub fn retry_after_secs(wait: std::time::Duration) -> u32 {
+    let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, axum::Json(self.body())).into_response();
@@ -279,5 +286,18 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn retry_after_is_whole_seconds_and_at_least_one() {
+        assert_eq!(retry_after_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
     }
 }

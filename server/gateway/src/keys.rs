@@ -4,7 +4,6 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -212,12 +211,6 @@ pub fn estimate_tokens(prompt_chars: usize, max_tokens: Option<u32>) -> u32 {
     prompt.saturating_add(max_tokens.unwrap_or(DEFAULT_MAX_TOKENS_ESTIMATE))
 }
 
-/// Seconds for `Retry-After`: at least one.
-pub fn retry_after_secs(wait: Duration) -> u32 {
-    let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
-    u32::try_from(secs).unwrap_or(u32::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,7 +321,5 @@ mod tests {
         assert_eq!(hex::encode(hash_key(&k1)), h1);
         assert_eq!(estimate_tokens(10, Some(5)), 8);
         assert_eq!(estimate_tokens(0, None), DEFAULT_MAX_TOKENS_ESTIMATE);
-        assert_eq!(retry_after_secs(Duration::from_millis(1500)), 2);
-        assert_eq!(retry_after_secs(Duration::ZERO), 1);
     }
 }

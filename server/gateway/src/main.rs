@@ -44,6 +44,8 @@ struct Cli {
     /// Only ChatModels in this namespace (default: all namespaces).
     #[arg(long, requires = "discover_chatmodels")]
     watch_namespace: Option<String>,
+    #[command(flatten)]
+    telemetry: camelid_telemetry::TelemetryArgs,
 }
 
 #[derive(Subcommand)]
@@ -64,14 +66,7 @@ fn main() -> ExitCode {
         println!("entry for `keys`:\n- name: {name}\n  sha256: {hash}");
         return ExitCode::SUCCESS;
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CAMELID_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let _telemetry = camelid_telemetry::init("camelid-gateway", &cli.telemetry);
     let backends = cli.backend.clone();
     let (listen, probe, allow) = (cli.listen, cli.probe_interval_ms, cli.allow_anonymous);
     let overrides: camelid_gateway::reload::Overrides = Arc::new(move |config: &mut GatewayConfig| {
@@ -140,7 +135,7 @@ fn main() -> ExitCode {
             camelid_gateway::reload::spawn(path.clone(), overrides, state.clone(), config.clone(), interval);
         }
         tracing::info!(listen = %config.listen, models = ?config.endpoints.keys().collect::<Vec<_>>(), "gateway listening");
-        match camelid_gateway::serve(state, listener, camelid_gateway::shutdown_signal()).await {
+        match camelid_gateway::serve(state, listener, camelid_telemetry::shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e, 1),
         }

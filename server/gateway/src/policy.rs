@@ -222,25 +222,10 @@ fn build_provider(
             file,
             categories,
             fail_open,
-        } => {
-            let rules = match (file, categories) {
-                (Some(file), None) => {
-                    let path = base.join(file);
-                    let text = std::fs::read_to_string(&path)
-                        .map_err(|e| format!("`file`: reading {}: {e}", path.display()))?;
-                    let de = serde_yaml_ng::Deserializer::from_str(&text);
-                    let rules: RuleFile = serde_path_to_error::deserialize(de)
-                        .map_err(|e| format!("{}: `{}`: {}", path.display(), e.path(), e.inner()))?;
-                    Rules::new(&rules.categories)
-                        .map_err(|e| format!("{}: categories: {e}", path.display()))?
-                }
-                (None, Some(categories)) => {
-                    Rules::new(categories).map_err(|e| format!("`categories`: {e}"))?
-                }
-                _ => return Err("a rules provider needs exactly one of `file` and `categories`".into()),
-            };
-            (Arc::new(rules) as Arc<dyn Provider>, *fail_open)
-        }
+        } => (
+            rules_provider(file.as_deref(), categories.as_ref(), base)?,
+            *fail_open,
+        ),
         ProviderSpec::Openai {
             url,
             api_key_env,
@@ -249,27 +234,14 @@ fn build_provider(
             thresholds,
             fail_open,
         } => {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(format!("`url` must start with http:// or https://, got {url:?}"));
-            }
-            if let Some((c, t)) = thresholds.iter().find(|(_, t)| !(0.0..=1.0).contains(*t)) {
-                return Err(format!("`thresholds.{c}` must be in [0, 1], got {t}"));
-            }
-            let api_key = match api_key_env {
-                Some(var) => Some(
-                    std::env::var(var)
-                        .map_err(|_| format!("`api_key_env`: the environment variable {var} is not set"))?,
-                ),
-                None => None,
-            };
-            let remote = Remote::new(RemoteConfig {
+            let config = RemoteConfig {
                 url: url.clone(),
-                api_key,
+                api_key: None,
                 model: model.clone(),
                 timeout: Duration::from_millis((*timeout_ms).max(1)),
                 thresholds: thresholds.clone(),
-            })?;
-            (Arc::new(remote) as Arc<dyn Provider>, *fail_open)
+            };
+            (remote_provider(config, api_key_env.as_deref())?, *fail_open)
         }
         ProviderSpec::GuardModel {
             model,
@@ -280,33 +252,77 @@ fn build_provider(
             fail_open,
         } => {
             let categories = categories.clone().unwrap_or_else(guard::default_categories);
-            if categories.is_empty() {
-                return Err("`categories` is empty".into());
-            }
-            if let Some(code) = categories
-                .keys()
-                .find(|c| c.to_ascii_uppercase() != **c || c.contains(','))
-            {
-                return Err(format!(
-                    "`categories`: codes are upper case without commas, got {code:?}"
-                ));
-            }
-            let guard = Guard::new(
-                GuardConfig {
-                    model: model.clone(),
-                    prompt: match prompt {
-                        PromptSpec::Task => GuardPrompt::Task,
-                        PromptSpec::Conversation => GuardPrompt::Conversation,
-                    },
-                    categories,
-                    flag_unparseable: *on_unparseable == Unparseable::Flag,
-                    max_tokens: (*max_tokens).clamp(1, 256),
+            let config = GuardConfig {
+                model: model.clone(),
+                prompt: match prompt {
+                    PromptSpec::Task => GuardPrompt::Task,
+                    PromptSpec::Conversation => GuardPrompt::Conversation,
                 },
-                router.clone(),
-            );
-            (Arc::new(guard) as Arc<dyn Provider>, *fail_open)
+                categories,
+                flag_unparseable: *on_unparseable == Unparseable::Flag,
+                max_tokens: (*max_tokens).clamp(1, 256),
+            };
+            (guard_provider(config, router)?, *fail_open)
         }
     })
+}
+
+/// A rules provider from exactly one of a rules file (relative to `base`) and inline categories.
+fn rules_provider(
+    file: Option<&Path>,
+    categories: Option<&RuleCategories>,
+    base: &Path,
+) -> Result<Arc<dyn Provider>, String> {
+    let rules = match (file, categories) {
+        (Some(file), None) => {
+            let path = base.join(file);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("`file`: reading {}: {e}", path.display()))?;
+            let de = serde_yaml_ng::Deserializer::from_str(&text);
+            let rules: RuleFile = serde_path_to_error::deserialize(de)
+                .map_err(|e| format!("{}: `{}`: {}", path.display(), e.path(), e.inner()))?;
+            Rules::new(&rules.categories).map_err(|e| format!("{}: categories: {e}", path.display()))?
+        }
+        (None, Some(categories)) => Rules::new(categories).map_err(|e| format!("`categories`: {e}"))?,
+        _ => return Err("a rules provider needs exactly one of `file` and `categories`".into()),
+    };
+    Ok(Arc::new(rules))
+}
+
+/// An OpenAI-compatible moderation endpoint; its key is read from the environment variable `api_key_env`.
+fn remote_provider(mut config: RemoteConfig, api_key_env: Option<&str>) -> Result<Arc<dyn Provider>, String> {
+    let url = &config.url;
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!("`url` must start with http:// or https://, got {url:?}"));
+    }
+    if let Some((c, t)) = config.thresholds.iter().find(|(_, t)| !(0.0..=1.0).contains(*t)) {
+        return Err(format!("`thresholds.{c}` must be in [0, 1], got {t}"));
+    }
+    config.api_key = match api_key_env {
+        Some(var) => Some(
+            std::env::var(var)
+                .map_err(|_| format!("`api_key_env`: the environment variable {var} is not set"))?,
+        ),
+        None => None,
+    };
+    Ok(Arc::new(Remote::new(config)?))
+}
+
+/// A guard model served by this gateway's own router; its category codes are upper case without commas.
+fn guard_provider(config: GuardConfig, router: &Arc<Router>) -> Result<Arc<dyn Provider>, String> {
+    if config.categories.is_empty() {
+        return Err("`categories` is empty".into());
+    }
+    if let Some(code) = config
+        .categories
+        .keys()
+        .find(|c| c.to_ascii_uppercase() != **c || c.contains(','))
+    {
+        return Err(format!(
+            "`categories`: codes are upper case without commas, got {code:?}"
+        ));
+    }
+    Ok(Arc::new(Guard::new(config, router.clone())))
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::api::AppState;
 use crate::config::{ConfigError, GatewayConfig};
 use crate::metrics::ReloadLabels;
 use crate::policy::Policy;
+use crate::state::AppState;
 
 /// Applied to every freshly read config: the command line's flags, which override the file.
 pub type Overrides = Arc<dyn Fn(&mut GatewayConfig) -> Result<(), ConfigError> + Send + Sync>;
@@ -35,7 +35,7 @@ pub fn reload_once(
     let current = state.policy.current();
     let policy = Policy::build(&config.policy, &state.router, Some(&current))
         .map_err(|m| format!("{}: {m}", path.display()))?;
-    crate::anonymous_check(running.listen, !policy.keys.is_empty(), config.allow_anonymous)?;
+    crate::serve::anonymous_check(running.listen, !policy.keys.is_empty(), config.allow_anonymous)?;
     if config.listen != running.listen {
         tracing::warn!(old = %running.listen, new = %config.listen, "`listen` changes only on restart");
     }

@@ -1,5 +1,8 @@
-//! The engine thread: owns the model, runs the [`Scheduler`]'s steps (prefill of joining sequences, then one
-//! batched decode step of the running ones) and streams each sequence's text to its caller.
+//! The engine: the types a handle and the engine thread exchange (a request's [`Input`] and [`GenParams`], the
+//! [`Event`]s back, the [`Command`]s in), the worker's [`WorkerConfig`] and the loaded model's [`ModelInfo`], and the
+//! engine thread itself, which loads the model, owns it, runs the [`Scheduler`]'s steps (prefill of joining
+//! sequences, then one batched decode step of the running ones) and streams each sequence's text to its caller.
+//! It knows nothing of [`crate::WorkerHandle`]: the handle depends on the engine, not the reverse.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,13 +11,188 @@ use std::time::Instant;
 use camelid_model::cpu_gemv::{DecodePool, with_decode_pool};
 use camelid_model::generate::TorchThreads;
 use camelid_model::stream::TokenTextStream;
-use camelid_model::{FinishReason, KvCache, LoadedModel, Sampler};
+use camelid_model::{ChatMessage, FinishReason, KvCache, LoadedModel, Sampler, SamplingParams};
 use tch::{Device, Tensor};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
 use crate::error::WorkerError;
-use crate::handle::{Command, Event, Input, Shared, Submission};
+use crate::metrics::Metrics;
 use crate::scheduler::{Rejected, Scheduler, SchedulerConfig, SeqId};
+
+/// How a worker batches and how much it admits.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The model name clients use.
+    pub name: String,
+    /// Most sequences decoding together.
+    pub max_batch: usize,
+    /// Requests that may wait for a place in the batch; more are turned away as overloaded.
+    pub max_waiting: usize,
+    /// KV cache memory all running sequences may reserve together.
+    pub kv_budget_bytes: usize,
+    /// Prompt tokens prefilled per engine step.
+    pub max_prefill_tokens: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            name: "default".into(),
+            max_batch: 32,
+            max_waiting: 256,
+            kv_budget_bytes: 8 << 30,
+            max_prefill_tokens: 4096,
+        }
+    }
+}
+
+/// What a request asks the model for.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Raw text (completions).
+    Prompt(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct GenParams {
+    /// None: up to the end of the context.
+    pub max_tokens: Option<usize>,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+}
+
+/// What the engine tells a request, in order: `Started` (or `Failed`), `Chunk`s, then `Finished` (or `Failed`).
+#[derive(Debug, Clone)]
+pub enum Event {
+    Started {
+        prompt_tokens: usize,
+    },
+    Chunk {
+        text: String,
+        /// Tokens generated since the previous chunk (text can be held back over several tokens).
+        tokens: usize,
+    },
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed(WorkerError),
+}
+
+/// A request the handle admitted, on its way to the engine thread.
+pub(crate) struct Submission {
+    pub id: SeqId,
+    pub input: Input,
+    pub params: GenParams,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub permit: OwnedSemaphorePermit,
+    pub received: Instant,
+}
+
+/// What a handle sends the engine thread.
+pub(crate) enum Command {
+    Submit(Box<Submission>),
+}
+
+/// Facts about the loaded model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    pub source: String,
+    pub context_length: usize,
+    pub template: String,
+    pub dtype: String,
+    pub device: String,
+    pub max_batch: usize,
+}
+
+/// Whether the model is loaded yet.
+#[derive(Debug, Clone)]
+enum State {
+    Loading,
+    Ready(ModelInfo),
+    Failed(String),
+}
+
+/// What the engine thread and every handle share: the metrics and the model's load state.
+pub(crate) struct Shared {
+    pub metrics: Arc<Metrics>,
+    state: watch::Sender<State>,
+}
+
+impl Shared {
+    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
+        let (state, _) = watch::channel(State::Loading);
+        Self { metrics, state }
+    }
+
+    /// The model's facts once it is loaded.
+    pub(crate) fn info(&self) -> Result<ModelInfo, WorkerError> {
+        match &*self.state.borrow() {
+            State::Loading => Err(WorkerError::NotReady),
+            State::Ready(info) => Ok(info.clone()),
+            State::Failed(e) => Err(WorkerError::LoadFailed(e.clone())),
+        }
+    }
+
+    /// Waits until the model is loaded (or failed to load).
+    pub(crate) async fn loaded(&self) {
+        let mut rx = self.state.subscribe();
+        let _ = rx.wait_for(|s| !matches!(s, State::Loading)).await;
+    }
+}
+
+/// The engine thread's body: loads the model with `load` (publishing the failure, or the model's facts once
+/// loaded), sizes the scheduler's KV budget for it, then runs until every handle is gone.
+pub(crate) fn load_and_run(
+    config: WorkerConfig,
+    shared: Arc<Shared>,
+    commands: mpsc::Receiver<Command>,
+    load: impl FnOnce() -> anyhow::Result<LoadedModel>,
+) {
+    let started = Instant::now();
+    let loaded = match load() {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "loading the model failed");
+            shared.state.send_replace(State::Failed(format!("{e:#}")));
+            return;
+        }
+    };
+    let c = loaded.config();
+    let kv_kind_bytes = if loaded.model.device() == Device::Cpu {
+        4
+    } else {
+        loaded.model.kind().elt_size_in_bytes()
+    };
+    let bytes_per_position = 2 * c.num_layers * c.num_kv_heads * c.head_dim * kv_kind_bytes;
+    let kv_budget_tokens = config.kv_budget_bytes / bytes_per_position.max(1);
+    let scheduler = SchedulerConfig {
+        max_batch: config.max_batch,
+        kv_budget_tokens,
+        max_prefill_tokens: config.max_prefill_tokens,
+    };
+    let info = ModelInfo {
+        name: config.name.clone(),
+        source: loaded.source.display().to_string(),
+        context_length: c.max_position_embeddings,
+        template: loaded.template.name().to_string(),
+        dtype: format!("{:?}", loaded.model.kind()),
+        device: format!("{:?}", loaded.model.device()),
+        max_batch: config.max_batch,
+    };
+    tracing::info!(
+        model = %info.name, source = %info.source, context = info.context_length, kv_budget_tokens,
+        seconds = format!("{:.2}", started.elapsed().as_secs_f64()), "model loaded; worker ready"
+    );
+    shared.metrics.ready.set(1);
+    shared.state.send_replace(State::Ready(info));
+    run(&loaded, shared, commands, scheduler);
+}
 
 /// The largest decode batch that runs on the CPU decode kernel. Up to its row limit it is at least as fast as
 /// libtorch's GEMM (`model/examples/batch_step.rs`), and it gives each sequence the same bits alone or batched,
@@ -32,11 +210,11 @@ struct Sequence {
     unsent_tokens: usize,
     submitted: Instant,
     last_token_at: Option<Instant>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _permit: OwnedSemaphorePermit,
 }
 
 /// Runs until every handle is gone and no sequence is left.
-pub(crate) fn run(
+fn run(
     loaded: &LoadedModel,
     shared: Arc<Shared>,
     commands: mpsc::Receiver<Command>,

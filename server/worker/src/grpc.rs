@@ -1,4 +1,5 @@
-//! The worker's gRPC service over a [`WorkerHandle`], and the HTTP side (`/metrics`, `/healthz`, `/readyz`).
+//! The worker's gRPC service over a [`WorkerHandle`]: requests and events translated between the wire types and the
+//! engine's, worker errors as gRPC statuses, and the serve loop. The HTTP side is [`crate::http`].
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -9,8 +10,9 @@ use camelid_proto::v1::{self, generate_request, generate_response};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::engine::{Event, GenParams, Input};
 use crate::error::WorkerError;
-use crate::handle::{Event, GenParams, Input, WorkerHandle};
+use crate::handle::WorkerHandle;
 
 #[derive(Debug, Clone)]
 pub struct WorkerService {
@@ -176,36 +178,6 @@ pub async fn serve_grpc(
         .add_service(WorkerService::new(handle).into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
-}
-
-/// `/metrics`, `/healthz` (the process is up) and `/readyz` (the model is loaded).
-pub fn http_router(handle: WorkerHandle) -> axum::Router {
-    use axum::http::StatusCode;
-    use axum::routing::get;
-    let metrics = handle.clone();
-    axum::Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || async move {
-                match handle.info() {
-                    Ok(_) => (StatusCode::OK, "ready".to_string()),
-                    Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(move || async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    metrics.metrics().encode(),
-                )
-            }),
-        )
 }
 
 /// Binds `addr`, naming it in the error.

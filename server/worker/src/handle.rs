@@ -1,117 +1,17 @@
 //! The cloneable [`WorkerHandle`]: admission control (a semaphore sized to the batch plus the queue), commands to
-//! the engine thread over a bounded channel, and each request's event stream back.
+//! the engine thread over a bounded channel, and each request's event stream back. The types it exchanges with the
+//! engine are the engine's ([`crate::engine`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use camelid_model::{ChatMessage, FinishReason, LoadedModel, SamplingParams};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use camelid_model::LoadedModel;
+use tokio::sync::{Semaphore, mpsc};
 
+use crate::engine::{self, Command, Event, GenParams, Input, ModelInfo, Shared, Submission, WorkerConfig};
 use crate::error::WorkerError;
 use crate::metrics::Metrics;
-use crate::scheduler::{SchedulerConfig, SeqId};
-
-/// How a worker batches and how much it admits.
-#[derive(Debug, Clone)]
-pub struct WorkerConfig {
-    /// The model name clients use.
-    pub name: String,
-    /// Most sequences decoding together.
-    pub max_batch: usize,
-    /// Requests that may wait for a place in the batch; more are turned away as overloaded.
-    pub max_waiting: usize,
-    /// KV cache memory all running sequences may reserve together.
-    pub kv_budget_bytes: usize,
-    /// Prompt tokens prefilled per engine step.
-    pub max_prefill_tokens: usize,
-}
-
-impl Default for WorkerConfig {
-    fn default() -> Self {
-        Self {
-            name: "default".into(),
-            max_batch: 32,
-            max_waiting: 256,
-            kv_budget_bytes: 8 << 30,
-            max_prefill_tokens: 4096,
-        }
-    }
-}
-
-/// What a request asks the model for.
-#[derive(Debug, Clone)]
-pub enum Input {
-    /// Rendered with the model's chat template.
-    Chat(Vec<ChatMessage>),
-    /// Raw text (completions).
-    Prompt(String),
-}
-
-#[derive(Debug, Clone)]
-pub struct GenParams {
-    /// None: up to the end of the context.
-    pub max_tokens: Option<usize>,
-    pub sampling: SamplingParams,
-    pub stop: Vec<String>,
-    pub ignore_eos: bool,
-}
-
-/// What the engine tells a request, in order: `Started` (or `Failed`), `Chunk`s, then `Finished` (or `Failed`).
-#[derive(Debug, Clone)]
-pub enum Event {
-    Started {
-        prompt_tokens: usize,
-    },
-    Chunk {
-        text: String,
-        /// Tokens generated since the previous chunk (text can be held back over several tokens).
-        tokens: usize,
-    },
-    Finished {
-        reason: FinishReason,
-        prompt_tokens: usize,
-        completion_tokens: usize,
-    },
-    Failed(WorkerError),
-}
-
-pub(crate) struct Submission {
-    pub id: SeqId,
-    pub input: Input,
-    pub params: GenParams,
-    pub events: mpsc::UnboundedSender<Event>,
-    pub permit: OwnedSemaphorePermit,
-    pub received: Instant,
-}
-
-pub(crate) enum Command {
-    Submit(Box<Submission>),
-}
-
-/// Facts about the loaded model.
-#[derive(Debug, Clone)]
-pub struct ModelInfo {
-    pub name: String,
-    pub source: String,
-    pub context_length: usize,
-    pub template: String,
-    pub dtype: String,
-    pub device: String,
-    pub max_batch: usize,
-}
-
-#[derive(Debug, Clone)]
-enum State {
-    Loading,
-    Ready(ModelInfo),
-    Failed(String),
-}
-
-pub(crate) struct Shared {
-    pub metrics: Arc<Metrics>,
-    state: watch::Sender<State>,
-}
 
 /// Sends requests to the engine; cheap to clone.
 #[derive(Clone)]
@@ -147,8 +47,7 @@ impl WorkerHandle {
         let capacity = config.max_batch + config.max_waiting;
         let (commands, receiver) = mpsc::channel(capacity.max(1));
         let metrics = Arc::new(Metrics::new());
-        let (state, _) = watch::channel(State::Loading);
-        let shared = Arc::new(Shared { metrics, state });
+        let shared = Arc::new(Shared::new(metrics));
         let handle = Self {
             shared: shared.clone(),
             commands,
@@ -158,7 +57,7 @@ impl WorkerHandle {
         };
         std::thread::Builder::new()
             .name("camelid-engine".into())
-            .spawn(move || engine_thread(config, shared, receiver, load))?;
+            .spawn(move || engine::load_and_run(config, shared, receiver, load))?;
         Ok(handle)
     }
 
@@ -168,17 +67,12 @@ impl WorkerHandle {
 
     /// The model's facts once it is loaded.
     pub fn info(&self) -> Result<ModelInfo, WorkerError> {
-        match &*self.shared.state.borrow() {
-            State::Loading => Err(WorkerError::NotReady),
-            State::Ready(info) => Ok(info.clone()),
-            State::Failed(e) => Err(WorkerError::LoadFailed(e.clone())),
-        }
+        self.shared.info()
     }
 
     /// Waits until the model is loaded (or failed to load).
     pub async fn wait_ready(&self) -> Result<ModelInfo, WorkerError> {
-        let mut rx = self.shared.state.subscribe();
-        let _ = rx.wait_for(|s| !matches!(s, State::Loading)).await;
+        self.shared.loaded().await;
         self.info()
     }
 
@@ -220,50 +114,4 @@ impl WorkerHandle {
             Some(_) | None => Err(WorkerError::ShuttingDown),
         }
     }
-}
-
-fn engine_thread(
-    config: WorkerConfig,
-    shared: Arc<Shared>,
-    commands: mpsc::Receiver<Command>,
-    load: impl FnOnce() -> anyhow::Result<LoadedModel>,
-) {
-    let started = Instant::now();
-    let loaded = match load() {
-        Ok(loaded) => loaded,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "loading the model failed");
-            shared.state.send_replace(State::Failed(format!("{e:#}")));
-            return;
-        }
-    };
-    let c = loaded.config();
-    let kv_kind_bytes = if loaded.model.device() == tch::Device::Cpu {
-        4
-    } else {
-        loaded.model.kind().elt_size_in_bytes()
-    };
-    let bytes_per_position = 2 * c.num_layers * c.num_kv_heads * c.head_dim * kv_kind_bytes;
-    let kv_budget_tokens = config.kv_budget_bytes / bytes_per_position.max(1);
-    let scheduler = SchedulerConfig {
-        max_batch: config.max_batch,
-        kv_budget_tokens,
-        max_prefill_tokens: config.max_prefill_tokens,
-    };
-    let info = ModelInfo {
-        name: config.name.clone(),
-        source: loaded.source.display().to_string(),
-        context_length: c.max_position_embeddings,
-        template: loaded.template.name().to_string(),
-        dtype: format!("{:?}", loaded.model.kind()),
-        device: format!("{:?}", loaded.model.device()),
-        max_batch: config.max_batch,
-    };
-    tracing::info!(
-        model = %info.name, source = %info.source, context = info.context_length, kv_budget_tokens,
-        seconds = format!("{:.2}", started.elapsed().as_secs_f64()), "model loaded; worker ready"
-    );
-    shared.metrics.ready.set(1);
-    shared.state.send_replace(State::Ready(info));
-    crate::engine::run(&loaded, shared, commands, scheduler);
 }

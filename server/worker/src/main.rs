@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use camelid_contracts::names;
-use camelid_worker::grpc::{bind, http_router, serve_grpc};
+use camelid_worker::grpc::{bind, serve_grpc};
+use camelid_worker::http::http_router;
 use camelid_worker::load::default_served_name;
 use camelid_worker::{ModelArgs, WorkerConfig, WorkerHandle};
 use clap::Parser;
@@ -29,6 +30,8 @@ struct Cli {
     metrics_addr: SocketAddr,
     #[command(flatten)]
     batching: BatchingArgs,
+    #[command(flatten)]
+    telemetry: camelid_telemetry::TelemetryArgs,
 }
 
 #[derive(clap::Args)]
@@ -49,14 +52,7 @@ struct BatchingArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CAMELID_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let _telemetry = camelid_telemetry::init("camelid-worker", &cli.telemetry);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -98,7 +94,7 @@ async fn run(cli: Cli) -> Result<(), (anyhow::Error, u8)> {
     }));
     // A model that fails to load is a configuration error: exit so the pod restarts or the user sees it.
     handle.wait_ready().await.map_err(|e| user(anyhow::anyhow!(e)))?;
-    shutdown_signal().await;
+    camelid_telemetry::shutdown_signal().await;
     tracing::info!("shutting down: finishing running requests");
     let _ = stop_tx.send(());
     match server.await {
@@ -106,17 +102,4 @@ async fn run(cli: Cli) -> Result<(), (anyhow::Error, u8)> {
         Ok(Err(e)) => Err((e.into(), 1)),
         Err(e) => Err((e.into(), 1)),
     }
-}
-
-/// Resolves on Ctrl-C or SIGTERM (Kubernetes stops pods with SIGTERM).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            s.recv().await;
-        }
-    };
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }

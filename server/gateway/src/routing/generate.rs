@@ -1,0 +1,161 @@
+//! The gRPC generate call: turning a [`Validated`] request into the worker's `GenerateRequest`, sending it to the
+//! least-busy ready worker and waiting until one accepts it (skipping workers that are down or overloaded while
+//! nothing has been sent), and mapping the worker's statuses back to [`ApiError`]s.
+
+use camelid_proto::v1::{self, generate_response};
+use tonic::{Code, Status};
+
+use super::router::{InFlight, Router};
+use crate::error::ApiError;
+use crate::validate::{Input, Validated};
+
+/// A generation a worker has accepted (tokenized and queued).
+#[derive(Debug)]
+pub struct Started {
+    pub prompt_tokens: usize,
+    pub stream: tonic::Streaming<v1::GenerateResponse>,
+    pub in_flight: InFlight,
+}
+
+/// Whether a status means the worker itself is gone or broken (eject it and try another).
+pub fn is_transport_failure(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted
+    )
+}
+
+impl Router {
+    /// Sends `request` to a worker of its model and waits until one accepts it. A worker that is down or
+    /// overloaded is skipped for another; `tried` collects the workers used (so a caller can retry elsewhere).
+    pub async fn start_generation(
+        &self,
+        request: &Validated,
+        request_id: &str,
+        tried: &mut Vec<String>,
+    ) -> Result<Started, ApiError> {
+        if !self.knows(&request.model) {
+            return Err(ApiError::model_not_found(&request.model));
+        }
+        let message = to_proto(request, request_id);
+        let mut overloaded = false;
+        loop {
+            let Some(backend) = self.pick(&request.model, tried) else {
+                return Err(if overloaded {
+                    ApiError::overloaded(&request.model)
+                } else {
+                    ApiError::no_ready_worker(&request.model)
+                });
+            };
+            tried.push(backend.addr.clone());
+            let in_flight = InFlight::new(backend.clone());
+            let mut client = backend.client.clone();
+            let first = match client.generate(message.clone()).await {
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    stream.message().await.map(|m| (m, stream))
+                }
+                Err(status) => Err(status),
+            };
+            match first {
+                Ok((
+                    Some(v1::GenerateResponse {
+                        event: Some(generate_response::Event::Started(s)),
+                    }),
+                    stream,
+                )) => {
+                    return Ok(Started {
+                        prompt_tokens: s.prompt_tokens as usize,
+                        stream,
+                        in_flight,
+                    });
+                }
+                Ok(_) => {
+                    return Err(ApiError::worker_failed(
+                        "the worker's stream did not start with `Started`",
+                    ));
+                }
+                Err(status) => match status.code() {
+                    Code::InvalidArgument => return Err(invalid_from_status(&status)),
+                    Code::ResourceExhausted => overloaded = true,
+                    _ if is_transport_failure(&status) => {
+                        backend.set_healthy(false, &self.metrics, status.message());
+                    }
+                    _ => return Err(ApiError::worker_failed(status.message().to_string())),
+                },
+            }
+        }
+    }
+
+    /// Runs `request` to the end and returns its text (for the guard-model provider), with the same worker
+    /// choice and retries as clients get.
+    pub async fn complete_text(&self, request: &Validated) -> Result<String, ApiError> {
+        let id = format!("guard-{}", uuid::Uuid::new_v4().simple());
+        let mut tried = Vec::new();
+        let mut started = self.start_generation(request, &id, &mut tried).await?;
+        let mut text = String::new();
+        loop {
+            match started.stream.message().await {
+                Ok(Some(v1::GenerateResponse {
+                    event: Some(generate_response::Event::Chunk(c)),
+                })) => text.push_str(&c.text),
+                Ok(Some(v1::GenerateResponse {
+                    event: Some(generate_response::Event::Finished(_)),
+                })) => return Ok(text),
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(ApiError::worker_failed("the worker's stream ended early")),
+                Err(status) => return Err(ApiError::worker_failed(status.message().to_string())),
+            }
+        }
+    }
+}
+
+fn invalid_from_status(status: &Status) -> ApiError {
+    let meta = |key| {
+        status
+            .metadata()
+            .get(key)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let mut e = ApiError::invalid(
+        &meta(camelid_proto::ERROR_PARAM_KEY).unwrap_or_default(),
+        status.message(),
+    );
+    if let Some(code) = meta(camelid_proto::ERROR_CODE_KEY) {
+        e.code = Some(code);
+    }
+    e
+}
+
+fn to_proto(v: &Validated, request_id: &str) -> v1::GenerateRequest {
+    let p = &v.params;
+    let input = match &v.input {
+        Input::Chat(messages) => v1::generate_request::Input::Chat(v1::Conversation {
+            messages: messages
+                .iter()
+                .map(|(role, content)| v1::ChatMessage {
+                    role: role.clone(),
+                    content: content.clone(),
+                })
+                .collect(),
+        }),
+        Input::Prompt(prompt) => v1::generate_request::Input::Prompt(prompt.clone()),
+    };
+    v1::GenerateRequest {
+        request_id: request_id.to_string(),
+        input: Some(input),
+        max_tokens: p.max_tokens.unwrap_or(0),
+        sampling: Some(v1::Sampling {
+            temperature: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k,
+            repetition_penalty: p.repetition_penalty,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            seed: p.seed,
+        }),
+        stop: p.stop.clone(),
+        ignore_eos: p.ignore_eos,
+    }
+}

@@ -1,0 +1,15 @@
+//! Where requests go, in four parts: endpoint sources ([`endpoints`]: the config's static endpoints and, in a
+//! cluster, ChatModels' EndpointSlices, merged), the balancing [`router`] (per-model backends, health probes,
+//! ejection, least-in-flight choice), [`hold`]ing requests for a model with no ready worker (at zero replicas, or
+//! while one starts) until one is, and the gRPC [`generate`] call with retries on another worker while nothing has
+//! been sent. The names callers use are re-exported here.
+
+pub mod endpoints;
+pub mod generate;
+pub mod hold;
+pub mod router;
+
+pub use endpoints::{EndpointSource, Endpoints, StaticEndpoints, merge};
+pub use generate::{Started, is_transport_failure};
+pub use hold::{Held, HoldLimits};
+pub use router::{Backend, InFlight, ModelLoad, Router};

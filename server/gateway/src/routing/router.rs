@@ -1,0 +1,264 @@
+//! The balancing router: per-model backends with in-flight counts, following an [`EndpointSource`], probing
+//! workers' health, ejecting failing ones and admitting them back, and choosing the healthy worker with the fewest
+//! requests in flight. Holding ([`super::hold`]) and the generate call ([`super::generate`]) build on it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use camelid_proto::v1;
+use camelid_proto::v1::worker_client::WorkerClient;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use super::endpoints::{EndpointSource, Endpoints};
+use crate::metrics::Metrics;
+
+/// One model's load, as the operator's autoscaler reads it from `/internal/load`.
+pub use camelid_contracts::load::ModelLoad;
+
+/// One worker endpoint of one model.
+#[derive(Debug)]
+pub struct Backend {
+    pub model: String,
+    pub addr: String,
+    pub(super) client: WorkerClient<Channel>,
+    in_flight: AtomicUsize,
+    healthy: AtomicBool,
+}
+
+impl Backend {
+    fn new(model: &str, addr: &str) -> Result<Self, String> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("worker address {addr:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Self {
+            model: model.to_string(),
+            addr: addr.to_string(),
+            client: WorkerClient::new(channel),
+            in_flight: AtomicUsize::new(0),
+            healthy: AtomicBool::new(false),
+        })
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn set_healthy(&self, healthy: bool, metrics: &Metrics, why: &str) -> bool {
+        let was = self.healthy.swap(healthy, Ordering::Relaxed);
+        metrics.set_backend_health(&self.model, &self.addr, healthy);
+        if was != healthy {
+            if healthy {
+                tracing::info!(model = %self.model, endpoint = %self.addr, "worker admitted");
+            } else {
+                tracing::warn!(model = %self.model, endpoint = %self.addr, why, "worker ejected");
+            }
+        }
+        healthy && !was
+    }
+}
+
+/// Counts a request against a backend while it lives.
+#[derive(Debug)]
+pub struct InFlight(Arc<Backend>);
+
+impl InFlight {
+    pub(super) fn new(backend: Arc<Backend>) -> Self {
+        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(backend)
+    }
+
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+pub struct Router {
+    backends: RwLock<BTreeMap<String, Vec<Arc<Backend>>>>,
+    pub(super) metrics: Arc<Metrics>,
+    probe_interval: Duration,
+    rotation: AtomicUsize,
+    /// Bumped whenever a worker may have become ready, to wake held requests.
+    pub(super) readiness: watch::Sender<u64>,
+    /// Requests held per model (see [`super::hold`]).
+    pub(super) held: Mutex<BTreeMap<String, u32>>,
+    /// Requests held over all models, against [`super::HoldLimits::max_requests`].
+    pub(super) held_total: AtomicUsize,
+}
+
+impl Router {
+    /// Starts following `source` and probing its workers every `probe_interval`.
+    pub fn start(source: &dyn EndpointSource, metrics: Arc<Metrics>, probe_interval: Duration) -> Arc<Self> {
+        let router = Arc::new(Self {
+            backends: RwLock::new(BTreeMap::new()),
+            metrics,
+            probe_interval,
+            rotation: AtomicUsize::new(0),
+            readiness: watch::Sender::new(0),
+            held: Mutex::new(BTreeMap::new()),
+            held_total: AtomicUsize::new(0),
+        });
+        let mut rx = source.subscribe();
+        router.apply(&rx.borrow_and_update());
+        let weak = Arc::downgrade(&router);
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let Some(router) = weak.upgrade() else { return };
+                let endpoints = rx.borrow_and_update().clone();
+                let added = router.apply(&endpoints);
+                // A new worker (an EndpointSlice just marked it ready) is asked at once, not at the next probe.
+                if !added.is_empty() {
+                    let router = router.clone();
+                    tokio::spawn(async move { router.probe(added).await });
+                }
+            }
+        });
+        let weak = Arc::downgrade(&router);
+        tokio::spawn(async move {
+            loop {
+                let Some(router) = weak.upgrade() else { return };
+                router.probe_all().await;
+                let interval = router.probe_interval;
+                drop(router);
+                tokio::time::sleep(interval).await;
+            }
+        });
+        router
+    }
+
+    /// Brings the backend set in line with `endpoints`, keeping existing backends (and their state). Returns the
+    /// backends added.
+    fn apply(&self, endpoints: &Endpoints) -> Vec<Arc<Backend>> {
+        let mut added = Vec::new();
+        let Ok(mut backends) = self.backends.write() else {
+            return added;
+        };
+        let mut next = BTreeMap::new();
+        for (model, addrs) in endpoints {
+            let existing = backends.get(model).cloned().unwrap_or_default();
+            let mut list = Vec::new();
+            for addr in addrs {
+                match existing.iter().find(|b| &b.addr == addr) {
+                    Some(b) => list.push(b.clone()),
+                    None => match Backend::new(model, addr) {
+                        Ok(b) => {
+                            let b = Arc::new(b);
+                            added.push(b.clone());
+                            list.push(b);
+                        }
+                        Err(e) => tracing::error!(model, error = e, "ignoring endpoint"),
+                    },
+                }
+            }
+            next.insert(model.clone(), list);
+        }
+        *backends = next;
+        added
+    }
+
+    fn all(&self) -> Vec<Arc<Backend>> {
+        self.backends
+            .read()
+            .map(|b| b.values().flatten().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Asks every worker whether it is ready; ejects those that are not, admits those that are.
+    pub async fn probe_all(&self) {
+        self.probe(self.all()).await;
+    }
+
+    async fn probe(&self, backends: Vec<Arc<Backend>>) {
+        let probes = backends.into_iter().map(|b| async move {
+            let mut client = b.client.clone();
+            let answer =
+                tokio::time::timeout(Duration::from_secs(1), client.health(v1::HealthRequest {})).await;
+            match answer {
+                Ok(Ok(r)) if r.get_ref().ready => b.set_healthy(true, &self.metrics, "ready"),
+                Ok(Ok(_)) => b.set_healthy(false, &self.metrics, "not ready"),
+                Ok(Err(status)) => b.set_healthy(false, &self.metrics, status.message()),
+                Err(_) => b.set_healthy(false, &self.metrics, "health check timed out"),
+            }
+        });
+        let admitted = futures_util::future::join_all(probes).await;
+        if admitted.contains(&true) {
+            self.readiness.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Whether `model` has a worker ready for a request.
+    pub fn has_ready(&self, model: &str) -> bool {
+        self.backends.read().is_ok_and(|b| {
+            b.get(model)
+                .is_some_and(|list| list.iter().any(|b| b.is_healthy()))
+        })
+    }
+
+    /// Each model's requests in flight at its workers and held for want of one.
+    pub fn load(&self) -> BTreeMap<String, ModelLoad> {
+        let mut load: BTreeMap<String, ModelLoad> = BTreeMap::new();
+        if let Ok(backends) = self.backends.read() {
+            for (model, list) in backends.iter() {
+                let in_flight: usize = list.iter().map(|b| b.in_flight()).sum();
+                load.entry(model.clone()).or_default().in_flight =
+                    u32::try_from(in_flight).unwrap_or(u32::MAX);
+            }
+        }
+        if let Ok(held) = self.held.lock() {
+            for (model, n) in held.iter() {
+                load.entry(model.clone()).or_default().queued = *n;
+            }
+        }
+        load
+    }
+
+    /// The models this gateway serves.
+    pub fn models(&self) -> Vec<String> {
+        self.backends
+            .read()
+            .map(|b| b.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn knows(&self, model: &str) -> bool {
+        self.backends.read().is_ok_and(|b| b.contains_key(model))
+    }
+
+    /// Whether some model has a ready worker.
+    pub fn any_ready(&self) -> bool {
+        self.all().iter().any(|b| b.is_healthy())
+    }
+
+    /// The healthy backend of `model` with the fewest requests in flight, skipping `tried`.
+    pub(super) fn pick(&self, model: &str, tried: &[String]) -> Option<Arc<Backend>> {
+        let backends = self.backends.read().ok()?;
+        let list = backends.get(model)?;
+        let n = list.len().max(1);
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
+        (0..list.len())
+            .map(|i| &list[(start + i) % n])
+            .filter(|b| b.is_healthy() && !tried.contains(&b.addr))
+            .min_by_key(|b| b.in_flight())
+            .cloned()
+    }
+
+    /// Marks a backend down after its stream broke.
+    pub fn eject(&self, backend: &Backend, why: &str) {
+        backend.set_healthy(false, &self.metrics, why);
+    }
+}

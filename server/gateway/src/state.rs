@@ -1,0 +1,80 @@
+//! The gateway's shared state, [`AppState`], and how it is built from a [`GatewayConfig`]: the router over the
+//! configured (and, in a cluster, discovered) endpoints, the metrics, the keys and moderation in force, and the
+//! limits. Kept out of the handlers so that the handlers, the reloader and the binaries all depend on it, and it on
+//! none of them.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config::{ConfigError, GatewayConfig};
+use crate::discovery::ModelRules;
+use crate::metrics::Metrics;
+use crate::policy::{Policy, PolicyCell};
+use crate::routing::{self, HoldLimits, Router, StaticEndpoints};
+use crate::validate::Limits;
+
+/// Everything a handler needs; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub router: Arc<Router>,
+    /// The configured endpoints the router follows (a reload sends new ones).
+    pub endpoints: Arc<StaticEndpoints>,
+    pub metrics: Arc<Metrics>,
+    /// Keys and moderation; replaced whole when the config file changes.
+    pub policy: Arc<PolicyCell>,
+    pub limits: Limits,
+    /// How requests wait for a model with no ready worker.
+    pub hold: HoldLimits,
+    /// What ChatModels ask besides routing (their moderation profile and keys); empty outside a cluster.
+    pub rules: ModelRules,
+    pub created: u64,
+}
+
+/// Builds the gateway's state for `config` and starts following its endpoints. Fails, naming the field, when the
+/// keys or moderation are invalid.
+pub fn state(config: &GatewayConfig) -> Result<AppState, ConfigError> {
+    state_with(config, None)
+}
+
+/// Like [`state`], also routing to the endpoints `discovered` keeps (ChatModels in a cluster, see
+/// [`crate::discovery::spawn`]) and following the rules in `rules`.
+pub fn state_with(
+    config: &GatewayConfig,
+    discovered: Option<(Arc<StaticEndpoints>, ModelRules)>,
+) -> Result<AppState, ConfigError> {
+    let metrics = Arc::new(Metrics::new());
+    let endpoints = Arc::new(StaticEndpoints::new(config.endpoints.clone()));
+    let (router, rules) = match &discovered {
+        Some((found, rules)) => {
+            let merged = routing::merge(&[endpoints.as_ref(), found.as_ref()]);
+            let router = Router::start(&merged, metrics.clone(), config.probe_interval);
+            (router, rules.clone())
+        }
+        None => (
+            Router::start(endpoints.as_ref(), metrics.clone(), config.probe_interval),
+            ModelRules::default(),
+        ),
+    };
+    let policy = Policy::build(&config.policy, &router, None).map_err(|message| ConfigError::Invalid {
+        path: config.shown_source(),
+        message,
+    })?;
+    Ok(AppState {
+        router,
+        endpoints,
+        metrics,
+        policy: Arc::new(PolicyCell::new(policy)),
+        limits: config.limits,
+        hold: config.hold,
+        rules,
+        created: unix_now(),
+    })
+}
+
+/// Seconds since the Unix epoch, for the `created` fields.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
