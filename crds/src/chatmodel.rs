@@ -29,35 +29,48 @@ use crate::finetunejob::PullPolicy;
     printcolumn = r#"{"name": "AGE", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::common::unwrap_descriptions)]
 #[x_kube(validation = Rule::new("self.replicas.min > 0 || self.autoscaling.scaleToZero")
     .message("replicas.min is 0: set autoscaling.scaleToZero to allow scaling to zero"))]
 pub struct ChatModelSpec {
+    /// The model to serve: a FineTuneJob's output, a path on a claim or in the image, or a URI (exactly one).
     pub model: ChatModelSource,
-    /// The chat template: `vicuna_v1.1`, or unset for the model's own.
+    /// The chat template prompts are rendered with: `vicuna_v1.1`, or unset for the model's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
+    /// The bounds the autoscaler keeps the number of workers within (default: min 1, max 1).
     #[serde(default)]
     pub replicas: Replicas,
+    /// How the number of workers follows the gateways' load (default: 8 requests in flight per worker, 5m
+    /// before scaling down, never to zero).
     #[serde(default)]
     pub autoscaling: Autoscaling,
-    /// CPU and memory per worker; GPUs come from `gpus`.
+    /// CPU and memory requests and limits per worker; `nvidia.com/gpu` comes from `gpus`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// GPUs per worker (default 0: serve on CPU); sets the workers' `nvidia.com/gpu` requests and limits.
     #[serde(default)]
     #[schemars(range(min = 0, max = 16))]
     pub gpus: i32,
+    /// The GPU model to run on when `gpus` > 0, e.g. `nvidia-l4`: a value of the node label
+    /// `nvidia.com/gpu.product` (`cloud.google.com/gke-accelerator` on GKE). Unset: any GPU node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_type: Option<String>,
+    /// Which workers run on spot nodes (default: none; all on the nodes the scheduler picks).
     #[serde(default)]
     pub spot: ServingSpot,
-    /// The gateway's moderation profile for this model.
+    /// The gateway's moderation profile for this model (a profile name in the gateway's config). An API key's
+    /// own profile takes precedence; unset: the gateway's default profile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moderation: Option<String>,
     /// Names of the gateway's API keys that may use this model (all when empty).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_keys: Vec<String>,
+    /// The worker image (default: the operator's `--worker-image`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// When the worker image is pulled: `Always`, `IfNotPresent` or `Never` (unset: Kubernetes' default,
+    /// `Always` for `:latest` and `IfNotPresent` otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<PullPolicy>,
 }
@@ -65,6 +78,7 @@ pub struct ChatModelSpec {
 /// Where the model comes from: a FineTuneJob's output, a path on a claim (or in the image), or a URI.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::common::unwrap_descriptions)]
 #[x_kube(
     validation = Rule::new("(has(self.fineTuneJob) ? 1 : 0) + (has(self.path) ? 1 : 0) + (has(self.uri) ? 1 : 0) == 1")
         .message("set exactly one of fineTuneJob, path and uri"),
@@ -74,22 +88,30 @@ pub struct ChatModelSource {
     /// A FineTuneJob in this namespace; its exported model is served once it succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fine_tune_job: Option<String>,
+    /// A PersistentVolumeClaim in this namespace that holds `path` (mounted read-only); unset: `path` is
+    /// inside the worker image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_name: Option<String>,
+    /// The HF model directory or `.gguf` file, inside `claimName` or the image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// An `http(s)://` URL of a GGUF file, downloaded by an init container of each worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://"))]
     pub uri: Option<String>,
 }
 
+/// The bounds of the number of workers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::common::unwrap_descriptions)]
 #[x_kube(validation = Rule::new("self.min <= self.max").message("replicas.min must not exceed replicas.max"))]
 pub struct Replicas {
+    /// The fewest workers (default 1); 0 needs `autoscaling.scaleToZero`.
     #[serde(default = "one")]
     #[schemars(range(min = 0, max = 1000))]
     pub min: i32,
+    /// The most workers (default 1); at least `min`.
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 1000))]
     pub max: i32,
@@ -108,16 +130,19 @@ fn one() -> i32 {
 /// Request-driven autoscaling.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::common::unwrap_descriptions)]
 pub struct Autoscaling {
-    /// In-flight requests per replica the autoscaler aims for.
+    /// Requests in flight (running or queued at the gateways) per worker the autoscaler aims for (default 8).
     #[serde(default = "default_target")]
     #[schemars(range(min = 1, max = 10000))]
     pub target_in_flight: i32,
-    /// How long load must stay low before replicas are removed.
+    /// How long load must stay low before workers are removed (default 5m; e.g. `90s`, `1h30m`): the highest
+    /// recommendation of that window wins.
     #[serde(default = "default_delay")]
     #[schemars(regex(pattern = r"^([0-9]+(s|m|h))+$"))]
     pub scale_down_delay: String,
-    /// Scale to zero replicas when idle (needs `replicas.min: 0`); the gateway holds requests while one starts.
+    /// Scale to zero workers after `scaleDownDelay` idle (default false; needs `replicas.min: 0`); the gateways
+    /// hold requests while one starts.
     #[serde(default)]
     pub scale_to_zero: bool,
 }
@@ -143,19 +168,29 @@ fn default_delay() -> String {
 /// Spot for serving: a base of on-demand replicas, the rest on spot nodes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::common::unwrap_descriptions)]
 pub struct ServingSpot {
-    /// Replicas always on on-demand nodes; replicas beyond them go to spot nodes.
+    /// Workers always on on-demand nodes; workers beyond them go to spot nodes. Unset: all workers go to spot
+    /// nodes when `provider` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub base_on_demand: Option<i32>,
+    /// Which cloud's spot node pools spot workers use (their node labels and tolerations); `custom`: only
+    /// `nodeSelector` and `tolerations`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<SpotProvider>,
+    /// Extra node labels for spot workers.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
+    /// Extra tolerations for spot workers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
 }
 
+/// Whether a ChatModel serves: `Pending` (waiting for the model's files, e.g. its FineTuneJob), `Loading` (no
+/// worker ready yet), `Ready` (every desired worker ready), `Degraded` (some), `ScaledToZero` (idle, no
+/// workers; the gateways hold requests while one starts) or `Failed` (the model can never be served).
+// No doc comments on the variants: see `PullPolicy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum ChatModelPhase {
     Pending,
@@ -183,37 +218,52 @@ impl ChatModelPhase {
 /// The last scaling decision and why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::common::unwrap_descriptions)]
 pub struct ScaleDecision {
+    /// When the autoscaler decided.
     pub time: Time,
+    /// Workers before.
     pub from: i32,
+    /// Workers after.
     pub to: i32,
+    /// Why, in words: the load against `targetInFlight`, or the idle time.
     pub reason: String,
 }
 
+/// What is served, by how many workers, and the last scaling decision.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::common::unwrap_descriptions)]
 pub struct ChatModelStatus {
+    /// `Pending`, `Loading`, `Ready`, `Degraded`, `ScaledToZero` or `Failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<ChatModelPhase>,
     /// `ready/desired`, for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready: Option<String>,
+    /// Workers ready to serve (on-demand and spot together).
     #[serde(default)]
     pub ready_replicas: i32,
+    /// Workers the autoscaler wants now.
     #[serde(default)]
     pub desired_replicas: i32,
     /// What is served: the FineTuneJob, path or URI.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
-    /// The model's name at the gateway's `/v1` API.
+    /// The model's name at the gateway's `/v1` API (the ChatModel's name; also its Service).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// A fingerprint of the files served; when it changes, the workers roll to the new model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_revision: Option<String>,
+    /// `ModelAvailable`: the model's files can be served; `Ready`: at least one desired worker is ready.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// The `metadata.generation` of the spec this status reflects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The last scaling decision and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale: Option<ScaleDecision>,
 }

@@ -7,11 +7,14 @@ use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// Files on a volume: a path inside a PersistentVolumeClaim, or (without `claimName`) a path inside the image.
+/// Files on a volume: a path inside a PersistentVolumeClaim, or (without `claimName`) a path inside the
+/// image.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::common::unwrap_descriptions)]
 pub struct VolumePath {
-    /// A PersistentVolumeClaim in the resource's namespace.
+    /// A PersistentVolumeClaim in the resource's namespace, mounted read-only; unset: `path` is inside the
+    /// container image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_name: Option<String>,
     /// The path inside the claim (or, without a claim, inside the container image).
@@ -39,28 +42,34 @@ pub enum SpotProvider {
 /// How training pods use spot capacity.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::common::unwrap_descriptions)]
 #[x_kube(validation = Rule::new("!has(self.provider) || self.provider != 'custom' || (has(self.nodeSelector) && size(self.nodeSelector) > 0)")
     .message("a custom spot provider needs nodeSelector labels that pick its spot nodes"))]
 pub struct SpotPolicy {
-    /// Run on spot nodes while the budget of preemptions and pending time lasts.
+    /// Start on spot nodes and stay there while the budget of preemptions and pending time lasts (default
+    /// true); false runs every attempt on on-demand nodes.
     #[serde(default = "default_true")]
     pub prefer_spot: bool,
+    /// Which cloud's spot node pools to use (their node labels and tolerations); `custom` (or unset): only
+    /// `nodeSelector` and `tolerations`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<SpotProvider>,
     /// Extra node labels for spot attempts (all a `custom` provider has).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
-    /// Extra tolerations for spot attempts.
+    /// Extra tolerations for spot attempts (besides the provider's).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
-    /// Node labels for on-demand attempts (custom pools).
+    /// Node labels for on-demand attempts (custom pools); on-demand pods also keep off the provider's spot
+    /// nodes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub on_demand_node_selector: BTreeMap<String, String>,
-    /// Preemptions after which the next attempt goes to on-demand nodes.
+    /// Preemptions after which the next attempts go to on-demand nodes (default 3; 0: after the first).
     #[serde(default = "default_max_preemptions")]
     #[schemars(range(min = 0, max = 1000))]
     pub max_preemptions: i32,
-    /// How long an attempt may wait for spot nodes before the next one goes to on-demand nodes.
+    /// How long a spot attempt's pods may wait unscheduled before the next attempt goes to on-demand nodes
+    /// (default 10m; e.g. `90s`, `1h30m`).
     #[serde(default = "default_pending_timeout")]
     #[schemars(regex(pattern = r"^([0-9]+(s|m|h))+$"))]
     pub pending_timeout: String,
@@ -76,6 +85,27 @@ impl Default for SpotPolicy {
             on_demand_node_selector: BTreeMap::new(),
             max_preemptions: default_max_preemptions(),
             pending_timeout: default_pending_timeout(),
+        }
+    }
+}
+
+/// Joins the wrapped lines of the descriptions of a type and of its fields into one line each, keeping paragraph
+/// breaks: doc comments wrap at the source's width, `kubectl explain` wraps at the terminal's. Every struct of the
+/// CRDs names it in `#[schemars(transform = ...)]`.
+pub(crate) fn unwrap_descriptions(schema: &mut schemars::Schema) {
+    fn unwrap(description: Option<&mut serde_json::Value>) {
+        if let Some(serde_json::Value::String(text)) = description {
+            *text = text
+                .split("\n\n")
+                .map(|paragraph| paragraph.split('\n').map(str::trim).collect::<Vec<_>>().join(" "))
+                .collect::<Vec<_>>()
+                .join("\n\n");
+        }
+    }
+    unwrap(schema.get_mut("description"));
+    if let Some(serde_json::Value::Object(properties)) = schema.get_mut("properties") {
+        for property in properties.values_mut() {
+            unwrap(property.get_mut("description"));
         }
     }
 }

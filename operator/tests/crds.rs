@@ -88,3 +88,125 @@ fn the_printer_columns_are_the_ones_users_see() {
         crd_cases::CHATMODEL_COLUMNS
     );
 }
+
+/// The Kubernetes types the CRDs embed, as `(name, their own schema)`: their fields are Kubernetes' to document,
+/// and their own description is what an undocumented field of that type shows in `kubectl explain`. (k8s-openapi's
+/// `schemars` feature is on because camelid-crds turns it on for the CRD schemas.)
+fn kubernetes_types() -> Vec<(&'static str, Value)> {
+    use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    use k8s_openapi::schemars::schema_for;
+    [
+        ("Condition", serde_json::to_value(schema_for!(Condition))),
+        ("Quantity", serde_json::to_value(schema_for!(Quantity))),
+        (
+            "ResourceRequirements",
+            serde_json::to_value(schema_for!(ResourceRequirements)),
+        ),
+        ("Time", serde_json::to_value(schema_for!(Time))),
+        ("Toleration", serde_json::to_value(schema_for!(Toleration))),
+    ]
+    .into_iter()
+    .map(|(name, schema)| (name, schema.unwrap()))
+    .collect()
+}
+
+/// The field names of an object schema, sorted.
+fn property_names(schema: &Value) -> Vec<&str> {
+    let mut names: Vec<&str> = schema["properties"]
+        .as_object()
+        .map(|p| p.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    names.sort_unstable();
+    names
+}
+
+/// The path of the first property under `schema` without a description of its own, walking object properties,
+/// array items and map values. A description is its own when it is not empty and not merely the description of
+/// the Kubernetes type the field has (an undocumented `Time` field says "Time is a wrapper around time.Time...").
+/// The walk does not go into objects of Kubernetes' types (ResourceRequirements, Toleration, Condition): those
+/// are recognized by their field names, since a documented field carries our description instead of theirs.
+fn first_undocumented(schema: &Value, path: &str, k8s: &[(&str, Value)]) -> Option<String> {
+    let names = property_names(schema);
+    if !names.is_empty() && k8s.iter().any(|(_, t)| property_names(t) == names) {
+        return None;
+    }
+    if let Some(properties) = schema["properties"].as_object() {
+        for (name, property) in properties {
+            let here = format!("{path}.{name}");
+            let description = property["description"].as_str().unwrap_or_default().trim();
+            if description.is_empty() {
+                return Some(format!(
+                    "{here} has no description: `kubectl explain` shows nothing for it"
+                ));
+            }
+            if let Some((kind, _)) = k8s
+                .iter()
+                .find(|(_, t)| t["description"].as_str().map(str::trim) == Some(description))
+            {
+                return Some(format!(
+                    "{here} only has the description of Kubernetes' {kind}, not what this field means"
+                ));
+            }
+            if let Some(missing) = first_undocumented(property, &here, k8s) {
+                return Some(missing);
+            }
+        }
+    }
+    for (key, suffix) in [("items", "[]"), ("additionalProperties", ".*")] {
+        if schema[key].is_object()
+            && let Some(missing) = first_undocumented(&schema[key], &format!("{path}{suffix}"), k8s)
+        {
+            return Some(missing);
+        }
+    }
+    None
+}
+
+#[test]
+fn every_field_has_a_description_for_kubectl_explain() {
+    let k8s = kubernetes_types();
+    assert!(
+        k8s.iter().all(|(_, t)| t["description"].is_string()),
+        "Kubernetes' types have descriptions"
+    );
+    for (file, yaml) in camelid_operator::crdgen::crd_files().unwrap() {
+        let crd: Value = serde_yaml_ng::from_str(&yaml).unwrap();
+        let kind = crd["spec"]["names"]["kind"].as_str().unwrap().to_string();
+        let root = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        for part in ["spec", "status"] {
+            let schema = &root["properties"][part];
+            assert!(schema.is_object(), "{file}: no {part}");
+            let path = format!("{kind}.{part}");
+            assert!(
+                schema["description"]
+                    .as_str()
+                    .is_some_and(|d| !d.trim().is_empty()),
+                "{file}: {path} has no description"
+            );
+            if let Some(missing) = first_undocumented(schema, &path, &k8s) {
+                panic!("{file}: {missing}; add a doc comment to the field");
+            }
+        }
+    }
+}
+
+#[test]
+fn conditions_are_a_map_list_keyed_by_type() {
+    for (file, yaml) in camelid_operator::crdgen::crd_files().unwrap() {
+        let crd: Value = serde_yaml_ng::from_str(&yaml).unwrap();
+        let conditions = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+            ["conditions"];
+        assert_eq!(conditions["type"], "array", "{file}");
+        assert_eq!(conditions["x-kubernetes-list-type"], "map", "{file}");
+        assert_eq!(
+            conditions["x-kubernetes-list-map-keys"],
+            serde_json::json!(["type"]),
+            "{file}"
+        );
+        // A map-list's keys must be required (or defaulted) in its items.
+        let required = conditions["items"]["required"].as_array().unwrap();
+        assert!(required.iter().any(|r| r == "type"), "{file}: {required:?}");
+    }
+}
