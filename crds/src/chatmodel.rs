@@ -1,14 +1,12 @@
 //! ChatModel: a model served by autoscaled workers behind the gateway (its controller is the ChatModel issue).
 
-use std::collections::BTreeMap;
-
-use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::SpotProvider;
+use crate::common::{ModelSource, SpotPolicy};
 use crate::finetunejob::PullPolicy;
 
 /// The ChatModel spec.
@@ -34,7 +32,7 @@ use crate::finetunejob::PullPolicy;
     .message("replicas.min is 0: set autoscaling.scaleToZero to allow scaling to zero"))]
 pub struct ChatModelSpec {
     /// The model to serve: a FineTuneJob's output, a path on a claim or in the image, or a URI (exactly one).
-    pub model: ChatModelSource,
+    pub model: ModelSource,
     /// The chat template prompts are rendered with: `vicuna_v1.1`, or unset for the model's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
@@ -58,7 +56,7 @@ pub struct ChatModelSpec {
     pub gpu_type: Option<String>,
     /// Which workers run on spot nodes (default: none; all on the nodes the scheduler picks).
     #[serde(default)]
-    pub spot: ServingSpot,
+    pub spot: SpotPolicy,
     /// The gateway's moderation profile for this model (a profile name in the gateway's config). An API key's
     /// own profile takes precedence; unset: the gateway's default profile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -73,32 +71,6 @@ pub struct ChatModelSpec {
     /// `Always` for `:latest` and `IfNotPresent` otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<PullPolicy>,
-}
-
-/// Where the model comes from: a FineTuneJob's output, a path on a claim (or in the image), or a URI.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
-#[serde(rename_all = "camelCase")]
-#[schemars(transform = crate::common::unwrap_descriptions)]
-#[x_kube(
-    validation = Rule::new("(has(self.fineTuneJob) ? 1 : 0) + (has(self.path) ? 1 : 0) + (has(self.uri) ? 1 : 0) == 1")
-        .message("set exactly one of fineTuneJob, path and uri"),
-    validation = Rule::new("!has(self.claimName) || has(self.path)").message("claimName needs a path inside the claim")
-)]
-pub struct ChatModelSource {
-    /// A FineTuneJob in this namespace; its exported model is served once it succeeds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fine_tune_job: Option<String>,
-    /// A PersistentVolumeClaim in this namespace that holds `path` (mounted read-only); unset: `path` is
-    /// inside the worker image.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub claim_name: Option<String>,
-    /// The HF model directory or `.gguf` file, inside `claimName` or the image.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    /// An `http(s)://` URL of a GGUF file, downloaded by an init container of each worker.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^https?://"))]
-    pub uri: Option<String>,
 }
 
 /// The bounds of the number of workers.
@@ -163,28 +135,6 @@ fn default_target() -> i32 {
 
 fn default_delay() -> String {
     "5m".into()
-}
-
-/// Spot for serving: a base of on-demand replicas, the rest on spot nodes.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
-#[serde(rename_all = "camelCase")]
-#[schemars(transform = crate::common::unwrap_descriptions)]
-pub struct ServingSpot {
-    /// Workers always on on-demand nodes; workers beyond them go to spot nodes. Unset: all workers go to spot
-    /// nodes when `provider` is set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0, max = 1000))]
-    pub base_on_demand: Option<i32>,
-    /// Which cloud's spot node pools spot workers use (their node labels and tolerations); `custom`: only
-    /// `nodeSelector` and `tolerations`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub provider: Option<SpotProvider>,
-    /// Extra node labels for spot workers.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub node_selector: BTreeMap<String, String>,
-    /// Extra tolerations for spot workers.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tolerations: Vec<Toleration>,
 }
 
 /// Whether a ChatModel serves: `Pending` (waiting for the model's files, e.g. its FineTuneJob), `Loading` (no

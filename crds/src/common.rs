@@ -39,15 +39,43 @@ pub enum SpotProvider {
     Custom,
 }
 
-/// How training pods use spot capacity.
+/// A model: a FineTuneJob's exported model (ChatModels only), a path on a claim (or in the image), or a URI.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::common::unwrap_descriptions)]
+#[x_kube(
+    validation = Rule::new("(has(self.fineTuneJob) ? 1 : 0) + (has(self.path) ? 1 : 0) + (has(self.uri) ? 1 : 0) == 1")
+        .message("set exactly one of fineTuneJob, path and uri"),
+    validation = Rule::new("!has(self.claimName) || has(self.path)").message("claimName needs a path inside the claim")
+)]
+pub struct ModelSource {
+    /// A FineTuneJob in this namespace, whose exported model a ChatModel serves once the job succeeds (a
+    /// FineTuneJob's `baseModel` cannot name one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fine_tune_job: Option<String>,
+    /// A PersistentVolumeClaim in this namespace that holds `path` (mounted read-only); unset: `path` is inside
+    /// the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_name: Option<String>,
+    /// The HF model directory or `.gguf` file, inside `claimName` or the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// An `http(s)://` URL of a GGUF file, downloaded by an init container before the trainer or worker starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub uri: Option<String>,
+}
+
+/// How pods use spot capacity: a FineTuneJob's attempts (all on spot while the budget of preemptions and pending
+/// time lasts, then on-demand), or a ChatModel's workers (a base on on-demand nodes, the rest on spot).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = crate::common::unwrap_descriptions)]
 #[x_kube(validation = Rule::new("!has(self.provider) || self.provider != 'custom' || (has(self.nodeSelector) && size(self.nodeSelector) > 0)")
     .message("a custom spot provider needs nodeSelector labels that pick its spot nodes"))]
 pub struct SpotPolicy {
-    /// Start on spot nodes and stay there while the budget of preemptions and pending time lasts (default
-    /// true); false runs every attempt on on-demand nodes.
+    /// Use spot nodes (default true): a FineTuneJob starts there and stays while the budget of preemptions and
+    /// pending time lasts; a ChatModel puts its workers beyond `baseOnDemand` there. False: on-demand nodes only.
     #[serde(default = "default_true")]
     pub prefer_spot: bool,
     /// Which cloud's spot node pools to use (their node labels and tolerations); `custom` (or unset): only
@@ -64,12 +92,18 @@ pub struct SpotPolicy {
     /// nodes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub on_demand_node_selector: BTreeMap<String, String>,
-    /// Preemptions after which the next attempts go to on-demand nodes (default 3; 0: after the first).
+    /// ChatModels only: workers always on on-demand nodes; workers beyond them go to spot nodes. Unset: all
+    /// workers go to spot nodes when `provider` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub base_on_demand: Option<i32>,
+    /// FineTuneJobs only: preemptions after which the next attempts go to on-demand nodes (default 3; 0: after
+    /// the first).
     #[serde(default = "default_max_preemptions")]
     #[schemars(range(min = 0, max = 1000))]
     pub max_preemptions: i32,
-    /// How long a spot attempt's pods may wait unscheduled before the next attempt goes to on-demand nodes
-    /// (default 10m; e.g. `90s`, `1h30m`).
+    /// FineTuneJobs only: how long a spot attempt's pods may wait unscheduled before the next attempt goes to
+    /// on-demand nodes (default 10m; e.g. `90s`, `1h30m`).
     #[serde(default = "default_pending_timeout")]
     #[schemars(regex(pattern = r"^([0-9]+(s|m|h))+$"))]
     pub pending_timeout: String,
@@ -83,6 +117,7 @@ impl Default for SpotPolicy {
             node_selector: BTreeMap::new(),
             tolerations: Vec::new(),
             on_demand_node_selector: BTreeMap::new(),
+            base_on_demand: None,
             max_preemptions: default_max_preemptions(),
             pending_timeout: default_pending_timeout(),
         }

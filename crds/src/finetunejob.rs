@@ -7,7 +7,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{SpotPolicy, VolumePath};
+use crate::common::{ModelSource, SpotPolicy, VolumePath};
 
 /// The FineTuneJob spec.
 #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
@@ -30,9 +30,15 @@ use crate::common::{SpotPolicy, VolumePath};
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = crate::common::unwrap_descriptions)]
-#[x_kube(validation = Rule::new(
-    "self.hyperparameters.globalBatch % (self.workers * (self.gpusPerWorker > 0 ? self.gpusPerWorker : 1) * self.hyperparameters.microBatch) == 0"
-).message("hyperparameters.globalBatch must be a multiple of workers x gpusPerWorker x hyperparameters.microBatch (each GPU, or each worker without GPUs, takes whole micro-batches)"))]
+#[x_kube(
+    validation = Rule::new(
+        "self.hyperparameters.globalBatch % (self.workers * (self.gpusPerWorker > 0 ? self.gpusPerWorker : 1) * self.hyperparameters.microBatch) == 0"
+    ).message("hyperparameters.globalBatch must be a multiple of workers x gpusPerWorker x hyperparameters.microBatch (each GPU, or each worker without GPUs, takes whole micro-batches)"),
+    validation = Rule::new("!has(self.baseModel.fineTuneJob)")
+        .message("baseModel.fineTuneJob: a FineTuneJob trains from files; name the other job's output claim and path"),
+    validation = Rule::new("!has(self.spot.baseOnDemand)")
+        .message("spot.baseOnDemand is for ChatModels: a FineTuneJob's gang runs on one kind of capacity at a time")
+)]
 pub struct FineTuneJobSpec {
     /// The model to fine-tune: an HF directory or a GGUF file, on a claim, in the image, or downloaded from a
     /// URI.
@@ -116,29 +122,6 @@ impl PullPolicy {
             PullPolicy::Never => "Never",
         }
     }
-}
-
-/// A model: a path on a claim (or in the image), or a URI fetched before training.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
-#[serde(rename_all = "camelCase")]
-#[schemars(transform = crate::common::unwrap_descriptions)]
-#[x_kube(
-    validation = Rule::new("has(self.path) != has(self.uri)").message("set exactly one of path and uri"),
-    validation = Rule::new("!has(self.claimName) || has(self.path)").message("claimName needs a path inside the claim")
-)]
-pub struct ModelSource {
-    /// A PersistentVolumeClaim in the job's namespace that holds `path` (mounted read-only); unset: `path` is
-    /// inside the trainer image.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub claim_name: Option<String>,
-    /// The HF model directory or `.gguf` file, inside `claimName` or the image. Set this or `uri`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    /// An `http(s)://` URL of a GGUF file, downloaded by an init container before training. Set this or
-    /// `path`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^https?://"))]
-    pub uri: Option<String>,
 }
 
 /// Training settings (Vicuna's defaults where unset).

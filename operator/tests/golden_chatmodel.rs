@@ -138,6 +138,25 @@ fn without_an_on_demand_base_there_is_one_deployment_and_a_uri_is_downloaded_fir
 }
 
 #[test]
+fn prefer_spot_off_keeps_every_worker_on_demand_and_on_its_own_pools() {
+    // The same spot policy as a FineTuneJob's: `preferSpot: false` and `onDemandNodeSelector` mean the same here.
+    let mut model = example();
+    model.spec.spot.prefer_spot = false;
+    model
+        .spec
+        .spot
+        .on_demand_node_selector
+        .insert("pool".into(), "steady".into());
+    assert_eq!(split(&model, 3), (3, 0));
+    let c = children(&model, &files(), 3, &Settings::default()).unwrap();
+    let pod = value(&c.workers)["spec"]["template"]["spec"].clone();
+    assert_eq!(pod["nodeSelector"]["pool"], "steady");
+    assert_eq!(value(&c.workers)["spec"]["replicas"], 3);
+    let spot = c.spot_workers.map(|d| value(&d)["spec"]["replicas"].clone());
+    assert!(spot.as_ref().is_none_or(|r| *r == 0), "{spot:?}");
+}
+
+#[test]
 fn children_need_an_owner() {
     let mut model = example();
     model.metadata.uid = None;

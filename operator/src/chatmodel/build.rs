@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 
 use camelid_contracts::names;
 use camelid_crds::ChatModel;
-use camelid_crds::common::SpotPolicy;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, HTTPGetAction, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
@@ -101,6 +100,7 @@ pub fn labels(model: &ChatModel) -> BTreeMap<String, String> {
 /// How `replicas` split into (on-demand, spot) workers.
 pub fn split(model: &ChatModel, replicas: i32) -> (i32, i32) {
     match model.spec.spot.base_on_demand {
+        _ if !model.spec.spot.prefer_spot => (replicas, 0),
         Some(base) => {
             let on_demand = replicas.min(base.max(0));
             (on_demand, replicas - on_demand)
@@ -109,9 +109,17 @@ pub fn split(model: &ChatModel, replicas: i32) -> (i32, i32) {
     }
 }
 
-/// The capacity of the single Deployment when there is no on-demand base: spot when a provider is named.
+/// The capacity of the single Deployment when there is no on-demand base: spot when a provider is named (and
+/// `preferSpot` is not turned off, which keeps the workers off its spot pools).
 fn single_capacity(model: &ChatModel) -> Option<Capacity> {
-    model.spec.spot.provider.map(|_| Capacity::Spot)
+    let spot = &model.spec.spot;
+    spot.provider.map(|_| {
+        if spot.prefer_spot {
+            Capacity::Spot
+        } else {
+            Capacity::OnDemand
+        }
+    })
 }
 
 fn worker_args(model: &ChatModel, files: &ModelFiles) -> Vec<String> {
@@ -221,23 +229,14 @@ fn worker_volumes(
 /// Where workers on `capacity` go; without a capacity of their own, only their GPUs place them.
 fn worker_placement(model: &ChatModel, capacity: Option<Capacity>) -> Placement {
     let s = &model.spec;
-    match capacity {
-        Some(c) => {
-            let spot = SpotPolicy {
-                provider: s.spot.provider,
-                node_selector: s.spot.node_selector.clone(),
-                tolerations: s.spot.tolerations.clone(),
-                ..SpotPolicy::default()
-            };
-            placement(&spot, c, s.gpus, s.gpu_type.as_deref())
-        }
-        None => placement(
-            &SpotPolicy::default(),
-            Capacity::OnDemand,
-            s.gpus,
-            s.gpu_type.as_deref(),
-        ),
-    }
+    // Without a capacity of its own the Deployment is on-demand: no spot provider keeps it off any pool, and
+    // `onDemandNodeSelector` (custom pools) still applies.
+    placement(
+        &s.spot,
+        capacity.unwrap_or(Capacity::OnDemand),
+        s.gpus,
+        s.gpu_type.as_deref(),
+    )
 }
 
 /// The model's resources, with its GPUs as both limit and request.

@@ -8,8 +8,8 @@ use camelid_contracts::TrainerSettings;
 use camelid_contracts::names;
 use camelid_contracts::settings::Device;
 use camelid_crds::FineTuneJob;
+use camelid_crds::common::ModelSource;
 use camelid_crds::common::VolumePath;
-use camelid_crds::finetunejob::ModelSource;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,

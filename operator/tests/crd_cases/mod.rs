@@ -79,11 +79,19 @@ pub fn finetunejob_cases() -> Vec<(Value, &'static str)> {
         ),
         (
             json!({"spec": {"baseModel": {"uri": "https://x/m.gguf"}}}),
-            "exactly one of path and uri",
+            "exactly one of fineTuneJob, path and uri",
         ),
         (
             json!({"spec": {"baseModel": {"path": null, "claimName": "models"}}}),
-            "exactly one of path and uri",
+            "exactly one of fineTuneJob, path and uri",
+        ),
+        (
+            json!({"spec": {"baseModel": {"claimName": null, "path": null, "fineTuneJob": "earlier"}}}),
+            "baseModel.fineTuneJob: a FineTuneJob trains from files",
+        ),
+        (
+            json!({"spec": {"spot": {"baseOnDemand": 1}}}),
+            "spot.baseOnDemand is for ChatModels",
         ),
         (
             json!({"spec": {"baseModel": {"claimName": null, "path": null, "uri": "ftp://x"}}}),
