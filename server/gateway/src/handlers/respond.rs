@@ -249,11 +249,12 @@ impl Events {
         self.0.send(Ok(SseEvent::default().data(data))).await.is_ok()
     }
 
-    /// Sends an error in OpenAI's shape.
+    /// Sends an error in OpenAI's shape (a client that went away needs no error).
     async fn error(&self, e: &ApiError) {
-        let _ = self
-            .send(serde_json::to_string(&e.body()).unwrap_or_default())
-            .await;
+        let body = serde_json::to_string(&e.body()).unwrap_or_else(|_| {
+            r#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.into()
+        });
+        self.send(body).await;
     }
 }
 
