@@ -4,7 +4,9 @@
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
-use crate::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, Prompt, SamplingFields, Stop};
+use crate::openai::{
+    ChatCompletionRequest, CompletionRequest, Message, MessageContent, Prompt, SamplingFields, Stop,
+};
 
 /// Request limits that protect the gateway and workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,6 +260,34 @@ fn require_model(model: &str) -> Result<String, ApiError> {
 
 pub fn chat(r: ChatCompletionRequest, limits: &Limits) -> Result<Validated, ApiError> {
     let model = require_model(&r.model)?;
+    refuse_unsupported(&r)?;
+    let messages = messages(&r.messages, limits)?;
+    let max_tokens = r.max_completion_tokens.or(r.sampling.max_tokens);
+    let param_name_fix = |e: ApiError| {
+        if r.max_completion_tokens.is_some() && e.param.as_deref() == Some("max_tokens") {
+            e.with_param("max_completion_tokens")
+        } else {
+            e
+        }
+    };
+    let params = params(&r.sampling, max_tokens, limits).map_err(param_name_fix)?;
+    Ok(Validated {
+        api: Api::Chat,
+        model,
+        input: Input::Chat(messages),
+        params,
+        stream: r.sampling.stream,
+        include_usage: r
+            .sampling
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage),
+    })
+}
+
+/// The chat features camelid does not serve (log probabilities, function calling, structured output) are refused
+/// by name rather than ignored.
+fn refuse_unsupported(r: &ChatCompletionRequest) -> Result<(), ApiError> {
     if r.logprobs == Some(true) {
         return Err(ApiError::unsupported("logprobs", "`logprobs` is not supported"));
     }
@@ -284,60 +314,33 @@ pub fn chat(r: ChatCompletionRequest, limits: &Limits) -> Result<Validated, ApiE
             format!("`response_format` {kind:?} is not supported; only \"text\""),
         ));
     }
-    if r.messages.is_empty() {
+    Ok(())
+}
+
+/// The conversation as (role, text) pairs: within the limits, roles known, content text, ending on a turn the
+/// model answers.
+fn messages(input: &[Message], limits: &Limits) -> Result<Vec<(String, String)>, ApiError> {
+    if input.is_empty() {
         return Err(ApiError::invalid(
             "messages",
             "`messages` must contain at least one message",
         ));
     }
-    if r.messages.len() > limits.max_messages {
+    if input.len() > limits.max_messages {
         return Err(ApiError::invalid(
             "messages",
             format!(
                 "`messages` has {} messages; the limit is {}",
-                r.messages.len(),
+                input.len(),
                 limits.max_messages
             ),
         ));
     }
-    let mut messages = Vec::with_capacity(r.messages.len());
+    let mut messages = Vec::with_capacity(input.len());
     let mut chars = 0usize;
-    for (i, m) in r.messages.iter().enumerate() {
-        let role = match m.role.as_str() {
-            "system" | "developer" => "system",
-            "user" => "user",
-            "assistant" => "assistant",
-            other => {
-                return Err(ApiError::invalid(
-                    &format!("messages[{i}].role"),
-                    format!("`messages[{i}].role` {other:?} is not supported; use system, user or assistant"),
-                ));
-            }
-        };
-        let content = match &m.content {
-            Some(MessageContent::Text(t)) => t.clone(),
-            Some(MessageContent::Parts(parts)) => {
-                let mut text = String::new();
-                for (j, p) in parts.iter().enumerate() {
-                    match (p.kind.as_str(), &p.text) {
-                        ("text", Some(t)) => text.push_str(t),
-                        (kind, _) => {
-                            return Err(ApiError::unsupported(
-                                &format!("messages[{i}].content[{j}]"),
-                                format!("content part type {kind:?} is not supported; only text parts"),
-                            ));
-                        }
-                    }
-                }
-                text
-            }
-            None => {
-                return Err(ApiError::invalid(
-                    &format!("messages[{i}].content"),
-                    format!("`messages[{i}].content` is required"),
-                ));
-            }
-        };
+    for (i, m) in input.iter().enumerate() {
+        let role = role(i, &m.role)?;
+        let content = content(i, m.content.as_ref())?;
         chars += content.chars().count();
         messages.push((role.to_string(), content));
     }
@@ -356,27 +359,46 @@ pub fn chat(r: ChatCompletionRequest, limits: &Limits) -> Result<Validated, ApiE
             "the last message must be from the user or system (continuing an assistant message is not supported)",
         ));
     }
-    let max_tokens = r.max_completion_tokens.or(r.sampling.max_tokens);
-    let param_name_fix = |e: ApiError| {
-        if r.max_completion_tokens.is_some() && e.param.as_deref() == Some("max_tokens") {
-            e.with_param("max_completion_tokens")
-        } else {
-            e
+    Ok(messages)
+}
+
+/// Message `i`'s role as the chat template knows it (`developer` is OpenAI's newer name for `system`).
+fn role(i: usize, role: &str) -> Result<&'static str, ApiError> {
+    match role {
+        "system" | "developer" => Ok("system"),
+        "user" => Ok("user"),
+        "assistant" => Ok("assistant"),
+        other => Err(ApiError::invalid(
+            &format!("messages[{i}].role"),
+            format!("`messages[{i}].role` {other:?} is not supported; use system, user or assistant"),
+        )),
+    }
+}
+
+/// Message `i`'s text: a string, or text parts joined (other parts, such as images, are refused by index).
+fn content(i: usize, content: Option<&MessageContent>) -> Result<String, ApiError> {
+    match content {
+        Some(MessageContent::Text(t)) => Ok(t.clone()),
+        Some(MessageContent::Parts(parts)) => {
+            let mut text = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                match (p.kind.as_str(), &p.text) {
+                    ("text", Some(t)) => text.push_str(t),
+                    (kind, _) => {
+                        return Err(ApiError::unsupported(
+                            &format!("messages[{i}].content[{j}]"),
+                            format!("content part type {kind:?} is not supported; only text parts"),
+                        ));
+                    }
+                }
+            }
+            Ok(text)
         }
-    };
-    let params = params(&r.sampling, max_tokens, limits).map_err(param_name_fix)?;
-    Ok(Validated {
-        api: Api::Chat,
-        model,
-        input: Input::Chat(messages),
-        params,
-        stream: r.sampling.stream,
-        include_usage: r
-            .sampling
-            .stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage),
-    })
+        None => Err(ApiError::invalid(
+            &format!("messages[{i}].content"),
+            format!("`messages[{i}].content` is required"),
+        )),
+    }
 }
 
 pub fn completion(r: CompletionRequest, limits: &Limits) -> Result<Validated, ApiError> {
