@@ -129,7 +129,7 @@ impl Worker for WorkerService {
                 ));
             }
         };
-        let span = tracing::debug_span!("generate", request_id = %r.request_id);
+        let span = tracing::info_span!("generate", request_id = %r.request_id);
         let generation = tracing::Instrument::instrument(self.handle.generate(input, params(&r)), span)
             .await
             .map_err(|e| to_status(&e))?;
