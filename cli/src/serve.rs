@@ -19,7 +19,7 @@ pub struct ServeArgs {
     /// Address to serve HTTP on.
     #[arg(long, default_value = "127.0.0.1")]
     host: IpAddr,
-    #[arg(long, default_value_t = 8000)]
+    #[arg(long, default_value_t = camelid_contracts::names::GATEWAY_PORT)]
     port: u16,
     /// The model name clients use (default: the model's file or directory name).
     #[arg(long)]

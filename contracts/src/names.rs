@@ -1,8 +1,5 @@
 //! Labels, annotations, ports and port names that one process writes and another selects or dials.
 
-/// The API group of camelid's resources.
-pub const GROUP: &str = "camelid.dev";
-
 /// On every trainer child and pod: the FineTuneJob it belongs to.
 pub const FINETUNEJOB_LABEL: &str = "camelid.dev/finetunejob";
 /// On trainer pods: the attempt (gang) number.
@@ -33,11 +30,10 @@ pub const TRAINER_PROGRESS_PORT_NAME: &str = "progress";
 /// The gang's rendezvous (rank 0's TCPStore; torchrun's default `MASTER_PORT`).
 pub const RENDEZVOUS_PORT: u16 = 29500;
 pub const RENDEZVOUS_PORT_NAME: &str = "rendezvous";
-/// The gateway's OpenAI API (and `/internal/load`) and its port name, which the operator looks up.
+/// The gateway's OpenAI API (and `/internal/load`) by default (`camelid-gateway`, `camelid serve`), and its port
+/// name on the gateway Service, which the operator looks up.
 pub const GATEWAY_PORT: u16 = 8000;
 pub const GATEWAY_PORT_NAME: &str = "http";
-/// The operator's `/metrics` and health probes.
-pub const OPERATOR_HTTP_PORT: u16 = 8080;
 
 /// Node taints that announce a spot termination (GKE, AWS node-termination-handler, Karpenter, Kubernetes' own
 /// out-of-service, and AKS's spot eviction): the operator restarts a gang away from such nodes, the gateway stops

@@ -5,7 +5,7 @@
 //! front (`checkpoints.intervalSteps` → `checkpointIntervalSteps`).
 //!
 //! Every field is optional: unset means "the next layer decides" (flag over file over Vicuna's defaults, which the
-//! trainer owns).
+//! trainer owns and lays the layers over).
 
 use std::path::PathBuf;
 
@@ -226,22 +226,13 @@ pub struct TrainerSettings {
 }
 
 impl TrainerSettings {
-    /// `self` with every setting that `over` sets taken from `over` (flags over a config file).
-    pub fn overlay(self, over: &TrainerSettings) -> TrainerSettings {
-        let (Ok(serde_json::Value::Object(mut base)), Ok(serde_json::Value::Object(top))) =
-            (serde_json::to_value(&self), serde_json::to_value(over))
-        else {
-            return self;
-        };
-        base.extend(top);
-        serde_json::from_value(serde_json::Value::Object(base)).unwrap_or(self)
-    }
-
     /// The settings as `--flag value` arguments, one pair per set setting (repeated for lists), named after the
-    /// fields as clap names them: `max_length` → `--max-length`.
-    pub fn to_args(&self) -> Vec<String> {
-        let Ok(serde_json::Value::Object(map)) = serde_json::to_value(self) else {
-            return Vec::new();
+    /// fields as clap names them: `max_length` → `--max-length`. Fails only for a path that is not UTF-8.
+    pub fn to_args(&self) -> Result<Vec<String>, serde_json::Error> {
+        let map = match serde_json::to_value(self)? {
+            serde_json::Value::Object(map) => map,
+            // A struct always serializes as an object.
+            _ => serde_json::Map::new(),
         };
         let mut args = Vec::new();
         for (key, value) in map {
@@ -258,7 +249,7 @@ impl TrainerSettings {
                 });
             }
         }
-        args
+        Ok(args)
     }
 }
 
@@ -290,7 +281,7 @@ mod tests {
             blocklist: vec!["a".into(), "b c".into()],
             ..TrainerSettings::default()
         };
-        let args = s.to_args();
+        let args = s.to_args().unwrap();
         let pairs: Vec<(&str, &str)> = args.chunks(2).map(|p| (p[0].as_str(), p[1].as_str())).collect();
         assert!(pairs.contains(&("--learning-rate", "0.00002")), "{pairs:?}");
         assert!(pairs.contains(&("--max-length", "512")));
@@ -310,20 +301,5 @@ mod tests {
         assert_eq!((s.learning_rate, s.max_length), (Some(1e-4), Some(128)));
         let err = serde_json::from_str::<TrainerSettings>(r#"{"lr": 1}"#).unwrap_err();
         assert!(err.to_string().contains("`lr`"), "{err}");
-    }
-
-    #[test]
-    fn flags_override_the_file_setting_by_setting() {
-        let file = TrainerSettings {
-            learning_rate: Some(1e-4),
-            seed: Some(7),
-            ..TrainerSettings::default()
-        };
-        let flags = TrainerSettings {
-            seed: Some(9),
-            ..TrainerSettings::default()
-        };
-        let merged = file.overlay(&flags);
-        assert_eq!((merged.learning_rate, merged.seed), (Some(1e-4), Some(9)));
     }
 }

@@ -35,12 +35,15 @@ pub enum BuildError {
     /// The object has no UID yet (not read from the API server), so children cannot be owned by it.
     #[error("the object has no uid; its children need an owner reference")]
     NoOwner,
+    /// The trainer's settings cannot be written as flags (a path that is not UTF-8).
+    #[error("the trainer settings cannot be written as flags: {0}")]
+    Settings(String),
 }
 
 impl BuildError {
     pub fn category(&self) -> &'static str {
         match self {
-            BuildError::NoOwner => "invalid_spec",
+            BuildError::NoOwner | BuildError::Settings(_) => "invalid_spec",
         }
     }
 }

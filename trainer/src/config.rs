@@ -91,18 +91,20 @@ impl TrainConfig {
         serde_yaml_ng::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    /// Vicuna's defaults with every setting that `settings` sets taken from it.
-    pub fn from_settings(settings: &TrainerSettings) -> Result<Self, String> {
-        // The two structs share their field names (a test holds them to it), so the settings lay over the defaults
+    /// Vicuna's defaults with each layer of settings laid over them in order (a config file, then the flags):
+    /// a setting a later layer sets wins.
+    pub fn from_settings(layers: &[&TrainerSettings]) -> Result<Self, String> {
+        // The two structs share their field names (a test holds them to it), so the layers lay over the defaults
         // as JSON objects.
-        let (Ok(serde_json::Value::Object(mut base)), Ok(serde_json::Value::Object(set))) = (
-            serde_json::to_value(Self::default()),
-            serde_json::to_value(settings),
-        ) else {
-            return Err("settings are not a JSON object".into());
-        };
-        base.extend(set);
-        serde_json::from_value(serde_json::Value::Object(base)).map_err(|e| e.to_string())
+        let mut merged = serde_json::Map::new();
+        for value in std::iter::once(serde_json::to_value(Self::default()))
+            .chain(layers.iter().map(serde_json::to_value))
+        {
+            if let serde_json::Value::Object(set) = value.map_err(|e| e.to_string())? {
+                merged.extend(set);
+            }
+        }
+        serde_json::from_value(serde_json::Value::Object(merged)).map_err(|e| e.to_string())
     }
 
     /// Checks ranges; the message names the setting.
@@ -211,7 +213,7 @@ mod tests {
             "learningRate: 1.0e-4\nmaxLength: 512\nblocklist: [openai]\nactivationCheckpointing: false\n",
         )
         .unwrap();
-        let cfg = TrainConfig::from_settings(&settings).unwrap();
+        let cfg = TrainConfig::from_settings(&[&settings]).unwrap();
         assert_eq!(cfg.activation_checkpointing, Checkpointing::None);
         assert_eq!(
             (cfg.learning_rate, cfg.max_length, cfg.grad_accum),
@@ -254,9 +256,24 @@ mod tests {
     }
 
     #[test]
+    fn flags_override_the_file_setting_by_setting() {
+        let file = TrainerSettings {
+            learning_rate: Some(1e-4),
+            seed: Some(7),
+            ..TrainerSettings::default()
+        };
+        let flags = TrainerSettings {
+            seed: Some(9),
+            ..TrainerSettings::default()
+        };
+        let cfg = TrainConfig::from_settings(&[&file, &flags]).unwrap();
+        assert_eq!((cfg.learning_rate, cfg.seed), (1e-4, 9));
+    }
+
+    #[test]
     fn every_setting_is_a_field_of_the_resolved_config() {
         // from_settings refuses unknown fields, so a setting the contract adds without the trainer knowing fails here.
-        let cfg = TrainConfig::from_settings(&every_setting()).unwrap();
+        let cfg = TrainConfig::from_settings(&[&every_setting()]).unwrap();
         assert_eq!(
             (
                 cfg.checkpoint_interval_steps,
@@ -276,7 +293,7 @@ mod tests {
             settings: TrainerSettings,
         }
         let all = every_setting();
-        let args = std::iter::once("train".to_string()).chain(all.to_args());
+        let args = std::iter::once("train".to_string()).chain(all.to_args().unwrap());
         let parsed = <Train as clap::Parser>::try_parse_from(args).unwrap();
         assert_eq!(parsed.settings, all);
     }

@@ -79,7 +79,7 @@ impl Settings {
             Some(path) => TrainConfig::read_file(path).map_err(TrainError::Config)?,
             None => TrainerSettings::default(),
         };
-        TrainConfig::from_settings(&file.overlay(&self.flags)).map_err(TrainError::Config)
+        TrainConfig::from_settings(&[&file, &self.flags]).map_err(TrainError::Config)
     }
 }
 

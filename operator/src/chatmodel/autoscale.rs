@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 
+use camelid_contracts::load::ModelLoad;
 use camelid_crds::ChatModel;
 use camelid_crds::common::parse_duration;
 
@@ -47,9 +48,6 @@ impl Policy {
     }
 }
 
-/// What the gateways report for one model, summed over gateways.
-pub use camelid_contracts::load::ModelLoad as Load;
-
 /// Recent recommendations of one model (kept by the controller between reconciles, lost on restart: a restarted
 /// operator waits one whole window before scaling down).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -71,7 +69,7 @@ pub struct Decision {
 pub fn decide(
     policy: &Policy,
     current: i32,
-    load: Option<Load>,
+    load: Option<ModelLoad>,
     history: &mut History,
     now: i64,
 ) -> Decision {
@@ -182,12 +180,12 @@ mod tests {
         ..POLICY
     };
 
-    fn load(in_flight: u32, queued: u32) -> Option<Load> {
-        Some(Load { in_flight, queued })
+    fn load(in_flight: u32, queued: u32) -> Option<ModelLoad> {
+        Some(ModelLoad { in_flight, queued })
     }
 
     /// Runs a load trace (second, load) from `start` replicas; returns the replicas after each step.
-    fn trace(policy: &Policy, start: i32, steps: &[(i64, Option<Load>)]) -> Vec<i32> {
+    fn trace(policy: &Policy, start: i32, steps: &[(i64, Option<ModelLoad>)]) -> Vec<i32> {
         let mut history = History::default();
         let mut current = start;
         steps

@@ -24,11 +24,10 @@ use crate::placement::{Capacity, Placement, placement};
 use crate::pod::{DOWNLOAD_DIR, VOLUMES_ROOT, download, on_claim, pod_security, restricted};
 use crate::settings::Settings;
 
-/// The workers' gRPC port.
-pub const GRPC_PORT: i32 = names::WORKER_GRPC_PORT as i32;
-/// The workers' `/metrics`, `/healthz` and `/readyz`.
-pub const HTTP_PORT: i32 = names::WORKER_HTTP_PORT as i32;
-pub use names::{CHATMODEL_LABEL as MODEL_LABEL, POOL_LABEL, REVISION_ANNOTATION};
+/// The workers' gRPC port, as Kubernetes types it.
+const GRPC_PORT: i32 = names::WORKER_GRPC_PORT as i32;
+/// The workers' `/metrics`, `/healthz` and `/readyz`, as Kubernetes types it.
+const HTTP_PORT: i32 = names::WORKER_HTTP_PORT as i32;
 
 /// Where the served model's files are, resolved from the ChatModel's source.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +92,7 @@ pub fn labels(model: &ChatModel) -> BTreeMap<String, String> {
         ("app.kubernetes.io/name".into(), names::APP_NAME.into()),
         ("app.kubernetes.io/component".into(), "worker".into()),
         ("app.kubernetes.io/managed-by".into(), names::MANAGER.into()),
-        (MODEL_LABEL.into(), model.name_any()),
+        (names::CHATMODEL_LABEL.into(), model.name_any()),
     ])
 }
 
@@ -163,7 +162,7 @@ fn pod_template(
     settings: &Settings,
 ) -> PodTemplateSpec {
     let mut labels = labels(model);
-    labels.insert(POOL_LABEL.into(), pool.into());
+    labels.insert(names::POOL_LABEL.into(), pool.into());
     if let Some(c) = capacity {
         labels.insert(names::CAPACITY_LABEL.into(), c.as_str().into());
     }
@@ -173,7 +172,7 @@ fn pod_template(
         metadata: Some(ObjectMeta {
             labels: Some(labels),
             annotations: Some(BTreeMap::from([(
-                REVISION_ANNOTATION.into(),
+                names::REVISION_ANNOTATION.into(),
                 files.revision.clone(),
             )])),
             ..ObjectMeta::default()
@@ -308,7 +307,7 @@ pub fn children(
         ..ObjectMeta::default()
     };
     let selector = BTreeMap::from([
-        (MODEL_LABEL.to_string(), model.name_any()),
+        (names::CHATMODEL_LABEL.to_string(), model.name_any()),
         ("app.kubernetes.io/component".to_string(), "worker".to_string()),
     ]);
     let service = Service {
@@ -320,7 +319,7 @@ pub fn children(
     let deployment = |name: String, replicas: i32, pool: &str, capacity: Option<Capacity>| {
         let template = pod_template(model, files, pool, capacity, settings);
         let mut match_labels = selector.clone();
-        match_labels.insert(POOL_LABEL.into(), pool.into());
+        match_labels.insert(names::POOL_LABEL.into(), pool.into());
         Deployment {
             metadata: meta(name, labels(model)),
             spec: Some(DeploymentSpec {

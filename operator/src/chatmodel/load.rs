@@ -4,13 +4,11 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use camelid_contracts::load::{self, LoadReport as Report};
+use camelid_contracts::load::{self, LoadReport, ModelLoad};
 use camelid_contracts::names;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
 use kube::api::{Api, ListParams};
-
-use super::autoscale::Load;
 
 /// Where the gateways are and the last sum read from them.
 #[derive(Debug)]
@@ -19,7 +17,7 @@ pub struct Gateways {
     /// The gateway Service; its EndpointSlices' ready endpoints are the gateways asked.
     pub service: String,
     http: reqwest::Client,
-    cache: Mutex<Option<(Instant, Option<Report>)>>,
+    cache: Mutex<Option<(Instant, Option<LoadReport>)>>,
 }
 
 impl Gateways {
@@ -34,7 +32,7 @@ impl Gateways {
     }
 
     /// The load of `model` summed over the gateways that answered; `None` when none did.
-    pub async fn load(&self, client: &Client, model: &str) -> Option<Load> {
+    pub async fn load(&self, client: &Client, model: &str) -> Option<ModelLoad> {
         let cached = self.cache.lock().ok().and_then(|c| {
             c.as_ref()
                 .filter(|(at, _)| at.elapsed() < Duration::from_secs(1))
@@ -53,17 +51,17 @@ impl Gateways {
         report.map(|r| r.models.get(model).copied().unwrap_or_default())
     }
 
-    async fn read(&self, client: &Client) -> Option<Report> {
+    async fn read(&self, client: &Client) -> Option<LoadReport> {
         let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &self.namespace);
         let selector = format!("kubernetes.io/service-name={}", self.service);
         let list = slices.list(&ListParams::default().labels(&selector)).await.ok()?;
         let urls = gateway_urls(&list.items);
         let answers = futures_util::future::join_all(urls.iter().map(|url| async move {
             let response = self.http.get(url).send().await.ok()?.error_for_status().ok()?;
-            response.json::<Report>().await.ok()
+            response.json::<LoadReport>().await.ok()
         }))
         .await;
-        let mut sum = Report::default();
+        let mut sum = LoadReport::default();
         let mut any = false;
         for report in answers.into_iter().flatten() {
             any = true;

@@ -151,7 +151,7 @@ pub fn trainer_settings(job: &FineTuneJob) -> TrainerSettings {
 }
 
 /// `camelid-trainer train` arguments for `job`.
-pub fn trainer_args(job: &FineTuneJob) -> Vec<String> {
+pub fn trainer_args(job: &FineTuneJob) -> Result<Vec<String>, BuildError> {
     let mut args = vec![
         "train".to_string(),
         "--resume".into(),
@@ -159,8 +159,11 @@ pub fn trainer_args(job: &FineTuneJob) -> Vec<String> {
         "--progress-addr".into(),
         format!("0.0.0.0:{}", names::TRAINER_PROGRESS_PORT),
     ];
-    args.extend(trainer_settings(job).to_args());
-    args
+    let settings = trainer_settings(job)
+        .to_args()
+        .map_err(|e| BuildError::Settings(e.to_string()))?;
+    args.extend(settings);
+    Ok(args)
 }
 
 /// The children of `job` for `attempt`. Pure: the same inputs give the same objects.
@@ -181,7 +184,7 @@ pub fn children(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> Res
     let pod_labels = attempt_labels(job, attempt);
     let gang = Job {
         metadata: meta(job_name(job, attempt.number), pod_labels.clone()),
-        spec: Some(job_spec(job, attempt, settings, pod_labels)),
+        spec: Some(job_spec(job, attempt, settings, pod_labels)?),
         ..Job::default()
     };
     Ok(Children { service, job: gang })
@@ -227,9 +230,9 @@ fn job_spec(
     attempt: Attempt,
     settings: &Settings,
     labels: BTreeMap<String, String>,
-) -> JobSpec {
+) -> Result<JobSpec, BuildError> {
     let workers = job.spec.workers;
-    JobSpec {
+    Ok(JobSpec {
         completion_mode: Some("Indexed".into()),
         completions: Some(workers),
         parallelism: Some(workers),
@@ -240,14 +243,14 @@ fn job_spec(
                 labels: Some(labels),
                 ..ObjectMeta::default()
             }),
-            spec: Some(pod_spec(job, attempt, settings)),
+            spec: Some(pod_spec(job, attempt, settings)?),
         },
         ..JobSpec::default()
-    }
+    })
 }
 
 /// The pod of one worker of `attempt`: the trainer, its volumes, its placement.
-fn pod_spec(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> PodSpec {
+fn pod_spec(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> Result<PodSpec, BuildError> {
     let s = &job.spec;
     let PodVolumes {
         volumes,
@@ -260,7 +263,7 @@ fn pod_spec(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> PodSpec
         s.gpus_per_worker,
         s.gpu_type.as_deref(),
     );
-    PodSpec {
+    Ok(PodSpec {
         subdomain: Some(service_name(job)),
         restart_policy: Some("Never".into()),
         termination_grace_period_seconds: Some(settings.termination_grace_seconds),
@@ -269,11 +272,11 @@ fn pod_spec(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> PodSpec
         tolerations: (!place.tolerations.is_empty()).then_some(place.tolerations),
         affinity: place.affinity,
         init_containers: (!init_containers.is_empty()).then_some(init_containers),
-        containers: vec![trainer_container(job, attempt, settings, mounts)],
+        containers: vec![trainer_container(job, attempt, settings, mounts)?],
         volumes: Some(volumes),
         security_context: Some(pod_security()),
         ..PodSpec::default()
-    }
+    })
 }
 
 /// A pod's volumes, the trainer's mounts of them, and the init containers that fill them.
@@ -324,15 +327,15 @@ fn trainer_container(
     attempt: Attempt,
     settings: &Settings,
     mounts: Vec<VolumeMount>,
-) -> Container {
+) -> Result<Container, BuildError> {
     let s = &job.spec;
     let resources = trainer_resources(job);
-    Container {
+    Ok(Container {
         name: "trainer".into(),
         image: Some(s.image.clone().unwrap_or_else(|| settings.trainer_image.clone())),
         image_pull_policy: s.image_pull_policy.map(|p| p.as_str().into()),
         command: Some(trainer_command(job)),
-        args: Some(trainer_args(job)),
+        args: Some(trainer_args(job)?),
         env: Some(trainer_env(job, attempt)),
         ports: Some(vec![
             ContainerPort {
@@ -350,7 +353,7 @@ fn trainer_container(
         volume_mounts: Some(mounts),
         security_context: Some(restricted()),
         ..Container::default()
-    }
+    })
 }
 
 /// `camelid-trainer`, or `camelid-trainer launch --nproc N --` for one process per GPU.

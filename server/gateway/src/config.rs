@@ -45,7 +45,7 @@ pub struct GatewayConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            listen: SocketAddr::from(([127, 0, 0, 1], camelid_contracts::names::GATEWAY_PORT)),
             endpoints: Endpoints::new(),
             limits: Limits::default(),
             probe_interval: Duration::from_secs(2),

@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
+use camelid_contracts::names::{CHATMODEL_LABEL, TERMINATION_TAINTS, WORKER_GRPC_PORT_NAME};
 use camelid_crds::ChatModel;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Node;
@@ -21,9 +22,6 @@ use crate::routing::{Endpoints, StaticEndpoints};
 
 /// The label Kubernetes puts on an EndpointSlice: its Service's name (a ChatModel's Service has its name).
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-use camelid_contracts::names::{
-    CHATMODEL_LABEL as MODEL_LABEL, TERMINATION_TAINTS, WORKER_GRPC_PORT_NAME as GRPC_PORT_NAME,
-};
 
 /// What a ChatModel asks of the gateway besides routing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -72,7 +70,7 @@ pub fn endpoints_from(
                 .ports
                 .iter()
                 .flatten()
-                .find(|p| p.name.as_deref() == Some(GRPC_PORT_NAME))
+                .find(|p| p.name.as_deref() == Some(WORKER_GRPC_PORT_NAME))
                 .and_then(|p| p.port)
             else {
                 continue;
@@ -147,7 +145,7 @@ pub fn spawn(client: Client, namespace: Option<String>, sink: Arc<StaticEndpoint
         .default_backoff()
         .reflect(models_writer)
         .map(|event| log_watch_error("ChatModel", event));
-    let slice_events = watcher(slices_api, cfg.clone().labels(MODEL_LABEL))
+    let slice_events = watcher(slices_api, cfg.clone().labels(CHATMODEL_LABEL))
         .default_backoff()
         .reflect(slices_writer)
         .map(|event| log_watch_error("EndpointSlice", event));

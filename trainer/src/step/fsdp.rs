@@ -21,6 +21,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use camelid_c10d::ProcessGroup;
+use camelid_contracts::progress::ShardMemory;
 use camelid_model::Llama;
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -61,8 +62,6 @@ struct Reducing {
     mine: Tensor,
     pending: camelid_c10d::Pending,
 }
-
-pub use camelid_contracts::progress::ShardMemory;
 
 pub struct ShardedEngine {
     group: Rc<ProcessGroup>,

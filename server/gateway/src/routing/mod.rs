@@ -12,4 +12,4 @@ pub mod router;
 pub use endpoints::{EndpointSource, Endpoints, StaticEndpoints, merge};
 pub use generate::{Started, is_transport_failure};
 pub use hold::{Held, HoldLimits};
-pub use router::{Backend, InFlight, ModelLoad, Router};
+pub use router::{Backend, InFlight, Router};

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use camelid_contracts::load::ModelLoad;
 use camelid_proto::v1;
 use camelid_proto::v1::worker_client::WorkerClient;
 use tokio::sync::watch;
@@ -14,9 +15,6 @@ use tonic::transport::Channel;
 
 use super::endpoints::{EndpointSource, Endpoints};
 use crate::metrics::Metrics;
-
-/// One model's load, as the operator's autoscaler reads it from `/internal/load`.
-pub use camelid_contracts::load::ModelLoad;
 
 /// One worker endpoint of one model.
 #[derive(Debug)]
