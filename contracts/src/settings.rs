@@ -229,42 +229,8 @@ impl TrainerSettings {
     /// The settings as `--flag value` arguments, one pair per set setting (repeated for lists), named after the
     /// fields as clap names them: `max_length` → `--max-length`. Fails only for a path that is not UTF-8.
     pub fn to_args(&self) -> Result<Vec<String>, serde_json::Error> {
-        let map = match serde_json::to_value(self)? {
-            serde_json::Value::Object(map) => map,
-            // A struct always serializes as an object.
-            _ => serde_json::Map::new(),
-        };
-        let mut args = Vec::new();
-        for (key, value) in map {
-            let flag = format!("--{}", kebab(&key));
-            let values = match value {
-                serde_json::Value::Array(items) => items,
-                one => vec![one],
-            };
-            for v in values {
-                args.push(flag.clone());
-                args.push(match v {
-                    serde_json::Value::String(s) => s,
-                    other => other.to_string(),
-                });
-            }
-        }
-        Ok(args)
+        crate::flags::to_args(self)
     }
-}
-
-/// `maxLength` → `max-length`.
-fn kebab(camel: &str) -> String {
-    let mut out = String::with_capacity(camel.len() + 4);
-    for c in camel.chars() {
-        if c.is_ascii_uppercase() {
-            out.push('-');
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[cfg(test)]
