@@ -1,4 +1,5 @@
-# camelid-trainer and camelid-worker: CUDA 13 + libtorch from PyPI torch 2.11 (the same libtorch tch 0.24 builds
+# camelid-trainer and camelid-worker (with `camelid`, whose `serve` and `eval gate` the FineTuneJob's evaluation Job
+# runs): CUDA 13 + libtorch from PyPI torch 2.11 (the same libtorch tch 0.24 builds
 # against), non-root (uid 1000, as the operator's pods expect).
 #   docker build -f images/torch.Dockerfile --target trainer -t ghcr.io/camelid-dev/camelid-trainer:0.1.0 .
 #   docker build -f images/torch.Dockerfile --target worker  -t ghcr.io/camelid-dev/camelid-worker:0.1.0 .
@@ -15,7 +16,7 @@ COPY . .
 # The trainer shards across GPUs through c10d's ProcessGroupNCCL: CUDA headers from the toolkit, NCCL's from the
 # nvidia-nccl-cu13 wheel torch installs (c10d/README.md).
 RUN CAMELID_CUDA_INCLUDE=/usr/local/cuda/include \
-    cargo build --release --locked -p camelid-trainer -p camelid-worker --features camelid-trainer/nccl
+    cargo build --release --locked -p camelid-trainer -p camelid-worker -p camelid-cli --features camelid-trainer/nccl
 
 FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 AS runtime
 RUN apt-get update -q && apt-get install -y -q --no-install-recommends python3 libgomp1 \
@@ -30,5 +31,6 @@ ENTRYPOINT ["/usr/local/bin/camelid-trainer"]
 
 FROM runtime AS worker
 COPY --from=build /src/target/release/camelid-worker /usr/local/bin/camelid-worker
+COPY --from=build /src/target/release/camelid /usr/local/bin/camelid
 EXPOSE 50051 9090
 ENTRYPOINT ["/usr/local/bin/camelid-worker"]
