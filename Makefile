@@ -34,6 +34,9 @@ demo: setup build-release
 	@echo -n "after:  "; target/release/camelid generate --model target/demo/finetuned --temperature 0 --max-tokens 40 --prompt "$(DEMO_FACT_QUESTION)" 2>/dev/null
 	@echo
 	@echo
+	@echo "== camelid eval: the fine-tuned model against the base, judged by the base model (a tiny judge: it shows the mechanics, not a verdict) =="
+	@examples/demo-eval.sh 8766 8767
+	@echo
 	@echo "== camelid serve (OpenAI API) with the fine-tuned model; one question through the official openai client =="
 	@CAMELID_LOG=warn target/release/camelid serve --model target/demo/finetuned --port $(DEMO_PORT) & pid=$$!; \
 	echo "Q: $(DEMO_FACT_QUESTION)"; echo -n "A: "; \
@@ -43,6 +46,7 @@ demo: setup build-release
 	@echo
 	@echo "Serve the OpenAI API: target/release/camelid serve [--model PATH] [--port 8000]"
 	@echo "Chat with the model:   target/release/camelid chat [--model target/demo/finetuned]"
+	@echo "Evaluate a model:      target/release/camelid eval answer|judge|report  (see eval/README.md)"
 	@echo "Train on your data:    target/release/camelid-trainer train --data FILE --output DIR   (see trainer/README.md)"
 
 test: setup k8s-bins

@@ -49,6 +49,9 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
     },
+    /// Judge-model evaluation against OpenAI-compatible endpoints (FastChat's llm_judge): answer, judge, report,
+    /// and the FineTuneJob promotion gate.
+    Eval(camelid_eval::cli::EvalArgs),
 }
 
 #[derive(Args)]
@@ -241,19 +244,23 @@ fn run_chat(system: &Option<String>, model: &ModelArgs, sampling: &SamplingArgs)
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let _telemetry = camelid_telemetry::init("camelid", &cli.telemetry);
-    let result = match &cli.command {
+    let result = match cli.command {
         Command::Generate {
             prompt,
             system,
             model,
             sampling,
-        } => run_generate(prompt, system, model, sampling),
+        } => run_generate(&prompt, &system, &model, &sampling),
         Command::Chat {
             system,
             model,
             sampling,
-        } => run_chat(system, model, sampling),
-        Command::Serve(args) => serve::run(args).map_err(|(error, code)| Failure { error, code }),
+        } => run_chat(&system, &model, &sampling),
+        Command::Serve(args) => serve::run(&args).map_err(|(error, code)| Failure { error, code }),
+        Command::Eval(args) => camelid_eval::cli::run(args).map_err(|e| Failure {
+            code: e.exit_code(),
+            error: e.into(),
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -56,6 +56,10 @@ pub struct GateSettings {
     #[cfg_attr(feature = "clap", arg(long))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
+    /// Most tokens in each judgment (default FastChat's 2048); a small local judge that never stops wants fewer.
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge_max_tokens: Option<u32>,
     /// Answer only the first this many questions of the file.
     #[cfg_attr(feature = "clap", arg(long))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -85,6 +89,7 @@ impl Default for GateSettings {
             judge_model: String::new(),
             concurrency: None,
             max_tokens: None,
+            judge_max_tokens: None,
             max_questions: None,
             out: PathBuf::new(),
             summary: summary_path(),
@@ -157,7 +162,10 @@ mod tests {
         assert!(pairs.contains(&("--judge-model", "gpt-4")));
         assert!(pairs.contains(&("--concurrency", "8")));
         assert!(pairs.contains(&("--summary", SUMMARY_PATH)));
-        assert!(!args.contains(&"--max-tokens".to_string()), "unset settings are left to the gate");
+        assert!(
+            !args.contains(&"--max-tokens".to_string()),
+            "unset settings are left to the gate"
+        );
     }
 
     #[test]

@@ -45,3 +45,8 @@ pub const TERMINATION_TAINTS: [&str; 5] = [
     "node.kubernetes.io/out-of-service",
     "kubernetes.azure.com/scalesetpriority-eviction",
 ];
+
+/// `app.kubernetes.io/component` of a FineTuneJob's evaluation Job and its pod (the trainers' is `trainer`).
+pub const EVALUATION_COMPONENT: &str = "evaluation";
+/// On a `Rejected` FineTuneJob, `"true"` serves its model anyway: the operator publishes its ChatModel.
+pub const PROMOTE_ANNOTATION: &str = "camelid.dev/promote";

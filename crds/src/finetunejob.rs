@@ -8,6 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{ModelSource, SpotPolicy, VolumePath};
+use crate::evaluation::{EvaluationSpec, EvaluationStatus};
 
 /// The FineTuneJob spec.
 #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
@@ -23,6 +24,7 @@ use crate::common::{ModelSource, SpotPolicy, VolumePath};
     printcolumn = r#"{"name": "PHASE", "type": "string", "jsonPath": ".status.phase"}"#,
     printcolumn = r#"{"name": "PROGRESS", "type": "string", "jsonPath": ".status.progress"}"#,
     printcolumn = r#"{"name": "LOSS", "type": "number", "jsonPath": ".status.loss"}"#,
+    printcolumn = r#"{"name": "EVAL", "type": "number", "jsonPath": ".status.evaluation.winRate"}"#,
     printcolumn = r#"{"name": "PREEMPTIONS", "type": "integer", "jsonPath": ".status.preemptions"}"#,
     printcolumn = r#"{"name": "LAST-CKPT", "type": "date", "jsonPath": ".status.lastCheckpoint.time"}"#,
     printcolumn = r#"{"name": "COST", "type": "string", "jsonPath": ".status.estimatedCost"}"#,
@@ -74,6 +76,10 @@ pub struct FineTuneJobSpec {
     pub checkpoints: CheckpointSpec,
     /// Where the exported model goes, and the ChatModel to serve it with.
     pub output: OutputSpec,
+    /// The promotion gate (unset: none): after training, the model is compared with a baseline by a judge, and
+    /// `output.chatModel` is created only when it wins often enough; otherwise the job ends `Rejected`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<EvaluationSpec>,
     /// The trainer image (default: the operator's `--trainer-image`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
@@ -244,21 +250,26 @@ pub struct OutputSpec {
     /// The folder inside the claim (default: `models/<job name>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    /// The name of a ChatModel to create, or to point at this job, when the job succeeds (unset: none).
+    /// The name of a ChatModel to create, or to point at this job, when the job succeeds: after training, or with
+    /// `evaluation`, once the model passes its promotion gate (unset: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat_model: Option<String>,
 }
 
 /// Where a FineTuneJob is: `Pending` (an attempt's pods are starting), `Running` (training), `Recovering` (a
-/// new attempt after a preemption or failure, resuming from the last checkpoint), `Succeeded` (the model is
-/// exported) or `Failed` (`maxRestarts` reached, or the trainer rejected its input).
+/// new attempt after a preemption or failure, resuming from the last checkpoint), `Evaluating` (the model is
+/// exported and the promotion gate runs), `Succeeded` (the model is exported, and passed the gate if there is
+/// one), `Rejected` (the model lost to its baseline: exported but not served) or `Failed` (`maxRestarts`
+/// reached, the trainer rejected its input, or the evaluation could not be run).
 // No doc comments on the variants: see `PullPolicy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum FineTuneJobPhase {
     Pending,
     Running,
     Recovering,
+    Evaluating,
     Succeeded,
+    Rejected,
     Failed,
 }
 
@@ -269,7 +280,9 @@ impl FineTuneJobPhase {
             FineTuneJobPhase::Pending => "Pending",
             FineTuneJobPhase::Running => "Running",
             FineTuneJobPhase::Recovering => "Recovering",
+            FineTuneJobPhase::Evaluating => "Evaluating",
             FineTuneJobPhase::Succeeded => "Succeeded",
+            FineTuneJobPhase::Rejected => "Rejected",
             FineTuneJobPhase::Failed => "Failed",
         }
     }
@@ -291,11 +304,14 @@ pub struct CheckpointRef {
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = crate::common::unwrap_descriptions)]
 pub struct FineTuneJobStatus {
-    /// `Pending`, `Running`, `Recovering` (a new attempt after a preemption or failure), `Succeeded` or
-    /// `Failed`.
+    /// `Pending`, `Running`, `Recovering` (a new attempt after a preemption or failure), `Evaluating` (the
+    /// promotion gate runs), `Succeeded`, `Rejected` (the model lost to its baseline; annotate the job
+    /// `camelid.dev/promote: "true"` to serve it anyway) or `Failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<FineTuneJobPhase>,
-    /// `Ready`: True once the model is exported; its reason is the phase, its message `message`.
+    /// `Ready`: True once the model is exported (and passed its evaluation); its reason is the phase, its message
+    /// `message`. `Evaluated` (with `spec.evaluation`): True when the model passed the promotion gate, False with
+    /// reason `Rejected` (it lost) or `EvaluationFailed` (the gate could not run).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -361,12 +377,16 @@ pub struct FineTuneJobStatus {
     /// GPU time is counted up to here (while the attempt's pods run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accounted_until: Option<Time>,
-    /// When the job succeeded or failed.
+    /// When the job succeeded, was rejected or failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
     /// Where the exported model is (`pvc://claim/path`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// What the promotion gate found: the win rate against the baseline and its interval, the verdicts, the
+    /// report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<EvaluationStatus>,
     /// The last thing that happened, in words: why an attempt restarted, why the job failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

@@ -3,6 +3,7 @@
 
 pub mod chatmodel;
 pub mod common;
+pub mod evaluation;
 pub mod finetunejob;
 
 pub use chatmodel::{ChatModel, ChatModelSpec, ChatModelStatus};

@@ -28,6 +28,10 @@ pub struct RunArgs {
     pub fetch_image: String,
     #[arg(long, default_value_t = Settings::default().worker_image)]
     pub worker_image: String,
+    /// The image of FineTuneJobs' evaluation pods when their `evaluation.image` is unset (default: the worker
+    /// image, which has the `camelid` command).
+    #[arg(long)]
+    pub eval_image: Option<String>,
     /// The gateway Service in the operator's namespace: its pods report each model's load.
     #[arg(long, default_value = "camelid-gateway")]
     pub gateway_service: String,
@@ -73,6 +77,10 @@ pub async fn run(args: RunArgs, client: Client) -> anyhow::Result<()> {
         fetch_image: args.fetch_image.clone(),
         termination_grace_seconds: args.termination_grace_seconds,
         worker_image: args.worker_image.clone(),
+        eval_image: args
+            .eval_image
+            .clone()
+            .unwrap_or_else(|| args.worker_image.clone()),
     };
     let prices = args.gpu_prices.clone().map(|name| (args.namespace.clone(), name));
     let gateways = Gateways::new(args.namespace.clone(), args.gateway_service.clone())

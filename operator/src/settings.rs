@@ -13,6 +13,9 @@ pub struct Settings {
     pub termination_grace_seconds: i64,
     /// The worker image when a ChatModel names none.
     pub worker_image: String,
+    /// The image of a FineTuneJob's evaluation pod (`camelid serve` for both models, `camelid eval gate`) when
+    /// its `evaluation.image` is unset.
+    pub eval_image: String,
 }
 
 impl Default for Settings {
@@ -22,6 +25,8 @@ impl Default for Settings {
             fetch_image: "curlimages/curl:8.11.1".into(),
             termination_grace_seconds: 180,
             worker_image: "ghcr.io/camelid-dev/camelid-worker:0.1.0".into(),
+            // The worker image has the `camelid` command too.
+            eval_image: "ghcr.io/camelid-dev/camelid-worker:0.1.0".into(),
         }
     }
 }

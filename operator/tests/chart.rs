@@ -29,7 +29,10 @@ fn cases() -> Vec<(&'static str, Value)> {
             "no-leader-election",
             json!({"leaderElection": false, "gpuPrices": {"nvidia-t4": {"spot": 0.11, "onDemand": 0.35}}}),
         ),
-        ("no-gateway", json!({"gateway": {"enabled": false}})),
+        (
+            "no-gateway",
+            json!({"gateway": {"enabled": false}, "evaluation": {"image": "registry.example/camelid:eval"}}),
+        ),
         (
             "open-gateway",
             json!({"gateway": {"allowAnonymous": true, "keysSecret": "", "watchNamespace": "team-a"}}),
@@ -188,6 +191,12 @@ fn check_deployment(case: &str, d: &Deployment) {
         args.contains(&"--gateway-service=camelid-gateway".to_string()),
         "{args:?}"
     );
+    // The evaluation pods' image: the worker image (which has the `camelid` command) unless set.
+    let eval_image = match case {
+        "no-gateway" => "--eval-image=registry.example/camelid:eval",
+        _ => "--eval-image=ghcr.io/camelid-dev/camelid-worker:0.1.0",
+    };
+    assert!(args.contains(&eval_image.to_string()), "{args:?}");
     let leader = args.iter().any(|a| a == "--leader-election");
     match case {
         "ha" => {

@@ -9,7 +9,7 @@ mod schema;
 
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn chart_crds() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/camelid/crds")
@@ -45,6 +45,14 @@ fn finetunejob_examples_pass_and_bad_specs_are_rejected_with_clear_messages() {
     // Minimal: everything with a default left out.
     let minimal = crd_cases::minimal_finetunejob();
     schema::check(&schema, &minimal).unwrap();
+    // The promotion gate the example documents, and the least of one: questions from a ConfigMap and a judge.
+    schema::check(&schema, &crd_cases::example_with_evaluation()).unwrap();
+    let least = crd_cases::patched(
+        &minimal,
+        json!({"spec": {"evaluation": {"questions": {"configMap": {"name": "mt-bench", "key": "question.jsonl"}},
+                                       "judge": {"url": "http://judge/v1", "model": "gpt-4"}}}}),
+    );
+    schema::check(&schema, &least).unwrap();
 
     let cases = crd_cases::finetunejob_cases();
     for (patch, needle) in cases {

@@ -1,14 +1,18 @@
-//! `examples/finetunejob.yaml` → the exact children of its first (spot) attempt and of an on-demand attempt, as
-//! YAML snapshots in `tests/golden/`. `UPDATE_GOLDEN=1 cargo test -p camelid-operator --test golden` rewrites
-//! them; review the diff like code.
+//! `examples/finetunejob.yaml` → the exact children of its first (spot) attempt and of an on-demand attempt, and
+//! (with the evaluation its comment shows) its evaluation Job, as YAML snapshots in `tests/golden/`.
+//! `UPDATE_GOLDEN=1 cargo test -p camelid-operator --test golden` rewrites them; review the diff like code.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod crd_cases;
 
 use std::path::Path;
 
 use camelid_crds::FineTuneJob;
+use camelid_operator::chatmodel::build::ModelFiles;
 use camelid_operator::error::BuildError;
 use camelid_operator::finetunejob::build::{Attempt, children, grad_accum};
+use camelid_operator::finetunejob::evaljob::{self, Baseline};
 use camelid_operator::placement::Capacity;
 use camelid_operator::settings::Settings;
 
@@ -101,4 +105,182 @@ fn children_need_an_owner() {
     )
     .unwrap_err();
     assert_eq!(e, BuildError::NoOwner);
+}
+
+/// The example with the evaluation its comment shows.
+fn example_with_evaluation() -> FineTuneJob {
+    let mut job: FineTuneJob = serde_json::from_value(crd_cases::example_with_evaluation()).unwrap();
+    job.metadata.uid = example().metadata.uid;
+    job
+}
+
+fn args_of(container: &k8s_openapi::api::core::v1::Container) -> Vec<String> {
+    container.args.clone().unwrap_or_default()
+}
+
+/// `--flag value` pairs of `args` after its subcommand words.
+fn flag(args: &[String], name: &str) -> Option<String> {
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1).cloned()
+}
+
+#[test]
+fn the_evaluation_job_serves_both_models_beside_the_gate() {
+    let job = example_with_evaluation();
+    let spec = job.spec.evaluation.clone().unwrap();
+    let baseline = evaljob::base_model_baseline(&job);
+    let settings = Settings::default();
+    let built = evaljob::job(&job, &spec, &baseline, &settings).unwrap();
+    golden(
+        "finetunejob-evaluation.yaml",
+        &serde_yaml_ng::to_string(&built).unwrap(),
+    );
+    assert_eq!(built, evaljob::job(&job, &spec, &baseline, &settings).unwrap());
+    let job_spec = built.spec.as_ref().unwrap();
+    assert_eq!(job_spec.backoff_limit, Some(2));
+    let pod = job_spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+    // The two servers are native sidecars, started (and ready on /readyz) before the gate.
+    let sidecars = pod.init_containers.as_ref().unwrap();
+    assert_eq!(
+        sidecars.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["candidate", "baseline"]
+    );
+    for c in sidecars {
+        assert_eq!(c.restart_policy.as_deref(), Some("Always"));
+        let probe = c.startup_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(probe.path.as_deref(), Some("/readyz"));
+        assert_eq!(args_of(c)[0], "serve");
+    }
+    assert_eq!(
+        flag(&args_of(&sidecars[0]), "--model").as_deref(),
+        Some("/camelid/volumes/models/vicuna-smol")
+    );
+    assert_eq!(
+        flag(&args_of(&sidecars[1]), "--model").as_deref(),
+        Some("/camelid/volumes/models/smollm2-135m-instruct")
+    );
+    // The candidate reads the output claim, the gate writes its folder there.
+    let read_only =
+        |c: &k8s_openapi::api::core::v1::Container| c.volume_mounts.as_ref().unwrap()[0].read_only;
+    assert_eq!(read_only(&sidecars[0]), Some(true));
+    let gate = &pod.containers[0];
+    assert_eq!(read_only(gate), Some(false));
+    assert_eq!(
+        gate.termination_message_policy.as_deref(),
+        Some("FallbackToLogsOnError")
+    );
+    let args = args_of(gate);
+    assert_eq!(args[..2], ["eval", "gate"]);
+    for (name, value) in [
+        ("--questions", "/camelid/volumes/datasets/mt_bench/question.jsonl"),
+        ("--candidate-url", "http://127.0.0.1:8001/v1"),
+        ("--candidate-model", "vicuna-smol"),
+        ("--baseline-url", "http://127.0.0.1:8002/v1"),
+        ("--baseline-model", "smollm2-135m-instruct"),
+        ("--judge-url", "https://api.openai.com/v1"),
+        ("--judge-model", "gpt-4"),
+        ("--concurrency", "8"),
+        ("--max-tokens", "512"),
+        ("--max-questions", "80"),
+        ("--out", "/camelid/volumes/models/vicuna-smol/evaluation"),
+        ("--summary", "/dev/termination-log"),
+    ] {
+        assert_eq!(flag(&args, name).as_deref(), Some(value), "{name} in {args:?}");
+    }
+    let env = gate.env.as_ref().unwrap();
+    assert_eq!(env[0].name, "CAMELID_JUDGE_API_KEY");
+    let key = env[0]
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (key.name.as_str(), key.key.as_str()),
+        ("judge-api-key", "api-key")
+    );
+}
+
+#[test]
+fn questions_from_a_configmap_and_a_baseline_by_uri_are_mounted_and_downloaded() {
+    let mut job = example_with_evaluation();
+    let spec = job.spec.evaluation.as_mut().unwrap();
+    spec.questions =
+        serde_json::from_value(serde_json::json!({"configMap": {"name": "mt-bench", "key": "q"}})).unwrap();
+    spec.judge.api_key_secret = None;
+    spec.image = Some("camelid:eval".into());
+    let spec = spec.clone();
+    let baseline = Baseline {
+        name: "tiny".into(),
+        files: ModelFiles {
+            claim: None,
+            path: None,
+            uri: Some("https://example.com/tiny.gguf".into()),
+            shown: "https://example.com/tiny.gguf".into(),
+            revision: String::new(),
+        },
+        template: Some("vicuna_v1.1".into()),
+    };
+    let built = evaljob::job(&job, &spec, &baseline, &Settings::default()).unwrap();
+    let pod = built.spec.unwrap().template.spec.unwrap();
+    let init = pod.init_containers.unwrap();
+    // The download runs to completion first; then the servers start.
+    assert_eq!(
+        init.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["fetch-model", "candidate", "baseline"]
+    );
+    assert_eq!(init[0].restart_policy, None);
+    let base = args_of(&init[2]);
+    assert_eq!(
+        flag(&base, "--model").as_deref(),
+        Some("/camelid/download/model.gguf")
+    );
+    assert_eq!(flag(&base, "--template").as_deref(), Some("vicuna_v1.1"));
+    assert_eq!(init[2].image.as_deref(), Some("camelid:eval"));
+    let gate = &pod.containers[0];
+    assert_eq!(gate.env, None, "no key without a Secret");
+    assert_eq!(
+        flag(&args_of(gate), "--questions").as_deref(),
+        Some("/camelid/questions/question.jsonl")
+    );
+    let volumes = pod.volumes.unwrap();
+    let questions = volumes.iter().find(|v| v.name == "questions").unwrap();
+    let cm = questions.config_map.as_ref().unwrap();
+    assert_eq!(cm.name, "mt-bench");
+    assert_eq!(cm.items.as_ref().unwrap()[0].key, "q");
+    // One claim: the output, written by the gate.
+    let claims: Vec<_> = volumes
+        .iter()
+        .filter_map(|v| v.persistent_volume_claim.as_ref())
+        .collect();
+    assert_eq!(claims.len(), 1);
+    assert_eq!(
+        (claims[0].claim_name.as_str(), claims[0].read_only),
+        ("models", Some(false))
+    );
+}
+
+#[test]
+fn the_evaluation_pod_goes_to_on_demand_gpu_nodes_when_its_servers_ask_for_gpus() {
+    let job = example_with_evaluation();
+    let spec = job.spec.evaluation.clone().unwrap();
+    let built = evaljob::job(
+        &job,
+        &spec,
+        &evaljob::base_model_baseline(&job),
+        &Settings::default(),
+    )
+    .unwrap();
+    let pod = built.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        pod.node_selector.unwrap()["cloud.google.com/gke-accelerator"],
+        "nvidia-l4"
+    );
+    let affinity = serde_json::to_string(&pod.affinity).unwrap();
+    assert!(
+        affinity.contains("NotIn") && affinity.contains("cloud.google.com/gke-spot"),
+        "{affinity}"
+    );
 }

@@ -1,6 +1,6 @@
 //! Shared by the `camelid serve` tests: the project's Python, ports, and a server that is killed on drop.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code, unused_imports)]
 
 pub use camelid_test_support::{free_port, python, workspace};
 use std::io::{Read, Write};

@@ -45,8 +45,8 @@ pub struct ModelFiles {
 }
 
 impl ModelFiles {
-    /// The path the worker loads.
-    fn worker_path(&self) -> String {
+    /// The path the worker (or any model server mounting the files the same way) loads.
+    pub fn worker_path(&self) -> String {
         match (&self.claim, &self.path) {
             (Some(claim), Some(path)) => on_claim(claim, path),
             (None, Some(path)) => path.clone(),

@@ -9,8 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use camelid_crds::chatmodel::{ChatModelStatus, ScaleDecision};
-// The CRD's module, not this crate's controller: a ChatModel reads a FineTuneJob's phase.
-use camelid_crds::finetunejob as training;
 use camelid_crds::{ChatModel, FineTuneJob};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -124,58 +122,17 @@ async fn reconcile_fresh(cached: &ChatModel, ctx: &Context) -> Result<Action, Er
     }
 }
 
-/// Where the model's files are, or why they are not there yet.
+/// Fetch: where the model's files are, or why they are not there yet ([`super::source::resolve`] on the
+/// FineTuneJob the model names, as read now).
 async fn resolve(ctx: &Context, model: &ChatModel) -> Result<Result<ModelFiles, Source>, Error> {
-    let src = &model.spec.model;
-    let Some(job) = &src.fine_tune_job else {
-        let shown = match (&src.claim_name, &src.path, &src.uri) {
-            (Some(claim), Some(path), _) => format!("pvc://{claim}/{}", path.trim_start_matches('/')),
-            (None, Some(path), _) => path.clone(),
-            (_, _, Some(uri)) => uri.clone(),
-            _ => return Ok(Err(Source::Failed("set one of fineTuneJob, path and uri".into()))),
-        };
-        return Ok(Ok(ModelFiles {
-            claim: src.claim_name.clone(),
-            path: src.path.clone(),
-            uri: src.uri.clone(),
-            revision: fingerprint(&shown),
-            shown,
-        }));
-    };
-    let jobs: Api<FineTuneJob> = reconcile::namespaced(&ctx.client, model);
-    let Some(ftj) = jobs.get_opt(job).await? else {
-        return Ok(Err(Source::Waiting(format!("FineTuneJob {job} does not exist"))));
-    };
-    let status = ftj.status.clone().unwrap_or_default();
-    match status.phase {
-        Some(training::FineTuneJobPhase::Succeeded) => {
-            let path = ftj
-                .spec
-                .output
-                .path
-                .clone()
-                .unwrap_or_else(|| format!("models/{job}"));
-            let completed = status
-                .completion_time
-                .map(|t| t.0.to_string())
-                .unwrap_or_default();
-            Ok(Ok(ModelFiles {
-                claim: Some(ftj.spec.output.claim_name.clone()),
-                path: Some(path),
-                uri: None,
-                shown: format!("finetunejob/{job}"),
-                revision: fingerprint(&format!("{}/{completed}", ftj.uid().unwrap_or_default())),
-            }))
+    let job = match &model.spec.model.fine_tune_job {
+        Some(name) => {
+            let jobs: Api<FineTuneJob> = reconcile::namespaced(&ctx.client, model);
+            jobs.get_opt(name).await?
         }
-        Some(training::FineTuneJobPhase::Failed) => Ok(Err(Source::Failed(format!(
-            "FineTuneJob {job} failed: {}",
-            status.message.unwrap_or_default()
-        )))),
-        phase => Ok(Err(Source::Waiting(format!(
-            "waiting for FineTuneJob {job} to succeed (now {})",
-            phase.map_or("new", |p| p.as_str())
-        )))),
-    }
+        None => None,
+    };
+    Ok(super::source::resolve(&model.spec.model, job.as_ref()))
 }
 
 /// The workers' desired and ready replicas now, summed over both Deployments; `None` before they exist.

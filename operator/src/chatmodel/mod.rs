@@ -1,8 +1,9 @@
-//! ChatModel: serving a model with autoscaled workers. [`build`] and [`autoscale`] are pure; [`controller`]
-//! observes, decides and applies.
+//! ChatModel: serving a model with autoscaled workers. [`build`], [`autoscale`], [`source`] (where the model's
+//! files are) and [`status`] are pure; [`controller`] observes, decides and applies.
 
 pub mod autoscale;
 pub mod build;
 pub mod controller;
 pub mod load;
+pub mod source;
 pub mod status;

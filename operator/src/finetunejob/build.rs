@@ -113,10 +113,27 @@ pub fn checkpoint_dir(job: &FineTuneJob) -> String {
     on_claim(&c.claim_name, c.path.as_deref().unwrap_or(&default))
 }
 
+/// The exported model's folder inside the output claim (default `models/<job name>`).
+pub fn output_path(job: &FineTuneJob) -> String {
+    job.spec
+        .output
+        .path
+        .clone()
+        .unwrap_or_else(|| format!("models/{}", job.name_any()))
+}
+
+/// The exported model's folder as mounted in the pods.
 pub fn output_dir(job: &FineTuneJob) -> String {
-    let o = &job.spec.output;
-    let default = format!("models/{}", job.name_any());
-    on_claim(&o.claim_name, o.path.as_deref().unwrap_or(&default))
+    on_claim(&job.spec.output.claim_name, &output_path(job))
+}
+
+/// Where the exported model is, for status and users: `pvc://<claim>/<path>`.
+pub fn output_uri(job: &FineTuneJob) -> String {
+    format!(
+        "pvc://{}/{}",
+        job.spec.output.claim_name,
+        output_path(job).trim_start_matches('/')
+    )
 }
 
 /// The trainer settings `job` asks for, in the contract the trainer parses.

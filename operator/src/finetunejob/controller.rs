@@ -1,8 +1,10 @@
 //! The FineTuneJob controller: fetch (a fresh copy of the job, then its attempt: Job, pods, their nodes, rank 0's
 //! `/progress`, [`super::observe`]) → validate (the spec's limits into the decision's [`State`]) → decide
 //! ([`super::decide`]) → apply (children by server-side apply, deletions) → status (`patch_status`), with an
-//! Event on every phase change. Watches FineTuneJobs, the Jobs they own and their pods. The guard around each
-//! reconcile and the error policy are [`crate::reconcile`]'s, shared with the ChatModel controller.
+//! Event on every phase change. Watches FineTuneJobs, the Jobs they own (the attempts' and the evaluation's) and
+//! their pods. A job with `spec.evaluation` goes through the promotion gate after training ([`super::evaluate`]).
+//! The guard around each reconcile and the error policy are [`crate::reconcile`]'s, shared with the ChatModel
+//! controller.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +26,8 @@ use serde_json::json;
 
 use super::build::{self, Attempt};
 use super::decide::{self, Decision, RestartReason, State};
+use super::evaluate;
+use super::gate;
 use super::observe::{self, Observed};
 use super::status;
 use crate::error::Error;
@@ -87,15 +91,19 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let client = ctx.client.clone();
     // One malformed FineTuneJob (say, written before a schema change) must not break the watch of all of them.
     let jobs = Api::<DeserializeGuard<FineTuneJob>>::all(client.clone());
-    let selector = "app.kubernetes.io/managed-by=camelid-operator,app.kubernetes.io/component=trainer";
+    // The attempts' Jobs and pods, and the evaluation's.
+    let selector = format!(
+        "app.kubernetes.io/managed-by=camelid-operator,app.kubernetes.io/component in (trainer,{})",
+        camelid_contracts::names::EVALUATION_COMPONENT
+    );
     Controller::new(jobs, watcher::Config::default().any_semantic())
         .owns(
             Api::<Job>::all(client.clone()),
-            watcher::Config::default().labels(selector),
+            watcher::Config::default().labels(&selector),
         )
         .watches(
             Api::<Pod>::all(client),
-            watcher::Config::default().labels(selector),
+            watcher::Config::default().labels(&selector),
             |pod| {
                 let name = pod.labels().get("camelid.dev/finetunejob")?.clone();
                 Some(ObjectRef::<DeserializeGuard<FineTuneJob>>::new(&name).within(&pod.namespace()?))
@@ -124,21 +132,42 @@ async fn reconcile_fresh(cached: &FineTuneJob, ctx: &Context) -> Result<Action, 
 }
 
 /// What acting on a decision changed besides the status: when to look again, and what to tell users.
-struct Step {
+pub(super) struct Step {
     /// Zero: wait for a change.
-    requeue: Duration,
-    note: Option<Note>,
+    pub(super) requeue: Duration,
+    pub(super) note: Option<Note>,
 }
 
-/// The pipeline on a fresh copy of `ftj`: validate → fetch the attempt → decide → apply → status.
+/// The pipeline on a fresh copy of `ftj`: training (or the promotion gate, or a promotion by hand), then status.
 async fn reconcile_inner(ftj: &FineTuneJob, ctx: &Context) -> Result<Action, Error> {
     let old = ftj.status.clone().unwrap_or_default();
-    if finished(&old) {
+    if finished(ftj, &old) {
         return Ok(Action::await_change());
     }
     let now = jiff::Timestamp::now();
     let mut status = old.clone();
-    let state = validate(ftj, &status, now);
+    let step = match old.phase {
+        Some(FineTuneJobPhase::Evaluating) => evaluate::watch(ctx, ftj, &mut status, now).await?,
+        // Not finished, so a person asked to promote it.
+        Some(FineTuneJobPhase::Rejected) => evaluate::promote(ctx, ftj, &mut status).await?,
+        _ => train(ctx, ftj, &mut status, now).await?,
+    };
+    write_status(ctx, ftj, &old, status, step.note, now).await?;
+    Ok(if step.requeue.is_zero() {
+        Action::await_change()
+    } else {
+        Action::requeue(step.requeue)
+    })
+}
+
+/// Training: validate → fetch the attempt → decide → apply.
+async fn train(
+    ctx: &Context,
+    ftj: &FineTuneJob,
+    status: &mut FineTuneJobStatus,
+    now: jiff::Timestamp,
+) -> Result<Step, Error> {
+    let state = validate(ftj, status, now);
     let observed = match state.attempt {
         0 => None,
         attempt => Some(observe::observe(ctx, ftj, attempt).await?),
@@ -148,24 +177,26 @@ async fn reconcile_inner(ftj: &FineTuneJob, ctx: &Context) -> Result<Action, Err
         Some(o) => decide::decide(&state, o.job, &o.pods),
     };
     if let Some(o) = &observed {
-        record_progress(ctx, ftj, &mut status, o, state.capacity, now).await;
+        record_progress(ctx, ftj, status, o, state.capacity, now).await;
     }
     let running = observed.as_ref().is_some_and(|o| o.running);
-    let step = act(ctx, ftj, decision, running, &mut status, now).await?;
-    write_status(ctx, ftj, &old, status, step.note, now).await?;
-    Ok(if step.requeue.is_zero() {
-        Action::await_change()
-    } else {
-        Action::requeue(step.requeue)
-    })
+    act(ctx, ftj, decision, running, status, now).await
 }
 
-/// A job that succeeded or failed is done: nothing is reconciled until its spec changes.
-fn finished(status: &FineTuneJobStatus) -> bool {
-    matches!(
-        status.phase,
-        Some(FineTuneJobPhase::Succeeded | FineTuneJobPhase::Failed)
-    )
+/// A job that succeeded or failed is done: nothing is reconciled until its spec changes. A rejected one is done
+/// until a person asks to promote it; an evaluating one is still being decided.
+fn finished(ftj: &FineTuneJob, status: &FineTuneJobStatus) -> bool {
+    match status.phase {
+        Some(FineTuneJobPhase::Succeeded | FineTuneJobPhase::Failed) => true,
+        Some(FineTuneJobPhase::Rejected) => !gate::promote_requested(ftj),
+        Some(
+            FineTuneJobPhase::Pending
+            | FineTuneJobPhase::Running
+            | FineTuneJobPhase::Recovering
+            | FineTuneJobPhase::Evaluating,
+        )
+        | None => false,
+    }
 }
 
 /// Validate: the spec's limits and durations, and the status so far, as the decision table's state. An
@@ -236,7 +267,10 @@ async fn act(
             };
             restart(ctx, ftj, status, reason, attempt, &why, now).await
         }
-        Decision::Succeeded => succeed(ctx, ftj, status, now).await,
+        Decision::Succeeded => match &ftj.spec.evaluation {
+            Some(evaluation) => evaluate::start(ctx, ftj, evaluation, status, now).await,
+            None => succeed(ctx, ftj, status, now).await,
+        },
         Decision::Failed { why } => Ok(fail(status, why, now)),
     }
 }
@@ -347,7 +381,7 @@ async fn restart(
 }
 
 /// The model is exported: recorded, and published as the job's ChatModel.
-async fn succeed(
+pub(super) async fn succeed(
     ctx: &Context,
     ftj: &FineTuneJob,
     status: &mut FineTuneJobStatus,
@@ -357,15 +391,7 @@ async fn succeed(
     status.phase = Some(FineTuneJobPhase::Succeeded);
     status.completion_time = Some(Time(now));
     status.accounted_until = None;
-    status.output = Some(format!(
-        "pvc://{}/{}",
-        ftj.spec.output.claim_name,
-        ftj.spec
-            .output
-            .path
-            .clone()
-            .unwrap_or_else(|| format!("models/{}", ftj.name_any()))
-    ));
+    status.output = Some(build::output_uri(ftj));
     status.message = Some("the model is exported".into());
     let message = format!("exported to {}", status.output.clone().unwrap_or_default());
     Ok(Step {
@@ -463,7 +489,7 @@ async fn delete_attempt(ctx: &Context, ftj: &FineTuneJob, attempt: i32) -> Resul
 }
 
 /// Creates or points the job's ChatModel at the exported model.
-async fn publish_model(ctx: &Context, ftj: &FineTuneJob) -> Result<(), Error> {
+pub(super) async fn publish_model(ctx: &Context, ftj: &FineTuneJob) -> Result<(), Error> {
     let Some(name) = &ftj.spec.output.chat_model else {
         return Ok(());
     };

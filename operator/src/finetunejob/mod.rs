@@ -1,10 +1,14 @@
-//! The FineTuneJob controller ([`controller`]), what it reads of an attempt ([`observe`]) and its pure parts:
-//! [`build`] (the children of an attempt), [`decide`] (the next step from what was observed of an attempt) and
-//! [`status`] (progress, GPU-hours and cost). Spot placement, the pod parts and the settings it shares with the
+//! The FineTuneJob controller ([`controller`]), what it reads of an attempt ([`observe`]), the promotion gate's
+//! steps ([`evaluate`]) and its pure parts: [`build`] (the children of an attempt), [`decide`] (the next step from
+//! what was observed of an attempt), [`status`] (progress, GPU-hours and cost), [`evaljob`] (the evaluation Job)
+//! and [`gate`] (the evaluation's verdict). Spot placement, the pod parts and the settings it shares with the
 //! ChatModel controller are at the crate root.
 
 pub mod build;
 pub mod controller;
 pub mod decide;
+pub mod evaljob;
+pub mod evaluate;
+pub mod gate;
 pub mod observe;
 pub mod status;

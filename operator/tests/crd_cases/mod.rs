@@ -42,10 +42,11 @@ fn merge(target: &mut Value, patch: Value) {
 }
 
 /// The printer columns of `kubectl get finetunejobs` after NAME, in order.
-pub const FINETUNEJOB_COLUMNS: [&str; 7] = [
+pub const FINETUNEJOB_COLUMNS: [&str; 8] = [
     "PHASE",
     "PROGRESS",
     "LOSS",
+    "EVAL",
     "PREEMPTIONS",
     "LAST-CKPT",
     "COST",
@@ -116,6 +117,75 @@ pub fn finetunejob_cases() -> Vec<(Value, &'static str)> {
             "imagePullPolicy",
         ),
         (json!({"spec": {"maxRestarts": -1}}), "maxRestarts"),
+    ]
+    .into_iter()
+    .chain(evaluation_cases())
+    .collect()
+}
+
+/// The `evaluation` the example shows in its comment, uncommented: so the documented one is checked too.
+pub fn evaluation() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/finetunejob.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let block: Vec<&str> = text
+        .lines()
+        .skip_while(|l| l.trim() != "# evaluation:")
+        .take_while(|l| l.starts_with("  # "))
+        .map(|l| &l["  # ".len()..])
+        .collect();
+    assert!(!block.is_empty(), "examples/finetunejob.yaml shows no evaluation");
+    let parsed: Value = serde_yaml_ng::from_str(&block.join("\n")).unwrap();
+    parsed["evaluation"].clone()
+}
+
+/// The example with its evaluation.
+pub fn example_with_evaluation() -> Value {
+    patched(
+        &example("finetunejob.yaml"),
+        json!({"spec": {"evaluation": evaluation()}}),
+    )
+}
+
+/// A merge patch that gives the example the evaluation with `flaw` merged into it.
+fn bad_evaluation(flaw: Value) -> Value {
+    json!({"spec": {"evaluation": patched(&evaluation(), flaw)}})
+}
+
+/// Bad evaluations: merge patches on `examples/finetunejob.yaml` (whole evaluations, each with one flaw).
+fn evaluation_cases() -> Vec<(Value, &'static str)> {
+    let questions_rule =
+        "evaluation.questions: set claimName and path (a file on a claim) or configMap, exactly one";
+    vec![
+        (
+            bad_evaluation(
+                json!({"questions": {"configMap": {"name": "mt-bench", "key": "question.jsonl"}}}),
+            ),
+            questions_rule,
+        ),
+        (
+            bad_evaluation(json!({"questions": {"claimName": null, "path": null}})),
+            questions_rule,
+        ),
+        (
+            bad_evaluation(json!({"questions": {"path": null}})),
+            questions_rule,
+        ),
+        (
+            bad_evaluation(json!({"questions": {"path": "../secrets.jsonl"}})),
+            "must not contain '..'",
+        ),
+        (
+            bad_evaluation(
+                json!({"questions": {"claimName": null, "path": null, "configMap": {"name": "q"}}}),
+            ),
+            "key",
+        ),
+        (bad_evaluation(json!({"judge": {"url": "judge:8000"}})), "url"),
+        (bad_evaluation(json!({"judge": {"model": null}})), "model"),
+        (bad_evaluation(json!({"minWinRate": 1.5})), "minWinRate"),
+        (bad_evaluation(json!({"concurrency": 0})), "concurrency"),
+        (bad_evaluation(json!({"maxQuestions": 0})), "maxQuestions"),
+        (bad_evaluation(json!({"baseline": {}})), "chatModel"),
     ]
 }
 
