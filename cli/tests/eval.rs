@@ -207,6 +207,7 @@ fn answer_judge_report_and_gate_against_camelid_serve_resuming_after_sigkill() {
 
     // The gate, as the evaluation Job runs it: two servers, a summary the operator can read.
     let gate_dir = root.join("gate");
+    let _ = std::fs::remove_dir_all(&gate_dir);
     let summary_path = root.join("gate-summary.json");
     let mut c = camelid(&["gate", "--candidate-url", &url_b, "--candidate-model", "smol-b"]);
     c.args([

@@ -117,7 +117,8 @@ pub struct Summary {
     pub wins: u32,
     pub ties: u32,
     pub losses: u32,
-    /// Questions (turns) left out because a verdict could not be parsed in either order; never guessed.
+    /// Matches (a question's turn) left out because the verdict of one of the two orders could not be parsed;
+    /// never guessed.
     pub errors: u32,
     /// (wins + ties / 2) / (wins + ties + losses); unset when no verdict could be parsed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -112,6 +112,10 @@ pub struct JudgeSpec {
     /// evaluation pod gets it as an environment variable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret: Option<SecretKey>,
+    /// Most tokens in each judgment (unset: FastChat's 2048); gate flag `--judge-max-tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 32768))]
+    pub max_tokens: Option<i32>,
 }
 
 /// One key of a Secret in the job's namespace.
@@ -153,16 +157,16 @@ pub struct EvaluationStatus {
     /// The high end of that interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub win_rate_high: Option<f64>,
-    /// Questions the fine-tune won (in both orders, or in one with a tie in the other).
+    /// Matches (a question's turn) the fine-tune won: the judge preferred it in both orders.
     #[serde(default)]
     pub wins: i64,
-    /// Questions judged a tie, or judged differently in the two orders.
+    /// Matches judged a tie in both orders, or judged differently in the two (a win and a tie included).
     #[serde(default)]
     pub ties: i64,
-    /// Questions the baseline won.
+    /// Matches the baseline won in both orders.
     #[serde(default)]
     pub losses: i64,
-    /// Questions left out because the judge's verdict could not be parsed in either order (never guessed).
+    /// Matches left out because the judge's verdict could not be parsed in one of the two orders (never guessed).
     #[serde(default)]
     pub errors: i64,
     /// The fine-tune's mean single-answer score (1 to 10), when single-answer grading ran.

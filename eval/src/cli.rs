@@ -45,14 +45,15 @@ pub struct EndpointArgs {
     /// The `model` of each request.
     #[arg(long)]
     pub model: String,
-    /// The environment variable holding the API key (sent when set).
-    #[arg(long, default_value = "OPENAI_API_KEY")]
-    pub api_key_env: String,
+    /// The environment variable holding the API key, e.g. `OPENAI_API_KEY` (unset: no key is sent, so a key
+    /// meant for one provider never reaches another's server by default).
+    #[arg(long)]
+    pub api_key_env: Option<String>,
 }
 
 impl EndpointArgs {
     fn endpoint(&self) -> Endpoint {
-        endpoint(&self.base_url, &self.model, &self.api_key_env)
+        endpoint(&self.base_url, &self.model, self.api_key_env.as_deref())
     }
 }
 
@@ -123,8 +124,9 @@ pub struct JudgeArgs {
     pub judge_url: String,
     #[arg(long)]
     pub judge_model: String,
-    #[arg(long, default_value = "OPENAI_API_KEY")]
-    pub judge_api_key_env: String,
+    /// The environment variable holding the judge's API key, e.g. `OPENAI_API_KEY` (unset: none is sent).
+    #[arg(long)]
+    pub judge_api_key_env: Option<String>,
     /// Judge prompts in FastChat's judge_prompts.jsonl format (default: FastChat's own, built in).
     #[arg(long)]
     pub judge_prompts: Option<PathBuf>,
@@ -179,11 +181,13 @@ pub fn run(args: EvalArgs) -> Result<(), CliError> {
 }
 
 /// An endpoint whose key, if any, is in the environment variable `key_env`.
-pub fn endpoint(base_url: &str, model: &str, key_env: &str) -> Endpoint {
+pub fn endpoint(base_url: &str, model: &str, key_env: Option<&str>) -> Endpoint {
     Endpoint {
         base_url: base_url.to_string(),
         model: model.to_string(),
-        api_key: std::env::var(key_env).ok().filter(|k| !k.is_empty()),
+        api_key: key_env
+            .and_then(|v| std::env::var(v).ok())
+            .filter(|k| !k.is_empty()),
     }
 }
 
@@ -255,7 +259,7 @@ async fn run_judge(j: &JudgeArgs) -> Result<(), CliError> {
     options.progress = progress();
     options.force_new = j.force_new;
     let client = ChatClient::new(
-        endpoint(&j.judge_url, &j.judge_model, &j.judge_api_key_env),
+        endpoint(&j.judge_url, &j.judge_model, j.judge_api_key_env.as_deref()),
         RetryPolicy::default(),
     )?;
     let models: Vec<String> = answers.models().map(str::to_string).collect();

@@ -41,11 +41,11 @@ impl CliError {
             CliError::Usage(_) | CliError::Questions(_) => true,
             CliError::Answer(e) => matches!(
                 e.category(),
-                "settings" | "questions" | "settings_changed" | "unknown_output"
+                "settings" | "questions" | "settings_changed" | "unknown_output" | "settings_unreadable"
             ),
             CliError::Judge(e) => matches!(
                 e.category(),
-                "input" | "settings_changed" | "template" | "prompts"
+                "input" | "settings_changed" | "settings" | "template" | "prompts" | "answers"
             ),
             CliError::Report(_) => true,
             _ => false,

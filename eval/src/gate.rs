@@ -53,11 +53,7 @@ pub async fn run(s: &GateSettings) -> Result<Summary, CliError> {
         (&s.candidate_url, &s.candidate_model),
         (&s.baseline_url, &s.baseline_model),
     ] {
-        let mut settings = AnswerSettings::new(
-            endpoint(url, model, "CAMELID_CONTESTANT_API_KEY"),
-            &file,
-            selection,
-        );
+        let mut settings = AnswerSettings::new(endpoint(url, model, None), &file, selection);
         settings.max_tokens = s.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
         if let Some(c) = s.concurrency {
             settings.concurrency = c as usize;
@@ -83,7 +79,7 @@ async fn judge_both(
     answers: &AnswerSet,
 ) -> Result<[PathBuf; 2], CliError> {
     let client = ChatClient::new(
-        endpoint(&s.judge_url, &s.judge_model, JUDGE_API_KEY_ENV),
+        endpoint(&s.judge_url, &s.judge_model, Some(JUDGE_API_KEY_ENV)),
         RetryPolicy::default(),
     )?;
     let inputs = JudgeInputs {

@@ -1,5 +1,6 @@
-//! Reading the judge's verdict out of its judgment, as FastChat's `run_judge_pair` / `run_judge_single` do, with one
-//! deliberate difference: a judgment that gives more than one distinct verdict is an error, never a guess.
+//! Reading the judge's verdict out of its judgment, as FastChat's `run_judge_pair` / `run_judge_single` do, with two
+//! deliberate differences: a judgment that gives more than one distinct verdict is an error, never a guess; and a
+//! grade outside 1 to 10 is an error, where FastChat records whatever number it finds.
 //!
 //! FastChat checks `"[[A]]" in judgment` first, then `[[B]]`, then `[[C]]`, so a judge that echoes the instructions
 //! ("... \"[[A]]\" if assistant A is better, \"[[B]]\" if ...") and then answers `[[B]]` is recorded as preferring

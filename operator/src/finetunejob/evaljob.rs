@@ -137,7 +137,7 @@ pub fn gate_settings(job: &FineTuneJob, spec: &EvaluationSpec, baseline: &Baseli
         judge_model: spec.judge.model.clone(),
         concurrency: u32::try_from(spec.concurrency).ok(),
         max_tokens: u32::try_from(spec.max_tokens).ok(),
-        judge_max_tokens: None,
+        judge_max_tokens: spec.judge.max_tokens.and_then(|n| u32::try_from(n).ok()),
         max_questions: spec.max_questions.and_then(|n| u32::try_from(n).ok()),
         out: out_dir(job).into(),
         summary: SUMMARY_PATH.into(),
