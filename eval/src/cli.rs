@@ -219,7 +219,7 @@ async fn run_answer(a: &AnswerArgs) -> Result<(), CliError> {
         beside(
             &a.questions,
             "model_answer",
-            &format!("{}.jsonl", settings.model_id()),
+            &format!("{}.jsonl", file_safe(settings.model_id())),
         )
     });
     let stats = answer::answer(&settings, &selected, &out, progress()).await?;

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Where a model is served.
-#[derive(Debug, Clone, PartialEq)]
+/// Where a model is served. Its `Debug` hides the key, so no log line carries it.
+#[derive(Clone, PartialEq)]
 pub struct Endpoint {
     /// The base URL, ending in `/v1` (a trailing `/` is ignored).
     pub base_url: String,
@@ -17,6 +17,16 @@ pub struct Endpoint {
     pub model: String,
     /// Sent as `Authorization: Bearer ...` when set.
     pub api_key: Option<String>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// How hard to try.
@@ -242,7 +252,14 @@ impl ChatClient {
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
         let retry_after = retry_after(response.headers());
-        let text = response.text().await.map_err(transport)?;
+        let text = match read_capped(response).await {
+            Ok(text) => text,
+            Err(ReadError::Transport(e)) => return Err(transport(e)),
+            Err(ReadError::TooLarge) => {
+                let detail = format!("a body over {MAX_RESPONSE_BYTES} bytes");
+                return Err((ClientError::BadResponse { url, detail }, None));
+            }
+        };
         if !status.is_success() {
             let message = error_message(&text);
             return Err((
@@ -276,6 +293,27 @@ impl ChatClient {
     }
 }
 
+/// The largest response body read: a chat completion of any sane `max_tokens` is far smaller, and a server that
+/// streams without end must not fill memory.
+pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
+
+enum ReadError {
+    Transport(reqwest::Error),
+    TooLarge,
+}
+
+/// The body as text, refused past [`MAX_RESPONSE_BYTES`].
+async fn read_capped(mut response: reqwest::Response) -> Result<String, ReadError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(ReadError::Transport)? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(ReadError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
 /// `base · 2^(attempt-1)`, capped.
 fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
     let factor = 1u32
@@ -288,8 +326,9 @@ fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
 /// `Retry-After` is not parsed; the backoff applies then.
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let value = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok();
+    // Clamped before the conversion: a server's `retry-after-ms: 1e30` must not overflow a Duration.
     if let Some(ms) = value("retry-after-ms").filter(|v| v.is_finite() && *v >= 0.0) {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        return Some(Duration::from_secs_f64(ms.min(86_400_000.0) / 1000.0));
     }
     value("retry-after")
         .filter(|v| v.is_finite() && *v >= 0.0)
@@ -336,6 +375,16 @@ mod tests {
                 .unwrap_or_else(|_| unreachable!()),
         );
         assert_eq!(retry_after(&d), None);
+        let mut huge = reqwest::header::HeaderMap::new();
+        huge.insert(
+            "retry-after-ms",
+            "1e30".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        assert_eq!(
+            retry_after(&huge),
+            Some(Duration::from_secs(86_400)),
+            "clamped, no overflow panic"
+        );
         d.insert("retry-after", "-5".parse().unwrap_or_else(|_| unreachable!()));
         assert_eq!(retry_after(&d), None);
     }

@@ -26,9 +26,14 @@ pub async fn run_and_record(settings: &GateSettings) -> Result<Summary, CliError
         Ok(summary) => serde_json::to_string(summary).unwrap_or_default(),
         Err(e) => truncate(&format!("evaluation failed: {e}"), SUMMARY_MAX_BYTES),
     };
-    if let Err(e) = std::fs::write(&settings.summary, &message) {
-        // Run by hand, the default path (the termination log) is not there; the files in `out` still are.
-        tracing::warn!(path = %settings.summary.display(), error = %e, "the summary could not be written");
+    if let Err(source) = std::fs::write(&settings.summary, &message) {
+        // The operator reads nothing else: a gate whose summary is lost must not look like a success. Run by
+        // hand, pass `--summary FILE` (the default is the container's termination log).
+        tracing::error!(path = %settings.summary.display(), error = %source, "the summary could not be written");
+        return Err(outcome.err().unwrap_or(CliError::Write {
+            path: settings.summary.clone(),
+            source,
+        }));
     }
     outcome
 }

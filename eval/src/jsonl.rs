@@ -129,7 +129,9 @@ impl Appender {
     }
 }
 
-/// Truncates `path` after its last newline, if it has bytes after it.
+/// Ends `path`'s last line: one that is whole JSON without its newline (a file edited by hand, or a kill
+/// between the record and its newline) gets the newline, since [`read`] keeps it; anything else after the last
+/// newline is a torn write and is cut off, since [`read`] drops it.
 fn cut_torn_tail(path: &Path) -> std::io::Result<()> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
@@ -140,6 +142,10 @@ fn cut_torn_tail(path: &Path) -> std::io::Result<()> {
         return Ok(());
     }
     let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let tail = String::from_utf8_lossy(&bytes[keep..]);
+    if serde_json::from_str::<serde::de::IgnoredAny>(tail.trim()).is_ok() {
+        return OpenOptions::new().append(true).open(path)?.write_all(b"\n");
+    }
     OpenOptions::new().write(true).open(path)?.set_len(keep as u64)
 }
 
@@ -193,6 +199,25 @@ mod tests {
         assert_eq!(
             back.iter().map(|l| l.record["a"].as_i64()).collect::<Vec<_>>(),
             [Some(1), Some(3)]
+        );
+    }
+
+    #[test]
+    fn a_whole_last_record_without_its_newline_is_kept_by_reader_and_appender_alike() {
+        let path = temp("unterminated");
+        std::fs::create_dir_all(path.parent().unwrap_or(Path::new("."))).unwrap_or_default();
+        std::fs::write(&path, "{\"a\": 1}\n{\"a\": 2}").unwrap_or_default();
+        assert_eq!(
+            read::<serde_json::Value>(&path, true).map(|v| v.len()).ok(),
+            Some(2)
+        );
+        let mut a = Appender::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        a.append(&serde_json::json!({"a": 3}))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let back: Vec<_> = read::<serde_json::Value>(&path, false).unwrap_or_default();
+        assert_eq!(
+            back.iter().map(|l| l.record["a"].as_i64()).collect::<Vec<_>>(),
+            [Some(1), Some(2), Some(3)]
         );
     }
 

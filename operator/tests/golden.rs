@@ -183,7 +183,11 @@ fn the_evaluation_job_serves_both_models_beside_the_gate() {
         ("--concurrency", "8"),
         ("--max-tokens", "512"),
         ("--max-questions", "80"),
-        ("--out", "/camelid/volumes/models/vicuna-smol/evaluation"),
+        // Keyed by the job's uid and evaluation spec: a recreated job never resumes another's verdicts.
+        (
+            "--out",
+            "/camelid/volumes/models/vicuna-smol/evaluation/e0af87d3aeed",
+        ),
         ("--summary", "/dev/termination-log"),
     ] {
         assert_eq!(flag(&args, name).as_deref(), Some(value), "{name} in {args:?}");
@@ -210,6 +214,7 @@ fn questions_from_a_configmap_and_a_baseline_by_uri_are_mounted_and_downloaded()
     spec.questions =
         serde_json::from_value(serde_json::json!({"configMap": {"name": "mt-bench", "key": "q"}})).unwrap();
     spec.judge.api_key_secret = None;
+    spec.judge.max_tokens = Some(256);
     spec.image = Some("camelid:eval".into());
     let spec = spec.clone();
     let baseline = Baseline {
@@ -238,6 +243,12 @@ fn questions_from_a_configmap_and_a_baseline_by_uri_are_mounted_and_downloaded()
         Some("/camelid/download/model.gguf")
     );
     assert_eq!(flag(&base, "--template").as_deref(), Some("vicuna_v1.1"));
+    let gate = args_of(&pod.containers[0]);
+    assert_eq!(
+        flag(&gate, "--judge-max-tokens").as_deref(),
+        Some("256"),
+        "judge.maxTokens is the gate's --judge-max-tokens"
+    );
     assert_eq!(init[2].image.as_deref(), Some("camelid:eval"));
     let gate = &pod.containers[0];
     assert_eq!(gate.env, None, "no key without a Secret");

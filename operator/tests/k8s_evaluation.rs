@@ -156,7 +156,8 @@ impl Cluster {
 }
 
 /// The gate container's arguments: the contract's flags, one name per setting.
-fn check_gate_args(pod: &Value) {
+/// Returns the key of the gate's folder.
+fn check_gate_args(pod: &Value) -> String {
     let spec = &pod["spec"];
     let gate = &spec["containers"][0];
     assert_eq!(gate["name"], "gate");
@@ -175,7 +176,6 @@ fn check_gate_args(pod: &Value) {
         ("--max-questions", "40"),
         ("--candidate-url", "http://127.0.0.1:8001/v1"),
         ("--baseline-model", "smollm2-135m-instruct"),
-        ("--out", "/camelid/volumes/models/tune-wins/evaluation"),
     ] {
         let i = args.iter().position(|a| *a == flag);
         assert_eq!(
@@ -184,6 +184,16 @@ fn check_gate_args(pod: &Value) {
             "{flag} in {args:?}"
         );
     }
+    // The gate's folder is keyed by the job's uid and evaluation spec, so a recreated job starts afresh.
+    let out = args
+        .iter()
+        .position(|a| *a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .unwrap();
+    let key = out
+        .strip_prefix("/camelid/volumes/models/tune-wins/evaluation/")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(key.len(), 12, "{out}");
     assert_eq!(&args[..2], ["eval", "gate"]);
     assert_eq!(gate["env"][0]["valueFrom"]["secretKeyRef"]["name"], "judge-key");
     let sidecars: Vec<&str> = spec["initContainers"]
@@ -193,6 +203,7 @@ fn check_gate_args(pod: &Value) {
         .map(|c| c["name"].as_str().unwrap())
         .collect();
     assert_eq!(sidecars, ["candidate", "baseline"]);
+    key.to_string()
 }
 
 #[test]
@@ -258,7 +269,7 @@ fn the_promotion_gate_publishes_winners_rejects_losers_and_fails_on_a_broken_jud
         "no ChatModel while the gate runs: {:?}",
         c.chat_models()
     );
-    check_gate_args(&pod);
+    let key = check_gate_args(&pod);
     let wins = summary("tune-wins", 25, 5, 10, 0, (0.55, 0.8));
     c.exit(&Cluster::pod_name(&pod), 0, Some(&wins));
     wait_until("the winner succeeds", 60, || {
@@ -280,7 +291,10 @@ fn the_promotion_gate_publishes_winners_rejects_losers_and_fails_on_a_broken_jud
             st["evaluation"]["wins"].clone(),
             st["evaluation"]["report"].clone()
         ),
-        (json!(25), json!("pvc://models/tune-wins/evaluation/report.md"))
+        (
+            json!(25),
+            json!(format!("pvc://models/tune-wins/evaluation/{key}/report.md"))
+        )
     );
     let row = c.row("tune-wins");
     assert_eq!(

@@ -13,7 +13,9 @@ use camelid_contracts::evaluation::{GateSettings, JUDGE_API_KEY_ENV, SUMMARY_PAT
 use camelid_contracts::names;
 use camelid_crds::FineTuneJob;
 use camelid_crds::evaluation::EvaluationSpec;
-use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyRule,
+};
 use k8s_openapi::api::core::v1::{
     ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
     PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, SecretKeySelector, Volume,
@@ -39,6 +41,10 @@ pub const BASELINE_PORT: u16 = 8002;
 /// Kubernetes retries a failed gate this many times; the gate itself retries a judge's transient errors, so a
 /// failure here is one that outlasted those.
 pub const BACKOFF_LIMIT: i32 = 2;
+
+/// The longest an evaluation may run, retries included: 80 MT-bench questions against a slow judge take an
+/// hour or two; a day means something is stuck.
+pub const ACTIVE_DEADLINE_SECONDS: i64 = 24 * 3600;
 /// Where a questions ConfigMap is mounted in the gate.
 const QUESTIONS_DIR: &str = "/camelid/questions";
 /// A model server may take this long to load its weights (5 s x 360 = 30 minutes) before the pod fails.
@@ -74,9 +80,19 @@ pub fn labels(job: &FineTuneJob) -> BTreeMap<String, String> {
     ])
 }
 
-/// The folder on the output claim, next to the exported model, that the gate writes into.
+/// The folder on the output claim, next to the exported model, that the gate writes into:
+/// `evaluation/<key>`. A retried gate resumes from it; a job recreated under the same name (new weights) or an
+/// evaluation spec changed gets a folder of its own, so no answer or verdict about other weights or under other
+/// settings is ever reused.
 pub fn out_dir(job: &FineTuneJob) -> String {
-    format!("{}/evaluation", output_dir(job))
+    format!("{}/{}", output_dir(job), out_subdir(job))
+}
+
+/// `evaluation/<key>`, the key a fingerprint of the job's uid and its evaluation spec.
+pub fn out_subdir(job: &FineTuneJob) -> String {
+    let spec = serde_json::to_string(&job.spec.evaluation).unwrap_or_default();
+    let key = crate::chatmodel::build::fingerprint(&format!("{}/{spec}", job.uid().unwrap_or_default()));
+    format!("evaluation/{}", &key[..12])
 }
 
 /// The baseline by default: the job's own base model, under the name of its file or folder.
@@ -171,6 +187,22 @@ pub fn job(
         },
         spec: Some(JobSpec {
             backoff_limit: Some(BACKOFF_LIMIT),
+            // Input the gate refuses (exit 2: a bad question file, settings it cannot resume under) fails the
+            // Job at once: retrying would load both models again to be refused again.
+            pod_failure_policy: Some(PodFailurePolicy {
+                rules: vec![PodFailurePolicyRule {
+                    action: "FailJob".into(),
+                    on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                        container_name: Some(GATE_CONTAINER.into()),
+                        operator: "In".into(),
+                        values: vec![camelid_contracts::exit::INVALID],
+                    }),
+                    on_pod_conditions: None,
+                }],
+            }),
+            // A pod that never gets a node or a judge that never answers ends the evaluation rather than
+            // leaving the job Evaluating for ever.
+            active_deadline_seconds: Some(ACTIVE_DEADLINE_SECONDS),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels(job)),

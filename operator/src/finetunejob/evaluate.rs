@@ -90,6 +90,19 @@ pub(super) async fn watch(
     let runs = view.runs.len();
     match gate::decide(&view, spec.min_win_rate) {
         Verdict::Start => start(ctx, ftj, spec, status, now).await,
+        Verdict::Rerun { why } => {
+            let dp = kube::api::DeleteParams {
+                propagation_policy: Some(kube::api::PropagationPolicy::Background),
+                ..kube::api::DeleteParams::default()
+            };
+            let jobs: Api<Job> = reconcile::namespaced(&ctx.client, ftj);
+            reconcile::delete(&jobs, &evaljob::job_name(ftj), &dp).await?;
+            status.message = Some(why.clone());
+            Ok(Step {
+                requeue: Duration::from_secs(5),
+                note: Some(Note::normal("EvaluationRerun", why)),
+            })
+        }
         Verdict::Running { retried } => {
             if let Some(retried) = retried {
                 status.message = Some(retried);
@@ -207,9 +220,9 @@ fn set_evaluated(
     );
 }
 
-/// The gate's folder as users find it: `pvc://<claim>/<output path>/evaluation`.
+/// The gate's folder as users find it: `pvc://<claim>/<output path>/evaluation/<key>`.
 fn out_uri(ftj: &FineTuneJob) -> String {
-    format!("{}/evaluation", build::output_uri(ftj))
+    format!("{}/{}", build::output_uri(ftj), evaljob::out_subdir(ftj))
 }
 
 /// Fetch: the baseline's files, or why they cannot be served (yet). The default is the job's own base model; a
@@ -256,6 +269,23 @@ async fn observe(ctx: &Context, ftj: &FineTuneJob) -> Result<GateView, Error> {
     let Some(job) = jobs.get_opt(&evaljob::job_name(ftj)).await? else {
         return Ok(GateView::default());
     };
+    if !job
+        .owner_references()
+        .iter()
+        .any(|o| Some(&o.uid) == ftj.uid().as_ref())
+    {
+        // An earlier FineTuneJob's of this name, orphaned: its result is about other weights. It goes, and the
+        // gate starts afresh once it is gone.
+        let dp = kube::api::DeleteParams {
+            propagation_policy: Some(kube::api::PropagationPolicy::Background),
+            ..kube::api::DeleteParams::default()
+        };
+        reconcile::delete(&jobs, &evaljob::job_name(ftj), &dp).await?;
+        return Ok(GateView {
+            job: Some(GateJob::default()),
+            runs: Vec::new(),
+        });
+    }
     let conditions = job
         .status
         .as_ref()

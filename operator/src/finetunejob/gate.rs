@@ -16,6 +16,10 @@ use super::decide::PodPhase;
 /// log tail included).
 const EXCERPT_CHARS: usize = 1024;
 
+/// The largest share of matches whose verdict could not be parsed that still lets a model pass: beyond it the
+/// few parsed verdicts are not evidence (one win among 160 matches is not a win rate of 1).
+pub const MAX_UNPARSED_SHARE: f64 = 0.2;
+
 /// The evaluation Job as observed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct GateJob {
@@ -48,6 +52,9 @@ pub struct GateView {
 pub enum Verdict {
     /// No evaluation Job: start it.
     Start,
+    /// The Job finished but its result cannot be found (its pod is gone, or wrote no summary): delete the Job, so
+    /// the gate runs again; it resumes from its files and writes the summary anew.
+    Rerun { why: String },
     /// The gate runs, or Kubernetes runs it again after a failure (`retried` says why, then).
     Running { retried: Option<String> },
     /// The model won often enough: publish it. `why` has the numbers.
@@ -69,12 +76,13 @@ pub fn decide(view: &GateView, min_win_rate: f64) -> Verdict {
             .iter()
             .rev()
             .find(|r| r.phase == PodPhase::Succeeded)
-            .and_then(|r| r.message.as_deref());
+            .and_then(|r| r.message.as_deref())
+            .filter(|m| !m.trim().is_empty());
         return match message {
             Some(text) => judge(text, min_win_rate),
-            None => Verdict::Failed {
-                why: "evaluation failed: the gate succeeded but its pod, with the summary in its termination \
-                      message, is gone; delete the evaluation Job to run the gate again (it resumes from its files)"
+            None => Verdict::Rerun {
+                why: "the gate succeeded but its summary is gone with its pod (or was never written); running it \
+                      again, from its files"
                     .into(),
             },
         };
@@ -113,9 +121,31 @@ fn judge(message: &str, min_win_rate: f64) -> Verdict {
             };
         }
     };
-    let rate = summary.win_rate.filter(|r| r.is_finite());
+    // The rate is recomputed from the counts: the gate's own arithmetic is not trusted with a promotion.
+    let decided = summary.decided();
+    let rate =
+        (decided > 0).then(|| (f64::from(summary.wins) + f64::from(summary.ties) / 2.0) / f64::from(decided));
+    let unparsed_share = f64::from(summary.errors) / f64::from((decided + summary.errors).max(1));
     match rate {
-        Some(rate) if summary.decided() > 0 && rate >= min_win_rate => Verdict::Passed {
+        None => Verdict::Rejected {
+            why: format!(
+                "the judge gave no parseable verdict ({}); a gate without evidence never passes",
+                counts(&summary)
+            ),
+            summary,
+        },
+        Some(_) if unparsed_share > MAX_UNPARSED_SHARE => Verdict::Rejected {
+            why: format!(
+                "the judge's verdict could not be parsed for {} of {} matches, more than {:.0}%: too little \
+                 evidence to pass ({})",
+                summary.errors,
+                decided + summary.errors,
+                MAX_UNPARSED_SHARE * 100.0,
+                counts(&summary)
+            ),
+            summary,
+        },
+        Some(rate) if rate >= min_win_rate => Verdict::Passed {
             why: format!(
                 "win rate {} >= minWinRate {min_win_rate} ({})",
                 shown_rate(&summary, rate),
@@ -123,17 +153,10 @@ fn judge(message: &str, min_win_rate: f64) -> Verdict {
             ),
             summary,
         },
-        Some(rate) if summary.decided() > 0 => Verdict::Rejected {
+        Some(rate) => Verdict::Rejected {
             why: format!(
                 "win rate {} < minWinRate {min_win_rate} ({})",
                 shown_rate(&summary, rate),
-                counts(&summary)
-            ),
-            summary,
-        },
-        _ => Verdict::Rejected {
-            why: format!(
-                "the judge gave no parseable verdict ({}); a gate without evidence never passes",
                 counts(&summary)
             ),
             summary,
@@ -314,7 +337,30 @@ mod tests {
         );
         let mut gone = done("");
         gone.runs.clear();
-        assert!(matches!(decide(&gone, 0.5), Verdict::Failed { why } if why.contains("is gone")));
+        assert!(matches!(decide(&gone, 0.5), Verdict::Rerun { why } if why.contains("is gone")));
+        // A gate that could not write its summary left an empty message: run it again, never pass.
+        assert!(matches!(decide(&done("  "), 0.5), Verdict::Rerun { .. }));
+    }
+
+    #[test]
+    fn a_few_parsed_verdicts_among_many_unparsed_are_not_evidence() {
+        let thin = Summary {
+            win_rate: Some(1.0),
+            ..summary(1, 0, 0, 159)
+        };
+        let Verdict::Rejected { why, .. } = decide(&done(&json(&thin)), 0.5) else {
+            panic!("one win among 160 matches passed")
+        };
+        assert!(why.contains("159 of 160"), "{why}");
+        // A summary whose rate disagrees with its counts is judged by its counts.
+        let lying = Summary {
+            win_rate: Some(0.9),
+            ..summary(0, 0, 10, 0)
+        };
+        assert!(matches!(
+            decide(&done(&json(&lying)), 0.5),
+            Verdict::Rejected { .. }
+        ));
     }
 
     #[test]
