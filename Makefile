@@ -84,7 +84,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 	@touch $@
 
 build-release:
-	cargo build --release -p camelid-cli -p camelid-trainer -p camelid-worker -p camelid-gateway
+	cargo build --release -p camelid-cli -p camelid-eval -p camelid-trainer -p camelid-worker -p camelid-gateway
 
 fmt:
 	cargo fmt --all

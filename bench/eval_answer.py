@@ -277,6 +277,10 @@ def main():
     if not camelid.exists():
         sys.exit(f"{camelid} not found: `make build-release` (or pass --camelid)")
     (ROOT / "target/bench").mkdir(parents=True, exist_ok=True)
+    # The libtorch-free `camelid-eval` beside it when built (what a CI job runs; it starts in milliseconds where
+    # `camelid`, which loads libtorch, takes about a second); else `camelid eval`.
+    lean = camelid.parent / "camelid-eval"
+    answer_cmd = [str(lean), "answer"] if lean.exists() else [str(camelid), "eval", "answer"]
     try:
         found = ensure_legacy()
         fastchat_import = import_seconds()
@@ -310,7 +314,7 @@ def main():
             cam_out = work / "camelid/camelid.jsonl"
             fc_out = work / "fastchat" / f"{MODEL}.jsonl"
             tools = {
-                "camelid": ([str(camelid), "eval", "answer", "--questions", str(qfile), "--base-url", base + "/v1",
+                "camelid": ([*answer_cmd, "--questions", str(qfile), "--base-url", base + "/v1",
                              "--model", MODEL, "--model-id", "camelid", "--out", str(cam_out),
                              "--temperature", "0", "--max-tokens", common_flags["max_tokens"],
                              "--concurrency", common_flags["concurrency"], "--system-prompt", SYSTEM], cam_out),

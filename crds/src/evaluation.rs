@@ -105,8 +105,9 @@ pub struct JudgeSpec {
     /// The API's base URL, ending in `/v1` (e.g. `https://api.openai.com/v1`); gate flag `--judge-url`.
     #[schemars(regex(pattern = r"^https?://"))]
     pub url: String,
-    /// The judge's model name, e.g. `gpt-4`; gate flag `--judge-model`.
-    #[schemars(length(min = 1))]
+    /// The judge's model name, e.g. `gpt-4`; gate flag `--judge-model`. It cannot start with `-` (it would read
+    /// as a flag).
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[^-]"))]
     pub model: String,
     /// The Secret key holding the API key (unset: requests carry no key). The operator never reads it: the
     /// evaluation pod gets it as an environment variable.

@@ -33,6 +33,10 @@ pub struct Question {
     pub turns: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<Vec<String>>,
+    /// The temperature this question must be answered at, over the category's (FastChat's
+    /// `required_temperature`; refused together with a fixed `--temperature`, as FastChat refuses it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required_temperature: Option<f32>,
 }
 
 /// One line of `model_answer/<model>.jsonl`.

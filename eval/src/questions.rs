@@ -261,6 +261,7 @@ mod tests {
             category: "writing".into(),
             turns: vec!["hi".into()],
             reference: None,
+            required_temperature: None,
         }
     }
 

@@ -184,6 +184,7 @@ fn fastchat_reads_our_judgments_to_the_same_numbers() {
             category: ["writing", "math", "coding"][q as usize % 3].into(),
             turns: vec!["a".into(), "b".into()],
             reference: None,
+            required_temperature: None,
         })
         .collect();
     write(&dir.join("question.jsonl"), &questions);
@@ -247,6 +248,7 @@ fn we_read_fastchats_own_judgments_to_the_same_numbers() {
                     format!("And a follow-up to {q}?"),
                 ],
                 reference: needs_reference.then(|| vec![format!("ref {q}"), format!("ref {q} again")]),
+                required_temperature: None,
             }
         })
         .collect();

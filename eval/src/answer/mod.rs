@@ -156,6 +156,7 @@ async fn run(
         .validate()
         .map_err(|detail| AnswerError::InvalidSettings { detail })?;
     check_questions(questions)?;
+    check_required_temperatures(settings, questions)?;
     let client = ChatClient::new(settings.endpoint.clone(), settings.retry)
         .map_err(|source| AnswerError::Client { source })?;
     output::prepare(out, &settings.fingerprint(), settings.force_new)?;
@@ -217,6 +218,33 @@ async fn run(
     }
 }
 
+/// FastChat refuses a fixed temperature over questions that require their own; so do we, naming the first.
+fn check_required_temperatures(settings: &AnswerSettings, questions: &[Question]) -> Result<(), AnswerError> {
+    let fixed = matches!(settings.temperature, TemperaturePolicy::Fixed(_));
+    match questions.iter().find(|q| q.required_temperature.is_some()) {
+        Some(q) if fixed => Err(AnswerError::InvalidSettings {
+            detail: format!(
+                "question {} requires temperature {} (`required_temperature`); leave --temperature unset",
+                q.question_id,
+                q.required_temperature.unwrap_or_default()
+            ),
+        }),
+        Some(q)
+            if !q
+                .required_temperature
+                .is_some_and(|t| t.is_finite() && (0.0..=2.0).contains(&t)) =>
+        {
+            Err(AnswerError::InvalidQuestions {
+                detail: format!(
+                    "question {}: required_temperature is outside 0..=2",
+                    q.question_id
+                ),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// One question's conversation: each turn asked with every earlier turn and answer before it.
 async fn ask(
     client: &ChatClient,
@@ -225,7 +253,9 @@ async fn ask(
     completions: &AtomicU64,
 ) -> Result<ModelAnswer, ClientError> {
     let sampling = Sampling {
-        temperature: settings.temperature.for_category(&question.category),
+        temperature: question
+            .required_temperature
+            .unwrap_or_else(|| settings.temperature.for_category(&question.category)),
         max_tokens: settings.max_tokens,
         seed: settings.question_seed(&question.question_id),
     };
@@ -326,7 +356,35 @@ mod tests {
             category: "writing".into(),
             turns: (0..turns).map(|t| format!("q{id}t{t}")).collect(),
             reference: None,
+            required_temperature: None,
         }
+    }
+
+    #[test]
+    fn a_required_temperature_is_refused_under_a_fixed_one_and_must_be_sane() {
+        let file = crate::questions::QuestionFile {
+            path: "q.jsonl".into(),
+            sha256: String::new(),
+            questions: Vec::new(),
+        };
+        let endpoint = crate::client::Endpoint {
+            base_url: "http://127.0.0.1:1/v1".into(),
+            model: "m".into(),
+            api_key: None,
+        };
+        let mut settings = AnswerSettings::new(endpoint, &file, crate::questions::Selection::ALL);
+        let mut hot = question(7, 1);
+        hot.required_temperature = Some(0.3);
+        assert!(check_required_temperatures(&settings, std::slice::from_ref(&hot)).is_ok());
+        settings.temperature = TemperaturePolicy::Fixed(0.0);
+        let err = check_required_temperatures(&settings, std::slice::from_ref(&hot)).unwrap_err();
+        assert!(
+            err.to_string().contains("question 7 requires temperature 0.3"),
+            "{err}"
+        );
+        settings.temperature = TemperaturePolicy::ByCategory;
+        hot.required_temperature = Some(f32::NAN);
+        assert!(check_required_temperatures(&settings, &[hot]).is_err());
     }
 
     fn answer(id: i64, model: &str, turns: usize) -> ModelAnswer {

@@ -192,6 +192,7 @@ mod tests {
             category: "math".into(),
             turns: vec!["q1".into(), "q2".into()],
             reference: reference.map(|r| r.iter().map(|t| t.to_string()).collect()),
+            required_temperature: None,
         }
     }
 

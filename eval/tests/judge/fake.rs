@@ -125,6 +125,7 @@ fn question(id: i64, category: &str, turns: &[&str], reference: Option<&[&str]>)
         category: category.into(),
         turns: turns.iter().map(|t| t.to_string()).collect(),
         reference: reference.map(|r| r.iter().map(|t| t.to_string()).collect()),
+        required_temperature: None,
     }
 }
 
