@@ -17,6 +17,19 @@ pub enum PodPhase {
     Unknown,
 }
 
+impl PodPhase {
+    /// A pod's `status.phase` as Kubernetes writes it; anything else (or none yet) is `Unknown`.
+    pub fn of(phase: Option<&str>) -> Self {
+        match phase {
+            Some("Pending") => PodPhase::Pending,
+            Some("Running") => PodPhase::Running,
+            Some("Succeeded") => PodPhase::Succeeded,
+            Some("Failed") => PodPhase::Failed,
+            _ => PodPhase::Unknown,
+        }
+    }
+}
+
 /// One trainer pod as observed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodView {

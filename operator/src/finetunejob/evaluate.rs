@@ -91,12 +91,7 @@ pub(super) async fn watch(
     match gate::decide(&view, spec.min_win_rate) {
         Verdict::Start => start(ctx, ftj, spec, status, now).await,
         Verdict::Rerun { why } => {
-            let dp = kube::api::DeleteParams {
-                propagation_policy: Some(kube::api::PropagationPolicy::Background),
-                ..kube::api::DeleteParams::default()
-            };
-            let jobs: Api<Job> = reconcile::namespaced(&ctx.client, ftj);
-            reconcile::delete(&jobs, &evaljob::job_name(ftj), &dp).await?;
+            delete_gate_job(ctx, ftj).await?;
             status.message = Some(why.clone());
             Ok(Step {
                 requeue: Duration::from_secs(5),
@@ -263,6 +258,16 @@ async fn baseline(
     )
 }
 
+/// Deletes the evaluation Job (its pods in the background), so the gate starts afresh; one already gone is fine.
+async fn delete_gate_job(ctx: &Context, ftj: &FineTuneJob) -> Result<(), Error> {
+    let dp = kube::api::DeleteParams {
+        propagation_policy: Some(kube::api::PropagationPolicy::Background),
+        ..kube::api::DeleteParams::default()
+    };
+    let jobs: Api<Job> = reconcile::namespaced(&ctx.client, ftj);
+    reconcile::delete(&jobs, &evaljob::job_name(ftj), &dp).await
+}
+
 /// Fetch: the evaluation Job's conditions and its gate pods (oldest first) with their termination messages.
 async fn observe(ctx: &Context, ftj: &FineTuneJob) -> Result<GateView, Error> {
     let jobs: Api<Job> = reconcile::namespaced(&ctx.client, ftj);
@@ -276,11 +281,7 @@ async fn observe(ctx: &Context, ftj: &FineTuneJob) -> Result<GateView, Error> {
     {
         // An earlier FineTuneJob's of this name, orphaned: its result is about other weights. It goes, and the
         // gate starts afresh once it is gone.
-        let dp = kube::api::DeleteParams {
-            propagation_policy: Some(kube::api::PropagationPolicy::Background),
-            ..kube::api::DeleteParams::default()
-        };
-        reconcile::delete(&jobs, &evaljob::job_name(ftj), &dp).await?;
+        delete_gate_job(ctx, ftj).await?;
         return Ok(GateView {
             job: Some(GateJob::default()),
             runs: Vec::new(),
@@ -328,13 +329,7 @@ async fn observe(ctx: &Context, ftj: &FineTuneJob) -> Result<GateView, Error> {
 /// One gate pod: its phase and the gate container's termination message.
 fn gate_run(pod: &Pod) -> GateRun {
     let status = pod.status.clone().unwrap_or_default();
-    let phase = match status.phase.as_deref() {
-        Some("Pending") => PodPhase::Pending,
-        Some("Running") => PodPhase::Running,
-        Some("Succeeded") => PodPhase::Succeeded,
-        Some("Failed") => PodPhase::Failed,
-        _ => PodPhase::Unknown,
-    };
+    let phase = PodPhase::of(status.phase.as_deref());
     let message = status
         .container_statuses
         .iter()

@@ -53,13 +53,7 @@ pub async fn observe(ctx: &Context, ftj: &FineTuneJob, attempt: i32) -> Result<O
     let mut running = false;
     for pod in pods.list(&ListParams::default().labels(&selector)).await?.items {
         let status = pod.status.clone().unwrap_or_default();
-        let phase = match status.phase.as_deref() {
-            Some("Pending") => PodPhase::Pending,
-            Some("Running") => PodPhase::Running,
-            Some("Succeeded") => PodPhase::Succeeded,
-            Some("Failed") => PodPhase::Failed,
-            _ => PodPhase::Unknown,
-        };
+        let phase = PodPhase::of(status.phase.as_deref());
         running |= phase == PodPhase::Running;
         let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
         let (node_gone, node_terminating) = match &node_name {
