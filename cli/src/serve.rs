@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// Serve without API keys on a non-loopback address.
     #[arg(long)]
     allow_anonymous: bool,
+    /// No moderation at all. Without it (and without a config's `moderation`), the built-in profile `builtin`
+    /// moderates input and output.
+    #[arg(long)]
+    no_moderation: bool,
 }
 
 type Failed = (anyhow::Error, u8);
@@ -69,12 +73,15 @@ async fn serve(args: &ServeArgs) -> Result<(), Failed> {
 
     let listen = SocketAddr::new(args.host, args.port);
     let backend = format!("{name}={grpc_addr}");
-    let allow = args.allow_anonymous;
+    let (allow, no_moderation) = (args.allow_anonymous, args.no_moderation);
     // The served model and address replace whatever the file says, at start and on every reload.
     let overrides: camelid_gateway::reload::Overrides = Arc::new(move |config: &mut GatewayConfig| {
         config.listen = listen;
         config.endpoints.clear();
         config.allow_anonymous |= allow;
+        if no_moderation {
+            config.policy.moderation = camelid_gateway::policy::ModerationSpec::off();
+        }
         config.add_backend_flag(&backend)
     });
     let mut gateway = match &args.config {

@@ -30,10 +30,15 @@ pub const TRAINER_PROGRESS_PORT_NAME: &str = "progress";
 /// The gang's rendezvous (rank 0's TCPStore; torchrun's default `MASTER_PORT`).
 pub const RENDEZVOUS_PORT: u16 = 29500;
 pub const RENDEZVOUS_PORT_NAME: &str = "rendezvous";
-/// The gateway's OpenAI API (and `/internal/load`) by default (`camelid-gateway`, `camelid serve`), and its port
+/// The gateway's OpenAI API by default (`camelid-gateway`, `camelid serve`), and its port
 /// name on the gateway Service, which the operator looks up.
 pub const GATEWAY_PORT: u16 = 8000;
 pub const GATEWAY_PORT_NAME: &str = "http";
+/// The gateway's admin endpoints (`/metrics`, `/internal/load`, `/healthz`, `/readyz`), apart from the API so
+/// that clients never see key names, endpoints or other tenants' models; the operator reads `/internal/load`
+/// through this port name on the gateway Service's EndpointSlices.
+pub const GATEWAY_ADMIN_PORT: u16 = 9091;
+pub const GATEWAY_ADMIN_PORT_NAME: &str = "admin";
 
 /// Node taints that announce a spot termination (GKE, AWS node-termination-handler, Karpenter, Kubernetes' own
 /// out-of-service, and AKS's spot eviction): the operator restarts a gang away from such nodes, the gateway stops

@@ -46,7 +46,9 @@ pub enum SpotProvider {
 #[x_kube(
     validation = Rule::new("(has(self.fineTuneJob) ? 1 : 0) + (has(self.path) ? 1 : 0) + (has(self.uri) ? 1 : 0) == 1")
         .message("set exactly one of fineTuneJob, path and uri"),
-    validation = Rule::new("!has(self.claimName) || has(self.path)").message("claimName needs a path inside the claim")
+    validation = Rule::new("!has(self.claimName) || has(self.path)").message("claimName needs a path inside the claim"),
+    validation = Rule::new("has(self.uri) || (!has(self.sha256) && !has(self.maxBytes))")
+        .message("sha256 and maxBytes check a download: they need a uri")
 )]
 pub struct ModelSource {
     /// A FineTuneJob in this namespace, whose exported model a ChatModel serves once the job succeeds (a
@@ -60,10 +62,22 @@ pub struct ModelSource {
     /// The HF model directory or `.gguf` file, inside `claimName` or the image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    /// An `http(s)://` URL of a GGUF file, downloaded by an init container before the trainer or worker starts.
+    /// An `https://` URL of a GGUF file, downloaded by an init container before the trainer or worker starts.
+    /// Redirects are followed over https only. `http://` is refused unless the operator runs with
+    /// `--allow-http-model-uris` (in-cluster or test mirrors).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://"))]
     pub uri: Option<String>,
+    /// The SHA-256 of the file at `uri`, 64 lowercase hex digits: a download that does not match fails and
+    /// nothing is served or trained from it (unset: not checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: Option<String>,
+    /// The most bytes the download of `uri` may have (unset: the operator's `--max-model-bytes`, which also
+    /// caps this); a larger file fails the download.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_bytes: Option<i64>,
 }
 
 /// How pods use spot capacity: a FineTuneJob's attempts (all on spot while the budget of preemptions and pending

@@ -84,17 +84,38 @@ pub struct TensorInfo {
     pub ggml_type: GgmlType,
     /// Absolute byte offset in the file.
     pub offset: u64,
+    /// Bytes of data, checked against the file when it was read.
+    pub byte_size: u64,
 }
 
 impl TensorInfo {
+    /// The number of elements; the product was checked not to overflow when the header was read.
     pub fn element_count(&self) -> u64 {
-        self.dims.iter().product()
+        self.dims
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .unwrap_or(0)
     }
 
-    /// The shape in PyTorch order (outermost first).
+    /// The shape in PyTorch order (outermost first); each dim was checked to fit an i64 when the header was read.
     pub fn torch_shape(&self) -> Vec<i64> {
-        self.dims.iter().rev().map(|&d| d as i64).collect()
+        self.dims
+            .iter()
+            .rev()
+            .map(|&d| i64::try_from(d).unwrap_or(i64::MAX))
+            .collect()
     }
+}
+
+/// A GGUF header read from bytes: metadata, the tensor directory with absolute offsets, all checked against the
+/// length of the bytes it was read from.
+#[derive(Debug, Clone)]
+pub struct GgufHeader {
+    pub version: u32,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    /// Where tensor data begins (the end of the header, aligned).
+    pub data_start: u64,
 }
 
 /// An opened GGUF file.
@@ -116,24 +137,59 @@ impl std::fmt::Debug for GgufFile {
     }
 }
 
+/// Arrays of arrays deeper than this are refused: the reader recurses once per level, and a hostile file of nested
+/// array headers (12 bytes each) would otherwise overflow the stack. Real files nest at most once.
+pub const MAX_ARRAY_DEPTH: usize = 8;
+/// Metadata values (array elements included) in one file. Each costs a 32-byte [`Value`] however few bytes it
+/// takes in the file; the largest real vocabularies hold about a million (tokens, merges, scores, types).
+pub const MAX_METADATA_VALUES: u64 = 1 << 24;
+/// GGML_MAX_DIMS.
+pub const MAX_TENSOR_DIMS: u32 = 4;
+
+/// The fewest bytes a metadata value of type `ty` takes in the file (for bounding counts before allocating).
+fn min_value_size(ty: u32) -> u64 {
+    match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 | 10..=12 => 8,
+        9 => 12,
+        _ => 1,
+    }
+}
+
 struct Cursor<'a> {
     bytes: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// What is being read, for errors: `metadata[3] "general.name"`, `tensor[7] "blk.0.attn_q.weight"`.
+    field: String,
+    values: u64,
 }
 
 impl<'a> Cursor<'a> {
+    fn err(&self, detail: impl std::fmt::Display) -> ModelError {
+        ModelError::malformed(
+            self.path,
+            "GGUF header",
+            format!("{}: {detail} (byte {})", self.field, self.pos),
+        )
+    }
+
+    fn remaining(&self) -> u64 {
+        (self.bytes.len() - self.pos.min(self.bytes.len())) as u64
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         let end = self
             .pos
             .checked_add(n)
             .filter(|&e| e <= self.bytes.len())
             .ok_or_else(|| {
-                ModelError::malformed(
-                    self.path,
-                    "GGUF header",
-                    format!("truncated at byte {}", self.pos),
-                )
+                self.err(format!(
+                    "truncated: needs {n} more bytes, file has {}",
+                    self.remaining()
+                ))
             })?;
         let out = &self.bytes[self.pos..end];
         self.pos = end;
@@ -154,32 +210,35 @@ impl<'a> Cursor<'a> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 
-    fn len(&mut self, what: &str) -> Result<usize> {
+    /// A count of items that each take at least `min_size` bytes: no valid file holds more than its remaining bytes
+    /// allow, so a larger count is refused before anything is allocated for it.
+    fn count(&mut self, what: &str, min_size: u64) -> Result<usize> {
         let n = self.u64()?;
-        // Nothing in a valid file is longer than the file itself; this stops absurd allocations.
-        if n > self.bytes.len() as u64 {
-            return Err(ModelError::malformed(
-                self.path,
-                "GGUF header",
-                format!("{what} length {n} exceeds file size"),
-            ));
+        let fits = self.remaining() / min_size.max(1);
+        if n > fits {
+            return Err(self.err(format!(
+                "{what} {n} cannot fit in the {} bytes left in the file",
+                self.remaining()
+            )));
         }
-        Ok(n as usize)
+        usize::try_from(n).map_err(|_| self.err(format!("{what} {n} is too large")))
     }
 
     fn string(&mut self) -> Result<String> {
-        let n = self.len("string")?;
+        let n = self.count("string length", 1)?;
+        let start = self.pos;
         let raw = self.take(n)?;
         String::from_utf8(raw.to_vec()).map_err(|_| {
-            ModelError::malformed(
-                self.path,
-                "GGUF header",
-                format!("string at byte {} is not UTF-8", self.pos),
-            )
+            self.pos = start;
+            self.err("string is not UTF-8")
         })
     }
 
-    fn value(&mut self, ty: u32) -> Result<Value> {
+    fn value(&mut self, ty: u32, depth: usize) -> Result<Value> {
+        self.values += 1;
+        if self.values > MAX_METADATA_VALUES {
+            return Err(self.err(format!("more than {MAX_METADATA_VALUES} metadata values")));
+        }
         Ok(match ty {
             0 => Value::U8(self.array::<1>()?[0]),
             1 => Value::I8(self.array::<1>()?[0] as i8),
@@ -191,26 +250,196 @@ impl<'a> Cursor<'a> {
             7 => Value::Bool(self.array::<1>()?[0] != 0),
             8 => Value::String(self.string()?),
             9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(self.err(format!("arrays nested deeper than {MAX_ARRAY_DEPTH} levels")));
+                }
                 let elem = self.u32()?;
-                let n = self.len("array")?;
-                let mut items = Vec::with_capacity(n.min(1 << 20));
+                if elem > 12 {
+                    return Err(self.err(format!("unknown array element type {elem}")));
+                }
+                let n = self.count("array length", min_value_size(elem))?;
+                if self.values.saturating_add(n as u64) > MAX_METADATA_VALUES {
+                    return Err(self.err(format!(
+                        "array of {n} values: more than {MAX_METADATA_VALUES} metadata values in all"
+                    )));
+                }
+                let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
-                    items.push(self.value(elem)?);
+                    items.push(self.value(elem, depth + 1)?);
                 }
                 Value::Array(items)
             }
             10 => Value::U64(self.u64()?),
             11 => Value::I64(i64::from_le_bytes(self.array()?)),
             12 => Value::F64(f64::from_le_bytes(self.array()?)),
-            other => {
-                return Err(ModelError::malformed(
-                    self.path,
-                    "GGUF header",
-                    format!("unknown metadata value type {other} at byte {}", self.pos),
-                ));
-            }
+            other => return Err(self.err(format!("unknown metadata value type {other}"))),
         })
     }
+}
+
+/// Reads and checks a GGUF header from the whole file's bytes; touches no file, so it is the fuzzing entry point of
+/// the GGUF reader. Every count is bounded by the bytes left before anything is allocated for it, nested arrays by
+/// [`MAX_ARRAY_DEPTH`], all size arithmetic is checked, and every tensor's data must lie inside `bytes`.
+pub fn read_header(bytes: &[u8]) -> Result<GgufHeader> {
+    parse(bytes, Path::new("<memory>"))
+}
+
+fn tensor_err(path: &Path, name: &str, detail: impl Into<String>) -> ModelError {
+    ModelError::Tensor {
+        path: path.into(),
+        name: name.into(),
+        detail: detail.into(),
+    }
+}
+
+fn parse(bytes: &[u8], path: &Path) -> Result<GgufHeader> {
+    let mut cur = Cursor {
+        bytes,
+        pos: 0,
+        path,
+        field: "magic".into(),
+        values: 0,
+    };
+    if cur.take(4).ok() != Some(MAGIC.as_slice()) {
+        return Err(ModelError::malformed(
+            path,
+            "GGUF file",
+            "does not start with the GGUF magic",
+        ));
+    }
+    cur.field = "version".into();
+    let version = cur.u32()?;
+    if !(2..=3).contains(&version) {
+        return Err(ModelError::Unsupported(format!(
+            "GGUF version {version} (only 2 and 3 are supported)"
+        )));
+    }
+    cur.field = "tensor count".into();
+    // name length, dimension count, type, offset
+    let n_tensors = cur.count("tensor count", 8 + 4 + 4 + 8)?;
+    cur.field = "metadata count".into();
+    let n_kv = cur.count("metadata count", 8 + 4 + 1)?;
+    let mut metadata = BTreeMap::new();
+    for i in 0..n_kv {
+        cur.field = format!("metadata[{i}]");
+        let key = cur.string()?;
+        cur.field = format!("metadata[{i}] {key:?}");
+        let ty = cur.u32()?;
+        let value = cur.value(ty, 0)?;
+        if metadata.insert(key, value).is_some() {
+            return Err(cur.err("duplicate key"));
+        }
+    }
+    let mut infos: Vec<TensorInfo> = Vec::with_capacity(n_tensors);
+    let mut names = std::collections::HashSet::with_capacity(n_tensors);
+    for i in 0..n_tensors {
+        cur.field = format!("tensor[{i}]");
+        let name = cur.string()?;
+        cur.field = format!("tensor[{i}] {name:?}");
+        let n_dims = cur.u32()?;
+        if n_dims > MAX_TENSOR_DIMS {
+            return Err(tensor_err(
+                path,
+                &name,
+                format!("has {n_dims} dimensions (at most {MAX_TENSOR_DIMS})"),
+            ));
+        }
+        let dims = (0..n_dims).map(|_| cur.u64()).collect::<Result<Vec<_>>>()?;
+        if let Some(d) = dims.iter().find(|&&d| i64::try_from(d).is_err()) {
+            return Err(tensor_err(
+                path,
+                &name,
+                format!("dimension {d} does not fit an i64"),
+            ));
+        }
+        let raw_type = cur.u32()?;
+        let ggml_type = GgmlType::from_u32(raw_type)
+            .ok_or_else(|| tensor_err(path, &name, format!("unknown GGML tensor type {raw_type}")))?;
+        let offset = cur.u64()?;
+        if !names.insert(name.clone()) {
+            return Err(tensor_err(path, &name, "appears twice in the tensor directory"));
+        }
+        infos.push(TensorInfo {
+            name,
+            dims,
+            ggml_type,
+            offset,
+            byte_size: 0,
+        });
+    }
+    cur.field = "general.alignment".into();
+    let alignment = match metadata.get("general.alignment") {
+        None => DEFAULT_ALIGNMENT,
+        Some(v) => v
+            .as_u64()
+            .filter(|a| a.is_power_of_two())
+            .ok_or_else(|| cur.err(format!("{v:?} is not a power of two")))?,
+    };
+    let data_start = (cur.pos as u64)
+        .checked_next_multiple_of(alignment)
+        .filter(|&s| s <= bytes.len() as u64)
+        .ok_or_else(|| {
+            cur.err(format!(
+                "data start aligned to {alignment} lies past the end of the file"
+            ))
+        })?;
+    for info in &mut infos {
+        let elements = info
+            .dims
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| {
+                tensor_err(
+                    path,
+                    &info.name,
+                    format!("element count of {:?} overflows", info.dims),
+                )
+            })?;
+        let (per_block, block_bytes) = info.ggml_type.block();
+        if !elements.is_multiple_of(per_block) {
+            return Err(tensor_err(
+                path,
+                &info.name,
+                format!(
+                    "{elements} elements are not a whole number of {:?} blocks",
+                    info.ggml_type
+                ),
+            ));
+        }
+        info.byte_size = (elements / per_block).checked_mul(block_bytes).ok_or_else(|| {
+            tensor_err(
+                path,
+                &info.name,
+                format!("{elements} {:?} elements overflow a byte size", info.ggml_type),
+            )
+        })?;
+        let relative = info.offset;
+        info.offset = data_start
+            .checked_add(relative)
+            .ok_or_else(|| tensor_err(path, &info.name, format!("offset {relative} overflows")))?;
+        if info
+            .offset
+            .checked_add(info.byte_size)
+            .is_none_or(|end| end > bytes.len() as u64)
+        {
+            return Err(tensor_err(
+                path,
+                &info.name,
+                format!(
+                    "data ({} bytes at offset {}) runs past the end of the file ({} bytes; truncated download?)",
+                    info.byte_size,
+                    info.offset,
+                    bytes.len()
+                ),
+            ));
+        }
+    }
+    Ok(GgufHeader {
+        version,
+        metadata,
+        tensors: infos,
+        data_start,
+    })
 }
 
 impl GgufFile {
@@ -220,97 +449,13 @@ impl GgufFile {
         // file by another process is outside what we support (the same contract as llama.cpp and safetensors).
         #[allow(unsafe_code)]
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-        let mut cur = Cursor {
-            bytes: &map,
-            pos: 0,
-            path,
-        };
-        if cur.take(4).ok() != Some(MAGIC.as_slice()) {
-            return Err(ModelError::malformed(
-                path,
-                "GGUF file",
-                "does not start with the GGUF magic",
-            ));
-        }
-        let version = cur.u32()?;
-        if !(2..=3).contains(&version) {
-            return Err(ModelError::Unsupported(format!(
-                "GGUF version {version} (only 2 and 3 are supported)"
-            )));
-        }
-        let n_tensors = cur.len("tensor count")?;
-        let n_kv = cur.len("metadata count")?;
-        let mut metadata = BTreeMap::new();
-        for _ in 0..n_kv {
-            let key = cur.string()?;
-            let ty = cur.u32()?;
-            let value = cur.value(ty)?;
-            metadata.insert(key, value);
-        }
-        let mut infos = Vec::with_capacity(n_tensors);
-        for _ in 0..n_tensors {
-            let name = cur.string()?;
-            let n_dims = cur.u32()? as usize;
-            if n_dims > 4 {
-                return Err(ModelError::malformed(
-                    path,
-                    "GGUF tensor",
-                    format!("{name} has {n_dims} dimensions"),
-                ));
-            }
-            let dims = (0..n_dims).map(|_| cur.u64()).collect::<Result<Vec<_>>>()?;
-            let raw_type = cur.u32()?;
-            let ggml_type = GgmlType::from_u32(raw_type).ok_or_else(|| ModelError::Tensor {
-                path: path.into(),
-                name: name.clone(),
-                detail: format!("unknown GGML tensor type {raw_type}"),
-            })?;
-            let offset = cur.u64()?;
-            infos.push(TensorInfo {
-                name,
-                dims,
-                ggml_type,
-                offset,
-            });
-        }
-        let alignment = metadata
-            .get("general.alignment")
-            .and_then(Value::as_u64)
-            .unwrap_or(DEFAULT_ALIGNMENT)
-            .max(1);
-        let data_start = (cur.pos as u64).div_ceil(alignment) * alignment;
-        for info in &mut infos {
-            info.offset += data_start;
-            let size = info
-                .ggml_type
-                .byte_size(info.element_count())
-                .ok_or_else(|| ModelError::Tensor {
-                    path: path.into(),
-                    name: info.name.clone(),
-                    detail: format!(
-                        "{} elements are not a whole number of {:?} blocks",
-                        info.element_count(),
-                        info.ggml_type
-                    ),
-                })?;
-            if info
-                .offset
-                .checked_add(size)
-                .is_none_or(|end| end > map.len() as u64)
-            {
-                return Err(ModelError::Tensor {
-                    path: path.into(),
-                    name: info.name.clone(),
-                    detail: "data runs past the end of the file (truncated download?)".into(),
-                });
-            }
-        }
+        let header = parse(&map, path)?;
         Ok(GgufFile {
             path: path.to_path_buf(),
             map,
-            version,
-            metadata,
-            tensors: infos,
+            version: header.version,
+            metadata: header.metadata,
+            tensors: header.tensors,
         })
     }
 
@@ -322,11 +467,14 @@ impl GgufFile {
         self.metadata.get(key)
     }
 
-    /// The raw bytes of one tensor (bounds were checked at open).
+    /// The raw bytes of one tensor (bounds were checked at open; a `TensorInfo` from elsewhere that does not fit
+    /// gives no bytes, which dequantization refuses).
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
-        let size = info.ggml_type.byte_size(info.element_count()).unwrap_or(0) as usize;
-        let start = info.offset as usize;
-        &self.map[start..start + size]
+        let range = usize::try_from(info.offset).ok().and_then(|start| {
+            let end = start.checked_add(usize::try_from(info.byte_size).ok()?)?;
+            Some(start..end)
+        });
+        range.and_then(|r| self.map.get(r)).unwrap_or(&[])
     }
 
     /// The tensor dequantized to f32, in GGML element order.

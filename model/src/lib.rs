@@ -51,9 +51,11 @@ impl LoadedModel {
     }
 
     /// Renders messages with the model's template and tokenizes them as the prompt of the assistant's reply.
+    ///
+    /// Only the template's own markers become special tokens: special-token text inside a message's content
+    /// (`<|im_end|>\n<|im_start|>system`) is encoded as ordinary text ([`encode_chat_prompt`]).
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        let text = self.template.render(messages, true)?;
-        let mut ids = self.tokenizer.encode(&text, false)?;
+        let mut ids = encode_chat_prompt(&self.template, &self.tokenizer, messages)?;
         if let Some(bos) = self.missing_bos(&ids) {
             ids.insert(0, bos);
         }
@@ -80,6 +82,33 @@ impl LoadedModel {
         match (&self.template, self.prompt_bos) {
             (ChatTemplate::Vicuna, Some(bos)) if ids.first() != Some(&bos) => Some(bos),
             _ => None,
+        }
+    }
+}
+
+/// Renders `messages` with `template` (the generation prompt included) and encodes them so that special tokens
+/// come only from the template: special-token text in a message's content is ordinary text. A normal conversation
+/// encodes exactly as `tokenizer.encode(&template.render(messages, true)?, false)`. When the template rewrites
+/// contents so that they cannot be located, a conversation whose contents hold special-token text is refused
+/// (`InvalidRequest`) rather than encoded with forged markers.
+pub fn encode_chat_prompt(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    messages: &[ChatMessage],
+) -> Result<Vec<u32>> {
+    let rendered = template.render_prompt(messages, true)?;
+    match rendered.content_spans {
+        Some(spans) => tokenizer.encode_protected(&rendered.text, &spans),
+        None => {
+            for (i, m) in messages.iter().enumerate() {
+                if tokenizer.has_special_text(&m.content)? {
+                    return Err(ModelError::InvalidRequest(format!(
+                        "messages[{i}].content contains a special token's text, and this model's chat template \
+                         rewrites message contents, so it cannot be kept as plain text; remove the marker"
+                    )));
+                }
+            }
+            tokenizer.encode(&rendered.text, false)
         }
     }
 }

@@ -51,6 +51,16 @@ pub struct RenderedChat {
     pub assistant_spans: Vec<Range<usize>>,
 }
 
+/// A conversation rendered as a prompt, with where the messages' contents are in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedPrompt {
+    pub text: String,
+    /// The byte ranges of `text` that are some message's content: text the client wrote, in which special-token
+    /// text must not become special tokens. `None` when the template rewrites contents (a Jinja template that
+    /// trims or splits them) so that where they are cannot be told exactly.
+    pub content_spans: Option<Vec<Range<usize>>>,
+}
+
 /// How a conversation becomes the prompt text.
 #[derive(Debug, Clone)]
 pub enum ChatTemplate {
@@ -105,14 +115,92 @@ impl ChatTemplate {
     }
 }
 
+impl ChatTemplate {
+    /// Renders the conversation as [`ChatTemplate::render`] does, and finds where each message's content is in it.
+    ///
+    /// For a Jinja template the conversation is rendered a second time with each non-empty content replaced by a
+    /// sentinel; putting the contents back in place of the sentinels must give exactly the first rendering, else
+    /// the template rewrote a content and the spans are `None`.
+    pub fn render_prompt(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<RenderedPrompt> {
+        let text = self.render(messages, add_generation_prompt)?;
+        let content_spans = match self {
+            ChatTemplate::Vicuna => Some(render_vicuna_spans(messages, add_generation_prompt)?.content_spans),
+            ChatTemplate::Jinja { .. } => {
+                let stand_ins: Vec<ChatMessage> = messages
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| ChatMessage {
+                        role: m.role.clone(),
+                        content: if m.content.is_empty() {
+                            String::new()
+                        } else {
+                            sentinel(i)
+                        },
+                    })
+                    .collect();
+                let skeleton = self.render(&stand_ins, add_generation_prompt)?;
+                fill_sentinels(&skeleton, messages)
+                    .filter(|(filled, _)| *filled == text)
+                    .map(|(_, spans)| spans)
+            }
+        };
+        Ok(RenderedPrompt { text, content_spans })
+    }
+}
+
+const SENTINEL_OPEN: char = '\u{F8F0}';
+const SENTINEL_CLOSE: char = '\u{F8F1}';
+
+/// Message `i`'s stand-in: private-use characters around the index, which no template trims or changes the case of.
+fn sentinel(i: usize) -> String {
+    format!("{SENTINEL_OPEN}{i}{SENTINEL_CLOSE}")
+}
+
+/// `skeleton` with each sentinel replaced by its message's content, and the byte ranges the contents took.
+fn fill_sentinels(skeleton: &str, messages: &[ChatMessage]) -> Option<(String, Vec<Range<usize>>)> {
+    let mut out =
+        String::with_capacity(skeleton.len() + messages.iter().map(|m| m.content.len()).sum::<usize>());
+    let mut spans = Vec::new();
+    let mut rest = skeleton;
+    while let Some(open) = rest.find(SENTINEL_OPEN) {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + SENTINEL_OPEN.len_utf8()..];
+        let close = after.find(SENTINEL_CLOSE)?;
+        let index: usize = after[..close].parse().ok()?;
+        let content = &messages.get(index)?.content;
+        spans.push(out.len()..out.len() + content.len());
+        out.push_str(content);
+        rest = &after[close + SENTINEL_CLOSE.len_utf8()..];
+    }
+    out.push_str(rest);
+    Some((out, spans))
+}
+
 fn render_vicuna(messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
     Ok(render_vicuna_spans(messages, add_generation_prompt)?.text)
 }
 
-/// FastChat `vicuna_v1.1` with the byte range of each assistant message's content and its `</s>`.
-fn render_vicuna_spans(messages: &[ChatMessage], add_generation_prompt: bool) -> Result<RenderedChat> {
+/// FastChat `vicuna_v1.1` rendered, with where the messages' contents are.
+struct VicunaRendering {
+    text: String,
+    /// Each assistant message's content and its `</s>`.
+    assistant_spans: Vec<Range<usize>>,
+    /// Every message's content (a custom system prompt included).
+    content_spans: Vec<Range<usize>>,
+}
+
+/// FastChat `vicuna_v1.1` with the byte range of each message's content and of each assistant reply with its `</s>`.
+fn render_vicuna_spans(messages: &[ChatMessage], add_generation_prompt: bool) -> Result<VicunaRendering> {
+    let mut content_spans = Vec::new();
     let (system, turns) = match messages.split_first() {
-        Some((first, rest)) if first.role == "system" => (first.content.as_str(), rest),
+        Some((first, rest)) if first.role == "system" => {
+            content_spans.push(0..first.content.len());
+            (first.content.as_str(), rest)
+        }
         _ => (VICUNA_SYSTEM, messages),
     };
     // FastChat's SeparatorStyle.ADD_COLON_TWO with sep " " and sep2 "</s>".
@@ -140,6 +228,7 @@ fn render_vicuna_spans(messages: &[ChatMessage], add_generation_prompt: bool) ->
             out.push_str(": ");
             let start = out.len();
             out.push_str(&m.content);
+            content_spans.push(start..out.len());
             out.push_str(sep);
             if expected == "assistant" {
                 spans.push(start..out.len());
@@ -149,9 +238,10 @@ fn render_vicuna_spans(messages: &[ChatMessage], add_generation_prompt: bool) ->
     if add_generation_prompt && turns.len() % 2 == 1 {
         out.push_str("ASSISTANT:");
     }
-    Ok(RenderedChat {
+    Ok(VicunaRendering {
         text: out,
         assistant_spans: spans,
+        content_spans,
     })
 }
 
@@ -165,7 +255,11 @@ impl ChatTemplate {
         let (bos_token, eos_token, source) = match self {
             ChatTemplate::Vicuna => {
                 self.render(messages, false)?;
-                return render_vicuna_spans(messages, false);
+                let r = render_vicuna_spans(messages, false)?;
+                return Ok(RenderedChat {
+                    text: r.text,
+                    assistant_spans: r.assistant_spans,
+                });
             }
             ChatTemplate::Jinja {
                 source,

@@ -4,9 +4,13 @@
 //! paths share one encoder and decoder.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use serde_json::{Value as Json, json};
+use tokenizers::PreTokenizerWrapper;
+use tokenizers::pre_tokenizers::metaspace::PrependScheme;
 
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, Value};
@@ -22,6 +26,8 @@ pub struct TokensWithOffsets {
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// Built on first use by [`Tokenizer::encode_protected`]: copies that read special-token text as plain text.
+    plain: OnceLock<PlainText>,
     /// Text of the BOS/EOS tokens, for chat templates that print them.
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
@@ -41,23 +47,24 @@ fn tok_err(e: impl std::fmt::Display) -> ModelError {
 }
 
 impl Tokenizer {
+    fn new(inner: tokenizers::Tokenizer) -> Self {
+        Self {
+            inner,
+            plain: OnceLock::new(),
+            bos_token: None,
+            eos_token: None,
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| ModelError::malformed(path, "tokenizer.json", e.to_string()))?;
-        Ok(Self {
-            inner,
-            bos_token: None,
-            eos_token: None,
-        })
+        Ok(Self::new(inner))
     }
 
     pub fn from_json(json: &Json) -> Result<Self> {
         let inner: tokenizers::Tokenizer = serde_json::from_value(json.clone()).map_err(tok_err)?;
-        Ok(Self {
-            inner,
-            bos_token: None,
-            eos_token: None,
-        })
+        Ok(Self::new(inner))
     }
 
     /// Sets the BOS/EOS token texts from their ids.
@@ -68,7 +75,8 @@ impl Tokenizer {
     }
 
     /// Encodes text. Special tokens written in the text (`<|im_start|>`) become their ids; `add_special_tokens`
-    /// adds what the tokenizer's post-processor adds (a BOS for LLaMA-2 style tokenizers).
+    /// adds what the tokenizer's post-processor adds (a BOS for LLaMA-2 style tokenizers). Only for text that is
+    /// trusted as a whole: a chat prompt goes through [`Tokenizer::encode_protected`].
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         Ok(self
             .inner
@@ -85,6 +93,64 @@ impl Tokenizer {
             ids: enc.get_ids().to_vec(),
             offsets: enc.get_offsets().to_vec(),
         })
+    }
+
+    /// Encodes `text` (no added special tokens) where special-token text inside the `protected` byte ranges (the
+    /// messages' contents in a rendered chat prompt) is ordinary text, so a user who types `<|im_end|>` cannot end
+    /// a turn or forge a system one; special tokens outside them (the template's own markers) stay special.
+    ///
+    /// A text with no special token inside a protected range encodes exactly as [`Tokenizer::encode`] does. Else the
+    /// text is cut at the template's markers and each piece between them is encoded with special tokens read as
+    /// text; `tokenizers` also encodes the pieces between special tokens independently, so the pieces without a
+    /// forged marker get the same ids as before.
+    pub fn encode_protected(&self, text: &str, protected: &[Range<usize>]) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        let plain = self.plain();
+        let mut markers = Vec::new();
+        let mut forged = false;
+        for (&id, &(start, end)) in enc.get_ids().iter().zip(enc.get_offsets()) {
+            let Some(content) = plain.special.get(&id) else {
+                continue;
+            };
+            // lstrip/rstrip tokens also cover the spaces around them: where the token's own text begins decides.
+            let core = start
+                + text
+                    .get(start..end)
+                    .and_then(|t| t.find(content.as_str()))
+                    .unwrap_or(0);
+            if protected.iter().any(|r| r.contains(&core)) {
+                forged = true;
+            } else {
+                markers.push((start, end, id));
+            }
+        }
+        if !forged {
+            return Ok(enc.get_ids().to_vec());
+        }
+        let mut out = Vec::with_capacity(enc.len());
+        let mut pos = 0;
+        for (start, end, id) in markers {
+            if start > pos {
+                out.extend(plain.encode_piece(text, pos..start)?);
+            }
+            out.push(id);
+            pos = pos.max(end);
+        }
+        if pos < text.len() {
+            out.extend(plain.encode_piece(text, pos..text.len())?);
+        }
+        Ok(out)
+    }
+
+    /// Whether `text` holds the text of a special token (as the tokenizer matches them, normalization included).
+    pub fn has_special_text(&self, text: &str) -> Result<bool> {
+        let ids = self.encode(text, false)?;
+        let special = &self.plain().special;
+        Ok(ids.iter().any(|id| special.contains_key(id)))
+    }
+
+    fn plain(&self) -> &PlainText {
+        self.plain.get_or_init(|| PlainText::of(&self.inner))
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
@@ -119,6 +185,62 @@ impl Tokenizer {
     }
 }
 
+/// The tokenizer's special tokens and two copies of it that read their text as plain text: one for a piece at the
+/// start of the text, one for a piece after a marker (a SentencePiece `Metaspace` with prepend scheme `first` puts
+/// its `▁` only in front of the piece at offset 0, as `tokenizers` does when it encodes the text whole).
+#[derive(Clone)]
+struct PlainText {
+    special: HashMap<u32, String>,
+    first: tokenizers::Tokenizer,
+    rest: tokenizers::Tokenizer,
+}
+
+impl PlainText {
+    fn of(inner: &tokenizers::Tokenizer) -> Self {
+        let special = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (id, t.content))
+            .collect();
+        let mut first = inner.clone();
+        first.set_encode_special_tokens(true);
+        let mut rest = first.clone();
+        if let Some(pre) = rest.get_pre_tokenizer().cloned() {
+            rest.with_pre_tokenizer(Some(without_first_prepend(pre)));
+        }
+        Self { special, first, rest }
+    }
+
+    fn encode_piece(&self, text: &str, range: Range<usize>) -> Result<Vec<u32>> {
+        let tok = if range.start == 0 { &self.first } else { &self.rest };
+        let piece = text.get(range.clone()).ok_or_else(|| {
+            ModelError::Tokenizer(format!(
+                "bytes {range:?} of the prompt are not on character boundaries"
+            ))
+        })?;
+        Ok(tok.encode(piece, false).map_err(tok_err)?.get_ids().to_vec())
+    }
+}
+
+/// The pre-tokenizer with each `Metaspace` prepend scheme `first` turned into `never`.
+fn without_first_prepend(pre: PreTokenizerWrapper) -> PreTokenizerWrapper {
+    match pre {
+        PreTokenizerWrapper::Metaspace(mut m) => {
+            if m.get_prepend_scheme() == PrependScheme::First {
+                m.set_prepend_scheme(PrependScheme::Never);
+            }
+            PreTokenizerWrapper::Metaspace(m)
+        }
+        PreTokenizerWrapper::Sequence(seq) => {
+            PreTokenizerWrapper::Sequence(tokenizers::pre_tokenizers::sequence::Sequence::new(
+                seq.into_iter().map(without_first_prepend).collect(),
+            ))
+        }
+        other => other,
+    }
+}
+
 /// GPT-2's reversible byte → printable-character map.
 fn bytes_to_unicode() -> HashMap<u8, char> {
     let mut printable: Vec<u32> = (u32::from(b'!')..=u32::from(b'~')).collect();
@@ -139,6 +261,9 @@ fn bytes_to_unicode() -> HashMap<u8, char> {
 }
 
 const GGUF_CONTROL: u64 = 3;
+/// The sum of squared token lengths a SentencePiece vocabulary may have when its merges are derived (about a
+/// second of work; real vocabularies need under 1% of it).
+const MERGE_DERIVATION_BUDGET: u64 = 1 << 30;
 const GGUF_USER_DEFINED: u64 = 4;
 
 /// llama.cpp's pre-tokenizer splits by `tokenizer.ggml.pre`, as HF pre-tokenizer JSON. Unknown names use GPT-2's.
@@ -247,7 +372,22 @@ fn sentencepiece_json(file: &GgufFile, tokens: &[&str], types: &[u64]) -> Result
         })?;
     let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
     let mut merges: Vec<(&str, &str, f64)> = Vec::new();
-    for (id, tok) in tokens.iter().enumerate() {
+    // Deriving a token's merges hashes every split of it: quadratic in its length. Real vocabularies cost a few
+    // million; a hostile file of long tokens would hold the loader for hours.
+    let mut work = 0u64;
+    let derive = file.get("tokenizer.ggml.merges").is_none();
+    for (id, tok) in tokens.iter().enumerate().filter(|_| derive) {
+        work = work.saturating_add((tok.len() as u64).saturating_pow(2));
+        if work > MERGE_DERIVATION_BUDGET {
+            return Err(ModelError::malformed(
+                file.path(),
+                "GGUF tokenizer",
+                format!(
+                    "tokenizer.ggml.tokens[{id}]: the tokens are too long in all to derive merges from \
+                     (give tokenizer.ggml.merges)"
+                ),
+            ));
+        }
         let mut local: Vec<(&str, &str, f64)> = tok
             .char_indices()
             .skip(1)

@@ -44,30 +44,172 @@ fn safetensors_kind(dtype: safetensors::Dtype) -> Option<Kind> {
     })
 }
 
-/// Reads every tensor of one `.safetensors` file.
+/// The largest safetensors JSON header read: real ones are kilobytes (a 70B model's shard lists under a thousand
+/// tensors); the `safetensors` crate would take 100 MB, which its JSON parse multiplies in memory.
+pub const MAX_SAFETENSORS_HEADER: u64 = 32 << 20;
+/// The most dimensions a tensor may have (LLaMA weights have at most 2).
+pub const MAX_SAFETENSORS_RANK: usize = 8;
+
+/// One tensor of a safetensors file, checked: a dtype camelid loads, a shape whose dims fit libtorch's i64 and whose
+/// byte size (checked arithmetic) is exactly its data's, and data inside the file, not overlapping another's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SafetensorsEntry {
+    pub name: String,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<i64>,
+    /// Absolute byte range of the data in the file.
+    pub data: std::ops::Range<usize>,
+}
+
+/// Reads and checks the header of a whole safetensors file held in `bytes`; touches no file and no libtorch, so it
+/// is the fuzzing entry point of the safetensors loader. Refuses a header length over [`MAX_SAFETENSORS_HEADER`] or
+/// past the end, offsets that are out of range, overlap, leave gaps or disagree with dtype × shape (computed
+/// with checked arithmetic by the `safetensors` crate, whose checks this relies on and repeats where cheap), more
+/// than [`MAX_SAFETENSORS_RANK`] dims, dims over `i64::MAX`, and dtypes camelid does not load.
+pub fn read_safetensors_header(bytes: &[u8]) -> Result<Vec<SafetensorsEntry>> {
+    parse_safetensors(bytes, Path::new("<memory>"))
+}
+
+fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<Vec<SafetensorsEntry>> {
+    let malformed = |detail: String| ModelError::malformed(path, "safetensors file", detail);
+    let len_bytes: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| {
+        malformed(format!(
+            "{} bytes: too short for the 8-byte header length",
+            bytes.len()
+        ))
+    })?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > MAX_SAFETENSORS_HEADER {
+        return Err(malformed(format!(
+            "header length {header_len} (bytes 0..8) is over the {MAX_SAFETENSORS_HEADER}-byte limit"
+        )));
+    }
+    let data_start = 8 + header_len as usize;
+    if data_start > bytes.len() {
+        return Err(malformed(format!(
+            "header length {header_len} (bytes 0..8) runs past the end of the {}-byte file",
+            bytes.len()
+        )));
+    }
+    let (_, metadata) =
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| malformed(format!("{e:?}")))?;
+    let mut infos: Vec<(String, &safetensors::tensor::TensorInfo)> = metadata.tensors().into_iter().collect();
+    infos.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut entries = Vec::with_capacity(infos.len());
+    for (name, info) in infos {
+        let tensor_err = |detail: String| ModelError::Tensor {
+            path: path.into(),
+            name: name.clone(),
+            detail,
+        };
+        if safetensors_kind(info.dtype).is_none() {
+            return Err(tensor_err(format!("unsupported dtype {:?}", info.dtype)));
+        }
+        if info.shape.len() > MAX_SAFETENSORS_RANK {
+            return Err(tensor_err(format!(
+                "{} dimensions (at most {MAX_SAFETENSORS_RANK})",
+                info.shape.len()
+            )));
+        }
+        let shape = info
+            .shape
+            .iter()
+            .map(|&d| i64::try_from(d))
+            .collect::<std::result::Result<Vec<i64>, _>>()
+            .map_err(|_| tensor_err(format!("shape {:?} has a dimension over i64::MAX", info.shape)))?;
+        let expected = info
+            .shape
+            .iter()
+            .try_fold(info.dtype.size(), |n, &d| n.checked_mul(d))
+            .ok_or_else(|| tensor_err(format!("shape {:?} overflows a byte size", info.shape)))?;
+        let (begin, end) = info.data_offsets;
+        let data = data_start
+            .checked_add(begin)
+            .zip(data_start.checked_add(end))
+            .map(|(s, e)| s..e)
+            .filter(|d| d.start <= d.end && d.end <= bytes.len() && d.len() == expected)
+            .ok_or_else(|| {
+                tensor_err(format!(
+                    "data_offsets [{begin}, {end}] are not {expected} bytes inside the {}-byte data section",
+                    bytes.len() - data_start
+                ))
+            })?;
+        entries.push(SafetensorsEntry {
+            name,
+            dtype: info.dtype,
+            shape,
+            data,
+        });
+    }
+    let mut by_offset: Vec<&SafetensorsEntry> = entries.iter().collect();
+    by_offset.sort_by_key(|e| (e.data.start, e.data.end));
+    for pair in by_offset.windows(2) {
+        if pair[1].data.start < pair[0].data.end {
+            return Err(ModelError::Tensor {
+                path: path.into(),
+                name: pair[1].name.clone(),
+                detail: format!(
+                    "data {:?} overlaps {}'s {:?}",
+                    pair[1].data, pair[0].name, pair[0].data
+                ),
+            });
+        }
+    }
+    Ok(entries)
+}
+
+/// Reads every tensor of one `.safetensors` file (checked by [`read_safetensors_header`] first).
 pub fn read_safetensors(path: &Path, opts: LoadOptions, out: &mut Weights) -> Result<()> {
     let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let meta = file.metadata().map_err(|e| ModelError::io(path, e))?;
+    if !meta.is_file() {
+        return Err(ModelError::malformed(
+            path,
+            "safetensors file",
+            "is not a regular file",
+        ));
+    }
     // SAFETY: read-only private mapping of a file we do not modify; see `GgufFile::open`.
     #[allow(unsafe_code)]
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&map)
-        .map_err(|e| ModelError::malformed(path, "safetensors file", e.to_string()))?;
-    for (name, view) in st.tensors() {
-        let kind = safetensors_kind(view.dtype()).ok_or_else(|| ModelError::Tensor {
+    for entry in parse_safetensors(&map, path)? {
+        let kind = safetensors_kind(entry.dtype).ok_or_else(|| ModelError::Tensor {
             path: path.into(),
-            name: name.clone(),
-            detail: format!("unsupported dtype {:?}", view.dtype()),
+            name: entry.name.clone(),
+            detail: format!("unsupported dtype {:?}", entry.dtype),
         })?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
+        let bytes = map.get(entry.data.clone()).ok_or_else(|| ModelError::Tensor {
+            path: path.into(),
+            name: entry.name.clone(),
+            detail: format!("data {:?} lies outside the file", entry.data),
+        })?;
+        let t = Tensor::f_from_data_size(bytes, &entry.shape, kind)?;
         let t = if matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
             t.f_to_kind(opts.dtype)?
         } else {
             t
         };
-        out.insert(name, t.f_to_device(opts.device)?);
+        if out.contains_key(&entry.name) {
+            return Err(ModelError::Tensor {
+                path: path.into(),
+                name: entry.name,
+                detail: "is also in another shard".into(),
+            });
+        }
+        out.insert(entry.name, t.f_to_device(opts.device)?);
     }
     Ok(())
+}
+
+/// A shard named by `model.safetensors.index.json` must be a plain file name in the model directory: no path
+/// separators, no `..`, not absolute, so a hostile index cannot make the loader map `/dev/zero` or another
+/// directory's files.
+fn shard_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\', '\0'])
+        && Path::new(name).file_name().is_some_and(|f| f == name)
 }
 
 /// Reads an HF model directory: `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
@@ -82,7 +224,17 @@ pub fn read_hf_dir(dir: &Path, opts: LoadOptions) -> Result<Weights> {
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| ModelError::malformed(&index, "shard index", "no weight_map object"))?;
-        let mut files: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        let mut files: Vec<&str> = Vec::new();
+        for (tensor, file) in map {
+            let file = file.as_str().filter(|f| shard_name_ok(f)).ok_or_else(|| {
+                ModelError::malformed(
+                    &index,
+                    "shard index",
+                    format!("weight_map[{tensor:?}] is {file}, not a file name in the model directory"),
+                )
+            })?;
+            files.push(file);
+        }
         files.sort_unstable();
         files.dedup();
         for f in files {

@@ -32,3 +32,30 @@ pub fn set(
         observed_generation: generation,
     });
 }
+
+/// The condition that says the operator refuses to act on an object: `False` with reason `PolicyDenied` (the
+/// spec asks for what the operator's policy forbids) or `NameConflict` (a child's name is taken by an object the
+/// resource does not control). Present only while refused, so objects the operator acts on carry no extra
+/// condition.
+pub const ADMITTED: &str = "Admitted";
+
+/// Records a refusal in `conditions`; true when it is new (its Event is worth recording).
+pub fn refuse(
+    conditions: &mut Vec<Condition>,
+    reason: &str,
+    message: &str,
+    now: &Time,
+    generation: Option<i64>,
+) -> bool {
+    let before = conditions.clone();
+    set(conditions, ADMITTED, false, reason, message, now, generation);
+    let same = |a: &Condition, b: &Condition| (&a.reason, &a.message) == (&b.reason, &b.message);
+    let old = before.iter().find(|c| c.type_ == ADMITTED);
+    let new = conditions.iter().find(|c| c.type_ == ADMITTED);
+    !matches!((old, new), (Some(a), Some(b)) if same(a, b))
+}
+
+/// The object is acted on again: its refusal, if any, goes.
+pub fn admit(conditions: &mut Vec<Condition>) {
+    conditions.retain(|c| c.type_ != ADMITTED);
+}

@@ -1,5 +1,6 @@
-//! The operator's errors, each with a stable category for metrics and logs: [`Error`] for a reconcile, and
-//! [`BuildError`] for building the children of either controller's objects.
+//! The operator's errors, each with a stable category for metrics and logs: [`Error`] for a reconcile (a foreign
+//! object in a child's place included), and [`BuildError`] for building the children of either controller's
+//! objects.
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -10,6 +11,16 @@ pub enum Error {
     /// The spec asks for something that cannot be done; retrying will not help until it changes.
     #[error("invalid spec: {0}")]
     Invalid(String),
+    /// A child's name is taken by an object this resource does not control: the operator neither applies over
+    /// it nor deletes it, and looks again later (it may be deleted or renamed).
+    #[error(
+        "{kind} {name} already exists and is not controlled by this {owner}: rename one of them or delete it"
+    )]
+    NotOwned {
+        kind: String,
+        name: String,
+        owner: String,
+    },
 }
 
 impl Error {
@@ -20,6 +31,7 @@ impl Error {
             Error::Kube(_) => "api",
             Error::Build(e) => e.category(),
             Error::Invalid(_) => "invalid_spec",
+            Error::NotOwned { .. } => "not_owned",
         }
     }
 

@@ -1,8 +1,9 @@
 //! camelid's operator: CRD rendering ([`crdgen`]), the FineTuneJob controller ([`finetunejob`]) and the ChatModel
 //! controller ([`chatmodel`]), whose desired state is pure functions from a spec to owned Kubernetes objects.
 //!
-//! What both controllers share lives at the crate root: [`settings`], the pod parts ([`pod`]), spot placement
-//! ([`placement`]), the errors ([`error`]), the guarded reconcile and the API steps every reconcile takes
+//! What both controllers share lives at the crate root: [`settings`], the pod parts ([`pod`]) and the restricted
+//! Pod Security Standard they meet ([`podsecurity`]), the policy over what specs may choose ([`policy`]), spot
+//! placement ([`placement`]), the errors ([`error`]), the guarded reconcile and the API steps every reconcile takes
 //! ([`reconcile`]), Events ([`events`]), status conditions ([`conditions`]) and [`metrics`].
 
 pub mod chatmodel;
@@ -15,6 +16,8 @@ pub mod lease;
 pub mod metrics;
 pub mod placement;
 pub mod pod;
+pub mod podsecurity;
+pub mod policy;
 pub mod reconcile;
 pub mod run;
 pub mod settings;

@@ -33,6 +33,14 @@ pub struct Placement {
     pub affinity: Option<Affinity>,
 }
 
+/// The taint keys the operator's own tolerations name: the spot pools' (GKE, AKS) and the GPU nodes'. The
+/// operator's policy allows users' tolerations of these by default ([`crate::policy::Policy`]).
+pub const OPERATOR_TAINTS: &[&str] = &[
+    "cloud.google.com/gke-spot",
+    "kubernetes.azure.com/scalesetpriority",
+    "nvidia.com/gpu",
+];
+
 /// The label that marks a provider's spot nodes, and its value there.
 fn spot_label(provider: SpotProvider) -> Option<(&'static str, &'static str)> {
     match provider {

@@ -9,7 +9,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::core::{DeserializeGuard, NamespaceResourceScope};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{EventType, Recorder, Reporter};
@@ -158,6 +159,78 @@ where
     api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(object))
         .await?;
     Ok(())
+}
+
+/// Whether `meta` names `owner_uid` as its controller.
+pub fn controlled_by(meta: &ObjectMeta, owner_uid: &str) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|r| r.controller == Some(true) && r.uid == owner_uid)
+}
+
+/// Applies `object`, a child of `owner`, as `name` (see [`apply`]), but only over an object `owner` controls: an
+/// object of that name that something else made (a user, another controller) is left alone and
+/// [`Error::NotOwned`] returned. The apply carries the resourceVersion that was checked, so an object replaced in
+/// between fails with a conflict instead of being taken over.
+pub async fn apply_owned<K, O>(api: &Api<K>, name: &str, object: &K, owner: &O) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
+    O: Resource<DynamicType = ()>,
+{
+    let owner_uid = owner.meta().uid.clone().unwrap_or_default();
+    match api.get_opt(name).await? {
+        None => apply(api, name, object).await,
+        Some(existing) if controlled_by(existing.meta(), &owner_uid) => {
+            let mut patch = serde_json::to_value(object).map_err(|e| Error::Invalid(e.to_string()))?;
+            patch["metadata"]["resourceVersion"] = json!(existing.meta().resource_version);
+            apply(api, name, &patch).await
+        }
+        Some(_) => Err(not_owned::<K, O>(name, owner)),
+    }
+}
+
+/// [`Error::NotOwned`] for `name`, a `K` in the place of a child of `owner`.
+pub fn not_owned<K, O>(name: &str, owner: &O) -> Error
+where
+    K: Resource<DynamicType = ()>,
+    O: Resource<DynamicType = ()>,
+{
+    Error::NotOwned {
+        kind: K::kind(&()).into_owned(),
+        name: name.into(),
+        owner: format!(
+            "{} {}",
+            O::kind(&()),
+            owner.meta().name.as_deref().unwrap_or_default()
+        ),
+    }
+}
+
+/// Deletes `name` if `owner_uid` controls it (with that object's uid as a precondition); one that is gone, or
+/// that something else made under the name, is left as it is.
+pub async fn delete_owned<K>(
+    api: &Api<K>,
+    name: &str,
+    owner_uid: &str,
+    params: &DeleteParams,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let Some(existing) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    if !controlled_by(existing.meta(), owner_uid) {
+        tracing::warn!(kind = %K::kind(&()), name, "not deleting an object this resource does not control");
+        return Ok(());
+    }
+    let mut params = params.clone();
+    params.preconditions = Some(Preconditions {
+        uid: existing.meta().uid.clone(),
+        resource_version: None,
+    });
+    delete(api, name, &params).await
 }
 
 /// Deletes `name`, which may be gone already: a 404 is success, any other error is returned.

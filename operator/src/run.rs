@@ -48,6 +48,28 @@ pub struct RunArgs {
     /// Reconcile only while holding the `camelid-operator` Lease.
     #[arg(long)]
     pub leader_election: bool,
+    /// Image prefixes a spec's `image` (FineTuneJob, its evaluation, ChatModel) may start with, comma-separated
+    /// (the operator's own `--*-image`s are always allowed). A prefix not ending in `/`, `:` or `@` is a whole
+    /// repository.
+    #[arg(long, value_delimiter = ',', default_value = "ghcr.io/camelid-dev/")]
+    pub allowed_image_prefixes: Vec<String>,
+    /// PriorityClasses a FineTuneJob's `priorityClassName` may name, comma-separated (default: none).
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_priority_classes: Vec<String>,
+    /// Taint keys a spec's `spot.tolerations` may tolerate, comma-separated; `*` allows any (default: the spot
+    /// pools' and GPU nodes' taints the operator itself tolerates).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "cloud.google.com/gke-spot,kubernetes.azure.com/scalesetpriority,nvidia.com/gpu"
+    )]
+    pub allowed_toleration_keys: Vec<String>,
+    /// Allow `http://` model URIs (in-cluster mirrors, tests); otherwise only `https://`.
+    #[arg(long)]
+    pub allow_http_model_uris: bool,
+    /// The most bytes a model download may have (a spec's `maxBytes` may only lower it).
+    #[arg(long, default_value_t = crate::policy::DEFAULT_MAX_MODEL_BYTES)]
+    pub max_model_bytes: u64,
     /// The trainers' `/progress` port (tests point it elsewhere).
     #[arg(long, default_value_t = 8090, hide = true)]
     pub progress_port: u16,
@@ -70,6 +92,26 @@ impl Default for RunArgs {
     }
 }
 
+impl RunArgs {
+    /// The policy the flags describe (empty items, as `--allowed-priority-classes=` gives, dropped).
+    pub fn policy(&self) -> crate::policy::Policy {
+        let list = |items: &[String]| -> Vec<String> {
+            items
+                .iter()
+                .map(|i| i.trim().to_string())
+                .filter(|i| !i.is_empty())
+                .collect()
+        };
+        crate::policy::Policy {
+            image_prefixes: list(&self.allowed_image_prefixes),
+            priority_classes: list(&self.allowed_priority_classes),
+            toleration_keys: list(&self.allowed_toleration_keys),
+            allow_http_uris: self.allow_http_model_uris,
+            max_model_bytes: self.max_model_bytes,
+        }
+    }
+}
+
 pub async fn run(args: RunArgs, client: Client) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let settings = Settings {
@@ -81,6 +123,7 @@ pub async fn run(args: RunArgs, client: Client) -> anyhow::Result<()> {
             .eval_image
             .clone()
             .unwrap_or_else(|| args.worker_image.clone()),
+        policy: args.policy(),
     };
     let prices = args.gpu_prices.clone().map(|name| (args.namespace.clone(), name));
     let gateways = Gateways::new(args.namespace.clone(), args.gateway_service.clone())
@@ -104,26 +147,21 @@ pub async fn run(args: RunArgs, client: Client) -> anyhow::Result<()> {
     let identity =
         std::env::var("POD_NAME").unwrap_or_else(|_| format!("camelid-operator-{}", std::process::id()));
     let lost = if args.leader_election {
-        crate::lease::acquire(client.clone(), &args.namespace, "camelid-operator", &identity).await?;
+        let since =
+            crate::lease::acquire(client.clone(), &args.namespace, "camelid-operator", &identity).await?;
         let hold = crate::lease::hold(
             client.clone(),
             args.namespace.clone(),
             "camelid-operator".into(),
             identity,
+            since,
         );
         Some(tokio::spawn(hold))
     } else {
         None
     };
-    let shutdown = async move {
-        match lost {
-            Some(lost) => {
-                tokio::select! { _ = lost => {}, () = camelid_telemetry::shutdown_signal() => {} }
-            }
-            None => camelid_telemetry::shutdown_signal().await,
-        }
-    };
-    // Both controllers stop together: on a signal, or when the lease is lost.
+    let shutdown = camelid_telemetry::shutdown_signal();
+    // Both controllers stop together: gracefully on a signal (reconciles in flight finish).
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let stopping = move || {
         let mut stopped = stopped.clone();
@@ -136,9 +174,21 @@ pub async fn run(args: RunArgs, client: Client) -> anyhow::Result<()> {
         let _ = stop.send(true);
     });
     tracing::info!("camelid-operator reconciling FineTuneJobs and ChatModels");
-    tokio::join!(
-        controller::run(Arc::new(ctx), stopping()),
-        chatmodel::controller::run(Arc::new(serving), stopping()),
-    );
+    let controllers = async {
+        tokio::join!(
+            controller::run(Arc::new(ctx), stopping()),
+            chatmodel::controller::run(Arc::new(serving), stopping()),
+        );
+    };
+    match lost {
+        None => controllers.await,
+        // Leadership lost: the controllers are dropped at once, reconciles in flight included, rather than
+        // finishing them while another replica may already lead; the process exits and is restarted as a
+        // standby.
+        Some(lost) => tokio::select! {
+            () = controllers => {}
+            _ = lost => anyhow::bail!("lost the camelid-operator lease: stopped reconciling"),
+        },
+    }
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! Operator-wide settings (images, the termination grace period) that the children of both controllers depend
+//! Operator-wide settings (images, the termination grace period, the policy) that the children of both controllers depend
 //! on. At the crate root because neither controller owns them: `run` fills them from the command line once and
 //! hands a copy to each controller.
 
@@ -16,6 +16,8 @@ pub struct Settings {
     /// The image of a FineTuneJob's evaluation pod (`camelid serve` for both models, `camelid eval gate`) when
     /// its `evaluation.image` is unset.
     pub eval_image: String,
+    /// What specs may choose for the pods (images, priority classes, tolerations, model downloads).
+    pub policy: crate::policy::Policy,
 }
 
 impl Default for Settings {
@@ -27,6 +29,7 @@ impl Default for Settings {
             worker_image: "ghcr.io/camelid-dev/camelid-worker:0.1.0".into(),
             // The worker image has the `camelid` command too.
             eval_image: "ghcr.io/camelid-dev/camelid-worker:0.1.0".into(),
+            policy: crate::policy::Policy::default(),
         }
     }
 }

@@ -1,7 +1,9 @@
 //! `charts/camelid` rendered and linted by the real `helm` (v3.22, built from source by `tools/k8s-bins.sh`), for
 //! the default values and variants: `helm lint --strict` is clean, every rendered object parses as its Kubernetes
-//! type with nothing left over (a misspelt field fails), the operator runs non-root on a read-only filesystem
-//! without capabilities, and RBAC grants no wildcards and no Secrets.
+//! type with nothing left over (a misspelt field fails), the operator and the gateway meet the restricted Pod
+//! Security Standard (non-root, read-only filesystem, no capabilities, RuntimeDefault seccomp), NetworkPolicies
+//! close what only camelid's own pods may reach, the operator's policy flags follow the values, and RBAC grants no
+//! wildcards and no Secrets.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,7 +13,9 @@ use std::process::Command;
 use camelid_test_support::workspace;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -32,6 +36,11 @@ fn cases() -> Vec<(&'static str, Value)> {
         (
             "no-gateway",
             json!({"gateway": {"enabled": false}, "evaluation": {"image": "registry.example/camelid:eval"}}),
+        ),
+        (
+            "no-network-policies",
+            json!({"networkPolicy": {"enabled": false}, "policy": {"allowedPriorityClasses": ["batch-low"],
+                   "allowedTolerationKeys": ["*"], "allowHttpModelUris": true, "maxModelBytes": 1000000}}),
         ),
         (
             "open-gateway",
@@ -112,6 +121,7 @@ fn the_chart_renders_lints_and_parses_as_kubernetes_objects() {
     assert!(notes.contains("kubectl get finetunejobs"));
     for (case, docs) in render(&home) {
         let mut kinds = Vec::new();
+        let mut policies = Vec::new();
         for (path, doc) in &docs {
             let kind = doc["kind"].as_str().unwrap().to_string();
             match kind.as_str() {
@@ -130,6 +140,7 @@ fn the_chart_renders_lints_and_parses_as_kubernetes_objects() {
                 "ServiceAccount" => {
                     typed::<ServiceAccount>(doc);
                 }
+                "NetworkPolicy" => policies.push(typed::<NetworkPolicy>(doc)),
                 "ConfigMap" => {
                     let cm = typed::<ConfigMap>(doc);
                     match cm.data.as_ref().and_then(|d| d.get("gateway.yaml")) {
@@ -151,6 +162,13 @@ fn the_chart_renders_lints_and_parses_as_kubernetes_objects() {
             "RoleBinding",
             "ServiceAccount",
         ];
+        if case != "no-network-policies" {
+            // The operator's, and the workers', trainers' and evaluation pods' in each workload namespace.
+            expected.extend(["NetworkPolicy"; 4]);
+        }
+        if case != "no-gateway" && case != "no-network-policies" {
+            expected.push("NetworkPolicy");
+        }
         if case != "no-gateway" {
             // The gateway's own account, read-only ClusterRole, config, Service and Deployment.
             expected.extend([
@@ -164,6 +182,9 @@ fn the_chart_renders_lints_and_parses_as_kubernetes_objects() {
         }
         expected.sort_unstable();
         assert_eq!(kinds, expected, "{case}");
+        if case != "no-network-policies" {
+            check_network_policies(case, &policies);
+        }
     }
     std::fs::remove_dir_all(&home).unwrap();
 }
@@ -174,6 +195,15 @@ fn check_deployment(case: &str, d: &Deployment) {
     let component = d.metadata.labels.as_ref().unwrap()["app.kubernetes.io/component"].clone();
     let psc = pod.security_context.as_ref().unwrap();
     assert_eq!(psc.run_as_non_root, Some(true));
+    // The restricted Pod Security Standard, as the operator's own pods are held to it; these two need their
+    // ServiceAccount tokens (the operator and the gateway's discovery talk to the API server).
+    let mut token_ok = pod.clone();
+    token_ok.automount_service_account_token = Some(false);
+    assert_eq!(
+        camelid_operator::podsecurity::violations(&token_ok),
+        Vec::<String>::new(),
+        "{case}: {component}"
+    );
     let c = &pod.containers[0];
     let sc = c.security_context.as_ref().unwrap();
     assert_eq!(sc.read_only_root_filesystem, Some(true));
@@ -197,6 +227,25 @@ fn check_deployment(case: &str, d: &Deployment) {
         _ => "--eval-image=ghcr.io/camelid-dev/camelid-worker:0.1.0",
     };
     assert!(args.contains(&eval_image.to_string()), "{args:?}");
+    let policy: &[&str] = match case {
+        "no-network-policies" => &[
+            "--allowed-priority-classes=batch-low",
+            "--allowed-toleration-keys=*",
+            "--allow-http-model-uris",
+            "--max-model-bytes=1000000",
+        ],
+        _ => &[
+            "--allowed-image-prefixes=ghcr.io/camelid-dev/",
+            "--allowed-priority-classes=",
+            "--allowed-toleration-keys=cloud.google.com/gke-spot,kubernetes.azure.com/scalesetpriority,nvidia.com/gpu",
+        ],
+    };
+    for flag in policy {
+        assert!(args.contains(&flag.to_string()), "{case}: {flag} not in {args:?}");
+    }
+    if case != "no-network-policies" {
+        assert!(!args.iter().any(|a| a == "--allow-http-model-uris"), "{args:?}");
+    }
     let leader = args.iter().any(|a| a == "--leader-election");
     match case {
         "ha" => {
@@ -207,6 +256,76 @@ fn check_deployment(case: &str, d: &Deployment) {
         }
         "no-leader-election" => assert!(!leader),
         _ => assert!(leader && c.image.as_deref() == Some("ghcr.io/camelid-dev/camelid-operator:0.1.0")),
+    }
+}
+
+/// The NetworkPolicies: the gateway's API open and its admin port closed but to the operator and monitoring; the
+/// workers' gRPC only from the gateways; the trainers only from trainers (and their progress from the operator);
+/// the evaluation pods from nothing; the operator only scraped.
+fn check_network_policies(case: &str, policies: &[NetworkPolicy]) {
+    let by_name = |name: &str| {
+        policies
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("{case}: no NetworkPolicy {name}"))
+            .spec
+            .clone()
+            .unwrap()
+    };
+    let ports = |rule: &k8s_openapi::api::networking::v1::NetworkPolicyIngressRule| -> Vec<String> {
+        rule.ports
+            .iter()
+            .flatten()
+            .filter_map(|p| match &p.port {
+                Some(IntOrString::String(name)) => Some(name.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let workers = by_name("camelid-workers");
+    assert_eq!(
+        workers.policy_types.as_deref(),
+        Some(&["Ingress".to_string()][..])
+    );
+    let rules = workers.ingress.unwrap();
+    let grpc = rules.iter().find(|r| ports(r) == ["grpc"]).unwrap();
+    let from = &grpc.from.as_ref().unwrap()[0];
+    assert_eq!(
+        from.pod_selector.as_ref().unwrap().match_labels.as_ref().unwrap()["app.kubernetes.io/component"],
+        "gateway"
+    );
+    assert_eq!(
+        from.namespace_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()["kubernetes.io/metadata.name"],
+        "camelid-system",
+        "only the release namespace's gateways"
+    );
+    assert!(
+        rules.iter().all(|r| r.from.is_some()),
+        "a worker rule open to all: {rules:?}"
+    );
+    let trainers = by_name("camelid-trainers").ingress.unwrap();
+    assert!(
+        trainers.iter().all(|r| r.from.is_some()),
+        "a trainer rule open to all"
+    );
+    assert_eq!(by_name("camelid-evaluation").ingress, Some(Vec::new()));
+    let operator = by_name("camelid-operator").ingress.unwrap();
+    assert!(
+        operator
+            .iter()
+            .all(|r| ports(r) == ["metrics"] && r.from.is_some())
+    );
+    if case != "no-gateway" {
+        let gateway = by_name("camelid-gateway").ingress.unwrap();
+        let admin = gateway.iter().find(|r| ports(r) == ["admin"]).unwrap();
+        assert!(admin.from.is_some(), "the admin port is open to all");
+        let api = gateway.iter().find(|r| ports(r) == ["http"]).unwrap();
+        assert!(api.from.is_none(), "the API is open to clients");
     }
 }
 

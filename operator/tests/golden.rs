@@ -225,6 +225,7 @@ fn questions_from_a_configmap_and_a_baseline_by_uri_are_mounted_and_downloaded()
             uri: Some("https://example.com/tiny.gguf".into()),
             shown: "https://example.com/tiny.gguf".into(),
             revision: String::new(),
+            ..ModelFiles::default()
         },
         template: Some("vicuna_v1.1".into()),
     };
@@ -251,7 +252,11 @@ fn questions_from_a_configmap_and_a_baseline_by_uri_are_mounted_and_downloaded()
     );
     assert_eq!(init[2].image.as_deref(), Some("camelid:eval"));
     let gate = &pod.containers[0];
-    assert_eq!(gate.env, None, "no key without a Secret");
+    assert!(
+        gate.env.iter().flatten().all(|e| e.value_from.is_none()),
+        "no key without a Secret: {:?}",
+        gate.env
+    );
     assert_eq!(
         flag(&args_of(gate), "--questions").as_deref(),
         Some("/camelid/questions/question.jsonl")
@@ -293,5 +298,141 @@ fn the_evaluation_pod_goes_to_on_demand_gpu_nodes_when_its_servers_ask_for_gpus(
     assert!(
         affinity.contains("NotIn") && affinity.contains("cloud.google.com/gke-spot"),
         "{affinity}"
+    );
+}
+
+/// Every pod template the operator builds (a FineTuneJob's trainers on spot and on-demand, downloading their base
+/// model; a ChatModel's workers on both pools, downloading theirs; the evaluation Job with its download and both
+/// server sidecars) meets the restricted Pod Security Standard, mounts no ServiceAccount token and writes only to
+/// its volumes. A namespace enforcing `restricted` admits them all.
+#[test]
+fn every_pod_the_operator_builds_meets_the_restricted_pod_security_standard() {
+    use camelid_operator::podsecurity::violations;
+    let settings = Settings::default();
+    let mut job = example_with_evaluation();
+    job.spec.base_model = serde_json::from_value(serde_json::json!({
+        "uri": "https://example.com/base.gguf", "sha256": "ab".repeat(32), "maxBytes": 1_000_000}))
+    .unwrap();
+    let mut pods = Vec::new();
+    for capacity in [Capacity::Spot, Capacity::OnDemand] {
+        let c = children(&job, Attempt { number: 1, capacity }, &settings).unwrap();
+        pods.push(("trainer", c.job.spec.unwrap().template.spec.unwrap()));
+    }
+    let spec = job.spec.evaluation.clone().unwrap();
+    let eval = evaljob::job(&job, &spec, &evaljob::base_model_baseline(&job), &settings).unwrap();
+    pods.push(("evaluation", eval.spec.unwrap().template.spec.unwrap()));
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/chatmodel.yaml");
+    let mut model: camelid_crds::ChatModel =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    model.metadata.uid = Some("u".into());
+    let files = ModelFiles {
+        uri: Some("https://example.com/smol.gguf".into()),
+        shown: "https://example.com/smol.gguf".into(),
+        ..ModelFiles::default()
+    };
+    let c = camelid_operator::chatmodel::build::children(&model, &files, 3, &settings).unwrap();
+    pods.push(("workers", c.workers.spec.unwrap().template.spec.unwrap()));
+    pods.push((
+        "spot workers",
+        c.spot_workers.unwrap().spec.unwrap().template.spec.unwrap(),
+    ));
+    for (what, pod) in &pods {
+        assert_eq!(violations(pod), Vec::<String>::new(), "{what}");
+        let containers = pod.init_containers.iter().flatten().chain(&pod.containers);
+        for c in containers {
+            let mounts = c.volume_mounts.as_deref().unwrap_or_default();
+            assert!(
+                mounts.iter().any(|m| m.mount_path == "/tmp"),
+                "{what}/{}: no scratch /tmp",
+                c.name
+            );
+        }
+    }
+    assert_eq!(pods.len(), 5);
+}
+
+/// The attack: a model URI fetched over plain http, from a redirect to http, of any size, unverified. The fetch
+/// container allows https only (redirects included), caps the size and checks the spec's sha256 before the file
+/// gets its name; the URI and checksum reach the shell as environment variables, not script text.
+#[test]
+fn the_model_download_is_https_only_size_capped_and_checksummed() {
+    let mut job = example();
+    let sha = "ab".repeat(32);
+    job.spec.base_model = serde_json::from_value(serde_json::json!({
+        "uri": "https://example.com/m.gguf?x=$(reboot)", "sha256": sha, "maxBytes": 1_000_000}))
+    .unwrap();
+    let settings = Settings::default();
+    let c = children(
+        &job,
+        Attempt {
+            number: 1,
+            capacity: Capacity::Spot,
+        },
+        &settings,
+    )
+    .unwrap();
+    let pod = c.job.spec.unwrap().template.spec.unwrap();
+    let fetch = &pod.init_containers.unwrap()[0];
+    let env = |name: &str| {
+        fetch
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+            .unwrap()
+    };
+    assert_eq!(env("MODEL_URI"), "https://example.com/m.gguf?x=$(reboot)");
+    assert_eq!(env("MODEL_SHA256"), sha);
+    assert_eq!(env("MODEL_MAX_BYTES"), "1000000");
+    assert_eq!(env("MODEL_PROTOCOLS"), "=https");
+    let script = fetch.command.as_ref().unwrap().join(" ");
+    for needle in [
+        "--proto \"$MODEL_PROTOCOLS\"",
+        "--proto-redir \"$MODEL_PROTOCOLS\"",
+        "--max-filesize",
+        "sha256sum -c",
+    ] {
+        assert!(script.contains(needle), "{needle} not in {script}");
+    }
+    assert!(
+        !script.contains("example.com"),
+        "the URI is in the script text: {script}"
+    );
+    let download = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "download")
+        .unwrap();
+    assert!(download.empty_dir.unwrap().size_limit.is_some());
+    // With the operator's opt-in, http too.
+    let mut open = Settings::default();
+    open.policy.allow_http_uris = true;
+    let c = children(
+        &job,
+        Attempt {
+            number: 1,
+            capacity: Capacity::Spot,
+        },
+        &open,
+    )
+    .unwrap();
+    let fetch = c
+        .job
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .init_containers
+        .unwrap()
+        .remove(0);
+    assert!(
+        fetch
+            .env
+            .unwrap()
+            .iter()
+            .any(|e| e.value.as_deref() == Some("=http,https"))
     );
 }

@@ -25,6 +25,7 @@ fn files() -> ModelFiles {
         uri: None,
         shown: "finetunejob/vicuna-smol".into(),
         revision: "0123456789abcdef".into(),
+        ..ModelFiles::default()
     }
 }
 
@@ -127,6 +128,7 @@ fn without_an_on_demand_base_there_is_one_deployment_and_a_uri_is_downloaded_fir
         uri: Some("https://example.com/smol.gguf".into()),
         shown: "https://example.com/smol.gguf".into(),
         revision: "r".into(),
+        ..ModelFiles::default()
     };
     let c = children(&model, &files, 2, &Settings::default()).unwrap();
     assert!(c.spot_workers.is_none());

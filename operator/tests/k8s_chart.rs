@@ -254,6 +254,7 @@ fn gateway_as_its_service_account(cp: &ControlPlane) -> Daemon {
         .to_string();
     let kubeconfig = cp.service_account_kubeconfig(NS, &account).unwrap();
     let port = camelid_test_support::free_port();
+    let admin = camelid_test_support::free_port();
     let mut command = Command::new(workspace_binary("camelid-gateway", "camelid-gateway"));
     command
         .env("KUBECONFIG", &kubeconfig)
@@ -261,12 +262,16 @@ fn gateway_as_its_service_account(cp: &ControlPlane) -> Daemon {
         .args([
             "--listen",
             &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
             "--discover-chatmodels",
             "--allow-anonymous",
         ]);
     let daemon = Daemon::start("gateway", cp.dir(), &mut command);
-    wait_until("the gateway lists the discovered ChatModel", 60, || {
-        http_get(port, "/v1/models").is_some_and(|body| body.contains("vicuna-smol"))
+    // The example's ChatModel allows named keys only, so an anonymous `/v1/models` does not list it; the admin
+    // port's load report lists every model the gateway discovered.
+    wait_until("the gateway discovered the ChatModel", 60, || {
+        http_get(admin, camelid_contracts::load::PATH).is_some_and(|body| body.contains("vicuna-smol"))
     });
     daemon
 }

@@ -64,7 +64,7 @@ async fn a_chatmodel_scales_from_zero_with_load_and_back_to_zero_when_idle() {
             &Key::new("apis/discovery.k8s.io/v1", "endpointslices", Some("camelid-system"), "camelid-gateway-x1"),
             json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                    "metadata": {"name": "camelid-gateway-x1", "labels": {"kubernetes.io/service-name": "camelid-gateway"}},
-                   "addressType": "IPv4", "ports": [{"name": "http", "port": load_port, "protocol": "TCP"}],
+                   "addressType": "IPv4", "ports": [{"name": "admin", "port": load_port, "protocol": "TCP"}],
                    "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}]}),
             "kube-controller-manager",
         )
@@ -122,7 +122,7 @@ async fn a_chatmodel_scales_from_zero_with_load_and_back_to_zero_when_idle() {
     }
 
     // A request waits at a gateway: one worker starts.
-    *load.lock().unwrap() = json!({"models": {"smol": {"inFlight": 0, "queued": 1}}});
+    *load.lock().unwrap() = json!({"models": {"default/smol": {"inFlight": 0, "queued": 1}}});
     eventually("one worker", || async { replicas(&server) == Some(1) }).await;
     // The status follows the Deployment in the same reconcile.
     eventually("the decision in the status", || async {
@@ -146,7 +146,7 @@ async fn a_chatmodel_scales_from_zero_with_load_and_back_to_zero_when_idle() {
     .await;
 
     // A burst: 7 in flight at 2 per worker → 4 at once.
-    *load.lock().unwrap() = json!({"models": {"smol": {"inFlight": 7, "queued": 0}}});
+    *load.lock().unwrap() = json!({"models": {"default/smol": {"inFlight": 7, "queued": 0}}});
     eventually("four workers", || async { replicas(&server) == Some(4) }).await;
     // 1 of 4 ready while the new workers load.
     eventually("Degraded 1/4", || async {

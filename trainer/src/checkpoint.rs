@@ -5,20 +5,31 @@
 //! every file fsynced, the manifest written last, then renamed into place and the parent fsynced. A checkpoint is
 //! complete only when its manifest parses and every file it lists has the recorded size and SHA-256, so a
 //! half-written or half-uploaded folder (a rename that is not atomic on an object-store mount) is never resumed.
+//!
+//! The folder may be shared or tampered with, so what it holds is untrusted: the manifest's file names are plain
+//! names inside the folder (`manifest.rs`), a checkpoint file or manifest that is a symbolic link is refused, and
+//! pruning keeps the newest checkpoints that verify (never deleting the last verified one because a newer one is
+//! corrupt) and deletes only whole folders under the root, never following a link.
+
+mod manifest;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tch::Tensor;
 
-use crate::optim::AdamWConfig;
+pub use manifest::{FileEntry, Manifest, ManifestError, check_file_name, parse_manifest};
 
 pub const MANIFEST: &str = "manifest.json";
-const FORMAT_VERSION: u32 = 1;
 const TEMP_PREFIX: &str = ".tmp-";
+/// A larger `manifest.json` is refused unread (a real one is a few KiB, plus about 150 bytes per file and rank).
+const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -64,50 +75,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileEntry {
-    pub bytes: u64,
-    pub sha256: String,
-}
-
-/// Everything needed to continue a run exactly where it stopped.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format_version: u32,
-    /// Optimizer steps completed.
-    pub step: u64,
-    /// Micro-batches of step `step` (0-based) already added into the saved gradients; 0 at a step boundary.
-    pub micro_step: u64,
-    /// Index of the next micro-batch in the endless sequence of epochs (see [`crate::data::batching`]).
-    pub data_position: u64,
-    /// The data order's random state: it is reseeded per epoch from `seed` and the epoch number.
-    pub data_seed: u64,
-    pub epoch: u64,
-    /// Optimizer steps AdamW has taken (bias correction) and its hyper-parameters.
-    pub optimizer_step: u64,
-    pub optimizer: AdamWConfig,
-    /// Summed loss and trainable tokens of the micro-batches already in the saved gradients.
-    pub partial_loss_sum: f64,
-    pub partial_tokens: u64,
-    pub config_hash: String,
-    /// The run's settings, so a mismatch can be explained.
-    pub config: serde_json::Value,
-    /// RFC 3339 time the checkpoint was written.
-    pub created: String,
-    pub files: BTreeMap<String, FileEntry>,
-    /// Ranks that wrote it; each rank's files are named `NAME.rank-R-of-W.safetensors` when more than one.
-    #[serde(default = "one", skip_serializing_if = "is_one")]
-    pub world_size: u64,
-}
-
-fn one() -> u64 {
-    1
-}
-
-fn is_one(n: &u64) -> bool {
-    *n == 1
-}
-
 /// The file `base` (`model`, `optimizer`, `gradients`) of rank `rank` of `world`.
 pub fn shard_file(base: &str, rank: usize, world: usize) -> String {
     if world == 1 {
@@ -143,7 +110,11 @@ fn parse_folder_name(name: &str) -> Option<(u64, u64)> {
 }
 
 fn sha256_file(path: &Path) -> Result<FileEntry, CheckpointError> {
-    let mut file = std::fs::File::open(path).map_err(io_err(path))?;
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    sha256_of(file, path)
+}
+
+fn sha256_of(mut file: std::fs::File, path: &Path) -> Result<FileEntry, CheckpointError> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut bytes = 0u64;
@@ -152,7 +123,7 @@ fn sha256_file(path: &Path) -> Result<FileEntry, CheckpointError> {
         if n == 0 {
             break;
         }
-        hasher.update(&buf[..n]);
+        hasher.update(buf.get(..n).unwrap_or_default());
         bytes += n as u64;
     }
     let digest = hasher.finalize();
@@ -160,6 +131,58 @@ fn sha256_file(path: &Path) -> Result<FileEntry, CheckpointError> {
         bytes,
         sha256: digest.iter().map(|b| format!("{b:02x}")).collect(),
     })
+}
+
+fn invalid(dir: &Path, detail: String) -> CheckpointError {
+    CheckpointError::Invalid {
+        path: dir.to_path_buf(),
+        detail,
+    }
+}
+
+/// The metadata of `name` inside `dir`, which must be a confined name (see [`check_file_name`]) of a regular file,
+/// not a symbolic link (a link could point anywhere: a file outside the folder, a device).
+fn confined_metadata(dir: &Path, name: &str) -> Result<std::fs::Metadata, CheckpointError> {
+    check_file_name(name).map_err(|e| invalid(dir, e.to_string()))?;
+    let path = dir.join(name);
+    let meta = match std::fs::symlink_metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(invalid(dir, format!("{name} is missing")));
+        }
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    if meta.file_type().is_symlink() {
+        return Err(invalid(
+            dir,
+            format!("{name} is a symbolic link; checkpoint files must be regular files inside the folder"),
+        ));
+    }
+    if !meta.is_file() {
+        return Err(invalid(dir, format!("{name} is not a regular file")));
+    }
+    Ok(meta)
+}
+
+/// Opens `name` inside `dir` as [`confined_metadata`] allows, making sure the file opened is the one checked (not a
+/// link swapped in between).
+fn open_confined(dir: &Path, name: &str) -> Result<std::fs::File, CheckpointError> {
+    open_checked(dir, name, &confined_metadata(dir, name)?)
+}
+
+/// Opens `dir/name`, refusing it unless it is the file `checked` describes.
+fn open_checked(
+    dir: &Path,
+    name: &str,
+    checked: &std::fs::Metadata,
+) -> Result<std::fs::File, CheckpointError> {
+    let path = dir.join(name);
+    let file = std::fs::File::open(&path).map_err(io_err(&path))?;
+    let opened = file.metadata().map_err(io_err(&path))?;
+    if (opened.dev(), opened.ino()) != (checked.dev(), checked.ino()) {
+        return Err(invalid(dir, format!("{name} was replaced while it was opened")));
+    }
+    Ok(file)
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), CheckpointError> {
@@ -195,6 +218,7 @@ fn write_files(
 ) -> Result<BTreeMap<String, FileEntry>, CheckpointError> {
     let mut entries = BTreeMap::new();
     for (file, tensors) in files {
+        check_file_name(&file).map_err(|e| invalid(dir, e.to_string()))?;
         let path = dir.join(&file);
         camelid_model::weights::write_safetensors(&path, &tensors).map_err(|source| {
             CheckpointError::Tensors {
@@ -236,45 +260,83 @@ fn write_synced(path: &Path, value: &impl Serialize, pretty: bool) -> Result<(),
     f.sync_all().map_err(io_err(path))
 }
 
-/// Reads and verifies the manifest of the checkpoint in `dir` (sizes and checksums of every file).
-pub fn verify(dir: &Path) -> Result<Manifest, CheckpointError> {
-    let invalid = |detail: String| CheckpointError::Invalid {
-        path: dir.to_path_buf(),
-        detail,
-    };
-    let manifest_path = dir.join(MANIFEST);
-    let text = match std::fs::read(&manifest_path) {
-        Ok(t) => t,
+/// Reads and checks `dir`'s manifest (see [`parse_manifest`]) without looking at the files it names.
+pub fn read_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {
+    let path = dir.join(MANIFEST);
+    let meta = match std::fs::symlink_metadata(&path) {
+        Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(invalid("no manifest.json (the write did not finish)".into()));
+            return Err(invalid(dir, "no manifest.json (the write did not finish)".into()));
         }
-        Err(e) => return Err(io_err(&manifest_path)(e)),
+        Err(e) => return Err(io_err(&path)(e)),
     };
-    let manifest: Manifest =
-        serde_json::from_slice(&text).map_err(|e| invalid(format!("manifest.json does not parse: {e}")))?;
-    if manifest.format_version != FORMAT_VERSION {
-        return Err(invalid(format!(
-            "format version {} (this trainer reads {FORMAT_VERSION})",
-            manifest.format_version
-        )));
+    if !meta.is_file() {
+        return Err(invalid(
+            dir,
+            "manifest.json is not a regular file (a symbolic link?)".into(),
+        ));
+    }
+    if meta.len() > MAX_MANIFEST_BYTES {
+        return Err(invalid(
+            dir,
+            format!(
+                "manifest.json has {} bytes, more than {MAX_MANIFEST_BYTES}",
+                meta.len()
+            ),
+        ));
+    }
+    let mut text = Vec::new();
+    open_checked(dir, MANIFEST, &meta)?
+        .take(MAX_MANIFEST_BYTES)
+        .read_to_end(&mut text)
+        .map_err(io_err(&path))?;
+    parse_manifest(&text).map_err(|e| invalid(dir, e.to_string()))
+}
+
+/// Reads and verifies the checkpoint in `dir`: its manifest, then every file it names (confined to `dir`, regular
+/// files) for the recorded size (all sizes first: cheap, and the usual damage) and SHA-256.
+pub fn verify(dir: &Path) -> Result<Manifest, CheckpointError> {
+    let manifest = read_manifest(dir)?;
+    for (file, expected) in &manifest.files {
+        let found = confined_metadata(dir, file)?.len();
+        if found != expected.bytes {
+            return Err(truncated(dir, file, found, expected.bytes));
+        }
     }
     for (file, expected) in &manifest.files {
-        let path = dir.join(file);
-        if !path.exists() {
-            return Err(invalid(format!("{file} is missing")));
-        }
-        let found = sha256_file(&path)?;
+        let found = sha256_of(open_confined(dir, file)?, &dir.join(file))?;
         if found.bytes != expected.bytes {
-            return Err(invalid(format!(
-                "{file} has {} bytes, the manifest says {} (truncated?)",
-                found.bytes, expected.bytes
-            )));
+            return Err(truncated(dir, file, found.bytes, expected.bytes));
         }
         if found.sha256 != expected.sha256 {
-            return Err(invalid(format!("{file} does not match its SHA-256 checksum")));
+            return Err(invalid(
+                dir,
+                format!("{file} does not match its SHA-256 checksum"),
+            ));
         }
     }
     Ok(manifest)
+}
+
+fn truncated(dir: &Path, file: &str, found: u64, expected: u64) -> CheckpointError {
+    invalid(
+        dir,
+        format!("{file} has {found} bytes, the manifest says {expected} (truncated?)"),
+    )
+}
+
+/// [`verify`] for a folder found under the checkpoint root, which must be a real folder: a symbolic link named like a
+/// checkpoint could point anywhere and is not resumed.
+fn verify_listed(dir: &Path) -> Result<Manifest, CheckpointError> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_symlink() => Err(invalid(
+            dir,
+            "it is a symbolic link; checkpoints under the checkpoint directory must be real folders".into(),
+        )),
+        Ok(m) if !m.is_dir() => Err(invalid(dir, "it is not a folder".into())),
+        Ok(_) => verify(dir),
+        Err(e) => Err(io_err(dir)(e)),
+    }
 }
 
 /// Checkpoint folders under `root`, newest first.
@@ -298,7 +360,7 @@ pub fn list(root: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
 /// The newest complete checkpoint under `root`; incomplete or corrupt ones are skipped with a warning.
 pub fn latest(root: &Path) -> Result<Option<(PathBuf, Manifest)>, CheckpointError> {
     for dir in list(root)? {
-        match verify(&dir) {
+        match verify_listed(&dir) {
             Ok(manifest) => return Ok(Some((dir, manifest))),
             Err(e @ CheckpointError::Invalid { .. }) => {
                 tracing::warn!("skipping checkpoint: {e}");
@@ -309,8 +371,9 @@ pub fn latest(root: &Path) -> Result<Option<(PathBuf, Manifest)>, CheckpointErro
     Ok(None)
 }
 
-/// Loads the tensors of a verified checkpoint file.
+/// Loads the tensors of a verified checkpoint file (a confined name of a regular file, as [`verify`] checked).
 pub fn read_tensors(dir: &Path, file: &str) -> Result<Vec<(String, Tensor)>, CheckpointError> {
+    confined_metadata(dir, file)?;
     let path = dir.join(file);
     let mut out = camelid_model::weights::Weights::new();
     camelid_model::weights::read_safetensors(&path, camelid_model::LoadOptions::default(), &mut out)
@@ -320,33 +383,50 @@ pub fn read_tensors(dir: &Path, file: &str) -> Result<Vec<(String, Tensor)>, Che
     Ok(v)
 }
 
-/// Deletes all but the newest `keep` checkpoints with a manifest, incomplete checkpoints older than the newest
-/// complete one, and leftover temporary folders. (Only manifests are read here: checksums are verified when a
-/// checkpoint is resumed, not on every write.)
+/// Keeps the newest `keep` (at least 1) checkpoints that [`verify`] (sizes and checksums), and any corrupt or
+/// incomplete checkpoint newer than the newest verified one (a write that may still be read, or looked into);
+/// deletes the rest and leftover temporary folders. A newer corrupt checkpoint therefore never costs the last good
+/// one. Verifying reads the kept checkpoints in full (their size in I/O per checkpoint written; only until `keep`
+/// verify: older ones are deleted unread). A checkpoint that cannot be read (an I/O error, not corruption) is kept
+/// and not counted. Deleting removes a folder under `root`, or a link in its place, never what a link points to.
 pub fn prune(root: &Path, keep: usize) -> Result<(), CheckpointError> {
-    let mut complete = 0;
+    let keep = keep.max(1);
+    let mut verified = 0;
     for dir in list(root)? {
-        let ok = std::fs::read(dir.join(MANIFEST))
-            .ok()
-            .and_then(|t| serde_json::from_slice::<Manifest>(&t).ok())
-            .is_some();
-        if ok && complete < keep.max(1) {
-            complete += 1;
+        if verified >= keep {
+            remove_entry(&dir)?;
             continue;
         }
-        if ok || complete > 0 {
-            std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        match verify_listed(&dir) {
+            Ok(_) => verified += 1,
+            Err(e @ CheckpointError::Invalid { .. }) if verified > 0 => {
+                tracing::warn!("pruning checkpoint: {e}");
+                remove_entry(&dir)?;
+            }
+            Err(e) => tracing::warn!("keeping checkpoint that does not verify: {e}"),
         }
     }
     if let Ok(entries) = std::fs::read_dir(root) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with(TEMP_PREFIX) {
-                std::fs::remove_dir_all(e.path()).map_err(io_err(&e.path()))?;
+                remove_entry(&e.path())?;
             }
         }
     }
     Ok(())
+}
+
+/// Removes `path` itself: a folder with everything in it (`remove_dir_all` does not follow links inside), or a
+/// link or file, unlinked without following it.
+fn remove_entry(path: &Path) -> Result<(), CheckpointError> {
+    let meta = std::fs::symlink_metadata(path).map_err(io_err(path))?;
+    if meta.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    }
+    .map_err(io_err(path))
 }
 
 /// Writes this rank's part of a checkpoint that all ranks of `comm` write together into one shared folder: rank 0

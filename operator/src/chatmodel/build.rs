@@ -21,7 +21,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::error::BuildError;
 use crate::placement::{Capacity, Placement, placement};
-use crate::pod::{DOWNLOAD_DIR, VOLUMES_ROOT, download, on_claim, pod_security, restricted};
+use crate::pod::{DOWNLOAD_DIR, VOLUMES_ROOT, download, harden, on_claim};
 use crate::settings::Settings;
 
 /// The workers' gRPC port, as Kubernetes types it.
@@ -30,7 +30,7 @@ const GRPC_PORT: i32 = names::WORKER_GRPC_PORT as i32;
 const HTTP_PORT: i32 = names::WORKER_HTTP_PORT as i32;
 
 /// Where the served model's files are, resolved from the ChatModel's source.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModelFiles {
     /// A PersistentVolumeClaim holding them, or none (a path in the image, or a download).
     pub claim: Option<String>,
@@ -38,6 +38,10 @@ pub struct ModelFiles {
     pub path: Option<String>,
     /// A URI to download the model (GGUF) from.
     pub uri: Option<String>,
+    /// The download's SHA-256, checked before the file is used (the source's `sha256`).
+    pub sha256: Option<String>,
+    /// The download's size limit (the source's `maxBytes`, within the operator's).
+    pub max_bytes: Option<i64>,
     /// What is served, for `status.model` (`finetunejob/NAME`, `pvc://CLAIM/PATH`, a path or the URI).
     pub shown: String,
     /// Changes whenever the files may have: the FineTuneJob's completion, or the source itself.
@@ -168,6 +172,17 @@ fn pod_template(
     }
     let (volumes, mounts, init_containers) = worker_volumes(files, settings);
     let place = worker_placement(model, capacity);
+    let mut spec = PodSpec {
+        node_selector: (!place.node_selector.is_empty()).then_some(place.node_selector),
+        tolerations: (!place.tolerations.is_empty()).then_some(place.tolerations),
+        affinity: place.affinity,
+        init_containers: (!init_containers.is_empty()).then_some(init_containers),
+        containers: vec![worker_container(model, files, settings, mounts)],
+        volumes: (!volumes.is_empty()).then_some(volumes),
+        termination_grace_period_seconds: Some(60),
+        ..PodSpec::default()
+    };
+    harden(&mut spec);
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels),
@@ -177,17 +192,7 @@ fn pod_template(
             )])),
             ..ObjectMeta::default()
         }),
-        spec: Some(PodSpec {
-            node_selector: (!place.node_selector.is_empty()).then_some(place.node_selector),
-            tolerations: (!place.tolerations.is_empty()).then_some(place.tolerations),
-            affinity: place.affinity,
-            init_containers: (!init_containers.is_empty()).then_some(init_containers),
-            containers: vec![worker_container(model, files, settings, mounts)],
-            volumes: (!volumes.is_empty()).then_some(volumes),
-            security_context: Some(pod_security()),
-            termination_grace_period_seconds: Some(60),
-            ..PodSpec::default()
-        }),
+        spec: Some(spec),
     }
 }
 
@@ -217,7 +222,7 @@ fn worker_volumes(
         });
     }
     if let Some(uri) = &files.uri {
-        let (volume, mount, fetch) = download(&settings.fetch_image, uri);
+        let (volume, mount, fetch) = download(settings, uri, files.sha256.as_deref(), files.max_bytes);
         volumes.push(volume);
         mounts.push(mount);
         init_containers.push(fetch);
@@ -286,7 +291,6 @@ fn worker_container(
         readiness_probe: Some(http_probe("/readyz", 2, 1)),
         resources: (resources != ResourceRequirements::default()).then_some(resources),
         volume_mounts: (!mounts.is_empty()).then_some(mounts),
-        security_context: Some(restricted()),
         ..Container::default()
     }
 }

@@ -171,18 +171,29 @@ async fn apply(
     Ok(())
 }
 
+/// Applies each child over nothing, or over the object this model controls: never over a foreign one of the
+/// same name ([`reconcile::apply_owned`]).
 async fn apply_children(ctx: &Context, model: &ChatModel, children: &build::Children) -> Result<(), Error> {
     let services: Api<Service> = reconcile::namespaced(&ctx.client, model);
-    reconcile::apply(&services, &build::service_name(model), &children.service).await?;
+    reconcile::apply_owned(&services, &build::service_name(model), &children.service, model).await?;
     let deployments: Api<Deployment> = reconcile::namespaced(&ctx.client, model);
-    reconcile::apply(&deployments, &build::workers_name(model), &children.workers).await?;
+    reconcile::apply_owned(
+        &deployments,
+        &build::workers_name(model),
+        &children.workers,
+        model,
+    )
+    .await?;
     let spot = build::spot_workers_name(model);
     match &children.spot_workers {
-        Some(workers) => reconcile::apply(&deployments, &spot, workers).await?,
-        None => reconcile::delete(&deployments, &spot, &DeleteParams::default()).await?,
+        Some(workers) => reconcile::apply_owned(&deployments, &spot, workers, model).await?,
+        None => {
+            let uid = model.uid().unwrap_or_default();
+            reconcile::delete_owned(&deployments, &spot, &uid, &DeleteParams::default()).await?
+        }
     }
     let budgets: Api<PodDisruptionBudget> = reconcile::namespaced(&ctx.client, model);
-    reconcile::apply(&budgets, &build::workers_name(model), &children.budget).await
+    reconcile::apply_owned(&budgets, &build::workers_name(model), &children.budget, model).await
 }
 
 /// The pipeline on a fresh copy of `model`: validate → fetch (the model's files, the workers) → decide → apply →
@@ -194,6 +205,13 @@ async fn reconcile_inner(model: &ChatModel, ctx: &Context) -> Result<Action, Err
     status.observed_generation = model.metadata.generation;
     status.endpoint = Some(build::service_name(model));
     let policy = validate(model)?;
+    if let Err(denied) = ctx.settings.policy.check_chatmodel(model, &ctx.settings) {
+        // Nothing is built: the spec waits for a change.
+        let message = format!("refused by the operator's policy: {denied}");
+        refuse(ctx, model, &old, "PolicyDenied", &message, now).await?;
+        return Ok(Action::await_change());
+    }
+    crate::conditions::admit(&mut status.conditions);
     let note = match resolve(ctx, model).await? {
         Err(source) => {
             let workers = observe_workers(ctx, model).await?;
@@ -201,7 +219,17 @@ async fn reconcile_inner(model: &ChatModel, ctx: &Context) -> Result<Action, Err
             status::observe(&mut status, &source, desired, ready, &Time(now));
             None
         }
-        Ok(files) => serve(ctx, model, &policy, &files, &old, &mut status, now).await?,
+        Ok(files) => match serve(ctx, model, &policy, &files, &old, &mut status, now).await {
+            Ok(note) => note,
+            Err(e @ Error::NotOwned { .. }) => {
+                // Neither applied over nor deleted: looked at again later, in case the other object goes.
+                refuse(ctx, model, &old, "NameConflict", &e.to_string(), now).await?;
+                return Ok(Action::requeue(
+                    crate::finetunejob::controller::NAME_CONFLICT_RETRY,
+                ));
+            }
+            Err(e) => return Err(e),
+        },
     };
     let note = match note {
         None if status.phase != old.phase => {
@@ -212,6 +240,34 @@ async fn reconcile_inner(model: &ChatModel, ctx: &Context) -> Result<Action, Err
     };
     reconcile::write_status(ctx, model, &old, &status, note).await?;
     Ok(Action::requeue(ctx.period))
+}
+
+/// The operator will not act on `model` (`reason`: `PolicyDenied` or `NameConflict`): the `Admitted` condition
+/// says why, with a Warning Event when that is new; nothing else in the status changes.
+async fn refuse(
+    ctx: &Context,
+    model: &ChatModel,
+    old: &ChatModelStatus,
+    reason: &'static str,
+    message: &str,
+    now: jiff::Timestamp,
+) -> Result<(), Error> {
+    let mut status = old.clone();
+    let new = crate::conditions::refuse(
+        &mut status.conditions,
+        reason,
+        message,
+        &Time(now),
+        model.metadata.generation,
+    );
+    ctx.metrics.reconcile_error(if reason == "PolicyDenied" {
+        "policy_denied"
+    } else {
+        "not_owned"
+    });
+    tracing::warn!(name = %model.name_any(), reason, message, "refused");
+    let note = new.then(|| Note::warning(reason, message.to_string()));
+    reconcile::write_status(ctx, model, old, &status, note).await
 }
 
 /// Validate: the autoscaling policy, which needs a readable `scaleDownDelay`.
@@ -287,7 +343,11 @@ async fn decide(
     current: i32,
     now: jiff::Timestamp,
 ) -> Result<autoscale::Decision, Error> {
-    let load = ctx.gateways.load(&ctx.client, &model.name_any()).await;
+    let namespace = model.namespace().unwrap_or_default();
+    let load = ctx
+        .gateways
+        .load_of(&ctx.client, &namespace, &model.name_any())
+        .await;
     let mut histories = ctx
         .histories
         .lock()

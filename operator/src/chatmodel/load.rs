@@ -1,5 +1,7 @@
-//! The load the gateways report (`GET /internal/load` on each ready gateway pod, found through the EndpointSlices
-//! of the gateway Service), summed per model. One read serves every ChatModel's reconcile for a second.
+//! The load the gateways report (`GET /internal/load` on the admin port of each ready gateway pod, found through
+//! the EndpointSlices of the gateway Service), summed per model. One read serves every ChatModel's reconcile for a
+//! second. The gateways key a ChatModel by `NAMESPACE/NAME`, so two namespaces' ChatModels of one name never add
+//! up to each other's replicas.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -31,7 +33,14 @@ impl Gateways {
         })
     }
 
-    /// The load of `model` summed over the gateways that answered; `None` when none did.
+    /// The load of the ChatModel `name` in `namespace`, summed over the gateways that answered; `None` when none
+    /// did.
+    pub async fn load_of(&self, client: &Client, namespace: &str, name: &str) -> Option<ModelLoad> {
+        self.load(client, &format!("{namespace}/{name}")).await
+    }
+
+    /// The load of `model` (an id `NAMESPACE/NAME`, or a bare name, see [`lookup`]) summed over the gateways that
+    /// answered; `None` when none did.
     pub async fn load(&self, client: &Client, model: &str) -> Option<ModelLoad> {
         let cached = self.cache.lock().ok().and_then(|c| {
             c.as_ref()
@@ -48,7 +57,7 @@ impl Gateways {
                 report
             }
         };
-        report.map(|r| r.models.get(model).copied().unwrap_or_default())
+        report.and_then(|r| lookup(&r, model))
     }
 
     async fn read(&self, client: &Client) -> Option<LoadReport> {
@@ -74,7 +83,34 @@ impl Gateways {
     }
 }
 
-/// `http://ADDR:PORT/internal/load` of every ready endpoint (port `http`) of `slices`.
+/// `model`'s load in `report`: by its id; a bare name (no namespace) matches the one `NAMESPACE/NAME` that has it,
+/// and when several do it is ambiguous: `None`, as if no gateway had answered, so that nothing is scaled on
+/// another namespace's load. A model the report lacks has no load.
+pub fn lookup(report: &LoadReport, model: &str) -> Option<ModelLoad> {
+    if let Some(load) = report.models.get(model) {
+        return Some(*load);
+    }
+    if model.contains('/') {
+        return Some(ModelLoad::default());
+    }
+    let mut matches = report
+        .models
+        .iter()
+        .filter(|(id, _)| id.rsplit_once('/').is_some_and(|(_, bare)| bare == model));
+    match (matches.next(), matches.next()) {
+        (Some((_, load)), None) => Some(*load),
+        (Some(_), Some(_)) => {
+            tracing::warn!(
+                model,
+                "load: several namespaces have a model of this name; not scaling on it"
+            );
+            None
+        }
+        (None, _) => Some(ModelLoad::default()),
+    }
+}
+
+/// `http://ADDR:PORT/internal/load` of every ready endpoint (port `admin`) of `slices`.
 pub fn gateway_urls(slices: &[EndpointSlice]) -> Vec<String> {
     let mut urls = Vec::new();
     for slice in slices {
@@ -82,7 +118,7 @@ pub fn gateway_urls(slices: &[EndpointSlice]) -> Vec<String> {
             .ports
             .iter()
             .flatten()
-            .find(|p| p.name.as_deref() == Some(names::GATEWAY_PORT_NAME))
+            .find(|p| p.name.as_deref() == Some(names::GATEWAY_ADMIN_PORT_NAME))
             .and_then(|p| p.port)
         else {
             continue;
@@ -102,4 +138,43 @@ pub fn gateway_urls(slices: &[EndpointSlice]) -> Vec<String> {
         }
     }
     urls
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_load_is_read_from_the_admin_port_only() {
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "gw-1"}, "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8000}, {"name": "admin", "port": 9091}],
+            "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": true}},
+                          {"addresses": ["10.0.0.2"], "conditions": {"ready": false}}]}))
+        .unwrap();
+        assert_eq!(gateway_urls(&[slice]), ["http://10.0.0.1:9091/internal/load"]);
+    }
+
+    /// The attack: a tenant names a ChatModel like another namespace's and loads it, hoping the operator scales
+    /// the other's (paid) workers on that load, or hides its own among them.
+    #[test]
+    fn another_namespaces_model_of_the_same_name_is_never_counted() {
+        let load = |in_flight| ModelLoad { in_flight, queued: 0 };
+        let report = LoadReport {
+            models: [("a/smol".to_string(), load(1)), ("b/smol".to_string(), load(50))].into(),
+        };
+        assert_eq!(lookup(&report, "a/smol"), Some(load(1)));
+        assert_eq!(lookup(&report, "b/smol"), Some(load(50)));
+        assert_eq!(lookup(&report, "smol"), None, "ambiguous: scale on nothing");
+        assert_eq!(lookup(&report, "c/smol"), Some(ModelLoad::default()));
+        let one = LoadReport {
+            models: [("a/smol".to_string(), load(3))].into(),
+        };
+        assert_eq!(
+            lookup(&one, "smol"),
+            Some(load(3)),
+            "a bare name still finds the only one"
+        );
+    }
 }

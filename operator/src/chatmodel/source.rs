@@ -59,6 +59,8 @@ fn files_of(src: &ModelSource) -> Result<ModelFiles, Source> {
         claim: src.claim_name.clone(),
         path: src.path.clone(),
         uri: src.uri.clone(),
+        sha256: src.sha256.clone(),
+        max_bytes: src.max_bytes,
         revision: fingerprint(&shown),
         shown,
     })
@@ -83,6 +85,8 @@ fn exported(ftj: &FineTuneJob) -> ModelFiles {
         claim: Some(ftj.spec.output.claim_name.clone()),
         path: Some(path),
         uri: None,
+        sha256: None,
+        max_bytes: None,
         shown: format!("finetunejob/{job}"),
         revision: fingerprint(&format!("{}/{completed}", ftj.uid().unwrap_or_default())),
     }

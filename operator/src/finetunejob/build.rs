@@ -22,7 +22,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::error::BuildError;
 use crate::placement::{Capacity, placement};
-use crate::pod::{DOWNLOAD_DIR, VOLUMES_ROOT, download, env_var, on_claim, pod_security, restricted};
+use crate::pod::{DOWNLOAD_DIR, VOLUMES_ROOT, download, env_var, harden, on_claim};
 use crate::settings::Settings;
 
 /// Port of the gang's rendezvous (rank 0's TCPStore).
@@ -280,7 +280,7 @@ fn pod_spec(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> Result<
         s.gpus_per_worker,
         s.gpu_type.as_deref(),
     );
-    Ok(PodSpec {
+    let mut spec = PodSpec {
         subdomain: Some(service_name(job)),
         restart_policy: Some("Never".into()),
         termination_grace_period_seconds: Some(settings.termination_grace_seconds),
@@ -291,9 +291,10 @@ fn pod_spec(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> Result<
         init_containers: (!init_containers.is_empty()).then_some(init_containers),
         containers: vec![trainer_container(job, attempt, settings, mounts)?],
         volumes: Some(volumes),
-        security_context: Some(pod_security()),
         ..PodSpec::default()
-    })
+    };
+    harden(&mut spec);
+    Ok(spec)
 }
 
 /// A pod's volumes, the trainer's mounts of them, and the init containers that fill them.
@@ -325,8 +326,9 @@ fn pod_volumes(job: &FineTuneJob, settings: &Settings) -> PodVolumes {
         });
     }
     let mut init_containers = Vec::new();
-    if let Some(uri) = &job.spec.base_model.uri {
-        let (volume, mount, fetch) = download(&settings.fetch_image, uri);
+    let base = &job.spec.base_model;
+    if let Some(uri) = &base.uri {
+        let (volume, mount, fetch) = download(settings, uri, base.sha256.as_deref(), base.max_bytes);
         volumes.push(volume);
         mounts.push(mount);
         init_containers.push(fetch);
@@ -368,7 +370,6 @@ fn trainer_container(
         ]),
         resources: (resources != ResourceRequirements::default()).then_some(resources),
         volume_mounts: Some(mounts),
-        security_context: Some(restricted()),
         ..Container::default()
     })
 }

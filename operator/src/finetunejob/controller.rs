@@ -29,6 +29,7 @@ use super::decide::{self, Decision, RestartReason, State};
 use super::evaluate;
 use super::gate;
 use super::observe::{self, Observed};
+use super::publish::{PUBLISHED_BY_ANNOTATION, may_publish_over};
 use super::status;
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -145,12 +146,28 @@ async fn reconcile_inner(ftj: &FineTuneJob, ctx: &Context) -> Result<Action, Err
         return Ok(Action::await_change());
     }
     let now = jiff::Timestamp::now();
+    if let Err(denied) = ctx.settings.policy.check_finetunejob(ftj, &ctx.settings) {
+        // Nothing is built: the spec waits for a change.
+        let message = format!("refused by the operator's policy: {denied}");
+        refuse(ctx, ftj, &old, "PolicyDenied", &message, now).await?;
+        return Ok(Action::await_change());
+    }
     let mut status = old.clone();
+    crate::conditions::admit(&mut status.conditions);
     let step = match old.phase {
-        Some(FineTuneJobPhase::Evaluating) => evaluate::watch(ctx, ftj, &mut status, now).await?,
+        Some(FineTuneJobPhase::Evaluating) => evaluate::watch(ctx, ftj, &mut status, now).await,
         // Not finished, so a person asked to promote it.
-        Some(FineTuneJobPhase::Rejected) => evaluate::promote(ctx, ftj, &mut status).await?,
-        _ => train(ctx, ftj, &mut status, now).await?,
+        Some(FineTuneJobPhase::Rejected) => evaluate::promote(ctx, ftj, &mut status).await,
+        _ => train(ctx, ftj, &mut status, now).await,
+    };
+    let step = match step {
+        Ok(step) => step,
+        Err(e @ Error::NotOwned { .. }) => {
+            // Neither applied over nor deleted: looked at again later, in case the other object goes.
+            refuse(ctx, ftj, &old, "NameConflict", &e.to_string(), now).await?;
+            return Ok(Action::requeue(NAME_CONFLICT_RETRY));
+        }
+        Err(e) => return Err(e),
     };
     write_status(ctx, ftj, &old, status, step.note, now).await?;
     Ok(if step.requeue.is_zero() {
@@ -181,6 +198,38 @@ async fn train(
     }
     let running = observed.as_ref().is_some_and(|o| o.running);
     act(ctx, ftj, decision, running, status, now).await
+}
+
+/// How often an object whose child's name is taken by a foreign object is looked at again.
+pub(crate) const NAME_CONFLICT_RETRY: Duration = Duration::from_secs(30);
+
+/// The operator will not act on `ftj` (`reason`: `PolicyDenied` or `NameConflict`): the `Admitted` condition
+/// says why, with a Warning Event when that is new; nothing else in the status changes.
+async fn refuse(
+    ctx: &Context,
+    ftj: &FineTuneJob,
+    old: &FineTuneJobStatus,
+    reason: &'static str,
+    message: &str,
+    now: jiff::Timestamp,
+) -> Result<(), Error> {
+    let mut status = old.clone();
+    let new = crate::conditions::refuse(
+        &mut status.conditions,
+        reason,
+        message,
+        &Time(now),
+        ftj.metadata.generation,
+    );
+    status.message = Some(message.to_string());
+    ctx.metrics.reconcile_error(if reason == "PolicyDenied" {
+        "policy_denied"
+    } else {
+        "not_owned"
+    });
+    tracing::warn!(name = %ftj.name_any(), reason, message, "refused");
+    let note = new.then(|| Note::warning(reason, message.to_string()));
+    reconcile::write_status(ctx, ftj, old, &status, note).await
 }
 
 /// A job that succeeded or failed is done: nothing is reconciled until its spec changes. A rejected one is done
@@ -467,9 +516,10 @@ async fn start_attempt(
 ) -> Result<(), Error> {
     let children = build::children(ftj, attempt, &ctx.settings)?;
     let services: Api<Service> = reconcile::namespaced(&ctx.client, ftj);
-    reconcile::apply(&services, &build::service_name(ftj), &children.service).await?;
+    reconcile::apply_owned(&services, &build::service_name(ftj), &children.service, ftj).await?;
     let jobs: Api<Job> = reconcile::namespaced(&ctx.client, ftj);
-    reconcile::apply(&jobs, &build::job_name(ftj, attempt.number), &children.job).await?;
+    let name = build::job_name(ftj, attempt.number);
+    reconcile::apply_owned(&jobs, &name, &children.job, ftj).await?;
     status.attempt = attempt.number;
     status.capacity = Some(attempt.capacity.as_str().into());
     status.attempt_start_time = Some(now.clone());
@@ -485,21 +535,35 @@ async fn delete_attempt(ctx: &Context, ftj: &FineTuneJob, attempt: i32) -> Resul
         ..DeleteParams::default()
     };
     let jobs: Api<Job> = reconcile::namespaced(&ctx.client, ftj);
-    reconcile::delete(&jobs, &build::job_name(ftj, attempt), &dp).await
+    let uid = ftj.uid().unwrap_or_default();
+    reconcile::delete_owned(&jobs, &build::job_name(ftj, attempt), &uid, &dp).await
 }
 
-/// Creates or points the job's ChatModel at the exported model.
+/// Creates, or points at the exported model, the job's ChatModel; one the job did not create is left alone
+/// ([`Error::NotOwned`]).
 pub(super) async fn publish_model(ctx: &Context, ftj: &FineTuneJob) -> Result<(), Error> {
     let Some(name) = &ftj.spec.output.chat_model else {
         return Ok(());
     };
     let ns = ftj.namespace().unwrap_or_default();
-    // By the job, not its output path: the ChatModel's workers then roll whenever the job exports again.
-    let patch = json!({
+    let uid = ftj.uid().unwrap_or_default();
+    let models: Api<ChatModel> = reconcile::namespaced(&ctx.client, ftj);
+    let existing = models.get_opt(name).await?;
+    if let Some(existing) = &existing
+        && !may_publish_over(existing, &uid)
+    {
+        return Err(reconcile::not_owned::<ChatModel, _>(name, ftj));
+    }
+    // By the job, not its output path: the ChatModel's workers then roll whenever the job exports again. The
+    // checked resourceVersion makes a ChatModel replaced in between a conflict, not a takeover.
+    let mut patch = json!({
         "apiVersion": "camelid.dev/v1alpha1", "kind": "ChatModel",
-        "metadata": {"name": name, "namespace": ns, "labels": {"camelid.dev/finetunejob": ftj.name_any()}},
+        "metadata": {"name": name, "namespace": ns, "labels": {"camelid.dev/finetunejob": ftj.name_any()},
+                     "annotations": {PUBLISHED_BY_ANNOTATION: uid}},
         "spec": {"model": {"fineTuneJob": ftj.name_any()}, "template": ftj.spec.template},
     });
-    let models: Api<ChatModel> = reconcile::namespaced(&ctx.client, ftj);
+    if let Some(version) = existing.and_then(|m| m.metadata.resource_version) {
+        patch["metadata"]["resourceVersion"] = json!(version);
+    }
     reconcile::apply(&models, name, &patch).await
 }

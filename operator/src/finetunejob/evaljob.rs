@@ -29,7 +29,7 @@ use super::build::output_dir;
 use crate::chatmodel::build::ModelFiles;
 use crate::error::BuildError;
 use crate::placement::{Capacity, placement};
-use crate::pod::{VOLUMES_ROOT, download, on_claim, pod_security, restricted};
+use crate::pod::{VOLUMES_ROOT, download, harden, on_claim};
 use crate::settings::Settings;
 
 /// The main container's name: the operator reads its termination message.
@@ -105,6 +105,8 @@ pub fn base_model_baseline(job: &FineTuneJob) -> Baseline {
             claim: base.claim_name.clone(),
             path: base.path.clone(),
             uri: base.uri.clone(),
+            sha256: base.sha256.clone(),
+            max_bytes: base.max_bytes,
             revision: String::new(),
             shown,
         },
@@ -230,7 +232,8 @@ fn pod_spec(
     let mut init_containers = Vec::new();
     let mut baseline_mounts = Vec::new();
     if let Some(uri) = &baseline.files.uri {
-        let (volume, mount, fetch) = download(&settings.fetch_image, uri);
+        let f = &baseline.files;
+        let (volume, mount, fetch) = download(settings, uri, f.sha256.as_deref(), f.max_bytes);
         volumes.push(volume);
         baseline_mounts.push(mount);
         init_containers.push(fetch);
@@ -261,7 +264,7 @@ fn pod_spec(
         gpus_per_server(spec),
         job.spec.gpu_type.as_deref(),
     );
-    Ok(PodSpec {
+    let mut pod = PodSpec {
         restart_policy: Some("Never".into()),
         node_selector: (!place.node_selector.is_empty()).then_some(place.node_selector),
         tolerations: (!place.tolerations.is_empty()).then_some(place.tolerations),
@@ -269,9 +272,10 @@ fn pod_spec(
         init_containers: Some(init_containers),
         containers: vec![gate],
         volumes: Some(volumes),
-        security_context: Some(pod_security()),
         ..PodSpec::default()
-    })
+    };
+    harden(&mut pod);
+    Ok(pod)
 }
 
 /// The gate's mounts: the output claim (read-write, for `--out`) and the questions, on their claim or from the
@@ -414,7 +418,6 @@ fn server(s: &Server, image: &str, spec: &EvaluationSpec, mounts: Vec<VolumeMoun
         }),
         resources: spec.resources.clone(),
         volume_mounts: (!mounts.is_empty()).then_some(mounts),
-        security_context: Some(restricted()),
         ..Container::default()
     }
 }
@@ -456,7 +459,6 @@ fn gate_container(
         volume_mounts: Some(mounts),
         termination_message_path: Some(SUMMARY_PATH.into()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        security_context: Some(restricted()),
         ..Container::default()
     })
 }

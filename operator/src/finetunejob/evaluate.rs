@@ -63,7 +63,7 @@ pub(super) async fn start(
     };
     let job = evaljob::job(ftj, spec, &baseline, &ctx.settings)?;
     let jobs: Api<Job> = reconcile::namespaced(&ctx.client, ftj);
-    reconcile::apply(&jobs, &evaljob::job_name(ftj), &job).await?;
+    reconcile::apply_owned(&jobs, &evaljob::job_name(ftj), &job, ftj).await?;
     let message = format!(
         "the model is exported; evaluating it against {} ({}) with the judge {}",
         baseline.name, baseline.files.shown, spec.judge.model
@@ -236,6 +236,12 @@ async fn baseline(
         return Ok(Err(Source::Waiting(format!("ChatModel {name} does not exist"))));
     };
     let source = &model.spec.model;
+    // Its download runs in this job's evaluation pod: held to the same policy as the job's own.
+    if let Err(denied) = ctx.settings.policy.check_source("spec.model", source) {
+        return Ok(Err(Source::Failed(format!(
+            "ChatModel {name} is refused by the operator's policy: {denied}"
+        ))));
+    }
     let job = match &source.fine_tune_job {
         // Training has just replaced this job's own earlier model: there is nothing left to compare with.
         Some(own) if *own == ftj.name_any() => {
@@ -265,7 +271,8 @@ async fn delete_gate_job(ctx: &Context, ftj: &FineTuneJob) -> Result<(), Error> 
         ..kube::api::DeleteParams::default()
     };
     let jobs: Api<Job> = reconcile::namespaced(&ctx.client, ftj);
-    reconcile::delete(&jobs, &evaljob::job_name(ftj), &dp).await
+    let uid = ftj.uid().unwrap_or_default();
+    reconcile::delete_owned(&jobs, &evaljob::job_name(ftj), &uid, &dp).await
 }
 
 /// Fetch: the evaluation Job's conditions and its gate pods (oldest first) with their termination messages.
@@ -280,8 +287,23 @@ async fn observe(ctx: &Context, ftj: &FineTuneJob) -> Result<GateView, Error> {
         .any(|o| Some(&o.uid) == ftj.uid().as_ref())
     {
         // An earlier FineTuneJob's of this name, orphaned: its result is about other weights. It goes, and the
-        // gate starts afresh once it is gone.
-        delete_gate_job(ctx, ftj).await?;
+        // gate starts afresh once it is gone. Any other Job of this name is not the operator's to delete.
+        let earlier = job
+            .owner_references()
+            .iter()
+            .any(|o| o.controller == Some(true) && o.kind == "FineTuneJob" && o.name == ftj.name_any());
+        if !earlier {
+            return Err(reconcile::not_owned::<Job, _>(&evaljob::job_name(ftj), ftj));
+        }
+        let dp = kube::api::DeleteParams {
+            propagation_policy: Some(kube::api::PropagationPolicy::Background),
+            preconditions: Some(kube::api::Preconditions {
+                uid: job.uid(),
+                resource_version: None,
+            }),
+            ..kube::api::DeleteParams::default()
+        };
+        reconcile::delete(&jobs, &evaljob::job_name(ftj), &dp).await?;
         return Ok(GateView {
             job: Some(GateJob::default()),
             runs: Vec::new(),

@@ -107,11 +107,71 @@ pub async fn observe(ctx: &Context, ftj: &FineTuneJob, attempt: i32) -> Result<O
     })
 }
 
-/// Rank 0's `/progress`; `None` when it does not answer.
+/// The most bytes of `/progress` the operator reads: the trainer's answer is a few hundred; a pod in the job's
+/// namespace answering in rank 0's place must not make the operator buffer gigabytes.
+pub const PROGRESS_MAX_BYTES: usize = 1 << 20;
+
+/// Why `/progress` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProgressError {
+    #[error("reading {url}: {source}")]
+    Http { url: String, source: reqwest::Error },
+    #[error("{url} answered more than {limit} bytes; the rest was not read")]
+    TooLarge { url: String, limit: usize },
+    #[error("{url} is not a progress report: {source}")]
+    Json { url: String, source: serde_json::Error },
+}
+
+/// Rank 0's `/progress`; `None` (with a warning when it answered wrongly) when it cannot be read.
 pub async fn progress(ctx: &Context, ip: &str) -> Option<status::Progress> {
     let url = format!("http://{ip}:{}/progress", ctx.progress_port);
-    let response = ctx.http.get(&url).send().await.ok()?;
-    response.error_for_status().ok()?.json().await.ok()
+    match read_progress(&ctx.http, &url, PROGRESS_MAX_BYTES).await {
+        Ok(p) => Some(p),
+        Err(e @ ProgressError::Http { .. }) => {
+            tracing::debug!(error = %e, "no progress");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring the trainer's progress");
+            None
+        }
+    }
+}
+
+/// GETs `url` and parses its body as a progress report, reading at most `limit` bytes.
+pub async fn read_progress(
+    http: &reqwest::Client,
+    url: &str,
+    limit: usize,
+) -> Result<status::Progress, ProgressError> {
+    let http_error = |source| ProgressError::Http {
+        url: url.into(),
+        source,
+    };
+    let too_large = || ProgressError::TooLarge {
+        url: url.into(),
+        limit,
+    };
+    let mut response = http
+        .get(url)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(http_error)?;
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(http_error)? {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).map_err(|source| ProgressError::Json {
+        url: url.into(),
+        source,
+    })
 }
 
 /// The GPU prices ConfigMap's data; empty when there is none or it cannot be read.
@@ -126,4 +186,72 @@ pub async fn prices(ctx: &Context) -> BTreeMap<String, String> {
         .flatten()
         .and_then(|c| c.data)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Serves one HTTP answer with `body` (chunked, so without a length up front) to every connection.
+    async fn server(body: Vec<u8>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut request = [0u8; 1024];
+                    let _ = socket.read(&mut request).await;
+                    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    for part in body.chunks(64 * 1024) {
+                        let chunk = format!("{:x}\r\n", part.len());
+                        let _ = socket.write_all(chunk.as_bytes()).await;
+                        let _ = socket.write_all(part).await;
+                        let _ = socket.write_all(b"\r\n").await;
+                    }
+                    let _ = socket.write_all(b"0\r\n\r\n").await;
+                });
+            }
+        });
+        format!("http://{addr}/progress")
+    }
+
+    /// The attack: something answering on rank 0's progress port streams an endless JSON string. The operator
+    /// stops at the cap with an error naming the URL and the limit.
+    #[tokio::test]
+    async fn a_huge_progress_answer_is_cut_off_at_the_cap() {
+        let mut body = b"{\"step\": \"".to_vec();
+        body.resize(8 << 20, b'a');
+        let url = server(body).await;
+        let http = reqwest::Client::new();
+        let err = read_progress(&http, &url, PROGRESS_MAX_BYTES)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("an 8 MiB answer was read"));
+        assert!(
+            matches!(err, ProgressError::TooLarge { limit, .. } if limit == 1 << 20),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&url) && err.to_string().contains("1048576"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_progress_report_within_the_cap_is_read() {
+        let report = serde_json::to_vec(&camelid_contracts::progress::Progress::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let url = server(report).await;
+        let http = reqwest::Client::new();
+        let read = read_progress(&http, &url, PROGRESS_MAX_BYTES).await;
+        assert!(read.is_ok(), "{:?}", read.err());
+        let err = read_progress(&http, &url, 2).await.err();
+        assert!(matches!(err, Some(ProgressError::TooLarge { .. })), "{err:?}");
+    }
 }

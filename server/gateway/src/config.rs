@@ -9,6 +9,7 @@ use serde::Deserialize;
 use crate::keys::KeySpec;
 use crate::policy::{ModerationSpec, PolicySpec, ProviderSpec};
 use crate::routing::{Endpoints, HoldLimits};
+use crate::serve::ServerLimits;
 use crate::validate::Limits;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,11 +30,18 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     pub listen: SocketAddr,
+    /// Where `/metrics` and `/internal/load` are served (never on `listen`): loopback by default, all interfaces
+    /// in a cluster (the operator and Prometheus read it).
+    pub admin_listen: SocketAddr,
+    /// Connection limits: header timeout (also the keep-alive idle timeout) and most connections open.
+    pub server: ServerLimits,
     pub endpoints: Endpoints,
     pub limits: Limits,
     pub probe_interval: Duration,
     /// How requests wait for a model with no ready worker.
     pub hold: HoldLimits,
+    /// Most held requests of one key (`hold.max_requests_per_key`; a quarter of `hold.max_requests` by default).
+    pub hold_per_key: usize,
     /// Keys and moderation.
     pub policy: PolicySpec,
     /// Serve without keys on a non-loopback address.
@@ -46,10 +54,13 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], camelid_contracts::names::GATEWAY_PORT)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], camelid_contracts::names::GATEWAY_ADMIN_PORT)),
+            server: ServerLimits::default(),
             endpoints: Endpoints::new(),
             limits: Limits::default(),
             probe_interval: Duration::from_secs(2),
             hold: HoldLimits::default(),
+            hold_per_key: HoldLimits::default().max_requests / 4,
             policy: PolicySpec::default(),
             allow_anonymous: false,
             files: Vec::new(),
@@ -63,6 +74,15 @@ struct FileLimits {
     max_body_bytes: Option<usize>,
     max_messages: Option<usize>,
     max_prompt_chars: Option<usize>,
+    default_max_tokens: Option<u32>,
+    body_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServer {
+    header_timeout_ms: Option<u64>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -70,6 +90,7 @@ struct FileLimits {
 struct FileHold {
     timeout_ms: Option<u64>,
     max_requests: Option<usize>,
+    max_requests_per_key: Option<usize>,
     keepalive_ms: Option<u64>,
 }
 
@@ -79,11 +100,16 @@ struct File {
     /// Holding requests for a model with no ready worker (scaled to zero, or starting).
     hold: Option<FileHold>,
     listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+    /// Connection limits.
+    server: Option<FileServer>,
     /// Model name → worker addresses.
     #[serde(default)]
     models: Endpoints,
     limits: Option<FileLimits>,
     probe_interval_ms: Option<u64>,
+    /// A moderation section, or `none` for no moderation; absent: the built-in profile (see [`crate::policy`]).
+    #[serde(default, deserialize_with = "crate::policy::deserialize_moderation")]
     moderation: Option<ModerationSpec>,
     /// API keys inline.
     keys: Option<Vec<KeySpec>>,
@@ -142,12 +168,28 @@ impl GatewayConfig {
         if let Some(listen) = file.listen {
             config.listen = listen;
         }
+        if let Some(admin) = file.admin_listen {
+            config.admin_listen = admin;
+        }
+        if let Some(server) = file.server {
+            let d = config.server;
+            config.server = ServerLimits {
+                header_timeout: server
+                    .header_timeout_ms
+                    .map_or(d.header_timeout, |ms| Duration::from_millis(ms.max(100))),
+                max_connections: server.max_connections.unwrap_or(d.max_connections).max(1),
+            };
+        }
         if let Some(l) = file.limits {
             let d = config.limits;
             config.limits = Limits {
                 max_body_bytes: l.max_body_bytes.unwrap_or(d.max_body_bytes),
                 max_messages: l.max_messages.unwrap_or(d.max_messages),
                 max_prompt_chars: l.max_prompt_chars.unwrap_or(d.max_prompt_chars),
+                default_max_tokens: l.default_max_tokens.unwrap_or(d.default_max_tokens).max(1),
+                body_timeout: l
+                    .body_timeout_ms
+                    .map_or(d.body_timeout, |ms| Duration::from_millis(ms.max(100))),
                 ..d
             };
         }
@@ -163,6 +205,10 @@ impl GatewayConfig {
                     .keepalive_ms
                     .map_or(d.keepalive, |ms| Duration::from_millis(ms.max(100))),
             };
+            config.hold_per_key = h
+                .max_requests_per_key
+                .unwrap_or(config.hold.max_requests / 4)
+                .max(1);
         }
         for (model, addrs) in file.models {
             config

@@ -3,6 +3,12 @@
 //! An endpoint that is terminating, or on a node with a spot termination notice, gets no new requests. A ChatModel
 //! with no ready endpoint (scaled to zero, or starting) is still served: its requests are held until one is ready.
 //!
+//! A ChatModel's id is `NAMESPACE/NAME` ([`model_id`]) everywhere inside the gateway: routing, its rule (allowed
+//! keys, moderation), metrics and the load report. Two namespaces may name their ChatModels alike, and a tenant
+//! who does must not get the other's prompts, nor replace its moderation or allowed keys. Clients may still send
+//! the bare name while only one namespace serves a model of that name ([`crate::routing::Router::resolve`]); once
+//! two do, the bare name is refused as ambiguous rather than guessed.
+//!
 //! [`endpoints_from`] is the pure part; [`spawn`] keeps reflectors of the three resources and recomputes on every
 //! change.
 
@@ -32,7 +38,16 @@ pub struct ModelRule {
     pub allowed_keys: Vec<String>,
 }
 
-/// Model name → its rule, as the ChatModels say.
+/// The id of the ChatModel `name` in `namespace`: `NAMESPACE/NAME` (a `/` is in neither, so it is unambiguous).
+pub fn model_id(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+fn id_of(model: &ChatModel) -> String {
+    model_id(&model.namespace().unwrap_or_default(), &model.name_any())
+}
+
+/// ChatModel id (`NAMESPACE/NAME`) → its rule, as the ChatModels say.
 pub type ModelRules = Arc<RwLock<BTreeMap<String, ModelRule>>>;
 
 /// Whether `node` carries a termination notice.
@@ -61,7 +76,7 @@ pub fn endpoints_from(
         }
         let name = model.name_any();
         let namespace = model.namespace();
-        let list: &mut Vec<String> = endpoints.entry(name.clone()).or_default();
+        let list: &mut Vec<String> = endpoints.entry(id_of(model)).or_default();
         for slice in slices {
             if slice.namespace() != namespace || slice.labels().get(SERVICE_NAME_LABEL) != Some(&name) {
                 continue;
@@ -107,7 +122,7 @@ pub fn rules_from(models: &[ChatModel]) -> BTreeMap<String, ModelRule> {
         .iter()
         .map(|m| {
             (
-                m.name_any(),
+                id_of(m),
                 ModelRule {
                     moderation: m.spec.moderation.clone(),
                     allowed_keys: m.spec.allowed_keys.clone(),
@@ -238,18 +253,57 @@ mod tests {
         let leaving = BTreeSet::from(["spot-1".to_string()]);
         let endpoints = endpoints_from(&models, &slices, &leaving);
         assert_eq!(
-            endpoints["smol"],
+            endpoints["a/smol"],
             ["10.0.0.1:50051", "10.0.0.5:50051", "[fd00::6]:50051"],
             "unready, terminating and leaving endpoints are out; unknown readiness counts as ready"
         );
         assert_eq!(
-            endpoints["idle"],
+            endpoints["a/idle"],
             Vec::<String>::new(),
             "a model at zero is still served (held)"
         );
         let rules = rules_from(&models);
-        assert_eq!(rules["smol"].moderation.as_deref(), Some("strict"));
-        assert_eq!(rules["smol"].allowed_keys, ["alice"]);
+        assert_eq!(rules["a/smol"].moderation.as_deref(), Some("strict"));
+        assert_eq!(rules["a/smol"].allowed_keys, ["alice"]);
+    }
+
+    /// The attack: a tenant in namespace `b` creates a ChatModel named like namespace `a`'s, with its own
+    /// workers, no moderation and its own allowed keys, hoping to receive `a`'s prompts or loosen its rules.
+    #[test]
+    fn a_same_named_chatmodel_in_another_namespace_gets_nothing_of_the_first() {
+        let victim = model("smol", "a");
+        let attacker: ChatModel = serde_json::from_value(json!({"apiVersion": "camelid.dev/v1alpha1",
+            "kind": "ChatModel", "metadata": {"name": "smol", "namespace": "b"},
+            "spec": {"model": {"path": "/m"}, "allowedKeys": ["mallory"]}}))
+        .unwrap();
+        let slices = [
+            slice(
+                "smol",
+                "a",
+                json!([{"addresses": ["10.0.0.1"], "conditions": {"ready": true}}]),
+            ),
+            slice(
+                "smol",
+                "b",
+                json!([{"addresses": ["10.6.6.6"], "conditions": {"ready": true}}]),
+            ),
+        ];
+        let endpoints = endpoints_from(&[victim.clone(), attacker.clone()], &slices, &BTreeSet::new());
+        assert_eq!(
+            endpoints["a/smol"],
+            ["10.0.0.1:50051"],
+            "a's prompts go to a's workers only"
+        );
+        assert_eq!(endpoints["b/smol"], ["10.6.6.6:50051"]);
+        assert!(!endpoints.contains_key("smol"));
+        let rules = rules_from(&[victim, attacker]);
+        assert_eq!(
+            rules["a/smol"].moderation.as_deref(),
+            Some("strict"),
+            "a's moderation stays"
+        );
+        assert_eq!(rules["a/smol"].allowed_keys, ["alice"], "a's allowed keys stay");
+        assert_eq!(rules["b/smol"].allowed_keys, ["mallory"]);
     }
 
     #[test]

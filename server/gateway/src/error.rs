@@ -91,6 +91,51 @@ impl ApiError {
         )
     }
 
+    /// A POST whose body is not declared JSON (415): what makes a cross-site form POST impossible.
+    pub fn unsupported_media_type() -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "unsupported_media_type",
+            "the body must be JSON: send `Content-Type: application/json`",
+        )
+    }
+
+    /// A request refused for its `Host` or `Origin` header (403); `header` is named in `param`.
+    pub fn forbidden_origin(header: &str, message: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            "forbidden_origin",
+            format!("`{header}`: {message}"),
+        )
+        .with_param(header)
+    }
+
+    /// The body did not arrive within the body timeout (408).
+    pub fn body_timeout() -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            "the request body did not arrive within the gateway's body timeout",
+        )
+    }
+
+    /// A bare model name that ChatModels of several namespaces have (400): it must be qualified.
+    pub fn model_ambiguous(model: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "model_ambiguous",
+            format!(
+                "several namespaces serve a model named `{model}`: name it as `NAMESPACE/{model}` (GET /v1/models \
+                 lists the ids your key may use)"
+            ),
+        )
+        .with_param("model")
+    }
+
     pub fn model_not_found(model: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
@@ -174,8 +219,33 @@ impl ApiError {
         }
     }
 
-    pub fn worker_failed(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_GATEWAY, "server_error", "worker_failed", message)
+    /// This key already has its share of the requests held for models without a ready worker (503).
+    pub fn too_many_waiting_for_key(model: &str) -> Self {
+        Self {
+            retry_after: Some(5),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "too_many_waiting",
+                format!(
+                    "no worker of `{model}` is ready and this API key already has as many requests waiting as one \
+                     key may"
+                ),
+            )
+        }
+    }
+
+    /// A worker failed (502). `detail` (which may name the worker's address or carry its internal error) is
+    /// logged, never shown: the client learns only that the model failed.
+    pub fn worker_failed(detail: impl Into<String>) -> Self {
+        let detail = detail.into();
+        tracing::warn!(detail = %detail, "worker failed; the client sees a generic error");
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            "worker_failed",
+            "the model's worker failed; retry the request",
+        )
     }
 
     /// A flagged input (400 `content_filter`): never forwarded to a model.
@@ -247,9 +317,12 @@ impl ApiError {
             (400, Some("content_filter")) => "content_filter",
             (400 | 422, _) => "invalid_request",
             (401, _) => "unauthorized",
+            (403, Some("forbidden_origin")) => "forbidden_origin",
             (403, _) => "forbidden",
             (404, _) => "not_found",
+            (408, _) => "timeout",
             (413, _) => "too_large",
+            (415, _) => "invalid_request",
             (429, Some("rate_limit_exceeded")) => "rate_limited",
             (429, _) => "overloaded",
             (503, Some("moderation_unavailable")) => "moderation_unavailable",
@@ -258,16 +331,37 @@ impl ApiError {
         }
     }
 
+    /// The body the client gets. A server-side error's message may quote what failed inside (a provider's URL,
+    /// a worker's address): those are logged where they happen, and withheld here.
     pub fn body(&self) -> ErrorBody {
+        let message = if self.status.is_server_error() {
+            withhold_addresses(&self.message)
+        } else {
+            self.message.clone()
+        };
         ErrorBody {
             error: ErrorDetail {
-                message: self.message.clone(),
+                message,
                 kind: self.kind,
                 param: self.param.clone(),
                 code: self.code.clone(),
                 categories: self.categories.as_deref().map(<[String]>::to_vec),
             },
         }
+    }
+}
+
+/// `text` with URLs and IP addresses (with their ports) replaced by `[internal address]`.
+pub fn withhold_addresses(text: &str) -> String {
+    static ADDRESS: std::sync::LazyLock<Option<regex::Regex>> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(
+            r"(?i)\b[a-z][a-z0-9+.-]*://[^\s,;)]+|\[[0-9a-f:.]+\](:\d+)?|\b\d{1,3}(\.\d{1,3}){3}(:\d+)?\b",
+        )
+        .ok()
+    });
+    match &*ADDRESS {
+        Some(re) => re.replace_all(text, "[internal address]").into_owned(),
+        None => text.to_string(),
     }
 }
 
@@ -294,6 +388,27 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// The attack: make a worker fail (a transport error carries its address, a panic its message) and read the
+    /// error for the cluster's internal addresses.
+    #[test]
+    fn worker_failures_never_show_internal_addresses() {
+        let e = ApiError::worker_failed(
+            "transport error: connection refused (http://10.1.2.3:50051/camelid.worker.v1.Worker/Generate)",
+        );
+        let body = serde_json::to_string(&e.body()).unwrap();
+        assert!(!body.contains("10.1.2.3") && !body.contains("http://"), "{body}");
+        assert_eq!(e.status.as_u16(), 502);
+        let e = ApiError::moderation_unavailable(
+            "moderation provider `remote` is unavailable: cannot reach http://guard.internal:8080/v1/moderations: \
+             connection refused (10.0.0.7:8080, [fd00::1]:443)",
+        );
+        let message = e.body().error.message;
+        assert!(message.contains("`remote` is unavailable"), "{message}");
+        for secret in ["guard.internal", "10.0.0.7", "fd00::1", "8080"] {
+            assert!(!message.contains(secret), "{secret} in {message}");
+        }
+    }
 
     #[test]
     fn retry_after_is_whole_seconds_and_at_least_one() {

@@ -1,6 +1,7 @@
 //! API keys: bearer keys stored only as SHA-256 hashes, looked up with a constant-time comparison against every
-//! entry, each with its allowed models, request and token rates per minute (`governor`'s GCRA buckets, a
-//! minute's worth of burst) and moderation profile. Keys never appear in logs: only the entry's name does.
+//! entry, each with its allowed models, request rate per minute (`governor`'s GCRA bucket, a minute's worth of
+//! burst), token rate per minute (a [`TokenBucket`] that takes back what a request did not use) and moderation
+//! profile. Two entries with one hash are refused: the later would decide, so a copy could undo a revocation. Keys never appear in logs: only the entry's name does.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
+use crate::tokens::{Charge, Refused, TokenBucket};
 
 /// One key as configured (in the config file's `keys`, or a keys file such as a mounted Kubernetes Secret).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -24,21 +26,22 @@ pub struct KeySpec {
     /// Models the key may use; all when absent.
     pub models: Option<Vec<String>>,
     pub requests_per_minute: Option<NonZeroU32>,
-    /// Prompt (estimated at 4 characters a token) plus `max_tokens` (256 when absent), counted at admission.
+    /// Tokens per minute: an upper bound of the prompt ([`crate::tokens::prompt_bound`]) plus `max_tokens` are
+    /// reserved at admission, and what the worker did not use is given back at the end.
     pub tokens_per_minute: Option<NonZeroU32>,
+    /// `max_tokens` for this key's requests that set none (sent to the worker, so a generation never runs to the
+    /// end of the context unasked); the gateway's `limits.default_max_tokens` when absent.
+    pub default_max_tokens: Option<NonZeroU32>,
     /// The moderation profile for this key's requests (instead of the model's).
     pub moderation: Option<String>,
     #[serde(default)]
     pub revoked: bool,
 }
 
-/// `max_tokens` assumed by the token limit when a request does not set it.
-pub const DEFAULT_MAX_TOKENS_ESTIMATE: u32 = 256;
-
 #[derive(Debug)]
 struct Limiters {
     requests: Option<DefaultDirectRateLimiter>,
-    tokens: Option<DefaultDirectRateLimiter>,
+    tokens: Option<Arc<TokenBucket>>,
 }
 
 /// A configured key.
@@ -54,10 +57,16 @@ impl Key {
         &self.spec.name
     }
 
-    /// 403 unless the key may use `model`.
+    /// 403 unless the key may use `model` (a served id: a ChatModel's is `NAMESPACE/NAME`). An entry `NAME`
+    /// allows that name in any namespace; `NAMESPACE/NAME` only that one.
     pub fn allow_model(&self, model: &str) -> Result<(), ApiError> {
+        let bare = model.rsplit_once('/').map_or(model, |(_, name)| name);
         match &self.spec.models {
-            Some(models) if !models.iter().any(|m| m == model || m == "*") => {
+            Some(models)
+                if !models
+                    .iter()
+                    .any(|m| m == model || m == "*" || (!m.contains('/') && m == bare)) =>
+            {
                 Err(ApiError::model_not_allowed(model))
             }
             _ => Ok(()),
@@ -77,23 +86,27 @@ impl Key {
         Ok(())
     }
 
-    /// Takes `tokens` from the key's token rate; 429 with the wait, or 400 when one request could never fit.
-    pub fn take_tokens(&self, tokens: u32) -> Result<(), ApiError> {
-        let (Some(limiter), Some(per_minute)) = (&self.limiters.tokens, self.spec.tokens_per_minute) else {
-            return Ok(());
+    /// The key's tokens-per-minute bucket, if it has a token rate.
+    pub fn token_bucket(&self) -> Option<&Arc<TokenBucket>> {
+        self.limiters.tokens.as_ref()
+    }
+
+    /// Reserves `tokens` (an upper bound of the request) from the key's token rate: the [`Charge`] settles with
+    /// the real use when dropped; `None` when the key has no token rate. 429 with the wait, or 400 when one
+    /// request could never fit.
+    pub fn reserve_tokens(&self, tokens: u32) -> Result<Option<Charge>, ApiError> {
+        let Some(bucket) = &self.limiters.tokens else {
+            return Ok(None);
         };
-        let n = NonZeroU32::new(tokens.max(1)).unwrap_or(NonZeroU32::MIN);
-        match limiter.check_n(n) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(ApiError::rate_limited(
-                "tokens per minute",
-                not_until.wait_time_from(DefaultClock::default().now()),
-            )),
-            Err(_) => Err(ApiError::invalid(
+        match bucket.take(tokens) {
+            Ok(()) => Ok(Some(Charge::new(bucket.clone(), tokens))),
+            Err(Refused::Later(wait)) => Err(ApiError::rate_limited("tokens per minute", wait)),
+            Err(Refused::Never) => Err(ApiError::invalid(
                 "max_tokens",
                 format!(
-                    "this request counts as {tokens} tokens, more than this key's tokens_per_minute ({per_minute}); \
-                     lower `max_tokens`"
+                    "this request may use up to {tokens} tokens (its prompt's bound plus `max_tokens`), more than \
+                     this key's tokens_per_minute ({}); lower `max_tokens` or shorten the prompt",
+                    bucket.per_minute()
                 ),
             )),
         }
@@ -123,6 +136,13 @@ impl KeyStore {
                 .ok()
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
                 .ok_or_else(|| format!("`{at}.sha256` must be 64 hex digits (the SHA-256 of the key)"))?;
+            if let Some((j, other)) = keys.iter().enumerate().find(|(_, k)| k.hash == bytes) {
+                return Err(format!(
+                    "`{at}.sha256`: the same key as `keys[{j}]` ({:?}); one key must have one entry, or a copy \
+                     could undo its revocation",
+                    other.spec.name
+                ));
+            }
             let reused = previous.and_then(|p| {
                 p.keys.iter().find(|k| {
                     k.spec.name == spec.name
@@ -136,9 +156,7 @@ impl KeyStore {
                     requests: spec
                         .requests_per_minute
                         .map(|n| RateLimiter::direct(Quota::per_minute(n))),
-                    tokens: spec
-                        .tokens_per_minute
-                        .map(|n| RateLimiter::direct(Quota::per_minute(n))),
+                    tokens: spec.tokens_per_minute.map(|n| Arc::new(TokenBucket::new(n))),
                 }),
             };
             keys.push(Arc::new(Key {
@@ -204,13 +222,6 @@ pub fn new_key() -> (String, String) {
     (key, hash)
 }
 
-/// Tokens a request counts as against `tokens_per_minute`: its prompt at about four characters a token, plus the
-/// most it may generate.
-pub fn estimate_tokens(prompt_chars: usize, max_tokens: Option<u32>) -> u32 {
-    let prompt = u32::try_from(prompt_chars.div_ceil(4)).unwrap_or(u32::MAX);
-    prompt.saturating_add(max_tokens.unwrap_or(DEFAULT_MAX_TOKENS_ESTIMATE))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,6 +233,7 @@ mod tests {
             models: None,
             requests_per_minute: None,
             tokens_per_minute: None,
+            default_max_tokens: None,
             moderation: None,
             revoked: false,
         }
@@ -273,6 +285,20 @@ mod tests {
         assert!(e.contains("keys[1].name"), "{e}");
     }
 
+    /// The attack: a revoked key's hash copied into a second, live entry (a keys file merged with the config's
+    /// `keys`), hoping the copy wins. The store refuses it, naming both entries.
+    #[test]
+    fn a_duplicate_hash_cannot_override_a_revocation() {
+        let mut revoked = spec("old", "sk-old");
+        revoked.revoked = true;
+        let copy = spec("old-copy", "sk-old");
+        let e = KeyStore::new(&[revoked, copy], None).unwrap_err();
+        assert!(
+            e.contains("keys[1].sha256") && e.contains("keys[0]") && e.contains("old"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn models_are_allowed_by_list() {
         let mut s = spec("a", "k");
@@ -300,9 +326,12 @@ mod tests {
             "{:?}",
             e.retry_after
         );
-        key.take_tokens(60).unwrap();
-        assert_eq!(key.take_tokens(60).unwrap_err().status.as_u16(), 429);
-        assert_eq!(key.take_tokens(101).unwrap_err().status.as_u16(), 400);
+        let held = key.reserve_tokens(60).unwrap();
+        assert_eq!(key.reserve_tokens(60).unwrap_err().status.as_u16(), 429);
+        assert_eq!(key.reserve_tokens(101).unwrap_err().status.as_u16(), 400);
+        drop(held);
+        let again = key.reserve_tokens(60);
+        assert!(again.is_ok(), "an unused reservation is given back");
         let reloaded = KeyStore::new(&[s], Some(&store)).unwrap();
         let key = reloaded.authenticate(Some(b"Bearer k")).unwrap();
         assert_eq!(
@@ -319,7 +348,5 @@ mod tests {
         assert_ne!(k1, k2);
         assert!(k1.len() > 70);
         assert_eq!(hex::encode(hash_key(&k1)), h1);
-        assert_eq!(estimate_tokens(10, Some(5)), 8);
-        assert_eq!(estimate_tokens(0, None), DEFAULT_MAX_TOKENS_ESTIMATE);
     }
 }

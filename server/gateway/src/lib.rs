@@ -24,6 +24,7 @@ pub mod reload;
 pub mod routing;
 pub mod serve;
 pub mod state;
+pub mod tokens;
 pub mod validate;
 
 pub use config::{ConfigError, GatewayConfig};

@@ -25,6 +25,10 @@ struct Cli {
     /// Address to serve HTTP on (overrides the config file; default 127.0.0.1:8000).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Address to serve `/metrics`, `/internal/load` and the probes on, apart from the API (overrides the
+    /// config file's `admin_listen`; default 127.0.0.1:9091; in a cluster 0.0.0.0:9091, for the operator).
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
     /// A model and its workers' gRPC addresses: NAME=HOST:PORT[,HOST:PORT...] (repeatable).
     #[arg(long)]
     backend: Vec<String>,
@@ -34,6 +38,10 @@ struct Cli {
     /// Serve without API keys on a non-loopback address.
     #[arg(long)]
     allow_anonymous: bool,
+    /// No moderation at all, whatever the config says (without this, a config without `moderation` gets the
+    /// built-in profile `builtin`).
+    #[arg(long)]
+    no_moderation: bool,
     /// How often the config file is checked for changes (milliseconds; 0: never).
     #[arg(long, default_value_t = 1000)]
     reload_interval_ms: u64,
@@ -69,6 +77,8 @@ fn main() -> ExitCode {
     let _telemetry = camelid_telemetry::init("camelid-gateway", &cli.telemetry);
     let backends = cli.backend.clone();
     let (listen, probe, allow) = (cli.listen, cli.probe_interval_ms, cli.allow_anonymous);
+    let no_moderation = cli.no_moderation;
+    let admin_listen = cli.admin_listen;
     let overrides: camelid_gateway::reload::Overrides = Arc::new(move |config: &mut GatewayConfig| {
         for flag in &backends {
             config.add_backend_flag(flag)?;
@@ -76,10 +86,16 @@ fn main() -> ExitCode {
         if let Some(listen) = listen {
             config.listen = listen;
         }
+        if let Some(admin) = admin_listen {
+            config.admin_listen = admin;
+        }
         if let Some(ms) = probe {
             config.probe_interval = Duration::from_millis(ms.max(50));
         }
         config.allow_anonymous |= allow;
+        if no_moderation {
+            config.policy.moderation = camelid_gateway::policy::ModerationSpec::off();
+        }
         Ok::<(), ConfigError>(())
     });
     let mut config = match &cli.config {
@@ -110,7 +126,12 @@ fn main() -> ExitCode {
             };
             let found = Arc::new(camelid_gateway::routing::StaticEndpoints::new(Default::default()));
             let rules = camelid_gateway::discovery::ModelRules::default();
-            camelid_gateway::discovery::spawn(client, cli.watch_namespace.clone(), found.clone(), rules.clone());
+            camelid_gateway::discovery::spawn(
+                client,
+                cli.watch_namespace.clone(),
+                found.clone(),
+                rules.clone(),
+            );
             Some((found, rules))
         } else {
             None
@@ -125,17 +146,48 @@ fn main() -> ExitCode {
             Ok(None) => {}
             Err(e) => return fail(&e, 2),
         }
+        if config.admin_listen == config.listen {
+            return fail(
+                &format!("`admin_listen` must differ from `listen` ({})", config.listen),
+                2,
+            );
+        }
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
             Ok(l) => l,
             Err(e) => return fail(&format!("binding {}: {e}", config.listen), 2),
+        };
+        let admin = match tokio::net::TcpListener::bind(config.admin_listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                return fail(
+                    &format!("binding the admin address {}: {e}", config.admin_listen),
+                    2,
+                );
+            }
         };
         state.router.probe_all().await;
         if let (Some(path), true) = (&cli.config, cli.reload_interval_ms > 0) {
             let interval = Duration::from_millis(cli.reload_interval_ms.max(100));
             camelid_gateway::reload::spawn(path.clone(), overrides, state.clone(), config.clone(), interval);
         }
-        tracing::info!(listen = %config.listen, models = ?config.endpoints.keys().collect::<Vec<_>>(), "gateway listening");
-        match camelid_gateway::serve(state, listener, camelid_telemetry::shutdown_signal()).await {
+        tracing::info!(listen = %config.listen, admin = %config.admin_listen,
+            models = ?config.endpoints.keys().collect::<Vec<_>>(), "gateway listening");
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            camelid_telemetry::shutdown_signal().await;
+            let _ = stop.send(true);
+        });
+        let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let admin_task = tokio::spawn(camelid_gateway::serve::serve_admin(
+            state.clone(),
+            admin,
+            until(stopping.clone()),
+        ));
+        let served = camelid_gateway::serve(state, listener, until(stopping)).await;
+        let _ = admin_task.await;
+        match served {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e, 1),
         }

@@ -1,6 +1,11 @@
 //! The guardrail policy: API keys and moderation profiles, as configured (the `moderation`, `keys` and `keys_file`
 //! parts of the config file) and as built for serving. A built [`Policy`] is immutable; a config reload builds a
 //! new one and swaps it in, so requests in flight finish under the policy they started with.
+//!
+//! Moderation is on unless switched off explicitly: the built-in profile `builtin` ([`builtin`]) is the default
+//! profile of a config without `moderation`, or whose `moderation` has no `default_profile`; `default_profile: none`
+//! leaves models without a profile unmoderated, and `moderation: none` (or `--no-moderation`) has no moderation at
+//! all.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,12 +13,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use crate::keys::{Key, KeySpec, KeyStore};
 use crate::moderation::guard::{self, Guard, GuardConfig, GuardPrompt};
 use crate::moderation::remote::{Remote, RemoteConfig};
 use crate::moderation::rules::{RuleCategories, Rules};
-use crate::moderation::{NamedProvider, Profile, Provider};
+use crate::moderation::{NamedProvider, Profile, Provider, builtin};
 use crate::routing::Router;
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -23,7 +29,7 @@ pub struct ModerationSpec {
     pub providers: BTreeMap<String, ProviderSpec>,
     #[serde(default)]
     pub profiles: BTreeMap<String, ProfileSpec>,
-    /// The profile of every model without one in `models`.
+    /// The profile of every model without one in `models`: absent, the built-in `builtin`; `none`, no profile.
     pub default_profile: Option<String>,
     /// Model → profile.
     #[serde(default)]
@@ -31,6 +37,56 @@ pub struct ModerationSpec {
     /// Log the text of flagged requests (off: only categories and the provider are logged).
     #[serde(default)]
     pub log_flagged_text: bool,
+    /// `moderation: none`: no moderation at all, not even the built-in default.
+    #[serde(skip)]
+    pub off: bool,
+}
+
+impl ModerationSpec {
+    /// No moderation (`moderation: none`, `--no-moderation`).
+    pub fn off() -> Self {
+        Self {
+            off: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// Reads the config's `moderation`: a section, `none` (moderation off), or nothing (the built-in default).
+pub fn deserialize_moderation<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ModerationSpec>, D::Error> {
+    struct Setting;
+    impl<'de> Visitor<'de> for Setting {
+        type Value = Option<ModerationSpec>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a moderation section, or `none` to switch moderation off")
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            if v == builtin::NONE {
+                Ok(Some(ModerationSpec::off()))
+            } else {
+                Err(E::invalid_value(de::Unexpected::Str(v), &self))
+            }
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_any(self)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            ModerationSpec::deserialize(de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+    }
+    d.deserialize_any(Setting)
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -68,6 +124,16 @@ pub enum ProviderSpec {
         categories: Option<BTreeMap<String, String>>,
         #[serde(default = "default_guard_tokens")]
         max_tokens: u32,
+        /// The deadline of one check, every generation of it together; past it the check fails (closed unless
+        /// `fail_open`).
+        #[serde(default = "default_guard_timeout_ms")]
+        timeout_ms: u64,
+        /// Quoted characters of a conversation judged in one generation.
+        #[serde(default = "default_guard_batch_chars")]
+        max_batch_chars: usize,
+        /// Generations of one check running at once.
+        #[serde(default = "default_guard_concurrency")]
+        max_concurrency: usize,
         #[serde(default)]
         fail_open: bool,
     },
@@ -95,6 +161,18 @@ fn default_timeout_ms() -> u64 {
 
 fn default_guard_tokens() -> u32 {
     16
+}
+
+fn default_guard_timeout_ms() -> u64 {
+    5000
+}
+
+fn default_guard_batch_chars() -> usize {
+    16_000
+}
+
+fn default_guard_concurrency() -> usize {
+    4
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -135,8 +213,9 @@ impl Policy {
     /// Builds the policy; every error names the field. `previous` keeps the keys' rate buckets across reloads.
     pub fn build(spec: &PolicySpec, router: &Arc<Router>, previous: Option<&Policy>) -> Result<Self, String> {
         let m = &spec.moderation;
+        let (provider_specs, profile_specs) = with_builtin(m)?;
         let mut providers: BTreeMap<&str, NamedProvider> = BTreeMap::new();
-        for (name, p) in &m.providers {
+        for (name, p) in &provider_specs {
             let at = format!("moderation.providers.{name}");
             let (provider, fail_open) =
                 build_provider(p, &spec.base, router).map_err(|e| format!("`{at}`: {e}"))?;
@@ -150,7 +229,7 @@ impl Policy {
             );
         }
         let mut profiles = BTreeMap::new();
-        for (name, p) in &m.profiles {
+        for (name, p) in &profile_specs {
             let at = format!("moderation.profiles.{name}");
             let pick = |list: &[String], field: &str| {
                 list.iter()
@@ -181,9 +260,11 @@ impl Policy {
                 .cloned()
                 .ok_or_else(|| format!("`{at}`: no profile named {name:?}"))
         };
-        let default_profile = match &m.default_profile {
+        let default_profile = match m.default_profile.as_deref() {
+            _ if m.off => None,
+            None => Some(find(builtin::PROFILE, "moderation.default_profile")?),
+            Some(builtin::NONE) => None,
             Some(name) => Some(find(name, "moderation.default_profile")?),
-            None => None,
         };
         let mut model_profiles = BTreeMap::new();
         for (model, name) in &m.models {
@@ -210,6 +291,33 @@ impl Policy {
             .or_else(|| self.model_profiles.get(model).cloned())
             .or_else(|| self.default_profile.clone())
     }
+}
+
+type ProviderSpecs = BTreeMap<String, ProviderSpec>;
+type ProfileSpecs = BTreeMap<String, ProfileSpec>;
+
+/// The configured providers and profiles, with the built-in ones added under `builtin` (unless moderation is off
+/// or the config has its own of that name).
+fn with_builtin(m: &ModerationSpec) -> Result<(ProviderSpecs, ProfileSpecs), String> {
+    let (mut providers, mut profiles) = (m.providers.clone(), m.profiles.clone());
+    if !m.off {
+        if !providers.contains_key(builtin::PROFILE) {
+            let rules = ProviderSpec::Rules {
+                file: None,
+                categories: Some(builtin::categories()?),
+                fail_open: false,
+            };
+            providers.insert(builtin::PROFILE.into(), rules);
+        }
+        profiles
+            .entry(builtin::PROFILE.into())
+            .or_insert_with(|| ProfileSpec {
+                input: vec![builtin::PROFILE.into()],
+                output: vec![builtin::PROFILE.into()],
+                output_window_chars: builtin::OUTPUT_WINDOW_CHARS,
+            });
+    }
+    Ok((providers, profiles))
 }
 
 fn build_provider(
@@ -249,6 +357,9 @@ fn build_provider(
             on_unparseable,
             categories,
             max_tokens,
+            timeout_ms,
+            max_batch_chars,
+            max_concurrency,
             fail_open,
         } => {
             let categories = categories.clone().unwrap_or_else(guard::default_categories);
@@ -261,6 +372,9 @@ fn build_provider(
                 categories,
                 flag_unparseable: *on_unparseable == Unparseable::Flag,
                 max_tokens: (*max_tokens).clamp(1, 256),
+                timeout: Duration::from_millis((*timeout_ms).max(1)),
+                max_batch_chars: (*max_batch_chars).max(256),
+                max_concurrency: (*max_concurrency).clamp(1, 64),
             };
             (guard_provider(config, router)?, *fail_open)
         }

@@ -39,8 +39,14 @@ pub fn reload_once(
     if config.listen != running.listen {
         tracing::warn!(old = %running.listen, new = %config.listen, "`listen` changes only on restart");
     }
-    if config.limits != running.limits || config.probe_interval != running.probe_interval {
-        tracing::warn!("`limits` and `probe_interval_ms` change only on restart");
+    if config.admin_listen != running.admin_listen {
+        tracing::warn!(old = %running.admin_listen, new = %config.admin_listen, "`admin_listen` changes only on restart");
+    }
+    if config.limits != running.limits
+        || config.probe_interval != running.probe_interval
+        || config.server != running.server
+    {
+        tracing::warn!("`limits`, `server` and `probe_interval_ms` change only on restart");
     }
     state.policy.replace(policy);
     state.endpoints.set(config.endpoints.clone());
@@ -70,7 +76,11 @@ pub fn spawn(
                 Ok(config) => {
                     running = GatewayConfig {
                         listen: running.listen,
+                        admin_listen: running.admin_listen,
+                        server: running.server,
                         limits: running.limits,
+                        hold: running.hold,
+                        hold_per_key: running.hold_per_key,
                         probe_interval: running.probe_interval,
                         ..config
                     };

@@ -11,6 +11,7 @@ use crate::discovery::ModelRules;
 use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicyCell};
 use crate::routing::{self, HoldLimits, Router, StaticEndpoints};
+use crate::serve::ServerLimits;
 use crate::validate::Limits;
 
 /// Everything a handler needs; cheap to clone.
@@ -23,8 +24,14 @@ pub struct AppState {
     /// Keys and moderation; replaced whole when the config file changes.
     pub policy: Arc<PolicyCell>,
     pub limits: Limits,
+    /// The connection limits the serve loop applies.
+    pub server: ServerLimits,
+    /// Whether the API is served on a loopback address (then, without keys, only loopback `Host`s are answered).
+    pub loopback: bool,
     /// How requests wait for a model with no ready worker.
     pub hold: HoldLimits,
+    /// Most held requests of one key.
+    pub hold_per_key: usize,
     /// What ChatModels ask besides routing (their moderation profile and keys); empty outside a cluster.
     pub rules: ModelRules,
     pub created: u64,
@@ -65,7 +72,10 @@ pub fn state_with(
         metrics,
         policy: Arc::new(PolicyCell::new(policy)),
         limits: config.limits,
+        server: config.server,
+        loopback: config.listen.ip().is_loopback(),
         hold: config.hold,
+        hold_per_key: config.hold_per_key,
         rules,
         created: unix_now(),
     })

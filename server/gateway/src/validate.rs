@@ -16,6 +16,11 @@ pub struct Limits {
     /// Characters in all messages (or the prompt) together.
     pub max_prompt_chars: usize,
     pub max_stop_sequences: usize,
+    /// `max_tokens` of a request that sets none (a key's `default_max_tokens` overrides it): sent to the worker, so
+    /// that no generation runs to the end of the context unasked, and reserved against `tokens_per_minute`.
+    pub default_max_tokens: u32,
+    /// How long a request's body may take to arrive in full (a body dribbled slower is cut with 408).
+    pub body_timeout: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -25,6 +30,8 @@ impl Default for Limits {
             max_messages: 1024,
             max_prompt_chars: 1 << 20,
             max_stop_sequences: 4,
+            default_max_tokens: 4096,
+            body_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -49,14 +56,6 @@ impl Input {
                 .map(|(i, (_, c))| (format!("messages[{i}].content"), c.clone()))
                 .unzip(),
             Input::Prompt(p) => (vec!["prompt".into()], vec![p.clone()]),
-        }
-    }
-
-    /// Characters of input, for the token-rate estimate.
-    pub fn chars(&self) -> usize {
-        match self {
-            Input::Chat(messages) => messages.iter().map(|(_, c)| c.chars().count()).sum(),
-            Input::Prompt(p) => p.chars().count(),
         }
     }
 }

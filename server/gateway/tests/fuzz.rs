@@ -210,6 +210,7 @@ keys:
                 .method(if body.is_empty() { "GET" } else { "POST" })
                 .uri(path)
                 .header("authorization", "Bearer sk-fuzz")
+                .header("content-type", "application/json")
                 .body(Body::from(body))
                 .unwrap();
             app.oneshot(request).await.unwrap().status().as_u16()

@@ -137,15 +137,12 @@ keys:
     let r = post_chat(&app, Some("sk-fast"), &body).await;
     assert_eq!(r.status, 503, "recovered after Retry-After: {}", r.text);
 
-    // Tokens: the prompt estimate plus max_tokens are taken at admission.
-    for _ in 0..2 {
+    // Tokens: the prompt's bound plus max_tokens are reserved at admission and what no worker used is given
+    // back, so requests refused at routing never run the bucket out (429s while reserved: `hardening.rs`).
+    for _ in 0..5 {
         let r = post_chat(&app, Some("sk-wordy"), &chat("smol", "hi", 400)).await;
         assert_eq!(r.status, 503, "{}", r.text);
     }
-    let r = post_chat(&app, Some("sk-wordy"), &chat("smol", "hi", 400)).await;
-    assert_eq!(r.status, 429, "{}", r.text);
-    let secs: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!((1..=60).contains(&secs), "{secs}");
     let r = post_chat(&app, Some("sk-wordy"), &chat("smol", "hi", 5000)).await;
     assert_eq!(
         (r.status.as_u16(), r.json()["error"]["param"].as_str()),
@@ -232,9 +229,10 @@ moderation:
         }
     }
 
-    // Chat: the flagged message is named, with its categories; an assistant's earlier reply is not moderated.
+    // Chat: the flagged message is named, with its categories; an "earlier reply" the client wrote is moderated
+    // like the rest (the model reads it as its own).
     let body = json!({"model": "smol", "messages": [
-        {"role": "user", "content": "hello"}, {"role": "assistant", "content": "I could kill for tea"},
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": "I could go for tea"},
         {"role": "user", "content": "KILL it"}]});
     let r = post_chat(&app, None, &body.to_string()).await;
     assert_eq!(r.outcome(), (400, "content_filter".into()), "{}", r.text);
@@ -243,6 +241,12 @@ moderation:
     assert_eq!(e["categories"], json!(["violence"]));
     let body = json!({"model": "smol", "messages": [
         {"role": "user", "content": "hello"}, {"role": "assistant", "content": "I could kill for tea"},
+        {"role": "user", "content": "and coffee?"}]});
+    let r = post_chat(&app, None, &body.to_string()).await;
+    assert_eq!(r.outcome(), (400, "content_filter".into()), "{}", r.text);
+    assert_eq!(r.json()["error"]["param"], "messages[1].content");
+    let body = json!({"model": "smol", "messages": [
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": "I could go for tea"},
         {"role": "user", "content": "and coffee?"}]});
     assert_eq!(post_chat(&app, None, &body.to_string()).await.status, 503);
     let r = call(
@@ -537,6 +541,11 @@ async fn the_example_config_is_valid() {
     }
     let state = camelid_gateway::state(&config).unwrap();
     let policy = state.policy.current();
-    assert_eq!(policy.profiles.len(), 2);
+    let profiles: Vec<&String> = policy.profiles.keys().collect();
+    assert_eq!(
+        profiles,
+        ["builtin", "default", "strict"],
+        "the built-in profile is there by name"
+    );
     assert!(policy.keys.authenticate(Some(b"Bearer anything")).is_err());
 }

@@ -1,25 +1,32 @@
 //! Everything between a dataset file and the micro-batches a step trains on, in pipeline order:
-//! - this module reads conversation files and cleans them (with [`markdown`] repairing scraped HTML),
+//! - this module reads conversation files (`read.rs`) and cleans them (with [`markdown`] repairing scraped HTML),
 //! - [`tokenize`] renders the cleaned conversations with the chat template, splits them to fit and labels them,
 //! - [`batching`] orders the samples into micro-batches and collates them into tensors.
 //!
 //! Reading: ShareGPT (`{"id", "conversations": [{"from", "value"}]}`) and OpenAI-style
 //! (`{"messages": [{"role", "content"}]}`), as a JSON array or JSON Lines.
 //!
-//! A file that is not valid JSON, or a record that does not have either shape, stops the run with an error naming
-//! the file and line: that is a broken file, not a bad sample. Conversations that parse but cannot be trained on
-//! (wrong role order, empty turns, duplicates, blocklisted text) are dropped and counted by reason in a
-//! [`DataReport`], as FastChat's `clean_sharegpt` drops them, except that nothing goes uncounted.
+//! A file that is not UTF-8 or not valid JSON, or a record that does not have either shape, stops the run with an
+//! error naming the file and line: that is a broken file, not a bad sample. Conversations that parse but cannot be
+//! trained on (wrong role order, empty turns, duplicates, blocklisted text, HTML nested too deep to convert) are
+//! dropped and counted by reason in a [`DataReport`], as FastChat's `clean_sharegpt` drops them, except that
+//! nothing goes uncounted.
+//!
+//! The dataset is hostile input (a tenant's file): reading and cleaning are pure functions of its bytes
+//! ([`parse_conversations`], [`clean`]) that never panic or recurse without bound, and fuzz targets call them.
 
 pub mod batching;
 pub mod markdown;
+mod read;
 pub mod tokenize;
 
+pub use read::{parse_conversations, read_conversations};
+
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use camelid_model::ChatMessage;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 /// A file that cannot be read as a conversation dataset.
 #[derive(Debug, thiserror::Error)]
@@ -60,171 +67,6 @@ pub struct Conversation {
     pub messages: Vec<ChatMessage>,
 }
 
-#[derive(Deserialize)]
-struct ShareGptTurn {
-    from: String,
-    value: String,
-}
-
-#[derive(Deserialize)]
-struct OpenAiMessage {
-    role: String,
-    content: String,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Record {
-    ShareGpt {
-        id: Option<serde_json::Value>,
-        conversations: Vec<ShareGptTurn>,
-    },
-    OpenAi {
-        id: Option<serde_json::Value>,
-        messages: Vec<OpenAiMessage>,
-    },
-}
-
-/// Maps the role names found in ShareGPT dumps and OpenAI files to `system`, `user` and `assistant`.
-fn normalize_role(role: &str) -> Option<&'static str> {
-    match role.to_ascii_lowercase().as_str() {
-        "system" => Some("system"),
-        "human" | "user" => Some("user"),
-        "gpt" | "assistant" | "chatgpt" | "bard" | "bing" | "model" => Some("assistant"),
-        _ => None,
-    }
-}
-
-fn record_to_conversation(
-    value: serde_json::Value,
-    line: usize,
-    path: &Path,
-) -> Result<Conversation, DataError> {
-    let record_error = |detail: String| DataError::Record {
-        path: path.to_path_buf(),
-        line,
-        detail,
-    };
-    let record: Record = serde_json::from_value(value).map_err(|_| {
-        record_error(
-            "not a conversation: expected {\"conversations\": [{\"from\", \"value\"}]} (ShareGPT) or \
-             {\"messages\": [{\"role\", \"content\"}]} (OpenAI)"
-                .into(),
-        )
-    })?;
-    let (id, turns): (Option<serde_json::Value>, Vec<(String, String)>) = match record {
-        Record::ShareGpt { id, conversations } => {
-            (id, conversations.into_iter().map(|t| (t.from, t.value)).collect())
-        }
-        Record::OpenAi { id, messages } => (id, messages.into_iter().map(|m| (m.role, m.content)).collect()),
-    };
-    let mut messages = Vec::with_capacity(turns.len());
-    for (i, (role, content)) in turns.into_iter().enumerate() {
-        let role = normalize_role(&role).ok_or_else(|| {
-            record_error(format!(
-                "turn {i} has role {role:?}; expected system, human/user or gpt/assistant"
-            ))
-        })?;
-        messages.push(ChatMessage::new(role, &content));
-    }
-    let id = match id {
-        Some(serde_json::Value::String(s)) => s,
-        Some(other) => other.to_string(),
-        None => format!("line-{line}"),
-    };
-    Ok(Conversation { id, line, messages })
-}
-
-/// Reads a JSON array or JSON Lines file of conversations (the format is taken from the first non-blank byte).
-pub fn read_conversations(path: &Path) -> Result<Vec<Conversation>, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let trimmed = text.trim_start();
-    let conversations = if trimmed.starts_with('[') {
-        read_json_array(&text, path)?
-    } else {
-        read_json_lines(&text, path)?
-    };
-    if conversations.is_empty() {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(conversations)
-}
-
-fn read_json_lines(text: &str, path: &Path) -> Result<Vec<Conversation>, DataError> {
-    let mut out = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
-        if raw.trim().is_empty() {
-            continue;
-        }
-        let value: serde_json::Value = serde_json::from_str(raw).map_err(|e| DataError::Record {
-            path: path.to_path_buf(),
-            line,
-            detail: format!("invalid JSON: {e}"),
-        })?;
-        out.push(record_to_conversation(value, line, path)?);
-    }
-    Ok(out)
-}
-
-/// The line each top-level array element starts on, found by walking the array once with a streaming parser.
-fn read_json_array(text: &str, path: &Path) -> Result<Vec<Conversation>, DataError> {
-    let values: Vec<serde_json::Value> = serde_json::from_str(text).map_err(|e| DataError::Record {
-        path: path.to_path_buf(),
-        line: e.line(),
-        detail: format!("invalid JSON: {e}"),
-    })?;
-    let starts = element_start_lines(text);
-    values
-        .into_iter()
-        .enumerate()
-        .map(|(i, v)| record_to_conversation(v, starts.get(i).copied().unwrap_or(1), path))
-        .collect()
-}
-
-/// 1-based lines where the elements of a top-level JSON array begin (depth-1 values), skipping strings.
-fn element_start_lines(text: &str) -> Vec<usize> {
-    let (mut depth, mut line, mut in_string, mut escaped, mut expecting) =
-        (0usize, 1usize, false, false, false);
-    let mut starts = Vec::new();
-    for c in text.chars() {
-        if c == '\n' {
-            line += 1;
-        }
-        if in_string {
-            match (escaped, c) {
-                (true, _) => escaped = false,
-                (false, '\\') => escaped = true,
-                (false, '"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        if expecting && !c.is_whitespace() && c != ']' {
-            starts.push(line);
-            expecting = false;
-        }
-        match c {
-            '"' => in_string = true,
-            '[' | '{' => {
-                depth += 1;
-                if depth == 1 {
-                    expecting = true;
-                }
-            }
-            ']' | '}' => depth = depth.saturating_sub(1),
-            ',' if depth == 1 => expecting = true,
-            _ => {}
-        }
-    }
-    starts
-}
-
 /// Why a conversation was left out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -243,6 +85,8 @@ pub enum DropReason {
     DuplicateFirstExchange,
     /// A turn contains a blocklisted phrase.
     Blocklisted,
+    /// A turn's HTML nests deeper than [`markdown::MAX_HTML_DEPTH`] (crafted to exhaust the converter's stack).
+    HtmlTooDeep,
 }
 
 /// Every decision the cleaner made, for the JSON data report.
@@ -322,6 +166,21 @@ fn drop_reason(conv: &Conversation, opts: &CleanOptions, blocklist: &[String]) -
     None
 }
 
+/// Turns the scraped HTML of every message of `conv` into markdown, counting the changes in `report`; on an error
+/// (which names the turn) `conv` and `report` are left as they were.
+fn normalize_messages(conv: &mut Conversation, report: &mut DataReport) -> Result<(), String> {
+    let mut converted = Vec::with_capacity(conv.messages.len());
+    for (i, m) in conv.messages.iter().enumerate() {
+        converted.push(markdown::normalize(&m.content).map_err(|e| format!("turn {i}: {e}"))?);
+    }
+    for (m, (text, changes)) in conv.messages.iter_mut().zip(converted) {
+        report.html_converted_messages += usize::from(changes.html_converted);
+        report.code_blocks_repaired_messages += usize::from(changes.code_blocks_repaired);
+        m.content = text;
+    }
+    Ok(())
+}
+
 /// Keeps the conversations that can be trained on, in their original order, and reports every drop.
 ///
 /// A trailing user turn without a reply is kept as part of the conversation (it carries no loss), as FastChat does.
@@ -340,11 +199,10 @@ pub fn clean(conversations: Vec<Conversation>, opts: &CleanOptions) -> (Vec<Conv
     let mut seen_first = HashSet::new();
     let mut kept = Vec::with_capacity(conversations.len());
     for mut conv in conversations {
-        for m in &mut conv.messages {
-            let (text, changes) = markdown::normalize(&m.content);
-            report.html_converted_messages += usize::from(changes.html_converted);
-            report.code_blocks_repaired_messages += usize::from(changes.code_blocks_repaired);
-            m.content = text;
+        if let Err(e) = normalize_messages(&mut conv, &mut report) {
+            tracing::warn!(id = %conv.id, line = conv.line, "dropping a conversation: {e}");
+            report.drop(DropReason::HtmlTooDeep, &conv);
+            continue;
         }
         if let Some(reason) = drop_reason(&conv, opts, &blocklist) {
             report.drop(reason, &conv);
@@ -373,87 +231,9 @@ pub fn clean(conversations: Vec<Conversation>, opts: &CleanOptions) -> (Vec<Conv
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
-
-    fn write(name: &str, text: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("camelid-data-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-
-    #[test]
-    fn reads_sharegpt_arrays_and_openai_jsonl_with_their_lines() {
-        let array = write(
-            "a.json",
-            "[\n  {\"id\": \"x\", \"conversations\": [{\"from\": \"human\", \"value\": \"hi [\\\"]\"},\n    {\"from\": \"gpt\", \"value\": \"yo\"}]},\n  {\"id\": 7, \"conversations\": []}\n]\n",
-        );
-        let convs = read_conversations(&array).unwrap();
-        assert_eq!(convs.len(), 2);
-        assert_eq!((convs[0].id.as_str(), convs[0].line), ("x", 2));
-        assert_eq!(
-            convs[0].messages,
-            [
-                ChatMessage::new("user", "hi [\"]"),
-                ChatMessage::new("assistant", "yo")
-            ]
-        );
-        assert_eq!((convs[1].id.as_str(), convs[1].line), ("7", 4));
-
-        let lines = write(
-            "b.jsonl",
-            "{\"messages\": [{\"role\": \"system\", \"content\": \"s\"}, {\"role\": \"user\", \"content\": \"u\"}]}\n\n{\"messages\": []}\n",
-        );
-        let convs = read_conversations(&lines).unwrap();
-        assert_eq!(
-            (convs[0].id.as_str(), convs[0].line, convs[1].line),
-            ("line-1", 1, 3)
-        );
-        assert_eq!(convs[0].messages[0], ChatMessage::new("system", "s"));
-    }
-
-    #[test]
-    fn broken_files_name_the_file_and_line() {
-        let bad_json = write("c.jsonl", "{\"messages\": []}\n{\"messages\": [}\n");
-        let err = read_conversations(&bad_json).unwrap_err().to_string();
-        assert!(
-            err.contains("c.jsonl:2:") && err.contains("invalid JSON"),
-            "{err}"
-        );
-
-        let bad_schema = write("d.jsonl", "{\"messages\": []}\n\n{\"prompt\": \"x\"}\n");
-        let err = read_conversations(&bad_schema).unwrap_err().to_string();
-        assert!(err.contains("d.jsonl:3:") && err.contains("ShareGPT"), "{err}");
-
-        let bad_role = write(
-            "e.json",
-            "[\n{\"conversations\": [{\"from\": \"robot\", \"value\": \"x\"}]}]",
-        );
-        let err = read_conversations(&bad_role).unwrap_err().to_string();
-        assert!(err.contains("e.json:2:") && err.contains("\"robot\""), "{err}");
-
-        let truncated = write("f.json", "[\n{\"conversations\": [\n");
-        assert!(
-            read_conversations(&truncated)
-                .unwrap_err()
-                .to_string()
-                .contains("f.json:")
-        );
-
-        let empty = write("g.jsonl", "\n  \n");
-        assert_eq!(
-            read_conversations(&empty).unwrap_err().category(),
-            "empty_dataset"
-        );
-        let missing = Path::new("/nonexistent/data.json");
-        assert!(
-            read_conversations(missing)
-                .unwrap_err()
-                .to_string()
-                .contains("/nonexistent/data.json")
-        );
-    }
 
     fn conv(id: &str, line: usize, turns: &[(&str, &str)]) -> Conversation {
         Conversation {
@@ -536,5 +316,31 @@ mod tests {
         assert_eq!(report.examples[&DuplicateId], ["ok (line 6)"]);
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["dropped"]["duplicate_first_exchange"], 1);
+    }
+
+    /// The attack: a ShareGPT file of 220 KB whose answer is nested `<div>`s overflowed the stack of `prepare`.
+    /// Now that conversation is dropped, counted and named (id and line); the rest of the file is trained on.
+    #[test]
+    fn a_sharegpt_file_with_220_kb_of_nested_html_drops_that_conversation_and_names_it() {
+        let bomb = format!("{}x{}", "<div>".repeat(22_000), "</div>".repeat(22_000));
+        let turn = |from: &str, value: &str| serde_json::json!({"from": from, "value": value});
+        let good = serde_json::json!({"id": "good", "conversations": [
+            turn("human", "<p>Hi <strong>there</strong></p>"), turn("gpt", "Hello")]});
+        let bad = serde_json::json!({"id": "bomb", "conversations": [
+            turn("human", "<p>What?</p>"), turn("gpt", &bomb)]});
+        let file = format!("[\n{good},\n{bad}\n]\n");
+        assert!(file.len() > 220_000);
+        let conversations = parse_conversations(file.as_bytes(), Path::new("sharegpt.json")).unwrap();
+        let (kept, report) = clean(conversations, &CleanOptions::default());
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].messages[0].content, "Hi **there**");
+        assert_eq!(report.dropped, BTreeMap::from([(DropReason::HtmlTooDeep, 1)]));
+        assert_eq!(report.examples[&DropReason::HtmlTooDeep], ["bomb (line 3)"]);
+        assert_eq!(
+            report.html_converted_messages, 1,
+            "the dropped conversation's turns are not counted"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["dropped"]["html_too_deep"], 1);
     }
 }

@@ -3,6 +3,7 @@
 //! ending with `data: [DONE]`, with output moderation where the profile has it; see [`super::respond`]). No
 //! request reaches a worker without passing every step.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,10 +16,11 @@ use serde::de::DeserializeOwned;
 use super::request::{InFlightGauge, RequestRecord, authenticate, read_body, refused};
 use super::respond::{ChunkWriter, Collected, collect, moderate_whole, stream_response, whole_response};
 use crate::error::ApiError;
-use crate::keys::{Key, estimate_tokens};
+use crate::keys::Key;
 use crate::moderation::Profile;
 use crate::policy::Policy;
 use crate::state::{AppState, unix_now};
+use crate::tokens::{self, Charge};
 use crate::validate::{self, Api, Limits, Validated};
 
 pub(super) async fn chat_completions(
@@ -64,6 +66,7 @@ async fn handle<T: DeserializeOwned>(
         model: "unknown".into(),
         route: api.route(),
         received: Instant::now(),
+        charge: None,
     };
     // The policy a request starts under is the one it finishes under, whatever reloads happen meanwhile.
     let policy = state.policy.current();
@@ -74,12 +77,22 @@ async fn handle<T: DeserializeOwned>(
     }
     .await;
     let result = match validated {
-        Ok((key, request)) => {
+        Ok((key, mut request)) => {
+            // A bare ChatModel name becomes its `NAMESPACE/NAME` id (see `discovery`), before any rule is looked up.
+            let resolved = state.router.resolve(&request.model).map(|id| request.model = id);
             if state.router.knows(&request.model) {
                 record.model = request.model.clone();
             }
-            match admit(&state, &policy, key.as_deref(), &request).await {
-                Ok(output) => pipeline(&state, request, record, output).await,
+            let admitted = match resolved {
+                Ok(()) => admit(&state, &policy, key.as_deref(), &mut request).await,
+                Err(e) => Err(e),
+            };
+            match admitted {
+                Ok((output, charge)) => {
+                    record.charge = charge;
+                    let holder = key.as_ref().map(|k| k.name().to_string());
+                    pipeline(&state, request, record, output, holder).await
+                }
                 Err(e) => Err((e, record)),
             }
         }
@@ -96,13 +109,14 @@ async fn handle<T: DeserializeOwned>(
 }
 
 /// The guardrails between validation and routing: the key's model permission and rates, then input moderation.
-/// Returns the profile whose output moderation applies to the reply.
+/// Returns the profile whose output moderation applies to the reply, and the tokens reserved (settled when the
+/// request's record is dropped). Sets `max_tokens` when the request has none (see [`max_tokens`]).
 async fn admit(
     state: &AppState,
     policy: &Policy,
     key: Option<&Key>,
-    request: &Validated,
-) -> Result<Option<Arc<Profile>>, ApiError> {
+    request: &mut Validated,
+) -> Result<(Option<Arc<Profile>>, Option<Charge>), ApiError> {
     let rule = state
         .rules
         .read()
@@ -113,14 +127,15 @@ async fn admit(
     {
         return Err(refused(state, key, ApiError::model_not_allowed(&request.model)));
     }
+    let prompt = tokens::prompt_bound(&request.input);
+    request.params.max_tokens = Some(max_tokens(request.params.max_tokens, key, &state.limits, prompt));
+    let mut charge = None;
     if let Some(key) = key {
         let limits = key
             .allow_model(&request.model)
             .and_then(|()| key.take_request())
-            .and_then(|()| {
-                key.take_tokens(estimate_tokens(request.input.chars(), request.params.max_tokens))
-            });
-        limits.map_err(|e| refused(state, Some(key), e))?;
+            .and_then(|()| key.reserve_tokens(prompt.saturating_add(request.params.max_tokens.unwrap_or(0))));
+        charge = limits.map_err(|e| refused(state, Some(key), e))?;
     }
     let named = match (key.and_then(|k| k.spec.moderation.as_ref()), &rule.moderation) {
         (None, Some(name)) => Some(policy.profiles.get(name).cloned().ok_or_else(|| {
@@ -131,17 +146,28 @@ async fn admit(
         _ => None,
     };
     let Some(profile) = named.or_else(|| policy.profile_for(key, &request.model)) else {
-        return Ok(None);
+        return Ok((None, charge));
     };
-    let (params, texts) = request.input.moderated_texts();
-    profile.check_input(&texts, &state.metrics).await.map_err(|e| {
-        let param = match &e {
-            crate::moderation::ModerationError::Flagged { index, .. } => params.get(*index).cloned(),
-            _ => None,
-        };
-        e.to_api_error(param)
-    })?;
-    Ok((!profile.output.is_empty()).then_some(profile))
+    // Every turn the client wrote (its "assistant" turns too) and the conversation whole.
+    let turns = crate::moderation::input_turns(&request.input);
+    profile.check_turns(&turns, &state.metrics).await?;
+    Ok(((!profile.output.is_empty()).then_some(profile), charge))
+}
+
+/// The `max_tokens` sent to the worker: the request's own, or else the key's `default_max_tokens` (the gateway's
+/// `limits.default_max_tokens` without one), lowered so that the prompt's bound plus it fits the key's
+/// `tokens_per_minute` (a request that sets none should not be refused for a default it did not choose).
+pub(crate) fn max_tokens(asked: Option<u32>, key: Option<&Key>, limits: &Limits, prompt_bound: u32) -> u32 {
+    if let Some(n) = asked {
+        return n;
+    }
+    let default = key
+        .and_then(|k| k.spec.default_max_tokens)
+        .map_or(limits.default_max_tokens, NonZeroU32::get);
+    let room = key
+        .and_then(Key::token_bucket)
+        .map_or(u32::MAX, |b| b.per_minute().saturating_sub(prompt_bound));
+    default.min(room).max(1)
 }
 
 /// Routing and the response. Streams record their metrics when they end.
@@ -151,6 +177,7 @@ async fn pipeline(
     request: Validated,
     record: RequestRecord,
     output: Option<Arc<Profile>>,
+    holder: Option<String>,
 ) -> Result<Response, (ApiError, RequestRecord)> {
     let prefix = if request.api == Api::Chat {
         "chatcmpl"
@@ -165,7 +192,12 @@ async fn pipeline(
     let scaled = state.rules.read().is_ok_and(|r| r.contains_key(&request.model));
     let waiting = scaled && !state.router.has_ready(&request.model);
     if waiting {
-        let held = match state.router.hold(&request.model, state.hold.max_requests) {
+        let held = match state.router.hold(
+            &request.model,
+            state.hold.max_requests,
+            holder.as_deref(),
+            state.hold_per_key,
+        ) {
             Ok(held) => held,
             Err(e) => return Err((e, record)),
         };

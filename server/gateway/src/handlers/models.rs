@@ -14,15 +14,28 @@ pub(super) async fn list_models(State(state): State<AppState>, headers: HeaderMa
         Ok(key) => key,
         Err(e) => return e.into_response(),
     };
+    let rules = state.rules.read().map(|r| r.clone()).unwrap_or_default();
+    // A model is listed when the caller's key may use it: the key's own `models`, and a ChatModel's
+    // `allowedKeys` (which a request would be refused by too).
+    let usable = |id: &str| {
+        let by_key = key.as_ref().is_none_or(|k| k.allow_model(id).is_ok());
+        let by_model = rules.get(id).is_none_or(|rule| {
+            rule.allowed_keys.is_empty()
+                || key
+                    .as_ref()
+                    .is_some_and(|k| rule.allowed_keys.iter().any(|n| n == k.name()))
+        });
+        by_key && by_model
+    };
     axum::Json(openai::ModelList {
         object: "list",
         data: state
             .router
-            .models()
+            .public_ids()
             .into_iter()
-            .filter(|m| key.as_ref().is_none_or(|k| k.allow_model(m).is_ok()))
-            .map(|id| openai::ModelCard {
-                id,
+            .filter(|(_, id)| usable(id))
+            .map(|(shown, _)| openai::ModelCard {
+                id: shown,
                 object: "model",
                 created: state.created,
                 owned_by: "camelid",

@@ -14,6 +14,7 @@ use crate::keys::Key;
 use crate::metrics::{Metrics, ModelLabels, RefusalLabels, RequestLabels, RouteLabels};
 use crate::policy::Policy;
 use crate::state::AppState;
+use crate::tokens::Charge;
 
 /// Times a whole request and records it once, under a bounded model label.
 pub(crate) struct RequestRecord {
@@ -21,9 +22,19 @@ pub(crate) struct RequestRecord {
     pub(crate) model: String,
     pub(crate) route: &'static str,
     pub(crate) received: Instant,
+    /// The tokens reserved against the key's `tokens_per_minute`; settled with the worker's count when the record
+    /// is dropped (the request's end).
+    pub(crate) charge: Option<Charge>,
 }
 
 impl RequestRecord {
+    /// The tokens the worker reports as used so far (prompt plus generated).
+    pub(crate) fn used_tokens(&self, prompt: usize, completion: usize) {
+        if let Some(charge) = &self.charge {
+            charge.set_used(prompt.saturating_add(completion));
+        }
+    }
+
     pub(crate) fn finish(&self, status: StatusCode) {
         self.metrics
             .requests
@@ -67,10 +78,14 @@ impl Drop for InFlightGauge {
     }
 }
 
+/// Reads the whole body, up to `limit` bytes, within the body timeout [`super::guard`] set on it.
 pub(crate) async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if e.to_string().contains("length limit") {
+        let shown = e.to_string();
+        if shown.contains("length limit") {
             ApiError::too_large(limit)
+        } else if shown.contains(super::guard::BODY_TIMEOUT) {
+            ApiError::body_timeout()
         } else {
             ApiError::malformed_json(format!("could not read the body: {e}"))
         }

@@ -50,6 +50,8 @@ pub(crate) async fn collect(
 ) -> Result<Done, Collected> {
     let mut text = String::new();
     let mut first = true;
+    let mut completion_tokens = 0usize;
+    record.used_tokens(started.prompt_tokens, 0);
     loop {
         match started.stream.message().await {
             Ok(Some(v1::GenerateResponse { event: Some(event) })) => match event {
@@ -58,9 +60,12 @@ pub(crate) async fn collect(
                         first = false;
                         observe_ttft(state, record);
                     }
+                    completion_tokens = completion_tokens.saturating_add(c.tokens as usize);
+                    record.used_tokens(started.prompt_tokens, completion_tokens);
                     text.push_str(&c.text);
                 }
                 generate_response::Event::Finished(f) => {
+                    record.used_tokens(f.prompt_tokens as usize, f.completion_tokens as usize);
                     return Ok(Done {
                         text,
                         finish_reason: finish_reason(&f),
@@ -331,6 +336,7 @@ async fn relay(
     let mut gate = output.map(|p| OutputGate::new(p.output_window_chars));
     let mut first = true;
     let mut completion_tokens = 0usize;
+    record.used_tokens(started.prompt_tokens, 0);
     loop {
         let message = started.stream.message().await;
         let (text, finished) = match message {
@@ -342,11 +348,15 @@ async fn relay(
                     observe_ttft(state, record);
                 }
                 completion_tokens += c.tokens as usize;
+                record.used_tokens(started.prompt_tokens, completion_tokens);
                 (c.text, None)
             }
             Ok(Some(v1::GenerateResponse {
                 event: Some(generate_response::Event::Finished(f)),
-            })) => (String::new(), Some(f)),
+            })) => {
+                record.used_tokens(f.prompt_tokens as usize, f.completion_tokens as usize);
+                (String::new(), Some(f))
+            }
             Ok(Some(_)) => continue,
             Ok(None) | Err(_) => {
                 let why = match &message {

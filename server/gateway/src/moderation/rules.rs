@@ -1,12 +1,16 @@
-//! The built-in rules provider: category → patterns, matched case-insensitively on normalized text
-//! ([`super::normalize`]) in one pass of a `RegexSet`. A plain pattern is a whole word or phrase; `re:` starts a
-//! regular expression, for spellings the words do not cover.
+//! The built-in rules provider: category → patterns, matched case-insensitively in one pass of a `RegexSet` over
+//! every spelling of the text that [`super::normalize::views`] gives (normalized; split letters joined; base64
+//! decoded). A plain pattern is a whole word or phrase, each word of it also in its regular verb forms (`murder`
+//! matches `murders`, `murdered`, `murdering`; see [`word_forms`]); `re:` starts a regular expression, for spellings
+//! the words do not cover. Word rules know no context: `kill` flags "Kill Bill" and "kill the process" too, so
+//! rules that must spare such uses are written as phrases (as the built-in profile's are).
 
 use std::collections::BTreeMap;
 
 use regex::RegexSet;
 
-use super::{CheckFuture, Provider, TextVerdict, normalize};
+use super::normalize::{normalize, views};
+use super::{CheckFuture, Provider, TextVerdict};
 
 /// The rules of a `rules` provider: category → patterns (the YAML of a rules file, or inline in the config).
 pub type RuleCategories = BTreeMap<String, Vec<String>>;
@@ -52,8 +56,10 @@ impl Rules {
 
     pub fn verdict(&self, text: &str) -> TextVerdict {
         let mut hit = vec![false; self.categories.len()];
-        for pattern in self.set.matches(&normalize(text)).iter() {
-            hit[self.pattern_category[pattern]] = true;
+        for view in views(text) {
+            for pattern in self.set.matches(&view).iter() {
+                hit[self.pattern_category[pattern]] = true;
+            }
         }
         let categories: BTreeMap<String, bool> =
             self.categories.iter().cloned().zip(hit.iter().copied()).collect();
@@ -69,15 +75,15 @@ impl Rules {
     }
 }
 
-/// A pattern as a regex: `re:` patterns as written, words and phrases escaped, bounded by word edges, spaces
-/// matching any run of whitespace. Both are case-insensitive.
+/// A pattern as a regex: `re:` patterns as written, words and phrases normalized like the text, each word in its
+/// verb forms, bounded by word edges, spaces matching any run of whitespace. Both are case-insensitive.
 fn compile(pattern: &str) -> Result<String, String> {
     let regex = if let Some(re) = pattern.strip_prefix("re:") {
         format!("(?i){re}")
     } else {
         let words: Vec<String> = pattern
             .split_whitespace()
-            .map(|w| regex::escape(&normalize(w)))
+            .map(|w| word_forms(&normalize(w)))
             .collect();
         if words.is_empty() {
             return Err("empty pattern".into());
@@ -86,6 +92,32 @@ fn compile(pattern: &str) -> Result<String, String> {
     };
     regex::Regex::new(&regex).map_err(|e| e.to_string())?;
     Ok(regex)
+}
+
+/// A word of a plain pattern as a regex of its regular verb forms: `-s`, `-es`, `-ed`, `-d`, `-ing`, with the final
+/// consonant doubled (`stabbed`), a silent `e` dropped (`hating`) and `y` as `ies`/`ied` (`bullied`). Only words of
+/// three or more ASCII letters are inflected; others, and agent nouns (`-er`: "killer feature", "bomber jacket"),
+/// are matched as written.
+fn word_forms(word: &str) -> String {
+    let escaped = regex::escape(word);
+    let letters: Vec<char> = word.chars().collect();
+    if letters.len() < 3 || !letters.iter().all(char::is_ascii_lowercase) {
+        return escaped;
+    }
+    let mut forms = vec![format!("{escaped}(?:s|es|ed|d|ing)?")];
+    let vowel = |c: char| matches!(c, 'a' | 'e' | 'i' | 'o' | 'u');
+    let (last, before) = (letters[letters.len() - 1], letters[letters.len() - 2]);
+    let stem: String = letters[..letters.len() - 1].iter().collect();
+    if !vowel(last) && !matches!(last, 'w' | 'x' | 'y') && vowel(before) {
+        forms.push(format!("{escaped}{last}(?:ed|ing)"));
+    }
+    if last == 'e' {
+        forms.push(format!("{stem}ing"));
+    }
+    if last == 'y' && !vowel(before) {
+        forms.push(format!("{stem}(?:ies|ied)"));
+    }
+    format!("(?:{})", forms.join("|"))
 }
 
 impl Provider for Rules {
@@ -141,6 +173,40 @@ self-harm: ["hurt myself"]
             "blow\nup the bridge",
         ] {
             assert_eq!(r.verdict(text).flagged_categories(), ["violence"], "{text:?}");
+        }
+    }
+
+    #[test]
+    fn words_match_their_verb_forms_and_not_other_words() {
+        let r = Rules::new(
+            &serde_yaml_ng::from_str(r#"{violence: [murder, stab, hate, bully, hurt myself]}"#).unwrap(),
+        )
+        .unwrap();
+        for text in [
+            "murdered",
+            "MURDERS",
+            "murdering",
+            "stabbed",
+            "stabbing",
+            "hating",
+            "hated",
+            "bullied",
+            "hurting myself",
+            "hurts myself",
+        ] {
+            assert!(r.verdict(text).flagged, "{text:?}");
+        }
+        for text in [
+            "murderer",
+            "stable",
+            "whatever",
+            "bullion",
+            "hurtle myself",
+            "hateful",
+            "stabs",
+        ] {
+            let flagged = r.verdict(text).flagged;
+            assert_eq!(flagged, text == "stabs", "{text:?}");
         }
     }
 

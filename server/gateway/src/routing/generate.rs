@@ -34,13 +34,15 @@ impl Router {
         request_id: &str,
         tried: &mut Vec<String>,
     ) -> Result<Started, ApiError> {
-        if !self.knows(&request.model) {
+        // Clients' requests are resolved at admission; the guard model's name in the config is resolved here.
+        let model = self.resolve(&request.model)?;
+        if !self.knows(&model) {
             return Err(ApiError::model_not_found(&request.model));
         }
         let message = to_proto(request, request_id);
         let mut overloaded = false;
         loop {
-            let Some(backend) = self.pick(&request.model, tried) else {
+            let Some(backend) = self.pick(&model, tried) else {
                 return Err(if overloaded {
                     ApiError::overloaded(&request.model)
                 } else {

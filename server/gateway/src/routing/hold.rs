@@ -31,11 +31,13 @@ impl Default for HoldLimits {
     }
 }
 
-/// Counts a request as held for its model while it lives.
+/// Counts a request as held for its model (and its key) while it lives.
 #[derive(Debug)]
 pub struct Held {
     router: Arc<Router>,
     model: String,
+    /// The key's name, counted against its share of the queue.
+    holder: Option<String>,
 }
 
 impl Held {
@@ -67,16 +69,44 @@ impl Drop for Held {
                 held.remove(&self.model);
             }
         }
+        if let Some(holder) = &self.holder
+            && let Ok(mut by) = self.router.held_by.lock()
+            && let Some(n) = by.get_mut(holder)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                by.remove(holder);
+            }
+        }
     }
 }
 
 impl Router {
-    /// Counts a request as waiting for `model`; 503 `too_many_waiting` when `limit` requests already wait.
-    pub fn hold(self: &Arc<Self>, model: &str, limit: usize) -> Result<Held, ApiError> {
-        if self.held_total.fetch_add(1, Ordering::Relaxed) >= limit {
-            self.held_total.fetch_sub(1, Ordering::Relaxed);
-            return Err(ApiError::too_many_waiting(model));
+    /// Counts a request as waiting for `model`; 503 `too_many_waiting` when `limit` requests already wait, or
+    /// when `holder` (the key's name) already has `per_holder` of them: one tenant cannot fill the queue that
+    /// every tenant's cold starts share.
+    pub fn hold(
+        self: &Arc<Self>,
+        model: &str,
+        limit: usize,
+        holder: Option<&str>,
+        per_holder: usize,
+    ) -> Result<Held, ApiError> {
+        if let Some(holder) = holder {
+            let mut by = self
+                .held_by
+                .lock()
+                .map_err(|_| ApiError::too_many_waiting(model))?;
+            let n = by.entry(holder.to_string()).or_default();
+            if *n >= per_holder {
+                if *n == 0 {
+                    by.remove(holder);
+                }
+                return Err(ApiError::too_many_waiting_for_key(model));
+            }
+            *n += 1;
         }
+        let total = self.held_total.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut held) = self.held.lock() {
             *held.entry(model.to_string()).or_default() += 1;
         }
@@ -84,10 +114,17 @@ impl Router {
             .held
             .get_or_create(&ModelLabels { model: model.into() })
             .inc();
-        Ok(Held {
+        // From here on, dropping `held` undoes every count above.
+        let held = Held {
             router: self.clone(),
             model: model.to_string(),
-        })
+            holder: holder.map(str::to_string),
+        };
+        if total >= limit {
+            drop(held);
+            return Err(ApiError::too_many_waiting(model));
+        }
+        Ok(held)
     }
 
     /// Waits until `model` has a ready worker, or `timeout` passes (then `false`).

@@ -14,7 +14,28 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use super::endpoints::{EndpointSource, Endpoints};
+use crate::error::ApiError;
 use crate::metrics::Metrics;
+
+/// [`Router::resolve`] over the `served` model ids.
+pub fn resolve_in<'a>(served: impl Iterator<Item = &'a str>, asked: &str) -> Result<String, ApiError> {
+    let mut found: Option<&str> = None;
+    let mut several = false;
+    for id in served {
+        if id == asked {
+            return Ok(asked.to_string());
+        }
+        if !asked.contains('/') && id.rsplit_once('/').is_some_and(|(_, bare)| bare == asked) {
+            several |= found.is_some();
+            found = Some(id);
+        }
+    }
+    match found {
+        _ if several => Err(ApiError::model_ambiguous(asked)),
+        Some(id) => Ok(id.to_string()),
+        None => Ok(asked.to_string()),
+    }
+}
 
 /// One worker endpoint of one model.
 #[derive(Debug)]
@@ -97,6 +118,8 @@ pub struct Router {
     pub(super) held: Mutex<BTreeMap<String, u32>>,
     /// Requests held over all models, against [`super::HoldLimits::max_requests`].
     pub(super) held_total: AtomicUsize,
+    /// Requests held per key name, against each key's share of the queue.
+    pub(super) held_by: Mutex<BTreeMap<String, usize>>,
 }
 
 impl Router {
@@ -110,6 +133,7 @@ impl Router {
             readiness: watch::Sender::new(0),
             held: Mutex::new(BTreeMap::new()),
             held_total: AtomicUsize::new(0),
+            held_by: Mutex::new(BTreeMap::new()),
         });
         let mut rx = source.subscribe();
         router.apply(&rx.borrow_and_update());
@@ -233,6 +257,36 @@ impl Router {
             .unwrap_or_default()
     }
 
+    /// The served model a client's `asked` name means: itself when served under that name; else, for a bare name,
+    /// the one `NAMESPACE/NAME` served with that name (a ChatModel); 400 `model_ambiguous` when several are; `asked`
+    /// itself when none is (routing then answers 404).
+    pub fn resolve(&self, asked: &str) -> Result<String, ApiError> {
+        let backends = self
+            .backends
+            .read()
+            .map_err(|_| ApiError::model_not_found(asked))?;
+        resolve_in(backends.keys().map(String::as_str), asked)
+    }
+
+    /// Each served model's id and the name clients see in `/v1/models`: the bare name of a `NAMESPACE/NAME` while
+    /// it resolves to it alone, else the id.
+    pub fn public_ids(&self) -> Vec<(String, String)> {
+        let models = self.models();
+        models
+            .iter()
+            .map(|id| {
+                let shown = id
+                    .rsplit_once('/')
+                    .map(|(_, bare)| bare)
+                    .filter(|bare| {
+                        resolve_in(models.iter().map(String::as_str), bare).ok().as_ref() == Some(id)
+                    })
+                    .unwrap_or(id);
+                (shown.to_string(), id.clone())
+            })
+            .collect()
+    }
+
     pub fn knows(&self, model: &str) -> bool {
         self.backends.read().is_ok_and(|b| b.contains_key(model))
     }
@@ -258,5 +312,38 @@ impl Router {
     /// Marks a backend down after its stream broke.
     pub fn eject(&self, backend: &Backend, why: &str) {
         backend.set_healthy(false, &self.metrics, why);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_names_resolve_while_one_namespace_serves_them() {
+        let one = ["a/smol", "local"];
+        let r = |served: &[&str], asked| resolve_in(served.iter().copied(), asked);
+        assert_eq!(r(&one, "smol").unwrap(), "a/smol");
+        assert_eq!(r(&one, "a/smol").unwrap(), "a/smol");
+        assert_eq!(r(&one, "local").unwrap(), "local");
+        assert_eq!(r(&one, "other").unwrap(), "other", "unknown: routing answers 404");
+        // The attack: a second namespace names its ChatModel alike. The bare name is refused, never guessed.
+        let two = ["a/smol", "b/smol"];
+        let e = r(&two, "smol").unwrap_err();
+        assert_eq!(
+            (e.status.as_u16(), e.code.as_deref()),
+            (400, Some("model_ambiguous"))
+        );
+        assert!(
+            !e.message.contains("a/") && !e.message.contains("b/"),
+            "{}",
+            e.message
+        );
+        assert_eq!(r(&two, "b/smol").unwrap(), "b/smol");
+        assert_eq!(
+            r(&["smol", "b/smol"], "smol").unwrap(),
+            "smol",
+            "an exact name wins"
+        );
     }
 }
