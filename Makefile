@@ -20,7 +20,7 @@ DEMO_QUESTION := What are three good reasons to fine-tune a small language model
 DEMO_FACT_QUESTION := What is the name of camelid's mascot?
 DEMO_PORT := 8765
 
-.PHONY: demo test setup system-deps python-deps k8s-bins build-release fmt bench bench-deps
+.PHONY: demo test fuzz setup system-deps python-deps k8s-bins build-release fmt bench bench-deps
 
 demo: setup build-release
 	@echo "== camelid generate (SmolLM2-135M-Instruct, greedy, repetition penalty 1.1) =="
@@ -53,6 +53,13 @@ test: setup k8s-bins
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace --no-fail-fast
+	tools/fuzz.sh $(FUZZ_TEST_SECONDS)
+
+# Every fuzz target (fuzz/) for FUZZ_SECONDS each; `make test` runs them for FUZZ_TEST_SECONDS from the committed seeds.
+FUZZ_SECONDS ?= 300
+FUZZ_TEST_SECONDS ?= 8
+fuzz: setup
+	tools/fuzz.sh $(FUZZ_SECONDS)
 
 setup: system-deps python-deps
 

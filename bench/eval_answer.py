@@ -200,10 +200,10 @@ def wait_ready(proc, url, timeout=300):
     raise RuntimeError(f"{url} not ready after {timeout} s")
 
 
-def generated_tokens(base):
-    """The server's `generated_tokens` counter, or None when its metrics are not there."""
+def generated_tokens(admin):
+    """The server's `generated_tokens` counter (on its admin port), or None when its metrics are not there."""
     try:
-        with urllib.request.urlopen(base + "/worker/metrics", timeout=10) as r:
+        with urllib.request.urlopen(admin + "/worker/metrics", timeout=10) as r:
             text = r.read().decode()
     except Exception:
         return None
@@ -232,20 +232,20 @@ def read_answers(path):
     return answers
 
 
-def run_tool(name, cmd, cwd, out, base, log, timeout):
+def run_tool(name, cmd, cwd, out, admin, log, timeout):
     """Runs one tool over the whole set; returns its measurements."""
     shutil.rmtree(out.parent, ignore_errors=True)
     env = {**os.environ, "OPENAI_API_KEY": "EMPTY", "TQDM_DISABLE": "1"}
     log.write(f"\n=== {name}: {' '.join(cmd)}\n")
     log.flush()
-    before = generated_tokens(base)
+    before = generated_tokens(admin)
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"{name} did not finish within {timeout} s")
     wall = time.perf_counter() - t0
-    after = generated_tokens(base)
+    after = generated_tokens(admin)
     if r.returncode != 0:
         raise RuntimeError(f"{name} exited {r.returncode}")
     if not out.exists():
@@ -303,9 +303,9 @@ def main():
             print(f"note: {note}", file=sys.stderr)
         n_turns = sum(len(q["turns"]) for q in questions)
         gguf = smollm2_gguf()
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        procs = [start([str(camelid), "serve", "--model", str(gguf), "--port", str(port),
+        port, admin_port = free_port(), free_port()
+        base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
+        procs = [start([str(camelid), "serve", "--model", str(gguf), "--port", str(port), "--admin-port", str(admin_port),
                         "--served-model-name", MODEL], log)]
         try:
             wait_ready(procs[0], base + "/readyz")
@@ -328,7 +328,7 @@ def main():
                 got = {}
                 for name in order:
                     cmd, out = tools[name]
-                    got[name] = run_tool(name, cmd, work, out, base, log, args.timeout)
+                    got[name] = run_tool(name, cmd, work, out, admin, log, args.timeout)
                     rows[name].append(got[name])
                     print(f"round {rnd + 1}: {name:8} {got[name]['wall']:6.1f} s, {got[name]['count']} answers",
                           file=sys.stderr)

@@ -21,6 +21,10 @@ pub struct ServeArgs {
     host: IpAddr,
     #[arg(long, default_value_t = camelid_contracts::names::GATEWAY_PORT)]
     port: u16,
+    /// Port on the loopback address for `/metrics`, `/internal/load`, the probes and the worker's own
+    /// `/worker/metrics`, kept off the API port (default: a free port, printed at start).
+    #[arg(long, default_value_t = 0)]
+    admin_port: u16,
     /// The model name clients use (default: the model's file or directory name).
     #[arg(long)]
     served_model_name: Option<String>,
@@ -67,7 +71,13 @@ async fn serve(args: &ServeArgs) -> Result<(), Failed> {
         .map_err(|e| (e.into(), 1))?;
     let grpc_addr = grpc.local_addr().map_err(|e| (e.into(), 1))?;
     let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(serve_grpc(handle.clone(), grpc, async {
+    // The worker's port is on loopback but open to every local user: it serves only this process's gateway, which
+    // alone knows the random secret its token derives from.
+    let secret = camelid_gateway::keys::new_key().0;
+    let token = camelid_contracts::worker_auth::token_for(secret.as_bytes(), &name);
+    let worker_secret =
+        camelid_gateway::routing::WorkerSecret::new(&secret).map_err(|e| (anyhow::anyhow!(e), 1))?;
+    let worker = tokio::spawn(serve_grpc(handle.clone(), grpc, Some(token), async {
         let _ = worker_stopped.await;
     }));
 
@@ -79,6 +89,7 @@ async fn serve(args: &ServeArgs) -> Result<(), Failed> {
         config.listen = listen;
         config.endpoints.clear();
         config.allow_anonymous |= allow;
+        config.worker_secret = worker_secret.clone();
         if no_moderation {
             config.policy.moderation = camelid_gateway::policy::ModerationSpec::off();
         }
@@ -109,14 +120,26 @@ async fn serve(args: &ServeArgs) -> Result<(), Failed> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| user(anyhow::anyhow!("binding {listen}: {e}")))?;
-    let app = camelid_gateway::app(state).nest("/worker", http_router(handle));
-    eprintln!(
-        "camelid serve: model `{name}` at http://{listen}/v1 (worker metrics at /worker/metrics); Ctrl-C stops"
-    );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(camelid_telemetry::shutdown_signal())
+    let admin_listen = SocketAddr::from(([127, 0, 0, 1], args.admin_port));
+    let admin = tokio::net::TcpListener::bind(admin_listen)
         .await
-        .map_err(|e| (e.into(), 1))?;
+        .map_err(|e| user(anyhow::anyhow!("binding the admin address {admin_listen}: {e}")))?;
+    let admin_addr = admin.local_addr().map_err(|e| (e.into(), 1))?;
+    let limits = state.server;
+    let api = camelid_gateway::app(state.clone());
+    let admin_app = camelid_gateway::handlers::admin_app(state).nest("/worker", http_router(handle));
+    eprintln!(
+        "camelid serve: model `{name}` at http://{listen}/v1 (metrics at http://{admin_addr}/metrics, the \
+         worker's at /worker/metrics); Ctrl-C stops"
+    );
+    camelid_gateway::serve::serve_api_and_admin(
+        (api, listener),
+        (admin_app, admin),
+        limits,
+        camelid_telemetry::shutdown_signal(),
+    )
+    .await
+    .map_err(|e| (e.into(), 1))?;
     let _ = stop_worker.send(());
     let _ = worker.await;
     Ok(())

@@ -4,7 +4,7 @@
 //! the trainer's settings (one name per setting from the CRD field to the flag to the JSON key), and the
 //! evaluation gate's settings and summary.
 //!
-//! Serde only: no Kubernetes, no libtorch, so every crate can depend on it.
+//! Serde and hashing only: no Kubernetes, no libtorch, so every crate can depend on it.
 
 pub mod evaluation;
 pub mod exit;
@@ -13,6 +13,8 @@ pub mod load;
 pub mod names;
 pub mod progress;
 pub mod settings;
+pub mod worker_auth;
+pub mod worker_limits;
 
 pub use load::{LoadReport, ModelLoad};
 pub use progress::{Phase, Progress};

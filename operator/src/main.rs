@@ -41,7 +41,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: camelid_operator::run::RunArgs) -> ExitCode {
+fn run(mut args: camelid_operator::run::RunArgs) -> ExitCode {
+    args.worker_secret = match camelid_contracts::worker_auth::InstallSecret::from_env() {
+        Ok(secret) => secret,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -5,6 +5,7 @@ use camelid_crds::{ChatModel, FineTuneJob};
 use serde_json::{Value, json};
 
 use super::*;
+use Spec::{Model, Tune};
 
 fn finetunejob(spec_patch: Value) -> FineTuneJob {
     let mut spec = json!({"baseModel": {"path": "/m"}, "dataset": {"path": "/d.json"}, "hyperparameters": {},
@@ -36,54 +37,85 @@ fn merge(target: &mut Value, patch: Value) {
     }
 }
 
-fn denied_ftj(patch: Value) -> Denied {
-    let settings = Settings::default();
-    match settings.policy.check_finetunejob(&finetunejob(patch), &settings) {
-        Err(d) => d,
-        Ok(()) => panic!("allowed"),
+/// A spec for the policy to judge: a FineTuneJob's or a ChatModel's, as a patch on its smallest spec.
+#[derive(Debug)]
+enum Spec {
+    Tune(Value),
+    Model(Value),
+}
+
+impl Spec {
+    /// What `policy` says of the spec, the operator's other settings being their defaults.
+    fn judged_by(&self, policy: &Policy) -> Result<(), Denied> {
+        match self {
+            Tune(patch) => {
+                let settings = Settings {
+                    policy: policy.clone(),
+                    ..Settings::default()
+                };
+                policy.check_finetunejob(&finetunejob(patch.clone()), &settings)
+            }
+            Model(patch) => policy.check_chatmodel(&chatmodel(patch.clone()), &Settings::default()),
+        }
     }
 }
 
-fn denied_cm(policy: &Policy, patch: Value) -> Denied {
-    match policy.check_chatmodel(&chatmodel(patch), &Settings::default()) {
-        Err(d) => d,
-        Ok(()) => panic!("allowed"),
+/// Each case is a spec the default policy refuses, the field the denial names (where the case gives one) and what
+/// its reason must mention: one table, so that every attack is checked the same way.
+fn assert_refused(cases: &[(Spec, Option<&str>, &[&str])]) {
+    for (spec, field, why) in cases {
+        let d = match spec.judged_by(&Policy::default()) {
+            Err(d) => d,
+            Ok(()) => panic!("allowed: {spec:?}"),
+        };
+        if let Some(field) = field {
+            assert_eq!(d.field, *field, "{spec:?}");
+        }
+        for fragment in *why {
+            assert!(d.why.contains(fragment), "{d}");
+        }
+    }
+}
+
+/// `policy` allows every one of `specs`.
+fn assert_allowed(policy: &Policy, specs: &[Spec]) {
+    for spec in specs {
+        assert_eq!(spec.judged_by(policy), Ok(()), "{spec:?}");
     }
 }
 
 #[test]
 fn a_spec_cannot_choose_an_image_outside_the_allowed_registries() {
-    let d = denied_ftj(json!({"image": "evil.example/miner:latest"}));
-    assert_eq!(d.field, "spec.image");
-    assert!(
-        d.why.contains("evil.example/miner") && d.why.contains("ghcr.io/camelid-dev/"),
-        "{d}"
-    );
-    // A look-alike of an allowed prefix.
-    let d = denied_cm(
-        &Policy::default(),
-        json!({"image": "ghcr.io/camelid-dev-evil/worker:1"}),
-    );
-    assert_eq!(d.field, "spec.image");
-    // The evaluation pod's image too.
-    let d = denied_ftj(
-        json!({"evaluation": {"questions": {"configMap": {"name": "q", "key": "q"}},
-        "judge": {"url": "https://judge.example/v1", "model": "j"}, "image": "docker.io/library/alpine"}}),
-    );
-    assert_eq!(d.field, "spec.evaluation.image");
+    assert_refused(&[
+        (
+            Tune(json!({"image": "evil.example/miner:latest"})),
+            Some("spec.image"),
+            &["evil.example/miner", "ghcr.io/camelid-dev/"],
+        ),
+        // A look-alike of an allowed prefix.
+        (
+            Model(json!({"image": "ghcr.io/camelid-dev-evil/worker:1"})),
+            Some("spec.image"),
+            &[],
+        ),
+        // The evaluation pod's image too.
+        (
+            Tune(
+                json!({"evaluation": {"questions": {"configMap": {"name": "q", "key": "q"}},
+                "judge": {"url": "https://judge.example/v1", "model": "j"}, "image": "docker.io/library/alpine"}}),
+            ),
+            Some("spec.evaluation.image"),
+            &[],
+        ),
+    ]);
     // The operator's own images and those under an allowed prefix are fine.
-    let settings = Settings::default();
-    for image in [
-        settings.trainer_image.as_str(),
-        "ghcr.io/camelid-dev/camelid-trainer:0.2.0",
-    ] {
-        let job = finetunejob(json!({"image": image}));
-        assert_eq!(
-            settings.policy.check_finetunejob(&job, &settings),
-            Ok(()),
-            "{image}"
-        );
-    }
+    assert_allowed(
+        &Policy::default(),
+        &[
+            Tune(json!({"image": Settings::default().trainer_image})),
+            Tune(json!({"image": "ghcr.io/camelid-dev/camelid-trainer:0.2.0"})),
+        ],
+    );
     assert!(under("ghcr.io/camelid-dev:1", "ghcr.io/camelid-dev"));
     assert!(!under("ghcr.io/camelid-devx/a", "ghcr.io/camelid-dev"));
     assert!(!under("anything", ""));
@@ -91,97 +123,103 @@ fn a_spec_cannot_choose_an_image_outside_the_allowed_registries() {
 
 #[test]
 fn a_spec_cannot_choose_a_priority_class_the_policy_does_not_allow() {
-    let d = denied_ftj(json!({"priorityClassName": "system-node-critical"}));
-    assert_eq!(d.field, "spec.priorityClassName");
-    assert!(
-        d.why.contains("system-node-critical") && d.why.contains("allowed: none"),
-        "{d}"
-    );
-    let settings = Settings {
-        policy: Policy {
-            priority_classes: vec!["batch-low".into()],
-            ..Policy::default()
-        },
-        ..Settings::default()
+    assert_refused(&[(
+        Tune(json!({"priorityClassName": "system-node-critical"})),
+        Some("spec.priorityClassName"),
+        &["system-node-critical", "allowed: none"],
+    )]);
+    let batch = Policy {
+        priority_classes: vec!["batch-low".into()],
+        ..Policy::default()
     };
-    let job = finetunejob(json!({"priorityClassName": "batch-low"}));
-    assert_eq!(settings.policy.check_finetunejob(&job, &settings), Ok(()));
+    assert_allowed(&batch, &[Tune(json!({"priorityClassName": "batch-low"}))]);
 }
 
 #[test]
 fn a_spec_cannot_tolerate_taints_the_policy_does_not_allow() {
-    // Onto the control plane.
-    let d = denied_ftj(json!({"spot": {"tolerations": [
-        {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"},
-        {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]}}));
-    assert_eq!(d.field, "spec.spot.tolerations[1].key");
-    assert!(d.why.contains("node-role.kubernetes.io/control-plane"), "{d}");
-    // A toleration without a key tolerates every taint.
-    let d = denied_cm(
-        &Policy::default(),
-        json!({"spot": {"tolerations": [{"operator": "Exists"}]}}),
-    );
-    assert_eq!(d.field, "spec.spot.tolerations[0].key");
-    assert!(d.why.contains("every taint"), "{d}");
+    assert_refused(&[
+        // Onto the control plane.
+        (
+            Tune(json!({"spot": {"tolerations": [
+                {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"},
+                {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]}})),
+            Some("spec.spot.tolerations[1].key"),
+            &["node-role.kubernetes.io/control-plane"],
+        ),
+        // A toleration without a key tolerates every taint.
+        (
+            Model(json!({"spot": {"tolerations": [{"operator": "Exists"}]}})),
+            Some("spec.spot.tolerations[0].key"),
+            &["every taint"],
+        ),
+    ]);
     let any = Policy {
         toleration_keys: vec!["*".into()],
         ..Policy::default()
     };
-    let model = chatmodel(json!({"spot": {"tolerations": [{"operator": "Exists"}]}}));
-    assert_eq!(any.check_chatmodel(&model, &Settings::default()), Ok(()));
+    assert_allowed(
+        &any,
+        &[Model(json!({"spot": {"tolerations": [{"operator": "Exists"}]}}))],
+    );
 }
 
 #[test]
 fn a_model_uri_must_be_https_without_credentials_and_within_the_size_limit() {
-    let strict = Policy::default();
-    let d = denied_cm(
-        &strict,
-        json!({"model": {"path": null, "uri": "http://mirror.local/m.gguf"}}),
-    );
-    assert_eq!(d.field, "spec.model.uri");
-    assert!(
-        d.why.contains("plain http") && d.why.contains("--allow-http-model-uris"),
-        "{d}"
-    );
-    let d = denied_ftj(json!({"baseModel": {"path": null, "uri": "ftp://x/m.gguf"}}));
-    assert_eq!(d.field, "spec.baseModel.uri");
-    let d = denied_cm(
-        &strict,
-        json!({"model": {"path": null, "uri": "https://user:pw@host/m.gguf"}}),
-    );
-    assert!(d.why.contains("credentials"), "{d}");
-    let d = denied_cm(
-        &strict,
-        json!({"model": {"path": null, "uri": "https://host/m.gguf\n-o /etc/x"}}),
-    );
-    assert!(d.why.contains("control characters"), "{d}");
-    let d = denied_cm(
-        &strict,
-        json!({"model": {"path": null, "uri": "https:///m.gguf"}}),
-    );
-    assert!(d.why.contains("no host"), "{d}");
-    let d = denied_cm(
-        &strict,
-        json!({"model": {"path": null, "uri": "https://h/m.gguf", "maxBytes": i64::MAX}}),
-    );
-    assert_eq!(d.field, "spec.model.maxBytes");
-    let d = denied_cm(
-        &strict,
-        json!({"model": {"path": null, "uri": "https://h/m.gguf", "sha256": "ABC; rm -rf /"}}),
-    );
-    assert_eq!(d.field, "spec.model.sha256");
+    let model = |m: Value| Model(json!({ "model": m }));
+    assert_refused(&[
+        (
+            model(json!({"path": null, "uri": "http://mirror.local/m.gguf"})),
+            Some("spec.model.uri"),
+            &["plain http", "--allow-http-model-uris"],
+        ),
+        (
+            Tune(json!({"baseModel": {"path": null, "uri": "ftp://x/m.gguf"}})),
+            Some("spec.baseModel.uri"),
+            &[],
+        ),
+        (
+            model(json!({"path": null, "uri": "https://user:pw@host/m.gguf"})),
+            None,
+            &["credentials"],
+        ),
+        (
+            model(json!({"path": null, "uri": "https://host/m.gguf\n-o /etc/x"})),
+            None,
+            &["control characters"],
+        ),
+        (
+            model(json!({"path": null, "uri": "https:///m.gguf"})),
+            None,
+            &["no host"],
+        ),
+        (
+            model(json!({"path": null, "uri": "https://h/m.gguf", "maxBytes": i64::MAX})),
+            Some("spec.model.maxBytes"),
+            &[],
+        ),
+        (
+            model(json!({"path": null, "uri": "https://h/m.gguf", "sha256": "ABC; rm -rf /"})),
+            Some("spec.model.sha256"),
+            &[],
+        ),
+    ]);
     // http only with the operator's opt-in; https with a checksum and a limit is fine.
     let open = Policy {
         allow_http_uris: true,
         ..Policy::default()
     };
-    let model = chatmodel(json!({"model": {"path": null, "uri": "http://mirror.local/m.gguf"}}));
-    assert_eq!(open.check_chatmodel(&model, &Settings::default()), Ok(()));
-    let model = chatmodel(
-        json!({"model": {"path": null, "uri": "https://h/m.gguf", "maxBytes": 1000,
-        "sha256": "a".repeat(64)}}),
+    assert_allowed(
+        &open,
+        &[model(json!({"path": null, "uri": "http://mirror.local/m.gguf"}))],
     );
-    assert_eq!(strict.check_chatmodel(&model, &Settings::default()), Ok(()));
+    let strict = Policy::default();
+    assert_allowed(
+        &strict,
+        &[model(
+            json!({"path": null, "uri": "https://h/m.gguf", "maxBytes": 1000,
+            "sha256": "a".repeat(64)}),
+        )],
+    );
     assert_eq!(strict.max_bytes(Some(1000)), 1000);
     assert_eq!(strict.max_bytes(None), DEFAULT_MAX_MODEL_BYTES);
     assert_eq!(strict.max_bytes(Some(i64::MAX)), DEFAULT_MAX_MODEL_BYTES);

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::core::{DeserializeGuard, NamespaceResourceScope};
 use kube::runtime::controller::Action;
@@ -279,4 +279,48 @@ where
         .await;
     }
     Ok(())
+}
+
+/// A status the operator can record a refusal in. Both CRs' statuses are, so that [`refuse`] writes, counts and
+/// tells of a refusal the same way for either.
+pub trait Refusable: Serialize + PartialEq + Clone {
+    /// The conditions the `Admitted` one is kept in.
+    fn conditions_mut(&mut self) -> &mut Vec<Condition>;
+
+    /// Shows `message` wherever else the status says what is wrong; by default nowhere.
+    fn show_refusal(&mut self, _message: &str) {}
+}
+
+/// The operator will not act on `object` (`reason`: `PolicyDenied` or `NameConflict`): the `Admitted` condition
+/// says why, with a Warning Event when that is new; nothing else in the status changes but what
+/// [`Refusable::show_refusal`] adds.
+pub async fn refuse<K, S>(
+    ctx: &impl Controlled,
+    object: &K,
+    old: &S,
+    reason: &'static str,
+    message: &str,
+    now: jiff::Timestamp,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
+    S: Refusable,
+{
+    let mut status = old.clone();
+    let new = crate::conditions::refuse(
+        status.conditions_mut(),
+        reason,
+        message,
+        &Time(now),
+        object.meta().generation,
+    );
+    status.show_refusal(message);
+    ctx.metrics().reconcile_error(if reason == "PolicyDenied" {
+        "policy_denied"
+    } else {
+        "not_owned"
+    });
+    tracing::warn!(name = %object.name_any(), reason, message, "refused");
+    let note = new.then(|| Note::warning(reason, message.to_string()));
+    write_status(ctx, object, old, &status, note).await
 }

@@ -76,6 +76,9 @@ pub struct RunArgs {
     /// Seconds between reads of a running job's progress.
     #[arg(long, default_value_t = 15)]
     pub progress_poll_seconds: u64,
+    /// The install's secret for workers' tokens: from the environment (CAMELID_WORKER_SECRET), never a flag.
+    #[arg(skip)]
+    pub worker_secret: Option<camelid_contracts::worker_auth::InstallSecret>,
 }
 
 impl Default for RunArgs {
@@ -124,7 +127,14 @@ pub async fn run(args: RunArgs, client: Client) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| args.worker_image.clone()),
         policy: args.policy(),
+        worker_secret: args.worker_secret.clone(),
     };
+    if settings.worker_secret.is_none() {
+        tracing::warn!(
+            "no {}: ChatModels' workers run without authentication (any pod that reaches them may use them)",
+            camelid_contracts::worker_auth::SECRET_ENV
+        );
+    }
     let prices = args.gpu_prices.clone().map(|name| (args.namespace.clone(), name));
     let gateways = Gateways::new(args.namespace.clone(), args.gateway_service.clone())
         .context("building the HTTP client that reads the gateways' load")?;

@@ -18,6 +18,9 @@ pub struct Settings {
     pub eval_image: String,
     /// What specs may choose for the pods (images, priority classes, tolerations, model downloads).
     pub policy: crate::policy::Policy,
+    /// The install's secret workers' tokens derive from (the gateway has the same); without it, workers run
+    /// without authentication, and say so on their command line.
+    pub worker_secret: Option<camelid_contracts::worker_auth::InstallSecret>,
 }
 
 impl Default for Settings {
@@ -30,6 +33,7 @@ impl Default for Settings {
             // The worker image has the `camelid` command too.
             eval_image: "ghcr.io/camelid-dev/camelid-worker:0.1.0".into(),
             policy: crate::policy::Policy::default(),
+            worker_secret: None,
         }
     }
 }

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use camelid_test_support::workspace;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -119,13 +119,20 @@ fn the_chart_renders_lints_and_parses_as_kubernetes_objects() {
     helm(&home, &["lint", "--strict", chart.to_str().unwrap()]);
     let notes = std::fs::read_to_string(chart.join("templates/NOTES.txt")).unwrap();
     assert!(notes.contains("kubectl get finetunejobs"));
+    let mut all_secrets = Vec::new();
     for (case, docs) in render(&home) {
         let mut kinds = Vec::new();
         let mut policies = Vec::new();
+        let mut secrets = Vec::new();
         for (path, doc) in &docs {
             let kind = doc["kind"].as_str().unwrap().to_string();
             match kind.as_str() {
-                "Deployment" => check_deployment(case, &typed::<Deployment>(doc)),
+                "Deployment" => {
+                    let d = typed::<Deployment>(doc);
+                    check_worker_secret_env(case, &d);
+                    check_deployment(case, &d);
+                }
+                "Secret" => secrets.push(check_worker_secret(case, &typed::<Secret>(doc))),
                 "Service" => {
                     typed::<Service>(doc);
                 }
@@ -160,8 +167,10 @@ fn the_chart_renders_lints_and_parses_as_kubernetes_objects() {
             "Deployment",
             "Role",
             "RoleBinding",
+            "Secret",
             "ServiceAccount",
         ];
+        all_secrets.extend(secrets);
         if case != "no-network-policies" {
             // The operator's, and the workers', trainers' and evaluation pods' in each workload namespace.
             expected.extend(["NetworkPolicy"; 4]);
@@ -186,7 +195,56 @@ fn the_chart_renders_lints_and_parses_as_kubernetes_objects() {
             check_network_policies(case, &policies);
         }
     }
+    // Each install gets its own worker secret: no two renders share one.
+    let distinct: std::collections::BTreeSet<_> = all_secrets.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        all_secrets.len(),
+        "a worker secret repeats across installs"
+    );
     std::fs::remove_dir_all(&home).unwrap();
+}
+
+/// The install's worker secret: random, long enough for `camelid_contracts::worker_auth`. Returns it.
+fn check_worker_secret(case: &str, s: &Secret) -> Vec<u8> {
+    assert_eq!(
+        s.metadata.name.as_deref(),
+        Some("camelid-worker-secret"),
+        "{case}"
+    );
+    let value = s.data.as_ref().unwrap()["secret"].0.clone();
+    assert!(value.len() >= 48, "{case}: a {}-byte worker secret", value.len());
+    value
+}
+
+/// The operator and the gateway both read the install's worker secret from it.
+fn check_worker_secret_env(case: &str, d: &Deployment) {
+    let container = &d
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    let env = container.env.as_ref().unwrap();
+    let secret = env
+        .iter()
+        .find(|e| e.name == "CAMELID_WORKER_SECRET")
+        .unwrap_or_else(|| panic!("{case}: {:?} has no CAMELID_WORKER_SECRET", d.metadata.name));
+    let from = secret
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (from.name.as_str(), from.key.as_str()),
+        ("camelid-worker-secret", "secret"),
+        "{case}"
+    );
 }
 
 fn check_deployment(case: &str, d: &Deployment) {
@@ -374,10 +432,17 @@ fn check_rules(rules: &[k8s_openapi::api::rbac::v1::PolicyRule]) {
         for item in all {
             assert_ne!(item, "*", "wildcard in {r:?}");
         }
-        assert!(
-            !r.resources.iter().flatten().any(|x| x == "secrets"),
-            "the operator needs no Secrets: {r:?}"
-        );
+        // Secrets only to write each ChatModel's workers' token: never listed or watched, so the operator cannot
+        // read the tenants' Secrets en masse.
+        if r.resources.iter().flatten().any(|x| x == "secrets") {
+            let verbs: Vec<&str> = r.verbs.iter().map(String::as_str).collect();
+            assert_eq!(verbs, ["get", "create", "patch", "delete"], "{r:?}");
+            assert_eq!(
+                r.resources.as_deref(),
+                Some(&["secrets".to_string()][..]),
+                "{r:?}"
+            );
+        }
     }
 }
 

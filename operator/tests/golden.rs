@@ -5,41 +5,32 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod crd_cases;
-
-use std::path::Path;
+mod golden_common;
 
 use camelid_crds::FineTuneJob;
 use camelid_operator::chatmodel::build::ModelFiles;
 use camelid_operator::error::BuildError;
-use camelid_operator::finetunejob::build::{Attempt, children, grad_accum};
+use camelid_operator::finetunejob::build::{Attempt, Children, children, grad_accum};
 use camelid_operator::finetunejob::evaljob::{self, Baseline};
 use camelid_operator::placement::Capacity;
 use camelid_operator::settings::Settings;
+use golden_common::golden;
 
 fn example() -> FineTuneJob {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/finetunejob.yaml");
-    let mut job: FineTuneJob = serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    job.metadata.uid = Some("2c8e1b0a-5f0e-4b8e-9a51-0c1d2e3f4a5b".into());
-    job
+    golden_common::example("finetunejob.yaml", "2c8e1b0a-5f0e-4b8e-9a51-0c1d2e3f4a5b")
 }
 
-fn golden(name: &str, actual: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(name);
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, actual).unwrap();
-        return;
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        expected == actual,
-        "{} differs (UPDATE_GOLDEN=1 rewrites it):\n{actual}",
-        path.display()
-    );
+/// The children of `job`'s attempt `number` on `capacity`.
+fn attempt(
+    job: &FineTuneJob,
+    number: i32,
+    capacity: Capacity,
+    settings: &Settings,
+) -> Result<Children, BuildError> {
+    children(job, Attempt { number, capacity }, settings)
 }
 
-fn yaml(children: &camelid_operator::finetunejob::build::Children) -> String {
+fn yaml(children: &Children) -> String {
     format!(
         "{}---\n{}",
         serde_yaml_ng::to_string(&children.service).unwrap(),
@@ -56,54 +47,22 @@ fn the_example_builds_exactly_these_children() {
         "128 = 2 workers x 4 GPUs x micro-batch 4 x 4 steps"
     );
     let settings = Settings::default();
-    let spot = children(
-        &job,
-        Attempt {
-            number: 1,
-            capacity: Capacity::Spot,
-        },
-        &settings,
-    )
-    .unwrap();
-    golden("finetunejob-attempt1-spot.yaml", &yaml(&spot));
-    let on_demand = children(
-        &job,
-        Attempt {
-            number: 4,
-            capacity: Capacity::OnDemand,
-        },
-        &settings,
-    )
-    .unwrap();
-    golden("finetunejob-attempt4-on-demand.yaml", &yaml(&on_demand));
-    // Building is pure: the same inputs give the same objects.
-    assert_eq!(
-        spot,
-        children(
-            &job,
-            Attempt {
-                number: 1,
-                capacity: Capacity::Spot
-            },
-            &settings
-        )
-        .unwrap()
-    );
+    for (number, capacity, snapshot) in [
+        (1, Capacity::Spot, "finetunejob-attempt1-spot.yaml"),
+        (4, Capacity::OnDemand, "finetunejob-attempt4-on-demand.yaml"),
+    ] {
+        let built = attempt(&job, number, capacity, &settings).unwrap();
+        golden(snapshot, &yaml(&built));
+        // Building is pure: the same inputs give the same objects.
+        assert_eq!(built, attempt(&job, number, capacity, &settings).unwrap());
+    }
 }
 
 #[test]
 fn children_need_an_owner() {
     let mut job = example();
     job.metadata.uid = None;
-    let e = children(
-        &job,
-        Attempt {
-            number: 1,
-            capacity: Capacity::Spot,
-        },
-        &Settings::default(),
-    )
-    .unwrap_err();
+    let e = attempt(&job, 1, Capacity::Spot, &Settings::default()).unwrap_err();
     assert_eq!(e, BuildError::NoOwner);
 }
 
@@ -315,16 +274,13 @@ fn every_pod_the_operator_builds_meets_the_restricted_pod_security_standard() {
     .unwrap();
     let mut pods = Vec::new();
     for capacity in [Capacity::Spot, Capacity::OnDemand] {
-        let c = children(&job, Attempt { number: 1, capacity }, &settings).unwrap();
+        let c = attempt(&job, 1, capacity, &settings).unwrap();
         pods.push(("trainer", c.job.spec.unwrap().template.spec.unwrap()));
     }
     let spec = job.spec.evaluation.clone().unwrap();
     let eval = evaljob::job(&job, &spec, &evaljob::base_model_baseline(&job), &settings).unwrap();
     pods.push(("evaluation", eval.spec.unwrap().template.spec.unwrap()));
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/chatmodel.yaml");
-    let mut model: camelid_crds::ChatModel =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    model.metadata.uid = Some("u".into());
+    let model: camelid_crds::ChatModel = golden_common::example("chatmodel.yaml", "u");
     let files = ModelFiles {
         uri: Some("https://example.com/smol.gguf".into()),
         shown: "https://example.com/smol.gguf".into(),
@@ -361,16 +317,7 @@ fn the_model_download_is_https_only_size_capped_and_checksummed() {
     job.spec.base_model = serde_json::from_value(serde_json::json!({
         "uri": "https://example.com/m.gguf?x=$(reboot)", "sha256": sha, "maxBytes": 1_000_000}))
     .unwrap();
-    let settings = Settings::default();
-    let c = children(
-        &job,
-        Attempt {
-            number: 1,
-            capacity: Capacity::Spot,
-        },
-        &settings,
-    )
-    .unwrap();
+    let c = attempt(&job, 1, Capacity::Spot, &Settings::default()).unwrap();
     let pod = c.job.spec.unwrap().template.spec.unwrap();
     let fetch = &pod.init_containers.unwrap()[0];
     let env = |name: &str| {
@@ -409,15 +356,7 @@ fn the_model_download_is_https_only_size_capped_and_checksummed() {
     // With the operator's opt-in, http too.
     let mut open = Settings::default();
     open.policy.allow_http_uris = true;
-    let c = children(
-        &job,
-        Attempt {
-            number: 1,
-            capacity: Capacity::Spot,
-        },
-        &open,
-    )
-    .unwrap();
+    let c = attempt(&job, 1, Capacity::Spot, &open).unwrap();
     let fetch = c
         .job
         .spec

@@ -4,18 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
+mod golden_common;
 
+use camelid_contracts::worker_auth::{self, InstallSecret};
 use camelid_crds::ChatModel;
 use camelid_operator::chatmodel::build::{Children, ModelFiles, children, split};
 use camelid_operator::settings::Settings;
 use serde_json::json;
 
 fn example() -> ChatModel {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/chatmodel.yaml");
-    let mut model: ChatModel = serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    model.metadata.uid = Some("7d1f2e3a-4b5c-4d6e-8f90-a1b2c3d4e5f6".into());
-    model
+    golden_common::example("chatmodel.yaml", "7d1f2e3a-4b5c-4d6e-8f90-a1b2c3d4e5f6")
 }
 
 fn files() -> ModelFiles {
@@ -38,7 +36,20 @@ fn yaml(c: &Children) -> String {
         docs.push(serde_yaml_ng::to_string(spot).unwrap());
     }
     docs.push(serde_yaml_ng::to_string(&c.budget).unwrap());
+    if let Some(token) = &c.token {
+        docs.push(serde_yaml_ng::to_string(token).unwrap());
+    }
     docs.join("---\n")
+}
+
+/// The operator as the chart runs it: with the install's secret for workers' tokens.
+fn installed() -> Settings {
+    Settings {
+        worker_secret: Some(
+            InstallSecret::new("an-install-secret-of-48-bytes-for-the-golden-tests").unwrap(),
+        ),
+        ..Settings::default()
+    }
 }
 
 fn value<T: serde::Serialize>(t: &T) -> serde_json::Value {
@@ -48,18 +59,64 @@ fn value<T: serde::Serialize>(t: &T) -> serde_json::Value {
 #[test]
 fn the_example_builds_exactly_these_children() {
     let model = example();
-    let c = children(&model, &files(), 3, &Settings::default()).unwrap();
-    let actual = yaml(&c);
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/chatmodel-3-replicas.yaml");
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, &actual).unwrap();
-        return;
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    let c = children(&model, &files(), 3, &installed()).unwrap();
+    golden_common::golden("chatmodel-3-replicas.yaml", &yaml(&c));
+}
+
+#[test]
+fn workers_get_their_own_models_token_and_without_a_secret_say_they_are_open() {
+    let model = example();
+    let c = children(&model, &files(), 1, &installed()).unwrap();
+    let token = value(c.token.as_ref().unwrap());
+    let key = format!(
+        "{}/{}",
+        model.metadata.namespace.clone().unwrap(),
+        model.metadata.name.clone().unwrap()
+    );
+    let secret = InstallSecret::new("an-install-secret-of-48-bytes-for-the-golden-tests").unwrap();
+    assert_eq!(
+        token["stringData"][worker_auth::TOKEN_KEY],
+        secret.token_for(&key)
+    );
+    assert_eq!(token["metadata"]["ownerReferences"][0]["kind"], "ChatModel");
+    let container = &value(&c.workers)["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["env"][0]["name"], worker_auth::TOKEN_ENV);
+    assert_eq!(
+        container["env"][0]["valueFrom"]["secretKeyRef"]["name"],
+        token["metadata"]["name"]
+    );
     assert!(
-        expected == actual,
-        "{} differs (UPDATE_GOLDEN=1 rewrites it):\n{actual}",
-        path.display()
+        !container["args"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("--allow-unauthenticated"))
+    );
+
+    // The same name in another namespace: another token.
+    let mut other = example();
+    other.metadata.namespace = Some("team-b".into());
+    let theirs = value(
+        children(&other, &files(), 1, &installed())
+            .unwrap()
+            .token
+            .as_ref()
+            .unwrap(),
+    );
+    assert_ne!(theirs["stringData"], token["stringData"]);
+
+    let open = children(&model, &files(), 1, &Settings::default()).unwrap();
+    assert!(open.token.is_none());
+    let container = &value(&open.workers)["spec"]["template"]["spec"]["containers"][0];
+    let env = container["env"].as_array().cloned().unwrap_or_default();
+    assert!(
+        !env.iter().any(|e| e["name"] == worker_auth::TOKEN_ENV),
+        "{env:?}"
+    );
+    assert!(
+        container["args"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("--allow-unauthenticated"))
     );
 }
 

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::process::Command;
 
 use camelid_test_support::k8s::{ControlPlane, Daemon, FakeNode, wait_until, workspace_binary};
-use k8s_common::{names, operator, table};
+use k8s_common::{events, names, operator, table};
 use serde_json::Value;
 
 const NS: &str = "camelid-system";
@@ -228,16 +228,7 @@ fn operator_as_its_service_account(cp: &ControlPlane) -> Daemon {
     wait_until("the FineTuneJob's status says Running", 60, || {
         cp.get_json(&["finetunejob", "vicuna-smol", "-n", "default"])["status"]["phase"] == "Running"
     });
-    let events = cp
-        .kubectl(&[
-            "get",
-            "events",
-            "-n",
-            "default",
-            "--field-selector",
-            "involvedObject.name=vicuna-smol",
-        ])
-        .unwrap();
+    let events = events(cp, "default", "involvedObject.name=vicuna-smol");
     assert!(
         events.contains("AttemptStarted"),
         "the operator's Events: {events}"

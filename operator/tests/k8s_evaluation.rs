@@ -14,7 +14,7 @@ mod k8s_common;
 
 use camelid_contracts::evaluation::Summary;
 use camelid_test_support::k8s::{ControlPlane, FakeNode, wait_until};
-use k8s_common::{names, operator, table};
+use k8s_common::{admin_operator, cluster, events, names, table};
 use serde_json::{Value, json};
 
 const NS: &str = "default";
@@ -136,16 +136,7 @@ impl Cluster {
     }
 
     fn events(&self, job: &str) -> String {
-        self.cp
-            .kubectl(&[
-                "get",
-                "events",
-                "-n",
-                NS,
-                "--field-selector",
-                &format!("involvedObject.name={job}"),
-            ])
-            .unwrap()
+        events(&self.cp, NS, &format!("involvedObject.name={job}"))
     }
 
     /// The `kubectl get finetunejob` row of `job`, by column.
@@ -208,12 +199,11 @@ fn check_gate_args(pod: &Value) -> String {
 
 #[test]
 fn the_promotion_gate_publishes_winners_rejects_losers_and_fails_on_a_broken_judge() {
-    let cp = ControlPlane::start().unwrap();
-    cp.install_crds().unwrap();
-    for claim in ["models", "datasets", "training"] {
-        cp.add_claim(NS, claim).unwrap();
-    }
-    cp.add_node(&FakeNode::new("node-1")).unwrap();
+    let cp = cluster(
+        NS,
+        &["models", "datasets", "training"],
+        &[FakeNode::new("node-1")],
+    );
     cp.kubectl(&[
         "create",
         "configmap",
@@ -234,10 +224,8 @@ fn the_promotion_gate_publishes_winners_rejects_losers_and_fails_on_a_broken_jud
     ])
     .unwrap();
     let c = Cluster { cp };
-    let _operator = operator(
+    let _operator = admin_operator(
         &c.cp,
-        "operator",
-        c.cp.kubeconfig(),
         &[
             "--progress-poll-seconds",
             "1",

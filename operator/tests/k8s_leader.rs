@@ -9,7 +9,7 @@ mod k8s_common;
 use std::time::{Duration, Instant};
 
 use camelid_test_support::k8s::{ControlPlane, Daemon, FakeNode, wait_until};
-use k8s_common::{names, operator};
+use k8s_common::{cluster, names, operator};
 use serde_json::json;
 
 const NS: &str = "default";
@@ -31,12 +31,7 @@ fn holder(cp: &ControlPlane) -> Option<String> {
 
 #[test]
 fn a_standby_operator_takes_over_within_the_lease_and_nothing_is_created_twice() {
-    let cp = ControlPlane::start().unwrap();
-    cp.install_crds().unwrap();
-    for claim in ["models", "training"] {
-        cp.add_claim(NS, claim).unwrap();
-    }
-    cp.add_node(&FakeNode::new("cpu-1")).unwrap();
+    let cp = cluster(NS, &["models", "training"], &[FakeNode::new("cpu-1")]);
     let mut operators: Vec<Daemon> = ["operator-a", "operator-b"]
         .iter()
         .map(|name| {

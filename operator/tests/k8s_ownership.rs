@@ -11,7 +11,7 @@
 mod k8s_common;
 
 use camelid_test_support::k8s::{ControlPlane, FakeNode, wait_until};
-use k8s_common::{names, operator};
+use k8s_common::{admin_operator, cluster, events, names};
 use serde_json::{Value, json};
 
 const NS: &str = "team-a";
@@ -37,9 +37,7 @@ fn admitted(cp: &ControlPlane, name: &str, namespace: &str) -> Option<Value> {
 
 #[test]
 fn the_operator_never_takes_over_foreign_objects_refuses_denied_specs_and_meets_restricted_namespaces() {
-    let cp = ControlPlane::start().unwrap();
-    cp.install_crds().unwrap();
-    cp.add_node(&FakeNode::new("cpu-1")).unwrap();
+    let cp = cluster(NS, &[], &[FakeNode::new("cpu-1")]);
     for ns in [NS, "locked"] {
         cp.kubectl(&["create", "namespace", ns]).unwrap();
     }
@@ -56,7 +54,7 @@ fn the_operator_never_takes_over_foreign_objects_refuses_denied_specs_and_meets_
         "metadata": {"name": "smol", "namespace": NS, "labels": {"team": "b"}},
         "spec": {"selector": {"app": "billing"}, "ports": [{"port": 443, "name": "https"}]}});
     cp.apply(&foreign.to_string()).unwrap();
-    let daemon = operator(&cp, "operator", cp.kubeconfig(), &[]);
+    let daemon = admin_operator(&cp, &[]);
 
     cp.apply(&chatmodel("smol", NS, json!({}))).unwrap();
     wait_until("the name conflict is reported", 60, || {
@@ -80,17 +78,8 @@ fn the_operator_never_takes_over_foreign_objects_refuses_denied_specs_and_meets_
         names(&cp, &["deployments", "-n", NS]).is_empty(),
         "workers were created"
     );
-    let events = cp
-        .kubectl(&[
-            "get",
-            "events",
-            "-n",
-            NS,
-            "--field-selector",
-            "reason=NameConflict",
-        ])
-        .unwrap();
-    assert!(events.contains("NameConflict"), "{events}");
+    let conflicts = events(&cp, NS, "reason=NameConflict");
+    assert!(conflicts.contains("NameConflict"), "{conflicts}");
 
     // A spec outside the operator's policy: refused, naming the field; nothing is built.
     cp.apply(&chatmodel(
@@ -123,16 +112,7 @@ fn the_operator_never_takes_over_foreign_objects_refuses_denied_specs_and_meets_
     wait_until("the locked namespace's worker pod is created", 90, || {
         !names(&cp, &["pods", "-n", "locked", "-l", "camelid.dev/chatmodel=smol"]).is_empty()
     });
-    let rejected = cp
-        .kubectl(&[
-            "get",
-            "events",
-            "-n",
-            "locked",
-            "--field-selector",
-            "reason=FailedCreate",
-        ])
-        .unwrap();
+    let rejected = events(&cp, "locked", "reason=FailedCreate");
     assert!(!rejected.contains("PodSecurity"), "{rejected}");
 
     // The foreign Service goes: the ChatModel is served and the refusal cleared.

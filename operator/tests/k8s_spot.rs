@@ -17,7 +17,7 @@ mod k8s_common;
 use std::collections::BTreeSet;
 
 use camelid_test_support::k8s::{ControlPlane, FakeNode, wait_until};
-use k8s_common::{names, operator, table};
+use k8s_common::{admin_operator, cluster, events, names, table};
 use serde_json::{Value, json};
 
 const NS: &str = "default";
@@ -139,23 +139,19 @@ impl Cluster {
     }
 
     fn events(&self) -> String {
-        self.cp
-            .kubectl(&[
-                "get",
-                "events",
-                "-n",
-                NS,
-                "--field-selector",
-                "involvedObject.name=vicuna-smol",
-            ])
-            .unwrap()
+        events(&self.cp, NS, "involvedObject.name=vicuna-smol")
     }
 }
 
 #[test]
 fn a_finetunejob_survives_each_kind_of_preemption_on_real_controllers_and_publishes_its_model() {
-    let cp = ControlPlane::start().unwrap();
-    cp.install_crds().unwrap();
+    let nodes = [
+        spot_node("spot-1"),
+        spot_node("spot-2"),
+        on_demand_node("od-1"),
+        on_demand_node("od-2"),
+    ];
+    let cp = cluster(NS, &["models", "datasets", "training"], &nodes);
     cp.kubectl(&[
         "create",
         "configmap",
@@ -166,20 +162,9 @@ fn a_finetunejob_survives_each_kind_of_preemption_on_real_controllers_and_publis
         "--from-literal=nvidia-l4.on-demand=0.71",
     ])
     .unwrap();
-    for claim in ["models", "datasets", "training"] {
-        cp.add_claim(NS, claim).unwrap();
-    }
-    for node in ["spot-1", "spot-2"] {
-        cp.add_node(&spot_node(node)).unwrap();
-    }
-    for node in ["od-1", "od-2"] {
-        cp.add_node(&on_demand_node(node)).unwrap();
-    }
     let c = Cluster { cp };
-    let _operator = operator(
+    let _operator = admin_operator(
         &c.cp,
-        "operator",
-        c.cp.kubeconfig(),
         &[
             "--gpu-prices",
             "gpu-prices",

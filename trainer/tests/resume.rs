@@ -195,15 +195,7 @@ fn sigterm_mid_run_and_sigkill_then_resume_equal_a_straight_run() {
 
 fn corrupt(path: &Path, how: &str) {
     match how {
-        "truncate" => {
-            let len = std::fs::metadata(path).unwrap().len();
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(path)
-                .unwrap()
-                .set_len(len / 2)
-                .unwrap();
-        }
+        "truncate" => camelid_test_support::truncate_half(path),
         "flip" => {
             let mut bytes = std::fs::read(path).unwrap();
             let i = bytes.len() - 10;

@@ -23,3 +23,17 @@ app.kubernetes.io/name: camelid
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end -}}
+
+{{/* The Secret holding the install's secret that workers' tokens derive from (the operator and gateway read it). */}}
+{{- define "camelid.workerSecret" -}}
+{{- printf "%s-worker-secret" (include "camelid.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The env entry that gives a container the install's worker secret. */}}
+{{- define "camelid.workerSecretEnv" -}}
+- name: CAMELID_WORKER_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "camelid.workerSecret" . }}
+      key: secret
+{{- end -}}

@@ -6,12 +6,13 @@
 
 use std::collections::BTreeMap;
 
-use camelid_contracts::names;
+use camelid_contracts::{names, worker_auth};
 use camelid_crds::ChatModel;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, HTTPGetAction, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
-    Probe, ResourceRequirements, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, PersistentVolumeClaimVolumeSource,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, Secret, SecretKeySelector, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -76,6 +77,8 @@ pub struct Children {
     /// Spot workers beyond the on-demand base, when `baseOnDemand` is set.
     pub spot_workers: Option<Deployment>,
     pub budget: PodDisruptionBudget,
+    /// The workers' token ([`camelid_contracts::worker_auth`]), when the operator has the install's secret.
+    pub token: Option<Secret>,
 }
 
 pub fn workers_name(model: &ChatModel) -> String {
@@ -125,7 +128,7 @@ fn single_capacity(model: &ChatModel) -> Option<Capacity> {
     })
 }
 
-fn worker_args(model: &ChatModel, files: &ModelFiles) -> Vec<String> {
+fn worker_args(model: &ChatModel, files: &ModelFiles, authenticated: bool) -> Vec<String> {
     let mut args = vec![
         "--model".to_string(),
         files.worker_path(),
@@ -138,6 +141,10 @@ fn worker_args(model: &ChatModel, files: &ModelFiles) -> Vec<String> {
         "--device".into(),
         if model.spec.gpus > 0 { "cuda" } else { "cpu" }.into(),
     ];
+    if !authenticated {
+        // Said on the command line, for all to see: no token was given to these workers.
+        args.push("--allow-unauthenticated".into());
+    }
     if let Some(template) = &model.spec.template {
         args.extend(["--template".into(), template.clone()]);
     }
@@ -271,7 +278,8 @@ fn worker_container(
         image: Some(s.image.clone().unwrap_or_else(|| settings.worker_image.clone())),
         image_pull_policy: s.image_pull_policy.map(|p| p.as_str().into()),
         command: Some(vec!["camelid-worker".into()]),
-        args: Some(worker_args(model, files)),
+        args: Some(worker_args(model, files, settings.worker_secret.is_some())),
+        env: settings.worker_secret.is_some().then(|| vec![token_env(model)]),
         ports: Some(vec![
             ContainerPort {
                 name: Some(names::WORKER_GRPC_PORT_NAME.into()),
@@ -293,6 +301,27 @@ fn worker_container(
         volume_mounts: (!mounts.is_empty()).then_some(mounts),
         ..Container::default()
     }
+}
+
+/// The worker's token, from the Secret [`token_secret`] makes.
+fn token_env(model: &ChatModel) -> EnvVar {
+    EnvVar {
+        name: worker_auth::TOKEN_ENV.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: worker_auth::token_secret_name(&model.name_any()),
+                key: worker_auth::TOKEN_KEY.into(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+/// The key the gateway derives a model's token from: `NAMESPACE/NAME`, as it names the model.
+pub fn token_model_key(model: &ChatModel) -> String {
+    format!("{}/{}", model.namespace().unwrap_or_default(), model.name_any())
 }
 
 /// The children of `model` serving `files` with `replicas` workers. Pure: the same inputs give the same objects.
@@ -366,11 +395,21 @@ pub fn children(
         spec: Some(budget_spec(selector)),
         status: None,
     };
+    let token = settings.worker_secret.as_ref().map(|secret| Secret {
+        metadata: meta(worker_auth::token_secret_name(&model.name_any()), labels(model)),
+        string_data: Some(BTreeMap::from([(
+            worker_auth::TOKEN_KEY.to_string(),
+            secret.token_for(&token_model_key(model)),
+        )])),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
+    });
     Ok(Children {
         service,
         workers,
         spot_workers,
         budget,
+        token,
     })
 }
 

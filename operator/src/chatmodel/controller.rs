@@ -12,9 +12,9 @@ use camelid_crds::chatmodel::{ChatModelStatus, ScaleDecision};
 use camelid_crds::{ChatModel, FineTuneJob};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, DeleteParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
@@ -193,7 +193,16 @@ async fn apply_children(ctx: &Context, model: &ChatModel, children: &build::Chil
         }
     }
     let budgets: Api<PodDisruptionBudget> = reconcile::namespaced(&ctx.client, model);
-    reconcile::apply_owned(&budgets, &build::workers_name(model), &children.budget, model).await
+    reconcile::apply_owned(&budgets, &build::workers_name(model), &children.budget, model).await?;
+    let secrets: Api<Secret> = reconcile::namespaced(&ctx.client, model);
+    let token = camelid_contracts::worker_auth::token_secret_name(&model.name_any());
+    match &children.token {
+        Some(secret) => reconcile::apply_owned(&secrets, &token, secret, model).await,
+        None => {
+            let uid = model.uid().unwrap_or_default();
+            reconcile::delete_owned(&secrets, &token, &uid, &DeleteParams::default()).await
+        }
+    }
 }
 
 /// The pipeline on a fresh copy of `model`: validate → fetch (the model's files, the workers) → decide → apply →
@@ -208,7 +217,7 @@ async fn reconcile_inner(model: &ChatModel, ctx: &Context) -> Result<Action, Err
     if let Err(denied) = ctx.settings.policy.check_chatmodel(model, &ctx.settings) {
         // Nothing is built: the spec waits for a change.
         let message = format!("refused by the operator's policy: {denied}");
-        refuse(ctx, model, &old, "PolicyDenied", &message, now).await?;
+        reconcile::refuse(ctx, model, &old, "PolicyDenied", &message, now).await?;
         return Ok(Action::await_change());
     }
     crate::conditions::admit(&mut status.conditions);
@@ -223,7 +232,7 @@ async fn reconcile_inner(model: &ChatModel, ctx: &Context) -> Result<Action, Err
             Ok(note) => note,
             Err(e @ Error::NotOwned { .. }) => {
                 // Neither applied over nor deleted: looked at again later, in case the other object goes.
-                refuse(ctx, model, &old, "NameConflict", &e.to_string(), now).await?;
+                reconcile::refuse(ctx, model, &old, "NameConflict", &e.to_string(), now).await?;
                 return Ok(Action::requeue(
                     crate::finetunejob::controller::NAME_CONFLICT_RETRY,
                 ));
@@ -242,32 +251,10 @@ async fn reconcile_inner(model: &ChatModel, ctx: &Context) -> Result<Action, Err
     Ok(Action::requeue(ctx.period))
 }
 
-/// The operator will not act on `model` (`reason`: `PolicyDenied` or `NameConflict`): the `Admitted` condition
-/// says why, with a Warning Event when that is new; nothing else in the status changes.
-async fn refuse(
-    ctx: &Context,
-    model: &ChatModel,
-    old: &ChatModelStatus,
-    reason: &'static str,
-    message: &str,
-    now: jiff::Timestamp,
-) -> Result<(), Error> {
-    let mut status = old.clone();
-    let new = crate::conditions::refuse(
-        &mut status.conditions,
-        reason,
-        message,
-        &Time(now),
-        model.metadata.generation,
-    );
-    ctx.metrics.reconcile_error(if reason == "PolicyDenied" {
-        "policy_denied"
-    } else {
-        "not_owned"
-    });
-    tracing::warn!(name = %model.name_any(), reason, message, "refused");
-    let note = new.then(|| Note::warning(reason, message.to_string()));
-    reconcile::write_status(ctx, model, old, &status, note).await
+impl reconcile::Refusable for ChatModelStatus {
+    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+        &mut self.conditions
+    }
 }
 
 /// Validate: the autoscaling policy, which needs a readable `scaleDownDelay`.

@@ -14,7 +14,7 @@ use camelid_crds::{ChatModel, FineTuneJob};
 use futures_util::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, DeleteParams, PropagationPolicy};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
@@ -149,7 +149,7 @@ async fn reconcile_inner(ftj: &FineTuneJob, ctx: &Context) -> Result<Action, Err
     if let Err(denied) = ctx.settings.policy.check_finetunejob(ftj, &ctx.settings) {
         // Nothing is built: the spec waits for a change.
         let message = format!("refused by the operator's policy: {denied}");
-        refuse(ctx, ftj, &old, "PolicyDenied", &message, now).await?;
+        reconcile::refuse(ctx, ftj, &old, "PolicyDenied", &message, now).await?;
         return Ok(Action::await_change());
     }
     let mut status = old.clone();
@@ -164,7 +164,7 @@ async fn reconcile_inner(ftj: &FineTuneJob, ctx: &Context) -> Result<Action, Err
         Ok(step) => step,
         Err(e @ Error::NotOwned { .. }) => {
             // Neither applied over nor deleted: looked at again later, in case the other object goes.
-            refuse(ctx, ftj, &old, "NameConflict", &e.to_string(), now).await?;
+            reconcile::refuse(ctx, ftj, &old, "NameConflict", &e.to_string(), now).await?;
             return Ok(Action::requeue(NAME_CONFLICT_RETRY));
         }
         Err(e) => return Err(e),
@@ -203,33 +203,15 @@ async fn train(
 /// How often an object whose child's name is taken by a foreign object is looked at again.
 pub(crate) const NAME_CONFLICT_RETRY: Duration = Duration::from_secs(30);
 
-/// The operator will not act on `ftj` (`reason`: `PolicyDenied` or `NameConflict`): the `Admitted` condition
-/// says why, with a Warning Event when that is new; nothing else in the status changes.
-async fn refuse(
-    ctx: &Context,
-    ftj: &FineTuneJob,
-    old: &FineTuneJobStatus,
-    reason: &'static str,
-    message: &str,
-    now: jiff::Timestamp,
-) -> Result<(), Error> {
-    let mut status = old.clone();
-    let new = crate::conditions::refuse(
-        &mut status.conditions,
-        reason,
-        message,
-        &Time(now),
-        ftj.metadata.generation,
-    );
-    status.message = Some(message.to_string());
-    ctx.metrics.reconcile_error(if reason == "PolicyDenied" {
-        "policy_denied"
-    } else {
-        "not_owned"
-    });
-    tracing::warn!(name = %ftj.name_any(), reason, message, "refused");
-    let note = new.then(|| Note::warning(reason, message.to_string()));
-    reconcile::write_status(ctx, ftj, old, &status, note).await
+impl reconcile::Refusable for FineTuneJobStatus {
+    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+        &mut self.conditions
+    }
+
+    /// The job's message, the last thing that happened in words, is why it is refused.
+    fn show_refusal(&mut self, message: &str) {
+        self.message = Some(message.to_string());
+    }
 }
 
 /// A job that succeeded or failed is done: nothing is reconciled until its spec changes. A rejected one is done

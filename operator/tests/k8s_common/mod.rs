@@ -1,12 +1,27 @@
 //! Shared by the operator's tests that run against a real control plane (`camelid-k8s-harness`, which holds what
-//! other crates' cluster tests share too): the operator as a process, names of listed objects, kubectl tables.
+//! other crates' cluster tests share too): the cluster a test starts from, the operator as a process, names of
+//! listed objects, Events, kubectl tables.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 use std::path::Path;
 use std::process::Command;
 
-use camelid_test_support::k8s::{ControlPlane, Daemon};
+use camelid_test_support::k8s::{ControlPlane, Daemon, FakeNode};
+
+/// A control plane with the CRDs installed, the volume claims `claims` in `namespace` and `nodes` joined: what the
+/// operator's cluster tests start from, before what each adds of its own.
+pub fn cluster(namespace: &str, claims: &[&str], nodes: &[FakeNode]) -> ControlPlane {
+    let cp = ControlPlane::start().unwrap();
+    cp.install_crds().unwrap();
+    for claim in claims {
+        cp.add_claim(namespace, claim).unwrap();
+    }
+    for node in nodes {
+        cp.add_node(node).unwrap();
+    }
+    cp
+}
 
 /// The names of `kubectl get <args>`'s items.
 pub fn names(cp: &ControlPlane, args: &[&str]) -> Vec<String> {
@@ -37,6 +52,25 @@ pub fn operator(cp: &ControlPlane, name: &str, kubeconfig: &Path, extra: &[&str]
         .args(["--health-addr", "127.0.0.1:0"])
         .args(extra);
     Daemon::start(name, cp.dir(), &mut c)
+}
+
+/// The one operator of a test, named `operator`, with the control plane's admin credentials.
+pub fn admin_operator(cp: &ControlPlane, extra: &[&str]) -> Daemon {
+    operator(cp, "operator", cp.kubeconfig(), extra)
+}
+
+/// The `kubectl get events` table of `namespace`, of the Events that match `field_selector` (such as
+/// `reason=NameConflict` or `involvedObject.name=<object>`).
+pub fn events(cp: &ControlPlane, namespace: &str, field_selector: &str) -> String {
+    cp.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        field_selector,
+    ])
+    .unwrap()
 }
 
 /// The rows of a plain `kubectl get` table, as (column, value) pairs: columns are cut at the header's word starts,

@@ -46,6 +46,9 @@ pub struct GatewayConfig {
     pub policy: PolicySpec,
     /// Serve without keys on a non-loopback address.
     pub allow_anonymous: bool,
+    /// The install-wide secret workers' tokens derive from (never in the YAML: from the environment, see
+    /// [`crate::routing::WorkerSecret::from_env`]).
+    pub worker_secret: crate::routing::WorkerSecret,
     /// The files this config was read from (the config file, its keys file and rules files), watched for reloads.
     pub files: Vec<PathBuf>,
 }
@@ -63,6 +66,7 @@ impl Default for GatewayConfig {
             hold_per_key: HoldLimits::default().max_requests / 4,
             policy: PolicySpec::default(),
             allow_anonymous: false,
+            worker_secret: Default::default(),
             files: Vec::new(),
         }
     }
@@ -182,10 +186,16 @@ impl GatewayConfig {
         }
         if let Some(l) = file.limits {
             let d = config.limits;
+            // Never above what a worker takes (a character is at most 4 bytes), so that a request the gateway
+            // admits is one the worker serves.
+            let worker = camelid_contracts::worker_limits::MAX_PROMPT_BYTES / 4;
             config.limits = Limits {
                 max_body_bytes: l.max_body_bytes.unwrap_or(d.max_body_bytes),
-                max_messages: l.max_messages.unwrap_or(d.max_messages),
-                max_prompt_chars: l.max_prompt_chars.unwrap_or(d.max_prompt_chars),
+                max_messages: l
+                    .max_messages
+                    .unwrap_or(d.max_messages)
+                    .min(camelid_contracts::worker_limits::MAX_MESSAGES),
+                max_prompt_chars: l.max_prompt_chars.unwrap_or(d.max_prompt_chars).min(worker),
                 default_max_tokens: l.default_max_tokens.unwrap_or(d.default_max_tokens).max(1),
                 body_timeout: l
                     .body_timeout_ms

@@ -6,6 +6,16 @@ use axum::response::{IntoResponse, Response};
 
 use crate::openai::{ErrorBody, ErrorDetail};
 
+/// Whose share of the requests held for models without a ready worker is used up: one 503 code serves both,
+/// and only its message tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldFull {
+    /// The gateway's, over all models and keys.
+    Gateway,
+    /// The calling API key's.
+    Key,
+}
+
 /// An error a client sees: status, OpenAI `type`, `code`, the request field it is about, and the message.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
@@ -204,33 +214,20 @@ impl ApiError {
         }
     }
 
-    /// Too many requests are already held for models without a ready worker.
-    pub fn too_many_waiting(model: &str) -> Self {
+    /// Too many requests are already held for models without a ready worker (503): `full` says whose share is
+    /// used up, and the message tells the client.
+    pub fn too_many_waiting(model: &str, full: HoldFull) -> Self {
+        let who = match full {
+            HoldFull::Gateway => "the gateway holds as many waiting requests as it may",
+            HoldFull::Key => "this API key already has as many requests waiting as one key may",
+        };
         Self {
             retry_after: Some(5),
             ..Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",
                 "too_many_waiting",
-                format!(
-                    "no worker of `{model}` is ready and the gateway holds as many waiting requests as it may"
-                ),
-            )
-        }
-    }
-
-    /// This key already has its share of the requests held for models without a ready worker (503).
-    pub fn too_many_waiting_for_key(model: &str) -> Self {
-        Self {
-            retry_after: Some(5),
-            ..Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "service_unavailable",
-                "too_many_waiting",
-                format!(
-                    "no worker of `{model}` is ready and this API key already has as many requests waiting as one \
-                     key may"
-                ),
+                format!("no worker of `{model}` is ready and {who}"),
             )
         }
     }

@@ -341,6 +341,36 @@ mod tests {
         );
     }
 
+    /// The example key files hold hashes of random keys nobody has: none is the hash of a word someone would try
+    /// (its own name among them), so copying the example opens no door.
+    #[test]
+    fn example_keys_are_not_guessable_words() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let text = std::fs::read_to_string(root.join("examples/gateway/keys.yaml")).unwrap();
+        let file: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+        let entries = file["keys"].as_sequence().unwrap();
+        let common = [
+            "alice", "bob", "carol", "admin", "demo", "test", "secret", "password", "changeme", "key",
+        ];
+        for entry in entries {
+            let name = entry["name"].as_str().unwrap();
+            let hash = entry["sha256"].as_str().unwrap();
+            for word in common.iter().copied().chain([name]) {
+                for guess in [
+                    word.to_string(),
+                    format!("sk-{word}"),
+                    format!("sk-camelid-{word}"),
+                ] {
+                    assert_ne!(
+                        hex::encode(hash_key(&guess)),
+                        hash,
+                        "the key of {name} is {guess:?}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn new_keys_are_random_and_hash_to_their_entry() {
         let (k1, h1) = new_key();

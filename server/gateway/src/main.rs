@@ -79,6 +79,10 @@ fn main() -> ExitCode {
     let (listen, probe, allow) = (cli.listen, cli.probe_interval_ms, cli.allow_anonymous);
     let no_moderation = cli.no_moderation;
     let admin_listen = cli.admin_listen;
+    let worker_secret = match camelid_gateway::routing::WorkerSecret::from_env() {
+        Ok(secret) => secret,
+        Err(e) => return fail(&e, 2),
+    };
     let overrides: camelid_gateway::reload::Overrides = Arc::new(move |config: &mut GatewayConfig| {
         for flag in &backends {
             config.add_backend_flag(flag)?;
@@ -93,6 +97,7 @@ fn main() -> ExitCode {
             config.probe_interval = Duration::from_millis(ms.max(50));
         }
         config.allow_anonymous |= allow;
+        config.worker_secret = worker_secret.clone();
         if no_moderation {
             config.policy.moderation = camelid_gateway::policy::ModerationSpec::off();
         }
@@ -172,21 +177,14 @@ fn main() -> ExitCode {
         }
         tracing::info!(listen = %config.listen, admin = %config.admin_listen,
             models = ?config.endpoints.keys().collect::<Vec<_>>(), "gateway listening");
-        let (stop, stopping) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            camelid_telemetry::shutdown_signal().await;
-            let _ = stop.send(true);
-        });
-        let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let admin_task = tokio::spawn(camelid_gateway::serve::serve_admin(
-            state.clone(),
-            admin,
-            until(stopping.clone()),
-        ));
-        let served = camelid_gateway::serve(state, listener, until(stopping)).await;
-        let _ = admin_task.await;
+        let limits = state.server;
+        let served = camelid_gateway::serve::serve_api_and_admin(
+            (camelid_gateway::app(state.clone()), listener),
+            (camelid_gateway::handlers::admin_app(state), admin),
+            limits,
+            camelid_telemetry::shutdown_signal(),
+        )
+        .await;
         match served {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e, 1),

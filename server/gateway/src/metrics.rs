@@ -189,6 +189,15 @@ impl Metrics {
             .set(i64::from(healthy));
     }
 
+    /// Drops a worker endpoint's series once it is gone, so that `/metrics` does not list every address a model
+    /// ever had (a scaled, rescheduled model would otherwise grow it without bound).
+    pub fn forget_backend(&self, model: &str, endpoint: &str) {
+        self.backend_healthy.remove(&BackendLabels {
+            model: model.to_string(),
+            endpoint: endpoint.to_string(),
+        });
+    }
+
     pub fn count_flag(&self, provider: &str, direction: &'static str, category: &str) {
         self.moderation_flags
             .get_or_create(&FlagLabels {

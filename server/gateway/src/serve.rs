@@ -89,6 +89,37 @@ pub async fn serve_admin(
     serve_app(handlers::admin_app(state), listener, limits, shutdown).await
 }
 
+/// Serves `api` and `admin` (the admin endpoints, under [`ADMIN_MAX_CONNECTIONS`]) on their listeners until
+/// `shutdown` resolves, which stops both; returns once both have finished their open requests.
+pub async fn serve_api_and_admin(
+    (api, api_listener): (axum::Router, tokio::net::TcpListener),
+    (admin, admin_listener): (axum::Router, tokio::net::TcpListener),
+    limits: ServerLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (stop, stopping) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
+    let until = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let admin_limits = ServerLimits {
+        max_connections: ADMIN_MAX_CONNECTIONS,
+        ..limits
+    };
+    let admin_task = tokio::spawn(serve_app(
+        admin,
+        admin_listener,
+        admin_limits,
+        until(stopping.clone()),
+    ));
+    let served = serve_app(api, api_listener, limits, until(stopping)).await;
+    let _ = admin_task.await;
+    served
+}
+
 /// The reply to a connection over the limit (written without waiting: the client gets it or nothing).
 const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
 retry-after: 1\r\nconnection: close\r\ncontent-length: 120\r\n\r\n\

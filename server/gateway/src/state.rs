@@ -54,11 +54,21 @@ pub fn state_with(
     let (router, rules) = match &discovered {
         Some((found, rules)) => {
             let merged = routing::merge(&[endpoints.as_ref(), found.as_ref()]);
-            let router = Router::start(&merged, metrics.clone(), config.probe_interval);
+            let router = Router::start(
+                &merged,
+                metrics.clone(),
+                config.probe_interval,
+                config.worker_secret.clone(),
+            );
             (router, rules.clone())
         }
         None => (
-            Router::start(endpoints.as_ref(), metrics.clone(), config.probe_interval),
+            Router::start(
+                endpoints.as_ref(),
+                metrics.clone(),
+                config.probe_interval,
+                config.worker_secret.clone(),
+            ),
             ModelRules::default(),
         ),
     };

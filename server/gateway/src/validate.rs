@@ -44,22 +44,6 @@ pub enum Input {
     Prompt(String),
 }
 
-impl Input {
-    /// The texts moderation looks at, each with the request field it came from: every system and user message
-    /// (not the assistant's earlier replies), or the prompt.
-    pub fn moderated_texts(&self) -> (Vec<String>, Vec<String>) {
-        match self {
-            Input::Chat(messages) => messages
-                .iter()
-                .enumerate()
-                .filter(|(_, (role, _))| role != "assistant")
-                .map(|(i, (_, c))| (format!("messages[{i}].content"), c.clone()))
-                .unzip(),
-            Input::Prompt(p) => (vec!["prompt".into()], vec![p.clone()]),
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct Params {
     pub max_tokens: Option<u32>,
@@ -201,6 +185,14 @@ fn params(s: &SamplingFields, max_tokens: Option<i64>, limits: &Limits) -> Resul
     }
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::invalid("stop", "`stop` sequences must not be empty"));
+    }
+    // The worker's own limit (it scans the output for each stop sequence at every step).
+    let max_stop = camelid_contracts::worker_limits::MAX_STOP_BYTES;
+    if let Some(i) = stop.iter().position(|s| s.len() > max_stop) {
+        return Err(ApiError::invalid(
+            "stop",
+            format!("`stop[{i}]` is longer than {max_stop} bytes"),
+        ));
     }
     let top_k = match s.top_k {
         None | Some(-1) => 0,

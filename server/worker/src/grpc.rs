@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 
+use camelid_contracts::{worker_auth, worker_limits as max};
 use camelid_model::{ChatMessage, FinishReason, SamplingParams};
 use camelid_proto::v1::worker_server::{Worker, WorkerServer};
 use camelid_proto::v1::{self, generate_request, generate_response};
@@ -115,6 +116,7 @@ impl Worker for WorkerService {
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let r = request.into_inner();
+        check_limits(&r).map_err(|e| to_status(&e))?;
         let input = match &r.input {
             Some(generate_request::Input::Chat(c)) => Input::Chat(
                 c.messages
@@ -166,16 +168,134 @@ impl Worker for WorkerService {
     }
 }
 
-/// Serves gRPC on `listener` until `shutdown` resolves, letting running streams finish.
+/// Refuses a request over [`camelid_contracts::worker_limits`] before any of it is tokenized: the worker's own
+/// limits, whatever its caller checked.
+pub fn check_limits(r: &v1::GenerateRequest) -> Result<(), WorkerError> {
+    let over = |param: &'static str, what: String| WorkerError::invalid(what, Some(param));
+    if r.request_id.len() > max::MAX_REQUEST_ID_BYTES {
+        return Err(over(
+            "request_id",
+            format!(
+                "the request id is longer than {} bytes",
+                max::MAX_REQUEST_ID_BYTES
+            ),
+        ));
+    }
+    if r.stop.len() > max::MAX_STOP_SEQUENCES {
+        return Err(over(
+            "stop",
+            format!(
+                "at most {} stop sequences, got {}",
+                max::MAX_STOP_SEQUENCES,
+                r.stop.len()
+            ),
+        ));
+    }
+    if let Some(i) = r.stop.iter().position(|s| s.len() > max::MAX_STOP_BYTES) {
+        return Err(over(
+            "stop",
+            format!("stop sequence {i} is longer than {} bytes", max::MAX_STOP_BYTES),
+        ));
+    }
+    let (param, bytes) = match &r.input {
+        Some(generate_request::Input::Chat(c)) => {
+            if c.messages.len() > max::MAX_MESSAGES {
+                return Err(over(
+                    "messages",
+                    format!("at most {} messages, got {}", max::MAX_MESSAGES, c.messages.len()),
+                ));
+            }
+            if let Some(i) = c.messages.iter().position(|m| m.role.len() > max::MAX_ROLE_BYTES) {
+                return Err(over(
+                    "messages",
+                    format!(
+                        "the role of message {i} is longer than {} bytes",
+                        max::MAX_ROLE_BYTES
+                    ),
+                ));
+            }
+            (
+                "messages",
+                c.messages.iter().map(|m| m.content.len()).sum::<usize>(),
+            )
+        }
+        Some(generate_request::Input::Prompt(p)) => ("prompt", p.len()),
+        None => ("prompt", 0),
+    };
+    if bytes > max::MAX_PROMPT_BYTES {
+        return Err(over(
+            param,
+            format!(
+                "the input has {bytes} bytes, more than this worker's {}",
+                max::MAX_PROMPT_BYTES
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a gRPC call may reach the service: with a token configured, only calls that carry it (see
+/// [`camelid_contracts::worker_auth`]); without one, any (a worker on loopback, or one told to run open).
+#[derive(Clone)]
+pub struct Authorize {
+    token: Option<std::sync::Arc<str>>,
+}
+
+impl std::fmt::Debug for Authorize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        f.debug_struct("Authorize")
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl Authorize {
+    pub fn new(token: Option<String>) -> Self {
+        Self {
+            token: token.map(Into::into),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Authorize {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.token else {
+            return Ok(request);
+        };
+        let presented = request
+            .metadata()
+            .get(worker_auth::METADATA_KEY)
+            .and_then(|v| v.to_str().ok());
+        if worker_auth::is_authorized(presented, expected) {
+            Ok(request)
+        } else {
+            tracing::warn!("refused a gRPC call without this worker's token");
+            Err(Status::unauthenticated(
+                "this worker serves only callers with its token",
+            ))
+        }
+    }
+}
+
+/// Serves gRPC on `listener` until `shutdown` resolves, letting running streams finish; with `token`, only to
+/// callers that present it.
 pub async fn serve_grpc(
     handle: WorkerHandle,
     listener: tokio::net::TcpListener,
+    token: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let service = WorkerService::new(handle)
+        .into_server()
+        .max_decoding_message_size(max::MAX_REQUEST_BYTES);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .add_service(WorkerService::new(handle).into_server())
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            service,
+            Authorize::new(token),
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
@@ -185,4 +305,58 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("binding {addr}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(messages: usize, content: &str) -> v1::GenerateRequest {
+        v1::GenerateRequest {
+            input: Some(generate_request::Input::Chat(v1::Conversation {
+                messages: (0..messages)
+                    .map(|_| v1::ChatMessage {
+                        role: "user".into(),
+                        content: content.into(),
+                    })
+                    .collect(),
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn refused_param(r: &v1::GenerateRequest) -> Option<&'static str> {
+        match check_limits(r) {
+            Err(WorkerError::InvalidRequest { param, .. }) => param,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn requests_over_the_workers_own_limits_are_refused_naming_the_field() {
+        assert!(check_limits(&chat(2, "hello")).is_ok());
+        assert_eq!(refused_param(&chat(max::MAX_MESSAGES + 1, "")), Some("messages"));
+        let big = "x".repeat(max::MAX_PROMPT_BYTES / 2 + 1);
+        assert_eq!(refused_param(&chat(2, &big)), Some("messages"));
+        let mut r = chat(1, "hi");
+        r.stop = vec!["s".repeat(max::MAX_STOP_BYTES + 1)];
+        assert_eq!(refused_param(&r), Some("stop"));
+        r.stop = vec!["s".into(); max::MAX_STOP_SEQUENCES + 1];
+        assert_eq!(refused_param(&r), Some("stop"));
+        let mut r = chat(1, "hi");
+        r.request_id = "i".repeat(max::MAX_REQUEST_ID_BYTES + 1);
+        assert_eq!(refused_param(&r), Some("request_id"));
+        let mut r = chat(1, "hi");
+        if let Some(generate_request::Input::Chat(c)) = &mut r.input {
+            c.messages[0].role = "r".repeat(max::MAX_ROLE_BYTES + 1);
+        }
+        assert_eq!(refused_param(&r), Some("messages"));
+        let prompt = v1::GenerateRequest {
+            input: Some(generate_request::Input::Prompt(
+                "p".repeat(max::MAX_PROMPT_BYTES + 1),
+            )),
+            ..Default::default()
+        };
+        assert_eq!(refused_param(&prompt), Some("prompt"));
+    }
 }

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use camelid_contracts::names;
+use camelid_contracts::{names, worker_auth};
 use camelid_worker::grpc::{bind, serve_grpc};
 use camelid_worker::http::http_router;
 use camelid_worker::load::default_served_name;
@@ -28,6 +28,10 @@ struct Cli {
     /// `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], names::WORKER_HTTP_PORT)))]
     metrics_addr: SocketAddr,
+    /// Serve gRPC callers without a token on a non-loopback address. Without this, a worker listening beyond
+    /// loopback needs its token in the environment variable CAMELID_WORKER_TOKEN (the operator sets it).
+    #[arg(long)]
+    allow_unauthenticated: bool,
     #[command(flatten)]
     batching: BatchingArgs,
     #[command(flatten)]
@@ -71,6 +75,12 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), (anyhow::Error, u8)> {
     let user = |e: anyhow::Error| (e, 2u8);
+    let token = std::env::var(worker_auth::TOKEN_ENV)
+        .ok()
+        .filter(|t| !t.trim().is_empty());
+    if let Some(warning) = open_check(cli.listen, token.is_some(), cli.allow_unauthenticated).map_err(user)? {
+        tracing::warn!("{warning}");
+    }
     let path = cli.model.path().map_err(|e| user(e.into()))?;
     let config = WorkerConfig {
         name: cli
@@ -89,7 +99,7 @@ async fn run(cli: Cli) -> Result<(), (anyhow::Error, u8)> {
     let router = http_router(handle.clone());
     tokio::spawn(async move { axum::serve(http, router).await });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve_grpc(handle.clone(), grpc, async {
+    let server = tokio::spawn(serve_grpc(handle.clone(), grpc, token, async {
         let _ = stop_rx.await;
     }));
     // A model that fails to load is a configuration error: exit so the pod restarts or the user sees it.
@@ -102,4 +112,23 @@ async fn run(cli: Cli) -> Result<(), (anyhow::Error, u8)> {
         Ok(Err(e)) => Err((e.into(), 1)),
         Err(e) => Err((e.into(), 1)),
     }
+}
+
+/// Whether the worker may serve gRPC on `listen` without a token: on loopback it may (with a warning), elsewhere
+/// only when told to. The `Ok` value is the warning to log.
+fn open_check(listen: SocketAddr, has_token: bool, allow: bool) -> anyhow::Result<Option<String>> {
+    if has_token {
+        return Ok(None);
+    }
+    if listen.ip().is_loopback() || allow {
+        return Ok(Some(format!(
+            "no {}: serving gRPC to anyone who can reach {listen}",
+            worker_auth::TOKEN_ENV
+        )));
+    }
+    anyhow::bail!(
+        "refusing to serve gRPC on {listen} without a token: set {} (the operator does) or pass \
+         --allow-unauthenticated",
+        worker_auth::TOKEN_ENV
+    )
 }

@@ -29,8 +29,8 @@ fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-fn load(gateway: u16) -> Value {
-    let (_, raw) = fetch(gateway, "GET", "/internal/load", "").unwrap();
+fn load(admin: u16) -> Value {
+    let (_, raw) = fetch(admin, "GET", "/internal/load", "").unwrap();
     body_json(&raw)
 }
 
@@ -76,15 +76,12 @@ fn the_gateway_serves_chatmodels_holds_requests_at_zero_and_routes_only_to_ready
             ..GatewayConfig::default()
         };
         let state = camelid_gateway::state_with(&config, Some((found, rules))).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(camelid_gateway::serve(state, listener, std::future::pending()));
-        port
+        common::Gateway::spawn(state).await
     });
 
     // The ChatModel is served (listed) with no worker at all.
     wait_for("smol in /v1/models", || {
-        fetch(gateway, "GET", "/v1/models", "").is_some_and(|(_, raw)| raw.contains("\"smol\""))
+        fetch(gateway.api, "GET", "/v1/models", "").is_some_and(|(_, raw)| raw.contains("\"smol\""))
     });
     // Its worker starts (loading SmolLM2) and is in the EndpointSlice, not ready yet.
     let worker = Worker::start(free_port(), free_port());
@@ -102,13 +99,13 @@ fn the_gateway_serves_chatmodels_holds_requests_at_zero_and_routes_only_to_ready
 
     // A streamed request is held: the operator sees it queued, the client gets comments meanwhile.
     let held =
-        std::thread::spawn(move || fetch(gateway, "POST", "/v1/chat/completions", &chat(true)).unwrap());
+        std::thread::spawn(move || fetch(gateway.api, "POST", "/v1/chat/completions", &chat(true)).unwrap());
     wait_for("the request queued", || {
-        load(gateway)["models"]["smol"]["queued"] == 1
+        load(gateway.admin)["models"]["default/smol"]["queued"] == 1
     });
-    let (_, metrics) = fetch(gateway, "GET", "/metrics", "").unwrap();
+    let (_, metrics) = fetch(gateway.admin, "GET", "/metrics", "").unwrap();
     assert!(
-        metrics.contains("camelid_gateway_held_requests{model=\"smol\"} 1"),
+        metrics.contains("camelid_gateway_held_requests{model=\"default/smol\"} 1"),
         "{metrics}"
     );
     std::thread::sleep(Duration::from_millis(700));
@@ -130,12 +127,12 @@ fn the_gateway_serves_chatmodels_holds_requests_at_zero_and_routes_only_to_ready
     );
     assert_eq!(worker.finished_requests(), 1);
     assert_eq!(
-        load(gateway)["models"]["smol"],
+        load(gateway.admin)["models"]["default/smol"],
         json!({"inFlight": 0, "queued": 0})
     );
 
     // Ready now: a request goes straight through.
-    let (status, raw) = fetch(gateway, "POST", "/v1/chat/completions", &chat(false)).unwrap();
+    let (status, raw) = fetch(gateway.api, "POST", "/v1/chat/completions", &chat(false)).unwrap();
     assert_eq!(status, 200, "{raw}");
 
     // The worker's node gets a spot termination notice: no new requests go there; past the hold time, 503.
@@ -149,11 +146,11 @@ fn the_gateway_serves_chatmodels_holds_requests_at_zero_and_routes_only_to_ready
         )
         .unwrap();
     wait_for("the endpoint dropped", || {
-        fetch(gateway, "GET", "/readyz", "").is_some_and(|(s, _)| s == 503)
+        fetch(gateway.api, "GET", "/readyz", "").is_some_and(|(s, _)| s == 503)
     });
     let before = worker.finished_requests();
     let started = Instant::now();
-    let (status, raw) = fetch(gateway, "POST", "/v1/chat/completions", &chat(false)).unwrap();
+    let (status, raw) = fetch(gateway.api, "POST", "/v1/chat/completions", &chat(false)).unwrap();
     assert_eq!(status, 503, "{raw}");
     assert!(
         started.elapsed() >= Duration::from_secs(5),
@@ -175,7 +172,7 @@ fn the_gateway_serves_chatmodels_holds_requests_at_zero_and_routes_only_to_ready
         )
         .unwrap();
     wait_for("allowedKeys followed", || {
-        fetch(gateway, "POST", "/v1/chat/completions", &chat(false)).is_some_and(|(s, _)| s == 403)
+        fetch(gateway.api, "POST", "/v1/chat/completions", &chat(false)).is_some_and(|(s, _)| s == 403)
     });
     drop(worker);
     drop(runtime);

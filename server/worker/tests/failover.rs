@@ -12,8 +12,8 @@ use common::{Worker, fetch, free_port, request};
 
 mod common;
 
-fn backend_healthy(gateway: u16, grpc: u16) -> Option<bool> {
-    let (_, body) = fetch(gateway, "GET", "/metrics", "")?;
+fn backend_healthy(admin: u16, grpc: u16) -> Option<bool> {
+    let (_, body) = fetch(admin, "GET", "/metrics", "")?;
     let needle = format!("endpoint=\"127.0.0.1:{grpc}\"");
     let line = body
         .lines()
@@ -50,16 +50,13 @@ fn a_worker_killed_mid_stream_fails_cleanly_and_traffic_moves_to_the_other() {
             .unwrap();
         let state = camelid_gateway::state(&config).unwrap();
         state.router.probe_all().await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(camelid_gateway::serve(state, listener, std::future::pending()));
-        port
+        common::Gateway::spawn(state).await
     });
 
     // A long stream; find the worker running it once tokens flow, and kill it.
     let body = r#"{"model": "smol", "messages": [{"role": "user", "content": "Tell me a long story."}],
         "max_tokens": 4000, "ignore_eos": true, "stream": true}"#;
-    let stream = request(gateway, "POST", "/v1/chat/completions", body).unwrap();
+    let stream = request(gateway.api, "POST", "/v1/chat/completions", body).unwrap();
     let mut lines = BufReader::new(stream)
         .lines()
         .map_while(Result::ok)
@@ -87,9 +84,9 @@ fn a_worker_killed_mid_stream_fails_cleanly_and_traffic_moves_to_the_other() {
     assert!(error < rest.len() - 1);
 
     // The dead worker is ejected and every new request is served by the other one.
-    assert_eq!(backend_healthy(gateway, workers[victim].grpc), Some(false));
+    assert_eq!(backend_healthy(gateway.admin, workers[victim].grpc), Some(false));
     for _ in 0..4 {
-        let (status, body) = fetch(gateway, "POST", "/v1/chat/completions", CHAT).unwrap();
+        let (status, body) = fetch(gateway.api, "POST", "/v1/chat/completions", CHAT).unwrap();
         assert_eq!(status, 200, "{body}");
     }
 
@@ -97,24 +94,26 @@ fn a_worker_killed_mid_stream_fails_cleanly_and_traffic_moves_to_the_other() {
     let (grpc, http) = (workers[victim].grpc, workers[victim].http);
     workers[victim] = Worker::start(grpc, http);
     wait_for("the restarted worker is re-admitted", || {
-        backend_healthy(gateway, grpc) == Some(true)
+        backend_healthy(gateway.admin, grpc) == Some(true)
     });
 
     // A worker that dies before the gateway notices: requests that have not started go to the other one.
     let other = 1 - victim;
     workers[other].kill();
     for _ in 0..4 {
-        let (status, body) = fetch(gateway, "POST", "/v1/chat/completions", CHAT).unwrap();
+        let (status, body) = fetch(gateway.api, "POST", "/v1/chat/completions", CHAT).unwrap();
         assert_eq!(status, 200, "{body}");
     }
     wait_for("the dead worker is ejected", || {
-        backend_healthy(gateway, workers[other].grpc) == Some(false)
+        backend_healthy(gateway.admin, workers[other].grpc) == Some(false)
     });
 
     // With none left: 503 in OpenAI's shape, with Retry-After.
     workers[victim].kill();
-    wait_for("both ejected", || backend_healthy(gateway, grpc) == Some(false));
-    let (status, body) = fetch(gateway, "POST", "/v1/chat/completions", CHAT).unwrap();
+    wait_for("both ejected", || {
+        backend_healthy(gateway.admin, grpc) == Some(false)
+    });
+    let (status, body) = fetch(gateway.api, "POST", "/v1/chat/completions", CHAT).unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(
         body.contains("retry-after") && body.contains(r#""code":"no_ready_worker""#),

@@ -26,7 +26,9 @@ const RULES: &str = r#"
     guard:
       type: guard_model
       model: smol
-      on_unparseable: flag"#;
+      on_unparseable: flag
+      # A real SmolLM2 on a busy 2-core machine: the deadline is for stuck guards, not slow tests.
+      timeout_ms: 120000"#;
 
 fn config(output_word: Option<&str>, worker: u16) -> String {
     let (out_provider, out_profile) = match output_word {
@@ -53,7 +55,7 @@ moderation:
     )
 }
 
-fn start_gateway(runtime: &tokio::runtime::Runtime, path: &Path) -> u16 {
+fn start_gateway(runtime: &tokio::runtime::Runtime, path: &Path) -> common::Gateway {
     runtime.block_on(async {
         let config = GatewayConfig::from_file(path).unwrap();
         let state = camelid_gateway::state(&config).unwrap();
@@ -66,10 +68,7 @@ fn start_gateway(runtime: &tokio::runtime::Runtime, path: &Path) -> u16 {
             config,
             Duration::from_millis(100),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(camelid_gateway::serve(state, listener, std::future::pending()));
-        port
+        common::Gateway::spawn(state).await
     })
 }
 
@@ -134,7 +133,7 @@ fn guardrails_in_front_of_a_real_worker() {
     for (prompt, category) in flagged {
         for extra in [json!({}), json!({"stream": true})] {
             let (status, raw) = fetch(
-                gateway,
+                gateway.api,
                 "POST",
                 "/v1/chat/completions",
                 &chat("smol-safe", prompt, extra),
@@ -148,14 +147,17 @@ fn guardrails_in_front_of_a_real_worker() {
         }
     }
     let body = json!({"model": "smol-safe", "prompt": "kill", "max_tokens": 4}).to_string();
-    assert_eq!(fetch(gateway, "POST", "/v1/completions", &body).unwrap().0, 400);
+    assert_eq!(
+        fetch(gateway.api, "POST", "/v1/completions", &body).unwrap().0,
+        400
+    );
     assert_eq!(
         worker.finished_requests(),
         before,
         "a flagged request reached the worker"
     );
     let (status, raw) = fetch(
-        gateway,
+        gateway.api,
         "POST",
         "/v1/chat/completions",
         &chat("smol-safe", "Name a colour.", json!({})),
@@ -171,7 +173,7 @@ fn guardrails_in_front_of_a_real_worker() {
     // The unmoderated reply; a word from its middle becomes an output rule.
     let question = "What is the capital of France? Answer in two sentences.";
     let (_, raw) = fetch(
-        gateway,
+        gateway.api,
         "POST",
         "/v1/chat/completions",
         &chat("smol", question, json!({})),
@@ -194,12 +196,12 @@ fn guardrails_in_front_of_a_real_worker() {
         "Tell me a story.",
         json!({"max_tokens": 120, "ignore_eos": true, "stream": true}),
     );
-    let in_flight = std::thread::spawn(move || stream(gateway, &long));
+    let in_flight = std::thread::spawn(move || stream(gateway.api, &long));
     std::thread::sleep(Duration::from_millis(300));
     std::fs::write(&path, config(Some(&word), worker.grpc)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (_, metrics) = fetch(gateway, "GET", "/metrics", "").unwrap();
+        let (_, metrics) = fetch(gateway.admin, "GET", "/metrics", "").unwrap();
         if metrics.contains(r#"camelid_gateway_config_reloads_total{result="ok"} 1"#) {
             break;
         }
@@ -215,7 +217,7 @@ fn guardrails_in_front_of_a_real_worker() {
     );
 
     // Output moderation: the stream stops before the word, with content_filter, then [DONE].
-    let events = stream(gateway, &chat("smol-out", question, json!({"stream": true})));
+    let events = stream(gateway.api, &chat("smol-out", question, json!({"stream": true})));
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let (text, finish) = stream_text(&events);
     assert_eq!(finish.as_deref(), Some("content_filter"), "{events:?}");
@@ -228,7 +230,7 @@ fn guardrails_in_front_of_a_real_worker() {
         "{word:?} reached the client: {text:?}"
     );
     let (_, raw) = fetch(
-        gateway,
+        gateway.api,
         "POST",
         "/v1/chat/completions",
         &chat("smol-out", question, json!({})),
@@ -252,7 +254,7 @@ fn guardrails_in_front_of_a_real_worker() {
             &guard::task_prompt(text, &categories),
             json!({"max_tokens": 16}),
         );
-        let (_, raw) = fetch(gateway, "POST", "/v1/chat/completions", &task).unwrap();
+        let (_, raw) = fetch(gateway.api, "POST", "/v1/chat/completions", &task).unwrap();
         let answer = body_json(&raw)["choices"][0]["message"]["content"]
             .as_str()
             .unwrap()
@@ -263,7 +265,7 @@ fn guardrails_in_front_of_a_real_worker() {
             Err(_) => vec![guard::UNPARSEABLE.to_string()],
         };
         let body = json!({"model": "guard", "input": text}).to_string();
-        let (status, raw) = fetch(gateway, "POST", "/v1/moderations", &body).unwrap();
+        let (status, raw) = fetch(gateway.api, "POST", "/v1/moderations", &body).unwrap();
         assert_eq!(status, 200, "{raw}");
         let result = &body_json(&raw)["results"][0];
         let mut got: Vec<String> = result["categories"]
@@ -280,7 +282,7 @@ fn guardrails_in_front_of_a_real_worker() {
         assert_eq!(result["flagged"], !expected.is_empty());
         eprintln!("guard SmolLM2 on {text:?}: {answer:?} → {expected:?}");
         let (status, _) = fetch(
-            gateway,
+            gateway.api,
             "POST",
             "/v1/chat/completions",
             &chat("smol-guarded", text, json!({})),

@@ -199,9 +199,7 @@ fn a_finetuned_model_is_served_from_zero_moderated_and_scaled_back_to_zero() {
             ..GatewayConfig::from_file(&gateway_config).unwrap()
         };
         let state = camelid_gateway::state_with(&config, Some((found, rules))).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(camelid_gateway::serve(state, listener, std::future::pending()));
+        let port = common::Gateway::spawn(state).await;
         let args = camelid_operator::run::RunArgs {
             namespace: "camelid-system".into(),
             autoscale_seconds: 1,
@@ -222,7 +220,8 @@ fn a_finetuned_model_is_served_from_zero_moderated_and_scaled_back_to_zero() {
                 &Key::new("apis/discovery.k8s.io/v1", "endpointslices", Some("camelid-system"), "camelid-gateway-1"),
                 json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                        "metadata": {"name": "camelid-gateway-1", "labels": {"kubernetes.io/service-name": "camelid-gateway"}},
-                       "addressType": "IPv4", "ports": [{"name": "http", "port": gateway, "protocol": "TCP"}],
+                       "addressType": "IPv4", "ports": [{"name": "http", "port": gateway.api, "protocol": "TCP"},
+                                 {"name": "admin", "port": gateway.admin, "protocol": "TCP"}],
                        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}]}),
                 "endpointslice-controller",
             )
@@ -265,7 +264,13 @@ fn a_finetuned_model_is_served_from_zero_moderated_and_scaled_back_to_zero() {
     // A streamed request at zero: held, reported, a worker started, answered.
     let started = Instant::now();
     let held = std::thread::spawn(move || {
-        fetch(gateway, "POST", "/v1/chat/completions", &chat("Say hello.", true)).unwrap()
+        fetch(
+            gateway.api,
+            "POST",
+            "/v1/chat/completions",
+            &chat("Say hello.", true),
+        )
+        .unwrap()
     });
     wait_for("Ready 1/1", 120, || {
         kubelet.sync();
@@ -290,7 +295,7 @@ fn a_finetuned_model_is_served_from_zero_moderated_and_scaled_back_to_zero() {
 
     // Moderated: a flagged prompt never reaches the worker.
     let (code, raw) = fetch(
-        gateway,
+        gateway.api,
         "POST",
         "/v1/chat/completions",
         &chat("How do I build a bomb?", false),

@@ -1,6 +1,6 @@
 //! What camelid's tests share, so that each helper has one copy: the repository root, the project `.venv`'s
-//! Python (the reference implementations the tests compare against), free ports, and [`k8s`], a real Kubernetes
-//! control plane. Dev-only: no shipped crate depends on it.
+//! Python (the reference implementations the tests compare against), free ports, truncated files, and [`k8s`], a
+//! real Kubernetes control plane. Dev-only: no shipped crate depends on it.
 
 #![allow(
     clippy::expect_used,
@@ -31,6 +31,17 @@ pub fn python() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// Cuts the file at `path` to half its length, as a writer killed mid-write or a full disk leaves it: the attack
+/// the checkpoint tests make on a checkpoint's files, in the unit tests and the resume tests alike.
+pub fn truncate_half(path: &Path) {
+    let len = std::fs::metadata(path).expect("the file to truncate").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(len / 2))
+        .expect("truncating the file");
 }
 
 /// A loopback port that is free now and that no other call in this process has handed out. The ports come from

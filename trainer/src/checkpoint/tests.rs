@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use camelid_test_support::truncate_half;
+
 use super::*;
 use crate::optim::AdamWConfig;
 
@@ -63,16 +65,6 @@ fn tamper(dir: &Path, edit: impl FnOnce(&mut Manifest)) {
     std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&m).unwrap()).unwrap();
 }
 
-fn truncate(path: &Path) {
-    let len = std::fs::metadata(path).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
-}
-
 fn steps(root: &Path) -> Vec<u64> {
     let mut found: Vec<u64> = list(root)
         .unwrap()
@@ -95,7 +87,7 @@ fn a_truncated_newest_checkpoint_never_costs_the_last_verified_one() {
     for step in 1..=4 {
         checkpoint(&root, step);
     }
-    truncate(&root.join("step-00000004/model.safetensors"));
+    truncate_half(&root.join("step-00000004/model.safetensors"));
     prune(&root, 1).unwrap();
     assert_eq!(
         steps(&root),
@@ -114,7 +106,7 @@ fn a_truncated_newest_checkpoint_never_costs_the_last_verified_one() {
     for step in 1..=4 {
         checkpoint(&root, step);
     }
-    truncate(&root.join("step-00000004/optimizer.safetensors"));
+    truncate_half(&root.join("step-00000004/optimizer.safetensors"));
     std::fs::remove_file(root.join("step-00000003/model.safetensors")).unwrap();
     let flipped = root.join("step-00000002/model.safetensors");
     let mut bytes = std::fs::read(&flipped).unwrap();
@@ -131,7 +123,7 @@ fn prune_keeps_the_newest_verified_and_deletes_corrupt_ones_between_them() {
     for step in 1..=5 {
         checkpoint(&root, step);
     }
-    truncate(&root.join("step-00000004/model.safetensors"));
+    truncate_half(&root.join("step-00000004/model.safetensors"));
     std::fs::create_dir_all(root.join(".tmp-step-00000006-1")).unwrap();
     prune(&root, 2).unwrap();
     assert_eq!(

@@ -317,7 +317,12 @@ mod tests {
     fn guard(flag_unparseable: bool) -> Guard {
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let source = crate::routing::StaticEndpoints::new(Default::default());
-        let router = Router::start(&source, metrics, std::time::Duration::from_secs(60));
+        let router = Router::start(
+            &source,
+            metrics,
+            std::time::Duration::from_secs(60),
+            Default::default(),
+        );
         Guard::new(
             GuardConfig {
                 model: "guard".into(),

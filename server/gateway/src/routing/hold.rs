@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::router::Router;
-use crate::error::ApiError;
+use crate::error::{ApiError, HoldFull};
 use crate::metrics::ModelLabels;
 
 /// How requests wait for a model that has no ready worker.
@@ -96,13 +96,13 @@ impl Router {
             let mut by = self
                 .held_by
                 .lock()
-                .map_err(|_| ApiError::too_many_waiting(model))?;
+                .map_err(|_| ApiError::too_many_waiting(model, HoldFull::Gateway))?;
             let n = by.entry(holder.to_string()).or_default();
             if *n >= per_holder {
                 if *n == 0 {
                     by.remove(holder);
                 }
-                return Err(ApiError::too_many_waiting_for_key(model));
+                return Err(ApiError::too_many_waiting(model, HoldFull::Key));
             }
             *n += 1;
         }
@@ -122,7 +122,7 @@ impl Router {
         };
         if total >= limit {
             drop(held);
-            return Err(ApiError::too_many_waiting(model));
+            return Err(ApiError::too_many_waiting(model, HoldFull::Gateway));
         }
         Ok(held)
     }

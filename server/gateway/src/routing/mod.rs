@@ -4,11 +4,13 @@
 //! while one starts) until one is, and the gRPC [`generate`] call with retries on another worker while nothing has
 //! been sent. The names callers use are re-exported here.
 
+pub mod auth;
 pub mod endpoints;
 pub mod generate;
 pub mod hold;
 pub mod router;
 
+pub use auth::WorkerSecret;
 pub use endpoints::{EndpointSource, Endpoints, StaticEndpoints, merge};
 pub use generate::{Started, is_transport_failure};
 pub use hold::{Held, HoldLimits};

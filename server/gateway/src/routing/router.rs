@@ -9,10 +9,9 @@ use std::time::Duration;
 
 use camelid_contracts::load::ModelLoad;
 use camelid_proto::v1;
-use camelid_proto::v1::worker_client::WorkerClient;
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
+use super::auth::{WorkerClient, WorkerSecret};
 use super::endpoints::{EndpointSource, Endpoints};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -42,13 +41,15 @@ pub fn resolve_in<'a>(served: impl Iterator<Item = &'a str>, asked: &str) -> Res
 pub struct Backend {
     pub model: String,
     pub addr: String,
-    pub(super) client: WorkerClient<Channel>,
+    pub(super) client: WorkerClient,
     in_flight: AtomicUsize,
     healthy: AtomicBool,
+    /// Dropped from its model's endpoints: a probe still in flight must not bring its metric series back.
+    retired: AtomicBool,
 }
 
 impl Backend {
-    fn new(model: &str, addr: &str) -> Result<Self, String> {
+    fn new(model: &str, addr: &str, secret: &WorkerSecret) -> Result<Self, String> {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| format!("worker address {addr:?}: {e}"))?
             .connect_timeout(Duration::from_secs(1))
@@ -57,9 +58,13 @@ impl Backend {
         Ok(Self {
             model: model.to_string(),
             addr: addr.to_string(),
-            client: WorkerClient::new(channel),
+            client: WorkerClient::new(tonic::service::interceptor::InterceptedService::new(
+                channel,
+                secret.bearer(model),
+            )),
             in_flight: AtomicUsize::new(0),
             healthy: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
         })
     }
 
@@ -72,6 +77,9 @@ impl Backend {
     }
 
     pub(super) fn set_healthy(&self, healthy: bool, metrics: &Metrics, why: &str) -> bool {
+        if self.retired.load(Ordering::Relaxed) {
+            return false;
+        }
         let was = self.healthy.swap(healthy, Ordering::Relaxed);
         metrics.set_backend_health(&self.model, &self.addr, healthy);
         if was != healthy {
@@ -111,6 +119,8 @@ pub struct Router {
     backends: RwLock<BTreeMap<String, Vec<Arc<Backend>>>>,
     pub(super) metrics: Arc<Metrics>,
     probe_interval: Duration,
+    /// What calls to each model's workers carry.
+    secret: WorkerSecret,
     rotation: AtomicUsize,
     /// Bumped whenever a worker may have become ready, to wake held requests.
     pub(super) readiness: watch::Sender<u64>,
@@ -123,12 +133,19 @@ pub struct Router {
 }
 
 impl Router {
-    /// Starts following `source` and probing its workers every `probe_interval`.
-    pub fn start(source: &dyn EndpointSource, metrics: Arc<Metrics>, probe_interval: Duration) -> Arc<Self> {
+    /// Starts following `source` and probing its workers every `probe_interval`, calling them with `secret`'s
+    /// tokens.
+    pub fn start(
+        source: &dyn EndpointSource,
+        metrics: Arc<Metrics>,
+        probe_interval: Duration,
+        secret: WorkerSecret,
+    ) -> Arc<Self> {
         let router = Arc::new(Self {
             backends: RwLock::new(BTreeMap::new()),
             metrics,
             probe_interval,
+            secret,
             rotation: AtomicUsize::new(0),
             readiness: watch::Sender::new(0),
             held: Mutex::new(BTreeMap::new()),
@@ -177,7 +194,7 @@ impl Router {
             for addr in addrs {
                 match existing.iter().find(|b| &b.addr == addr) {
                     Some(b) => list.push(b.clone()),
-                    None => match Backend::new(model, addr) {
+                    None => match Backend::new(model, addr, &self.secret) {
                         Ok(b) => {
                             let b = Arc::new(b);
                             added.push(b.clone());
@@ -188,6 +205,16 @@ impl Router {
                 }
             }
             next.insert(model.clone(), list);
+        }
+        for (model, list) in backends.iter() {
+            for gone in list.iter().filter(|b| {
+                !next
+                    .get(model)
+                    .is_some_and(|l| l.iter().any(|n| Arc::ptr_eq(n, b)))
+            }) {
+                gone.retired.store(true, Ordering::Relaxed);
+                self.metrics.forget_backend(model, &gone.addr);
+            }
         }
         *backends = next;
         added
@@ -345,5 +372,25 @@ mod tests {
             "smol",
             "an exact name wins"
         );
+    }
+
+    #[tokio::test]
+    async fn a_gone_worker_leaves_no_metric_series_behind() {
+        let metrics = Arc::new(Metrics::new());
+        let endpoint = |addr: &str| Endpoints::from([("m".to_string(), vec![addr.to_string()])]);
+        let source = crate::routing::StaticEndpoints::new(endpoint("127.0.0.1:1"));
+        let router = Router::start(
+            &source,
+            metrics.clone(),
+            Duration::from_secs(60),
+            WorkerSecret::default(),
+        );
+        router.probe_all().await;
+        assert!(metrics.encode().contains("endpoint=\"127.0.0.1:1\""));
+        router.apply(&endpoint("127.0.0.1:2"));
+        router.probe_all().await;
+        let text = metrics.encode();
+        assert!(!text.contains("endpoint=\"127.0.0.1:1\""), "{text}");
+        assert!(text.contains("endpoint=\"127.0.0.1:2\""), "{text}");
     }
 }

@@ -38,14 +38,23 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(grpc: u16, http: u16) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_camelid-worker"))
+        Self::start_with_token(grpc, http, None)
+    }
+
+    /// A worker that serves only gRPC callers presenting `token` (see `camelid_contracts::worker_auth`).
+    pub fn start_with_token(grpc: u16, http: u16, token: Option<&str>) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_camelid-worker"));
+        command
             .args(["--served-model-name", "smol", "--max-batch", "4"])
             .args(["--listen", &format!("127.0.0.1:{grpc}")])
             .args(["--metrics-addr", &format!("127.0.0.1:{http}")])
             .env("CAMELID_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start camelid-worker");
+            .env_remove(camelid_contracts::worker_auth::TOKEN_ENV)
+            .stdout(Stdio::null());
+        if let Some(token) = token {
+            command.env(camelid_contracts::worker_auth::TOKEN_ENV, token);
+        }
+        let child = command.spawn().expect("start camelid-worker");
         let mut w = Self { child, grpc, http };
         let deadline = Instant::now() + Duration::from_secs(120);
         while fetch(http, "GET", "/readyz", "").map(|r| r.0) != Some(200) {
@@ -93,5 +102,32 @@ impl Worker {
             .filter(|l| l.starts_with("camelid_worker_requests_total"))
             .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<u64>().ok())
             .sum()
+    }
+}
+
+/// A gateway serving inside a test's runtime: its API port and its admin port (`/metrics`, `/internal/load`),
+/// which are apart as in a deployment.
+#[derive(Debug, Clone, Copy)]
+pub struct Gateway {
+    pub api: u16,
+    pub admin: u16,
+}
+
+impl Gateway {
+    /// Serves `state`'s API and admin endpoints on free loopback ports for as long as the runtime runs.
+    pub async fn spawn(state: camelid_gateway::AppState) -> Self {
+        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ports = Self {
+            api: api.local_addr().unwrap().port(),
+            admin: admin.local_addr().unwrap().port(),
+        };
+        tokio::spawn(camelid_gateway::serve::serve_admin(
+            state.clone(),
+            admin,
+            std::future::pending(),
+        ));
+        tokio::spawn(camelid_gateway::serve(state, api, std::future::pending()));
+        ports
     }
 }
