@@ -5,8 +5,8 @@
 
 use std::pin::Pin;
 
+use camelid_proto::v1;
 use camelid_proto::v1::worker_server::{Worker, WorkerServer};
-use camelid_proto::v1::{self, generate_response::Event};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -14,36 +14,19 @@ struct Instant;
 
 type Events = Pin<Box<dyn Stream<Item = Result<v1::GenerateResponse, Status>> + Send>>;
 
-fn event(e: Event) -> Result<v1::GenerateResponse, Status> {
-    Ok(v1::GenerateResponse { event: Some(e) })
-}
-
 #[tonic::async_trait]
 impl Worker for Instant {
     type GenerateStream = Events;
 
     async fn generate(&self, _: Request<v1::GenerateRequest>) -> Result<Response<Events>, Status> {
-        let events = vec![
-            event(Event::Started(v1::Started { prompt_tokens: 1 })),
-            event(Event::Chunk(v1::Chunk {
-                text: "ok".into(),
-                tokens: 1,
-            })),
-            event(Event::Finished(v1::Finished {
-                reason: v1::FinishReason::Length as i32,
-                prompt_tokens: 1,
-                completion_tokens: 1,
-            })),
-        ];
+        let events = camelid_proto::whole_answer("ok", 1, v1::FinishReason::Length)
+            .into_iter()
+            .map(Ok);
         Ok(Response::new(Box::pin(tokio_stream::iter(events))))
     }
 
     async fn health(&self, _: Request<v1::HealthRequest>) -> Result<Response<v1::HealthResponse>, Status> {
-        Ok(Response::new(v1::HealthResponse {
-            ready: true,
-            running: 0,
-            waiting: 0,
-        }))
+        Ok(Response::new(camelid_proto::ready_and_idle()))
     }
 
     async fn model_info(

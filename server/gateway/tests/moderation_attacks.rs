@@ -14,8 +14,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use camelid_proto::v1;
 use camelid_proto::v1::worker_server::{Worker, WorkerServer};
-use camelid_proto::v1::{self, generate_response::Event};
 use common::{call, gateway, post_chat, test_dir};
 use serde_json::{Value, json};
 use tonic::{Request, Response, Status};
@@ -256,28 +256,14 @@ impl Worker for FakeGuard {
         self.seen.lock().unwrap().push(messages);
         tokio::time::sleep(self.delay).await;
         let answer = if unsafe_ { "unsafe\nS1" } else { "safe" };
-        let event = |e| Ok(v1::GenerateResponse { event: Some(e) });
-        let events = vec![
-            event(Event::Started(v1::Started { prompt_tokens: 1 })),
-            event(Event::Chunk(v1::Chunk {
-                text: answer.into(),
-                tokens: 2,
-            })),
-            event(Event::Finished(v1::Finished {
-                reason: v1::FinishReason::Stop as i32,
-                prompt_tokens: 1,
-                completion_tokens: 2,
-            })),
-        ];
+        let events = camelid_proto::whole_answer(answer, 2, v1::FinishReason::Stop)
+            .into_iter()
+            .map(Ok);
         Ok(Response::new(Box::pin(tokio_stream::iter(events))))
     }
 
     async fn health(&self, _: Request<v1::HealthRequest>) -> Result<Response<v1::HealthResponse>, Status> {
-        Ok(Response::new(v1::HealthResponse {
-            ready: true,
-            running: 0,
-            waiting: 0,
-        }))
+        Ok(Response::new(camelid_proto::ready_and_idle()))
     }
 
     async fn model_info(

@@ -10,3 +10,37 @@ pub mod v1 {
 pub const ERROR_CODE_KEY: &str = "camelid-error-code";
 /// gRPC metadata key naming the request field an `InvalidArgument` is about.
 pub const ERROR_PARAM_KEY: &str = "camelid-error-param";
+
+/// A whole answer as the three events a worker streams (`Started`, one `Chunk`, `Finished`): what fake workers in
+/// tests and benches send, so that each speaks the protocol the same way.
+pub fn whole_answer(
+    text: &str,
+    completion_tokens: u32,
+    reason: v1::FinishReason,
+) -> Vec<v1::GenerateResponse> {
+    use v1::generate_response::Event;
+    [
+        Event::Started(v1::Started { prompt_tokens: 1 }),
+        Event::Chunk(v1::Chunk {
+            text: text.into(),
+            tokens: completion_tokens,
+        }),
+        Event::Finished(v1::Finished {
+            reason: reason as i32,
+            prompt_tokens: 1,
+            completion_tokens,
+        }),
+    ]
+    .into_iter()
+    .map(|e| v1::GenerateResponse { event: Some(e) })
+    .collect()
+}
+
+/// The health of a worker that is ready and idle.
+pub fn ready_and_idle() -> v1::HealthResponse {
+    v1::HealthResponse {
+        ready: true,
+        running: 0,
+        waiting: 0,
+    }
+}
