@@ -310,6 +310,11 @@ pub fn label_mask(offsets: &[(usize, usize)], spans: &[Range<usize>]) -> Vec<boo
         .collect()
 }
 
+/// Instructions a chat template may run for one render, and more for each message: far above what real templates
+/// (HF's, Llama's, Qwen's) need, and a hard stop for a model file whose template loops to burn the worker's CPU.
+const TEMPLATE_FUEL: u64 = 200_000;
+const TEMPLATE_FUEL_PER_MESSAGE: u64 = 5_000;
+
 fn render_jinja(
     source: &str,
     bos_token: &str,
@@ -321,6 +326,9 @@ fn render_jinja(
     // transformers renders with trim_blocks and lstrip_blocks, and Python string methods (.strip(), .startswith()).
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
+    env.set_fuel(Some(
+        TEMPLATE_FUEL + TEMPLATE_FUEL_PER_MESSAGE * messages.len() as u64,
+    ));
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function(
         "raise_exception",
@@ -353,6 +361,17 @@ mod tests {
             .enumerate()
             .map(|(i, t)| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, t))
             .collect()
+    }
+
+    /// The attack: a model file whose chat template loops for ever (or close to it). The render stops with an
+    /// error instead of holding the worker's CPU.
+    #[test]
+    fn a_template_that_loops_runs_out_of_fuel() {
+        let source = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x";
+        let started = std::time::Instant::now();
+        let e = render_jinja(source, "<s>", "</s>", &conv(&["hi"]), true).unwrap_err();
+        assert!(e.to_string().contains("fuel"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]

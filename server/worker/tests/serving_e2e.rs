@@ -3,7 +3,8 @@
 //! API server, and real `camelid-worker` processes. The test plays only the kubelet and the EndpointSlice
 //! controller: for each desired worker of the Deployment it runs the container's command with its args (the model
 //! claim mounted at a temporary directory), and lists it in the Service's EndpointSlice once `/readyz` says the
-//! weights are loaded.
+//! weights are loaded. It also plays the kubelet's part in worker authentication: the container's token comes from
+//! the Secret the operator wrote, and only the gateway that holds the same install secret can use the worker.
 //!
 //! The ChatModel starts at zero → a streamed request waits at the gateway (SSE comments) → the gateway reports it
 //! queued → the operator scales to one → the worker loads → the request is answered → a flagged prompt is refused
@@ -26,6 +27,8 @@ use common::{body_json, fetch, free_port};
 use serde_json::{Value, json};
 
 const NS: &str = "default";
+/// The install's secret, which the operator and the gateway share (the chart's `camelid-worker-secret`).
+const SECRET: &str = "the-serving-e2e-install-secret";
 
 fn wait_for(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -123,13 +126,46 @@ impl Kubelet {
                 }
             })
             .collect();
+        assert!(
+            !args.iter().any(|a| a == "--allow-unauthenticated"),
+            "an operator with the install's secret ran open workers: {args:?}"
+        );
         let child = Command::new(env!("CARGO_BIN_EXE_camelid-worker"))
             .args(&args)
+            .envs(self.secret_env(container))
             .env("CAMELID_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
         self.worker = Some((child, grpc, http));
+    }
+
+    /// The container's variables from Secrets, read as the kubelet would: the operator's Secret must exist.
+    fn secret_env(&self, container: &Value) -> Vec<(String, String)> {
+        let store = self.server.cluster();
+        container["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                let from = &e["valueFrom"]["secretKeyRef"];
+                let name = from["name"].as_str()?;
+                let key = from["key"].as_str().unwrap();
+                let secret = store
+                    .get(&Key::new("api/v1", "secrets", Some(NS), name))
+                    .unwrap_or_else(|| {
+                        panic!("the pod needs the Secret {name}, which the operator did not make")
+                    });
+                let value = match secret["data"][key].as_str() {
+                    Some(b64) => String::from_utf8(
+                        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap(),
+                    )
+                    .unwrap(),
+                    None => secret["stringData"][key].as_str().unwrap().to_string(),
+                };
+                Some((e["name"].as_str().unwrap().to_string(), value))
+            })
+            .collect()
     }
 
     fn stop(&mut self) {
@@ -196,6 +232,7 @@ fn a_finetuned_model_is_served_from_zero_moderated_and_scaled_back_to_zero() {
                 keepalive: Duration::from_millis(500),
             },
             probe_interval: Duration::from_millis(500),
+            worker_secret: camelid_gateway::routing::WorkerSecret::new(SECRET).unwrap(),
             ..GatewayConfig::from_file(&gateway_config).unwrap()
         };
         let state = camelid_gateway::state_with(&config, Some((found, rules))).unwrap();
@@ -207,6 +244,7 @@ fn a_finetuned_model_is_served_from_zero_moderated_and_scaled_back_to_zero() {
             health_addr: "127.0.0.1:0".parse().unwrap(),
             leader_election: false,
             progress_poll_seconds: 1,
+            worker_secret: Some(camelid_contracts::worker_auth::InstallSecret::new(SECRET).unwrap()),
             ..camelid_operator::run::RunArgs::default()
         };
         tokio::spawn(async move { camelid_operator::run::run(args, client).await.unwrap() });

@@ -393,4 +393,26 @@ mod tests {
         assert!(!text.contains("endpoint=\"127.0.0.1:1\""), "{text}");
         assert!(text.contains("endpoint=\"127.0.0.1:2\""), "{text}");
     }
+
+    /// The attack: a tenant names its ChatModel like the configured guard (`guard`, served as `team-b/guard`). The
+    /// guard's name is never resolved as a bare name, so the tenant's model never judges anyone's requests.
+    #[tokio::test]
+    async fn a_guard_is_named_exactly_never_by_a_bare_name() {
+        let endpoints = Endpoints::from([("team-b/guard".to_string(), vec!["127.0.0.1:1".to_string()])]);
+        let source = crate::routing::StaticEndpoints::new(endpoints);
+        let router = Router::start(
+            &source,
+            Arc::new(Metrics::new()),
+            Duration::from_secs(60),
+            WorkerSecret::default(),
+        );
+        let body = br#"{"model": "guard", "messages": [{"role": "user", "content": "is this safe?"}]}"#;
+        let request = crate::validate::parse_chat(body).unwrap();
+        let request = crate::validate::chat(request, &crate::validate::Limits::default()).unwrap();
+        let e = router
+            .start_generation(&request, "r", &mut Vec::new())
+            .await
+            .unwrap_err();
+        assert_eq!(e.status.as_u16(), 404, "{}", e.message);
+    }
 }
