@@ -15,16 +15,18 @@ export PATH="$tools/bin:$PATH"
 # cargo-fuzz passes `-Z` flags to rustc; the pinned stable toolchain accepts them this way, so no nightly is needed.
 # No sanitizer: the code under test is safe Rust, and libFuzzer still catches panics, aborts, hangs and memory blowups.
 export RUSTC_BOOTSTRAP=1
-target_dir="$root/target/fuzz"
+# 16 codegen units: a much faster build of the large dependency tree (libtorch's bindings, kube) for somewhat slower
+# runs, which is the right trade for seconds-long runs in `make test`.
+build=(--sanitizer none --codegen-units 16 --target-dir "$root/target/fuzz")
 cd "$root/fuzz"
-cargo fuzz build --sanitizer none --target-dir "$target_dir"
+cargo fuzz build "${build[@]}"
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 for target in $(cargo fuzz list); do
   mkdir -p "$scratch/$target"
   log="$scratch/$target.log"
   status=0
-  cargo fuzz run --sanitizer none --target-dir "$target_dir" "$target" "$scratch/$target" "corpus/$target" -- \
+  cargo fuzz run "${build[@]}" "$target" "$scratch/$target" "corpus/$target" -- \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -max_len=262144 -print_final_stats=1 >"$log" 2>&1 ||
     status=$?
   runs=$(grep -oP '^stat::number_of_executed_units:\s*\K[0-9]+' "$log" || echo "?")

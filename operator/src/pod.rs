@@ -5,9 +5,10 @@
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, PodSecurityContext, PodSpec, SeccompProfile,
-    SecurityContext, Volume, VolumeMount,
+    SecurityContext, ServiceAccount, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::settings::Settings;
 
@@ -122,11 +123,23 @@ pub fn restricted() -> SecurityContext {
 /// and other libraries' caches live under it).
 pub const SCRATCH_DIR: &str = "/tmp";
 
-/// What every pod the operator builds gets, whichever controller builds it: no ServiceAccount token (none of
-/// the trainer, worker, fetch and evaluation containers talks to the API server), the restricted security
-/// contexts, and a scratch emptyDir at [`SCRATCH_DIR`] (also `HOME`) in every container, since their root
-/// filesystems are read-only.
-pub fn harden(spec: &mut PodSpec) {
+/// The ServiceAccount of one resource's pods (a FineTuneJob's trainers and evaluation, a ChatModel's workers):
+/// their own, so that whatever a namespace's `default` account has been granted (a RoleBinding, a cloud identity)
+/// is never theirs, and so that a user can bind one model's or job's identity alone. No token is mounted.
+pub fn service_account(metadata: ObjectMeta) -> ServiceAccount {
+    ServiceAccount {
+        metadata,
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    }
+}
+
+/// What every pod the operator builds gets, whichever controller builds it: its own ServiceAccount `account`
+/// ([`service_account`]) without a token (none of the trainer, worker, fetch and evaluation containers talks to
+/// the API server), the restricted security contexts, and a scratch emptyDir at [`SCRATCH_DIR`] (also `HOME`) in
+/// every container, since their root filesystems are read-only.
+pub fn harden(spec: &mut PodSpec, account: &str) {
+    spec.service_account_name = Some(account.into());
     spec.automount_service_account_token = Some(false);
     spec.security_context = Some(pod_security());
     spec.volumes.get_or_insert_with(Vec::new).push(Volume {

@@ -162,7 +162,7 @@ mod tests {
         }
         spec.host_network = None;
         spec.volumes = None;
-        crate::pod::harden(&mut spec);
+        crate::pod::harden(&mut spec, "smol-worker");
         assert_eq!(violations(&spec), Vec::<String>::new());
     }
 }

@@ -32,7 +32,8 @@ fn attempt(
 
 fn yaml(children: &Children) -> String {
     format!(
-        "{}---\n{}",
+        "{}---\n{}---\n{}",
+        serde_yaml_ng::to_string(&children.account).unwrap(),
         serde_yaml_ng::to_string(&children.service).unwrap(),
         serde_yaml_ng::to_string(&children.job).unwrap()
     )

@@ -36,6 +36,7 @@ fn yaml(c: &Children) -> String {
         docs.push(serde_yaml_ng::to_string(spot).unwrap());
     }
     docs.push(serde_yaml_ng::to_string(&c.budget).unwrap());
+    docs.push(serde_yaml_ng::to_string(&c.account).unwrap());
     if let Some(token) = &c.token {
         docs.push(serde_yaml_ng::to_string(token).unwrap());
     }
@@ -91,6 +92,12 @@ fn workers_get_their_own_models_token_and_without_a_secret_say_they_are_open() {
             .unwrap()
             .contains(&json!("--allow-unauthenticated"))
     );
+    // Their own account, with no token: never the namespace's `default` and whatever it was granted.
+    let pod = &value(&c.workers)["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], value(&c.account)["metadata"]["name"]);
+    assert_eq!(pod["serviceAccountName"], "vicuna-smol-worker");
+    assert_eq!(value(&c.account)["automountServiceAccountToken"], false);
+    assert_eq!(pod["automountServiceAccountToken"], false);
 
     // The same name in another namespace: another token.
     let mut other = example();

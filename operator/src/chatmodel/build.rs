@@ -11,8 +11,8 @@ use camelid_crds::ChatModel;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, PersistentVolumeClaimVolumeSource,
-    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, Secret, SecretKeySelector, Service, ServicePort,
-    ServiceSpec, Volume, VolumeMount,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, Secret, SecretKeySelector, Service,
+    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -22,7 +22,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::error::BuildError;
 use crate::placement::{Capacity, Placement, placement};
-use crate::pod::{DOWNLOAD_DIR, VOLUMES_ROOT, download, harden, on_claim};
+use crate::pod::{DOWNLOAD_DIR, VOLUMES_ROOT, download, harden, on_claim, service_account};
 use crate::settings::Settings;
 
 /// The workers' gRPC port, as Kubernetes types it.
@@ -77,6 +77,8 @@ pub struct Children {
     /// Spot workers beyond the on-demand base, when `baseOnDemand` is set.
     pub spot_workers: Option<Deployment>,
     pub budget: PodDisruptionBudget,
+    /// The workers' own ServiceAccount (`NAME-worker`), without a token.
+    pub account: ServiceAccount,
     /// The workers' token ([`camelid_contracts::worker_auth`]), when the operator has the install's secret.
     pub token: Option<Secret>,
 }
@@ -189,7 +191,7 @@ fn pod_template(
         termination_grace_period_seconds: Some(60),
         ..PodSpec::default()
     };
-    harden(&mut spec);
+    harden(&mut spec, &workers_name(model));
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels),
@@ -409,6 +411,7 @@ pub fn children(
         workers,
         spot_workers,
         budget,
+        account: service_account(meta(workers_name(model), labels(model))),
         token,
     })
 }

@@ -12,7 +12,7 @@ use camelid_crds::chatmodel::{ChatModelStatus, ScaleDecision};
 use camelid_crds::{ChatModel, FineTuneJob};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, DeleteParams};
@@ -174,6 +174,9 @@ async fn apply(
 /// Applies each child over nothing, or over the object this model controls: never over a foreign one of the
 /// same name ([`reconcile::apply_owned`]).
 async fn apply_children(ctx: &Context, model: &ChatModel, children: &build::Children) -> Result<(), Error> {
+    // The workers' account first: their pods are refused without it.
+    let accounts: Api<ServiceAccount> = reconcile::namespaced(&ctx.client, model);
+    reconcile::apply_owned(&accounts, &build::workers_name(model), &children.account, model).await?;
     let services: Api<Service> = reconcile::namespaced(&ctx.client, model);
     reconcile::apply_owned(&services, &build::service_name(model), &children.service, model).await?;
     let deployments: Api<Deployment> = reconcile::namespaced(&ctx.client, model);

@@ -13,7 +13,7 @@ use camelid_crds::common::VolumePath;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
-    ResourceRequirements, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    ResourceRequirements, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -42,6 +42,8 @@ pub struct Attempt {
 pub struct Children {
     pub service: Service,
     pub job: Job,
+    /// The trainers' (and the evaluation's) own ServiceAccount, `NAME-trainer`, without a token.
+    pub account: ServiceAccount,
 }
 
 pub fn service_name(job: &FineTuneJob) -> String {
@@ -204,7 +206,11 @@ pub fn children(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> Res
         spec: Some(job_spec(job, attempt, settings, pod_labels)?),
         ..Job::default()
     };
-    Ok(Children { service, job: gang })
+    Ok(Children {
+        service,
+        job: gang,
+        account: crate::pod::service_account(meta(service_name(job), labels(job))),
+    })
 }
 
 /// The headless Service of the gang: rank 0's rendezvous and every rank's progress, resolvable before any rank is
@@ -293,7 +299,7 @@ fn pod_spec(job: &FineTuneJob, attempt: Attempt, settings: &Settings) -> Result<
         volumes: Some(volumes),
         ..PodSpec::default()
     };
-    harden(&mut spec);
+    harden(&mut spec, &service_name(job));
     Ok(spec)
 }
 

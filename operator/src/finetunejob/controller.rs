@@ -13,7 +13,7 @@ use camelid_crds::finetunejob::{FineTuneJobPhase, FineTuneJobStatus};
 use camelid_crds::{ChatModel, FineTuneJob};
 use futures_util::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, DeleteParams, PropagationPolicy};
 use kube::core::DeserializeGuard;
@@ -497,6 +497,9 @@ async fn start_attempt(
     now: &Time,
 ) -> Result<(), Error> {
     let children = build::children(ftj, attempt, &ctx.settings)?;
+    // The pods' account first: the Job's pods are refused without it (the evaluation pod uses it too).
+    let accounts: Api<ServiceAccount> = reconcile::namespaced(&ctx.client, ftj);
+    reconcile::apply_owned(&accounts, &build::service_name(ftj), &children.account, ftj).await?;
     let services: Api<Service> = reconcile::namespaced(&ctx.client, ftj);
     reconcile::apply_owned(&services, &build::service_name(ftj), &children.service, ftj).await?;
     let jobs: Api<Job> = reconcile::namespaced(&ctx.client, ftj);

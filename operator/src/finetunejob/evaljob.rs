@@ -274,7 +274,8 @@ fn pod_spec(
         volumes: Some(volumes),
         ..PodSpec::default()
     };
-    harden(&mut pod);
+    // The FineTuneJob's account, made with its trainers.
+    harden(&mut pod, &crate::finetunejob::build::service_name(job));
     Ok(pod)
 }
 
