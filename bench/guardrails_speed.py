@@ -71,7 +71,7 @@ def main():
             path = work / f"{name}.yaml"
             path.write_text(json.dumps(dict(extra, models={"instant": [f"127.0.0.1:{wport}"]})))
             gport = free_port()
-            gw = subprocess.Popen([str(gateway), "--config", str(path), "--listen", f"127.0.0.1:{gport}"],
+            gw = subprocess.Popen([str(gateway), "--config", str(path), "--listen", f"127.0.0.1:{gport}", "--admin-listen", "127.0.0.1:0"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   env=dict(os.environ, CAMELID_LOG="error"))
             try:

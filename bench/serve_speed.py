@@ -268,7 +268,7 @@ def main():
     gateway = ROOT / "target/release/camelid-gateway"
     wport, gport = free_port(), free_port()
     procs = [start([str(instant), f"127.0.0.1:{wport}"], logs),
-             start([str(gateway), "--listen", f"127.0.0.1:{gport}", "--backend", f"instant=127.0.0.1:{wport}"],
+             start([str(gateway), "--listen", f"127.0.0.1:{gport}", "--admin-listen", "127.0.0.1:0", "--backend", f"instant=127.0.0.1:{wport}"],
                    logs)]
     try:
         wait_http(f"http://127.0.0.1:{gport}/readyz")
