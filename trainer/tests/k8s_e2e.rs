@@ -90,6 +90,7 @@ fn a_job_is_preempted_resumes_finishes_and_its_model_is_served_with_every_proces
 
     // The gateway, discovering ChatModels over the API, and its Service's endpoint, where the operator reads load.
     let gateway_port = camelid_test_support::free_port();
+    let admin_port = camelid_test_support::free_port();
     let gateway_config = cp.dir().join("gateway.yaml");
     std::fs::write(
         &gateway_config,
@@ -108,6 +109,8 @@ fn a_job_is_preempted_resumes_finishes_and_its_model_is_served_with_every_proces
             .args([
                 "--listen",
                 &format!("{ip}:{gateway_port}"),
+                "--admin-listen",
+                &format!("{ip}:{admin_port}"),
                 "--discover-chatmodels",
                 "--allow-anonymous",
             ]),
@@ -115,14 +118,15 @@ fn a_job_is_preempted_resumes_finishes_and_its_model_is_served_with_every_proces
     cp.apply(
         &json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "camelid-gateway", "namespace": "camelid-system"},
-        "spec": {"ports": [{"name": "http", "port": 8000}]}})
+        "spec": {"ports": [{"name": "http", "port": 8000}, {"name": "admin", "port": 9091}]}})
         .to_string(),
     )
     .unwrap();
     cp.apply(&json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": "camelid-gateway-local", "namespace": "camelid-system",
             "labels": {"kubernetes.io/service-name": "camelid-gateway", "endpointslice.kubernetes.io/managed-by": "camelid-test"}},
-        "addressType": "IPv4", "ports": [{"name": "http", "port": gateway_port, "protocol": "TCP"}],
+        "addressType": "IPv4", "ports": [{"name": "http", "port": gateway_port, "protocol": "TCP"},
+                                      {"name": "admin", "port": admin_port, "protocol": "TCP"}],
         "endpoints": [{"addresses": [ip.clone()], "conditions": {"ready": true}}]}).to_string()).unwrap();
     let _operator = Daemon::start(
         "operator",
