@@ -33,6 +33,11 @@ pub fn set(
     });
 }
 
+/// On a FineTuneJob while the operator has asked its current attempt's trainers to checkpoint (a termination
+/// notice on their nodes); gone when the next attempt starts. Remembered because the stopped pods, exit codes and
+/// all, may be removed before the operator sees them: the attempt's end is then still known to be a preemption.
+pub const TERMINATION_NOTICE: &str = "TerminationNotice";
+
 /// The condition that says the operator refuses to act on an object: `False` with reason `PolicyDenied` (the
 /// spec asks for what the operator's policy forbids) or `NameConflict` (a child's name is taken by an object the
 /// resource does not control). Present only while refused, so objects the operator acts on carry no extra

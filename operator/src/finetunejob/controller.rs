@@ -247,6 +247,10 @@ fn validate(ftj: &FineTuneJob, status: &FineTuneJobStatus, now: jiff::Timestamp)
             .attempt_start_time
             .as_ref()
             .map_or(0, |t| (now - t.0).get_seconds().max(0) as u64),
+        checkpoint_requested: status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == crate::conditions::TERMINATION_NOTICE && c.status == "True"),
     }
 }
 
@@ -285,7 +289,7 @@ async fn act(
             start(ctx, ftj, status, attempt, now).await
         }
         Decision::Wait => Ok(wait(ctx, status, running)),
-        Decision::CheckpointFirst { pods } => checkpoint_first(ctx, ftj, &pods).await,
+        Decision::CheckpointFirst { pods } => checkpoint_first(ctx, ftj, &pods, status, now).await,
         Decision::Restart {
             reason,
             attempt,
@@ -346,7 +350,13 @@ fn wait(ctx: &Context, status: &mut FineTuneJobStatus, running: bool) -> Step {
 
 /// A termination notice on the nodes of `pods`: deleting them with the grace period asks their trainers to write
 /// a checkpoint. Every pod is asked; the first failure (other than a pod already gone) is returned afterwards.
-async fn checkpoint_first(ctx: &Context, ftj: &FineTuneJob, pods: &[String]) -> Result<Step, Error> {
+async fn checkpoint_first(
+    ctx: &Context,
+    ftj: &FineTuneJob,
+    pods: &[String],
+    status: &mut FineTuneJobStatus,
+    now: jiff::Timestamp,
+) -> Result<Step, Error> {
     let api: Api<Pod> = reconcile::namespaced(&ctx.client, ftj);
     let dp = DeleteParams {
         grace_period_seconds: Some(ctx.settings.termination_grace_seconds as u32),
@@ -364,6 +374,16 @@ async fn checkpoint_first(ctx: &Context, ftj: &FineTuneJob, pods: &[String]) -> 
     let message = format!(
         "termination notice on the nodes of {}: asked them to checkpoint",
         pods.join(", ")
+    );
+    // Remembered: the pods may be gone, exit codes and all, by the time the attempt is seen to end.
+    crate::conditions::set(
+        &mut status.conditions,
+        crate::conditions::TERMINATION_NOTICE,
+        true,
+        "CheckpointRequested",
+        &message,
+        &Time(now),
+        ftj.metadata.generation,
     );
     Ok(Step {
         requeue: Duration::from_secs(5),
@@ -422,6 +442,9 @@ pub(super) async fn succeed(
     status.phase = Some(FineTuneJobPhase::Succeeded);
     status.completion_time = Some(Time(now));
     status.accounted_until = None;
+    status
+        .conditions
+        .retain(|c| c.type_ != crate::conditions::TERMINATION_NOTICE);
     status.output = Some(build::output_uri(ftj));
     status.message = Some("the model is exported".into());
     let message = format!("exported to {}", status.output.clone().unwrap_or_default());
@@ -510,6 +533,10 @@ async fn start_attempt(
     status.attempt_start_time = Some(now.clone());
     status.start_time.get_or_insert(now.clone());
     status.accounted_until = None;
+    // A new attempt: its own trainers have not been asked to checkpoint.
+    status
+        .conditions
+        .retain(|c| c.type_ != crate::conditions::TERMINATION_NOTICE);
     Ok(())
 }
 

@@ -72,6 +72,10 @@ pub struct State {
     pub pending_timeout_secs: u64,
     /// Seconds since the attempt started.
     pub attempt_age_secs: u64,
+    /// The operator asked this attempt's trainers to checkpoint (a termination notice on their nodes). Deleted
+    /// pods are removed once they stop, possibly before their exit codes are read: the attempt's end is then the
+    /// preemption's.
+    pub checkpoint_requested: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +181,19 @@ pub fn decide(state: &State, job: Option<JobView>, pods: &[PodView]) -> Decision
     if job.complete || (!pods.is_empty() && pods.iter().all(|p| p.phase == PodPhase::Succeeded)) {
         return Decision::Succeeded;
     }
+    // Asked to checkpoint, and the Job failed with no exit code left to read (its pods already gone): a
+    // preemption, not a failure. Until the Job fails, its trainers are still checkpointing.
+    if state.checkpoint_requested && job.failed && !pods.iter().any(|p| p.phase == PodPhase::Failed) {
+        return Decision::Restart {
+            reason: RestartReason::Preempted,
+            attempt: state.attempt + 1,
+            capacity: next_capacity(state, state.preemptions + 1, false),
+            why:
+                "the attempt stopped after a termination checkpoint was requested (its pods were gone before \
+                  their exit codes could be read)"
+                    .into(),
+        };
+    }
     let failed = pods.iter().find(|p| p.phase == PodPhase::Failed);
     if job.failed || failed.is_some() {
         let who = failed.map_or_else(|| "the attempt's Job".to_string(), |p| p.name.clone());
@@ -237,7 +254,37 @@ mod tests {
             prefer_spot: true,
             pending_timeout_secs: 600,
             attempt_age_secs: 60,
+            checkpoint_requested: false,
         }
+    }
+
+    /// The race a loaded cluster plays: the trainers asked to checkpoint exit 75 and their pods are removed (the
+    /// Job controller takes its finalizer off) before the operator reads them. The failed Job is then the
+    /// preemption, never a failure counted against `maxRestarts`.
+    #[test]
+    fn a_job_that_fails_after_a_checkpoint_request_with_its_pods_gone_was_preempted() {
+        let failed = Some(JobView {
+            complete: false,
+            failed: true,
+        });
+        let mut s = state();
+        assert!(matches!(
+            decide(&s, failed, &[]),
+            Decision::Restart {
+                reason: RestartReason::Failed,
+                ..
+            }
+        ));
+        s.checkpoint_requested = true;
+        let Decision::Restart {
+            reason, attempt, why, ..
+        } = decide(&s, failed, &[])
+        else {
+            panic!("not a restart")
+        };
+        assert_eq!((reason, attempt), (RestartReason::Preempted, 2));
+        assert!(why.contains("stopped after a termination checkpoint"), "{why}");
+        assert_eq!(decide(&s, RUNNING, &[]), Decision::Wait, "still checkpointing");
     }
 
     fn pod(name: &str, phase: PodPhase) -> PodView {
