@@ -7,6 +7,7 @@
 //! helper threads that stay awake for the whole decode loop (a wake-up per product would cost more than the
 //! product), and streams each weight row once. Everything else (batches, prefill, training, GPU) stays on libtorch.
 
+pub use crate::cpu_attention::attend_cached;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
+use crate::storage;
 
 const LANES: usize = 16;
 /// The most input rows the kernel takes; larger batches are compute-bound and go to libtorch's GEMM.
@@ -21,43 +23,10 @@ pub const MAX_ROWS: usize = 64;
 /// How long an idle helper spins before it blocks (between tokens the decoding thread samples and detokenizes).
 const SPIN: Duration = Duration::from_millis(20);
 
-/// Borrowed views of a CPU tensor's storage. This is the one place the model reads libtorch memory directly.
-#[allow(unsafe_code)]
-mod storage {
-    use tch::{Device, Kind, Tensor};
-
-    /// The elements of a contiguous CPU tensor of `kind`, whose elements are `T`-sized.
-    fn elements<T>(t: &Tensor, kind: Kind) -> Option<&[T]> {
-        if t.device() != Device::Cpu || t.kind() != kind || !t.is_contiguous() {
-            return None;
-        }
-        let len = t.numel();
-        let ptr = t.data_ptr() as *const T;
-        if len == 0 || ptr.is_null() || kind.elt_size_in_bytes() != std::mem::size_of::<T>() {
-            return None;
-        }
-        // SAFETY: the tensor is contiguous, on the CPU and of `kind`, whose elements have the size of `T`, so its
-        // storage holds `len` such values starting at `data_ptr()` (which accounts for the storage offset). The
-        // slice borrows `t`, whose storage stays alive and is not resized while borrowed; model weights are not
-        // written during a forward pass.
-        Some(unsafe { std::slice::from_raw_parts(ptr, len) })
-    }
-
-    /// The values of a contiguous CPU f32 tensor.
-    pub fn f32s(t: &Tensor) -> Option<&[f32]> {
-        elements(t, Kind::Float)
-    }
-
-    /// The bit patterns of a contiguous CPU bf16 tensor.
-    pub fn bf16s(t: &Tensor) -> Option<&[u16]> {
-        elements(t, Kind::BFloat16)
-    }
-}
-
 /// `sum(w[i] * x[i])` with `LANES` independent accumulators (so the loop vectorizes without reassociating), the
 /// weights widened to f32 by `widen`.
 #[inline(always)]
-fn dot<W: Copy>(w: &[W], x: &[f32], widen: impl Fn(W) -> f32) -> f32 {
+pub(crate) fn dot<W: Copy>(w: &[W], x: &[f32], widen: impl Fn(W) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let (wc, wr) = w.as_chunks::<LANES>();
     let (xc, xr) = x.as_chunks::<LANES>();
@@ -131,7 +100,7 @@ impl Rows<'_> {
     }
 }
 
-/// f32 products with explicit AVX2 FMA: the compiler's vectorization of [`dot_rows`] keeps its accumulators in
+/// f32 and bf16 products with explicit AVX2 FMA: the compiler's vectorization of [`dot_rows`] keeps its accumulators in
 /// memory and reaches a fraction of what the FMA units do, which matters once a batch makes decoding compute-bound.
 /// A weight row times four input rows are computed together, loading each weight chunk once for four products.
 /// Every (weight row, input row) pair is summed the same way whatever the tiling, so a sequence gets the same bits
@@ -140,7 +109,8 @@ impl Rows<'_> {
 #[allow(unsafe_code)]
 mod avx2 {
     use std::arch::x86_64::{
-        __m256, _mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+        __m128i, __m256, _mm_loadu_si128, _mm256_add_ps, _mm256_castsi256_ps, _mm256_cvtepu16_epi32,
+        _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_slli_epi32, _mm256_storeu_ps,
     };
     use std::ops::Range;
     use std::sync::OnceLock;
@@ -150,9 +120,45 @@ mod avx2 {
         *AVAILABLE.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
     }
 
+    /// A weight element type the kernel widens to f32 in registers: f32 as is, bf16 by a shift (its bits are the
+    /// high half of an f32's), so bf16 weights cost half the memory traffic and no extra passes.
+    pub trait Weight: Copy {
+        /// Eight weights from `p` widened to f32.
+        ///
+        /// # Safety
+        /// The CPU has AVX2, and `p` points at eight readable elements.
+        unsafe fn load8(p: *const Self) -> __m256;
+        fn widen(self) -> f32;
+    }
+
+    impl Weight for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            // SAFETY: the caller guarantees eight readable f32 at `p` and AVX2.
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        fn widen(self) -> f32 {
+            self
+        }
+    }
+
+    impl Weight for u16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const u16) -> __m256 {
+            // SAFETY: the caller guarantees eight readable u16 (16 bytes, one unaligned 128-bit load) and AVX2.
+            unsafe {
+                let half = _mm_loadu_si128(p.cast::<__m128i>());
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(half)))
+            }
+        }
+        fn widen(self) -> f32 {
+            super::bf16_to_f32(self)
+        }
+    }
+
     /// Rows `rows` of the row-major `[_, cols]` matrix `w`, each dotted with every `cols`-wide row of `x`,
     /// appended to `out` in `[row][input]` order.
-    pub fn products(w: &[f32], cols: usize, rows: Range<usize>, x: &[f32], out: &mut Vec<f32>) {
+    pub fn products<W: Weight>(w: &[W], cols: usize, rows: Range<usize>, x: &[f32], out: &mut Vec<f32>) {
         assert!(available(), "avx2::products called without AVX2 and FMA");
         assert!(rows.end * cols <= w.len() && cols > 0 && x.len().is_multiple_of(cols));
         // SAFETY: the CPU has AVX2 and FMA (asserted above), which is all `products_avx2` requires; the bounds it
@@ -161,7 +167,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    fn products_avx2(w: &[f32], cols: usize, rows: Range<usize>, x: &[f32], out: &mut Vec<f32>) {
+    fn products_avx2<W: Weight>(w: &[W], cols: usize, rows: Range<usize>, x: &[f32], out: &mut Vec<f32>) {
         let batch = x.len() / cols;
         let base = out.len();
         out.resize(base + rows.len() * batch, 0.0);
@@ -191,7 +197,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    fn tile<const N: usize>(w: &[f32], x: [&[f32]; N]) -> [f32; N] {
+    fn tile<W: Weight, const N: usize>(w: &[W], x: [&[f32]; N]) -> [f32; N] {
         let cols = w.len();
         let vectorized = cols / 16 * 16;
         // Two accumulators per input row, over 16-value chunks: independent FMA chains keep the single-row
@@ -200,10 +206,10 @@ mod avx2 {
         let mut c = 0;
         while c < vectorized {
             // SAFETY: `c + 16 <= vectorized <= cols`, and `w` and every row of `x` hold `cols` values, so the
-            // unaligned 8-lane loads at `c` and `c + 8` are in bounds.
+            // unaligned 8-lane loads at `c` and `c + 8` are in bounds; the CPU has AVX2 (this function's feature).
             unsafe {
                 let p = w.as_ptr().add(c);
-                let wv = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
+                let wv = [W::load8(p), W::load8(p.add(8))];
                 for k in 0..N {
                     let p = x[k].as_ptr().add(c);
                     acc[k][0] = _mm256_fmadd_ps(wv[0], _mm256_loadu_ps(p), acc[k][0]);
@@ -220,64 +226,11 @@ mod avx2 {
             let tail: f32 = w[vectorized..]
                 .iter()
                 .zip(&x[k][vectorized..])
-                .map(|(a, b)| a * b)
+                .map(|(a, b)| a.widen() * b)
                 .sum();
             (h4[0] + h4[2]) + (h4[1] + h4[3]) + tail
         })
     }
-}
-
-/// Attention of one query position over the first `len` positions of a cache layer, on the CPU in f32. `q` holds
-/// `heads` rows of `head_dim`; `keys` and `values` are the layer's whole buffers, `[1, kv_heads, capacity,
-/// head_dim]`, query head `h` attending with key/value head `h / (heads / kv_heads)` (grouped-query attention).
-/// Appends `heads * head_dim` values to `out`, or returns false (appending nothing) when the buffers are not
-/// contiguous CPU f32. Decoding calls this once per sequence and layer: as a handful of libtorch ops it would cost
-/// more in dispatch than in arithmetic.
-pub fn attend_cached(q: &[f32], keys: &Tensor, values: &Tensor, len: usize, out: &mut Vec<f32>) -> bool {
-    let size = keys.size();
-    let (Some(k), Some(v), [_, kv_heads, capacity, head_dim]) =
-        (storage::f32s(keys), storage::f32s(values), size.as_slice())
-    else {
-        return false;
-    };
-    let (kv_heads, capacity, head_dim) = (*kv_heads as usize, *capacity as usize, *head_dim as usize);
-    let heads = q.len() / head_dim.max(1);
-    if values.size() != size
-        || len > capacity
-        || heads == 0
-        || kv_heads == 0
-        || !heads.is_multiple_of(kv_heads)
-    {
-        return false;
-    }
-    let group = heads / kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    let mut weights = vec![0f32; len];
-    let mut acc = vec![0f32; head_dim];
-    for h in 0..heads {
-        let base = (h / group) * capacity * head_dim;
-        let query = &q[h * head_dim..(h + 1) * head_dim];
-        let mut max = f32::NEG_INFINITY;
-        for (p, w) in weights.iter_mut().enumerate() {
-            let at = base + p * head_dim;
-            *w = dot(query, &k[at..at + head_dim], |x| x) * scale;
-            max = max.max(*w);
-        }
-        let mut sum = 0f32;
-        for w in &mut weights {
-            *w = (*w - max).exp();
-            sum += *w;
-        }
-        acc.fill(0.0);
-        for (p, w) in weights.iter().enumerate() {
-            let at = base + p * head_dim;
-            for (a, x) in acc.iter_mut().zip(&v[at..at + head_dim]) {
-                *a += w * x;
-            }
-        }
-        out.extend(acc.iter().map(|a| a / sum));
-    }
-    true
 }
 
 /// One matrix-vector product over several stacked matrices: `[W_1; W_2; ...] x`.
@@ -308,6 +261,10 @@ impl Product<'_> {
             match self.matrices[m] {
                 #[cfg(target_arch = "x86_64")]
                 Rows::F32(w) if avx2::available() => {
+                    avx2::products(w, self.cols, local, &self.input, &mut out)
+                }
+                #[cfg(target_arch = "x86_64")]
+                Rows::Bf16(w) if avx2::available() => {
                     avx2::products(w, self.cols, local, &self.input, &mut out)
                 }
                 matrix => {
@@ -474,6 +431,48 @@ impl<'a> DecodePool<'a> {
             offset += rows;
         }
         Ok(Some(results))
+    }
+
+    /// `x W_i^T` for each weight over `batch` f32 input rows of `cols` values (`input` row-major), returned
+    /// row-major too: input row `b`'s outputs, weights in order, are `out[b * total..(b + 1) * total]`. None when
+    /// a weight is not a contiguous CPU f32 or bf16 `[_, cols]` matrix or the batch is outside the kernel's rows.
+    pub(crate) fn products(&self, weights: &[&'a Tensor], input: Vec<f32>, batch: usize) -> Option<Vec<f32>> {
+        let cols = input.len() / batch.max(1);
+        if !(1..=MAX_ROWS).contains(&batch) || cols == 0 || input.len() != batch * cols {
+            return None;
+        }
+        let mut matrices = Vec::with_capacity(weights.len());
+        let mut starts = vec![0];
+        for w in weights {
+            let size = w.size();
+            if size.len() != 2 || size[1] as usize != cols || w.requires_grad() {
+                return None;
+            }
+            matrices.push(
+                storage::f32s(w)
+                    .map(Rows::F32)
+                    .or_else(|| storage::bf16s(w).map(Rows::Bf16))?,
+            );
+            starts.push(starts[starts.len() - 1] + size[0] as usize);
+        }
+        let total = starts[starts.len() - 1];
+        let by_row = self.run(Product {
+            matrices: Arc::new(matrices),
+            starts: Arc::new(starts),
+            input: Arc::new(input),
+            cols,
+            batch,
+        });
+        if batch == 1 {
+            return Some(by_row);
+        }
+        let mut out = vec![0f32; total * batch];
+        for (row, values) in by_row.chunks_exact(batch).enumerate() {
+            for (b, v) in values.iter().enumerate() {
+                out[b * total + row] = *v;
+            }
+        }
+        Some(out)
     }
 
     /// [`DecodePool::linear_single_row_many`] for one weight.

@@ -63,16 +63,34 @@ impl KvCache {
     ) -> Result<(Tensor, Tensor)> {
         let new = keys.size()[2] as usize;
         let needed = self.len + new;
+        let (shape, options) = (keys.size(), (keys.kind(), keys.device()));
+        let len = self.len as i64;
+        let buf = self.reserve(layer, needed, [shape[1], shape[3]], options)?;
+        buf.keys.f_narrow(2, len, new as i64)?.f_copy_(keys)?;
+        buf.values.f_narrow(2, len, new as i64)?.f_copy_(values)?;
+        Ok((
+            buf.keys.f_narrow(2, 0, needed as i64)?,
+            buf.values.f_narrow(2, 0, needed as i64)?,
+        ))
+    }
+
+    /// Layer `layer`'s buffers with room for `needed` positions of `[kv_heads, head_dim]`, grown (by doubling, up
+    /// to the cache's bound) and their filled part copied when they are smaller.
+    fn reserve(
+        &mut self,
+        layer: usize,
+        needed: usize,
+        [kv_heads, head_dim]: [i64; 2],
+        (kind, device): (Kind, Device),
+    ) -> Result<&mut LayerBuf> {
         let slot = &mut self.layers[layer];
         let current_cap = slot.as_ref().map_or(0, |l| l.keys.size()[2] as usize);
         if needed > current_cap {
             let cap = needed.max(current_cap * 2).max(16).min(self.max_len.max(needed));
-            let mut shape = keys.size();
-            shape[2] = cap as i64;
-            let (kind, device): (Kind, Device) = (keys.kind(), keys.device());
+            let shape = [1, kv_heads, cap as i64, head_dim];
             let grown = LayerBuf {
-                keys: Tensor::f_zeros(&shape, (kind, device))?,
-                values: Tensor::f_zeros(&shape, (kind, device))?,
+                keys: Tensor::f_zeros(shape, (kind, device))?,
+                values: Tensor::f_zeros(shape, (kind, device))?,
             };
             if let Some(old) = slot.as_ref().filter(|_| self.len > 0) {
                 grown
@@ -86,17 +104,48 @@ impl KvCache {
             }
             *slot = Some(grown);
         }
-        let Some(buf) = slot.as_ref() else {
-            unreachable!("allocated above")
-        };
-        buf.keys.f_narrow(2, self.len as i64, new as i64)?.f_copy_(keys)?;
-        buf.values
-            .f_narrow(2, self.len as i64, new as i64)?
-            .f_copy_(values)?;
-        Ok((
-            buf.keys.f_narrow(2, 0, needed as i64)?,
-            buf.values.f_narrow(2, 0, needed as i64)?,
-        ))
+        slot.as_mut()
+            .ok_or_else(|| crate::ModelError::InvalidRequest("a KV cache layer of no positions".into()))
+    }
+
+    /// Writes one position's keys and values (`kv_heads * head_dim` f32 each, head-major) at the next free
+    /// position of layer `layer` of a CPU f32 cache. False (nothing written) when the layer's buffers are of
+    /// another kind, as a cache filled by a GPU or f16 model is.
+    pub(crate) fn write_next(
+        &mut self,
+        layer: usize,
+        keys: &[f32],
+        values: &[f32],
+        head_dim: usize,
+    ) -> Result<bool> {
+        let kv_heads = keys.len() / head_dim.max(1);
+        let other_kind = self.layers[layer]
+            .as_ref()
+            .is_some_and(|l| l.keys.kind() != Kind::Float);
+        if other_kind || kv_heads == 0 || keys.len() != values.len() || keys.len() != kv_heads * head_dim {
+            return Ok(false);
+        }
+        let (pos, needed) = (self.len, self.len + 1);
+        let buf = self.reserve(
+            layer,
+            needed,
+            [kv_heads as i64, head_dim as i64],
+            (Kind::Float, Device::Cpu),
+        )?;
+        let cap = buf.keys.size()[2] as usize;
+        if buf.keys.size() != [1, kv_heads as i64, cap as i64, head_dim as i64] {
+            return Ok(false);
+        }
+        for (buffer, rows) in [(&mut buf.keys, keys), (&mut buf.values, values)] {
+            let Some(data) = crate::storage::f32s_mut(buffer) else {
+                return Ok(false);
+            };
+            for (h, row) in rows.chunks(head_dim).enumerate() {
+                let at = (h * cap + pos) * head_dim;
+                data[at..at + head_dim].copy_from_slice(row);
+            }
+        }
+        Ok(true)
     }
 
     /// Layer `layer`'s whole key and value buffers (`[1, kv_heads, capacity, head_dim]`), once it has any.

@@ -4,6 +4,7 @@
 //! [`Tokenizer`], its [`ChatTemplate`] and the ids that end a turn. [`generate()`] runs one sequence.
 
 pub mod config;
+mod cpu_attention;
 pub mod cpu_gemv;
 pub mod error;
 pub mod export;
@@ -13,6 +14,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod quant;
 pub mod sampling;
+mod storage;
 pub mod stream;
 pub mod template;
 pub mod tokenizer;

@@ -10,6 +10,7 @@ use crate::kv_cache::KvCache;
 use crate::weights::Weights;
 
 mod batch;
+mod cpu_step;
 mod training;
 pub use training::RopeTables;
 
@@ -610,6 +611,11 @@ impl Llama {
         cache: &mut KvCache,
         pool: Option<&DecodePool<'a>>,
     ) -> Result<Tensor> {
+        if let (Some(pool), [_]) = (pool, tokens)
+            && let Some(logits) = self.cpu_step(tokens, &mut [&mut *cache], pool)?
+        {
+            return Ok(Tensor::f_from_slice(&logits)?);
+        }
         let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
         let input = Tensor::f_from_slice(&ids)?
             .f_to_device(self.device())?

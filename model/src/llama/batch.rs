@@ -33,6 +33,11 @@ impl Llama {
                 context,
             });
         }
+        if let Some(pool) = pool
+            && let Some(logits) = self.cpu_step(tokens, caches, pool)?
+        {
+            return Ok(Tensor::f_from_slice(&logits)?.f_view([batch as i64, -1])?);
+        }
         let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
         let input = Tensor::f_from_slice(&ids)?
             .f_to_device(self.device())?
