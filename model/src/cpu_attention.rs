@@ -10,8 +10,7 @@ use crate::storage;
 /// `heads` rows of `head_dim`; `keys` and `values` are the layer's whole buffers, `[1, kv_heads, capacity,
 /// head_dim]`, query head `h` attending with key/value head `h / (heads / kv_heads)` (grouped-query attention).
 /// Appends `heads * head_dim` values to `out`, or returns false (appending nothing) when the buffers are not
-/// contiguous CPU f32. Decoding calls this once per sequence and layer: as a handful of libtorch ops it would cost
-/// more in dispatch than in arithmetic.
+/// contiguous CPU f32.
 pub fn attend_cached(q: &[f32], keys: &Tensor, values: &Tensor, len: usize, out: &mut Vec<f32>) -> bool {
     let size = keys.size();
     let (Some(k), Some(v), [_, kv_heads, capacity, head_dim]) =
@@ -20,13 +19,48 @@ pub fn attend_cached(q: &[f32], keys: &Tensor, values: &Tensor, len: usize, out:
         return false;
     };
     let (kv_heads, capacity, head_dim) = (*kv_heads as usize, *capacity as usize, *head_dim as usize);
+    if values.size() != size || len > capacity {
+        return false;
+    }
+    let rows = Rows {
+        keys: k,
+        values: v,
+        head_dim,
+        kv_heads,
+    };
+    attend(q, &rows, len, |h, p| (h * capacity + p) * head_dim, out)
+}
+
+/// A cache layer's keys and values as f32 rows of `head_dim`, wherever they lie.
+pub(crate) struct Rows<'a> {
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
+    pub head_dim: usize,
+    pub kv_heads: usize,
+}
+
+/// Attention of `q` over positions `0..len`, the row of key/value head `h` at position `p` starting at element
+/// `at(h, p)` of `rows.keys` and `rows.values` (so contiguous and paged caches share this loop). False, appending
+/// nothing, when the shapes do not agree or a row lies outside the buffers.
+pub(crate) fn attend(
+    q: &[f32],
+    rows: &Rows<'_>,
+    len: usize,
+    at: impl Fn(usize, usize) -> usize,
+    out: &mut Vec<f32>,
+) -> bool {
+    let Rows {
+        keys: k,
+        values: v,
+        head_dim,
+        kv_heads,
+    } = *rows;
     let heads = q.len() / head_dim.max(1);
-    if values.size() != size
-        || len > capacity
-        || heads == 0
-        || kv_heads == 0
-        || !heads.is_multiple_of(kv_heads)
-    {
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || len == 0 {
+        return false;
+    }
+    let in_bounds = |h: usize| (0..len).all(|p| at(h, p) + head_dim <= k.len().min(v.len()));
+    if !(0..kv_heads).all(in_bounds) {
         return false;
     }
     let group = heads / kv_heads;
@@ -34,12 +68,12 @@ pub fn attend_cached(q: &[f32], keys: &Tensor, values: &Tensor, len: usize, out:
     let mut weights = vec![0f32; len];
     let mut acc = vec![0f32; head_dim];
     for h in 0..heads {
-        let base = (h / group) * capacity * head_dim;
+        let kv = h / group;
         let query = &q[h * head_dim..(h + 1) * head_dim];
         let mut max = f32::NEG_INFINITY;
         for (p, w) in weights.iter_mut().enumerate() {
-            let at = base + p * head_dim;
-            *w = dot(query, &k[at..at + head_dim], |x| x) * scale;
+            let start = at(kv, p);
+            *w = dot(query, &k[start..start + head_dim], |x| x) * scale;
             max = max.max(*w);
         }
         let mut sum = 0f32;
@@ -49,8 +83,8 @@ pub fn attend_cached(q: &[f32], keys: &Tensor, values: &Tensor, len: usize, out:
         }
         acc.fill(0.0);
         for (p, w) in weights.iter().enumerate() {
-            let at = base + p * head_dim;
-            for (a, x) in acc.iter_mut().zip(&v[at..at + head_dim]) {
+            let start = at(kv, p);
+            for (a, x) in acc.iter_mut().zip(&v[start..start + head_dim]) {
                 *a += w * x;
             }
         }

@@ -1,11 +1,18 @@
 //! The key/value cache of one sequence: per layer, keys and values of every position seen so far.
 //!
-//! Buffers grow by doubling (up to the model's context) so appending a token is a copy of one row, not a copy of
-//! the whole history.
+//! A cache either owns its buffers (one sequence on its own: `generate`, evaluation, tests), which grow by
+//! doubling up to the model's context so appending a token is a copy of one row, or lies in fixed-size blocks of a
+//! [`BlockStore`] that many sequences share (a serving worker), listed by the sequence's block table. A block
+//! holds [`BlockStore::block_size`] consecutive positions; which blocks a sequence may use, and which full blocks
+//! hold a prefix that several sequences read, is the worker's block manager's business: a cache only reads the
+//! blocks of its table and writes at its next positions.
+
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tch::{Device, Kind, Tensor};
 
-use crate::error::Result;
+use crate::cpu_attention::{Rows, attend};
+use crate::error::{ModelError, Result};
 
 #[derive(Debug)]
 struct LayerBuf {
@@ -13,21 +20,115 @@ struct LayerBuf {
     values: Tensor,
 }
 
-/// Keys and values for one sequence (batch dimension 1), owned by that sequence.
+/// Keys and values of many sequences in blocks: per layer, `[num_blocks * block_size, kv_heads * head_dim]`, a
+/// row per position (slot `block * block_size + offset`). Allocated once, uninitialised, so memory is committed
+/// only as blocks are first written.
+#[derive(Debug)]
+pub struct BlockStore {
+    layers: Vec<LayerBuf>,
+    block_size: usize,
+    num_blocks: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl BlockStore {
+    /// A store of `num_blocks` blocks of `block_size` positions for a model's `num_layers` layers.
+    pub fn new(
+        num_layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        [kv_heads, head_dim]: [usize; 2],
+        (kind, device): (Kind, Device),
+    ) -> Result<Self> {
+        if block_size == 0 || num_blocks == 0 || kv_heads == 0 || head_dim == 0 {
+            return Err(ModelError::InvalidRequest(
+                "a KV block store needs blocks of at least one position".into(),
+            ));
+        }
+        let shape = [(num_blocks * block_size) as i64, (kv_heads * head_dim) as i64];
+        let layers = (0..num_layers)
+            .map(|_| {
+                Ok(LayerBuf {
+                    keys: Tensor::f_empty(shape, (kind, device))?,
+                    values: Tensor::f_empty(shape, (kind, device))?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers,
+            block_size,
+            num_blocks,
+            kv_heads,
+            head_dim,
+        })
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Bytes one block takes over all layers, keys and values.
+    pub fn block_bytes(&self) -> usize {
+        self.layers
+            .first()
+            .map_or(0, |l| 2 * l.keys.kind().elt_size_in_bytes())
+            * self.layers.len()
+            * self.block_size
+            * self.kv_heads
+            * self.head_dim
+    }
+}
+
+/// A [`BlockStore`] shared by the caches that live in it.
+pub type SharedBlocks = Arc<Mutex<BlockStore>>;
+
+#[derive(Debug)]
+enum Storage {
+    Own {
+        layers: Vec<Option<LayerBuf>>,
+        max_len: usize,
+    },
+    Paged {
+        store: SharedBlocks,
+        blocks: Vec<u32>,
+    },
+}
+
+/// Keys and values for one sequence (batch dimension 1).
 #[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Option<LayerBuf>>,
+    storage: Storage,
     len: usize,
-    max_len: usize,
+}
+
+fn lock(store: &SharedBlocks) -> MutexGuard<'_, BlockStore> {
+    // The store holds plain buffers with no invariant a panicking writer could break.
+    store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl KvCache {
-    /// An empty cache for `num_layers` layers that can hold at most `max_len` positions.
+    /// An empty cache for `num_layers` layers with its own buffers, holding at most `max_len` positions.
     pub fn new(num_layers: usize, max_len: usize) -> Self {
         Self {
-            layers: (0..num_layers).map(|_| None).collect(),
+            storage: Storage::Own {
+                layers: (0..num_layers).map(|_| None).collect(),
+                max_len,
+            },
             len: 0,
-            max_len,
+        }
+    }
+
+    /// A cache in `store`'s blocks `blocks` (in position order) whose first `len` positions are already filled
+    /// (a cached prefix).
+    pub fn paged(store: SharedBlocks, blocks: Vec<u32>, len: usize) -> Self {
+        Self {
+            storage: Storage::Paged { store, blocks },
+            len,
         }
     }
 
@@ -40,17 +141,48 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Positions it can hold: its bound, or the positions of its blocks.
     pub fn max_len(&self) -> usize {
-        self.max_len
+        match &self.storage {
+            Storage::Own { max_len, .. } => *max_len,
+            Storage::Paged { store, blocks } => blocks.len() * lock(store).block_size,
+        }
     }
 
-    /// Bytes held by the buffers (allocated capacity, not just the used part).
+    /// The block table of a paged cache (empty for one with its own buffers).
+    pub fn blocks(&self) -> &[u32] {
+        match &self.storage {
+            Storage::Own { .. } => &[],
+            Storage::Paged { blocks, .. } => blocks,
+        }
+    }
+
+    /// Gives a paged cache one more block at the end of its table.
+    pub fn push_block(&mut self, block: u32) {
+        if let Storage::Paged { blocks, .. } = &mut self.storage {
+            blocks.push(block);
+        }
+    }
+
+    /// Bytes held by its own buffers (allocated capacity); a paged cache's blocks are the store's.
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|l| (l.keys.numel() + l.values.numel()) * l.keys.kind().elt_size_in_bytes())
-            .sum()
+        match &self.storage {
+            Storage::Own { layers, .. } => layers
+                .iter()
+                .flatten()
+                .map(|l| (l.keys.numel() + l.values.numel()) * l.keys.kind().elt_size_in_bytes())
+                .sum(),
+            Storage::Paged { .. } => 0,
+        }
+    }
+
+    /// Whether the CPU decode step can read and write this cache: CPU f32 buffers (or none yet).
+    pub(crate) fn is_cpu_f32(&self) -> bool {
+        let fits = |t: &Tensor| t.kind() == Kind::Float && t.device() == Device::Cpu;
+        match &self.storage {
+            Storage::Own { layers, .. } => layers.iter().flatten().all(|l| fits(&l.keys)),
+            Storage::Paged { store, .. } => lock(store).layers.iter().all(|l| fits(&l.keys)),
+        }
     }
 
     /// Appends `keys`/`values` (`[1, kv_heads, t, head_dim]`) of layer `layer` and returns the whole history
@@ -62,55 +194,50 @@ impl KvCache {
         values: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let new = keys.size()[2] as usize;
-        let needed = self.len + new;
-        let (shape, options) = (keys.size(), (keys.kind(), keys.device()));
-        let len = self.len as i64;
-        let buf = self.reserve(layer, needed, [shape[1], shape[3]], options)?;
-        buf.keys.f_narrow(2, len, new as i64)?.f_copy_(keys)?;
-        buf.values.f_narrow(2, len, new as i64)?.f_copy_(values)?;
-        Ok((
-            buf.keys.f_narrow(2, 0, needed as i64)?,
-            buf.values.f_narrow(2, 0, needed as i64)?,
-        ))
-    }
-
-    /// Layer `layer`'s buffers with room for `needed` positions of `[kv_heads, head_dim]`, grown (by doubling, up
-    /// to the cache's bound) and their filled part copied when they are smaller.
-    fn reserve(
-        &mut self,
-        layer: usize,
-        needed: usize,
-        [kv_heads, head_dim]: [i64; 2],
-        (kind, device): (Kind, Device),
-    ) -> Result<&mut LayerBuf> {
-        let slot = &mut self.layers[layer];
-        let current_cap = slot.as_ref().map_or(0, |l| l.keys.size()[2] as usize);
-        if needed > current_cap {
-            let cap = needed.max(current_cap * 2).max(16).min(self.max_len.max(needed));
-            let shape = [1, kv_heads, cap as i64, head_dim];
-            let grown = LayerBuf {
-                keys: Tensor::f_zeros(shape, (kind, device))?,
-                values: Tensor::f_zeros(shape, (kind, device))?,
-            };
-            if let Some(old) = slot.as_ref().filter(|_| self.len > 0) {
-                grown
-                    .keys
-                    .f_narrow(2, 0, self.len as i64)?
-                    .f_copy_(&old.keys.f_narrow(2, 0, self.len as i64)?)?;
-                grown
-                    .values
-                    .f_narrow(2, 0, self.len as i64)?
-                    .f_copy_(&old.values.f_narrow(2, 0, self.len as i64)?)?;
+        let (len, needed) = (self.len, self.len + new);
+        match &mut self.storage {
+            Storage::Own { layers, max_len } => {
+                let (shape, options) = (keys.size(), (keys.kind(), keys.device()));
+                let dims = [shape[1], shape[3]];
+                let buf = reserve(&mut layers[layer], len, needed, *max_len, dims, options)?;
+                buf.keys.f_narrow(2, len as i64, new as i64)?.f_copy_(keys)?;
+                buf.values.f_narrow(2, len as i64, new as i64)?.f_copy_(values)?;
+                Ok((
+                    buf.keys.f_narrow(2, 0, needed as i64)?,
+                    buf.values.f_narrow(2, 0, needed as i64)?,
+                ))
             }
-            *slot = Some(grown);
+            Storage::Paged { store, blocks } => {
+                let mut store = lock(store);
+                let slots = slot_tensor(&store, blocks, len..needed, keys.device())?;
+                let history = slot_tensor(&store, blocks, 0..needed, keys.device())?;
+                let (kv_heads, head_dim) = (store.kv_heads as i64, store.head_dim as i64);
+                let buf = &mut store.layers[layer];
+                let mut out = Vec::with_capacity(2);
+                for (target, new_rows) in [(&mut buf.keys, keys), (&mut buf.values, values)] {
+                    let rows = new_rows
+                        .f_select(0, 0)?
+                        .f_permute([1, 0, 2])?
+                        .f_reshape([new as i64, kv_heads * head_dim])?
+                        .f_to_kind(target.kind())?;
+                    let _ = target.f_index_copy_(0, &slots, &rows)?;
+                    out.push(
+                        target
+                            .f_index_select(0, &history)?
+                            .f_view([needed as i64, kv_heads, head_dim])?
+                            .f_permute([1, 0, 2])?
+                            .f_unsqueeze(0)?
+                            .f_to_kind(keys.kind())?,
+                    );
+                }
+                let values = out.pop().expect("two tensors pushed");
+                Ok((out.pop().expect("two tensors pushed"), values))
+            }
         }
-        slot.as_mut()
-            .ok_or_else(|| crate::ModelError::InvalidRequest("a KV cache layer of no positions".into()))
     }
 
     /// Writes one position's keys and values (`kv_heads * head_dim` f32 each, head-major) at the next free
-    /// position of layer `layer` of a CPU f32 cache. False (nothing written) when the layer's buffers are of
-    /// another kind, as a cache filled by a GPU or f16 model is.
+    /// position of layer `layer` of a CPU f32 cache. False (nothing written) when the cache is of another kind.
     pub(crate) fn write_next(
         &mut self,
         layer: usize,
@@ -119,42 +246,154 @@ impl KvCache {
         head_dim: usize,
     ) -> Result<bool> {
         let kv_heads = keys.len() / head_dim.max(1);
-        let other_kind = self.layers[layer]
-            .as_ref()
-            .is_some_and(|l| l.keys.kind() != Kind::Float);
-        if other_kind || kv_heads == 0 || keys.len() != values.len() || keys.len() != kv_heads * head_dim {
+        if kv_heads == 0
+            || keys.len() != values.len()
+            || keys.len() != kv_heads * head_dim
+            || !self.is_cpu_f32()
+        {
             return Ok(false);
         }
         let (pos, needed) = (self.len, self.len + 1);
-        let buf = self.reserve(
-            layer,
-            needed,
-            [kv_heads as i64, head_dim as i64],
-            (Kind::Float, Device::Cpu),
-        )?;
-        let cap = buf.keys.size()[2] as usize;
-        if buf.keys.size() != [1, kv_heads as i64, cap as i64, head_dim as i64] {
-            return Ok(false);
-        }
-        for (buffer, rows) in [(&mut buf.keys, keys), (&mut buf.values, values)] {
-            let Some(data) = crate::storage::f32s_mut(buffer) else {
-                return Ok(false);
-            };
-            for (h, row) in rows.chunks(head_dim).enumerate() {
-                let at = (h * cap + pos) * head_dim;
-                data[at..at + head_dim].copy_from_slice(row);
+        match &mut self.storage {
+            Storage::Own { layers, max_len } => {
+                let options = (Kind::Float, Device::Cpu);
+                let dims = [kv_heads as i64, head_dim as i64];
+                let buf = reserve(&mut layers[layer], pos, needed, *max_len, dims, options)?;
+                let cap = buf.keys.size()[2] as usize;
+                if buf.keys.size() != [1, kv_heads as i64, cap as i64, head_dim as i64] {
+                    return Ok(false);
+                }
+                for (buffer, rows) in [(&mut buf.keys, keys), (&mut buf.values, values)] {
+                    let Some(data) = crate::storage::f32s_mut(buffer) else {
+                        return Ok(false);
+                    };
+                    for (h, row) in rows.chunks(head_dim).enumerate() {
+                        let at = (h * cap + pos) * head_dim;
+                        data[at..at + head_dim].copy_from_slice(row);
+                    }
+                }
+            }
+            Storage::Paged { store, blocks } => {
+                let mut store = lock(store);
+                if store.kv_heads * store.head_dim != keys.len() {
+                    return Ok(false);
+                }
+                let slot = slot_of(&store, blocks, pos)?;
+                let buf = &mut store.layers[layer];
+                for (buffer, row) in [(&mut buf.keys, keys), (&mut buf.values, values)] {
+                    let Some(data) = crate::storage::f32s_mut(buffer) else {
+                        return Ok(false);
+                    };
+                    data[slot * row.len()..(slot + 1) * row.len()].copy_from_slice(row);
+                }
             }
         }
         Ok(true)
     }
 
-    /// Layer `layer`'s whole key and value buffers (`[1, kv_heads, capacity, head_dim]`), once it has any.
-    pub(crate) fn layer_buffers(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
-        self.layers.get(layer)?.as_ref().map(|l| (&l.keys, &l.values))
+    /// Attention of one query (`heads * head_dim` f32) over the first `len` positions of layer `layer`, on the
+    /// CPU, appended to `out`; false (nothing appended) when the cache is not CPU f32.
+    pub(crate) fn attend(&self, layer: usize, q: &[f32], len: usize, out: &mut Vec<f32>) -> Result<bool> {
+        match &self.storage {
+            Storage::Own { layers, .. } => {
+                let Some(Some(buf)) = layers.get(layer) else {
+                    return Ok(false);
+                };
+                Ok(crate::cpu_attention::attend_cached(
+                    q,
+                    &buf.keys,
+                    &buf.values,
+                    len,
+                    out,
+                ))
+            }
+            Storage::Paged { store, blocks } => {
+                let store = lock(store);
+                let (Some(keys), Some(values)) = (
+                    crate::storage::f32s(&store.layers[layer].keys),
+                    crate::storage::f32s(&store.layers[layer].values),
+                ) else {
+                    return Ok(false);
+                };
+                if len > blocks.len() * store.block_size {
+                    return Ok(false);
+                }
+                let (b, kv_heads, head_dim) = (store.block_size, store.kv_heads, store.head_dim);
+                let rows = Rows {
+                    keys,
+                    values,
+                    head_dim,
+                    kv_heads,
+                };
+                let at =
+                    |h: usize, p: usize| ((blocks[p / b] as usize * b + p % b) * kv_heads + h) * head_dim;
+                Ok(attend(q, &rows, len, at, out))
+            }
+        }
     }
 
     /// Marks `t` more positions as filled once every layer has appended them.
     pub(crate) fn advance(&mut self, t: usize) {
         self.len += t;
     }
+}
+
+/// The store slot of position `pos` of a sequence with block table `blocks`.
+fn slot_of(store: &BlockStore, blocks: &[u32], pos: usize) -> Result<usize> {
+    let b = store.block_size;
+    match blocks.get(pos / b) {
+        Some(&block) if (block as usize) < store.num_blocks => Ok(block as usize * b + pos % b),
+        _ => Err(ModelError::InvalidRequest(format!(
+            "the KV cache has no block for position {pos} ({} blocks of {b})",
+            blocks.len()
+        ))),
+    }
+}
+
+/// The slots of `positions`, as an index tensor on `device`.
+fn slot_tensor(
+    store: &BlockStore,
+    blocks: &[u32],
+    positions: std::ops::Range<usize>,
+    device: Device,
+) -> Result<Tensor> {
+    let slots: Vec<i64> = positions
+        .map(|p| slot_of(store, blocks, p).map(|s| s as i64))
+        .collect::<Result<_>>()?;
+    Ok(Tensor::f_from_slice(&slots)?.f_to_device(device)?)
+}
+
+/// A layer's own buffers with room for `needed` positions of `[kv_heads, head_dim]`, grown (by doubling, up to
+/// `max_len`) with the first `len` positions copied when they are smaller.
+fn reserve(
+    slot: &mut Option<LayerBuf>,
+    len: usize,
+    needed: usize,
+    max_len: usize,
+    [kv_heads, head_dim]: [i64; 2],
+    (kind, device): (Kind, Device),
+) -> Result<&mut LayerBuf> {
+    let current_cap = slot.as_ref().map_or(0, |l| l.keys.size()[2] as usize);
+    if needed > current_cap {
+        let cap = needed.max(current_cap * 2).max(16).min(max_len.max(needed));
+        let shape = [1, kv_heads, cap as i64, head_dim];
+        let grown = LayerBuf {
+            keys: Tensor::f_zeros(shape, (kind, device))?,
+            values: Tensor::f_zeros(shape, (kind, device))?,
+        };
+        if let Some(old) = slot.as_ref().filter(|_| len > 0) {
+            let len = len as i64;
+            grown
+                .keys
+                .f_narrow(2, 0, len)?
+                .f_copy_(&old.keys.f_narrow(2, 0, len)?)?;
+            grown
+                .values
+                .f_narrow(2, 0, len)?
+                .f_copy_(&old.values.f_narrow(2, 0, len)?)?;
+        }
+        *slot = Some(grown);
+    }
+    slot.as_mut()
+        .ok_or_else(|| ModelError::InvalidRequest("a KV cache layer of no positions".into()))
 }

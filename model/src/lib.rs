@@ -26,7 +26,7 @@ pub use config::Config;
 pub use error::{ModelError, Result};
 pub use export::export_hf_dir;
 pub use generate::{Completion, FinishReason, GenerateRequest, generate};
-pub use kv_cache::KvCache;
+pub use kv_cache::{BlockStore, KvCache, SharedBlocks};
 pub use llama::Llama;
 pub use sampling::{Sampler, SamplingParams};
 pub use template::{ChatMessage, ChatTemplate};

@@ -241,23 +241,14 @@ fn attend_cached(
     attend_one(q, keys, values)
 }
 
-/// [`crate::cpu_gemv::attend_cached`] for `q` (`[.., heads, 1, head_dim]` of one sequence) over layer `layer` of
+/// CPU attention ([`KvCache::attend`]) for `q` (`[.., heads, 1, head_dim]` of one sequence) over layer `layer` of
 /// `cache` including the position being decoded; false when it does not apply.
 fn cpu_attention(q: &Tensor, cache: &KvCache, layer: usize, out: &mut Vec<f32>) -> Result<bool> {
-    let Some((keys, values)) = cache.layer_buffers(layer) else {
-        return Ok(false);
-    };
     if q.device() != Device::Cpu || q.kind() != Kind::Float {
         return Ok(false);
     }
     let query = Vec::<f32>::try_from(q.f_flatten(0, -1)?)?;
-    Ok(crate::cpu_gemv::attend_cached(
-        &query,
-        keys,
-        values,
-        cache.len() + 1,
-        out,
-    ))
+    cache.attend(layer, &query, cache.len() + 1, out)
 }
 
 fn rotate_half(x: &Tensor) -> Result<Tensor> {

@@ -14,7 +14,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::{Linear, Llama, compute_rope};
-use crate::cpu_gemv::{DecodePool, attend_cached};
+use crate::cpu_gemv::DecodePool;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::storage;
@@ -112,9 +112,7 @@ impl Llama {
             _ => Precision::Bf16,
         };
         let batch = tokens.len();
-        let cache_kinds_fit = caches.iter().all(|c| {
-            (0..self.layers.len()).all(|i| c.layer_buffers(i).is_none_or(|(k, _)| k.kind() == Kind::Float))
-        });
+        let cache_kinds_fit = caches.iter().all(|c| c.is_cpu_f32());
         if batch == 0 || batch != caches.len() || !cache_kinds_fit || !self.cpu_step_applies() {
             return Ok(None);
         }
@@ -224,10 +222,7 @@ impl Llama {
                     "the KV cache is not a CPU f32 cache".into(),
                 ));
             }
-            let Some((keys, values)) = cache.layer_buffers(i) else {
-                return Err(ModelError::InvalidRequest("the KV cache lost a layer".into()));
-            };
-            if !attend_cached(&q, keys, values, cache.len() + 1, &mut attended) {
+            if !cache.attend(i, &q, cache.len() + 1, &mut attended)? {
                 return Err(ModelError::InvalidRequest(
                     "the KV cache does not suit CPU attention".into(),
                 ));
