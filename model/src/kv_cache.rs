@@ -213,25 +213,23 @@ impl KvCache {
                 let history = slot_tensor(&store, blocks, 0..needed, keys.device())?;
                 let (kv_heads, head_dim) = (store.kv_heads as i64, store.head_dim as i64);
                 let buf = &mut store.layers[layer];
-                let mut out = Vec::with_capacity(2);
-                for (target, new_rows) in [(&mut buf.keys, keys), (&mut buf.values, values)] {
+                let mut write_and_gather = |target: &mut Tensor, new_rows: &Tensor| -> Result<Tensor> {
                     let rows = new_rows
                         .f_select(0, 0)?
                         .f_permute([1, 0, 2])?
                         .f_reshape([new as i64, kv_heads * head_dim])?
                         .f_to_kind(target.kind())?;
                     let _ = target.f_index_copy_(0, &slots, &rows)?;
-                    out.push(
-                        target
-                            .f_index_select(0, &history)?
-                            .f_view([needed as i64, kv_heads, head_dim])?
-                            .f_permute([1, 0, 2])?
-                            .f_unsqueeze(0)?
-                            .f_to_kind(keys.kind())?,
-                    );
-                }
-                let values = out.pop().expect("two tensors pushed");
-                Ok((out.pop().expect("two tensors pushed"), values))
+                    Ok(target
+                        .f_index_select(0, &history)?
+                        .f_view([needed as i64, kv_heads, head_dim])?
+                        .f_permute([1, 0, 2])?
+                        .f_unsqueeze(0)?
+                        .f_to_kind(keys.kind())?)
+                };
+                let k = write_and_gather(&mut buf.keys, keys)?;
+                let v = write_and_gather(&mut buf.values, values)?;
+                Ok((k, v))
             }
         }
     }
