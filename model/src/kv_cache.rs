@@ -213,7 +213,7 @@ impl KvCache {
                 let history = slot_tensor(&store, blocks, 0..needed, keys.device())?;
                 let (kv_heads, head_dim) = (store.kv_heads as i64, store.head_dim as i64);
                 let buf = &mut store.layers[layer];
-                let mut write_and_gather = |target: &mut Tensor, new_rows: &Tensor| -> Result<Tensor> {
+                let write_and_gather = |target: &mut Tensor, new_rows: &Tensor| -> Result<Tensor> {
                     let rows = new_rows
                         .f_select(0, 0)?
                         .f_permute([1, 0, 2])?
