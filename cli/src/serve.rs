@@ -28,8 +28,8 @@ pub struct ServeArgs {
     /// The model name clients use (default: the model's file or directory name).
     #[arg(long)]
     served_model_name: Option<String>,
-    /// Most sequences decoding together.
-    #[arg(long, default_value_t = 32)]
+    /// Most sequences running together; the KV blocks bound them further.
+    #[arg(long, default_value_t = 256)]
     max_batch: usize,
     /// The gateway's YAML config (moderation, API keys, limits; its `models` and `listen` are ignored), reloaded
     /// when it changes.

@@ -157,10 +157,12 @@ impl KvCache {
         }
     }
 
-    /// Gives a paged cache one more block at the end of its table.
-    pub fn push_block(&mut self, block: u32) {
+    /// Replaces a paged cache's block table (the worker's block manager grew it); its filled positions must keep
+    /// their blocks.
+    pub fn set_blocks(&mut self, table: &[u32]) {
         if let Storage::Paged { blocks, .. } = &mut self.storage {
-            blocks.push(block);
+            blocks.clear();
+            blocks.extend_from_slice(table);
         }
     }
 

@@ -14,7 +14,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::{Linear, Llama, compute_rope};
-use crate::cpu_gemv::DecodePool;
+use crate::cpu_gemv::{DecodePool, MAX_ROWS};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::storage;
@@ -136,9 +136,8 @@ impl Llama {
             cache.advance(1);
         }
         let h = self.norm_rows(&x, &self.norm, precision)?;
-        let mut logits = kernel(pool.products(&[&self.lm_head.weight], h, batch))?;
-        precision.round_all(&mut logits);
-        Ok(Some(logits))
+        let lm_head = [&self.lm_head];
+        Ok(Some(self.project_rows(&lm_head, h, batch, pool, precision)?))
     }
 
     /// The embedding rows of `tokens`, `hidden` values each.
@@ -272,7 +271,16 @@ impl Llama {
         precision: Precision,
     ) -> Result<Vec<f32>> {
         let weights: Vec<&'a Tensor> = linears.iter().map(|l| &l.weight).collect();
-        let mut out = kernel(pool.products(&weights, input, batch))?;
+        let cols = input.len() / batch.max(1);
+        let mut out = Vec::new();
+        // The kernel takes up to MAX_ROWS rows at a time; a row's values do not depend on the rows beside it.
+        for rows in input.chunks(MAX_ROWS * cols.max(1)) {
+            out.extend(kernel(pool.products(
+                &weights,
+                rows.to_vec(),
+                rows.len() / cols.max(1),
+            ))?);
+        }
         if linears.iter().any(|l| l.bias.is_some()) {
             let mut bias = Vec::with_capacity(out.len() / batch.max(1));
             for l in linears {

@@ -83,6 +83,9 @@ pub struct Validated {
     pub params: Params,
     pub stream: bool,
     pub include_usage: bool,
+    /// Whose prompt-prefix cache the request may share on the worker: the API key's name (empty without keys).
+    /// Set at admission, never from the body.
+    pub cache_salt: String,
 }
 
 /// Parses JSON, telling malformed JSON (400) from the wrong shape (422, naming the field).
@@ -263,6 +266,7 @@ pub fn chat(r: ChatCompletionRequest, limits: &Limits) -> Result<Validated, ApiE
     };
     let params = params(&r.sampling, max_tokens, limits).map_err(param_name_fix)?;
     Ok(Validated {
+        cache_salt: String::new(),
         api: Api::Chat,
         model,
         input: Input::Chat(messages),
@@ -431,6 +435,7 @@ pub fn completion(r: CompletionRequest, limits: &Limits) -> Result<Validated, Ap
     // The completions API's own default is 16 tokens.
     let params = params(&r.sampling, Some(r.sampling.max_tokens.unwrap_or(16)), limits)?;
     Ok(Validated {
+        cache_salt: String::new(),
         api: Api::Completions,
         model,
         input: Input::Prompt(prompt),

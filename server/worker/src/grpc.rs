@@ -76,6 +76,7 @@ fn params(r: &v1::GenerateRequest) -> GenParams {
         },
         stop: r.stop.clone(),
         ignore_eos: r.ignore_eos,
+        cache_salt: r.cache_salt.clone(),
     }
 }
 

@@ -5,6 +5,7 @@
 //! handle as the `camelid.worker.v1.Worker` service and [`http`] serves its
 //! metrics and health. [`engine`] holds the types the handle and the engine thread exchange.
 
+pub mod blocks;
 pub mod engine;
 pub mod error;
 pub mod grpc;
@@ -12,6 +13,7 @@ pub mod handle;
 pub mod http;
 pub mod load;
 pub mod metrics;
+mod running;
 pub mod scheduler;
 
 pub use engine::{Event, GenParams, Input, ModelInfo, WorkerConfig};

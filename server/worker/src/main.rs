@@ -40,18 +40,19 @@ struct Cli {
 
 #[derive(clap::Args)]
 struct BatchingArgs {
-    /// Most sequences decoding together.
-    #[arg(long, default_value_t = 32)]
+    /// Most sequences running together; the KV blocks bound them further.
+    #[arg(long, default_value_t = 256)]
     max_batch: usize,
     /// Requests that may wait for the batch; more get a retryable "overloaded" error.
     #[arg(long, default_value_t = 256)]
     max_waiting: usize,
-    /// KV cache memory (MiB) running sequences may reserve together.
+    /// The KV block store (MiB). On the CPU its memory is committed only as blocks are first written.
     #[arg(long, default_value_t = 8192)]
     kv_budget_mib: usize,
-    /// Prompt tokens prefilled per step, so long prompts do not stall running sequences for long.
-    #[arg(long, default_value_t = 4096)]
-    max_prefill_tokens: usize,
+    /// Tokens computed per step, decodes and prompt chunks together, so long prompts do not stall running
+    /// streams.
+    #[arg(long, default_value_t = 512)]
+    max_step_tokens: usize,
 }
 
 fn main() -> ExitCode {
@@ -89,7 +90,7 @@ async fn run(cli: Cli) -> Result<(), (anyhow::Error, u8)> {
         max_batch: cli.batching.max_batch.max(1),
         max_waiting: cli.batching.max_waiting,
         kv_budget_bytes: cli.batching.kv_budget_mib << 20,
-        max_prefill_tokens: cli.batching.max_prefill_tokens.max(1),
+        max_step_tokens: cli.batching.max_step_tokens.max(1),
     };
     let model = cli.model.clone();
     let handle = WorkerHandle::start(config, move || Ok(model.load()?)).map_err(|e| (e.into(), 1))?;

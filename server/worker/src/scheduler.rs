@@ -1,41 +1,55 @@
 //! The continuous-batching state machine, free of any model so it can be tested directly.
 //!
-//! Sequences wait in FIFO order and join the running batch between decode steps while there is room: fewer than
-//! `max_batch` running, their KV reservation within the budget, and this step's prefill tokens within
-//! `max_prefill_tokens` (so one step never stalls running sequences behind a pile of long prompts). A sequence
-//! reserves its whole worst case (prompt + max new tokens) when it joins, so a running sequence can never run out
-//! of KV memory and nothing is ever preempted. The head of the queue is never overtaken: a large request waits for
-//! room rather than starving behind small ones.
+//! Each step has a token budget. Running sequences come first: every decoding sequence (one token to compute)
+//! takes one, and sequences still in their prompt take chunks of what is left (chunked prefill), so a long prompt
+//! never stalls running streams and several arrivals are prefilled in the same step. Then waiting sequences join
+//! in FIFO order (the head is never overtaken) while the batch has room, the budget has tokens and the free
+//! blocks cover the rest of the prompt. A joining sequence first takes the cached blocks of its longest cached
+//! prefix ([`BlockManager::take_prefix`]) and computes only the rest.
+//!
+//! KV memory is blocks, taken as positions are computed, not reserved for the worst case at admission. When a
+//! running sequence needs a block and none is left, the most recently admitted sequence is preempted: its blocks
+//! are released (their full blocks stay cached) and it goes back to the head of the queue, to recompute its
+//! prompt and everything it generated so far, mostly from the cache. A running request is never failed for
+//! memory.
 
 use std::collections::{HashMap, VecDeque};
+
+use crate::blocks::{BlockId, BlockManager};
 
 /// A sequence's id within one worker.
 pub type SeqId = u64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
-    /// Most sequences decoding together.
+    /// Most sequences running together.
     pub max_batch: usize,
-    /// KV cache positions all running sequences may reserve together.
-    pub kv_budget_tokens: usize,
-    /// Prompt tokens prefilled in one step (the first joining sequence is always allowed).
-    pub max_prefill_tokens: usize,
+    /// KV blocks in the worker's store.
+    pub num_blocks: usize,
+    /// Positions a block holds.
+    pub block_size: usize,
+    /// Tokens computed in one step, decodes and prefill chunks together (the first chunk of a step is always
+    /// allowed at least one token).
+    pub max_step_tokens: usize,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Waiting {
-    id: SeqId,
-    prompt_tokens: usize,
-    reserve_tokens: usize,
+/// What a step computes for a sequence still in its prompt: `tokens[start..start + len]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk {
+    pub id: SeqId,
+    pub start: usize,
+    pub len: usize,
 }
 
 /// What to run in one engine step.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Step {
-    /// Sequences joining now: prefill them (their first token comes from the prefill).
-    pub prefill: Vec<SeqId>,
-    /// Sequences that were already running: one decode step each, batched.
+    /// Prompt chunks; one whose end is the sequence's last token gives its next token.
+    pub prefill: Vec<Chunk>,
+    /// Sequences with one token to compute: one batched decode step, each giving its next token.
     pub decode: Vec<SeqId>,
+    /// Sequences preempted for memory: their caches are gone; they recompute when they run again.
+    pub preempted: Vec<SeqId>,
 }
 
 impl Step {
@@ -47,27 +61,43 @@ impl Step {
 /// Why a sequence cannot be queued at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejected {
-    /// Its reservation is larger than the whole KV budget: it could never run on this worker.
-    ExceedsBudget { reserve_tokens: usize, budget: usize },
+    /// Its prompt plus its longest answer needs more positions than the whole store holds.
+    ExceedsBudget { tokens: usize, capacity: usize },
+}
+
+#[derive(Debug)]
+struct Seq {
+    /// The prompt and every token generated so far: all need keys and values before the next token.
+    tokens: Vec<u32>,
+    /// Positions whose keys and values are in `blocks` (or planned by the step under way).
+    computed: usize,
+    blocks: Vec<BlockId>,
+    /// Leading blocks registered in the prefix cache.
+    registered: usize,
+    /// Tenant separation of the prefix cache.
+    salt: u64,
 }
 
 #[derive(Debug)]
 pub struct Scheduler {
     config: SchedulerConfig,
-    waiting: VecDeque<Waiting>,
+    blocks: BlockManager,
+    seqs: HashMap<SeqId, Seq>,
+    waiting: VecDeque<SeqId>,
+    /// In admission order: the last is preempted first.
     running: Vec<SeqId>,
-    reservations: HashMap<SeqId, usize>,
-    reserved: usize,
+    preemptions: u64,
 }
 
 impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Self {
         Self {
             config,
+            blocks: BlockManager::new(config.num_blocks, config.block_size),
+            seqs: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
-            reservations: HashMap::new(),
-            reserved: 0,
+            preemptions: 0,
         }
     }
 
@@ -75,63 +105,207 @@ impl Scheduler {
         self.config
     }
 
-    /// Queues a sequence that needs `prompt_tokens` of prefill and at most `reserve_tokens` KV positions.
+    /// Queues a sequence whose prompt is `tokens` and which may grow to `max_total` positions.
     pub fn enqueue(
         &mut self,
         id: SeqId,
-        prompt_tokens: usize,
-        reserve_tokens: usize,
+        tokens: Vec<u32>,
+        max_total: usize,
+        salt: u64,
     ) -> Result<(), Rejected> {
-        if reserve_tokens > self.config.kv_budget_tokens {
+        let capacity = self.config.num_blocks * self.blocks.block_size();
+        if max_total > capacity || tokens.is_empty() {
             return Err(Rejected::ExceedsBudget {
-                reserve_tokens,
-                budget: self.config.kv_budget_tokens,
+                tokens: max_total,
+                capacity,
             });
         }
-        self.waiting.push_back(Waiting {
-            id,
-            prompt_tokens,
-            reserve_tokens,
-        });
+        let seq = Seq {
+            tokens,
+            computed: 0,
+            blocks: Vec::new(),
+            registered: 0,
+            salt,
+        };
+        self.seqs.insert(id, seq);
+        self.waiting.push_back(id);
         Ok(())
     }
 
-    /// Removes a sequence wherever it is (finished, cancelled or failed) and frees its reservation. Returns false
-    /// when the id is unknown.
-    pub fn remove(&mut self, id: SeqId) -> bool {
-        if let Some(pos) = self.waiting.iter().position(|w| w.id == id) {
-            self.waiting.remove(pos);
-            return true;
+    /// A token the sequence generated: the next step computes its keys and values.
+    pub fn push_token(&mut self, id: SeqId, token: u32) {
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.tokens.push(token);
         }
-        let Some(pos) = self.running.iter().position(|&r| r == id) else {
+    }
+
+    /// The sequence's tokens (prompt and generated).
+    pub fn tokens(&self, id: SeqId) -> &[u32] {
+        self.seqs.get(&id).map_or(&[], |s| &s.tokens)
+    }
+
+    /// The sequence's block table.
+    pub fn block_table(&self, id: SeqId) -> &[BlockId] {
+        self.seqs.get(&id).map_or(&[], |s| &s.blocks)
+    }
+
+    /// Removes a sequence that finished or was cancelled between steps: its computed full blocks stay cached.
+    /// False when the id is unknown.
+    pub fn remove(&mut self, id: SeqId) -> bool {
+        self.register(id);
+        self.drop_seq(id)
+    }
+
+    /// Removes a sequence whose step failed: its blocks hold nothing trustworthy and are not cached.
+    pub fn abort(&mut self, id: SeqId) -> bool {
+        self.drop_seq(id)
+    }
+
+    fn drop_seq(&mut self, id: SeqId) -> bool {
+        let Some(seq) = self.seqs.remove(&id) else {
             return false;
         };
-        self.running.remove(pos);
-        self.reserved -= self.reservations.remove(&id).unwrap_or(0);
+        self.blocks.release(&seq.blocks);
+        self.waiting.retain(|&w| w != id);
+        self.running.retain(|&r| r != id);
         true
     }
 
-    /// Decides the next step: admits waiting sequences that fit, and decodes everything already running.
-    pub fn next_step(&mut self) -> Step {
-        let decode = self.running.clone();
-        let mut prefill = Vec::new();
-        let mut prefill_tokens = 0;
-        while let Some(head) = self.waiting.front().copied() {
-            let room_in_batch = self.running.len() < self.config.max_batch;
-            let room_in_kv = self.reserved + head.reserve_tokens <= self.config.kv_budget_tokens;
-            let room_in_step =
-                prefill.is_empty() || prefill_tokens + head.prompt_tokens <= self.config.max_prefill_tokens;
-            if !(room_in_batch && room_in_kv && room_in_step) {
-                break;
-            }
-            self.waiting.pop_front();
-            self.running.push(head.id);
-            self.reservations.insert(head.id, head.reserve_tokens);
-            self.reserved += head.reserve_tokens;
-            prefill_tokens += head.prompt_tokens;
-            prefill.push(head.id);
+    /// Registers the sequence's computed full blocks in the prefix cache (its last step succeeded).
+    fn register(&mut self, id: SeqId) {
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.registered =
+                self.blocks
+                    .register(seq.salt, &seq.tokens, &seq.blocks, seq.computed, seq.registered);
         }
-        Step { prefill, decode }
+    }
+
+    /// Decides the next step (see the module's doc). Called between steps: the previous step succeeded for every
+    /// sequence still here.
+    pub fn next_step(&mut self) -> Step {
+        for id in self.running.clone() {
+            self.register(id);
+        }
+        let mut step = Step::default();
+        let mut budget = self.config.max_step_tokens.max(1);
+        // Decodes first (they are what streams wait for), then the chunks of prompts under way.
+        let order: Vec<SeqId> = {
+            let pending = |id: &SeqId| self.seqs.get(id).map_or(0, |s| s.tokens.len() - s.computed);
+            let (decode, prefill): (Vec<SeqId>, Vec<SeqId>) =
+                self.running.iter().partition(|id| pending(id) == 1);
+            decode.into_iter().chain(prefill).collect()
+        };
+        for id in order {
+            if !self.running.contains(&id) || budget == 0 {
+                continue;
+            }
+            let pending = self.seqs[&id].tokens.len() - self.seqs[&id].computed;
+            if pending == 0 {
+                continue;
+            }
+            let len = pending.min(budget);
+            if self.grow(id, len, &mut step) {
+                budget -= len;
+                self.plan(id, len, &mut step);
+            }
+        }
+        while budget > 0 && self.running.len() < self.config.max_batch {
+            let Some(len) = self.admit_head(budget) else { break };
+            budget -= len;
+            let id = self.running[self.running.len() - 1];
+            self.plan(id, len, &mut step);
+        }
+        step
+    }
+
+    /// Adds `len` tokens of `id` to the step and counts them as computed.
+    fn plan(&mut self, id: SeqId, len: usize, step: &mut Step) {
+        let Some(seq) = self.seqs.get_mut(&id) else { return };
+        if seq.tokens.len() - seq.computed == 1 {
+            step.decode.push(id);
+        } else {
+            step.prefill.push(Chunk {
+                id,
+                start: seq.computed,
+                len,
+            });
+        }
+        seq.computed += len;
+    }
+
+    /// Gives `id` the blocks for `len` more positions, preempting the most recently admitted sequences when none
+    /// are free. False when `id` itself had to be preempted.
+    fn grow(&mut self, id: SeqId, len: usize, step: &mut Step) -> bool {
+        loop {
+            let seq = &self.seqs[&id];
+            if seq.blocks.len() >= self.blocks.blocks_for(seq.computed + len) {
+                return true;
+            }
+            if let Some(block) = self.blocks.allocate() {
+                if let Some(seq) = self.seqs.get_mut(&id) {
+                    seq.blocks.push(block);
+                }
+                continue;
+            }
+            let Some(&victim) = self.running.last() else {
+                return false;
+            };
+            self.preempt(victim, step);
+            if victim == id {
+                return false;
+            }
+        }
+    }
+
+    /// Sends a running sequence back to the head of the queue, releasing its blocks (computed full blocks stay
+    /// cached, so its recomputation mostly hits).
+    fn preempt(&mut self, id: SeqId, step: &mut Step) {
+        self.running.retain(|&r| r != id);
+        step.decode.retain(|&d| d != id);
+        if let Some(pos) = step.prefill.iter().position(|c| c.id == id) {
+            // Planned in this step: not computed after all.
+            let chunk = step.prefill.remove(pos);
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.computed = chunk.start;
+            }
+        }
+        self.register(id);
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            self.blocks.release(&seq.blocks);
+            seq.blocks.clear();
+            seq.computed = 0;
+            seq.registered = 0;
+        }
+        self.waiting.push_front(id);
+        step.preempted.push(id);
+        self.preemptions += 1;
+    }
+
+    /// Admits the queue's head if its prompt's remaining blocks are free: takes its cached prefix and the blocks
+    /// of its first chunk, and returns that chunk's length.
+    fn admit_head(&mut self, budget: usize) -> Option<usize> {
+        let &id = self.waiting.front()?;
+        let seq = self.seqs.get_mut(&id)?;
+        let prefix = self.blocks.take_prefix(seq.salt, &seq.tokens);
+        let computed = prefix.len() * self.blocks.block_size();
+        let rest = self.blocks.blocks_for(seq.tokens.len()) - prefix.len();
+        // A few blocks stay free for running sequences to grow into, so admission does not cause preemption.
+        let reserve = self.running.len().min(self.config.num_blocks / 16);
+        if self.blocks.available() < rest + reserve {
+            self.blocks.release(&prefix);
+            return None;
+        }
+        let len = (seq.tokens.len() - computed).min(budget);
+        seq.blocks = prefix;
+        seq.computed = computed;
+        seq.registered = seq.blocks.len();
+        while seq.blocks.len() < self.blocks.blocks_for(computed + len) {
+            let block = self.blocks.allocate()?;
+            seq.blocks.push(block);
+        }
+        self.waiting.pop_front();
+        self.running.push(id);
+        Some(len)
     }
 
     pub fn running(&self) -> usize {
@@ -142,116 +316,21 @@ impl Scheduler {
         self.waiting.len()
     }
 
-    /// KV positions reserved by running sequences.
-    pub fn reserved_tokens(&self) -> usize {
-        self.reserved
-    }
-
     pub fn is_idle(&self) -> bool {
         self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    /// The block manager (usage and prefix-cache counters).
+    pub fn blocks(&self) -> &BlockManager {
+        &self.blocks
+    }
+
+    /// Sequences preempted so far.
+    pub fn preemptions(&self) -> u64 {
+        self.preemptions
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn scheduler(max_batch: usize, kv_budget_tokens: usize, max_prefill_tokens: usize) -> Scheduler {
-        Scheduler::new(SchedulerConfig {
-            max_batch,
-            kv_budget_tokens,
-            max_prefill_tokens,
-        })
-    }
-
-    fn step(prefill: &[SeqId], decode: &[SeqId]) -> Step {
-        Step {
-            prefill: prefill.to_vec(),
-            decode: decode.to_vec(),
-        }
-    }
-
-    #[test]
-    fn sequences_join_between_steps_and_leave_when_done() {
-        let mut s = scheduler(8, 1000, 1000);
-        s.enqueue(1, 10, 50).unwrap();
-        assert_eq!(s.next_step(), step(&[1], &[]));
-        assert_eq!(s.next_step(), step(&[], &[1]));
-        s.enqueue(2, 10, 50).unwrap();
-        s.enqueue(3, 10, 50).unwrap();
-        // New arrivals are prefilled in the same step that decodes the running sequence.
-        assert_eq!(s.next_step(), step(&[2, 3], &[1]));
-        assert!(s.remove(1));
-        assert_eq!(s.next_step(), step(&[], &[2, 3]));
-        assert!(s.remove(2) && s.remove(3));
-        assert!(s.is_idle());
-        assert_eq!(s.reserved_tokens(), 0);
-        assert!(s.next_step().is_empty());
-    }
-
-    #[test]
-    fn the_batch_never_exceeds_max_batch() {
-        let mut s = scheduler(2, 1000, 1000);
-        for id in 1..=4 {
-            s.enqueue(id, 5, 10).unwrap();
-        }
-        assert_eq!(s.next_step(), step(&[1, 2], &[]));
-        assert_eq!(s.next_step(), step(&[], &[1, 2]));
-        assert_eq!(s.waiting(), 2);
-        s.remove(2);
-        assert_eq!(s.next_step(), step(&[3], &[1]));
-    }
-
-    #[test]
-    fn kv_budget_holds_back_the_queue_head_without_overtaking() {
-        let mut s = scheduler(8, 100, 1000);
-        s.enqueue(1, 10, 60).unwrap();
-        s.enqueue(2, 10, 60).unwrap();
-        s.enqueue(3, 10, 10).unwrap();
-        // 2 does not fit next to 1; 3 would, but must not overtake 2.
-        assert_eq!(s.next_step(), step(&[1], &[]));
-        assert_eq!(s.next_step(), step(&[], &[1]));
-        assert_eq!(s.reserved_tokens(), 60);
-        s.remove(1);
-        assert_eq!(s.next_step(), step(&[2, 3], &[]));
-        assert_eq!(s.reserved_tokens(), 70);
-    }
-
-    #[test]
-    fn a_request_larger_than_the_budget_is_rejected_up_front() {
-        let mut s = scheduler(8, 100, 1000);
-        assert_eq!(
-            s.enqueue(1, 10, 101),
-            Err(Rejected::ExceedsBudget {
-                reserve_tokens: 101,
-                budget: 100
-            })
-        );
-        assert!(s.is_idle());
-    }
-
-    #[test]
-    fn prefill_per_step_is_bounded_but_a_long_prompt_still_runs() {
-        let mut s = scheduler(8, 10_000, 100);
-        s.enqueue(1, 500, 600).unwrap();
-        s.enqueue(2, 60, 100).unwrap();
-        s.enqueue(3, 60, 100).unwrap();
-        assert_eq!(s.next_step(), step(&[1], &[]));
-        assert_eq!(s.next_step(), step(&[2], &[1]));
-        assert_eq!(s.next_step(), step(&[3], &[1, 2]));
-    }
-
-    #[test]
-    fn cancelling_frees_the_slot_whether_waiting_or_running() {
-        let mut s = scheduler(1, 1000, 1000);
-        s.enqueue(1, 5, 10).unwrap();
-        s.enqueue(2, 5, 10).unwrap();
-        assert_eq!(s.next_step(), step(&[1], &[]));
-        assert!(s.remove(2), "a waiting sequence can be cancelled");
-        assert!(s.remove(1), "a running sequence can be cancelled");
-        assert!(!s.remove(1), "twice is a no-op");
-        assert!(s.is_idle());
-        s.enqueue(3, 5, 10).unwrap();
-        assert_eq!(s.next_step(), step(&[3], &[]));
-    }
-}
+#[path = "scheduler_tests.rs"]
+mod tests;

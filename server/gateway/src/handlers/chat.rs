@@ -129,6 +129,7 @@ async fn admit(
     }
     let prompt = tokens::prompt_bound(&request.input);
     request.params.max_tokens = Some(max_tokens(request.params.max_tokens, key, &state.limits, prompt));
+    request.cache_salt = key.map(|k| k.name().to_string()).unwrap_or_default();
     let mut charge = None;
     if let Some(key) = key {
         let limits = key

@@ -161,5 +161,6 @@ fn to_proto(v: &Validated, request_id: &str) -> v1::GenerateRequest {
         }),
         stop: p.stop.clone(),
         ignore_eos: p.ignore_eos,
+        cache_salt: v.cache_salt.clone(),
     }
 }

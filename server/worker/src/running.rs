@@ -1,0 +1,400 @@
+//! The engine thread's loop once the model is loaded: admits submissions into the [`Scheduler`], runs each step
+//! it plans (prompt chunks, then one batched decode step) over caches in the shared [`BlockStore`], samples, and
+//! streams each sequence's text to its caller.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Instant;
+
+use camelid_model::cpu_gemv::{DecodePool, with_decode_pool};
+use camelid_model::generate::TorchThreads;
+use camelid_model::stream::TokenTextStream;
+use camelid_model::{FinishReason, KvCache, LoadedModel, Sampler, SharedBlocks};
+use tch::{Device, Tensor};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+
+use crate::engine::{Command, Event, Input, Shared, Submission};
+use crate::error::WorkerError;
+use crate::scheduler::{Chunk, Rejected, Scheduler, SchedulerConfig, SeqId};
+
+struct Sequence {
+    prompt: Vec<u32>,
+    /// None until it first runs, and again after a preemption.
+    cache: Option<KvCache>,
+    sampler: Sampler,
+    text: TokenTextStream,
+    events: mpsc::UnboundedSender<Event>,
+    /// Tokens generated since the last chunk was sent.
+    unsent_tokens: usize,
+    submitted: Instant,
+    last_token_at: Option<Instant>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Runs until every handle is gone and no sequence is left.
+pub(crate) fn run(
+    loaded: &LoadedModel,
+    shared: Arc<Shared>,
+    commands: mpsc::Receiver<Command>,
+    config: SchedulerConfig,
+    store: SharedBlocks,
+) {
+    if loaded.model.device() == Device::Cpu {
+        with_decode_pool(|pool| Engine::new(loaded, Some(pool), shared, config, store).run(commands));
+    } else {
+        Engine::new(loaded, None, shared, config, store).run(commands);
+    }
+}
+
+/// The prefix-cache salt of a request's tenant.
+fn salt_of(cache_salt: &str) -> u64 {
+    // A fixed-key hash: two tenants colliding would only share prefixes of exactly equal tokens, which is still
+    // correct; the salt is about timing, not content.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    cache_salt.hash(&mut h);
+    h.finish()
+}
+
+struct Engine<'p, 'm> {
+    loaded: &'m LoadedModel,
+    pool: Option<&'p DecodePool<'m>>,
+    shared: Arc<Shared>,
+    scheduler: Scheduler,
+    store: SharedBlocks,
+    sequences: HashMap<SeqId, Sequence>,
+    torch_threads: i32,
+    /// Counters already published (the scheduler's are totals).
+    published: (u64, u64, u64),
+}
+
+impl<'p, 'm> Engine<'p, 'm> {
+    fn new(
+        loaded: &'m LoadedModel,
+        pool: Option<&'p DecodePool<'m>>,
+        shared: Arc<Shared>,
+        config: SchedulerConfig,
+        store: SharedBlocks,
+    ) -> Self {
+        Self {
+            loaded,
+            pool,
+            shared,
+            scheduler: Scheduler::new(config),
+            store,
+            sequences: HashMap::new(),
+            torch_threads: tch::get_num_threads(),
+            published: (0, 0, 0),
+        }
+    }
+
+    fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let _guard = tch::no_grad_guard();
+        loop {
+            if self.scheduler.is_idle() {
+                match commands.blocking_recv() {
+                    Some(command) => self.handle(command),
+                    None => return,
+                }
+            }
+            while let Ok(command) = commands.try_recv() {
+                self.handle(command);
+            }
+            self.drop_cancelled();
+            self.step();
+            self.publish();
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Submit(submission) => self.admit(*submission),
+        }
+    }
+
+    /// Tokenizes and queues a request, answering `Started` or the reason it cannot run.
+    fn admit(&mut self, s: Submission) {
+        let (prompt, sampler, text, max_total) = match self.prepare(&s) {
+            Ok(prepared) => prepared,
+            Err(e) => return self.reject(&s, e),
+        };
+        let salt = salt_of(&s.params.cache_salt);
+        if let Err(Rejected::ExceedsBudget { capacity, .. }) =
+            self.scheduler.enqueue(s.id, prompt.clone(), max_total, salt)
+        {
+            let e = WorkerError::InvalidRequest {
+                message: format!(
+                    "the prompt ({} tokens) plus max_tokens needs {max_total} KV positions, more than this worker's \
+                     KV store of {capacity}; lower max_tokens",
+                    prompt.len()
+                ),
+                code: "context_length_exceeded",
+                param: Some("max_tokens"),
+            };
+            return self.reject(&s, e);
+        }
+        self.shared.metrics.add_prompt_tokens(prompt.len() as u64);
+        let _ = s.events.send(Event::Started {
+            prompt_tokens: prompt.len(),
+        });
+        let sequence = Sequence {
+            prompt,
+            cache: None,
+            sampler,
+            text,
+            events: s.events,
+            unsent_tokens: 0,
+            submitted: s.received,
+            last_token_at: None,
+            _permit: s.permit,
+        };
+        self.sequences.insert(s.id, sequence);
+    }
+
+    fn reject(&self, s: &Submission, e: WorkerError) {
+        self.shared.metrics.count(e.category());
+        let _ = s.events.send(Event::Failed(e));
+    }
+
+    /// The prompt's tokens, the sampler, the text stream and the most positions the sequence may take.
+    fn prepare(&self, s: &Submission) -> Result<(Vec<u32>, Sampler, TokenTextStream, usize), WorkerError> {
+        let loaded = self.loaded;
+        let (prompt, field) = match &s.input {
+            Input::Chat(messages) => (loaded.chat_prompt(messages), "messages"),
+            Input::Prompt(text) => (loaded.text_prompt(text), "prompt"),
+        };
+        let prompt = prompt.map_err(|e| WorkerError::from_model(e, field))?;
+        let context = loaded.config().max_position_embeddings;
+        if prompt.is_empty() {
+            return Err(WorkerError::invalid("the prompt is empty", Some(field)));
+        }
+        if prompt.len() >= context {
+            return Err(WorkerError::from_model(
+                camelid_model::ModelError::ContextOverflow {
+                    prompt_tokens: prompt.len(),
+                    context,
+                },
+                field,
+            ));
+        }
+        let room = context - prompt.len();
+        let max_new = match s.params.max_tokens {
+            Some(0) => {
+                return Err(WorkerError::invalid(
+                    "max_tokens must be at least 1",
+                    Some("max_tokens"),
+                ));
+            }
+            Some(n) => n.min(room),
+            None => room,
+        };
+        let sampler =
+            Sampler::new(s.params.sampling.clone()).map_err(|e| WorkerError::from_model(e, "sampling"))?;
+        let eos = if s.params.ignore_eos {
+            vec![]
+        } else {
+            loaded.eos_token_ids.clone()
+        };
+        let text = TokenTextStream::new(&s.params.stop, eos, max_new);
+        let max_total = prompt.len() + max_new;
+        Ok((prompt, sampler, text, max_total))
+    }
+
+    /// Sequences whose caller went away leave at once.
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<SeqId> = self
+            .sequences
+            .iter()
+            .filter(|(_, s)| s.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.finish(id, "cancelled");
+        }
+    }
+
+    /// Drops a sequence that is done (its blocks stay cached) and counts it.
+    fn finish(&mut self, id: SeqId, outcome: &'static str) {
+        self.scheduler.remove(id);
+        self.sequences.remove(&id);
+        self.shared.metrics.count(outcome);
+    }
+
+    /// Fails sequences whose step failed; their blocks are not cached.
+    fn fail(&mut self, ids: &[SeqId], e: &WorkerError) {
+        tracing::error!(error = %e, sequences = ids.len(), "model step failed");
+        for &id in ids {
+            if let Some(seq) = self.sequences.remove(&id) {
+                let _ = seq.events.send(Event::Failed(e.clone()));
+            }
+            self.scheduler.abort(id);
+            self.shared.metrics.count(e.category());
+        }
+    }
+
+    fn step(&mut self) {
+        let step = self.scheduler.next_step();
+        for id in &step.preempted {
+            if let Some(seq) = self.sequences.get_mut(id) {
+                seq.cache = None;
+            }
+        }
+        for chunk in step.prefill {
+            self.prefill(chunk);
+        }
+        if step.decode.is_empty() {
+            return;
+        }
+        self.shared.metrics.batch_size.observe(step.decode.len() as f64);
+        match self.decode(&step.decode) {
+            Ok(rows) => {
+                for (id, mut row) in rows {
+                    self.accept(id, &mut row);
+                }
+            }
+            Err(e) => self.fail(&step.decode, &WorkerError::Model(e.to_string())),
+        }
+    }
+
+    /// The sequence's cache, created over its block table when it first runs (after any cached prefix), with
+    /// the table as the scheduler has grown it.
+    fn cache_for(&mut self, id: SeqId, filled: usize) -> Option<&mut KvCache> {
+        let table = self.scheduler.block_table(id);
+        let store = &self.store;
+        let seq = self.sequences.get_mut(&id)?;
+        let cache = seq
+            .cache
+            .get_or_insert_with(|| KvCache::paged(store.clone(), table.to_vec(), filled));
+        cache.set_blocks(table);
+        Some(cache)
+    }
+
+    /// Computes one prompt chunk; the chunk that ends at the sequence's last token gives its next token.
+    fn prefill(&mut self, chunk: Chunk) {
+        let all = self.scheduler.tokens(chunk.id);
+        let last = chunk.start + chunk.len == all.len();
+        let tokens = all[chunk.start..chunk.start + chunk.len].to_vec();
+        let model = &self.loaded.model;
+        let threads = self.torch_threads;
+        let Some(cache) = self.cache_for(chunk.id, chunk.start) else {
+            return;
+        };
+        if cache.len() != chunk.start {
+            let e = WorkerError::Model(format!("cache at {} for a chunk at {}", cache.len(), chunk.start));
+            return self.fail(&[chunk.id], &e);
+        }
+        let _threads = TorchThreads::set(threads);
+        let logits = model.forward_last(&tokens, cache);
+        match logits.and_then(|l| Ok(Vec::<f32>::try_from(&l.f_to_device(Device::Cpu)?)?)) {
+            Ok(mut values) if last => self.accept(chunk.id, &mut values),
+            Ok(_) => {}
+            Err(e) => self.fail(&[chunk.id], &WorkerError::Model(e.to_string())),
+        }
+    }
+
+    /// One decode step for `ids`; returns each sequence's next-token logits.
+    fn decode(&mut self, ids: &[SeqId]) -> camelid_model::Result<Vec<(SeqId, Vec<f32>)>> {
+        let tokens: Vec<u32> = ids
+            .iter()
+            .map(|&id| self.scheduler.tokens(id).last().copied().unwrap_or(0))
+            .collect();
+        for (&id, _) in ids.iter().zip(&tokens) {
+            let filled = self.scheduler.tokens(id).len() - 1;
+            let _ = self.cache_for(id, filled);
+        }
+        // Taken out of the map for the step so that each cache can be borrowed mutably alongside the others.
+        let mut batch: Vec<(SeqId, Sequence)> = ids
+            .iter()
+            .filter_map(|id| self.sequences.remove_entry(id))
+            .collect();
+        let logits = self.forward_batch(&tokens, &mut batch);
+        self.sequences.extend(batch);
+        let values = Vec::<f32>::try_from(&logits?.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
+        let vocab = values.len() / ids.len().max(1);
+        Ok(ids
+            .iter()
+            .copied()
+            .zip(values.chunks(vocab).map(<[f32]>::to_vec))
+            .collect())
+    }
+
+    fn forward_batch(
+        &self,
+        tokens: &[u32],
+        batch: &mut [(SeqId, Sequence)],
+    ) -> camelid_model::Result<Tensor> {
+        // On CPU the decode step runs on the pool's kernel, libtorch single-threaded meanwhile (see `generate`).
+        let _threads = match self.pool {
+            Some(_) => TorchThreads::set(1),
+            None => TorchThreads::set(self.torch_threads),
+        };
+        let mut caches: Vec<&mut KvCache> = batch.iter_mut().filter_map(|(_, s)| s.cache.as_mut()).collect();
+        if caches.len() != tokens.len() {
+            return Err(camelid_model::ModelError::InvalidRequest(
+                "a decoding sequence has no cache".into(),
+            ));
+        }
+        self.loaded.model.decode_step(tokens, &mut caches, self.pool)
+    }
+
+    /// Samples the next token of `id` from `logits` and streams what it produced.
+    fn accept(&mut self, id: SeqId, logits: &mut [f32]) {
+        let tokenizer = &self.loaded.tokenizer;
+        let metrics = &self.shared.metrics;
+        let Some(seq) = self.sequences.get_mut(&id) else {
+            return;
+        };
+        let next = seq.sampler.sample(logits, &seq.prompt, seq.text.generated());
+        let now = Instant::now();
+        let since = seq.last_token_at.unwrap_or(seq.submitted);
+        metrics.token(
+            seq.last_token_at.is_none(),
+            now.duration_since(since).as_secs_f64(),
+        );
+        seq.last_token_at = Some(now);
+        let pushed = match seq.text.push(next, |ids| tokenizer.decode(ids, true)) {
+            Ok(pushed) => pushed,
+            Err(e) => return self.fail(&[id], &WorkerError::Model(e.to_string())),
+        };
+        seq.unsent_tokens += 1;
+        let delivered = pushed.text.is_empty()
+            || seq
+                .events
+                .send(Event::Chunk {
+                    text: pushed.text,
+                    tokens: std::mem::take(&mut seq.unsent_tokens),
+                })
+                .is_ok();
+        if !delivered {
+            return self.finish(id, "cancelled");
+        }
+        let Some(reason) = pushed.finished else {
+            self.scheduler.push_token(id, next);
+            return;
+        };
+        let outcome = match reason {
+            FinishReason::Length => "length",
+            _ => "stop",
+        };
+        // Counted before the client can see the end, so the metrics never lag behind an answer.
+        metrics.count(outcome);
+        metrics.finished(now.duration_since(seq.submitted).as_secs_f64());
+        let _ = seq.events.send(Event::Finished {
+            reason,
+            prompt_tokens: seq.prompt.len(),
+            completion_tokens: seq.text.generated().len(),
+        });
+        self.scheduler.remove(id);
+        self.sequences.remove(&id);
+    }
+
+    fn publish(&mut self) {
+        let m = &self.shared.metrics;
+        let blocks = self.scheduler.blocks();
+        m.batch(self.scheduler.running(), self.scheduler.waiting(), blocks.usage());
+        let now = (blocks.queries, blocks.hits, self.scheduler.preemptions());
+        let (q, h, p) = self.published;
+        m.cache(now.0 - q, now.1 - h, now.2 - p);
+        self.published = now;
+    }
+}
