@@ -31,6 +31,9 @@ pub struct ServeArgs {
     /// Most sequences running together; the KV blocks bound them further.
     #[arg(long, default_value_t = 256)]
     max_batch: usize,
+    /// Compute every prompt whole instead of reusing the KV blocks of prefixes seen before.
+    #[arg(long)]
+    no_prefix_caching: bool,
     /// The gateway's YAML config (moderation, API keys, limits; its `models` and `listen` are ignored), reloaded
     /// when it changes.
     #[arg(long)]
@@ -61,6 +64,7 @@ async fn serve(args: &ServeArgs) -> Result<(), Failed> {
     let config = WorkerConfig {
         name: name.clone(),
         max_batch: args.max_batch.max(1),
+        prefix_caching: !args.no_prefix_caching,
         ..WorkerConfig::default()
     };
     let model = args.model.clone();

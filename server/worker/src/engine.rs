@@ -30,6 +30,9 @@ pub struct WorkerConfig {
     /// Tokens computed per engine step, decodes and prompt chunks together: a long prompt is prefilled in
     /// chunks of what is left, so running streams keep their pace.
     pub max_step_tokens: usize,
+    /// Reuse the KV blocks of prompt prefixes computed before (shared system prompts, the earlier turns of a
+    /// chat).
+    pub prefix_caching: bool,
 }
 
 /// Positions per KV block (vLLM's default too).
@@ -43,6 +46,7 @@ impl Default for WorkerConfig {
             max_waiting: 256,
             kv_budget_bytes: 8 << 30,
             max_step_tokens: 512,
+            prefix_caching: true,
         }
     }
 }
@@ -200,6 +204,7 @@ pub(crate) fn load_and_run(
         num_blocks,
         block_size: BLOCK_SIZE,
         max_step_tokens: config.max_step_tokens,
+        prefix_caching: config.prefix_caching,
     };
     let info = ModelInfo {
         name: config.name.clone(),

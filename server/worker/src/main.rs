@@ -53,6 +53,9 @@ struct BatchingArgs {
     /// streams.
     #[arg(long, default_value_t = 512)]
     max_step_tokens: usize,
+    /// Compute every prompt whole instead of reusing the KV blocks of prefixes seen before.
+    #[arg(long)]
+    no_prefix_caching: bool,
 }
 
 fn main() -> ExitCode {
@@ -91,6 +94,7 @@ async fn run(cli: Cli) -> Result<(), (anyhow::Error, u8)> {
         max_waiting: cli.batching.max_waiting,
         kv_budget_bytes: cli.batching.kv_budget_mib << 20,
         max_step_tokens: cli.batching.max_step_tokens.max(1),
+        prefix_caching: !cli.batching.no_prefix_caching,
     };
     let model = cli.model.clone();
     let handle = WorkerHandle::start(config, move || Ok(model.load()?)).map_err(|e| (e.into(), 1))?;

@@ -31,6 +31,8 @@ pub struct SchedulerConfig {
     /// Tokens computed in one step, decodes and prefill chunks together (the first chunk of a step is always
     /// allowed at least one token).
     pub max_step_tokens: usize,
+    /// Reuse the blocks of cached prompt prefixes.
+    pub prefix_caching: bool,
 }
 
 /// What a step computes for a sequence still in its prompt: `tokens[start..start + len]`.
@@ -173,6 +175,9 @@ impl Scheduler {
 
     /// Registers the sequence's computed full blocks in the prefix cache (its last step succeeded).
     fn register(&mut self, id: SeqId) {
+        if !self.config.prefix_caching {
+            return;
+        }
         if let Some(seq) = self.seqs.get_mut(&id) {
             seq.registered =
                 self.blocks

@@ -8,6 +8,7 @@ fn scheduler(max_batch: usize, num_blocks: usize, max_step_tokens: usize) -> Sch
         num_blocks,
         block_size: 4,
         max_step_tokens,
+        prefix_caching: true,
     })
 }
 
@@ -216,4 +217,22 @@ fn cancelling_frees_the_slot_whether_waiting_or_running() {
     assert!(s.is_idle());
     s.enqueue(3, prompt(5, 2), 10, 0).unwrap();
     assert_eq!(s.next_step().prefill, [chunk(3, 0, 5)]);
+}
+
+#[test]
+fn without_prefix_caching_every_prompt_is_computed_whole() {
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_batch: 8,
+        num_blocks: 100,
+        block_size: 4,
+        max_step_tokens: 1000,
+        prefix_caching: false,
+    });
+    s.enqueue(1, prompt(9, 0), 30, 0).unwrap();
+    let step = s.next_step();
+    generate(&mut s, &step);
+    s.remove(1);
+    s.enqueue(2, prompt(9, 0), 30, 0).unwrap();
+    assert_eq!(s.next_step().prefill, [chunk(2, 0, 9)]);
+    assert_eq!(s.blocks().hits, 0);
 }
