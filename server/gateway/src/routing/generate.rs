@@ -42,9 +42,10 @@ impl Router {
             return Err(ApiError::model_not_found(&request.model));
         }
         let message = to_proto(request, request_id);
+        let key = super::affinity::prefix_key(request);
         let mut overloaded = false;
         loop {
-            let Some(backend) = self.pick(&model, tried) else {
+            let Some(backend) = self.pick(&model, tried, key) else {
                 return Err(if overloaded {
                     ApiError::overloaded(&request.model)
                 } else {

@@ -1,9 +1,10 @@
 //! Where requests go, in four parts: endpoint sources ([`endpoints`]: the config's static endpoints and, in a
 //! cluster, ChatModels' EndpointSlices, merged), the balancing [`router`] (per-model backends, health probes,
-//! ejection, least-in-flight choice), [`hold`]ing requests for a model with no ready worker (at zero replicas, or
+//! ejection; the choice itself is [`affinity`]'s prefix-aware consistent hashing with bounded load), [`hold`]ing requests for a model with no ready worker (at zero replicas, or
 //! while one starts) until one is, and the gRPC [`generate`] call with retries on another worker while nothing has
 //! been sent. The names callers use are re-exported here.
 
+pub mod affinity;
 pub mod auth;
 pub mod endpoints;
 pub mod generate;

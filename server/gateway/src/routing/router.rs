@@ -121,7 +121,6 @@ pub struct Router {
     probe_interval: Duration,
     /// What calls to each model's workers carry.
     secret: WorkerSecret,
-    rotation: AtomicUsize,
     /// Bumped whenever a worker may have become ready, to wake held requests.
     pub(super) readiness: watch::Sender<u64>,
     /// Requests held per model (see [`super::hold`]).
@@ -146,7 +145,6 @@ impl Router {
             metrics,
             probe_interval,
             secret,
-            rotation: AtomicUsize::new(0),
             readiness: watch::Sender::new(0),
             held: Mutex::new(BTreeMap::new()),
             held_total: AtomicUsize::new(0),
@@ -323,17 +321,17 @@ impl Router {
         self.all().iter().any(|b| b.is_healthy())
     }
 
-    /// The healthy backend of `model` with the fewest requests in flight, skipping `tried`.
-    pub(super) fn pick(&self, model: &str, tried: &[String]) -> Option<Arc<Backend>> {
+    /// The healthy backend of `model` for a request whose prefix has routing key `key`, skipping `tried`: the
+    /// one its prefix maps to unless that one is busier than the others ([`super::affinity::choose`]).
+    pub(super) fn pick(&self, model: &str, tried: &[String], key: u64) -> Option<Arc<Backend>> {
         let backends = self.backends.read().ok()?;
-        let list = backends.get(model)?;
-        let n = list.len().max(1);
-        let start = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
-        (0..list.len())
-            .map(|i| &list[(start + i) % n])
+        let usable: Vec<&Arc<Backend>> = backends
+            .get(model)?
+            .iter()
             .filter(|b| b.is_healthy() && !tried.contains(&b.addr))
-            .min_by_key(|b| b.in_flight())
-            .cloned()
+            .collect();
+        let loads: Vec<(&str, usize)> = usable.iter().map(|b| (b.addr.as_str(), b.in_flight())).collect();
+        super::affinity::choose(key, &loads).map(|i| usable[i].clone())
     }
 
     /// Marks a backend down after its stream broke.
