@@ -112,6 +112,7 @@ bench: setup bench-deps build-release
 	$(PY) bench/train_speed.py --trainer target/release/camelid-trainer
 	$(PY) bench/fsdp_speed.py --trainer target/release/camelid-trainer
 	$(PY) bench/serve_speed.py --camelid target/release/camelid
+	$(PY) bench/serve_vllm.py --camelid target/release/camelid
 	$(PY) bench/eval_answer.py --camelid target/release/camelid
 	$(PY) bench/guardrails_speed.py
 	cargo build --release -p camelid-operator --bins --examples
