@@ -96,7 +96,6 @@ impl BlockManager {
     /// The longest run of cached full blocks that `tokens` starts with, taken (held) for the caller. At least one
     /// token is always left to compute, since the caller needs the last position's logits.
     pub fn take_prefix(&mut self, salt: u64, tokens: &[u32]) -> Vec<BlockId> {
-        self.queries += tokens.len() as u64;
         let most = tokens.len().saturating_sub(1) / self.block_size;
         let mut parent = Parent::Root(salt);
         let mut taken = Vec::new();
@@ -119,8 +118,14 @@ impl BlockManager {
             state.holders += 1;
             taken.push(block);
         }
-        self.hits += (taken.len() * self.block_size) as u64;
         taken
+    }
+
+    /// Counts one admitted request's lookup: `queried` prompt tokens, `hit` of them found cached. (A request
+    /// waiting at the queue's head looks up every step; only the lookup it is admitted with counts.)
+    pub fn record_lookup(&mut self, queried: usize, hit: usize) {
+        self.queries += queried as u64;
+        self.hits += hit as u64;
     }
 
     /// One block for the caller to fill: a free one, else the least recently released cached one (dropping it
@@ -223,7 +228,6 @@ mod tests {
         assert_eq!(second, first[..2]);
         let third = m.take_prefix(0, &prompt);
         assert_eq!(third, first[..2], "held blocks are shared too");
-        assert_eq!((m.queries, m.hits), (20, 16));
         assert_eq!(m.available(), 6);
         m.release(&second);
         assert_eq!(m.available(), 6, "still held by the third");

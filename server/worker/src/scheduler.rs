@@ -266,7 +266,14 @@ impl Scheduler {
     /// cached, so its recomputation mostly hits).
     fn preempt(&mut self, id: SeqId, step: &mut Step) {
         self.running.retain(|&r| r != id);
-        step.decode.retain(|&d| d != id);
+        if let Some(pos) = step.decode.iter().position(|&d| d == id) {
+            // Planned in this step: its last position is not computed after all, so no block it completes may
+            // be cached.
+            step.decode.remove(pos);
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.computed -= 1;
+            }
+        }
         if let Some(pos) = step.prefill.iter().position(|c| c.id == id) {
             // Planned in this step: not computed after all.
             let chunk = step.prefill.remove(pos);
@@ -292,6 +299,7 @@ impl Scheduler {
         let &id = self.waiting.front()?;
         let seq = self.seqs.get_mut(&id)?;
         let prefix = self.blocks.take_prefix(seq.salt, &seq.tokens);
+        let hit_tokens = prefix.len() * self.blocks.block_size();
         let computed = prefix.len() * self.blocks.block_size();
         let rest = self.blocks.blocks_for(seq.tokens.len()) - prefix.len();
         // A few blocks stay free for running sequences to grow into, so admission does not cause preemption.
@@ -300,6 +308,7 @@ impl Scheduler {
             self.blocks.release(&prefix);
             return None;
         }
+        self.blocks.record_lookup(seq.tokens.len(), hit_tokens);
         let len = (seq.tokens.len() - computed).min(budget);
         seq.blocks = prefix;
         seq.computed = computed;

@@ -184,7 +184,11 @@ fn a_shared_prefix_is_computed_once() {
         &s.block_table(1)[..3],
         "the same physical blocks"
     );
-    assert_eq!(s.blocks().hits, 12);
+    assert_eq!(
+        (s.blocks().queries, s.blocks().hits),
+        (28, 12),
+        "1's 14 tokens and 2's 14, 12 found"
+    );
     // Another tenant does not share them.
     s.enqueue(3, with_question(700), 30, 7).unwrap();
     let step = s.next_step();
@@ -235,4 +239,26 @@ fn without_prefix_caching_every_prompt_is_computed_whole() {
     s.enqueue(2, prompt(9, 0), 30, 0).unwrap();
     assert_eq!(s.next_step().prefill, [chunk(2, 0, 9)]);
     assert_eq!(s.blocks().hits, 0);
+}
+
+#[test]
+fn a_sequence_preempted_before_its_decode_ran_caches_no_block_it_did_not_fill() {
+    // Blocks of 4. Sequence 1: 7 prompt tokens and one generated; its planned decode would fill position 7, the
+    // last of its second block.
+    let mut s = scheduler(8, 10, 1000);
+    s.enqueue(1, prompt(7, 0), 12, 0).unwrap();
+    let step = s.next_step();
+    generate(&mut s, &step);
+    let mut step = s.next_step();
+    assert_eq!(step.decode, [1]);
+    // Preempted before that step ran (another sequence needed its blocks).
+    s.preempt(1, &mut step);
+    assert!(step.decode.is_empty() && s.block_table(1).is_empty());
+    // A request with the same 8 tokens and more finds the first block cached, not the second: position 7 was
+    // never computed.
+    let same_start: Vec<u32> = s.tokens(1).iter().copied().chain([5]).collect();
+    assert_eq!(same_start.len(), 9);
+    s.remove(1);
+    s.enqueue(3, same_start, 20, 0).unwrap();
+    assert_eq!(s.next_step().prefill, [chunk(3, 4, 5)]);
 }
