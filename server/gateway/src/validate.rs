@@ -58,6 +58,25 @@ pub struct Params {
     pub ignore_eos: bool,
 }
 
+impl Params {
+    /// Greedy decoding with every penalty off and no stop strings: the gateway's own generations (a guard model's
+    /// verdicts) use it.
+    pub fn greedy(max_tokens: Option<u32>) -> Self {
+        Self {
+            max_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
 /// Which API the request came through (it decides the response shape).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
