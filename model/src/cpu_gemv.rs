@@ -298,6 +298,29 @@ fn recv_spinning<T>(rx: &Receiver<T>) -> Option<T> {
     rx.recv().ok()
 }
 
+/// The kernel's views of `weights` stacked into one product, and the first output row of each (plus the total):
+/// None unless every weight is a contiguous CPU f32 or bf16 `[_, cols]` matrix without gradients.
+fn stacked<'a>(
+    weights: impl Iterator<Item = &'a Tensor>,
+    cols: usize,
+) -> Option<(Vec<Rows<'a>>, Vec<usize>)> {
+    let mut matrices = Vec::new();
+    let mut starts = vec![0];
+    for w in weights {
+        let size = w.size();
+        if size.len() != 2 || size[1] as usize != cols || w.requires_grad() {
+            return None;
+        }
+        matrices.push(
+            storage::f32s(w)
+                .map(Rows::F32)
+                .or_else(|| storage::bf16s(w).map(Rows::Bf16))?,
+        );
+        starts.push(starts[starts.len() - 1] + size[0] as usize);
+    }
+    (!matrices.is_empty()).then_some((matrices, starts))
+}
+
 /// Helper threads for the matrix-vector products of one decode loop; see [`with_decode_pool`].
 pub struct DecodePool<'a> {
     helpers: Vec<(Sender<Job<'a>>, Receiver<Vec<f32>>)>,
@@ -378,30 +401,12 @@ impl<'a> DecodePool<'a> {
     ) -> Result<Option<Vec<Tensor>>> {
         let cols = x.size().last().copied().unwrap_or(0);
         let batch = if cols > 0 { x.numel() as i64 / cols } else { 0 };
-        let usable = x.device() == Device::Cpu
-            && (1..=MAX_ROWS as i64).contains(&batch)
-            && !x.requires_grad()
-            && !weights.is_empty()
-            && weights.iter().all(|(w, _)| {
-                let size = w.size();
-                size.len() == 2 && size[1] == cols && !w.requires_grad()
-            });
-        if !usable {
+        let usable =
+            x.device() == Device::Cpu && (1..=MAX_ROWS as i64).contains(&batch) && !x.requires_grad();
+        let matrices = weights.iter().map(|(w, _)| *w);
+        let Some((matrices, starts)) = stacked(matrices, cols as usize).filter(|_| usable) else {
             return Ok(None);
-        }
-        let matrices: Option<Vec<Rows<'a>>> = weights
-            .iter()
-            .map(|(w, _)| {
-                storage::f32s(w)
-                    .map(Rows::F32)
-                    .or_else(|| storage::bf16s(w).map(Rows::Bf16))
-            })
-            .collect();
-        let Some(matrices) = matrices else { return Ok(None) };
-        let mut starts = vec![0];
-        for (w, _) in weights {
-            starts.push(starts[starts.len() - 1] + w.size()[0] as usize);
-        }
+        };
         let input = Vec::<f32>::try_from(x.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)?;
         let total = starts[starts.len() - 1] as i64;
         let out = self.run(Product {
@@ -441,20 +446,7 @@ impl<'a> DecodePool<'a> {
         if !(1..=MAX_ROWS).contains(&batch) || cols == 0 || input.len() != batch * cols {
             return None;
         }
-        let mut matrices = Vec::with_capacity(weights.len());
-        let mut starts = vec![0];
-        for w in weights {
-            let size = w.size();
-            if size.len() != 2 || size[1] as usize != cols || w.requires_grad() {
-                return None;
-            }
-            matrices.push(
-                storage::f32s(w)
-                    .map(Rows::F32)
-                    .or_else(|| storage::bf16s(w).map(Rows::Bf16))?,
-            );
-            starts.push(starts[starts.len() - 1] + size[0] as usize);
-        }
+        let (matrices, starts) = stacked(weights.iter().copied(), cols)?;
         let total = starts[starts.len() - 1];
         let by_row = self.run(Product {
             matrices: Arc::new(matrices),

@@ -64,23 +64,15 @@ impl BlockStore {
         })
     }
 
-    pub fn block_size(&self) -> usize {
-        self.block_size
-    }
-
-    pub fn num_blocks(&self) -> usize {
-        self.num_blocks
-    }
-
-    /// Bytes one block takes over all layers, keys and values.
-    pub fn block_bytes(&self) -> usize {
-        self.layers
-            .first()
-            .map_or(0, |l| 2 * l.keys.kind().elt_size_in_bytes())
-            * self.layers.len()
-            * self.block_size
-            * self.kv_heads
-            * self.head_dim
+    /// Bytes one block takes over `num_layers` layers, keys and values, in `kind`: what sizes a store to a memory
+    /// budget.
+    pub fn block_bytes(
+        num_layers: usize,
+        block_size: usize,
+        [kv_heads, head_dim]: [usize; 2],
+        kind: Kind,
+    ) -> usize {
+        2 * num_layers * block_size * kv_heads * head_dim * kind.elt_size_in_bytes()
     }
 }
 
@@ -149,32 +141,12 @@ impl KvCache {
         }
     }
 
-    /// The block table of a paged cache (empty for one with its own buffers).
-    pub fn blocks(&self) -> &[u32] {
-        match &self.storage {
-            Storage::Own { .. } => &[],
-            Storage::Paged { blocks, .. } => blocks,
-        }
-    }
-
     /// Replaces a paged cache's block table (the worker's block manager grew it); its filled positions must keep
     /// their blocks.
     pub fn set_blocks(&mut self, table: &[u32]) {
         if let Storage::Paged { blocks, .. } = &mut self.storage {
             blocks.clear();
             blocks.extend_from_slice(table);
-        }
-    }
-
-    /// Bytes held by its own buffers (allocated capacity); a paged cache's blocks are the store's.
-    pub fn bytes(&self) -> usize {
-        match &self.storage {
-            Storage::Own { layers, .. } => layers
-                .iter()
-                .flatten()
-                .map(|l| (l.keys.numel() + l.values.numel()) * l.keys.kind().elt_size_in_bytes())
-                .sum(),
-            Storage::Paged { .. } => 0,
         }
     }
 
@@ -246,16 +218,18 @@ impl KvCache {
         head_dim: usize,
     ) -> Result<bool> {
         let kv_heads = keys.len() / head_dim.max(1);
-        if kv_heads == 0
-            || keys.len() != values.len()
-            || keys.len() != kv_heads * head_dim
-            || !self.is_cpu_f32()
-        {
+        if kv_heads == 0 || keys.len() != values.len() || keys.len() != kv_heads * head_dim {
             return Ok(false);
         }
         let (pos, needed) = (self.len, self.len + 1);
         match &mut self.storage {
             Storage::Own { layers, max_len } => {
+                // Growing a buffer of another kind would convert it: leave such a cache to the libtorch path. (A
+                // paged store of another kind is turned away by `f32s_mut` below.)
+                let other = |l: &LayerBuf| l.keys.kind() != Kind::Float || l.keys.device() != Device::Cpu;
+                if layers[layer].as_ref().is_some_and(other) {
+                    return Ok(false);
+                }
                 let options = (Kind::Float, Device::Cpu);
                 let dims = [kv_heads as i64, head_dim as i64];
                 let buf = reserve(&mut layers[layer], pos, needed, *max_len, dims, options)?;

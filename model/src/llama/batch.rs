@@ -26,13 +26,7 @@ impl Llama {
                 caches.len()
             )));
         }
-        let context = self.config.max_position_embeddings;
-        if let Some(full) = caches.iter().find(|c| c.len() + 1 > context) {
-            return Err(ModelError::ContextOverflow {
-                prompt_tokens: full.len() + 1,
-                context,
-            });
-        }
+        self.room_for_one_more(caches)?;
         if let Some(pool) = pool
             && let Some(logits) = self.cpu_step(tokens, caches, pool)?
         {
@@ -54,6 +48,18 @@ impl Llama {
         }
         let h = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?.f_view([batch as i64, -1])?;
         Ok(project(pool, &h, &self.lm_head)?.f_to_kind(Kind::Float)?)
+    }
+
+    /// Every cache can take one more position within the model's context.
+    pub(super) fn room_for_one_more(&self, caches: &[&mut KvCache]) -> Result<()> {
+        let context = self.config.max_position_embeddings;
+        match caches.iter().find(|c| c.len() + 1 > context) {
+            Some(full) => Err(ModelError::ContextOverflow {
+                prompt_tokens: full.len() + 1,
+                context,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// cos/sin `[batch, 1, 1, head_dim]` for each sequence's next position.

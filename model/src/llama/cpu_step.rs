@@ -116,13 +116,7 @@ impl Llama {
         if batch == 0 || batch != caches.len() || !cache_kinds_fit || !self.cpu_step_applies() {
             return Ok(None);
         }
-        let context = self.config.max_position_embeddings;
-        if let Some(full) = caches.iter().find(|c| c.len() + 1 > context) {
-            return Err(ModelError::ContextOverflow {
-                prompt_tokens: full.len() + 1,
-                context,
-            });
-        }
+        self.room_for_one_more(caches)?;
         let mut x = self.embed_rows(tokens)?;
         let rope: Vec<(Vec<f32>, Vec<f32>)> = caches
             .iter()

@@ -180,7 +180,7 @@ pub(crate) fn load_and_run(
         loaded.model.kind()
     };
     let block_bytes =
-        2 * c.num_layers * c.num_kv_heads * c.head_dim * BLOCK_SIZE * kv_kind.elt_size_in_bytes();
+        BlockStore::block_bytes(c.num_layers, BLOCK_SIZE, [c.num_kv_heads, c.head_dim], kv_kind);
     let num_blocks = (config.kv_budget_bytes / block_bytes.max(1)).max(1);
     let store = BlockStore::new(
         c.num_layers,

@@ -26,6 +26,19 @@ pub struct ModelLabel {
 
 type Hist = Family<ModelLabel, Histogram, fn() -> Histogram>;
 
+/// Buckets of the latency histograms, ours and vLLM's alike: time to first token, between tokens, and per request.
+fn ttft() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+fn itl() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 12))
+}
+
+fn e2e() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 2.0, 14))
+}
+
 /// The metrics a vLLM server exports that autoscalers and routers read, under vLLM's names.
 #[derive(Debug)]
 pub struct VllmMetrics {
@@ -81,9 +94,9 @@ impl Metrics {
             prefix_cache_queries: Counter::default(),
             prefix_cache_hits: Counter::default(),
             preemptions: Counter::default(),
-            e2e_latency: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
-            time_to_first_token: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
-            time_per_output_token: Histogram::new(exponential_buckets(0.001, 2.0, 12)),
+            e2e_latency: e2e(),
+            time_to_first_token: ttft(),
+            time_per_output_token: itl(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
             prompt_tokens: Counter::default(),
             generated_tokens: Counter::default(),
@@ -251,15 +264,6 @@ impl Metrics {
 
 impl VllmMetrics {
     fn new() -> Self {
-        fn ttft() -> Histogram {
-            Histogram::new(exponential_buckets(0.005, 2.0, 14))
-        }
-        fn itl() -> Histogram {
-            Histogram::new(exponential_buckets(0.001, 2.0, 12))
-        }
-        fn e2e() -> Histogram {
-            Histogram::new(exponential_buckets(0.01, 2.0, 14))
-        }
         Self {
             num_requests_running: Family::default(),
             num_requests_waiting: Family::default(),

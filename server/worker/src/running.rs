@@ -298,7 +298,7 @@ impl<'p, 'm> Engine<'p, 'm> {
             .iter()
             .map(|&id| self.scheduler.tokens(id).last().copied().unwrap_or(0))
             .collect();
-        for (&id, _) in ids.iter().zip(&tokens) {
+        for &id in ids {
             let filled = self.scheduler.tokens(id).len() - 1;
             let _ = self.cache_for(id, filled);
         }

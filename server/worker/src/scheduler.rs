@@ -241,17 +241,7 @@ impl Scheduler {
     /// Gives `id` the blocks for `len` more positions, preempting the most recently admitted sequences when none
     /// are free. False when `id` itself had to be preempted.
     fn grow(&mut self, id: SeqId, len: usize, step: &mut Step) -> bool {
-        loop {
-            let seq = &self.seqs[&id];
-            if seq.blocks.len() >= self.blocks.blocks_for(seq.computed + len) {
-                return true;
-            }
-            if let Some(block) = self.blocks.allocate() {
-                if let Some(seq) = self.seqs.get_mut(&id) {
-                    seq.blocks.push(block);
-                }
-                continue;
-            }
+        while !self.take_blocks(id, len) {
             let Some(&victim) = self.running.last() else {
                 return false;
             };
@@ -260,6 +250,22 @@ impl Scheduler {
                 return false;
             }
         }
+        true
+    }
+
+    /// Gives `id` free blocks until it has room for `len` more positions; false when they ran out first (it keeps
+    /// those it got).
+    fn take_blocks(&mut self, id: SeqId, len: usize) -> bool {
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return false;
+        };
+        while seq.blocks.len() < self.blocks.blocks_for(seq.computed + len) {
+            match self.blocks.allocate() {
+                Some(block) => seq.blocks.push(block),
+                None => return false,
+            }
+        }
+        true
     }
 
     /// Sends a running sequence back to the head of the queue, releasing its blocks (computed full blocks stay
@@ -299,7 +305,6 @@ impl Scheduler {
         let &id = self.waiting.front()?;
         let seq = self.seqs.get_mut(&id)?;
         let prefix = self.blocks.take_prefix(seq.salt, &seq.tokens);
-        let hit_tokens = prefix.len() * self.blocks.block_size();
         let computed = prefix.len() * self.blocks.block_size();
         let rest = self.blocks.blocks_for(seq.tokens.len()) - prefix.len();
         // A few blocks stay free for running sequences to grow into, so admission does not cause preemption.
@@ -308,14 +313,19 @@ impl Scheduler {
             self.blocks.release(&prefix);
             return None;
         }
-        self.blocks.record_lookup(seq.tokens.len(), hit_tokens);
+        self.blocks.record_lookup(seq.tokens.len(), computed);
         let len = (seq.tokens.len() - computed).min(budget);
         seq.blocks = prefix;
         seq.computed = computed;
         seq.registered = seq.blocks.len();
-        while seq.blocks.len() < self.blocks.blocks_for(computed + len) {
-            let block = self.blocks.allocate()?;
-            seq.blocks.push(block);
+        if !self.take_blocks(id, len) {
+            // Not reached (the free blocks cover the whole rest of the prompt, checked above); if it were, the
+            // head waits, holding nothing.
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                self.blocks.release(&std::mem::take(&mut seq.blocks));
+                seq.computed = 0;
+            }
+            return None;
         }
         self.waiting.pop_front();
         self.running.push(id);

@@ -3,13 +3,17 @@
 use super::*;
 
 fn scheduler(max_batch: usize, num_blocks: usize, max_step_tokens: usize) -> Scheduler {
-    Scheduler::new(SchedulerConfig {
+    Scheduler::new(config(max_batch, num_blocks, max_step_tokens))
+}
+
+fn config(max_batch: usize, num_blocks: usize, max_step_tokens: usize) -> SchedulerConfig {
+    SchedulerConfig {
         max_batch,
         num_blocks,
         block_size: 4,
         max_step_tokens,
         prefix_caching: true,
-    })
+    }
 }
 
 fn prompt(n: usize, seed: u32) -> Vec<u32> {
@@ -18,6 +22,13 @@ fn prompt(n: usize, seed: u32) -> Vec<u32> {
 
 fn chunk(id: SeqId, start: usize, len: usize) -> Chunk {
     Chunk { id, start, len }
+}
+
+/// One step, and what the engine does after it.
+fn advance(s: &mut Scheduler) -> Step {
+    let step = s.next_step();
+    generate(s, &step);
+    step
 }
 
 /// What the engine does after a step: every sequence whose computation reached its last token gets one more.
@@ -38,17 +49,15 @@ fn generate(s: &mut Scheduler, step: &Step) {
 fn sequences_join_between_steps_and_leave_when_done() {
     let mut s = scheduler(8, 100, 1000);
     s.enqueue(1, prompt(10, 0), 50, 0).unwrap();
-    let step = s.next_step();
+    let step = advance(&mut s);
     assert_eq!(step.prefill, [chunk(1, 0, 10)]);
-    generate(&mut s, &step);
     s.enqueue(2, prompt(5, 1), 50, 0).unwrap();
-    let step = s.next_step();
+    let step = advance(&mut s);
     // The arrival is prefilled in the step that decodes the running sequence.
     assert_eq!(
         (step.decode.as_slice(), step.prefill.as_slice()),
         (&[1][..], &[chunk(2, 0, 5)][..])
     );
-    generate(&mut s, &step);
     assert!(s.remove(1) && s.remove(2));
     assert!(s.is_idle());
     assert_eq!(s.blocks().usage(), 0.0, "every block is back");
@@ -61,12 +70,10 @@ fn the_batch_never_exceeds_max_batch() {
     for id in 1..=4 {
         s.enqueue(id, prompt(3, id as u32), 10, 0).unwrap();
     }
-    let step = s.next_step();
+    let step = advance(&mut s);
     assert_eq!(step.prefill.len(), 2);
-    generate(&mut s, &step);
-    let step = s.next_step();
+    let step = advance(&mut s);
     assert_eq!(step.decode, [1, 2]);
-    generate(&mut s, &step);
     assert_eq!(s.waiting(), 2);
     s.remove(2);
     let step = s.next_step();
@@ -80,21 +87,19 @@ fn the_batch_never_exceeds_max_batch() {
 fn a_long_prompt_is_chunked_and_never_stalls_running_streams() {
     let mut s = scheduler(8, 1000, 64);
     s.enqueue(1, prompt(5, 0), 100, 0).unwrap();
-    let step = s.next_step();
-    generate(&mut s, &step);
+    advance(&mut s);
     s.enqueue(2, prompt(300, 1), 400, 0).unwrap();
     // Every step decodes sequence 1 and gives the long prompt what is left of the budget: 63 tokens.
     let mut done = 0;
     let mut steps = 0;
     while done < 300 {
-        let step = s.next_step();
+        let step = advance(&mut s);
         assert_eq!(step.decode, [1], "the running stream decodes every step");
         let c = step.prefill[0];
         assert_eq!((c.id, c.start), (2, done));
         assert!(c.len <= 63);
         done += c.len;
         steps += 1;
-        generate(&mut s, &step);
     }
     assert_eq!(steps, 5, "300 tokens in chunks of 63");
     assert_eq!(s.next_step().decode, [1, 2], "then both decode");
@@ -107,10 +112,9 @@ fn several_arrivals_share_one_step_and_the_head_is_never_overtaken() {
     s.enqueue(2, prompt(6, 1), 10, 0).unwrap(); // 2 blocks
     s.enqueue(3, prompt(12, 2), 16, 0).unwrap(); // 3 blocks: does not fit beside 1 and 2
     s.enqueue(4, prompt(2, 3), 10, 0).unwrap(); // 1 block: would fit, must not overtake 3
-    let step = s.next_step();
+    let step = advance(&mut s);
     assert_eq!(step.prefill.iter().map(|c| c.id).collect::<Vec<_>>(), [1, 2]);
     assert_eq!(s.waiting(), 2);
-    generate(&mut s, &step);
     s.remove(1);
     s.remove(2);
     let step = s.next_step();
@@ -137,19 +141,16 @@ fn running_out_of_blocks_preempts_the_youngest_which_later_recomputes() {
     let mut s = scheduler(8, 4, 1000);
     s.enqueue(1, prompt(7, 0), 16, 0).unwrap();
     s.enqueue(2, prompt(7, 1), 16, 0).unwrap();
-    let step = s.next_step();
+    let step = advance(&mut s);
     assert_eq!(step.prefill.len(), 2);
-    generate(&mut s, &step);
     // Position 7 fits in block 2 of each; tokens 9 need a new block.
-    let step = s.next_step();
+    let step = advance(&mut s);
     assert_eq!(step.decode, [1, 2]);
-    generate(&mut s, &step);
-    let step = s.next_step();
+    let step = advance(&mut s);
     assert_eq!(step.preempted, [2], "the youngest gives way");
     assert_eq!(step.decode, [1]);
     assert_eq!(s.preemptions(), 1);
     assert_eq!((s.running(), s.waiting()), (1, 1));
-    generate(&mut s, &step);
     // Once 1 finishes, 2 comes back: its first full block is still cached, so it recomputes the rest only.
     s.remove(1);
     let step = s.next_step();
@@ -168,9 +169,8 @@ fn a_shared_prefix_is_computed_once() {
     let system: Vec<u32> = prompt(12, 9);
     let with_question = |q: u32| system.iter().copied().chain([q, q + 1]).collect::<Vec<u32>>();
     s.enqueue(1, with_question(500), 30, 0).unwrap();
-    let step = s.next_step();
+    let step = advance(&mut s);
     assert_eq!(step.prefill, [chunk(1, 0, 14)]);
-    generate(&mut s, &step);
     s.next_step(); // registers 1's full blocks
     s.enqueue(2, with_question(600), 30, 0).unwrap();
     let step = s.next_step();
@@ -226,15 +226,11 @@ fn cancelling_frees_the_slot_whether_waiting_or_running() {
 #[test]
 fn without_prefix_caching_every_prompt_is_computed_whole() {
     let mut s = Scheduler::new(SchedulerConfig {
-        max_batch: 8,
-        num_blocks: 100,
-        block_size: 4,
-        max_step_tokens: 1000,
         prefix_caching: false,
+        ..config(8, 100, 1000)
     });
     s.enqueue(1, prompt(9, 0), 30, 0).unwrap();
-    let step = s.next_step();
-    generate(&mut s, &step);
+    advance(&mut s);
     s.remove(1);
     s.enqueue(2, prompt(9, 0), 30, 0).unwrap();
     assert_eq!(s.next_step().prefill, [chunk(2, 0, 9)]);
@@ -247,8 +243,7 @@ fn a_sequence_preempted_before_its_decode_ran_caches_no_block_it_did_not_fill() 
     // last of its second block.
     let mut s = scheduler(8, 10, 1000);
     s.enqueue(1, prompt(7, 0), 12, 0).unwrap();
-    let step = s.next_step();
-    generate(&mut s, &step);
+    advance(&mut s);
     let mut step = s.next_step();
     assert_eq!(step.decode, [1]);
     // Preempted before that step ran (another sequence needed its blocks).
