@@ -3,8 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use camelid_model::{ChatMessage, SamplingParams};
+use camelid_model::{BlockStore, ChatMessage, SamplingParams};
+use camelid_worker::engine::BLOCK_SIZE;
 use camelid_worker::{Event, GenParams, Input, ModelArgs, WorkerConfig, WorkerHandle};
+use tch::Kind;
 
 const SYSTEM: &str = "You are a careful assistant. Answer in one or two plain sentences, without lists, and \
                       never mention that you are an AI model.";
@@ -16,7 +18,10 @@ const QUESTIONS: [&str; 4] = [
     "Where do penguins live?",
 ];
 
-const MAX_TOKENS: usize = 16;
+/// Prompts are 46 to 49 tokens, so each sequence grows to 6 blocks of 16 positions: any two running together need
+/// more than the squeezed store's 8 (even sharing the system prompt's 2 full blocks), and the second is always
+/// admitted while the first still holds 4 or fewer, so a preemption happens whatever the arrival timing.
+const MAX_TOKENS: usize = 40;
 
 fn model_args() -> ModelArgs {
     ModelArgs {
@@ -92,12 +97,16 @@ async fn greedy_replies_survive_prefix_caching_chunking_and_preemption() {
     }
     drop(plain);
 
-    // Squeezed: 16-token steps (every prompt is chunked), a store of 8 blocks of 16 positions for four
-    // sequences of about 60 (so running sequences are preempted and recomputed), and the shared system prompt
-    // cached.
+    // Squeezed: 16-token steps (every prompt is chunked), a store of 8 blocks (see MAX_TOKENS: running sequences
+    // are preempted and recomputed), and the shared system prompt cached.
     let info = model_args().load().unwrap();
     let c = info.config();
-    let block_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 16 * 4;
+    let block_bytes = BlockStore::block_bytes(
+        c.num_layers,
+        BLOCK_SIZE,
+        [c.num_kv_heads, c.head_dim],
+        Kind::Float,
+    );
     drop(info);
     let squeezed = start(WorkerConfig {
         kv_budget_bytes: 8 * block_bytes,
