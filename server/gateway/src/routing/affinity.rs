@@ -4,8 +4,8 @@
 //! Consistent hashing with bounded load: the workers are ranked for the request's key by rendezvous hashing
 //! (each worker scores `hash(key, worker)`, highest first), and the first whose load is within `1 + EPSILON`
 //! times the average (counting this request) takes it. A worker joining or leaving moves only the keys it
-//! wins or held; a hot key spills over to the next-ranked worker instead of piling up; and with no worker within
-//! the bound the least-loaded one is chosen, as without affinity.
+//! wins or held, and a hot key spills over to the next-ranked worker instead of piling up. Some worker is always
+//! within the bound (the least loaded is at most the average), so a request always finds one.
 
 use std::hash::{Hash, Hasher};
 
@@ -60,11 +60,7 @@ pub fn choose(key: u64, candidates: &[(&str, usize)]) -> Option<usize> {
     let bound = ((total + 1) as f64 / candidates.len() as f64 * (1.0 + EPSILON)).ceil() as usize;
     let mut ranked: Vec<usize> = (0..candidates.len()).collect();
     ranked.sort_by_key(|&i| std::cmp::Reverse(score(key, candidates[i].0)));
-    ranked
-        .iter()
-        .copied()
-        .find(|&i| candidates[i].1 < bound)
-        .or_else(|| (0..candidates.len()).min_by_key(|&i| candidates[i].1))
+    ranked.into_iter().find(|&i| candidates[i].1 < bound)
 }
 
 #[cfg(test)]
