@@ -1,37 +1,10 @@
 //! Attention of one decoded position over its sequence's KV cache, on the CPU in f32: decoding calls it once per
 //! sequence and layer, where a handful of libtorch ops would cost more in dispatch than in arithmetic.
 
-use tch::Tensor;
-
 use crate::cpu_gemv::dot;
-use crate::storage;
-
-/// Attention of one query position over the first `len` positions of a cache layer, on the CPU in f32. `q` holds
-/// `heads` rows of `head_dim`; `keys` and `values` are the layer's whole buffers, `[1, kv_heads, capacity,
-/// head_dim]`, query head `h` attending with key/value head `h / (heads / kv_heads)` (grouped-query attention).
-/// Appends `heads * head_dim` values to `out`, or returns false (appending nothing) when the buffers are not
-/// contiguous CPU f32.
-pub fn attend_cached(q: &[f32], keys: &Tensor, values: &Tensor, len: usize, out: &mut Vec<f32>) -> bool {
-    let size = keys.size();
-    let (Some(k), Some(v), [_, kv_heads, capacity, head_dim]) =
-        (storage::f32s(keys), storage::f32s(values), size.as_slice())
-    else {
-        return false;
-    };
-    let (kv_heads, capacity, head_dim) = (*kv_heads as usize, *capacity as usize, *head_dim as usize);
-    if values.size() != size || len > capacity {
-        return false;
-    }
-    let rows = Rows {
-        keys: k,
-        values: v,
-        head_dim,
-        kv_heads,
-    };
-    attend(q, &rows, len, |h, p| (h * capacity + p) * head_dim, out)
-}
 
 /// A cache layer's keys and values as f32 rows of `head_dim`, wherever they lie.
+#[derive(Clone, Copy)]
 pub(crate) struct Rows<'a> {
     pub keys: &'a [f32],
     pub values: &'a [f32],

@@ -7,7 +7,6 @@
 //! helper threads that stay awake for the whole decode loop (a wake-up per product would cost more than the
 //! product), and streams each weight row once. Everything else (batches, prefill, training, GPU) stays on libtorch.
 
-pub use crate::cpu_attention::attend_cached;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::{Duration, Instant};
@@ -100,138 +99,9 @@ impl Rows<'_> {
     }
 }
 
-/// f32 and bf16 products with explicit AVX2 FMA: the compiler's vectorization of [`dot_rows`] keeps its accumulators in
-/// memory and reaches a fraction of what the FMA units do, which matters once a batch makes decoding compute-bound.
-/// A weight row times four input rows are computed together, loading each weight chunk once for four products.
-/// Every (weight row, input row) pair is summed the same way whatever the tiling, so a sequence gets the same bits
-/// alone or in a batch.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod avx2 {
-    use std::arch::x86_64::{
-        __m128i, __m256, _mm_loadu_si128, _mm256_add_ps, _mm256_castsi256_ps, _mm256_cvtepu16_epi32,
-        _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_slli_epi32, _mm256_storeu_ps,
-    };
-    use std::ops::Range;
-    use std::sync::OnceLock;
-
-    pub fn available() -> bool {
-        static AVAILABLE: OnceLock<bool> = OnceLock::new();
-        *AVAILABLE.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-    }
-
-    /// A weight element type the kernel widens to f32 in registers: f32 as is, bf16 by a shift (its bits are the
-    /// high half of an f32's), so bf16 weights cost half the memory traffic and no extra passes.
-    pub trait Weight: Copy {
-        /// Eight weights from `p` widened to f32.
-        ///
-        /// # Safety
-        /// The CPU has AVX2, and `p` points at eight readable elements.
-        unsafe fn load8(p: *const Self) -> __m256;
-        fn widen(self) -> f32;
-    }
-
-    impl Weight for f32 {
-        #[inline(always)]
-        unsafe fn load8(p: *const f32) -> __m256 {
-            // SAFETY: the caller guarantees eight readable f32 at `p` and AVX2.
-            unsafe { _mm256_loadu_ps(p) }
-        }
-        fn widen(self) -> f32 {
-            self
-        }
-    }
-
-    impl Weight for u16 {
-        #[inline(always)]
-        unsafe fn load8(p: *const u16) -> __m256 {
-            // SAFETY: the caller guarantees eight readable u16 (16 bytes, one unaligned 128-bit load) and AVX2.
-            unsafe {
-                let half = _mm_loadu_si128(p.cast::<__m128i>());
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(half)))
-            }
-        }
-        fn widen(self) -> f32 {
-            super::bf16_to_f32(self)
-        }
-    }
-
-    /// Rows `rows` of the row-major `[_, cols]` matrix `w`, each dotted with every `cols`-wide row of `x`,
-    /// appended to `out` in `[row][input]` order.
-    pub fn products<W: Weight>(w: &[W], cols: usize, rows: Range<usize>, x: &[f32], out: &mut Vec<f32>) {
-        assert!(available(), "avx2::products called without AVX2 and FMA");
-        assert!(rows.end * cols <= w.len() && cols > 0 && x.len().is_multiple_of(cols));
-        // SAFETY: the CPU has AVX2 and FMA (asserted above), which is all `products_avx2` requires; the bounds it
-        // relies on were asserted too.
-        unsafe { products_avx2(w, cols, rows, x, out) }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    fn products_avx2<W: Weight>(w: &[W], cols: usize, rows: Range<usize>, x: &[f32], out: &mut Vec<f32>) {
-        let batch = x.len() / cols;
-        let base = out.len();
-        out.resize(base + rows.len() * batch, 0.0);
-        let wrow = |r: usize| &w[r * cols..(r + 1) * cols];
-        let xrow = |k: usize| &x[k * cols..(k + 1) * cols];
-        let at = |row: usize, k: usize| base + (row - rows.start) * batch + k;
-        // Weight rows go two at a time over each block of input rows, so the block is still in L1 for the second
-        // (about 1.6x faster at 16 inputs than finishing one weight row before the next).
-        for first in rows.clone().step_by(2) {
-            let pair = first..(first + 2).min(rows.end);
-            let mut k = 0;
-            while k + 4 <= batch {
-                let xs = [xrow(k), xrow(k + 1), xrow(k + 2), xrow(k + 3)];
-                for row in pair.clone() {
-                    for (j, value) in tile(wrow(row), xs).into_iter().enumerate() {
-                        out[at(row, k + j)] = value;
-                    }
-                }
-                k += 4;
-            }
-            for k in k..batch {
-                for row in pair.clone() {
-                    out[at(row, k)] = tile(wrow(row), [xrow(k)])[0];
-                }
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    fn tile<W: Weight, const N: usize>(w: &[W], x: [&[f32]; N]) -> [f32; N] {
-        let cols = w.len();
-        let vectorized = cols / 16 * 16;
-        // Two accumulators per input row, over 16-value chunks: independent FMA chains keep the single-row
-        // (memory-bound) case fast, and every tile width sums a row identically.
-        let mut acc: [[__m256; 2]; N] = [[_mm256_setzero_ps(); 2]; N];
-        let mut c = 0;
-        while c < vectorized {
-            // SAFETY: `c + 16 <= vectorized <= cols`, and `w` and every row of `x` hold `cols` values, so the
-            // unaligned 8-lane loads at `c` and `c + 8` are in bounds; the CPU has AVX2 (this function's feature).
-            unsafe {
-                let p = w.as_ptr().add(c);
-                let wv = [W::load8(p), W::load8(p.add(8))];
-                for k in 0..N {
-                    let p = x[k].as_ptr().add(c);
-                    acc[k][0] = _mm256_fmadd_ps(wv[0], _mm256_loadu_ps(p), acc[k][0]);
-                    acc[k][1] = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(p.add(8)), acc[k][1]);
-                }
-            }
-            c += 16;
-        }
-        std::array::from_fn(|k| {
-            let mut lanes = [0f32; 8];
-            // SAFETY: `lanes` holds the 8 values one unaligned store writes.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[k][0], acc[k][1])) };
-            let h4: [f32; 4] = std::array::from_fn(|j| lanes[j] + lanes[j + 4]);
-            let tail: f32 = w[vectorized..]
-                .iter()
-                .zip(&x[k][vectorized..])
-                .map(|(a, b)| a.widen() * b)
-                .sum();
-            (h4[0] + h4[2]) + (h4[1] + h4[3]) + tail
-        })
-    }
-}
+mod avx2;
 
 /// One matrix-vector product over several stacked matrices: `[W_1; W_2; ...] x`.
 #[derive(Clone)]
@@ -279,9 +149,27 @@ impl Product<'_> {
     }
 }
 
-struct Job<'a> {
-    product: Product<'a>,
-    rows: std::ops::Range<usize>,
+/// Work for a helper thread.
+enum Job<'a> {
+    /// Output rows `rows` of a product.
+    Rows {
+        product: Product<'a>,
+        rows: std::ops::Range<usize>,
+    },
+    /// Part `part` of [`DecodePool::split`]'s work.
+    Part {
+        work: &'a (dyn Fn(usize) -> Vec<f32> + Sync + 'a),
+        part: usize,
+    },
+}
+
+impl Job<'_> {
+    fn run(self) -> Vec<f32> {
+        match self {
+            Job::Rows { product, rows } => product.compute(rows),
+            Job::Part { work, part } => work(part),
+        }
+    }
 }
 
 fn recv_spinning<T>(rx: &Receiver<T>) -> Option<T> {
@@ -344,7 +232,7 @@ pub fn with_decode_pool<'a, R>(f: impl FnOnce(&DecodePool<'a>) -> R) -> R {
             let (out_tx, out_rx) = std::sync::mpsc::channel();
             scope.spawn(move || {
                 while let Some(job) = recv_spinning(&job_rx) {
-                    if out_tx.send(job.product.compute(job.rows)).is_err() {
+                    if out_tx.send(job.run()).is_err() {
                         break;
                     }
                 }
@@ -368,7 +256,7 @@ impl<'a> DecodePool<'a> {
             let end = ((i + 2) * per_part).min(total);
             if start < end
                 && tx
-                    .send(Job {
+                    .send(Job::Rows {
                         product: product.clone(),
                         rows: start..end,
                     })
@@ -390,6 +278,55 @@ impl<'a> DecodePool<'a> {
             out.extend(product.compute(done..total));
         }
         out
+    }
+
+    /// How many parts [`DecodePool::split`] runs at once: the caller and each helper.
+    pub(crate) fn parts(&self) -> usize {
+        self.helpers.len() + 1
+    }
+
+    /// `work(0)`, ..., `work(parts() - 1)` run at once, part 0 on the caller and the others on the helpers, their
+    /// results in part order: work between the products (attention over each sequence's cache) spread over the
+    /// cores the helpers would otherwise spin on.
+    #[allow(unsafe_code)]
+    pub(crate) fn split(&self, work: &(dyn Fn(usize) -> Vec<f32> + Sync)) -> Vec<Vec<f32>> {
+        // SAFETY: only the lifetime is changed. Each helper that is sent `work` either sends back its result or
+        // drops its end of the result channel (it panicked and unwound); the loop below waits for one of the two
+        // from every such helper before this function returns or resumes a panic of its own part, so no helper
+        // still holds `work` once its true lifetime can end.
+        let shared: &'a (dyn Fn(usize) -> Vec<f32> + Sync + 'a) = unsafe { std::mem::transmute(work) };
+        let mut sent = Vec::with_capacity(self.helpers.len());
+        for (i, (tx, rx)) in self.helpers.iter().enumerate() {
+            let job = Job::Part {
+                work: shared,
+                part: i + 1,
+            };
+            if tx.send(job).is_ok() {
+                sent.push((rx, i + 1));
+            }
+        }
+        let own = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(0)));
+        let mut results = Vec::with_capacity(self.parts());
+        let mut others = Vec::with_capacity(sent.len());
+        for (rx, part) in sent {
+            if let Some(out) = recv_spinning(rx) {
+                others.push((part, out));
+            }
+        }
+        let own = match own {
+            Ok(out) => out,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        results.push(own);
+        let mut others = others.into_iter().peekable();
+        for part in 1..self.parts() {
+            match others.next_if(|(p, _)| *p == part) {
+                Some((_, out)) => results.push(out),
+                // A helper that is gone (it panicked) or was never reached: its part runs here.
+                None => results.push(work(part)),
+            }
+        }
+        results
     }
 
     /// `x W_i^T (+ b_i)` for each weight when `x` holds at most [`MAX_ROWS`] CPU rows and the weights are

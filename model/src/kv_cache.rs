@@ -268,48 +268,104 @@ impl KvCache {
     /// Attention of one query (`heads * head_dim` f32) over the first `len` positions of layer `layer`, on the
     /// CPU, appended to `out`; false (nothing appended) when the cache is not CPU f32.
     pub(crate) fn attend(&self, layer: usize, q: &[f32], len: usize, out: &mut Vec<f32>) -> Result<bool> {
-        match &self.storage {
-            Storage::Own { layers, .. } => {
-                let Some(Some(buf)) = layers.get(layer) else {
-                    return Ok(false);
-                };
-                Ok(crate::cpu_attention::attend_cached(
-                    q,
-                    &buf.keys,
-                    &buf.values,
-                    len,
-                    out,
-                ))
-            }
-            Storage::Paged { store, blocks } => {
-                let store = lock(store);
-                let (Some(keys), Some(values)) = (
-                    crate::storage::f32s(&store.layers[layer].keys),
-                    crate::storage::f32s(&store.layers[layer].values),
-                ) else {
-                    return Ok(false);
-                };
-                if len > blocks.len() * store.block_size {
-                    return Ok(false);
-                }
-                let (b, kv_heads, head_dim) = (store.block_size, store.kv_heads, store.head_dim);
-                let rows = Rows {
-                    keys,
-                    values,
-                    head_dim,
-                    kv_heads,
-                };
-                let at =
-                    |h: usize, p: usize| ((blocks[p / b] as usize * b + p % b) * kv_heads + h) * head_dim;
-                Ok(attend(q, &rows, len, at, out))
-            }
-        }
+        Ok(with_views(&[self], layer, |views| views[0].attend(q, len, out)).unwrap_or(false))
     }
 
     /// Marks `t` more positions as filled once every layer has appended them.
     pub(crate) fn advance(&mut self, t: usize) {
         self.len += t;
     }
+}
+
+/// Where a cache layer's rows lie in its buffers.
+#[derive(Clone, Copy)]
+enum Layout<'c> {
+    /// `[1, kv_heads, capacity, head_dim]`.
+    Own { capacity: usize },
+    /// A row per slot, `[slots, kv_heads * head_dim]`.
+    Paged { blocks: &'c [u32], block_size: usize },
+}
+
+/// One cache layer as CPU attention reads it, borrowed for a step; plain slices, so the pool's threads can share it.
+#[derive(Clone, Copy)]
+pub(crate) struct AttentionView<'c> {
+    rows: Rows<'c>,
+    layout: Layout<'c>,
+}
+
+impl AttentionView<'_> {
+    /// [`attend`] of `q` over the first `len` positions; false (nothing appended) when they are not all held.
+    pub(crate) fn attend(&self, q: &[f32], len: usize, out: &mut Vec<f32>) -> bool {
+        let (kv_heads, head_dim) = (self.rows.kv_heads, self.rows.head_dim);
+        match self.layout {
+            Layout::Own { capacity } if len <= capacity => {
+                attend(q, &self.rows, len, |h, p| (h * capacity + p) * head_dim, out)
+            }
+            Layout::Paged {
+                blocks,
+                block_size: b,
+            } if len <= blocks.len() * b => {
+                let at =
+                    |h: usize, p: usize| ((blocks[p / b] as usize * b + p % b) * kv_heads + h) * head_dim;
+                attend(q, &self.rows, len, at, out)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `f` over layer `layer` of every cache as an [`AttentionView`], each store locked once for the whole call; None
+/// when a cache is not CPU f32 or the caches live in more than one store.
+pub(crate) fn with_views<R>(
+    caches: &[&KvCache],
+    layer: usize,
+    f: impl FnOnce(&[AttentionView<'_>]) -> R,
+) -> Option<R> {
+    let mut stores = caches.iter().filter_map(|c| match &c.storage {
+        Storage::Paged { store, .. } => Some(store),
+        Storage::Own { .. } => None,
+    });
+    let first = stores.next();
+    if let Some(first) = first
+        && !stores.all(|s| Arc::ptr_eq(s, first))
+    {
+        return None;
+    }
+    let guard = first.map(lock);
+    let mut views = Vec::with_capacity(caches.len());
+    for cache in caches {
+        let (keys, values, layout, [kv_heads, head_dim]) = match (&cache.storage, guard.as_deref()) {
+            (Storage::Own { layers, .. }, _) => {
+                let buf = layers.get(layer)?.as_ref()?;
+                let [1, kv_heads, capacity, head_dim] = buf.keys.size()[..] else {
+                    return None;
+                };
+                if buf.values.size() != buf.keys.size() {
+                    return None;
+                }
+                let capacity = capacity as usize;
+                let dims = [kv_heads as usize, head_dim as usize];
+                (&buf.keys, &buf.values, Layout::Own { capacity }, dims)
+            }
+            (Storage::Paged { blocks, .. }, Some(store)) => {
+                let buf = store.layers.get(layer)?;
+                let layout = Layout::Paged {
+                    blocks,
+                    block_size: store.block_size,
+                };
+                (&buf.keys, &buf.values, layout, [store.kv_heads, store.head_dim])
+            }
+            (Storage::Paged { .. }, None) => return None,
+        };
+        let rows = Rows {
+            keys: crate::storage::f32s(keys)?,
+            values: crate::storage::f32s(values)?,
+            head_dim,
+            kv_heads,
+        };
+        views.push(AttentionView { rows, layout });
+    }
+    Some(f(&views))
 }
 
 /// The store slot of position `pos` of a sequence with block table `blocks`.

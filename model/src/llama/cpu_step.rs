@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 use super::{Linear, Llama, compute_rope};
 use crate::cpu_gemv::{DecodePool, MAX_ROWS};
 use crate::error::{ModelError, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, with_views};
 use crate::storage;
 
 /// The dtype intermediates are stored in: f32 keeps them, bf16 rounds them (to nearest, ties to even, as
@@ -203,24 +203,19 @@ impl Llama {
         let qkv_proj = [&layer.q_proj, &layer.k_proj, &layer.v_proj];
         let qkv = self.project_rows(&qkv_proj, h, batch, pool, precision)?;
         let (q_len, kv_len) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let mut attended = Vec::with_capacity(batch * q_len);
+        let mut queries = Vec::with_capacity(batch * q_len);
         for (j, row) in qkv.chunks(q_len + 2 * kv_len).enumerate() {
             let (cos, sin) = &rope[j];
-            let q = rotate(&row[..q_len], cos, sin, precision);
+            queries.extend(rotate(&row[..q_len], cos, sin, precision));
             let k = rotate(&row[q_len..q_len + kv_len], cos, sin, precision);
             let v = &row[q_len + kv_len..];
-            let cache = &mut *caches[j];
-            if !cache.write_next(i, &k, v, c.head_dim)? {
+            if !caches[j].write_next(i, &k, v, c.head_dim)? {
                 return Err(ModelError::InvalidRequest(
                     "the KV cache is not a CPU f32 cache".into(),
                 ));
             }
-            if !cache.attend(i, &q, cache.len() + 1, &mut attended)? {
-                return Err(ModelError::InvalidRequest(
-                    "the KV cache does not suit CPU attention".into(),
-                ));
-            }
         }
+        let mut attended = attend_all(caches, i, &queries, pool)?;
         precision.round_all(&mut attended);
         let out = self.project_rows(&[&layer.o_proj], attended, batch, pool, precision)?;
         add_residual(x, &out, precision);
@@ -314,6 +309,57 @@ fn rotate(x: &[f32], cos: &[f32], sin: &[f32], precision: Precision) -> Vec<f32>
     out
 }
 
+/// Attention of every row's query (`queries`, one row per cache) over its cache's layer `layer`, including the
+/// position just written, the rows spread over the pool's threads in parts of about equal work.
+fn attend_all(
+    caches: &[&mut KvCache],
+    layer: usize,
+    queries: &[f32],
+    pool: &DecodePool<'_>,
+) -> Result<Vec<f32>> {
+    let lens: Vec<usize> = caches.iter().map(|c| c.len() + 1).collect();
+    let q_len = queries.len() / caches.len().max(1);
+    let parts = split_by_work(&lens, pool.parts());
+    let refs: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
+    let attended = with_views(&refs, layer, |views| {
+        let work = |part: usize| {
+            let mut out = Vec::with_capacity(parts[part].len() * q_len);
+            for j in parts[part].clone() {
+                if !views[j].attend(&queries[j * q_len..(j + 1) * q_len], lens[j], &mut out) {
+                    break;
+                }
+            }
+            out
+        };
+        pool.split(&work).concat()
+    });
+    match attended {
+        Some(out) if out.len() == queries.len() => Ok(out),
+        _ => Err(ModelError::InvalidRequest(
+            "the KV cache does not suit CPU attention".into(),
+        )),
+    }
+}
+
+/// `0..lens.len()` cut into `parts` consecutive ranges of about equal total length (attention's work is linear in
+/// the positions attended).
+fn split_by_work(lens: &[usize], parts: usize) -> Vec<std::ops::Range<usize>> {
+    let total: usize = lens.iter().sum();
+    let mut ranges = Vec::with_capacity(parts);
+    let (mut start, mut done) = (0, 0);
+    for part in 1..=parts {
+        // A row goes to this part when its midpoint, `done + len / 2`, is at most `total * part / parts`.
+        let mut end = start;
+        while end < lens.len() && (part == parts || parts * (2 * done + lens[end]) <= 2 * total * part) {
+            done += lens[end];
+            end += 1;
+        }
+        ranges.push(start..end);
+        start = end;
+    }
+    ranges
+}
+
 fn add_residual(x: &mut [f32], delta: &[f32], precision: Precision) {
     x.iter_mut()
         .zip(delta)
@@ -337,6 +383,15 @@ mod tests {
         .unwrap();
         let ours: Vec<f32> = xs.iter().map(|&x| bf16_round(x)).collect();
         assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn work_splits_into_consecutive_parts_of_about_equal_length() {
+        assert_eq!(split_by_work(&[10, 10, 10, 10], 2), [0..2, 2..4]);
+        assert_eq!(split_by_work(&[100, 1, 1, 1], 2), [0..1, 1..4]);
+        assert_eq!(split_by_work(&[5], 2), [0..1, 1..1]);
+        assert_eq!(split_by_work(&[], 2), [0..0, 0..0]);
+        assert_eq!(split_by_work(&[3, 3, 3], 1), [0..3]);
     }
 
     fn tiny(kind: Kind) -> Llama {

@@ -1,0 +1,155 @@
+//! f32 and bf16 products with explicit AVX2 FMA: the compiler's vectorization of [`super::dot_rows`] keeps its
+//! accumulators in memory and reaches a fraction of what the FMA units do, which matters once a batch makes
+//! decoding compute-bound.
+//!
+//! A register tile holds one accumulator per (input row, weight row) pair: 4 input rows by 3 weight rows for
+//! batches (7 loads feed 12 FMAs, so the FMA units, not the load ports, set the pace), and 1 by 8 for a single
+//! row (eight weight rows streamed at once keep the memory system busy). Weight rows go in chunks that stay in
+//! L2 while every block of 4 input rows (in L1) passes over them, so each weight is read from memory once per
+//! product whatever the batch.
+//!
+//! Every pair is summed the same way in any tile: one 8-lane FMA chain over the row, the lanes reduced as a
+//! fixed tree, then the scalar tail. So a sequence gets the same bits alone or in a batch of any size.
+
+use std::arch::x86_64::{
+    __m128i, __m256, _mm_loadu_si128, _mm256_castsi256_ps, _mm256_cvtepu16_epi32, _mm256_fmadd_ps,
+    _mm256_loadu_ps, _mm256_setzero_ps, _mm256_slli_epi32, _mm256_storeu_ps,
+};
+use std::ops::Range;
+use std::sync::OnceLock;
+
+/// Bytes of weight rows a chunk holds: about half of a 512 KiB L2, leaving room for the input rows.
+const CHUNK_BYTES: usize = 256 * 1024;
+/// Input rows per block of the batched tile.
+const BLOCK: usize = 4;
+/// Weight rows per batched tile.
+const TILE_ROWS: usize = 3;
+/// Weight rows per single-input tile.
+const SINGLE_ROWS: usize = 8;
+
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// A weight element type the kernel widens to f32 in registers: f32 as is, bf16 by a shift (its bits are the high
+/// half of an f32's), so bf16 weights cost half the memory traffic and no extra passes.
+pub trait Weight: Copy {
+    /// Eight weights from `p` widened to f32.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, and `p` points at eight readable elements.
+    unsafe fn load8(p: *const Self) -> __m256;
+    fn widen(self) -> f32;
+}
+
+impl Weight for f32 {
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        // SAFETY: the caller guarantees eight readable f32 at `p` and AVX2.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Weight for u16 {
+    #[inline(always)]
+    unsafe fn load8(p: *const u16) -> __m256 {
+        // SAFETY: the caller guarantees eight readable u16 (16 bytes, one unaligned 128-bit load) and AVX2.
+        unsafe {
+            let half = _mm_loadu_si128(p.cast::<__m128i>());
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(half)))
+        }
+    }
+    fn widen(self) -> f32 {
+        super::bf16_to_f32(self)
+    }
+}
+
+/// Rows `rows` of the row-major `[_, cols]` matrix `w`, each dotted with every `cols`-wide row of `x`, appended to
+/// `out` in `[row][input]` order.
+pub fn products<W: Weight>(w: &[W], cols: usize, rows: Range<usize>, x: &[f32], out: &mut Vec<f32>) {
+    assert!(available(), "avx2::products called without AVX2 and FMA");
+    assert!(rows.end * cols <= w.len() && cols > 0 && x.len().is_multiple_of(cols));
+    // SAFETY: the CPU has AVX2 and FMA (asserted above), which is all `products_avx2` requires; it indexes `w`
+    // and `x` through checked slices.
+    unsafe { products_avx2(w, cols, rows, x, out) }
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn products_avx2<W: Weight>(w: &[W], cols: usize, rows: Range<usize>, x: &[f32], out: &mut Vec<f32>) {
+    let batch = x.len() / cols;
+    let base = out.len();
+    out.resize(base + rows.len() * batch, 0.0);
+    let out = &mut out[base..];
+    let wrow = |r: usize| &w[r * cols..(r + 1) * cols];
+    let xrow = |k: usize| &x[k * cols..(k + 1) * cols];
+    // Out-of-range rows of a partial tile repeat the last real one; their results are not stored.
+    let clamp = |i: usize, end: usize| i.min(end - 1);
+    if batch == 1 {
+        for first in rows.clone().step_by(SINGLE_ROWS) {
+            let ws: [&[W]; SINGLE_ROWS] = std::array::from_fn(|j| wrow(clamp(first + j, rows.end)));
+            let [sums] = tile(ws, [xrow(0)]);
+            for (j, value) in sums.into_iter().enumerate().take(rows.end - first) {
+                out[first + j - rows.start] = value;
+            }
+        }
+        return;
+    }
+    let chunk_rows = (CHUNK_BYTES / (cols * size_of::<W>())).max(TILE_ROWS);
+    for chunk in rows.clone().step_by(chunk_rows) {
+        let chunk_end = (chunk + chunk_rows).min(rows.end);
+        for k in (0..batch).step_by(BLOCK) {
+            let xs: [&[f32]; BLOCK] = std::array::from_fn(|j| xrow(clamp(k + j, batch)));
+            for first in (chunk..chunk_end).step_by(TILE_ROWS) {
+                let ws: [&[W]; TILE_ROWS] = std::array::from_fn(|j| wrow(clamp(first + j, chunk_end)));
+                let sums = tile(ws, xs);
+                for (i, row_sums) in sums.iter().enumerate().take(batch - k) {
+                    for (j, value) in row_sums.iter().enumerate().take(chunk_end - first) {
+                        out[(first + j - rows.start) * batch + k + i] = *value;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The dot product of every weight row in `w` with every input row in `x` (`[input][weight]`), all of one length.
+#[target_feature(enable = "avx2,fma")]
+fn tile<W: Weight, const N: usize, const M: usize>(w: [&[W]; N], x: [&[f32]; M]) -> [[f32; N]; M] {
+    let cols = x[0].len();
+    assert!(w.iter().all(|r| r.len() == cols) && x.iter().all(|r| r.len() == cols));
+    let vectorized = cols / 8 * 8;
+    let mut acc = [[_mm256_setzero_ps(); N]; M];
+    let mut c = 0;
+    while c < vectorized {
+        // SAFETY: `c + 8 <= vectorized <= cols` and every row holds `cols` values (asserted), so each 8-lane load
+        // at `c` is in bounds; the CPU has AVX2 (this function's feature).
+        unsafe {
+            let wv: [__m256; N] = std::array::from_fn(|j| W::load8(w[j].as_ptr().add(c)));
+            for i in 0..M {
+                let xv = _mm256_loadu_ps(x[i].as_ptr().add(c));
+                for j in 0..N {
+                    acc[i][j] = _mm256_fmadd_ps(wv[j], xv, acc[i][j]);
+                }
+            }
+        }
+        c += 8;
+    }
+    std::array::from_fn(|i| {
+        std::array::from_fn(|j| {
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds the 8 values one unaligned store writes.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i][j]) };
+            let h4: [f32; 4] = std::array::from_fn(|l| lanes[l] + lanes[l + 4]);
+            let tail: f32 = w[j][vectorized..]
+                .iter()
+                .zip(&x[i][vectorized..])
+                .map(|(a, b)| a.widen() * b)
+                .sum();
+            (h4[0] + h4[2]) + (h4[1] + h4[3]) + tail
+        })
+    })
+}
