@@ -13,7 +13,16 @@ fn main() {
         _ => Kind::Float,
     };
     // q+k+v stacked, gate+up stacked, down: the shapes of one SmolLM2-135M layer.
-    let shapes = [(960, 576), (3072, 576), (576, 1536)];
+    let shapes: Vec<(i64, i64)> = match std::env::var("SHAPE").ok() {
+        Some(s) => s
+            .split(',')
+            .map(|p| {
+                let (o, i) = p.split_once('x').expect("SHAPE=OUTxIN,...");
+                (o.parse().expect("out"), i.parse().expect("in"))
+            })
+            .collect(),
+        None => vec![(960, 576), (3072, 576), (576, 1536)],
+    };
     let weights: Vec<Tensor> = shapes
         .iter()
         .map(|&(o, i)| Tensor::randn([o, i], (Kind::Float, Device::Cpu)).to_kind(kind))

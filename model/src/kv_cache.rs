@@ -208,11 +208,13 @@ impl KvCache {
         }
     }
 
-    /// Writes one position's keys and values (`kv_heads * head_dim` f32 each, head-major) at the next free
-    /// position of layer `layer` of a CPU f32 cache. False (nothing written) when the cache is of another kind.
-    pub(crate) fn write_next(
+    /// Writes one position's keys and values (`kv_heads * head_dim` f32 each, head-major) `ahead` positions
+    /// past the filled ones (a step writes all its positions before it advances) in layer `layer` of a CPU f32
+    /// cache. False (nothing written) when the cache is of another kind.
+    pub(crate) fn write_ahead(
         &mut self,
         layer: usize,
+        ahead: usize,
         keys: &[f32],
         values: &[f32],
         head_dim: usize,
@@ -221,7 +223,8 @@ impl KvCache {
         if kv_heads == 0 || keys.len() != values.len() || keys.len() != kv_heads * head_dim {
             return Ok(false);
         }
-        let (pos, needed) = (self.len, self.len + 1);
+        let pos = self.len + ahead;
+        let needed = pos + 1;
         match &mut self.storage {
             Storage::Own { layers, max_len } => {
                 // Growing a buffer of another kind would convert it: leave such a cache to the libtorch path. (A

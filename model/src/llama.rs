@@ -603,7 +603,7 @@ impl Llama {
         pool: Option<&DecodePool<'a>>,
     ) -> Result<Tensor> {
         if let (Some(pool), [_]) = (pool, tokens)
-            && let Some(logits) = self.cpu_step(tokens, &mut [&mut *cache], pool)?
+            && let Some(logits) = self.cpu_step(&[tokens], &mut [&mut *cache], pool)?
         {
             return Ok(Tensor::f_from_slice(&logits)?);
         }

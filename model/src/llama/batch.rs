@@ -27,8 +27,9 @@ impl Llama {
             )));
         }
         self.room_for_one_more(caches)?;
+        let rows: Vec<&[u32]> = tokens.chunks(1).collect();
         if let Some(pool) = pool
-            && let Some(logits) = self.cpu_step(tokens, caches, pool)?
+            && let Some(logits) = self.cpu_step(&rows, caches, pool)?
         {
             return Ok(Tensor::f_from_slice(&logits)?.f_view([batch as i64, -1])?);
         }
@@ -50,12 +51,66 @@ impl Llama {
         Ok(project(pool, &h, &self.lm_head)?.f_to_kind(Kind::Float)?)
     }
 
+    /// Continues each sequence by its tokens in one step, `tokens[j]` appended to `caches[j]`: one decoded token,
+    /// or a chunk of a prompt. Returns the next-token logits after each sequence's last token, `[n, vocab]` f32.
+    /// On the CPU with a pool every row of the step shares one pass over the weights (see `cpu_step`); otherwise
+    /// the single tokens share a [`Llama::decode_step`] and each chunk runs on its own.
+    pub fn forward_step<'a>(
+        &'a self,
+        tokens: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        pool: Option<&DecodePool<'a>>,
+    ) -> Result<Tensor> {
+        let n = tokens.len();
+        if n == 0 || n != caches.len() || tokens.iter().any(|t| t.is_empty()) {
+            return Err(ModelError::InvalidRequest(format!(
+                "forward_step needs a non-empty run of tokens per cache, got {n} runs and {} caches",
+                caches.len()
+            )));
+        }
+        if let Some(pool) = pool
+            && let Some(logits) = self.cpu_step(tokens, caches, pool)?
+        {
+            return Ok(Tensor::f_from_slice(&logits)?.f_view([n as i64, -1])?);
+        }
+        let (mut singles, mut chunks) = (Vec::new(), Vec::new());
+        for (j, cache) in caches.iter_mut().enumerate() {
+            match tokens[j] {
+                [token] => singles.push((j, *token, &mut **cache)),
+                run => chunks.push((j, run, &mut **cache)),
+            }
+        }
+        let mut logits: Vec<Option<Tensor>> = (0..n).map(|_| None).collect();
+        if !singles.is_empty() {
+            let next: Vec<u32> = singles.iter().map(|(_, t, _)| *t).collect();
+            let (seqs, mut refs): (Vec<usize>, Vec<&mut KvCache>) =
+                singles.into_iter().map(|(j, _, c)| (j, c)).unzip();
+            let decoded = self.decode_step(&next, &mut refs, pool)?;
+            for (row, j) in seqs.into_iter().enumerate() {
+                logits[j] = Some(decoded.f_get(row as i64)?);
+            }
+        }
+        for (j, run, cache) in chunks {
+            logits[j] = Some(self.forward_last_in(run, cache, pool)?.f_to_kind(Kind::Float)?);
+        }
+        Ok(Tensor::f_stack(
+            &logits.into_iter().flatten().collect::<Vec<_>>(),
+            0,
+        )?)
+    }
+
     /// Every cache can take one more position within the model's context.
     pub(super) fn room_for_one_more(&self, caches: &[&mut KvCache]) -> Result<()> {
+        self.room_for(caches, &vec![&[0u32][..]; caches.len()])
+    }
+
+    /// Each cache can take its sequence's `tokens` within the model's context.
+    pub(super) fn room_for(&self, caches: &[&mut KvCache], tokens: &[&[u32]]) -> Result<()> {
         let context = self.config.max_position_embeddings;
-        match caches.iter().find(|c| c.len() + 1 > context) {
-            Some(full) => Err(ModelError::ContextOverflow {
-                prompt_tokens: full.len() + 1,
+        let needed = caches.iter().zip(tokens).map(|(c, t)| c.len() + t.len());
+        match needed.into_iter().find(|&n| n > context) {
+            Some(prompt_tokens) => Err(ModelError::ContextOverflow {
+                prompt_tokens,
                 context,
             }),
             None => Ok(()),
@@ -171,6 +226,54 @@ mod tests {
             assert!(diff < 1e-4, "sequence {j} differs by {diff}");
         }
         assert_eq!(caches.iter().map(KvCache::len).collect::<Vec<_>>(), [4, 2, 8]);
+    }
+
+    /// A step mixing prompt chunks with decoded tokens gives every sequence what it gets alone: on the CPU step
+    /// the same bits whether a prompt is prefilled whole or in chunks beside other sequences' decodes, and on the
+    /// libtorch path the same logits within summation-order noise.
+    #[test]
+    fn a_mixed_step_of_chunks_and_decodes_matches_each_sequence_alone() {
+        let model = tiny();
+        let _guard = tch::no_grad_guard();
+        fn run<'a>(model: &'a Llama, pool: Option<&DecodePool<'a>>) -> [f64; 4] {
+            let (long, short): (&[u32], &[u32]) = (&[9, 8, 7, 6, 5, 4, 3], &[1, 2]);
+            let alone = |prompt: &[u32], next: u32| {
+                let mut cache = model.new_cache();
+                let first = model
+                    .forward_step(&[prompt], &mut [&mut cache], pool)
+                    .expect("prefill");
+                let second = model
+                    .forward_step(&[&[next]], &mut [&mut cache], pool)
+                    .expect("decode");
+                (first.get(0), second.get(0))
+            };
+            let (long_first, long_second) = alone(long, 11);
+            let (short_first, short_second) = alone(short, 12);
+            // The short prompt is prefilled, then decodes beside the long prompt's two chunks and its first decode.
+            let (mut a, mut b) = (model.new_cache(), model.new_cache());
+            let s1 = model
+                .forward_step(&[short], &mut [&mut a], pool)
+                .expect("short prefill");
+            let s2 = model
+                .forward_step(&[&[12], &long[..3]], &mut [&mut a, &mut b], pool)
+                .expect("mixed");
+            let s3 = model
+                .forward_step(&[&[13], &long[3..]], &mut [&mut a, &mut b], pool)
+                .expect("mixed");
+            let s4 = model.forward_step(&[&[11]], &mut [&mut b], pool).expect("decode");
+            assert_eq!((a.len(), b.len()), (4, 8));
+            let pairs = [
+                (s1.get(0), short_first),
+                (s2.get(0), short_second),
+                (s3.get(1), long_first),
+                (s4.get(0), long_second),
+            ];
+            pairs.map(|(mixed, alone)| (mixed - alone).abs().max().double_value(&[]))
+        }
+        let on_kernel = crate::cpu_gemv::with_decode_pool(|pool| run(&model, Some(pool)));
+        assert_eq!(on_kernel, [0.0; 4], "the CPU step differs from solo runs");
+        let on_libtorch = run(&model, None);
+        assert!(on_libtorch.iter().all(|d| *d < 1e-4), "libtorch: {on_libtorch:?}");
     }
 
     /// On the CPU decode kernel a sequence's logits do not depend on the batch it runs in: greedy replies are the

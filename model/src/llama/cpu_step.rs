@@ -98,12 +98,16 @@ impl Llama {
             })
     }
 
-    /// Continues each sequence by one token (`tokens[j]` appended to `caches[j]`) and returns the next-token
-    /// logits, `vocab` values per sequence in order; None when the model or a cache does not suit the CPU step
+    /// Continues each sequence by its tokens (`tokens[j]` appended to `caches[j]`: one decoded token, or a chunk
+    /// of a prompt) in one pass over the weights, and returns the next-token logits after each sequence's last
+    /// token, `vocab` values per sequence in order; None when the model or a cache does not suit the CPU step
     /// (nothing is changed then, and the caller runs the libtorch path).
+    ///
+    /// Every row is computed alone (its projections, then attention over its own sequence up to its position),
+    /// so a token gets the same bits whether it is decoded, prefilled whole or in chunks, alone or in any batch.
     pub(super) fn cpu_step<'a>(
         &'a self,
-        tokens: &[u32],
+        tokens: &[&[u32]],
         caches: &mut [&mut KvCache],
         pool: &DecodePool<'a>,
     ) -> Result<Option<Vec<f32>>> {
@@ -111,27 +115,48 @@ impl Llama {
             Kind::Float => Precision::F32,
             _ => Precision::Bf16,
         };
-        let batch = tokens.len();
         let cache_kinds_fit = caches.iter().all(|c| c.is_cpu_f32());
-        if batch == 0 || batch != caches.len() || !cache_kinds_fit || !self.cpu_step_applies() {
+        let shaped =
+            !tokens.is_empty() && tokens.len() == caches.len() && tokens.iter().all(|t| !t.is_empty());
+        if !shaped || !cache_kinds_fit || !self.cpu_step_applies() {
             return Ok(None);
         }
-        self.room_for_one_more(caches)?;
-        let mut x = self.embed_rows(tokens)?;
-        let rope: Vec<(Vec<f32>, Vec<f32>)> = caches
+        self.room_for(caches, tokens)?;
+        // Each row's sequence and how far past that sequence's filled positions it lies.
+        let rows: Vec<Row> = tokens
             .iter()
-            .map(|c| self.rope_row(c.len()))
+            .enumerate()
+            .flat_map(|(seq, t)| (0..t.len()).map(move |ahead| Row { seq, ahead }))
+            .collect();
+        let mut x = self.embed_rows(&tokens.concat())?;
+        let rope: Vec<(Vec<f32>, Vec<f32>)> = rows
+            .iter()
+            .map(|r| self.rope_row(caches[r.seq].len() + r.ahead))
             .collect::<Result<_>>()?;
         for i in 0..self.layers.len() {
-            self.cpu_attention_half(i, &mut x, &rope, caches, pool, precision)?;
+            self.cpu_attention_half(i, &mut x, &rows, &rope, caches, pool, precision)?;
             self.cpu_mlp_half(i, &mut x, pool, precision)?;
         }
-        for cache in caches.iter_mut() {
-            cache.advance(1);
+        for (cache, t) in caches.iter_mut().zip(tokens) {
+            cache.advance(t.len());
         }
-        let h = self.norm_rows(&x, &self.norm, precision)?;
+        // Only each sequence's last row goes on to the head.
+        let hidden = self.config.hidden_size;
+        let mut last = Vec::with_capacity(tokens.len() * hidden);
+        let mut end = 0;
+        for t in tokens {
+            end += t.len();
+            last.extend_from_slice(&x[(end - 1) * hidden..end * hidden]);
+        }
+        let h = self.norm_rows(&last, &self.norm, precision)?;
         let lm_head = [&self.lm_head];
-        Ok(Some(self.project_rows(&lm_head, h, batch, pool, precision)?))
+        Ok(Some(self.project_rows(
+            &lm_head,
+            h,
+            tokens.len(),
+            pool,
+            precision,
+        )?))
     }
 
     /// The embedding rows of `tokens`, `hidden` values each.
@@ -185,12 +210,14 @@ impl Llama {
         Ok(out)
     }
 
-    /// Layer `i`'s attention half over every row of `x`, with its residual, appending each row's keys and values
-    /// to its cache.
+    /// Layer `i`'s attention half over every row of `x`, with its residual, writing each row's keys and values to
+    /// its sequence's cache.
+    #[allow(clippy::too_many_arguments)]
     fn cpu_attention_half<'a>(
         &'a self,
         i: usize,
         x: &mut [f32],
+        rows: &[Row],
         rope: &[(Vec<f32>, Vec<f32>)],
         caches: &mut [&mut KvCache],
         pool: &DecodePool<'a>,
@@ -198,26 +225,24 @@ impl Llama {
     ) -> Result<()> {
         let c = &self.config;
         let layer = &self.layers[i];
-        let batch = caches.len();
         let h = self.norm_rows(x, &layer.input_layernorm, precision)?;
         let qkv_proj = [&layer.q_proj, &layer.k_proj, &layer.v_proj];
-        let qkv = self.project_rows(&qkv_proj, h, batch, pool, precision)?;
+        let qkv = self.project_rows(&qkv_proj, h, rows.len(), pool, precision)?;
         let (q_len, kv_len) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let mut queries = Vec::with_capacity(batch * q_len);
-        for (j, row) in qkv.chunks(q_len + 2 * kv_len).enumerate() {
-            let (cos, sin) = &rope[j];
-            queries.extend(rotate(&row[..q_len], cos, sin, precision));
-            let k = rotate(&row[q_len..q_len + kv_len], cos, sin, precision);
-            let v = &row[q_len + kv_len..];
-            if !caches[j].write_next(i, &k, v, c.head_dim)? {
+        let mut queries = Vec::with_capacity(rows.len() * q_len);
+        for ((row, values), (cos, sin)) in rows.iter().zip(qkv.chunks(q_len + 2 * kv_len)).zip(rope) {
+            queries.extend(rotate(&values[..q_len], cos, sin, precision));
+            let k = rotate(&values[q_len..q_len + kv_len], cos, sin, precision);
+            let v = &values[q_len + kv_len..];
+            if !caches[row.seq].write_ahead(i, row.ahead, &k, v, c.head_dim)? {
                 return Err(ModelError::InvalidRequest(
                     "the KV cache is not a CPU f32 cache".into(),
                 ));
             }
         }
-        let mut attended = attend_all(caches, i, &queries, pool)?;
+        let mut attended = attend_all(caches, i, rows, &queries, pool)?;
         precision.round_all(&mut attended);
-        let out = self.project_rows(&[&layer.o_proj], attended, batch, pool, precision)?;
+        let out = self.project_rows(&[&layer.o_proj], attended, rows.len(), pool, precision)?;
         add_residual(x, &out, precision);
         Ok(())
     }
@@ -309,23 +334,33 @@ fn rotate(x: &[f32], cos: &[f32], sin: &[f32], precision: Precision) -> Vec<f32>
     out
 }
 
-/// Attention of every row's query (`queries`, one row per cache) over its cache's layer `layer`, including the
-/// position just written, the rows spread over the pool's threads in parts of about equal work.
+/// A row of a step: the sequence it continues, and how many of the step's positions of that sequence precede it.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    seq: usize,
+    ahead: usize,
+}
+
+/// Attention of every row's query (`queries`, a row each) over its sequence's layer `layer` up to and including
+/// the row's own position (causal within a prompt chunk too), the rows spread over the pool's threads in parts of
+/// about equal work.
 fn attend_all(
     caches: &[&mut KvCache],
     layer: usize,
+    rows: &[Row],
     queries: &[f32],
     pool: &DecodePool<'_>,
 ) -> Result<Vec<f32>> {
-    let lens: Vec<usize> = caches.iter().map(|c| c.len() + 1).collect();
-    let q_len = queries.len() / caches.len().max(1);
+    let lens: Vec<usize> = rows.iter().map(|r| caches[r.seq].len() + r.ahead + 1).collect();
+    let q_len = queries.len() / rows.len().max(1);
     let parts = split_by_work(&lens, pool.parts());
     let refs: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
     let attended = with_views(&refs, layer, |views| {
         let work = |part: usize| {
             let mut out = Vec::with_capacity(parts[part].len() * q_len);
             for j in parts[part].clone() {
-                if !views[j].attend(&queries[j * q_len..(j + 1) * q_len], lens[j], &mut out) {
+                let query = &queries[j * q_len..(j + 1) * q_len];
+                if !views[rows[j].seq].attend(query, lens[j], &mut out) {
                     break;
                 }
             }

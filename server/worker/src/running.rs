@@ -1,5 +1,5 @@
 //! The engine thread's loop once the model is loaded: admits submissions into the [`Scheduler`], runs each step
-//! it plans (prompt chunks, then one batched decode step) over caches in the shared [`BlockStore`], samples, and
+//! it plans (prompt chunks and decoded tokens, one model step) over caches in the shared [`BlockStore`], samples, and
 //! streams each sequence's text to its caller.
 
 use std::collections::HashMap;
@@ -239,20 +239,37 @@ impl<'p, 'm> Engine<'p, 'm> {
                 seq.cache = None;
             }
         }
+        // Every prompt chunk and every decoded token of the step, with whether its logits give a next token.
+        let mut runs: Vec<(SeqId, Vec<u32>, bool)> = Vec::new();
         for chunk in step.prefill {
-            self.prefill(chunk);
+            if let Some(run) = self.chunk_run(chunk) {
+                runs.push(run);
+            }
         }
-        if step.decode.is_empty() {
+        for &id in &step.decode {
+            let filled = self.scheduler.tokens(id).len() - 1;
+            let last = self.scheduler.tokens(id)[filled];
+            let _ = self.cache_for(id, filled);
+            runs.push((id, vec![last], true));
+        }
+        if runs.is_empty() {
             return;
         }
-        self.shared.metrics.batch_size.observe(step.decode.len() as f64);
-        match self.decode(&step.decode) {
+        if !step.decode.is_empty() {
+            self.shared.metrics.batch_size.observe(step.decode.len() as f64);
+        }
+        match self.forward(&runs) {
             Ok(rows) => {
-                for (id, mut row) in rows {
-                    self.accept(id, &mut row);
+                for ((id, _, gives_next), mut row) in runs.into_iter().zip(rows) {
+                    if gives_next {
+                        self.accept(id, &mut row);
+                    }
                 }
             }
-            Err(e) => self.fail(&step.decode, &WorkerError::Model(e.to_string())),
+            Err(e) => {
+                let ids: Vec<SeqId> = runs.iter().map(|(id, _, _)| *id).collect();
+                self.fail(&ids, &WorkerError::Model(e.to_string()));
+            }
         }
     }
 
@@ -269,61 +286,43 @@ impl<'p, 'm> Engine<'p, 'm> {
         Some(cache)
     }
 
-    /// Computes one prompt chunk; the chunk that ends at the sequence's last token gives its next token.
-    fn prefill(&mut self, chunk: Chunk) {
+    /// A prompt chunk's tokens, and whether it ends the prompt (its logits give the first token); None when the
+    /// sequence is gone or its cache disagrees with the chunk (it is failed then).
+    fn chunk_run(&mut self, chunk: Chunk) -> Option<(SeqId, Vec<u32>, bool)> {
         let all = self.scheduler.tokens(chunk.id);
         let last = chunk.start + chunk.len == all.len();
         let tokens = all[chunk.start..chunk.start + chunk.len].to_vec();
-        let model = &self.loaded.model;
-        let threads = self.torch_threads;
-        let Some(cache) = self.cache_for(chunk.id, chunk.start) else {
-            return;
-        };
+        let cache = self.cache_for(chunk.id, chunk.start)?;
         if cache.len() != chunk.start {
             let e = WorkerError::Model(format!("cache at {} for a chunk at {}", cache.len(), chunk.start));
-            return self.fail(&[chunk.id], &e);
+            self.fail(&[chunk.id], &e);
+            return None;
         }
-        let _threads = TorchThreads::set(threads);
-        let logits = model.forward_last(&tokens, cache);
-        match logits.and_then(|l| Ok(Vec::<f32>::try_from(&l.f_to_device(Device::Cpu)?)?)) {
-            Ok(mut values) if last => self.accept(chunk.id, &mut values),
-            Ok(_) => {}
-            Err(e) => self.fail(&[chunk.id], &WorkerError::Model(e.to_string())),
-        }
+        Some((chunk.id, tokens, last))
     }
 
-    /// One decode step for `ids`; returns each sequence's next-token logits.
-    fn decode(&mut self, ids: &[SeqId]) -> camelid_model::Result<Vec<(SeqId, Vec<f32>)>> {
-        let tokens: Vec<u32> = ids
-            .iter()
-            .map(|&id| self.scheduler.tokens(id).last().copied().unwrap_or(0))
-            .collect();
-        for &id in ids {
-            let filled = self.scheduler.tokens(id).len() - 1;
-            let _ = self.cache_for(id, filled);
-        }
+    /// One model step over `runs` (prompt chunks and decoded tokens, one pass over the weights on the CPU);
+    /// returns each run's next-token logits, in order.
+    fn forward(&mut self, runs: &[(SeqId, Vec<u32>, bool)]) -> camelid_model::Result<Vec<Vec<f32>>> {
         // Taken out of the map for the step so that each cache can be borrowed mutably alongside the others.
-        let mut batch: Vec<(SeqId, Sequence)> = ids
+        let mut batch: Vec<(SeqId, Sequence)> = runs
             .iter()
-            .filter_map(|id| self.sequences.remove_entry(id))
+            .filter_map(|(id, _, _)| self.sequences.remove_entry(id))
             .collect();
+        let tokens: Vec<&[u32]> = runs.iter().map(|(_, t, _)| t.as_slice()).collect();
         let logits = self.forward_batch(&tokens, &mut batch);
         self.sequences.extend(batch);
         let values = Vec::<f32>::try_from(&logits?.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
-        let vocab = values.len() / ids.len().max(1);
-        Ok(ids
-            .iter()
-            .copied()
-            .zip(values.chunks(vocab).map(<[f32]>::to_vec))
-            .collect())
+        let vocab = values.len() / runs.len().max(1);
+        Ok(values.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect())
     }
 
     fn forward_batch(
         &self,
-        tokens: &[u32],
+        tokens: &[&[u32]],
         batch: &mut [(SeqId, Sequence)],
     ) -> camelid_model::Result<Tensor> {
-        // On CPU the decode step runs on the pool's kernel, libtorch single-threaded meanwhile (see `generate`).
+        // On CPU the step runs on the pool's kernel, libtorch single-threaded meanwhile (see `generate`).
         let _threads = match self.pool {
             Some(_) => TorchThreads::set(1),
             None => TorchThreads::set(self.torch_threads),
@@ -331,10 +330,10 @@ impl<'p, 'm> Engine<'p, 'm> {
         let mut caches: Vec<&mut KvCache> = batch.iter_mut().filter_map(|(_, s)| s.cache.as_mut()).collect();
         if caches.len() != tokens.len() {
             return Err(camelid_model::ModelError::InvalidRequest(
-                "a decoding sequence has no cache".into(),
+                "a sequence of the step has no cache".into(),
             ));
         }
-        self.loaded.model.decode_step(tokens, &mut caches, self.pool)
+        self.loaded.model.forward_step(tokens, &mut caches, self.pool)
     }
 
     /// Samples the next token of `id` from `logits` and streams what it produced.
