@@ -38,30 +38,41 @@ pub(crate) fn attend(
     }
     let group = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let mut weights = vec![0f32; len];
-    let mut acc = vec![0f32; head_dim];
-    for h in 0..heads {
-        let kv = h / group;
-        let query = &q[h * head_dim..(h + 1) * head_dim];
-        let mut max = f32::NEG_INFINITY;
-        for (p, w) in weights.iter_mut().enumerate() {
+    // The query heads that share a key/value head go together, so each key and value row is read once for all.
+    let mut weights = vec![0f32; group * len];
+    let mut acc = vec![0f32; group * head_dim];
+    let mut sums = vec![0f32; group];
+    for kv in 0..kv_heads {
+        let queries = &q[kv * group * head_dim..(kv + 1) * group * head_dim];
+        for p in 0..len {
             let start = at(kv, p);
-            *w = dot(query, &k[start..start + head_dim], |x| x) * scale;
-            max = max.max(*w);
-        }
-        let mut sum = 0f32;
-        for w in &mut weights {
-            *w = (*w - max).exp();
-            sum += *w;
-        }
-        acc.fill(0.0);
-        for (p, w) in weights.iter().enumerate() {
-            let start = at(kv, p);
-            for (a, x) in acc.iter_mut().zip(&v[start..start + head_dim]) {
-                *a += w * x;
+            let key = &k[start..start + head_dim];
+            for (g, query) in queries.chunks_exact(head_dim).enumerate() {
+                weights[g * len + p] = dot(query, key, |x| x) * scale;
             }
         }
-        out.extend(acc.iter().map(|a| a / sum));
+        for (scores, sum) in weights.chunks_exact_mut(len).zip(&mut sums) {
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            *sum = 0.0;
+            for w in scores.iter_mut() {
+                *w = (*w - max).exp();
+                *sum += *w;
+            }
+        }
+        acc.fill(0.0);
+        for p in 0..len {
+            let start = at(kv, p);
+            let value = &v[start..start + head_dim];
+            for (g, head) in acc.chunks_exact_mut(head_dim).enumerate() {
+                let w = weights[g * len + p];
+                for (a, x) in head.iter_mut().zip(value) {
+                    *a += w * x;
+                }
+            }
+        }
+        for (head, sum) in acc.chunks_exact(head_dim).zip(&sums) {
+            out.extend(head.iter().map(|a| a / sum));
+        }
     }
     true
 }

@@ -120,28 +120,43 @@ impl Product<'_> {
         self.starts.last().copied().unwrap_or(0)
     }
 
-    /// Output rows `rows`, each with one value per input row (`[row][batch]` order).
+    /// Output rows `rows` for every input row, `[batch][rows]` order.
     fn compute(&self, rows: std::ops::Range<usize>) -> Vec<f32> {
-        let mut out = Vec::with_capacity(rows.len() * self.batch);
+        let (n, batch) = (rows.len(), self.batch);
+        let mut out = vec![0f32; n * batch];
         let mut row = rows.start;
         while row < rows.end {
             let m = self.starts.partition_point(|&s| s <= row) - 1;
             let (first, end) = (self.starts[m], self.starts[m + 1].min(rows.end));
             let local = row - first..end - first;
+            let width = local.len();
+            // This matrix's rows, `[batch][width]`, go into their columns of `out`.
+            let mut part = Vec::with_capacity(width * batch);
             match self.matrices[m] {
                 #[cfg(target_arch = "x86_64")]
                 Rows::F32(w) if avx2::available() => {
-                    avx2::products(w, self.cols, local, &self.input, &mut out)
+                    avx2::products(w, self.cols, local, &self.input, &mut part)
                 }
                 #[cfg(target_arch = "x86_64")]
                 Rows::Bf16(w) if avx2::available() => {
-                    avx2::products(w, self.cols, local, &self.input, &mut out)
+                    avx2::products(w, self.cols, local, &self.input, &mut part)
                 }
                 matrix => {
+                    let mut by_row = Vec::with_capacity(width * batch);
                     for r in local {
-                        matrix.dots(r, self.cols, &self.input, &mut out);
+                        matrix.dots(r, self.cols, &self.input, &mut by_row);
+                    }
+                    part.resize(width * batch, 0.0);
+                    for (r, values) in by_row.chunks_exact(batch).enumerate() {
+                        for (b, v) in values.iter().enumerate() {
+                            part[b * width + r] = *v;
+                        }
                     }
                 }
+            }
+            let offset = row - rows.start;
+            for (b, values) in part.chunks_exact(width).enumerate() {
+                out[b * n + offset..b * n + offset + width].copy_from_slice(values);
             }
             row = end;
         }
@@ -246,36 +261,38 @@ pub fn with_decode_pool<'a, R>(f: impl FnOnce(&DecodePool<'a>) -> R) -> R {
 }
 
 impl<'a> DecodePool<'a> {
+    /// The product's outputs, `[batch][total]`, the output rows split evenly between the caller and the helpers.
     fn run(&self, product: Product<'a>) -> Vec<f32> {
         let total = product.total_rows();
-        let parts = self.helpers.len() + 1;
-        let per_part = total.div_ceil(parts);
+        let per_part = total.div_ceil(self.parts());
+        let range = |i: usize| (i * per_part).min(total)..((i + 1) * per_part).min(total);
         let mut sent = Vec::with_capacity(self.helpers.len());
         for (i, (tx, rx)) in self.helpers.iter().enumerate() {
-            let start = ((i + 1) * per_part).min(total);
-            let end = ((i + 2) * per_part).min(total);
-            if start < end
-                && tx
-                    .send(Job::Rows {
-                        product: product.clone(),
-                        rows: start..end,
-                    })
-                    .is_ok()
-            {
-                sent.push((rx, start..end));
+            let rows = range(i + 1);
+            let job = Job::Rows {
+                product: product.clone(),
+                rows: rows.clone(),
+            };
+            if !rows.is_empty() && tx.send(job).is_ok() {
+                sent.push((rx, rows));
             }
         }
-        let mut out = product.compute(0..per_part.min(total));
+        let mut parts = vec![(range(0), product.compute(range(0)))];
         for (rx, rows) in sent {
             // A helper only disappears if it panicked; compute its share here rather than lose it.
-            match recv_spinning(rx) {
-                Some(part) => out.extend(part),
-                None => out.extend(product.compute(rows)),
-            }
+            let values = recv_spinning(rx).unwrap_or_else(|| product.compute(rows.clone()));
+            parts.push((rows, values));
         }
-        if out.len() < total * product.batch {
-            let done = out.len() / product.batch;
-            out.extend(product.compute(done..total));
+        let covered = parts.last().map_or(0, |(rows, _)| rows.end);
+        if covered < total {
+            parts.push((covered..total, product.compute(covered..total)));
+        }
+        let mut out = vec![0f32; total * product.batch];
+        for (rows, values) in parts {
+            let width = rows.len();
+            for (b, chunk) in values.chunks_exact(width.max(1)).enumerate() {
+                out[b * total + rows.start..b * total + rows.end].copy_from_slice(chunk);
+            }
         }
         out
     }
@@ -354,9 +371,7 @@ impl<'a> DecodePool<'a> {
             batch: batch as usize,
         });
         // Bias is added before rounding to the input's dtype, as libtorch's addmm does.
-        let all = Tensor::f_from_slice(&out)?
-            .f_view([total, batch])?
-            .f_transpose(0, 1)?;
+        let all = Tensor::f_from_slice(&out)?.f_view([batch, total])?;
         let mut results = Vec::with_capacity(weights.len());
         let mut offset = 0;
         for (w, bias) in weights {
@@ -384,24 +399,13 @@ impl<'a> DecodePool<'a> {
             return None;
         }
         let (matrices, starts) = stacked(weights.iter().copied(), cols)?;
-        let total = starts[starts.len() - 1];
-        let by_row = self.run(Product {
+        Some(self.run(Product {
             matrices: Arc::new(matrices),
             starts: Arc::new(starts),
             input: Arc::new(input),
             cols,
             batch,
-        });
-        if batch == 1 {
-            return Some(by_row);
-        }
-        let mut out = vec![0f32; total * batch];
-        for (row, values) in by_row.chunks_exact(batch).enumerate() {
-            for (b, v) in values.iter().enumerate() {
-                out[b * total + row] = *v;
-            }
-        }
-        Some(out)
+        }))
     }
 
     /// [`DecodePool::linear_single_row_many`] for one weight.

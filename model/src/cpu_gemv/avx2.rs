@@ -71,7 +71,7 @@ impl Weight for u16 {
 }
 
 /// Rows `rows` of the row-major `[_, cols]` matrix `w`, each dotted with every `cols`-wide row of `x`, appended to
-/// `out` in `[row][input]` order.
+/// `out` in `[input][row]` order.
 pub fn products<W: Weight>(w: &[W], cols: usize, rows: Range<usize>, x: &[f32], out: &mut Vec<f32>) {
     assert!(available(), "avx2::products called without AVX2 and FMA");
     assert!(rows.end * cols <= w.len() && cols > 0 && x.len().is_multiple_of(cols));
@@ -110,7 +110,7 @@ fn products_avx2<W: Weight>(w: &[W], cols: usize, rows: Range<usize>, x: &[f32],
                 let sums = tile(ws, xs);
                 for (i, row_sums) in sums.iter().enumerate().take(batch - k) {
                     for (j, value) in row_sums.iter().enumerate().take(chunk_end - first) {
-                        out[(first + j - rows.start) * batch + k + i] = *value;
+                        out[(k + i) * rows.len() + first + j - rows.start] = *value;
                     }
                 }
             }
