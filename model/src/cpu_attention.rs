@@ -1,7 +1,7 @@
 //! Attention of one decoded position over its sequence's KV cache, on the CPU in f32: decoding calls it once per
 //! sequence and layer, where a handful of libtorch ops would cost more in dispatch than in arithmetic.
 
-use crate::cpu_gemv::dot;
+use crate::cpu_gemv::{dots8, weighted_rows};
 
 /// A cache layer's keys and values as f32 rows of `head_dim`, wherever they lie.
 #[derive(Clone, Copy)]
@@ -15,9 +15,9 @@ pub(crate) struct Rows<'a> {
 /// Attention of `q` over positions `0..len`, the row of key/value head `h` at position `p` starting at element
 /// `at(h, p)` of `rows.keys` and `rows.values` (so contiguous and paged caches share this loop). False, appending
 /// nothing, when the shapes do not agree or a row lies outside the buffers.
-pub(crate) fn attend(
+pub(crate) fn attend<'a>(
     q: &[f32],
-    rows: &Rows<'_>,
+    rows: &Rows<'a>,
     len: usize,
     at: impl Fn(usize, usize) -> usize,
     out: &mut Vec<f32>,
@@ -44,11 +44,16 @@ pub(crate) fn attend(
     let mut sums = vec![0f32; group];
     for kv in 0..kv_heads {
         let queries = &q[kv * group * head_dim..(kv + 1) * group * head_dim];
-        for p in 0..len {
-            let start = at(kv, p);
-            let key = &k[start..start + head_dim];
-            for (g, query) in queries.chunks_exact(head_dim).enumerate() {
-                weights[g * len + p] = dot(query, key, |x| x) * scale;
+        let row = |buffer: &'a [f32], p: usize| &buffer[at(kv, p)..at(kv, p) + head_dim];
+        for (query, scores) in queries.chunks_exact(head_dim).zip(weights.chunks_exact_mut(len)) {
+            // Eight positions at a time; a last partial group repeats its final key and keeps what it needs.
+            for first in (0..len).step_by(8) {
+                let keys = std::array::from_fn(|j| row(k, (first + j).min(len - 1)));
+                let take = (len - first).min(8);
+                let dots = dots8(query, keys);
+                for (score, d) in scores[first..first + take].iter_mut().zip(dots) {
+                    *score = d * scale;
+                }
             }
         }
         for (scores, sum) in weights.chunks_exact_mut(len).zip(&mut sums) {
@@ -60,15 +65,8 @@ pub(crate) fn attend(
             }
         }
         acc.fill(0.0);
-        for p in 0..len {
-            let start = at(kv, p);
-            let value = &v[start..start + head_dim];
-            for (g, head) in acc.chunks_exact_mut(head_dim).enumerate() {
-                let w = weights[g * len + p];
-                for (a, x) in head.iter_mut().zip(value) {
-                    *a += w * x;
-                }
-            }
+        for (head, scores) in acc.chunks_exact_mut(head_dim).zip(weights.chunks_exact(len)) {
+            weighted_rows(scores, |p| row(v, p), head);
         }
         for (head, sum) in acc.chunks_exact(head_dim).zip(&sums) {
             out.extend(head.iter().map(|a| a / sum));

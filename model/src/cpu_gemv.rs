@@ -78,6 +78,29 @@ fn dot_rows<W: Copy>(w: &[W], x: &[f32], widen: impl Fn(W) -> f32 + Copy, out: &
     }
 }
 
+/// The dot products of `query` with eight rows of its length (attention scores), as [`dot`] computes them, on the
+/// AVX2 kernel where the CPU has it.
+pub(crate) fn dots8(query: &[f32], keys: [&[f32]; 8]) -> [f32; 8] {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        return avx2::dots8(query, keys);
+    }
+    keys.map(|key| dot(query, key, |x| x))
+}
+
+/// `acc += sum_p weights[p] * row(p)`, every row as long as `acc` (attention's weighted sum of value rows).
+pub(crate) fn weighted_rows<'r>(weights: &[f32], row: impl Fn(usize) -> &'r [f32], acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        return avx2::weighted_rows(weights, row, acc);
+    }
+    for (p, &w) in weights.iter().enumerate() {
+        for (a, x) in acc.iter_mut().zip(row(p)) {
+            *a += w * x;
+        }
+    }
+}
+
 fn bf16_to_f32(bits: u16) -> f32 {
     f32::from_bits(u32::from(bits) << 16)
 }

@@ -14,7 +14,7 @@
 use std::arch::x86_64::{
     __m128i, __m256, _mm_add_ps, _mm_hadd_ps, _mm_loadu_si128, _mm_storeu_ps, _mm256_castps256_ps128,
     _mm256_castsi256_ps, _mm256_cvtepu16_epi32, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_loadu_ps,
-    _mm256_setzero_ps, _mm256_slli_epi32,
+    _mm256_set1_ps, _mm256_setzero_ps, _mm256_slli_epi32, _mm256_storeu_ps,
 };
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -168,4 +168,52 @@ fn reduce4(v: [__m256; 4]) -> [f32; 4] {
     // SAFETY: `out` holds the 4 values one unaligned 128-bit store writes.
     unsafe { _mm_storeu_ps(out.as_mut_ptr(), sums) };
     out
+}
+
+/// The dot products of `query` with eight key rows of its length (attention scores), summed as every product of
+/// this kernel is.
+pub fn dots8(query: &[f32], keys: [&[f32]; 8]) -> [f32; 8] {
+    assert!(available(), "avx2::dots8 called without AVX2 and FMA");
+    // SAFETY: the CPU has AVX2 and FMA (asserted), all `tile` requires; it checks the rows' lengths itself.
+    let [sums] = unsafe { tile(keys, [query]) };
+    sums
+}
+
+/// `acc += sum_p weights[p] * row(p)` over `p in 0..weights.len()`, each row as long as `acc`: attention's
+/// weighted sum of value rows, 32 columns at a time in registers rather than through memory for every row.
+pub fn weighted_rows<'r>(weights: &[f32], row: impl Fn(usize) -> &'r [f32], acc: &mut [f32]) {
+    assert!(available(), "avx2::weighted_rows called without AVX2 and FMA");
+    // SAFETY: the CPU has AVX2 and FMA (asserted), all `weighted_rows_avx2` requires.
+    unsafe { weighted_rows_avx2(weights, row, acc) }
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn weighted_rows_avx2<'r>(weights: &[f32], row: impl Fn(usize) -> &'r [f32], acc: &mut [f32]) {
+    let width = acc.len();
+    let vectorized = width / 32 * 32;
+    for c in (0..vectorized).step_by(32) {
+        // SAFETY: `c + 32 <= vectorized <= width = acc.len()`, and every row is checked to hold `width` values
+        // before it is read, so the 8-lane loads and stores at `c`, `c + 8`, `c + 16` and `c + 24` are in bounds.
+        unsafe {
+            let a = acc.as_mut_ptr().add(c);
+            let mut sums: [__m256; 4] = std::array::from_fn(|l| _mm256_loadu_ps(a.add(8 * l)));
+            for (p, &w) in weights.iter().enumerate() {
+                let r = row(p);
+                assert_eq!(r.len(), width, "a value row of another width");
+                let wv = _mm256_set1_ps(w);
+                for (l, sum) in sums.iter_mut().enumerate() {
+                    *sum = _mm256_fmadd_ps(wv, _mm256_loadu_ps(r.as_ptr().add(c + 8 * l)), *sum);
+                }
+            }
+            for (l, sum) in sums.iter().enumerate() {
+                _mm256_storeu_ps(a.add(8 * l), *sum);
+            }
+        }
+    }
+    for (p, &w) in weights.iter().enumerate() {
+        let r = row(p);
+        for (a, x) in acc[vectorized..].iter_mut().zip(&r[vectorized..]) {
+            *a += w * x;
+        }
+    }
 }
