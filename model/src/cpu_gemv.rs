@@ -1,11 +1,13 @@
-//! Matrix-vector products for single-token decoding on CPU, for one sequence or a small batch of them.
+//! Matrix products for decoding and serving on the CPU: one sequence's token, or the rows of a serving step (decoded
+//! tokens and prompt chunks together).
 //!
-//! Decoding one sequence reads every weight once per token, so its speed is memory bandwidth. A batched decode
-//! step (a few rows) reads each weight row once too and dots it with every input row while it sits in L1.
-//! libtorch sends `[1, in] x [out, in]^T` to MKL's sgemv, which runs on one core here and reads about 10 GB/s of a machine that
-//! delivers about 28 GB/s to two cores. [`DecodePool`] splits the output rows between the decoding thread and
-//! helper threads that stay awake for the whole decode loop (a wake-up per product would cost more than the
-//! product), and streams each weight row once. Everything else (batches, prefill, training, GPU) stays on libtorch.
+//! Decoding one sequence reads every weight once per token, so its speed is memory bandwidth. A step of many rows
+//! reads each weight once too and, with enough rows, is bound by the FMA units instead (see `avx2.rs` for the
+//! tiles). libtorch sends `[1, in] x [out, in]^T` to MKL's sgemv, which runs on one core here and reads about
+//! 10 GB/s of a machine that delivers about 28 GB/s to two cores. [`DecodePool`] splits the output rows between the
+//! calling thread and helper threads that stay awake for the whole decode loop (a wake-up per product would cost
+//! more than the product), and runs the work between products (attention) on the same threads
+//! ([`DecodePool::split`]), so nothing else competes for the cores. Training and GPUs stay on libtorch.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
@@ -17,7 +19,7 @@ use crate::error::Result;
 use crate::storage;
 
 const LANES: usize = 16;
-/// The most input rows the kernel takes; larger batches are compute-bound and go to libtorch's GEMM.
+/// The most input rows the kernel takes at once; the CPU step feeds larger steps through it in slices of this many.
 pub const MAX_ROWS: usize = 64;
 /// How long an idle helper spins before it blocks (between tokens the decoding thread samples and detokenizes).
 const SPIN: Duration = Duration::from_millis(20);
@@ -146,42 +148,52 @@ impl Product<'_> {
     /// Output rows `rows` for every input row, `[batch][rows]` order.
     fn compute(&self, rows: std::ops::Range<usize>) -> Vec<f32> {
         let (n, batch) = (rows.len(), self.batch);
-        let mut out = vec![0f32; n * batch];
+        let mut segments = Vec::new();
         let mut row = rows.start;
         while row < rows.end {
             let m = self.starts.partition_point(|&s| s <= row) - 1;
             let (first, end) = (self.starts[m], self.starts[m + 1].min(rows.end));
-            let local = row - first..end - first;
-            let width = local.len();
-            // This matrix's rows, `[batch][width]`, go into their columns of `out`.
-            let mut part = Vec::with_capacity(width * batch);
-            match self.matrices[m] {
-                #[cfg(target_arch = "x86_64")]
-                Rows::F32(w) if avx2::available() => {
-                    avx2::products(w, self.cols, local, &self.input, &mut part)
-                }
-                #[cfg(target_arch = "x86_64")]
-                Rows::Bf16(w) if avx2::available() => {
-                    avx2::products(w, self.cols, local, &self.input, &mut part)
-                }
-                matrix => {
-                    let mut by_row = Vec::with_capacity(width * batch);
-                    for r in local {
-                        matrix.dots(r, self.cols, &self.input, &mut by_row);
-                    }
-                    part.resize(width * batch, 0.0);
-                    for (r, values) in by_row.chunks_exact(batch).enumerate() {
-                        for (b, v) in values.iter().enumerate() {
-                            part[b * width + r] = *v;
-                        }
-                    }
-                }
-            }
-            let offset = row - rows.start;
-            for (b, values) in part.chunks_exact(width).enumerate() {
-                out[b * n + offset..b * n + offset + width].copy_from_slice(values);
-            }
+            segments.push((
+                row - rows.start,
+                end - row,
+                self.segment(m, row - first..end - first),
+            ));
             row = end;
+        }
+        if let [(_, _, values)] = &mut segments[..] {
+            return std::mem::take(values);
+        }
+        // Each matrix's rows go into their columns of `out`.
+        let mut out = vec![0f32; n * batch];
+        for (offset, width, values) in segments {
+            for (b, chunk) in values.chunks_exact(width).enumerate() {
+                out[b * n + offset..b * n + offset + width].copy_from_slice(chunk);
+            }
+        }
+        out
+    }
+
+    /// Rows `local` of matrix `m` for every input row, `[batch][local]` order.
+    fn segment(&self, m: usize, local: std::ops::Range<usize>) -> Vec<f32> {
+        let (width, batch) = (local.len(), self.batch);
+        let mut out = Vec::with_capacity(width * batch);
+        match self.matrices[m] {
+            #[cfg(target_arch = "x86_64")]
+            Rows::F32(w) if avx2::available() => avx2::products(w, self.cols, local, &self.input, &mut out),
+            #[cfg(target_arch = "x86_64")]
+            Rows::Bf16(w) if avx2::available() => avx2::products(w, self.cols, local, &self.input, &mut out),
+            matrix => {
+                let mut by_row = Vec::with_capacity(width * batch);
+                for r in local {
+                    matrix.dots(r, self.cols, &self.input, &mut by_row);
+                }
+                out.resize(width * batch, 0.0);
+                for (r, values) in by_row.chunks_exact(batch).enumerate() {
+                    for (b, v) in values.iter().enumerate() {
+                        out[b * width + r] = *v;
+                    }
+                }
+            }
         }
         out
     }

@@ -260,15 +260,21 @@ impl Llama {
         let h = self.norm_rows(x, &layer.post_attention_layernorm, precision)?;
         let gate_up = self.project_rows(&[&layer.gate_proj, &layer.up_proj], h, batch, pool, precision)?;
         let ff = self.config.intermediate_size;
-        let mut act = Vec::with_capacity(batch * ff);
-        for row in gate_up.chunks(2 * ff) {
-            let (gate, up) = row.split_at(ff);
-            act.extend(
-                gate.iter()
-                    .zip(up)
-                    .map(|(g, u)| precision.round(precision.round(silu(*g)) * u)),
-            );
-        }
+        // SwiGLU's exponentials are the costliest work between products: the rows are split over the pool.
+        let parts = split_by_work(&vec![1; batch], pool.parts());
+        let swiglu = |part: usize| {
+            let mut act = Vec::with_capacity(parts[part].len() * ff);
+            for row in gate_up[parts[part].start * 2 * ff..parts[part].end * 2 * ff].chunks(2 * ff) {
+                let (gate, up) = row.split_at(ff);
+                act.extend(
+                    gate.iter()
+                        .zip(up)
+                        .map(|(g, u)| precision.round(precision.round(silu(*g)) * u)),
+                );
+            }
+            act
+        };
+        let act = pool.split(&swiglu).concat();
         let out = self.project_rows(&[&layer.down_proj], act, batch, pool, precision)?;
         add_residual(x, &out, precision);
         Ok(())
