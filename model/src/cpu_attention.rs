@@ -1,7 +1,7 @@
 //! Attention of one decoded position over its sequence's KV cache, on the CPU in f32: decoding calls it once per
 //! sequence and layer, where a handful of libtorch ops would cost more in dispatch than in arithmetic.
 
-use crate::cpu_gemv::{dots8, weighted_rows};
+use crate::cpu_gemv::{dots3x4, weighted_rows3};
 
 /// A cache layer's keys and values as f32 rows of `head_dim`, wherever they lie.
 #[derive(Clone, Copy)]
@@ -38,21 +38,27 @@ pub(crate) fn attend<'a>(
     }
     let group = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    // The query heads that share a key/value head go together, so each key and value row is read once for all.
-    let mut weights = vec![0f32; group * len];
-    let mut acc = vec![0f32; group * head_dim];
+    // The query heads that share a key/value head go three at a time, so each key and value row is read once for
+    // three heads; a group of another size is padded with heads whose weights stay zero.
+    let padded = group.div_ceil(3) * 3;
+    let mut weights = vec![0f32; padded * len];
+    let mut acc = vec![0f32; padded * head_dim];
     let mut sums = vec![0f32; group];
     for kv in 0..kv_heads {
-        let queries = &q[kv * group * head_dim..(kv + 1) * group * head_dim];
+        let query = |g: usize| {
+            let h = kv * group + g.min(group - 1);
+            &q[h * head_dim..(h + 1) * head_dim]
+        };
         let row = |buffer: &'a [f32], p: usize| &buffer[at(kv, p)..at(kv, p) + head_dim];
-        for (query, scores) in queries.chunks_exact(head_dim).zip(weights.chunks_exact_mut(len)) {
-            // Eight positions at a time; a last partial group repeats its final key and keeps what it needs.
-            for first in (0..len).step_by(8) {
-                let keys = std::array::from_fn(|j| row(k, (first + j).min(len - 1)));
-                let take = (len - first).min(8);
-                let dots = dots8(query, keys);
-                for (score, d) in scores[first..first + take].iter_mut().zip(dots) {
-                    *score = d * scale;
+        for first in (0..group).step_by(3) {
+            let queries = std::array::from_fn(|j| query(first + j));
+            // Four positions at a time; a last partial group repeats its final key and keeps what it needs.
+            for p in (0..len).step_by(4) {
+                let keys = std::array::from_fn(|i| row(k, (p + i).min(len - 1)));
+                for (i, dots) in dots3x4(queries, keys).iter().enumerate().take(len - p) {
+                    for (j, d) in dots.iter().enumerate().take(group - first) {
+                        weights[(first + j) * len + p + i] = d * scale;
+                    }
                 }
             }
         }
@@ -65,8 +71,14 @@ pub(crate) fn attend<'a>(
             }
         }
         acc.fill(0.0);
-        for (head, scores) in acc.chunks_exact_mut(head_dim).zip(weights.chunks_exact(len)) {
-            weighted_rows(scores, |p| row(v, p), head);
+        for (heads, scores) in acc
+            .chunks_exact_mut(3 * head_dim)
+            .zip(weights.chunks_exact(3 * len))
+        {
+            let (a, rest) = heads.split_at_mut(head_dim);
+            let (b, c) = rest.split_at_mut(head_dim);
+            let scores = std::array::from_fn(|j| &scores[j * len..(j + 1) * len]);
+            weighted_rows3(scores, |p| row(v, p), [a, b, c]);
         }
         for (head, sum) in acc.chunks_exact(head_dim).zip(&sums) {
             out.extend(head.iter().map(|a| a / sum));

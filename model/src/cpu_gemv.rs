@@ -80,25 +80,32 @@ fn dot_rows<W: Copy>(w: &[W], x: &[f32], widen: impl Fn(W) -> f32 + Copy, out: &
     }
 }
 
-/// The dot products of `query` with eight rows of its length (attention scores), as [`dot`] computes them, on the
+/// The dot products of three queries with four keys of their length (attention scores, `[key][query]`), on the
 /// AVX2 kernel where the CPU has it.
-pub(crate) fn dots8(query: &[f32], keys: [&[f32]; 8]) -> [f32; 8] {
+pub(crate) fn dots3x4(queries: [&[f32]; 3], keys: [&[f32]; 4]) -> [[f32; 3]; 4] {
     #[cfg(target_arch = "x86_64")]
     if avx2::available() {
-        return avx2::dots8(query, keys);
+        return avx2::dots3x4(queries, keys);
     }
-    keys.map(|key| dot(query, key, |x| x))
+    keys.map(|key| queries.map(|query| dot(query, key, |x| x)))
 }
 
-/// `acc += sum_p weights[p] * row(p)`, every row as long as `acc` (attention's weighted sum of value rows).
-pub(crate) fn weighted_rows<'r>(weights: &[f32], row: impl Fn(usize) -> &'r [f32], acc: &mut [f32]) {
+/// `acc[g] += sum_p weights[g][p] * row(p)` for three heads, every row as long as the accumulators (attention's
+/// weighted sums of value rows).
+pub(crate) fn weighted_rows3<'r>(
+    weights: [&[f32]; 3],
+    row: impl Fn(usize) -> &'r [f32],
+    acc: [&mut [f32]; 3],
+) {
     #[cfg(target_arch = "x86_64")]
     if avx2::available() {
-        return avx2::weighted_rows(weights, row, acc);
+        return avx2::weighted_rows3(weights, row, acc);
     }
-    for (p, &w) in weights.iter().enumerate() {
-        for (a, x) in acc.iter_mut().zip(row(p)) {
-            *a += w * x;
+    for (w, a) in weights.into_iter().zip(acc) {
+        for (p, &w) in w.iter().enumerate() {
+            for (a, x) in a.iter_mut().zip(row(p)) {
+                *a += w * x;
+            }
         }
     }
 }

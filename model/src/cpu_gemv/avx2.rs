@@ -170,50 +170,66 @@ fn reduce4(v: [__m256; 4]) -> [f32; 4] {
     out
 }
 
-/// The dot products of `query` with eight key rows of its length (attention scores), summed as every product of
-/// this kernel is.
-pub fn dots8(query: &[f32], keys: [&[f32]; 8]) -> [f32; 8] {
-    assert!(available(), "avx2::dots8 called without AVX2 and FMA");
+/// The dot products of three queries with four key rows of their length (attention scores, `[key][query]`), summed
+/// as every product of this kernel is: each key is loaded once for the three query heads that share it.
+pub fn dots3x4(queries: [&[f32]; 3], keys: [&[f32]; 4]) -> [[f32; 3]; 4] {
+    assert!(available(), "avx2::dots3x4 called without AVX2 and FMA");
     // SAFETY: the CPU has AVX2 and FMA (asserted), all `tile` requires; it checks the rows' lengths itself.
-    let [sums] = unsafe { tile(keys, [query]) };
-    sums
+    unsafe { tile(queries, keys) }
 }
 
-/// `acc += sum_p weights[p] * row(p)` over `p in 0..weights.len()`, each row as long as `acc`: attention's
-/// weighted sum of value rows, 32 columns at a time in registers rather than through memory for every row.
-pub fn weighted_rows<'r>(weights: &[f32], row: impl Fn(usize) -> &'r [f32], acc: &mut [f32]) {
-    assert!(available(), "avx2::weighted_rows called without AVX2 and FMA");
-    // SAFETY: the CPU has AVX2 and FMA (asserted), all `weighted_rows_avx2` requires.
-    unsafe { weighted_rows_avx2(weights, row, acc) }
+/// `acc[g] += sum_p weights[g][p] * row(p)` for three heads over `p in 0..len`, every row and accumulator of one
+/// width: attention's weighted sums of the value rows three query heads share, 32 columns of all three in
+/// registers, so each value row is read once for the three.
+pub fn weighted_rows3<'r>(weights: [&[f32]; 3], row: impl Fn(usize) -> &'r [f32], acc: [&mut [f32]; 3]) {
+    assert!(available(), "avx2::weighted_rows3 called without AVX2 and FMA");
+    // SAFETY: the CPU has AVX2 and FMA (asserted), all `weighted_rows3_avx2` requires.
+    unsafe { weighted_rows3_avx2(weights, row, acc) }
 }
 
 #[target_feature(enable = "avx2,fma")]
-fn weighted_rows_avx2<'r>(weights: &[f32], row: impl Fn(usize) -> &'r [f32], acc: &mut [f32]) {
-    let width = acc.len();
+fn weighted_rows3_avx2<'r>(weights: [&[f32]; 3], row: impl Fn(usize) -> &'r [f32], acc: [&mut [f32]; 3]) {
+    let width = acc[0].len();
+    let len = weights[0].len();
+    assert!(acc.iter().all(|a| a.len() == width) && weights.iter().all(|w| w.len() == len));
     let vectorized = width / 32 * 32;
+    let [a0, a1, a2] = acc;
     for c in (0..vectorized).step_by(32) {
-        // SAFETY: `c + 32 <= vectorized <= width = acc.len()`, and every row is checked to hold `width` values
-        // before it is read, so the 8-lane loads and stores at `c`, `c + 8`, `c + 16` and `c + 24` are in bounds.
+        // SAFETY: `c + 32 <= vectorized <= width`, every accumulator holds `width` values (asserted) and every row
+        // is checked to hold `width` before it is read, so the 8-lane loads and stores at `c + 8 * l` (l < 4) are
+        // in bounds.
         unsafe {
-            let a = acc.as_mut_ptr().add(c);
-            let mut sums: [__m256; 4] = std::array::from_fn(|l| _mm256_loadu_ps(a.add(8 * l)));
-            for (p, &w) in weights.iter().enumerate() {
+            let ptrs = [
+                a0.as_mut_ptr().add(c),
+                a1.as_mut_ptr().add(c),
+                a2.as_mut_ptr().add(c),
+            ];
+            let mut sums: [[__m256; 4]; 3] =
+                ptrs.map(|a| std::array::from_fn(|l| _mm256_loadu_ps(a.add(8 * l))));
+            for p in 0..len {
                 let r = row(p);
                 assert_eq!(r.len(), width, "a value row of another width");
-                let wv = _mm256_set1_ps(w);
-                for (l, sum) in sums.iter_mut().enumerate() {
-                    *sum = _mm256_fmadd_ps(wv, _mm256_loadu_ps(r.as_ptr().add(c + 8 * l)), *sum);
+                let values: [__m256; 4] = std::array::from_fn(|l| _mm256_loadu_ps(r.as_ptr().add(c + 8 * l)));
+                for (g, head) in sums.iter_mut().enumerate() {
+                    let w = _mm256_set1_ps(weights[g][p]);
+                    for (sum, value) in head.iter_mut().zip(values) {
+                        *sum = _mm256_fmadd_ps(w, value, *sum);
+                    }
                 }
             }
-            for (l, sum) in sums.iter().enumerate() {
-                _mm256_storeu_ps(a.add(8 * l), *sum);
+            for (a, head) in ptrs.into_iter().zip(sums) {
+                for (l, sum) in head.into_iter().enumerate() {
+                    _mm256_storeu_ps(a.add(8 * l), sum);
+                }
             }
         }
     }
-    for (p, &w) in weights.iter().enumerate() {
-        let r = row(p);
-        for (a, x) in acc[vectorized..].iter_mut().zip(&r[vectorized..]) {
-            *a += w * x;
+    for p in 0..len {
+        let r = &row(p)[vectorized..];
+        for (g, a) in [&mut *a0, &mut *a1, &mut *a2].into_iter().enumerate() {
+            for (a, x) in a[vectorized..].iter_mut().zip(r) {
+                *a += weights[g][p] * x;
+            }
         }
     }
 }
