@@ -194,6 +194,8 @@ fn weighted_rows3_avx2<'r>(weights: [&[f32]; 3], row: impl Fn(usize) -> &'r [f32
     assert!(acc.iter().all(|a| a.len() == width) && weights.iter().all(|w| w.len() == len));
     let vectorized = width / 32 * 32;
     let [a0, a1, a2] = acc;
+    // The three heads' weights of each position.
+    let per_row = (0..len).map(|p| weights.map(|w| w[p]));
     for c in (0..vectorized).step_by(32) {
         // SAFETY: `c + 32 <= vectorized <= width`, every accumulator holds `width` values (asserted) and every row
         // is checked to hold `width` before it is read, so the 8-lane loads and stores at `c + 8 * l` (l < 4) are
@@ -206,12 +208,12 @@ fn weighted_rows3_avx2<'r>(weights: [&[f32]; 3], row: impl Fn(usize) -> &'r [f32
             ];
             let mut sums: [[__m256; 4]; 3] =
                 ptrs.map(|a| std::array::from_fn(|l| _mm256_loadu_ps(a.add(8 * l))));
-            for p in 0..len {
+            for (p, ws) in per_row.clone().enumerate() {
                 let r = row(p);
                 assert_eq!(r.len(), width, "a value row of another width");
                 let values: [__m256; 4] = std::array::from_fn(|l| _mm256_loadu_ps(r.as_ptr().add(c + 8 * l)));
-                for (g, head) in sums.iter_mut().enumerate() {
-                    let w = _mm256_set1_ps(weights[g][p]);
+                for (head, w) in sums.iter_mut().zip(ws) {
+                    let w = _mm256_set1_ps(w);
                     for (sum, value) in head.iter_mut().zip(values) {
                         *sum = _mm256_fmadd_ps(w, value, *sum);
                     }
@@ -224,11 +226,11 @@ fn weighted_rows3_avx2<'r>(weights: [&[f32]; 3], row: impl Fn(usize) -> &'r [f32
             }
         }
     }
-    for p in 0..len {
+    for (p, ws) in per_row.enumerate() {
         let r = &row(p)[vectorized..];
-        for (g, a) in [&mut *a0, &mut *a1, &mut *a2].into_iter().enumerate() {
+        for (a, w) in [&mut *a0, &mut *a1, &mut *a2].into_iter().zip(ws) {
             for (a, x) in a[vectorized..].iter_mut().zip(r) {
-                *a += weights[g][p] * x;
+                *a += w * x;
             }
         }
     }
