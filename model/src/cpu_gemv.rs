@@ -170,14 +170,7 @@ impl Product<'_> {
         if let [(_, _, values)] = &mut segments[..] {
             return std::mem::take(values);
         }
-        // Each matrix's rows go into their columns of `out`.
-        let mut out = vec![0f32; n * batch];
-        for (offset, width, values) in segments {
-            for (b, chunk) in values.chunks_exact(width).enumerate() {
-                out[b * n + offset..b * n + offset + width].copy_from_slice(chunk);
-            }
-        }
-        out
+        side_by_side(segments, n, batch)
     }
 
     /// Rows `local` of matrix `m` for every input row, `[batch][local]` order.
@@ -204,6 +197,17 @@ impl Product<'_> {
         }
         out
     }
+}
+
+/// Column blocks `(first column, width, [batch][width] values)` of a `[batch][total]` matrix, put side by side.
+fn side_by_side(blocks: Vec<(usize, usize, Vec<f32>)>, total: usize, batch: usize) -> Vec<f32> {
+    let mut out = vec![0f32; total * batch];
+    for (first, width, values) in blocks {
+        for (b, chunk) in values.chunks_exact(width.max(1)).enumerate() {
+            out[b * total + first..b * total + first + width].copy_from_slice(chunk);
+        }
+    }
+    out
 }
 
 /// Work for a helper thread.
@@ -319,24 +323,18 @@ impl<'a> DecodePool<'a> {
                 sent.push((rx, rows));
             }
         }
-        let mut parts = vec![(range(0), product.compute(range(0)))];
+        let block = |rows: std::ops::Range<usize>, values| (rows.start, rows.len(), values);
+        let mut parts = vec![block(range(0), product.compute(range(0)))];
         for (rx, rows) in sent {
             // A helper only disappears if it panicked; compute its share here rather than lose it.
             let values = recv_spinning(rx).unwrap_or_else(|| product.compute(rows.clone()));
-            parts.push((rows, values));
+            parts.push(block(rows, values));
         }
-        let covered = parts.last().map_or(0, |(rows, _)| rows.end);
+        let covered = parts.last().map_or(0, |(first, width, _)| first + width);
         if covered < total {
-            parts.push((covered..total, product.compute(covered..total)));
+            parts.push(block(covered..total, product.compute(covered..total)));
         }
-        let mut out = vec![0f32; total * product.batch];
-        for (rows, values) in parts {
-            let width = rows.len();
-            for (b, chunk) in values.chunks_exact(width.max(1)).enumerate() {
-                out[b * total + rows.start..b * total + rows.end].copy_from_slice(chunk);
-            }
-        }
-        out
+        side_by_side(parts, total, product.batch)
     }
 
     /// How many parts [`DecodePool::split`] runs at once: the caller and each helper.
@@ -365,27 +363,17 @@ impl<'a> DecodePool<'a> {
             }
         }
         let own = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(0)));
-        let mut results = Vec::with_capacity(self.parts());
-        let mut others = Vec::with_capacity(sent.len());
+        let mut results: Vec<Option<Vec<f32>>> = (0..self.parts()).map(|_| None).collect();
         for (rx, part) in sent {
-            if let Some(out) = recv_spinning(rx) {
-                others.push((part, out));
-            }
+            results[part] = recv_spinning(rx);
         }
-        let own = match own {
-            Ok(out) => out,
+        match own {
+            Ok(out) => results[0] = Some(out),
             Err(panic) => std::panic::resume_unwind(panic),
-        };
-        results.push(own);
-        let mut others = others.into_iter().peekable();
-        for part in 1..self.parts() {
-            match others.next_if(|(p, _)| *p == part) {
-                Some((_, out)) => results.push(out),
-                // A helper that is gone (it panicked) or was never reached: its part runs here.
-                None => results.push(work(part)),
-            }
         }
-        results
+        // A helper that is gone (it panicked) or was never reached: its part runs here.
+        let finish = |(part, out): (usize, Option<Vec<f32>>)| out.unwrap_or_else(|| work(part));
+        results.into_iter().enumerate().map(finish).collect()
     }
 
     /// `x W_i^T (+ b_i)` for each weight when `x` holds at most [`MAX_ROWS`] CPU rows and the weights are

@@ -101,14 +101,14 @@ impl Llama {
 
     /// Every cache can take one more position within the model's context.
     pub(super) fn room_for_one_more(&self, caches: &[&mut KvCache]) -> Result<()> {
-        self.room_for(caches, &vec![&[0u32][..]; caches.len()])
+        self.room_for(caches, std::iter::repeat(1))
     }
 
-    /// Each cache can take its sequence's `tokens` within the model's context.
-    pub(super) fn room_for(&self, caches: &[&mut KvCache], tokens: &[&[u32]]) -> Result<()> {
+    /// Each cache can take its sequence's `more` positions within the model's context.
+    pub(super) fn room_for(&self, caches: &[&mut KvCache], more: impl Iterator<Item = usize>) -> Result<()> {
         let context = self.config.max_position_embeddings;
-        let needed = caches.iter().zip(tokens).map(|(c, t)| c.len() + t.len());
-        match needed.into_iter().find(|&n| n > context) {
+        let mut needed = caches.iter().zip(more).map(|(c, n)| c.len() + n);
+        match needed.find(|&n| n > context) {
             Some(prompt_tokens) => Err(ModelError::ContextOverflow {
                 prompt_tokens,
                 context,

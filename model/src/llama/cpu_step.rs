@@ -121,7 +121,7 @@ impl Llama {
         if !shaped || !cache_kinds_fit || !self.cpu_step_applies() {
             return Ok(None);
         }
-        self.room_for(caches, tokens)?;
+        self.room_for(caches, tokens.iter().map(|t| t.len()))?;
         // Each row's sequence and how far past that sequence's filled positions it lies.
         let rows: Vec<Row> = tokens
             .iter()
