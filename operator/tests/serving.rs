@@ -170,12 +170,16 @@ async fn a_chatmodel_scales_from_zero_with_load_and_back_to_zero_when_idle() {
     })
     .await;
 
-    let events = server
-        .cluster()
-        .list(&Resource::new("apis/events.k8s.io/v1", "events"), Some(NS), None);
-    let reasons: Vec<&str> = events.iter().filter_map(|e| e["reason"].as_str()).collect();
-    for reason in ["ScaledUp", "ScaledToZero", "InvalidSpec"] {
-        assert!(reasons.contains(&reason), "no {reason} event in {reasons:?}");
-    }
+    // A reconcile records its Event after it patches the status, so the last one may still be on its way.
+    eventually("ScaledUp, ScaledToZero and InvalidSpec events", || async {
+        let events = server
+            .cluster()
+            .list(&Resource::new("apis/events.k8s.io/v1", "events"), Some(NS), None);
+        let reasons: Vec<&str> = events.iter().filter_map(|e| e["reason"].as_str()).collect();
+        ["ScaledUp", "ScaledToZero", "InvalidSpec"]
+            .iter()
+            .all(|reason| reasons.contains(reason))
+    })
+    .await;
     operator.abort();
 }
