@@ -1,5 +1,6 @@
 //! `GET /internal/load` on each gateway: every model's requests in flight and held, which the operator's
-//! autoscaler sums over the gateways.
+//! autoscaler sums over the gateways, and the streams it migrated, which the operator adds to the ChatModel's
+//! `status.migrations`.
 
 use std::collections::BTreeMap;
 
@@ -16,6 +17,16 @@ pub struct ModelLoad {
     pub in_flight: u32,
     /// Requests the gateway holds because no worker is ready (at zero replicas, or while scaling).
     pub queued: u32,
+    /// Streams this gateway moved from a worker that was going away or failing to another, where they
+    /// continued, since the gateway started: its `camelid_gateway_migrations_total` for the model, all causes
+    /// together. A counter: the operator adds up its increase per gateway, and a smaller value than last time
+    /// means the gateway restarted. Left out when 0, so the report reads as before to those that predate it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub migrations: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What one gateway answers.
@@ -31,6 +42,7 @@ impl LoadReport {
             let entry = self.models.entry(model.clone()).or_default();
             entry.in_flight = entry.in_flight.saturating_add(load.in_flight);
             entry.queued = entry.queued.saturating_add(load.queued);
+            entry.migrations = entry.migrations.saturating_add(load.migrations);
         }
     }
 }
@@ -50,11 +62,25 @@ mod tests {
             sum.models["m"],
             ModelLoad {
                 in_flight: 6,
-                queued: 2
+                queued: 2,
+                migrations: 0
             }
         );
         let text = serde_json::to_string(&sum).unwrap();
-        assert_eq!(text, r#"{"models":{"m":{"inFlight":6,"queued":2}}}"#);
+        assert_eq!(
+            text, r#"{"models":{"m":{"inFlight":6,"queued":2}}}"#,
+            "no migrations: the report reads as before they were counted"
+        );
+        let b: LoadReport =
+            serde_json::from_str(r#"{"models": {"m": {"inFlight": 1, "queued": 0, "migrations": 5}}}"#)
+                .unwrap();
+        sum.add(&b);
+        assert_eq!(sum.models["m"].migrations, 5);
+        let text = serde_json::to_string(&sum).unwrap();
+        assert_eq!(
+            text,
+            r#"{"models":{"m":{"inFlight":7,"queued":2,"migrations":5}}}"#
+        );
     }
 
     #[test]
@@ -66,6 +92,7 @@ mod tests {
                 ModelLoad {
                     in_flight: u32::MAX,
                     queued: u32::MAX,
+                    migrations: u64::MAX,
                 },
             )]
             .into(),
@@ -73,5 +100,6 @@ mod tests {
         sum.add(&big);
         sum.add(&big);
         assert_eq!(sum.models["m"].in_flight, u32::MAX);
+        assert_eq!(sum.models["m"].migrations, u64::MAX);
     }
 }

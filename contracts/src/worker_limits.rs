@@ -14,6 +14,8 @@ pub const MAX_ROLE_BYTES: usize = 64;
 pub const MAX_STOP_SEQUENCES: usize = 16;
 /// Bytes of one stop sequence: every step scans the output's tail for each, so a long one costs every step.
 pub const MAX_STOP_BYTES: usize = 256;
+/// Token ids in a continuation (prompt and generated together): more than any model's context.
+pub const MAX_CONTINUATION_TOKENS: usize = 1 << 20;
 /// Bytes of the request id that logs and spans carry.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
 /// The largest gRPC message a worker decodes: the prompt plus room for the rest of the request.

@@ -24,23 +24,35 @@ use crate::finetunejob::PullPolicy;
     printcolumn = r#"{"name": "REPLICAS", "type": "integer", "jsonPath": ".status.desiredReplicas"}"#,
     printcolumn = r#"{"name": "MODEL", "type": "string", "jsonPath": ".status.model"}"#,
     printcolumn = r#"{"name": "ENDPOINT", "type": "string", "jsonPath": ".status.endpoint"}"#,
-    printcolumn = r#"{"name": "AGE", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name": "AGE", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name": "PREEMPTIONS", "type": "integer", "jsonPath": ".status.preemptions", "priority": 1}"#,
+    printcolumn = r#"{"name": "MIGRATIONS", "type": "integer", "jsonPath": ".status.migrations", "priority": 1}"#,
+    // `kubectl scale`, HorizontalPodAutoscalers and KEDA write `replicas.desired` through `/scale`; the operator
+    // runs that many workers while `autoscaling.enabled` is false.
+    scale(
+        spec_replicas_path = ".spec.replicas.desired",
+        status_replicas_path = ".status.desiredReplicas",
+        label_selector_path = ".status.selector"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = crate::common::unwrap_descriptions)]
-#[x_kube(validation = Rule::new("self.replicas.min > 0 || self.autoscaling.scaleToZero")
-    .message("replicas.min is 0: set autoscaling.scaleToZero to allow scaling to zero"))]
+// Only the built-in autoscaler needs `scaleToZero` to reach zero: with it off, `replicas.desired` (written by
+// `kubectl scale`, an HPA or KEDA) may be 0 as soon as `replicas.min` allows it.
+#[x_kube(validation = Rule::new("self.replicas.min > 0 || self.autoscaling.scaleToZero || !self.autoscaling.enabled")
+    .message("replicas.min is 0: set autoscaling.scaleToZero to allow scaling to zero (or turn autoscaling.enabled off and scale through /scale)"))]
 pub struct ChatModelSpec {
     /// The model to serve: a FineTuneJob's output, a path on a claim or in the image, or a URI (exactly one).
     pub model: ModelSource,
     /// The chat template prompts are rendered with: `vicuna_v1.1`, or unset for the model's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
-    /// The bounds the autoscaler keeps the number of workers within (default: min 1, max 1).
+    /// The bounds of the number of workers (default: min 1, max 1), and the number to run when the built-in
+    /// autoscaler is off (`desired`, which the `/scale` subresource writes).
     #[serde(default)]
     pub replicas: Replicas,
-    /// How the number of workers follows the gateways' load (default: 8 requests in flight per worker, 5m
-    /// before scaling down, never to zero).
+    /// How the number of workers follows the gateways' load (default: the built-in autoscaler, 8 requests in
+    /// flight per worker, 5m before scaling down, never to zero).
     #[serde(default)]
     pub autoscaling: Autoscaling,
     /// CPU and memory requests and limits per worker; `nvidia.com/gpu` comes from `gpus`.
@@ -73,13 +85,13 @@ pub struct ChatModelSpec {
     pub image_pull_policy: Option<PullPolicy>,
 }
 
-/// The bounds of the number of workers.
+/// The bounds of the number of workers, and how many to run when the built-in autoscaler is off.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = crate::common::unwrap_descriptions)]
 #[x_kube(validation = Rule::new("self.min <= self.max").message("replicas.min must not exceed replicas.max"))]
 pub struct Replicas {
-    /// The fewest workers (default 1); 0 needs `autoscaling.scaleToZero`.
+    /// The fewest workers (default 1); 0 needs `autoscaling.scaleToZero`, or the autoscaler off.
     #[serde(default = "one")]
     #[schemars(range(min = 0, max = 1000))]
     pub min: i32,
@@ -87,11 +99,23 @@ pub struct Replicas {
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 1000))]
     pub max: i32,
+    /// The workers to run while `autoscaling.enabled` is false (default 1), within `min` and `max`: a value
+    /// outside runs the nearest bound instead of being refused, so that an HPA or KEDA with wider bounds of its
+    /// own never fails to write it. The `/scale` subresource's replicas (`kubectl scale`, an HPA, KEDA). Ignored
+    /// while the built-in autoscaler is on.
+    // Defaulted, not optional: `/scale` shows an unset value as 0 replicas, and an HPA does not scale a target at 0.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub desired: i32,
 }
 
 impl Default for Replicas {
     fn default() -> Self {
-        Self { min: 1, max: 1 }
+        Self {
+            min: 1,
+            max: 1,
+            desired: 1,
+        }
     }
 }
 
@@ -104,6 +128,11 @@ fn one() -> i32 {
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = crate::common::unwrap_descriptions)]
 pub struct Autoscaling {
+    /// The operator's own autoscaler sets the workers from the gateways' load (default true). False: the
+    /// operator runs `replicas.desired` workers, for `kubectl scale`, an HPA or KEDA to set through the `/scale`
+    /// subresource; the other fields here are then unused.
+    #[serde(default = "crate::common::default_true")]
+    pub enabled: bool,
     /// Requests in flight (running or queued at the gateways) per worker the autoscaler aims for (default 8).
     #[serde(default = "default_target")]
     #[schemars(range(min = 1, max = 10000))]
@@ -122,6 +151,7 @@ pub struct Autoscaling {
 impl Default for Autoscaling {
     fn default() -> Self {
         Self {
+            enabled: true,
             target_in_flight: default_target(),
             scale_down_delay: default_delay(),
             scale_to_zero: false,
@@ -180,6 +210,21 @@ pub struct ScaleDecision {
     pub reason: String,
 }
 
+/// A worker pod with a termination notice, still there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::common::unwrap_descriptions)]
+pub struct LeavingWorker {
+    /// The pod's name.
+    pub pod: String,
+    /// The pod's uid: a pod of the same name made later is another worker.
+    pub uid: String,
+    /// The node it runs on.
+    pub node: String,
+    /// The notice, in words: the node's termination taint, or that the node is gone.
+    pub reason: String,
+}
+
 /// What is served, by how many workers, and the last scaling decision.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -194,9 +239,32 @@ pub struct ChatModelStatus {
     /// Workers ready to serve (on-demand and spot together).
     #[serde(default)]
     pub ready_replicas: i32,
-    /// Workers the autoscaler wants now.
+    /// Workers the model runs now: the autoscaler's choice, or `replicas.desired` within its bounds when the
+    /// autoscaler is off; replacements of leaving workers come on top (`replacing`). The `/scale` subresource's
+    /// status replicas.
     #[serde(default)]
     pub desired_replicas: i32,
+    /// The workers' label selector (`app.kubernetes.io/component=worker,camelid.dev/chatmodel=NAME`), for the
+    /// `/scale` subresource: an HPA finds the pods whose metrics it reads by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Workers started beside workers whose node has a termination notice, so that serving capacity is back
+    /// before those nodes go; 0 once they are gone.
+    #[serde(default)]
+    pub replacing: i32,
+    /// Worker pods that got a termination notice (a termination taint on their node, or their node gone), each
+    /// counted once: spot preemptions, mostly.
+    #[serde(default)]
+    pub preemptions: i32,
+    /// The streams the gateways moved off a worker that was going away or failing and continued on another,
+    /// added up from the gateways' counts while the operator watched (what happens while no operator runs is
+    /// not counted).
+    #[serde(default)]
+    pub migrations: i64,
+    /// The workers with a termination notice that are still there, each already counted in `preemptions` (kept
+    /// in the status so that a restarted operator counts none twice).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leaving: Vec<LeavingWorker>,
     /// What is served: the FineTuneJob, path or URI.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,

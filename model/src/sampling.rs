@@ -76,7 +76,8 @@ impl SamplingParams {
     }
 }
 
-/// A sampler with its own random stream; one per sequence, so a seed reproduces a completion.
+/// A sampler with its own random stream; one per sequence, so a seed reproduces a completion, and a completion
+/// continued from any position (see [`Sampler::sample`]).
 #[derive(Debug)]
 pub struct Sampler {
     params: SamplingParams,
@@ -164,6 +165,9 @@ impl Sampler {
             probs.truncate(keep);
         }
         let total: f32 = probs.iter().sum();
+        // The draw for the n-th generated token is word n of the seed's stream, whatever came before: a
+        // generation continued on another worker from its first n tokens draws exactly what this one would have.
+        self.rng.set_word_pos(generated.len() as u128);
         let mut r = self.rng.random::<f32>() * total;
         for (i, p) in probs.iter().enumerate() {
             if r < *p {
@@ -237,15 +241,48 @@ mod tests {
         };
         let logits = [1.0f32, 0.9, 0.8, 0.7, 5.0];
         let (mut a, mut b) = (sampler(params.clone()), sampler(params));
-        let picks_a: Vec<u32> = (0..200)
-            .map(|_| a.sample(&mut logits.clone(), &[], &[]))
-            .collect();
-        let picks_b: Vec<u32> = (0..200)
-            .map(|_| b.sample(&mut logits.clone(), &[], &[]))
-            .collect();
+        let picks = |s: &mut Sampler| {
+            let mut generated = Vec::new();
+            for _ in 0..200 {
+                let t = s.sample(&mut logits.clone(), &[], &generated);
+                generated.push(t);
+            }
+            generated
+        };
+        let (picks_a, picks_b) = (picks(&mut a), picks(&mut b));
         assert_eq!(picks_a, picks_b);
         assert!(picks_a.iter().all(|&t| t == 4 || t == 0));
         assert!(picks_a.contains(&0), "top-2 keeps the runner-up reachable");
+    }
+
+    #[test]
+    fn a_seeded_sampler_continued_from_any_position_draws_what_the_first_would_have() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: Some(42),
+            ..SamplingParams::default()
+        };
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let mut first = sampler(params.clone());
+        let mut generated = Vec::new();
+        for _ in 0..40 {
+            let t = first.sample(&mut logits.clone(), &[], &generated);
+            generated.push(t);
+        }
+        for at in [0, 1, 17, 39] {
+            // A fresh sampler (another worker) given the first `at` tokens.
+            let mut second = sampler(params.clone());
+            let mut continued = generated[..at].to_vec();
+            while continued.len() < generated.len() {
+                let t = second.sample(&mut logits.clone(), &[], &continued);
+                continued.push(t);
+            }
+            assert_eq!(continued, generated, "continued from token {at}");
+        }
+        assert!(
+            generated.iter().collect::<std::collections::HashSet<_>>().len() > 3,
+            "it samples"
+        );
     }
 
     #[test]

@@ -154,6 +154,29 @@ impl TokenTextStream {
         Ok(Pushed { text, finished })
     }
 
+    /// Pushes tokens whose text was already delivered (a generation continued from another worker's tokens),
+    /// so that stop strings, penalties and `max_new` count them. Returns how the generation ended if the last of
+    /// them ended it (the caller then only reports the end); an error if an earlier one did, since a real
+    /// generation never goes on after its end.
+    pub fn replay(
+        &mut self,
+        tokens: &[u32],
+        decode: impl Fn(&[u32]) -> Result<String>,
+    ) -> Result<Option<FinishReason>> {
+        for (i, &token) in tokens.iter().enumerate() {
+            if let Some(reason) = self.push(token, &decode)?.finished {
+                if i + 1 == tokens.len() {
+                    return Ok(Some(reason));
+                }
+                return Err(crate::ModelError::InvalidRequest(format!(
+                    "the generation ended at token {i} of the {} to continue from",
+                    tokens.len()
+                )));
+            }
+        }
+        Ok(None)
+    }
+
     /// What the detokenizer and the stop matcher still hold once the sequence ends.
     fn tail(&mut self, decode: impl Fn(&[u32]) -> Result<String>) -> Result<String> {
         let tail = self.detok.flush(decode)?;
@@ -212,5 +235,71 @@ mod tests {
     fn earliest_stop_wins() {
         let mut m = StopMatcher::new(&["b".into(), "a".into()]);
         assert_eq!(m.push("xxaxb"), ("xx".into(), true));
+    }
+
+    /// Streams `ids` through a fresh stream: the text of each chunk (with the ids it carries), and the end.
+    fn chunks(
+        ids: &[u32],
+        stop: &[String],
+        max_new: usize,
+    ) -> (Vec<(String, Vec<u32>)>, Option<FinishReason>) {
+        let mut stream = TokenTextStream::new(stop, vec![0], max_new);
+        let (mut out, mut unsent) = (Vec::new(), Vec::new());
+        for &id in ids {
+            let pushed = stream.push(id, decode).unwrap();
+            unsent.push(id);
+            if !pushed.text.is_empty() {
+                out.push((pushed.text, std::mem::take(&mut unsent)));
+            }
+            if pushed.finished.is_some() {
+                return (out, pushed.finished);
+            }
+        }
+        (out, None)
+    }
+
+    #[test]
+    fn a_stream_continued_after_any_chunk_sends_exactly_the_rest() {
+        // Multi-byte characters and a stop string that spans chunks, so text is held back at chunk boundaries.
+        let text = "héllo 🦙 wor END tail";
+        let ids: Vec<u32> = text.bytes().map(u32::from).collect();
+        let stop = vec!["END".to_string()];
+        let (whole, end) = chunks(&ids, &stop, 100);
+        assert_eq!(end, Some(FinishReason::Stop));
+        let expected: String = whole.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(expected, "héllo 🦙 wor ");
+        for sent in 0..=whole.len() {
+            // What a caller received from the first stream: `sent` chunks and their ids.
+            let received: Vec<u32> = whole[..sent].iter().flat_map(|(_, ids)| ids.clone()).collect();
+            let mut second = TokenTextStream::new(&stop, vec![0], 100);
+            let replayed = second.replay(&received, decode).unwrap();
+            let mut text: String = whole[..sent].iter().map(|(t, _)| t.as_str()).collect();
+            if replayed.is_none() {
+                for &id in &ids[received.len()..] {
+                    let pushed = second.push(id, decode).unwrap();
+                    text.push_str(&pushed.text);
+                    if pushed.finished.is_some() {
+                        break;
+                    }
+                }
+            }
+            assert_eq!(text, expected, "continued after {sent} chunks");
+        }
+    }
+
+    #[test]
+    fn a_continuation_past_the_end_is_refused() {
+        let mut stream = TokenTextStream::new(&[], vec![0], 3);
+        assert_eq!(
+            stream.replay(&[65, 66, 67], decode).unwrap(),
+            Some(FinishReason::Length)
+        );
+        let mut stream = TokenTextStream::new(&[], vec![0], 3);
+        assert!(stream.replay(&[65, 0, 67], decode).is_err(), "tokens after EOS");
+        let mut stream = TokenTextStream::new(&[], vec![0], 3);
+        assert!(
+            stream.replay(&[65, 66, 67, 68], decode).is_err(),
+            "more than max_new"
+        );
     }
 }

@@ -27,6 +27,7 @@ pub struct Metrics {
     reconcile_seconds: Histogram,
     errors: Family<ErrorLabels, Counter>,
     preemptions: Counter,
+    worker_preemptions: Counter,
 }
 
 impl Default for Metrics {
@@ -42,6 +43,7 @@ impl Metrics {
         let reconcile_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let errors = Family::<ErrorLabels, Counter>::default();
         let preemptions = Counter::default();
+        let worker_preemptions = Counter::default();
         let scale_decisions = Family::<ScaleLabels, Counter>::default();
         registry.register(
             "scale_decisions",
@@ -68,6 +70,11 @@ impl Metrics {
             "Preemptions handled (gang restarts)",
             preemptions.clone(),
         );
+        registry.register(
+            "worker_preemptions",
+            "ChatModel workers that got a termination notice",
+            worker_preemptions.clone(),
+        );
         Self {
             scale_decisions,
             registry,
@@ -75,6 +82,7 @@ impl Metrics {
             reconcile_seconds,
             errors,
             preemptions,
+            worker_preemptions,
         }
     }
 
@@ -95,6 +103,10 @@ impl Metrics {
 
     pub fn preempted(&self) {
         self.preemptions.inc();
+    }
+
+    pub fn worker_preempted(&self) {
+        self.worker_preemptions.inc();
     }
 
     pub fn encode(&self) -> String {

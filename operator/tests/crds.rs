@@ -77,24 +77,63 @@ fn chatmodel_examples_pass_and_bad_specs_are_rejected_with_clear_messages() {
 
 #[test]
 fn the_printer_columns_are_the_ones_users_see() {
-    let columns = |file: &str| -> Vec<String> {
+    // The columns of plain `kubectl get` (priority 0), or of `-o wide` only (priority 1).
+    let columns = |file: &str, priority: i64| -> Vec<String> {
         let text = std::fs::read_to_string(chart_crds().join(file)).unwrap();
         let crd: Value = serde_yaml_ng::from_str(&text).unwrap();
         crd["spec"]["versions"][0]["additionalPrinterColumns"]
             .as_array()
             .unwrap()
             .iter()
+            .filter(|c| c["priority"].as_i64().unwrap_or(0) == priority)
             .map(|c| c["name"].as_str().unwrap().to_string())
             .collect()
     };
     assert_eq!(
-        columns("finetunejobs.camelid.dev.yaml"),
+        columns("finetunejobs.camelid.dev.yaml", 0),
         crd_cases::FINETUNEJOB_COLUMNS
     );
     assert_eq!(
-        columns("chatmodels.camelid.dev.yaml"),
+        columns("chatmodels.camelid.dev.yaml", 0),
         crd_cases::CHATMODEL_COLUMNS
     );
+    assert_eq!(
+        columns("chatmodels.camelid.dev.yaml", 1),
+        crd_cases::CHATMODEL_WIDE_COLUMNS
+    );
+}
+
+#[test]
+fn chatmodels_have_a_scale_subresource_for_hpa_and_keda() {
+    let text = std::fs::read_to_string(chart_crds().join("chatmodels.camelid.dev.yaml")).unwrap();
+    let crd: Value = serde_yaml_ng::from_str(&text).unwrap();
+    assert_eq!(
+        crd["spec"]["versions"][0]["subresources"]["scale"],
+        json!({"specReplicasPath": ".spec.replicas.desired",
+               "statusReplicasPath": ".status.desiredReplicas",
+               "labelSelectorPath": ".status.selector"})
+    );
+    // Defaulted, so `/scale` never reads an unset value (an HPA takes that for 0 replicas and stops).
+    let replicas = &crd_schema("chatmodels.camelid.dev.yaml")["properties"]["spec"]["properties"]["replicas"];
+    assert_eq!(replicas["properties"]["desired"]["default"], 1, "{replicas}");
+}
+
+#[test]
+fn with_autoscaling_off_a_chatmodel_may_go_to_zero_without_scale_to_zero() {
+    let schema = crd_schema("chatmodels.camelid.dev.yaml");
+    let good = crd_cases::example("chatmodel.yaml");
+    let off = crd_cases::patched(
+        &good,
+        json!({"spec": {"replicas": {"min": 0, "max": 4, "desired": 0},
+                        "autoscaling": {"enabled": false, "scaleToZero": false}}}),
+    );
+    schema::check(&schema, &off).unwrap();
+    let on = crd_cases::patched(&off, json!({"spec": {"autoscaling": {"enabled": true}}}));
+    let e = schema::check(&schema, &on).expect_err("min 0 with the autoscaler on needs scaleToZero");
+    assert!(e.contains("set autoscaling.scaleToZero"), "{e}");
+    // Out of bounds is not refused: the operator runs the nearest bound.
+    let wide = crd_cases::patched(&off, json!({"spec": {"replicas": {"desired": 9}}}));
+    schema::check(&schema, &wide).unwrap();
 }
 
 /// The Kubernetes types the CRDs embed, as `(name, their own schema)`: their fields are Kubernetes' to document,

@@ -287,7 +287,14 @@ fn every_pod_the_operator_builds_meets_the_restricted_pod_security_standard() {
         shown: "https://example.com/smol.gguf".into(),
         ..ModelFiles::default()
     };
-    let c = camelid_operator::chatmodel::build::children(&model, &files, 3, &settings).unwrap();
+    let c = camelid_operator::chatmodel::build::children(
+        &model,
+        &files,
+        3,
+        camelid_operator::chatmodel::build::Surge::default(),
+        &settings,
+    )
+    .unwrap();
     pods.push(("workers", c.workers.spec.unwrap().template.spec.unwrap()));
     pods.push((
         "spot workers",

@@ -8,7 +8,7 @@ mod golden_common;
 
 use camelid_contracts::worker_auth::{self, InstallSecret};
 use camelid_crds::ChatModel;
-use camelid_operator::chatmodel::build::{Children, ModelFiles, children, split};
+use camelid_operator::chatmodel::build::{Children, ModelFiles, Surge, children, split};
 use camelid_operator::settings::Settings;
 use serde_json::json;
 
@@ -60,14 +60,14 @@ fn value<T: serde::Serialize>(t: &T) -> serde_json::Value {
 #[test]
 fn the_example_builds_exactly_these_children() {
     let model = example();
-    let c = children(&model, &files(), 3, &installed()).unwrap();
+    let c = children(&model, &files(), 3, Surge::default(), &installed()).unwrap();
     golden_common::golden("chatmodel-3-replicas.yaml", &yaml(&c));
 }
 
 #[test]
 fn workers_get_their_own_models_token_and_without_a_secret_say_they_are_open() {
     let model = example();
-    let c = children(&model, &files(), 1, &installed()).unwrap();
+    let c = children(&model, &files(), 1, Surge::default(), &installed()).unwrap();
     let token = value(c.token.as_ref().unwrap());
     let key = format!(
         "{}/{}",
@@ -103,7 +103,7 @@ fn workers_get_their_own_models_token_and_without_a_secret_say_they_are_open() {
     let mut other = example();
     other.metadata.namespace = Some("team-b".into());
     let theirs = value(
-        children(&other, &files(), 1, &installed())
+        children(&other, &files(), 1, Surge::default(), &installed())
             .unwrap()
             .token
             .as_ref()
@@ -111,7 +111,7 @@ fn workers_get_their_own_models_token_and_without_a_secret_say_they_are_open() {
     );
     assert_ne!(theirs["stringData"], token["stringData"]);
 
-    let open = children(&model, &files(), 1, &Settings::default()).unwrap();
+    let open = children(&model, &files(), 1, Surge::default(), &Settings::default()).unwrap();
     assert!(open.token.is_none());
     let container = &value(&open.workers)["spec"]["template"]["spec"]["containers"][0];
     let env = container["env"].as_array().cloned().unwrap_or_default();
@@ -133,7 +133,7 @@ fn the_on_demand_base_fills_first_and_spot_takes_the_rest() {
     assert_eq!(split(&model, 0), (0, 0));
     assert_eq!(split(&model, 1), (1, 0));
     assert_eq!(split(&model, 4), (1, 3));
-    let c = children(&model, &files(), 4, &Settings::default()).unwrap();
+    let c = children(&model, &files(), 4, Surge::default(), &Settings::default()).unwrap();
     let base = value(&c.workers);
     let spot = value(c.spot_workers.as_ref().unwrap());
     assert_eq!(
@@ -160,8 +160,33 @@ fn the_on_demand_base_fills_first_and_spot_takes_the_rest() {
 }
 
 #[test]
+fn a_surge_adds_replicas_to_its_pool_says_so_and_leaves_the_budget_alone() {
+    let model = example();
+    let steady = children(&model, &files(), 4, Surge::default(), &Settings::default()).unwrap();
+    let surge = Surge { base: 0, spot: 2 };
+    let c = children(&model, &files(), 4, surge, &Settings::default()).unwrap();
+    let base = value(&c.workers);
+    let spot = value(c.spot_workers.as_ref().unwrap());
+    assert_eq!(
+        (base["spec"]["replicas"].clone(), spot["spec"]["replicas"].clone()),
+        (json!(1), json!(5))
+    );
+    assert_eq!(spot["metadata"]["annotations"]["camelid.dev/surge"], "2");
+    assert!(
+        base["metadata"]["annotations"].is_null(),
+        "only a surging Deployment carries the annotation, so applying without it removes it"
+    );
+    assert_eq!(value(&c.budget), value(&steady.budget));
+    // Nothing but the replicas and the annotation changes: the pods do not roll.
+    assert_eq!(
+        spot["spec"]["template"],
+        value(steady.spot_workers.as_ref().unwrap())["spec"]["template"]
+    );
+}
+
+#[test]
 fn workers_are_ready_only_with_weights_loaded_and_updates_never_drop_below_the_desired_count() {
-    let c = children(&example(), &files(), 2, &Settings::default()).unwrap();
+    let c = children(&example(), &files(), 2, Surge::default(), &Settings::default()).unwrap();
     let d = value(&c.workers);
     let worker = &d["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(worker["readinessProbe"]["httpGet"]["path"], "/readyz");
@@ -194,7 +219,7 @@ fn without_an_on_demand_base_there_is_one_deployment_and_a_uri_is_downloaded_fir
         revision: "r".into(),
         ..ModelFiles::default()
     };
-    let c = children(&model, &files, 2, &Settings::default()).unwrap();
+    let c = children(&model, &files, 2, Surge::default(), &Settings::default()).unwrap();
     assert!(c.spot_workers.is_none());
     let pod = value(&c.workers)["spec"]["template"]["spec"].clone();
     assert_eq!(pod["initContainers"][0]["name"], "fetch-model");
@@ -214,7 +239,7 @@ fn prefer_spot_off_keeps_every_worker_on_demand_and_on_its_own_pools() {
         .on_demand_node_selector
         .insert("pool".into(), "steady".into());
     assert_eq!(split(&model, 3), (3, 0));
-    let c = children(&model, &files(), 3, &Settings::default()).unwrap();
+    let c = children(&model, &files(), 3, Surge::default(), &Settings::default()).unwrap();
     let pod = value(&c.workers)["spec"]["template"]["spec"].clone();
     assert_eq!(pod["nodeSelector"]["pool"], "steady");
     assert_eq!(value(&c.workers)["spec"]["replicas"], 3);
@@ -226,5 +251,5 @@ fn prefer_spot_off_keeps_every_worker_on_demand_and_on_its_own_pools() {
 fn children_need_an_owner() {
     let mut model = example();
     model.metadata.uid = None;
-    assert!(children(&model, &files(), 1, &Settings::default()).is_err());
+    assert!(children(&model, &files(), 1, Surge::default(), &Settings::default()).is_err());
 }

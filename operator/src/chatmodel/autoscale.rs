@@ -2,7 +2,8 @@
 //! desired replicas and the reason out. Up is immediate (a queue means users wait); down takes the highest
 //! recommendation of the last `scaleDownDelay` (Kubernetes HPA's stabilization window), so a brief lull or a
 //! flapping load never removes a replica that is needed again a moment later; zero needs `scaleToZero` and a
-//! whole idle window; from zero one queued request is enough.
+//! whole idle window; from zero one queued request is enough. With `autoscaling.enabled` off the replicas are
+//! `replicas.desired` (what `kubectl scale`, an HPA or KEDA wrote through `/scale`) within `[min, max]`.
 
 use std::collections::VecDeque;
 
@@ -13,6 +14,10 @@ use camelid_crds::common::parse_duration;
 /// The scaling bounds and targets of one ChatModel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
+    /// The built-in autoscaler decides; false: `desired` does.
+    pub enabled: bool,
+    /// `replicas.desired`: what to run while the autoscaler is off.
+    pub desired: i32,
     pub min: i32,
     pub max: i32,
     pub target_in_flight: i32,
@@ -25,6 +30,8 @@ impl Policy {
     pub fn of(model: &ChatModel) -> Option<Self> {
         let s = &model.spec;
         Some(Self {
+            enabled: s.autoscaling.enabled,
+            desired: s.replicas.desired,
             min: s.replicas.min.max(0),
             max: s.replicas.max.max(1),
             target_in_flight: s.autoscaling.target_in_flight.max(1),
@@ -73,6 +80,12 @@ pub fn decide(
     history: &mut History,
     now: i64,
 ) -> Decision {
+    if !policy.enabled {
+        // Forgotten: were the autoscaler turned back on, it would otherwise scale down on recommendations made
+        // before it was off. It waits one whole window instead, as after a restart.
+        *history = History::default();
+        return fixed(policy);
+    }
     let since = *history.since.get_or_insert(now);
     let Some(load) = load else {
         let replicas = current.clamp(policy.idle_floor(), policy.max);
@@ -162,11 +175,28 @@ pub fn decide(
     }
 }
 
+/// With the autoscaler off: `replicas.desired` within `[min, max]`. A value outside is not refused (an HPA or
+/// KEDA with wider bounds of their own would fail to write it): the nearest bound is run, and the reason says so.
+fn fixed(policy: &Policy) -> Decision {
+    let replicas = policy.desired.clamp(policy.min.min(policy.max), policy.max);
+    let reason = if replicas == policy.desired {
+        format!("autoscaling is off: replicas.desired is {replicas}")
+    } else {
+        format!(
+            "autoscaling is off: replicas.desired {} is outside [{}, {}], running {replicas}",
+            policy.desired, policy.min, policy.max
+        )
+    };
+    Decision { replicas, reason }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const POLICY: Policy = Policy {
+        enabled: true,
+        desired: 1,
         min: 1,
         max: 4,
         target_in_flight: 8,
@@ -181,7 +211,11 @@ mod tests {
     };
 
     fn load(in_flight: u32, queued: u32) -> Option<ModelLoad> {
-        Some(ModelLoad { in_flight, queued })
+        Some(ModelLoad {
+            in_flight,
+            queued,
+            migrations: 0,
+        })
     }
 
     /// Runs a load trace (second, load) from `start` replicas; returns the replicas after each step.
@@ -281,5 +315,72 @@ mod tests {
             (0, 3, 4, 90)
         );
         assert!(p.scale_to_zero);
+    }
+
+    const FIXED: Policy = Policy {
+        enabled: false,
+        desired: 3,
+        ..POLICY
+    };
+
+    #[test]
+    fn with_autoscaling_off_the_desired_replicas_run_whatever_the_load() {
+        let mut history = History::default();
+        for (current, l) in [(1, load(100, 50)), (4, load(0, 0)), (0, None)] {
+            let d = decide(&FIXED, current, l, &mut history, 0);
+            assert_eq!(d.replicas, 3, "from {current} with {l:?}");
+            assert_eq!(d.reason, "autoscaling is off: replicas.desired is 3");
+        }
+    }
+
+    #[test]
+    fn with_autoscaling_off_desired_is_clamped_to_the_bounds() {
+        let mut history = History::default();
+        let high = Policy { desired: 9, ..FIXED };
+        let d = decide(&high, 3, None, &mut history, 0);
+        assert_eq!(d.replicas, 4);
+        assert!(d.reason.contains("outside [1, 4], running 4"), "{}", d.reason);
+        let low = Policy { desired: 0, ..FIXED };
+        assert_eq!(decide(&low, 3, None, &mut history, 0).replicas, 1);
+        let to_zero = Policy {
+            desired: 0,
+            min: 0,
+            ..FIXED
+        };
+        assert_eq!(
+            decide(&to_zero, 3, None, &mut history, 0).replicas,
+            0,
+            "min 0 lets an HPA or KEDA scale to zero without scaleToZero"
+        );
+    }
+
+    #[test]
+    fn turning_the_autoscaler_back_on_waits_a_whole_window_before_scaling_down() {
+        let mut history = History::default();
+        assert_eq!(decide(&POLICY, 1, load(32, 0), &mut history, 0).replicas, 4);
+        assert_eq!(decide(&FIXED, 4, load(0, 0), &mut history, 400).replicas, 3);
+        // Back on at 1000, idle: the old samples and start are gone, so nothing is removed until 1300.
+        assert_eq!(decide(&POLICY, 3, load(1, 0), &mut history, 1000).replicas, 3);
+        assert_eq!(decide(&POLICY, 3, load(1, 0), &mut history, 1299).replicas, 3);
+        assert_eq!(decide(&POLICY, 3, load(1, 0), &mut history, 1300).replicas, 1);
+    }
+
+    #[test]
+    fn policy_reads_the_switch_and_the_desired_replicas() {
+        let model: ChatModel = serde_json::from_value(serde_json::json!({
+            "apiVersion": "camelid.dev/v1alpha1", "kind": "ChatModel", "metadata": {"name": "m"},
+            "spec": {"model": {"path": "/m"}, "replicas": {"min": 0, "max": 3, "desired": 2},
+                     "autoscaling": {"enabled": false}}
+        }))
+        .unwrap();
+        let p = Policy::of(&model).unwrap();
+        assert_eq!((p.enabled, p.desired), (false, 2));
+        let model: ChatModel = serde_json::from_value(serde_json::json!({
+            "apiVersion": "camelid.dev/v1alpha1", "kind": "ChatModel", "metadata": {"name": "m"},
+            "spec": {"model": {"path": "/m"}}
+        }))
+        .unwrap();
+        let p = Policy::of(&model).unwrap();
+        assert_eq!((p.enabled, p.desired), (true, 1), "the defaults");
     }
 }

@@ -2,7 +2,8 @@
 //! `spot.baseOnDemand` is set (the base on on-demand nodes, the rest on spot), a Service whose EndpointSlices
 //! the gateways route by, and a PodDisruptionBudget. Workers are ready only once their weights are loaded
 //! (`/readyz`), and a rolling update surges one new worker before an old one goes, so ready replicas never drop
-//! below the desired count because of an update.
+//! below the desired count because of an update. A worker with a termination notice is replaced the same way:
+//! its Deployment gets one more replica ([`Surge`], decided in [`super::spot`]) while it is still there.
 
 use std::collections::BTreeMap;
 
@@ -68,6 +69,48 @@ pub fn fingerprint(text: &str) -> String {
     format!("{hash:016x}")
 }
 
+/// Which of a ChatModel's Deployments a worker belongs to (its `camelid.dev/pool` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    /// `NAME-worker`: on-demand workers, or all of them without `spot.baseOnDemand`.
+    Base,
+    /// `NAME-worker-spot`: the workers beyond the on-demand base.
+    Spot,
+}
+
+impl Pool {
+    /// The pool label's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pool::Base => "base",
+            Pool::Spot => "spot",
+        }
+    }
+
+    /// The pool a label value names, if any.
+    pub fn of(label: &str) -> Option<Pool> {
+        [Pool::Base, Pool::Spot].into_iter().find(|p| p.as_str() == label)
+    }
+}
+
+/// Replicas each Deployment runs beyond its share of the desired workers: replacements for workers whose node
+/// is going, started while those still serve.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Surge {
+    pub base: i32,
+    pub spot: i32,
+}
+
+impl Surge {
+    pub fn total(self) -> i32 {
+        self.base.saturating_add(self.spot)
+    }
+}
+
+/// On a worker Deployment while it surges: how many of its replicas are replacements ([`Surge`]). The operator
+/// reads it back so that the autoscaler's current count, and `status.desiredReplicas`, leave them out.
+pub const SURGE_ANNOTATION: &str = "camelid.dev/surge";
+
 /// The children of a ChatModel at `replicas` desired workers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Children {
@@ -94,6 +137,24 @@ pub fn spot_workers_name(model: &ChatModel) -> String {
 /// The Service (and the gateways' model name) of a ChatModel: its own name.
 pub fn service_name(model: &ChatModel) -> String {
     model.name_any()
+}
+
+/// The labels of all of a model's workers, whichever their pool: the Service's selector, the budget's and the
+/// `/scale` subresource's.
+pub fn worker_selector(model: &ChatModel) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (names::CHATMODEL_LABEL.to_string(), model.name_any()),
+        ("app.kubernetes.io/component".to_string(), "worker".to_string()),
+    ])
+}
+
+/// [`worker_selector`] as a label selector string (`status.selector`, a pod list's `labelSelector`).
+pub fn worker_selector_text(model: &ChatModel) -> String {
+    worker_selector(model)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub fn labels(model: &ChatModel) -> BTreeMap<String, String> {
@@ -130,6 +191,12 @@ fn single_capacity(model: &ChatModel) -> Option<Capacity> {
     })
 }
 
+/// How long a worker pod has between SIGTERM and SIGKILL.
+pub const WORKER_GRACE_SECONDS: i64 = 60;
+/// How long a terminated worker keeps generating before it interrupts what is left for the gateway to continue
+/// elsewhere: inside the grace period, with room for the interrupted streams to end.
+pub const WORKER_DRAIN_SECONDS: i64 = 45;
+
 fn worker_args(model: &ChatModel, files: &ModelFiles, authenticated: bool) -> Vec<String> {
     let mut args = vec![
         "--model".to_string(),
@@ -142,6 +209,8 @@ fn worker_args(model: &ChatModel, files: &ModelFiles, authenticated: bool) -> Ve
         format!("0.0.0.0:{HTTP_PORT}"),
         "--device".into(),
         if model.spec.gpus > 0 { "cuda" } else { "cpu" }.into(),
+        "--drain-seconds".into(),
+        WORKER_DRAIN_SECONDS.to_string(),
     ];
     if !authenticated {
         // Said on the command line, for all to see: no token was given to these workers.
@@ -188,7 +257,7 @@ fn pod_template(
         init_containers: (!init_containers.is_empty()).then_some(init_containers),
         containers: vec![worker_container(model, files, settings, mounts)],
         volumes: (!volumes.is_empty()).then_some(volumes),
-        termination_grace_period_seconds: Some(60),
+        termination_grace_period_seconds: Some(WORKER_GRACE_SECONDS),
         ..PodSpec::default()
     };
     harden(&mut spec, &workers_name(model));
@@ -326,11 +395,13 @@ pub fn token_model_key(model: &ChatModel) -> String {
     format!("{}/{}", model.namespace().unwrap_or_default(), model.name_any())
 }
 
-/// The children of `model` serving `files` with `replicas` workers. Pure: the same inputs give the same objects.
+/// The children of `model` serving `files` with `replicas` workers, and `surge` replacements on top. Pure: the
+/// same inputs give the same objects.
 pub fn children(
     model: &ChatModel,
     files: &ModelFiles,
     replicas: i32,
+    surge: Surge,
     settings: &Settings,
 ) -> Result<Children, BuildError> {
     let owner: OwnerReference = model.controller_owner_ref(&()).ok_or(BuildError::NoOwner)?;
@@ -341,24 +412,29 @@ pub fn children(
         owner_references: Some(vec![owner.clone()]),
         ..ObjectMeta::default()
     };
-    let selector = BTreeMap::from([
-        (names::CHATMODEL_LABEL.to_string(), model.name_any()),
-        ("app.kubernetes.io/component".to_string(), "worker".to_string()),
-    ]);
+    let selector = worker_selector(model);
     let service = Service {
         metadata: meta(service_name(model), labels(model)),
         spec: Some(service_spec(selector.clone())),
         ..Service::default()
     };
     // Each Deployment selects its own pool (a fixed label: selectors cannot change), never the other's pods.
-    let deployment = |name: String, replicas: i32, pool: &str, capacity: Option<Capacity>| {
-        let template = pod_template(model, files, pool, capacity, settings);
+    let deployment = |name: String, replicas: i32, surge: i32, pool: Pool, capacity: Option<Capacity>| {
+        let template = pod_template(model, files, pool.as_str(), capacity, settings);
         let mut match_labels = selector.clone();
-        match_labels.insert(names::POOL_LABEL.into(), pool.into());
+        match_labels.insert(names::POOL_LABEL.into(), pool.as_str().into());
+        let mut metadata = meta(name, labels(model));
+        // Only while surging: applied without it, the annotation goes.
+        if surge > 0 {
+            metadata.annotations = Some(BTreeMap::from([(
+                SURGE_ANNOTATION.to_string(),
+                surge.to_string(),
+            )]));
+        }
         Deployment {
-            metadata: meta(name, labels(model)),
+            metadata,
             spec: Some(DeploymentSpec {
-                replicas: Some(replicas),
+                replicas: Some(replicas.saturating_add(surge)),
                 selector: LabelSelector {
                     match_labels: Some(match_labels),
                     ..LabelSelector::default()
@@ -379,16 +455,29 @@ pub fn children(
     let (on_demand, spot) = split(model, replicas);
     let (workers, spot_workers) = match model.spec.spot.base_on_demand {
         Some(_) => (
-            deployment(workers_name(model), on_demand, "base", Some(Capacity::OnDemand)),
+            deployment(
+                workers_name(model),
+                on_demand,
+                surge.base,
+                Pool::Base,
+                Some(Capacity::OnDemand),
+            ),
             Some(deployment(
                 spot_workers_name(model),
                 spot,
-                "spot",
+                surge.spot,
+                Pool::Spot,
                 Some(Capacity::Spot),
             )),
         ),
         None => (
-            deployment(workers_name(model), replicas, "base", single_capacity(model)),
+            deployment(
+                workers_name(model),
+                replicas,
+                surge.base,
+                Pool::Base,
+                single_capacity(model),
+            ),
             None,
         ),
     };
@@ -431,7 +520,10 @@ fn service_spec(selector: BTreeMap<String, String>) -> ServiceSpec {
     }
 }
 
-/// Node drains take workers one at a time, so the others keep serving.
+/// Node drains take workers one at a time, so the others keep serving. A surge leaves the budget as it is: the
+/// disruption controller expects each Deployment's replicas, replacements included, so a leaving worker can be
+/// evicted (a drain) once its replacement is ready, and its node going takes it regardless. The budget never
+/// holds back the replacement itself: it only limits evictions.
 fn budget_spec(selector: BTreeMap<String, String>) -> PodDisruptionBudgetSpec {
     PodDisruptionBudgetSpec {
         max_unavailable: Some(IntOrString::Int(1)),

@@ -1,8 +1,15 @@
-//! The ChatModel controller: fetch (a fresh copy, the model's source, its Deployments, the gateways' load) →
-//! validate (the autoscaling policy) → decide (the autoscaler, [`super::autoscale`]) → build ([`super::build`])
-//! → apply (server-side apply) → status (`patch_status`), with an Event on every scale decision. Requeues every
-//! autoscaling period. The guard around each reconcile and the error policy are [`crate::reconcile`]'s, shared
-//! with the FineTuneJob controller.
+//! The ChatModel controller: fetch (a fresh copy, the model's source, its Deployments, its worker pods and their
+//! nodes, the gateways' load) → validate (the autoscaling policy) → decide (the autoscaler, [`super::autoscale`];
+//! the replacements of leaving workers, [`super::spot`]) → build ([`super::build`]) → apply (server-side apply) →
+//! status (`patch_status`), with an Event on every scale decision and every worker preempted. Requeues every
+//! autoscaling period (5 s by default). The guard around each reconcile and the error policy are
+//! [`crate::reconcile`]'s, shared with the FineTuneJob controller.
+//!
+//! Pods and nodes are read each period rather than watched: a termination notice gives 30 s (GKE, AKS) to 2
+//! minutes (AWS), so a reaction within one period is in time, and a watch would not win the one race there is.
+//! When a leaving worker's pod is deleted or stops, its ReplicaSet may start one more pod before the next reconcile
+//! lowers the surge; the ReplicaSet then removes the newest unready pod, that extra one, and the replacement
+//! stays.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,19 +19,21 @@ use camelid_crds::chatmodel::{ChatModelStatus, ScaleDecision};
 use camelid_crds::{ChatModel, FineTuneJob};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, ListParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Recorder;
 use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 
 use super::autoscale::{self, History, Policy};
-use super::build::{self, ModelFiles, fingerprint};
-use super::load::Gateways;
+use super::build::{self, ModelFiles, Surge, fingerprint};
+use super::load::{Gateways, Migrations};
+use super::spot;
 use super::status::{self, Source};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -45,6 +54,8 @@ pub struct Context {
     /// A fingerprint of the children last applied for each model (by uid): unchanged children are not sent
     /// again every period.
     applied: Mutex<HashMap<String, String>>,
+    /// The gateways' migration counts last read for each model (by uid).
+    migrations: Mutex<HashMap<String, Migrations>>,
 }
 
 impl Context {
@@ -58,6 +69,7 @@ impl Context {
             metrics,
             histories: Mutex::new(HashMap::new()),
             applied: Mutex::new(HashMap::new()),
+            migrations: Mutex::new(HashMap::new()),
         }
     }
 
@@ -69,6 +81,9 @@ impl Context {
             }
             if let Ok(mut a) = self.applied.lock() {
                 a.remove(&uid);
+            }
+            if let Ok(mut m) = self.migrations.lock() {
+                m.remove(&uid);
             }
         }
     }
@@ -135,18 +150,47 @@ async fn resolve(ctx: &Context, model: &ChatModel) -> Result<Result<ModelFiles, 
     Ok(super::source::resolve(&model.spec.model, job.as_ref()))
 }
 
-/// The workers' desired and ready replicas now, summed over both Deployments; `None` before they exist.
+/// The workers' desired and ready replicas now, summed over both Deployments; `None` before they exist. The
+/// desired leave out the replacements of leaving workers (each Deployment's [`build::SURGE_ANNOTATION`]).
 async fn observe_workers(ctx: &Context, model: &ChatModel) -> Result<Option<(i32, i32)>, Error> {
     let api: Api<Deployment> = reconcile::namespaced(&ctx.client, model);
     let mut found = None;
     for name in [build::workers_name(model), build::spot_workers_name(model)] {
         if let Some(d) = api.get_opt(&name).await? {
+            let surge = d
+                .annotations()
+                .get(build::SURGE_ANNOTATION)
+                .and_then(|s| s.parse::<i32>().ok())
+                .unwrap_or(0);
             let (desired, ready) = found.get_or_insert((0, 0));
-            *desired += d.spec.and_then(|s| s.replicas).unwrap_or(1);
+            let replicas = d.spec.and_then(|s| s.replicas).unwrap_or(1);
+            *desired += replicas.saturating_sub(surge).max(0);
             *ready += d.status.and_then(|s| s.ready_replicas).unwrap_or(0);
         }
     }
     Ok(found)
+}
+
+/// The model's worker pods, each with its node's termination notice, if any ([`spot::notice`]). Each node is
+/// read once per reconcile, and only for pods that still count.
+async fn observe_pods(ctx: &Context, model: &ChatModel) -> Result<Vec<spot::Worker>, Error> {
+    let pods: Api<Pod> = reconcile::namespaced(&ctx.client, model);
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let selector = build::worker_selector_text(model);
+    let mut notices: HashMap<String, Option<String>> = HashMap::new();
+    let mut workers = Vec::new();
+    for pod in pods.list(&ListParams::default().labels(&selector)).await?.items {
+        let mut worker = spot::Worker::of(&pod);
+        if let (true, Some(node)) = (worker.active, &worker.node) {
+            if !notices.contains_key(node) {
+                let notice = spot::notice(nodes.get_opt(node).await?.as_ref());
+                notices.insert(node.clone(), notice);
+            }
+            worker.notice = notices.get(node).cloned().flatten();
+        }
+        workers.push(worker);
+    }
+    Ok(workers)
 }
 
 /// Applies the children unless the same were applied last time and the workers still run `observed` replicas.
@@ -155,9 +199,10 @@ async fn apply(
     model: &ChatModel,
     files: &ModelFiles,
     replicas: i32,
+    surge: Surge,
     observed: Option<i32>,
 ) -> Result<(), Error> {
-    let children = build::children(model, files, replicas, &ctx.settings)?;
+    let children = build::children(model, files, replicas, surge, &ctx.settings)?;
     let uid = model.uid().unwrap_or_default();
     let print = fingerprint(&format!("{children:?}"));
     let same = ctx.applied.lock().is_ok_and(|a| a.get(&uid) == Some(&print));
@@ -216,6 +261,7 @@ async fn reconcile_inner(model: &ChatModel, ctx: &Context) -> Result<Action, Err
     let mut status = old.clone();
     status.observed_generation = model.metadata.generation;
     status.endpoint = Some(build::service_name(model));
+    status.selector = Some(build::worker_selector_text(model));
     let policy = validate(model)?;
     if let Err(denied) = ctx.settings.policy.check_chatmodel(model, &ctx.settings) {
         // Nothing is built: the spec waits for a change.
@@ -224,6 +270,7 @@ async fn reconcile_inner(model: &ChatModel, ctx: &Context) -> Result<Action, Err
         return Ok(Action::await_change());
     }
     crate::conditions::admit(&mut status.conditions);
+    let mut preempted = Vec::new();
     let note = match resolve(ctx, model).await? {
         Err(source) => {
             let workers = observe_workers(ctx, model).await?;
@@ -232,7 +279,10 @@ async fn reconcile_inner(model: &ChatModel, ctx: &Context) -> Result<Action, Err
             None
         }
         Ok(files) => match serve(ctx, model, &policy, &files, &old, &mut status, now).await {
-            Ok(note) => note,
+            Ok((note, notes)) => {
+                preempted = notes;
+                note
+            }
             Err(e @ Error::NotOwned { .. }) => {
                 // Neither applied over nor deleted: looked at again later, in case the other object goes.
                 reconcile::refuse(ctx, model, &old, "NameConflict", &e.to_string(), now).await?;
@@ -251,6 +301,17 @@ async fn reconcile_inner(model: &ChatModel, ctx: &Context) -> Result<Action, Err
         note => note,
     };
     reconcile::write_status(ctx, model, &old, &status, note).await?;
+    // After the status, as `write_status` does: an Event never tells of a count the status does not have yet.
+    for note in preempted {
+        crate::events::publish(
+            &ctx.recorder,
+            &model.object_ref(&()),
+            note.type_,
+            note.reason,
+            note.message,
+        )
+        .await;
+    }
     Ok(Action::requeue(ctx.period))
 }
 
@@ -270,8 +331,9 @@ fn validate(model: &ChatModel) -> Result<Policy, Error> {
     })
 }
 
-/// The model's files are there: observe the workers and the load, decide the replicas, apply the children and
-/// record it all in `status`. Returns the Event to record: a scale decision, or else a new model revision.
+/// The model's files are there: observe the workers and the load, decide the replicas and the replacements of
+/// leaving workers, apply the children and record it all in `status`. Returns the Event to record (a scale
+/// decision, or else a new model revision) and a `WorkerPreempted` Event for each worker newly leaving.
 async fn serve(
     ctx: &Context,
     model: &ChatModel,
@@ -280,12 +342,20 @@ async fn serve(
     old: &ChatModelStatus,
     status: &mut ChatModelStatus,
     now: jiff::Timestamp,
-) -> Result<Option<Note>, Error> {
+) -> Result<(Option<Note>, Vec<Note>), Error> {
     let now_time = Time(now);
     let workers = observe_workers(ctx, model).await?;
+    let pods = observe_pods(ctx, model).await?;
     let (current, ready) = workers.unwrap_or((policy.min, 0));
     let decision = decide(ctx, model, policy, current, now).await?;
-    apply(ctx, model, files, decision.replicas, workers.map(|w| w.0)).await?;
+    let surge = spot::surge(build::split(model, decision.replicas), &pods);
+    apply(ctx, model, files, decision.replicas, surge, workers.map(|w| w.0)).await?;
+    let preempted = spot::record(status, &pods, surge);
+    for _ in &preempted {
+        ctx.metrics.worker_preempted();
+    }
+    status.replacing = surge.total();
+    count_migrations(ctx, model, status, now).await;
     let mut note = None;
     if workers.is_some() && decision.replicas != current {
         let reason = if decision.replicas == 0 {
@@ -322,7 +392,35 @@ async fn serve(
         ready.min(decision.replicas),
         &now_time,
     );
-    Ok(note)
+    Ok((note, preempted))
+}
+
+/// Adds the streams the gateways migrated since the last read to `status.migrations` ([`Migrations`]); nothing
+/// when no gateway answered. The counts read are remembered before the status is written, so a failed status write
+/// loses that one increase: an undercount, never a double count.
+async fn count_migrations(
+    ctx: &Context,
+    model: &ChatModel,
+    status: &mut ChatModelStatus,
+    now: jiff::Timestamp,
+) {
+    let namespace = model.namespace().unwrap_or_default();
+    let Some(counts) = ctx
+        .gateways
+        .migrations_of(&ctx.client, &namespace, &model.name_any())
+        .await
+    else {
+        return;
+    };
+    let Ok(mut all) = ctx.migrations.lock() else {
+        return;
+    };
+    let new = all
+        .entry(model.uid().unwrap_or_default())
+        .or_default()
+        .advance(&counts, now.as_second());
+    let new = i64::try_from(new).unwrap_or(i64::MAX);
+    status.migrations = status.migrations.saturating_add(new);
 }
 
 /// Decide: the autoscaler's replicas for the gateways' load of `model`, given its recent recommendations.

@@ -1,9 +1,11 @@
 //! ChatModel: serving a model with autoscaled workers. [`build`], [`autoscale`], [`source`] (where the model's
-//! files are) and [`status`] are pure; [`controller`] observes, decides and applies.
+//! files are), [`spot`] (replacing workers whose node has a termination notice) and [`status`] are pure;
+//! [`controller`] observes, decides and applies.
 
 pub mod autoscale;
 pub mod build;
 pub mod controller;
 pub mod load;
 pub mod source;
+pub mod spot;
 pub mod status;

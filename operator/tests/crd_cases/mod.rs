@@ -55,6 +55,8 @@ pub const FINETUNEJOB_COLUMNS: [&str; 8] = [
 
 /// The printer columns of `kubectl get chatmodels` after NAME, in order.
 pub const CHATMODEL_COLUMNS: [&str; 5] = ["READY", "REPLICAS", "MODEL", "ENDPOINT", "AGE"];
+/// The ChatModel's further columns in `kubectl get -o wide` (priority 1).
+pub const CHATMODEL_WIDE_COLUMNS: [&str; 2] = ["PREEMPTIONS", "MIGRATIONS"];
 
 /// Bad FineTuneJobs: a merge patch on `examples/finetunejob.yaml` and what the rejection must say.
 pub fn finetunejob_cases() -> Vec<(Value, &'static str)> {
@@ -221,5 +223,7 @@ pub fn chatmodel_cases() -> Vec<(Value, &'static str)> {
             "targetInFlight",
         ),
         (json!({"spec": {"gpus": -1}}), "gpus"),
+        (json!({"spec": {"replicas": {"desired": -1}}}), "desired"),
+        (json!({"spec": {"autoscaling": {"enabled": "no"}}}), "enabled"),
     ]
 }

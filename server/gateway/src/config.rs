@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::keys::KeySpec;
 use crate::policy::{ModerationSpec, PolicySpec, ProviderSpec};
-use crate::routing::{Endpoints, HoldLimits};
+use crate::routing::{Endpoints, HoldLimits, MigrationLimits};
 use crate::serve::ServerLimits;
 use crate::validate::Limits;
 
@@ -42,6 +42,8 @@ pub struct GatewayConfig {
     pub hold: HoldLimits,
     /// Most held requests of one key (`hold.max_requests_per_key`; a quarter of `hold.max_requests` by default).
     pub hold_per_key: usize,
+    /// How far a generation follows its workers when one drains or dies mid-answer.
+    pub migration: MigrationLimits,
     /// Keys and moderation.
     pub policy: PolicySpec,
     /// Serve without keys on a non-loopback address.
@@ -64,6 +66,7 @@ impl Default for GatewayConfig {
             probe_interval: Duration::from_secs(2),
             hold: HoldLimits::default(),
             hold_per_key: HoldLimits::default().max_requests / 4,
+            migration: MigrationLimits::default(),
             policy: PolicySpec::default(),
             allow_anonymous: false,
             worker_secret: Default::default(),
@@ -100,9 +103,18 @@ struct FileHold {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct FileMigration {
+    max_per_request: Option<u32>,
+    wait_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct File {
     /// Holding requests for a model with no ready worker (scaled to zero, or starting).
     hold: Option<FileHold>,
+    /// Continuing generations on another worker when theirs drains or dies.
+    migration: Option<FileMigration>,
     listen: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
     /// Connection limits.
@@ -219,6 +231,13 @@ impl GatewayConfig {
                 .max_requests_per_key
                 .unwrap_or(config.hold.max_requests / 4)
                 .max(1);
+        }
+        if let Some(m) = file.migration {
+            let d = config.migration;
+            config.migration = MigrationLimits {
+                max_per_request: m.max_per_request.unwrap_or(d.max_per_request),
+                wait: m.wait_ms.map_or(d.wait, Duration::from_millis),
+            };
         }
         for (model, addrs) in file.models {
             config

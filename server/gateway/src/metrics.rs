@@ -62,6 +62,13 @@ pub struct RefusalLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MigrationLabels {
+    pub model: String,
+    /// `draining`, `worker_lost` or `worker_error`.
+    pub cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub result: &'static str,
 }
@@ -81,6 +88,8 @@ pub struct Metrics {
     pub moderation_flags: Family<FlagLabels, Counter>,
     pub refusals: Family<RefusalLabels, Counter>,
     pub config_reloads: Family<ReloadLabels, Counter>,
+    pub migrations: Family<MigrationLabels, Counter>,
+    pub migration_seconds: Family<ModelLabels, Histogram>,
 }
 
 impl Default for Metrics {
@@ -139,6 +148,20 @@ impl Metrics {
         let moderation_flags = Family::<FlagLabels, Counter>::default();
         let refusals = Family::<RefusalLabels, Counter>::default();
         let config_reloads = Family::<ReloadLabels, Counter>::default();
+        let migrations = Family::<MigrationLabels, Counter>::default();
+        let migration_seconds = Family::<ModelLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.005, 2.0, 14))
+        });
+        registry.register(
+            "migrations",
+            "Generations continued on another worker, by model and cause (draining, worker_lost, worker_error)",
+            migrations.clone(),
+        );
+        registry.register(
+            "migration_duration_seconds",
+            "From a worker's stop to another worker's Started, waiting for a ready one included",
+            migration_seconds.clone(),
+        );
         registry.register(
             "moderation_checks",
             "Texts checked, by provider, direction (input/output) and outcome",
@@ -170,6 +193,8 @@ impl Metrics {
             moderation_flags,
             refusals,
             config_reloads,
+            migrations,
+            migration_seconds,
             registry,
             requests,
             latency,
@@ -196,6 +221,16 @@ impl Metrics {
             model: model.to_string(),
             endpoint: endpoint.to_string(),
         });
+    }
+
+    /// Counts a generation moved to another worker after `seconds`.
+    pub fn count_migration(&self, labels: &MigrationLabels, seconds: f64) {
+        self.migrations.get_or_create(labels).inc();
+        self.migration_seconds
+            .get_or_create(&ModelLabels {
+                model: labels.model.clone(),
+            })
+            .observe(seconds);
     }
 
     pub fn count_flag(&self, provider: &str, direction: &'static str, category: &str) {

@@ -72,6 +72,7 @@ pub fn state_with(
             ModelRules::default(),
         ),
     };
+    router.set_migration_limits(config.migration);
     let policy = Policy::build(&config.policy, &router, None).map_err(|message| ConfigError::Invalid {
         path: config.shown_source(),
         message,

@@ -224,6 +224,7 @@ impl v1::worker_server::Worker for FakeWorker {
             let _ = tx
                 .send(event(generate_response::Event::Started(v1::Started {
                     prompt_tokens: prompt,
+                    prompt_token_ids: vec![1; prompt as usize],
                 })))
                 .await;
             go.acquire().await.unwrap().forget();
@@ -231,6 +232,7 @@ impl v1::worker_server::Worker for FakeWorker {
                 .send(event(generate_response::Event::Chunk(v1::Chunk {
                     text: "ok".into(),
                     tokens: completion,
+                    token_ids: vec![2; completion as usize],
                 })))
                 .await;
             let _ = tx

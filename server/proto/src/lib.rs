@@ -10,6 +10,8 @@ pub mod v1 {
 pub const ERROR_CODE_KEY: &str = "camelid-error-code";
 /// gRPC metadata key naming the request field an `InvalidArgument` is about.
 pub const ERROR_PARAM_KEY: &str = "camelid-error-param";
+/// The [`ERROR_CODE_KEY`] of an `Unavailable` from a worker that is draining (it admits nothing more).
+pub const DRAINING_CODE: &str = "draining";
 
 /// A whole answer as the three events a worker streams (`Started`, one `Chunk`, `Finished`): what fake workers in
 /// tests and benches send, so that each speaks the protocol the same way.
@@ -20,10 +22,14 @@ pub fn whole_answer(
 ) -> Vec<v1::GenerateResponse> {
     use v1::generate_response::Event;
     [
-        Event::Started(v1::Started { prompt_tokens: 1 }),
+        Event::Started(v1::Started {
+            prompt_tokens: 1,
+            prompt_token_ids: vec![1],
+        }),
         Event::Chunk(v1::Chunk {
             text: text.into(),
             tokens: completion_tokens,
+            token_ids: vec![0; completion_tokens as usize],
         }),
         Event::Finished(v1::Finished {
             reason: reason as i32,

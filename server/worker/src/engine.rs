@@ -4,6 +4,7 @@
 //! sequences, then one batched decode step of the running ones) and streams each sequence's text to its caller.
 //! It knows nothing of [`crate::WorkerHandle`]: the handle depends on the engine, not the reverse.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -58,6 +59,8 @@ pub enum Input {
     Chat(Vec<ChatMessage>),
     /// Raw text (completions).
     Prompt(String),
+    /// A generation another worker began: its prompt's ids, and the ids it generated that reached the client.
+    Continue { prompt: Vec<u32>, generated: Vec<u32> },
 }
 
 #[derive(Debug, Clone)]
@@ -72,17 +75,21 @@ pub struct GenParams {
     pub cache_salt: String,
 }
 
-/// What the engine tells a request, in order: `Started` (or `Failed`), `Chunk`s, then `Finished` (or `Failed`).
+/// What the engine tells a request, in order: `Started` (or `Failed`), `Chunk`s, then `Finished` (or `Failed`, or
+/// `Interrupted` when the worker drained before the end).
 #[derive(Debug, Clone)]
 pub enum Event {
     Started {
-        prompt_tokens: usize,
+        /// The prompt's token ids (a caller continues the generation elsewhere with them).
+        prompt: Vec<u32>,
     },
     Chunk {
         text: String,
-        /// Tokens generated since the previous chunk (text can be held back over several tokens).
-        tokens: usize,
+        /// The tokens generated since the previous chunk (text can be held back over several tokens).
+        token_ids: Vec<u32>,
     },
+    /// The worker's drain deadline passed before the end: the text sent so far is final; continue elsewhere.
+    Interrupted,
     Finished {
         reason: FinishReason,
         prompt_tokens: usize,
@@ -104,6 +111,8 @@ pub(crate) struct Submission {
 /// What a handle sends the engine thread.
 pub(crate) enum Command {
     Submit(Box<Submission>),
+    /// End every sequence now with [`Event::Interrupted`] (the drain deadline passed).
+    Interrupt,
 }
 
 /// Facts about the loaded model.
@@ -126,16 +135,26 @@ enum State {
     Failed(String),
 }
 
-/// What the engine thread and every handle share: the metrics and the model's load state.
+/// What the engine thread and every handle share: the metrics, the model's load state and whether the worker
+/// drains.
 pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     state: watch::Sender<State>,
+    pub draining: AtomicBool,
 }
 
 impl Shared {
     pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
         let (state, _) = watch::channel(State::Loading);
-        Self { metrics, state }
+        Self {
+            metrics,
+            state,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// The model's facts once it is loaded.

@@ -10,6 +10,9 @@ pub enum WorkerError {
     LoadFailed(String),
     #[error("the worker is shutting down")]
     ShuttingDown,
+    /// Shutting down gracefully: it finishes what it runs and admits nothing more.
+    #[error("the worker is draining (shutting down); send the request to another worker")]
+    Draining,
     #[error("the worker is overloaded ({capacity} requests running or queued); retry later")]
     Overloaded { capacity: usize },
     /// The request cannot be served as asked; `code` is the OpenAI error code, `param` the request field.
@@ -30,6 +33,7 @@ impl WorkerError {
             WorkerError::NotReady => "not_ready",
             WorkerError::LoadFailed(_) => "load_failed",
             WorkerError::ShuttingDown => "shutting_down",
+            WorkerError::Draining => "draining",
             WorkerError::Overloaded { .. } => "overloaded",
             WorkerError::InvalidRequest { .. } => "invalid_request",
             WorkerError::Model(_) => "model",

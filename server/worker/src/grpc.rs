@@ -34,13 +34,20 @@ impl WorkerService {
 pub fn to_status(e: &WorkerError) -> Status {
     let message = e.to_string();
     let mut status = match e {
-        WorkerError::NotReady | WorkerError::ShuttingDown | WorkerError::LoadFailed(_) => {
-            Status::unavailable(message)
-        }
+        WorkerError::NotReady
+        | WorkerError::ShuttingDown
+        | WorkerError::Draining
+        | WorkerError::LoadFailed(_) => Status::unavailable(message),
         WorkerError::Overloaded { .. } => Status::resource_exhausted(message),
         WorkerError::InvalidRequest { .. } => Status::invalid_argument(message),
         WorkerError::Model(_) => Status::internal(message),
     };
+    if let WorkerError::Draining = e {
+        status.metadata_mut().insert(
+            camelid_proto::ERROR_CODE_KEY,
+            tonic::metadata::MetadataValue::from_static(camelid_proto::DRAINING_CODE),
+        );
+    }
     if let WorkerError::InvalidRequest { code, param, .. } = e {
         let meta = status.metadata_mut();
         meta.insert(
@@ -82,12 +89,17 @@ fn params(r: &v1::GenerateRequest) -> GenParams {
 
 fn event_message(event: Event) -> Result<v1::GenerateResponse, Status> {
     let event = match event {
-        Event::Started { prompt_tokens } => generate_response::Event::Started(v1::Started {
-            prompt_tokens: prompt_tokens as u32,
+        Event::Started { prompt } => generate_response::Event::Started(v1::Started {
+            prompt_tokens: prompt.len() as u32,
+            prompt_token_ids: prompt,
         }),
-        Event::Chunk { text, tokens } => generate_response::Event::Chunk(v1::Chunk {
+        Event::Chunk { text, token_ids } => generate_response::Event::Chunk(v1::Chunk {
             text,
-            tokens: tokens as u32,
+            tokens: token_ids.len() as u32,
+            token_ids,
+        }),
+        Event::Interrupted => generate_response::Event::Interrupted(v1::Interrupted {
+            reason: v1::InterruptReason::Draining as i32,
         }),
         Event::Finished {
             reason,
@@ -119,6 +131,13 @@ impl Worker for WorkerService {
         let r = request.into_inner();
         check_limits(&r).map_err(|e| to_status(&e))?;
         let input = match &r.input {
+            _ if r.continuation.is_some() => {
+                let c = r.continuation.clone().unwrap_or_default();
+                Input::Continue {
+                    prompt: c.prompt_token_ids,
+                    generated: c.generated_token_ids,
+                }
+            }
             Some(generate_request::Input::Chat(c)) => Input::Chat(
                 c.messages
                     .iter()
@@ -137,7 +156,7 @@ impl Worker for WorkerService {
             .await
             .map_err(|e| to_status(&e))?;
         let started = tokio_stream::once(event_message(Event::Started {
-            prompt_tokens: generation.prompt_tokens,
+            prompt: generation.prompt,
         }));
         let rest = tokio_stream::wrappers::UnboundedReceiverStream::new(generation.events).map(event_message);
         Ok(Response::new(Box::pin(started.chain(rest))))
@@ -146,7 +165,7 @@ impl Worker for WorkerService {
     async fn health(&self, _: Request<v1::HealthRequest>) -> Result<Response<v1::HealthResponse>, Status> {
         let (running, waiting) = self.handle.load();
         Ok(Response::new(v1::HealthResponse {
-            ready: self.handle.info().is_ok(),
+            ready: self.handle.is_ready(),
             running: running as u32,
             waiting: waiting as u32,
         }))
@@ -223,6 +242,24 @@ pub fn check_limits(r: &v1::GenerateRequest) -> Result<(), WorkerError> {
         Some(generate_request::Input::Prompt(p)) => ("prompt", p.len()),
         None => ("prompt", 0),
     };
+    if let Some(c) = &r.continuation {
+        let ids = c.prompt_token_ids.len() + c.generated_token_ids.len();
+        if ids > max::MAX_CONTINUATION_TOKENS {
+            return Err(over(
+                "continuation",
+                format!(
+                    "the continuation has {ids} token ids, more than this worker's {}",
+                    max::MAX_CONTINUATION_TOKENS
+                ),
+            ));
+        }
+        if c.prompt_token_ids.is_empty() {
+            return Err(over(
+                "continuation",
+                "the continuation has no prompt token ids".into(),
+            ));
+        }
+    }
     if bytes > max::MAX_PROMPT_BYTES {
         return Err(over(
             param,
@@ -359,5 +396,14 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(refused_param(&prompt), Some("prompt"));
+        // A continuation of more ids than any context, or with no prompt: refused before anything is decoded.
+        let mut r = chat(1, "hi");
+        r.continuation = Some(v1::Continuation {
+            prompt_token_ids: vec![1; max::MAX_CONTINUATION_TOKENS],
+            generated_token_ids: vec![2],
+        });
+        assert_eq!(refused_param(&r), Some("continuation"));
+        r.continuation = Some(v1::Continuation::default());
+        assert_eq!(refused_param(&r), Some("continuation"));
     }
 }

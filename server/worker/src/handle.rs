@@ -31,10 +31,10 @@ impl std::fmt::Debug for WorkerHandle {
     }
 }
 
-/// A running request: its prompt length and the events that follow `Started`.
+/// A running request: its prompt's token ids and the events that follow `Started`.
 #[derive(Debug)]
 pub struct Generation {
-    pub prompt_tokens: usize,
+    pub prompt: Vec<u32>,
     pub events: mpsc::UnboundedReceiver<Event>,
 }
 
@@ -76,6 +76,28 @@ impl WorkerHandle {
         self.info()
     }
 
+    /// Ready to serve: the model is loaded and the worker is not draining.
+    pub fn is_ready(&self) -> bool {
+        self.shared.info().is_ok() && !self.shared.is_draining()
+    }
+
+    /// Starts a graceful shutdown: readiness turns false and new requests are refused as [`WorkerError::Draining`]
+    /// (a caller sends them elsewhere), while the running ones go on.
+    pub fn drain(&self) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+        self.shared.metrics.ready.set(0);
+    }
+
+    /// Ends every running and waiting request with [`Event::Interrupted`] (the drain's grace period is over).
+    pub async fn interrupt_all(&self) {
+        let _ = self.commands.send(Command::Interrupt).await;
+    }
+
+    /// Requests admitted and not yet ended (holding an admission permit).
+    pub fn in_flight(&self) -> usize {
+        self.capacity - self.admission.available_permits()
+    }
+
     /// Sequences running and waiting, as the engine last published them in its gauges.
     pub fn load(&self) -> (usize, usize) {
         let m = &self.shared.metrics;
@@ -86,6 +108,9 @@ impl WorkerHandle {
     /// Admits a request and waits until the engine has tokenized and queued it.
     pub async fn generate(&self, input: Input, params: GenParams) -> Result<Generation, WorkerError> {
         self.info()?;
+        if self.shared.is_draining() {
+            return Err(WorkerError::Draining);
+        }
         let permit = self
             .admission
             .clone()
@@ -106,8 +131,8 @@ impl WorkerHandle {
             .try_send(Command::Submit(Box::new(submission)))
             .map_err(|_| WorkerError::ShuttingDown)?;
         match receiver.recv().await {
-            Some(Event::Started { prompt_tokens }) => Ok(Generation {
-                prompt_tokens,
+            Some(Event::Started { prompt }) => Ok(Generation {
+                prompt,
                 events: receiver,
             }),
             Some(Event::Failed(e)) => Err(e),

@@ -1,5 +1,5 @@
 //! The worker's HTTP side, beside its gRPC port: `/metrics` (OpenMetrics), `/healthz` (the process is up) and
-//! `/readyz` (the model is loaded). Apart from [`crate::grpc`] because it is a different server: the worker's
+//! `/readyz` (the model is loaded and the worker is not draining). Apart from [`crate::grpc`] because it is a different server: the worker's
 //! binary serves it on its own port, and `camelid serve` nests it under the gateway.
 
 use axum::http::{StatusCode, header};
@@ -7,7 +7,7 @@ use axum::routing::get;
 
 use crate::handle::WorkerHandle;
 
-/// `/metrics`, `/healthz` (the process is up) and `/readyz` (the model is loaded).
+/// `/metrics`, `/healthz` (the process is up) and `/readyz` (the model is loaded and the worker is not draining).
 pub fn http_router(handle: WorkerHandle) -> axum::Router {
     let metrics = handle.clone();
     axum::Router::new()
@@ -16,7 +16,8 @@ pub fn http_router(handle: WorkerHandle) -> axum::Router {
             "/readyz",
             get(move || async move {
                 match handle.info() {
-                    Ok(_) => (StatusCode::OK, "ready".to_string()),
+                    Ok(_) if handle.is_ready() => (StatusCode::OK, "ready".to_string()),
+                    Ok(_) => (StatusCode::SERVICE_UNAVAILABLE, "draining".to_string()),
                     Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
                 }
             }),

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use camelid_contracts::{names, worker_auth};
 use camelid_worker::grpc::{bind, serve_grpc};
@@ -28,6 +29,11 @@ struct Cli {
     /// `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], names::WORKER_HTTP_PORT)))]
     metrics_addr: SocketAddr,
+    /// On SIGTERM, keep generating for up to this many seconds (admitting nothing new, readiness false), then end
+    /// what is left with an `Interrupted` event, which the gateway continues on another worker. Keep it under the
+    /// pod's termination grace period.
+    #[arg(long, default_value_t = 20)]
+    drain_seconds: u64,
     /// Serve gRPC callers without a token on a non-loopback address. Without this, a worker listening beyond
     /// loopback needs its token in the environment variable CAMELID_WORKER_TOKEN (the operator sets it).
     #[arg(long)]
@@ -110,12 +116,41 @@ async fn run(cli: Cli) -> Result<(), (anyhow::Error, u8)> {
     // A model that fails to load is a configuration error: exit so the pod restarts or the user sees it.
     handle.wait_ready().await.map_err(|e| user(anyhow::anyhow!(e)))?;
     camelid_telemetry::shutdown_signal().await;
-    tracing::info!("shutting down: finishing running requests");
+    drain(&handle, Duration::from_secs(cli.drain_seconds)).await;
     let _ = stop_tx.send(());
     match server.await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err((e.into(), 1)),
         Err(e) => Err((e.into(), 1)),
+    }
+}
+
+/// Stops admitting, lets running requests go on for up to `grace`, then interrupts the rest (their callers
+/// continue them elsewhere).
+async fn drain(handle: &WorkerHandle, grace: Duration) {
+    let in_flight = handle.in_flight();
+    tracing::info!(
+        in_flight,
+        grace_seconds = grace.as_secs(),
+        "draining: admitting nothing new"
+    );
+    handle.drain();
+    let deadline = tokio::time::Instant::now() + grace;
+    while handle.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = handle.in_flight();
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "drain deadline: interrupting the rest for other workers to continue"
+        );
+        handle.interrupt_all().await;
+        // The interrupted streams end at once; give their last events a moment to leave.
+        let flush = tokio::time::Instant::now() + Duration::from_secs(2);
+        while handle.in_flight() > 0 && tokio::time::Instant::now() < flush {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

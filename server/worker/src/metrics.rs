@@ -106,7 +106,11 @@ impl Metrics {
             model: std::sync::OnceLock::new(),
             registry: Registry::default(),
         };
-        registry.register("ready", "1 once the model is loaded", m.ready.clone());
+        registry.register(
+            "ready",
+            "1 once the model is loaded; 0 again while draining",
+            m.ready.clone(),
+        );
         registry.register(
             "queue_length",
             "Requests waiting to join the batch",

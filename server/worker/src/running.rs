@@ -26,7 +26,7 @@ struct Sequence {
     text: TokenTextStream,
     events: mpsc::UnboundedSender<Event>,
     /// Tokens generated since the last chunk was sent.
-    unsent_tokens: usize,
+    unsent: Vec<u32>,
     submitted: Instant,
     last_token_at: Option<Instant>,
     _permit: OwnedSemaphorePermit,
@@ -44,6 +44,25 @@ pub(crate) fn run(
         with_decode_pool(|pool| Engine::new(loaded, Some(pool), shared, config, store).run(commands));
     } else {
         Engine::new(loaded, None, shared, config, store).run(commands);
+    }
+}
+
+/// A request made ready to queue.
+struct Prepared {
+    prompt: Vec<u32>,
+    sampler: Sampler,
+    text: TokenTextStream,
+    /// The most positions the sequence may take.
+    max_total: usize,
+    /// Set when a continuation's replayed tokens already ended the generation.
+    ended: Option<FinishReason>,
+}
+
+/// The outcome label of a finished request.
+fn outcome_of(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        _ => "stop",
     }
 }
 
@@ -109,18 +128,52 @@ impl<'p, 'm> Engine<'p, 'm> {
     fn handle(&mut self, command: Command) {
         match command {
             Command::Submit(submission) => self.admit(*submission),
+            Command::Interrupt => self.interrupt_all(),
+        }
+    }
+
+    /// Ends every sequence with [`Event::Interrupted`]: the text each has sent is final, and its caller continues
+    /// it on another worker.
+    fn interrupt_all(&mut self) {
+        let ids: Vec<SeqId> = self.sequences.keys().copied().collect();
+        for id in ids {
+            if let Some(seq) = self.sequences.get(&id) {
+                let _ = seq.events.send(Event::Interrupted);
+            }
+            self.finish(id, "interrupted");
         }
     }
 
     /// Tokenizes and queues a request, answering `Started` or the reason it cannot run.
     fn admit(&mut self, s: Submission) {
-        let (prompt, sampler, text, max_total) = match self.prepare(&s) {
+        let Prepared {
+            prompt,
+            sampler,
+            text,
+            max_total,
+            ended,
+        } = match self.prepare(&s) {
             Ok(prepared) => prepared,
             Err(e) => return self.reject(&s, e),
         };
+        if let Some(reason) = ended {
+            // A continuation of a generation that had already ended (its worker failed before saying so).
+            let _ = s.events.send(Event::Started {
+                prompt: prompt.clone(),
+            });
+            self.shared.metrics.count(outcome_of(reason));
+            let _ = s.events.send(Event::Finished {
+                reason,
+                prompt_tokens: prompt.len(),
+                completion_tokens: text.generated().len(),
+            });
+            return;
+        }
         let salt = salt_of(&s.params.cache_salt);
+        // A continuation computes its replayed tokens like prompt tokens.
+        let tokens = [prompt.as_slice(), text.generated()].concat();
         if let Err(Rejected::ExceedsBudget { capacity, .. }) =
-            self.scheduler.enqueue(s.id, prompt.clone(), max_total, salt)
+            self.scheduler.enqueue(s.id, tokens, max_total, salt)
         {
             let e = WorkerError::InvalidRequest {
                 message: format!(
@@ -135,7 +188,7 @@ impl<'p, 'm> Engine<'p, 'm> {
         }
         self.shared.metrics.add_prompt_tokens(prompt.len() as u64);
         let _ = s.events.send(Event::Started {
-            prompt_tokens: prompt.len(),
+            prompt: prompt.clone(),
         });
         let sequence = Sequence {
             prompt,
@@ -143,7 +196,7 @@ impl<'p, 'm> Engine<'p, 'm> {
             sampler,
             text,
             events: s.events,
-            unsent_tokens: 0,
+            unsent: Vec::new(),
             submitted: s.received,
             last_token_at: None,
             _permit: s.permit,
@@ -156,12 +209,18 @@ impl<'p, 'm> Engine<'p, 'm> {
         let _ = s.events.send(Event::Failed(e));
     }
 
-    /// The prompt's tokens, the sampler, the text stream and the most positions the sequence may take.
-    fn prepare(&self, s: &Submission) -> Result<(Vec<u32>, Sampler, TokenTextStream, usize), WorkerError> {
+    /// The prompt's tokens, the sampler, the text stream (with a continuation's tokens replayed) and the most
+    /// positions the sequence may take.
+    fn prepare(&self, s: &Submission) -> Result<Prepared, WorkerError> {
         let loaded = self.loaded;
         let (prompt, field) = match &s.input {
             Input::Chat(messages) => (loaded.chat_prompt(messages), "messages"),
             Input::Prompt(text) => (loaded.text_prompt(text), "prompt"),
+            Input::Continue { prompt, generated } => {
+                self.check_ids(prompt, "continuation.prompt_token_ids")?;
+                self.check_ids(generated, "continuation.generated_token_ids")?;
+                (Ok(prompt.clone()), "continuation.prompt_token_ids")
+            }
         };
         let prompt = prompt.map_err(|e| WorkerError::from_model(e, field))?;
         let context = loaded.config().max_position_embeddings;
@@ -195,9 +254,33 @@ impl<'p, 'm> Engine<'p, 'm> {
         } else {
             loaded.eos_token_ids.clone()
         };
-        let text = TokenTextStream::new(&s.params.stop, eos, max_new);
+        let mut text = TokenTextStream::new(&s.params.stop, eos, max_new);
+        let mut ended = None;
+        if let Input::Continue { generated, .. } = &s.input {
+            ended = text
+                .replay(generated, |ids| loaded.tokenizer.decode(ids, true))
+                .map_err(|e| WorkerError::from_model(e, "continuation.generated_token_ids"))?;
+        }
         let max_total = prompt.len() + max_new;
-        Ok((prompt, sampler, text, max_total))
+        Ok(Prepared {
+            prompt,
+            sampler,
+            text,
+            max_total,
+            ended,
+        })
+    }
+
+    /// Refuses token ids outside the model's vocabulary (a continuation comes from the network).
+    fn check_ids(&self, ids: &[u32], field: &'static str) -> Result<(), WorkerError> {
+        let vocab = self.loaded.config().vocab_size;
+        match ids.iter().position(|&id| id as usize >= vocab) {
+            Some(i) => Err(WorkerError::invalid(
+                format!("token {i} ({}) is outside the vocabulary of {vocab}", ids[i]),
+                Some(field),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Sequences whose caller went away leave at once.
@@ -355,13 +438,13 @@ impl<'p, 'm> Engine<'p, 'm> {
             Ok(pushed) => pushed,
             Err(e) => return self.fail(&[id], &WorkerError::Model(e.to_string())),
         };
-        seq.unsent_tokens += 1;
+        seq.unsent.push(next);
         let delivered = pushed.text.is_empty()
             || seq
                 .events
                 .send(Event::Chunk {
                     text: pushed.text,
-                    tokens: std::mem::take(&mut seq.unsent_tokens),
+                    token_ids: std::mem::take(&mut seq.unsent),
                 })
                 .is_ok();
         if !delivered {
@@ -371,12 +454,8 @@ impl<'p, 'm> Engine<'p, 'm> {
             self.scheduler.push_token(id, next);
             return;
         };
-        let outcome = match reason {
-            FinishReason::Length => "length",
-            _ => "stop",
-        };
         // Counted before the client can see the end, so the metrics never lag behind an answer.
-        metrics.count(outcome);
+        metrics.count(outcome_of(reason));
         metrics.finished(now.duration_since(seq.submitted).as_secs_f64());
         let _ = seq.events.send(Event::Finished {
             reason,

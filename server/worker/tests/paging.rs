@@ -67,6 +67,7 @@ async fn answer(handle: &WorkerHandle, question: &str) -> String {
             Event::Chunk { text: t, .. } => text.push_str(&t),
             Event::Finished { .. } => return text,
             Event::Failed(e) => panic!("{question}: {e}"),
+            Event::Interrupted => panic!("{question}: interrupted"),
             Event::Started { .. } => {}
         }
     }

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 
 use super::request::{InFlightGauge, RequestRecord, authenticate, read_body, refused};
-use super::respond::{ChunkWriter, Collected, collect, moderate_whole, stream_response, whole_response};
+use super::respond::{ChunkWriter, collect, moderate_whole, stream_response, whole_response};
 use crate::error::ApiError;
 use crate::keys::Key;
 use crate::moderation::Profile;
@@ -241,8 +241,8 @@ async fn pipeline(
     whole(state, &request, &id, tried, record, gauge, output.as_deref()).await
 }
 
-/// A non-streamed answer: nothing reaches the client before the whole of it, so a worker lost mid-way is retried
-/// on another.
+/// A non-streamed answer: the whole text, moderated, in one response. A worker that drains or dies mid-way is
+/// followed by its [`crate::routing::Generation`] like a stream's.
 async fn whole(
     state: &AppState,
     request: &Validated,
@@ -252,30 +252,22 @@ async fn whole(
     gauge: InFlightGauge,
     output: Option<&Profile>,
 ) -> Result<Response, (ApiError, RequestRecord)> {
-    loop {
-        let started = match state.router.start_generation(request, id, &mut tried).await {
-            Ok(started) => started,
+    let generation = match state.router.start_generation(request, id, &mut tried).await {
+        Ok(generation) => generation,
+        Err(e) => return Err((e, record)),
+    };
+    let done = match collect(state, generation, &record).await {
+        Ok(done) => done,
+        Err(e) => return Err((e, record)),
+    };
+    let done = match output {
+        Some(profile) => match moderate_whole(state, profile, done).await {
+            Ok(done) => done,
             Err(e) => return Err((e, record)),
-        };
-        let backend = started.in_flight.backend().clone();
-        match collect(state, started, &record).await {
-            Ok(done) => {
-                let done = match output {
-                    Some(profile) => match moderate_whole(state, profile, done).await {
-                        Ok(done) => done,
-                        Err(e) => return Err((e, record)),
-                    },
-                    None => done,
-                };
-                drop(gauge);
-                record.finish(StatusCode::OK);
-                return Ok(whole_response(request, id.to_string(), unix_now(), done));
-            }
-            Err(Collected::Broken(why)) => {
-                tracing::warn!(endpoint = %backend.addr, why, "worker failed mid-request; retrying elsewhere");
-                state.router.eject(&backend, &why);
-            }
-            Err(Collected::Failed(e)) => return Err((e, record)),
-        }
-    }
+        },
+        None => done,
+    };
+    drop(gauge);
+    record.finish(StatusCode::OK);
+    Ok(whole_response(request, id.to_string(), unix_now(), done))
 }

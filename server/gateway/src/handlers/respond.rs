@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use camelid_proto::v1::{self, generate_response};
+use camelid_proto::v1;
 use tokio::sync::mpsc;
 
 use super::request::{InFlightGauge, RequestRecord};
@@ -16,7 +16,7 @@ use crate::metrics::ModelLabels;
 use crate::moderation::output::OutputGate;
 use crate::moderation::{ModerationError, Profile};
 use crate::openai::{self, Delta, Usage};
-use crate::routing::{Started, is_transport_failure};
+use crate::routing::{Generation, Next};
 use crate::state::AppState;
 use crate::validate::{Api, Validated};
 
@@ -29,12 +29,6 @@ pub(crate) struct Done {
     usage: Usage,
 }
 
-pub(crate) enum Collected {
-    /// The worker went away: another may serve the request.
-    Broken(String),
-    Failed(ApiError),
-}
-
 fn finish_reason(f: &v1::Finished) -> &'static str {
     if f.reason == v1::FinishReason::Length as i32 {
         "length"
@@ -43,46 +37,34 @@ fn finish_reason(f: &v1::Finished) -> &'static str {
     }
 }
 
+/// The whole text of a generation (on however many workers it ran).
 pub(crate) async fn collect(
     state: &AppState,
-    mut started: Started,
+    mut generation: Generation,
     record: &RequestRecord,
-) -> Result<Done, Collected> {
+) -> Result<Done, ApiError> {
     let mut text = String::new();
     let mut first = true;
     let mut completion_tokens = 0usize;
-    record.used_tokens(started.prompt_tokens, 0);
+    record.used_tokens(generation.prompt_tokens, 0);
     loop {
-        match started.stream.message().await {
-            Ok(Some(v1::GenerateResponse { event: Some(event) })) => match event {
-                generate_response::Event::Chunk(c) => {
-                    if first {
-                        first = false;
-                        observe_ttft(state, record);
-                    }
-                    completion_tokens = completion_tokens.saturating_add(c.tokens as usize);
-                    record.used_tokens(started.prompt_tokens, completion_tokens);
-                    text.push_str(&c.text);
+        match generation.next().await? {
+            Next::Text { text: t, tokens } => {
+                if first {
+                    first = false;
+                    observe_ttft(state, record);
                 }
-                generate_response::Event::Finished(f) => {
-                    record.used_tokens(f.prompt_tokens as usize, f.completion_tokens as usize);
-                    return Ok(Done {
-                        text,
-                        finish_reason: finish_reason(&f),
-                        usage: Usage::new(f.prompt_tokens as usize, f.completion_tokens as usize),
-                    });
-                }
-                generate_response::Event::Started(_) => {}
-            },
-            Ok(Some(_)) => {}
-            Ok(None) => return Err(Collected::Broken("the worker's stream ended early".into())),
-            Err(status) if is_transport_failure(&status) => {
-                return Err(Collected::Broken(status.message().to_string()));
+                completion_tokens = completion_tokens.saturating_add(tokens);
+                record.used_tokens(generation.prompt_tokens, completion_tokens);
+                text.push_str(&t);
             }
-            Err(status) => {
-                return Err(Collected::Failed(ApiError::worker_failed(
-                    status.message().to_string(),
-                )));
+            Next::Finished(f) => {
+                record.used_tokens(f.prompt_tokens as usize, f.completion_tokens as usize);
+                return Ok(Done {
+                    text,
+                    finish_reason: finish_reason(&f),
+                    usage: Usage::new(f.prompt_tokens as usize, f.completion_tokens as usize),
+                });
             }
         }
     }
@@ -268,7 +250,7 @@ impl Events {
 /// error (OpenAI's shape) and ends with `[DONE]`.
 pub(crate) fn stream_response(
     state: AppState,
-    start: impl std::future::Future<Output = Result<Started, ApiError>> + Send + 'static,
+    start: impl std::future::Future<Output = Result<Generation, ApiError>> + Send + 'static,
     writer: ChunkWriter,
     record: RequestRecord,
     gauge: InFlightGauge,
@@ -296,15 +278,15 @@ pub(crate) fn stream_response(
 /// Waits for the generation to start, relays it and ends the stream; returns the status to record.
 async fn run_stream(
     state: &AppState,
-    start: impl std::future::Future<Output = Result<Started, ApiError>>,
+    start: impl std::future::Future<Output = Result<Generation, ApiError>>,
     writer: &ChunkWriter,
     record: &RequestRecord,
     output: Option<&Profile>,
     events: &Events,
 ) -> StatusCode {
-    let mut started = tokio::select! {
+    let mut generation = tokio::select! {
         started = start => match started {
-            Ok(started) => started,
+            Ok(generation) => generation,
             Err(e) => {
                 events.error(&e).await;
                 let _ = events.send("[DONE]".into()).await;
@@ -318,16 +300,16 @@ async fn run_stream(
     if writer.api == Api::Chat && !events.send(writer.chunk(true, Some(String::new()), None)).await {
         return StatusCode::OK;
     }
-    relay(state, &mut started, writer, record, output, events).await;
+    relay(state, &mut generation, writer, record, output, events).await;
     let _ = events.send("[DONE]".into()).await;
     StatusCode::OK
 }
 
-/// Sends the worker's text to the client until the generation finishes, breaks, the client leaves or output
-/// moderation cuts it.
+/// Sends the generation's text to the client until it finishes (on however many workers), fails, the client
+/// leaves or output moderation cuts it.
 async fn relay(
     state: &AppState,
-    started: &mut Started,
+    generation: &mut Generation,
     writer: &ChunkWriter,
     record: &RequestRecord,
     output: Option<&Profile>,
@@ -336,38 +318,24 @@ async fn relay(
     let mut gate = output.map(|p| OutputGate::new(p.output_window_chars));
     let mut first = true;
     let mut completion_tokens = 0usize;
-    record.used_tokens(started.prompt_tokens, 0);
+    record.used_tokens(generation.prompt_tokens, 0);
     loop {
-        let message = started.stream.message().await;
-        let (text, finished) = match message {
-            Ok(Some(v1::GenerateResponse {
-                event: Some(generate_response::Event::Chunk(c)),
-            })) => {
+        let (text, finished) = match generation.next().await {
+            Ok(Next::Text { text, tokens }) => {
                 if first {
                     first = false;
                     observe_ttft(state, record);
                 }
-                completion_tokens += c.tokens as usize;
-                record.used_tokens(started.prompt_tokens, completion_tokens);
-                (c.text, None)
+                completion_tokens += tokens;
+                record.used_tokens(generation.prompt_tokens, completion_tokens);
+                (text, None)
             }
-            Ok(Some(v1::GenerateResponse {
-                event: Some(generate_response::Event::Finished(f)),
-            })) => {
+            Ok(Next::Finished(f)) => {
                 record.used_tokens(f.prompt_tokens as usize, f.completion_tokens as usize);
                 (String::new(), Some(f))
             }
-            Ok(Some(_)) => continue,
-            Ok(None) | Err(_) => {
-                let why = match &message {
-                    Err(status) => status.message().to_string(),
-                    _ => "the worker's stream ended early".to_string(),
-                };
-                if message.as_ref().err().is_none_or(is_transport_failure) {
-                    state.router.eject(started.in_flight.backend(), &why);
-                }
-                tracing::warn!(endpoint = %started.in_flight.backend().addr, why, "stream broke");
-                let e = ApiError::worker_failed(format!("the worker failed while streaming: {why}"));
+            Err(e) => {
+                tracing::warn!(endpoint = %generation.backend().addr, error = %e.message, "stream failed");
                 return events.error(&e).await;
             }
         };
@@ -389,7 +357,7 @@ async fn relay(
                 tracing::info!(model = %writer.model, categories = ?categories, "output flagged; stream cut");
                 if events.send(writer.chunk(false, None, Some(CONTENT_FILTER))).await && writer.include_usage
                 {
-                    let usage = Usage::new(started.prompt_tokens, completion_tokens);
+                    let usage = Usage::new(generation.prompt_tokens, completion_tokens);
                     let _ = events.send(writer.usage(usage)).await;
                 }
                 return;

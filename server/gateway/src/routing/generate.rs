@@ -1,18 +1,22 @@
 //! The gRPC generate call: turning a [`Validated`] request into the worker's `GenerateRequest`, sending it to the
-//! least-busy ready worker and waiting until one accepts it (skipping workers that are down or overloaded while
-//! nothing has been sent), and mapping the worker's statuses back to [`ApiError`]s.
+//! worker its prefix maps to and waiting until one accepts it (skipping workers that are down or overloaded while
+//! nothing has been sent), and mapping the worker's statuses back to [`ApiError`]s. What follows `Started` is
+//! [`super::generation`]'s.
 
 use camelid_proto::v1::{self, generate_response};
 use tonic::{Code, Status};
 
+use std::sync::Arc;
+
+use super::generation::{Generation, Next};
 use super::router::{InFlight, Router};
 use crate::error::ApiError;
 use crate::validate::{Input, Validated};
 
-/// A generation a worker has accepted (tokenized and queued).
+/// A stream a worker has accepted (tokenized and queued), with its `Started`.
 #[derive(Debug)]
-pub struct Started {
-    pub prompt_tokens: usize,
+pub(super) struct Opened {
+    pub started: v1::Started,
     pub stream: tonic::Streaming<v1::GenerateResponse>,
     pub in_flight: InFlight,
 }
@@ -28,12 +32,13 @@ pub fn is_transport_failure(status: &Status) -> bool {
 impl Router {
     /// Sends `request` to a worker of its model and waits until one accepts it. A worker that is down or
     /// overloaded is skipped for another; `tried` collects the workers used (so a caller can retry elsewhere).
+    /// The [`Generation`] then goes on on another worker should this one drain or die.
     pub async fn start_generation(
-        &self,
+        self: &Arc<Self>,
         request: &Validated,
         request_id: &str,
         tried: &mut Vec<String>,
-    ) -> Result<Started, ApiError> {
+    ) -> Result<Generation, ApiError> {
         // Clients' requests are resolved at admission. A guard model is named exactly in the config: a bare name is
         // not resolved, or another namespace's ChatModel of that name could make it ambiguous (switching the guard
         // off under `fail_open`) or, once the real guard is gone, write the verdicts itself.
@@ -43,13 +48,26 @@ impl Router {
         }
         let message = to_proto(request, request_id);
         let key = super::affinity::prefix_key(request);
+        let opened = self.open(&model, &message, key, tried).await?;
+        Ok(Generation::new(self.clone(), model, key, message, opened))
+    }
+
+    /// Sends `message` to a healthy worker of `model` (the one `key` maps to first), skipping `tried` and any that
+    /// is down or overloaded, until one answers `Started`.
+    pub(super) async fn open(
+        &self,
+        model: &str,
+        message: &v1::GenerateRequest,
+        key: u64,
+        tried: &mut Vec<String>,
+    ) -> Result<Opened, ApiError> {
         let mut overloaded = false;
         loop {
-            let Some(backend) = self.pick(&model, tried, key) else {
+            let Some(backend) = self.pick(model, tried, key) else {
                 return Err(if overloaded {
-                    ApiError::overloaded(&request.model)
+                    ApiError::overloaded(model)
                 } else {
-                    ApiError::no_ready_worker(&request.model)
+                    ApiError::no_ready_worker(model)
                 });
             };
             tried.push(backend.addr.clone());
@@ -65,12 +83,12 @@ impl Router {
             match first {
                 Ok((
                     Some(v1::GenerateResponse {
-                        event: Some(generate_response::Event::Started(s)),
+                        event: Some(generate_response::Event::Started(started)),
                     }),
                     stream,
                 )) => {
-                    return Ok(Started {
-                        prompt_tokens: s.prompt_tokens as usize,
+                    return Ok(Opened {
+                        started,
                         stream,
                         in_flight,
                     });
@@ -93,23 +111,16 @@ impl Router {
     }
 
     /// Runs `request` to the end and returns its text (for the guard-model provider), with the same worker
-    /// choice and retries as clients get.
-    pub async fn complete_text(&self, request: &Validated) -> Result<String, ApiError> {
+    /// choice, retries and continuation as clients get.
+    pub async fn complete_text(self: &Arc<Self>, request: &Validated) -> Result<String, ApiError> {
         let id = format!("guard-{}", uuid::Uuid::new_v4().simple());
         let mut tried = Vec::new();
-        let mut started = self.start_generation(request, &id, &mut tried).await?;
+        let mut generation = self.start_generation(request, &id, &mut tried).await?;
         let mut text = String::new();
         loop {
-            match started.stream.message().await {
-                Ok(Some(v1::GenerateResponse {
-                    event: Some(generate_response::Event::Chunk(c)),
-                })) => text.push_str(&c.text),
-                Ok(Some(v1::GenerateResponse {
-                    event: Some(generate_response::Event::Finished(_)),
-                })) => return Ok(text),
-                Ok(Some(_)) => {}
-                Ok(None) => return Err(ApiError::worker_failed("the worker's stream ended early")),
-                Err(status) => return Err(ApiError::worker_failed(status.message().to_string())),
+            match generation.next().await? {
+                Next::Text { text: t, .. } => text.push_str(&t),
+                Next::Finished(_) => return Ok(text),
             }
         }
     }
@@ -158,10 +169,13 @@ fn to_proto(v: &Validated, request_id: &str) -> v1::GenerateRequest {
             repetition_penalty: p.repetition_penalty,
             presence_penalty: p.presence_penalty,
             frequency_penalty: p.frequency_penalty,
-            seed: p.seed,
+            // A sampled request without a seed gets one here, so that a continuation on another worker draws
+            // what the first would have.
+            seed: p.seed.or_else(|| (p.temperature > 0.0).then(rand::random::<u64>)),
         }),
         stop: p.stop.clone(),
         ignore_eos: p.ignore_eos,
         cache_salt: v.cache_salt.clone(),
+        continuation: None,
     }
 }

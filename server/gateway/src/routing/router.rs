@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use super::auth::{WorkerClient, WorkerSecret};
 use super::endpoints::{EndpointSource, Endpoints};
+use super::generation::MigrationLimits;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 
@@ -129,6 +130,11 @@ pub struct Router {
     pub(super) held_total: AtomicUsize,
     /// Requests held per key name, against each key's share of the queue.
     pub(super) held_by: Mutex<BTreeMap<String, usize>>,
+    /// How far generations follow their workers (see [`super::generation`]).
+    migration: RwLock<MigrationLimits>,
+    /// Generations continued on another worker, per model, for `/internal/load` (the operator's ChatModel
+    /// status counts them).
+    migrated: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Router {
@@ -149,6 +155,8 @@ impl Router {
             held: Mutex::new(BTreeMap::new()),
             held_total: AtomicUsize::new(0),
             held_by: Mutex::new(BTreeMap::new()),
+            migration: RwLock::new(MigrationLimits::default()),
+            migrated: Mutex::new(BTreeMap::new()),
         });
         let mut rx = source.subscribe();
         router.apply(&rx.borrow_and_update());
@@ -271,7 +279,19 @@ impl Router {
                 load.entry(model.clone()).or_default().queued = *n;
             }
         }
+        if let Ok(migrated) = self.migrated.lock() {
+            for (model, n) in migrated.iter() {
+                load.entry(model.clone()).or_default().migrations = *n;
+            }
+        }
         load
+    }
+
+    /// Counts a generation of `model` continued on another worker.
+    pub(super) fn count_migration(&self, model: &str) {
+        if let Ok(mut migrated) = self.migrated.lock() {
+            *migrated.entry(model.to_string()).or_default() += 1;
+        }
     }
 
     /// The models this gateway serves.
@@ -332,6 +352,17 @@ impl Router {
             .collect();
         let loads: Vec<(&str, usize)> = usable.iter().map(|b| (b.addr.as_str(), b.in_flight())).collect();
         super::affinity::choose(key, &loads).map(|i| usable[i].clone())
+    }
+
+    /// How far generations follow their workers.
+    pub fn migration_limits(&self) -> MigrationLimits {
+        self.migration.read().map(|m| *m).unwrap_or_default()
+    }
+
+    pub fn set_migration_limits(&self, limits: MigrationLimits) {
+        if let Ok(mut m) = self.migration.write() {
+            *m = limits;
+        }
     }
 
     /// Marks a backend down after its stream broke.

@@ -43,9 +43,15 @@ impl Worker {
 
     /// A worker that serves only gRPC callers presenting `token` (see `camelid_contracts::worker_auth`).
     pub fn start_with_token(grpc: u16, http: u16, token: Option<&str>) -> Self {
+        Self::start_with(grpc, http, token, &[])
+    }
+
+    /// A worker with `args` added to its command line.
+    pub fn start_with(grpc: u16, http: u16, token: Option<&str>, args: &[&str]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_camelid-worker"));
         command
             .args(["--served-model-name", "smol", "--max-batch", "4"])
+            .args(args)
             .args(["--listen", &format!("127.0.0.1:{grpc}")])
             .args(["--metrics-addr", &format!("127.0.0.1:{http}")])
             .env("CAMELID_LOG", "warn")
@@ -79,6 +85,29 @@ impl Worker {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM (what Kubernetes sends a pod that is deleted or whose node goes away).
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit status.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().ok().flatten() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -114,6 +143,26 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// A gateway over `workers` (model `smol`, probed every 200 ms) in a runtime of its own, which it lives as long
+    /// as.
+    pub fn over(workers: &[&Worker]) -> (tokio::runtime::Runtime, Self) {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let gateway = runtime.block_on(async {
+            let mut config = camelid_gateway::GatewayConfig {
+                probe_interval: Duration::from_millis(200),
+                ..camelid_gateway::GatewayConfig::default()
+            };
+            let addrs: Vec<String> = workers.iter().map(|w| format!("127.0.0.1:{}", w.grpc)).collect();
+            config
+                .add_backend_flag(&format!("smol={}", addrs.join(",")))
+                .unwrap();
+            let state = camelid_gateway::state(&config).unwrap();
+            state.router.probe_all().await;
+            Self::spawn(state).await
+        });
+        (runtime, gateway)
+    }
+
     /// Serves `state`'s API and admin endpoints on free loopback ports for as long as the runtime runs.
     pub async fn spawn(state: camelid_gateway::AppState) -> Self {
         let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
