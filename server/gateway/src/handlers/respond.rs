@@ -320,7 +320,12 @@ async fn relay(
     let mut completion_tokens = 0usize;
     record.used_tokens(generation.prompt_tokens, 0);
     loop {
-        let (text, finished) = match generation.next().await {
+        let next = tokio::select! {
+            next = generation.next() => next,
+            // The client left (perhaps while the generation waited for a worker to continue on).
+            () = events.0.closed() => return,
+        };
+        let (text, finished) = match next {
             Ok(Next::Text { text, tokens }) => {
                 if first {
                     first = false;
