@@ -168,8 +168,13 @@ impl Generation {
         let began = Instant::now();
         let message = self.continuation();
         let deadline = tokio::time::Instant::now() + limits.wait;
+        // A worker that failed the generation itself is still up: try the others first.
+        let mut skip: Vec<String> = (cause == Cause::WorkerError)
+            .then(|| backend.addr.clone())
+            .into_iter()
+            .collect();
         loop {
-            let mut tried = Vec::new();
+            let mut tried = std::mem::take(&mut skip);
             match self
                 .router
                 .open(&self.model, &message, self.key, &mut tried)
