@@ -178,7 +178,13 @@ fn drill_streams_survive_workers_killed_and_restarted() {
     let workers: Vec<Worker> = (0..2)
         .map(|_| Worker::start_with(free_port(), free_port(), None, &drain_now))
         .collect();
-    let (_runtime, gw) = common::Gateway::over(&workers.iter().collect::<Vec<_>>());
+    // A kill every few seconds, far more often than any cluster loses workers, while an answer takes tens of
+    // seconds on two shared cores: one stream may lose its worker at every kill, so the limit is the kills.
+    let limits = camelid_gateway::routing::MigrationLimits {
+        max_per_request: kills as u32 + 1,
+        ..Default::default()
+    };
+    let (_runtime, gw) = common::Gateway::over_with(&workers.iter().collect::<Vec<_>>(), limits);
     let prompts = [
         "Name three colors.",
         "Write two sentences about llamas.",

@@ -146,10 +146,19 @@ impl Gateway {
     /// A gateway over `workers` (model `smol`, probed every 200 ms) in a runtime of its own, which it lives as long
     /// as.
     pub fn over(workers: &[&Worker]) -> (tokio::runtime::Runtime, Self) {
+        Self::over_with(workers, camelid_gateway::routing::MigrationLimits::default())
+    }
+
+    /// [`Gateway::over`] with `migration`'s limits.
+    pub fn over_with(
+        workers: &[&Worker],
+        migration: camelid_gateway::routing::MigrationLimits,
+    ) -> (tokio::runtime::Runtime, Self) {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let gateway = runtime.block_on(async {
             let mut config = camelid_gateway::GatewayConfig {
                 probe_interval: Duration::from_millis(200),
+                migration,
                 ..camelid_gateway::GatewayConfig::default()
             };
             let addrs: Vec<String> = workers.iter().map(|w| format!("127.0.0.1:{}", w.grpc)).collect();
