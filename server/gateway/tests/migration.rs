@@ -41,7 +41,13 @@ impl v1::worker_server::Worker for Fake {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             for e in events {
-                let _ = tx.send(Ok(v1::GenerateResponse { event: Some(e) })).await;
+                let item = match e {
+                    Event::Interrupted(i) if i.reason == MODEL_ERROR => {
+                        Err(tonic::Status::internal("the model failed"))
+                    }
+                    e => Ok(v1::GenerateResponse { event: Some(e) }),
+                };
+                let _ = tx.send(item).await;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         });
@@ -120,6 +126,13 @@ fn finished(completion: u32) -> Event {
         prompt_tokens: PROMPT.len() as u32,
         completion_tokens: completion,
     })
+}
+
+/// Where a script puts [`model_error`], the fake ends the stream with `INTERNAL` (the worker failed the generation).
+const MODEL_ERROR: i32 = -1;
+
+fn model_error() -> Event {
+    Event::Interrupted(v1::Interrupted { reason: MODEL_ERROR })
 }
 
 fn interrupted() -> Event {
@@ -351,4 +364,29 @@ async fn a_generation_that_keeps_losing_its_worker_ends_with_an_error_at_the_lim
     let asked = a.asked.lock().unwrap().len() + b.asked.lock().unwrap().len();
     assert_eq!(asked, 3, "the first call and two migrations");
     assert!(reply.text.trim_end().ends_with("data: [DONE]"));
+}
+
+/// A worker that fails the generation itself (`INTERNAL`) is still up and ready: the continuation goes to another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_a_worker_failed_continues_on_another_worker() {
+    let script = |r: &v1::GenerateRequest| {
+        if r.continuation.is_some() {
+            return continues(r);
+        }
+        vec![started(), chunk("Hel", &[10]), model_error()]
+    };
+    let (a, a_addr) = fake(script).await;
+    let (b, b_addr) = fake(script).await;
+    let (state, app, _) = gateway(&test_dir("migrate-error"), &yaml(&[&a_addr, &b_addr], ""));
+    state.router.probe_all().await;
+    let reply = post_chat(&app, None, STREAM).await;
+    assert_eq!(streamed(&reply.text).0, "Hello world");
+    let (a, b) = (a.asked.lock().unwrap().clone(), b.asked.lock().unwrap().clone());
+    assert_eq!(
+        (a.len(), b.len()),
+        (1, 1),
+        "one call each: the failing worker is not asked again"
+    );
+    assert_ne!(a[0].continuation.is_some(), b[0].continuation.is_some());
+    assert!(state.metrics.encode().contains("cause=\"worker_error\""));
 }
