@@ -38,10 +38,8 @@ fn the_chart_installs_upgrades_and_uninstalls_on_a_real_cluster_and_its_roles_su
     cp.add_node(&FakeNode::new("system-1")).unwrap();
     // A GKE spot pool with L4 GPUs, where examples/finetunejob.yaml's first attempt goes.
     cp.add_node(
-        &FakeNode::new("gke-spot-l4-1")
-            .label("cloud.google.com/gke-spot", "true")
+        &FakeNode::gke_spot("gke-spot-l4-1")
             .label("cloud.google.com/gke-accelerator", "nvidia-l4")
-            .taint("cloud.google.com/gke-spot", "true", "NoSchedule")
             .gpus(8),
     )
     .unwrap();

@@ -19,12 +19,6 @@ use serde_json::{Value, json};
 
 const NS: &str = "default";
 
-fn spot_node(name: &str) -> FakeNode {
-    FakeNode::new(name)
-        .label("cloud.google.com/gke-spot", "true")
-        .taint("cloud.google.com/gke-spot", "true", "NoSchedule")
-}
-
 fn status(cp: &ControlPlane) -> Value {
     cp.get_json(&["chatmodel", "smol", "-n", NS])["status"].clone()
 }
@@ -60,7 +54,11 @@ fn deployment(cp: &ControlPlane, name: &str) -> Value {
 
 #[test]
 fn a_spot_worker_with_a_termination_notice_is_replaced_before_it_goes_and_kubectl_scale_sets_the_workers() {
-    let nodes = [FakeNode::new("od-1"), spot_node("spot-1"), spot_node("spot-2")];
+    let nodes = [
+        FakeNode::new("od-1"),
+        FakeNode::gke_spot("spot-1"),
+        FakeNode::gke_spot("spot-2"),
+    ];
     let cp = cluster(NS, &[], &nodes);
     let _operator = admin_operator(&cp, &["--autoscale-seconds", "1"]);
     let model = json!({"apiVersion": "camelid.dev/v1alpha1", "kind": "ChatModel",

@@ -23,10 +23,8 @@ use serde_json::{Value, json};
 const NS: &str = "default";
 
 fn spot_node(name: &str) -> FakeNode {
-    FakeNode::new(name)
-        .label("cloud.google.com/gke-spot", "true")
+    FakeNode::gke_spot(name)
         .label("cloud.google.com/gke-accelerator", "nvidia-l4")
-        .taint("cloud.google.com/gke-spot", "true", "NoSchedule")
         .gpus(4)
 }
 

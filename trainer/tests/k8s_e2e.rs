@@ -26,10 +26,7 @@ use serde_json::json;
 const NS: &str = "default";
 
 fn spot_node(name: &str) -> FakeNode {
-    FakeNode::new(name)
-        .label("cloud.google.com/gke-spot", "true")
-        .taint("cloud.google.com/gke-spot", "true", "NoSchedule")
-        .played_by_test()
+    FakeNode::gke_spot(name).played_by_test()
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use camelid_gateway::discovery::ModelRule;
 use camelid_proto::v1::{self, generate_response};
-use common::{call, gateway, post_chat, sha, test_dir};
+use common::{EventStream, call, gateway, post_chat, sha, test_dir};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -199,9 +199,6 @@ fn prompt_tokens(request: &v1::GenerateRequest) -> u32 {
     }
 }
 
-type EventStream =
-    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<v1::GenerateResponse, tonic::Status>> + Send>>;
-
 #[tonic::async_trait]
 impl v1::worker_server::Worker for FakeWorker {
     type GenerateStream = EventStream;
@@ -272,18 +269,7 @@ async fn start_fake_worker() -> (FakeWorker, String) {
         asked: Arc::default(),
         go: Arc::new(tokio::sync::Semaphore::new(0)),
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let incoming = futures_util::stream::unfold(listener, |l| async move {
-        let accepted = l.accept().await.map(|(s, _)| s);
-        Some((accepted, l))
-    });
-    let server = v1::worker_server::WorkerServer::new(worker.clone());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(server)
-            .serve_with_incoming(incoming),
-    );
+    let addr = common::serve_fake_worker(worker.clone()).await;
     (worker, addr)
 }
 

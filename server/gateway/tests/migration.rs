@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use camelid_proto::v1::{self, generate_response::Event};
-use common::{gateway, post_chat, test_dir};
+use common::{EventStream, gateway, post_chat, test_dir};
 
 /// What a fake worker does with one call: the events it sends, then it ends the stream (without `Finished` unless
 /// the script has one, which is how a dead worker's stream looks to the gateway).
@@ -23,9 +23,6 @@ struct Fake {
     asked: Arc<Mutex<Vec<v1::GenerateRequest>>>,
     ready: Arc<std::sync::atomic::AtomicBool>,
 }
-
-type EventStream =
-    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::GenerateResponse, tonic::Status>> + Send>>;
 
 #[tonic::async_trait]
 impl v1::worker_server::Worker for Fake {
@@ -89,17 +86,7 @@ async fn fake_with(
         asked: Arc::default(),
         ready,
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let incoming = futures_util::stream::unfold(listener, |l| async move {
-        let accepted = l.accept().await.map(|(s, _)| s);
-        Some((accepted, l))
-    });
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(v1::worker_server::WorkerServer::new(worker.clone()))
-            .serve_with_incoming(incoming),
-    );
+    let addr = common::serve_fake_worker(worker.clone()).await;
     (worker, addr)
 }
 

@@ -10,13 +10,12 @@
 
 mod common;
 
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use camelid_proto::v1;
-use camelid_proto::v1::worker_server::{Worker, WorkerServer};
-use common::{call, gateway, post_chat, test_dir};
+use camelid_proto::v1::worker_server::Worker;
+use common::{EventStream, call, gateway, post_chat, test_dir};
 use serde_json::{Value, json};
 use tonic::{Request, Response, Status};
 
@@ -239,13 +238,11 @@ struct FakeGuard {
     seen: Seen,
 }
 
-type Events = Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::GenerateResponse, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl Worker for FakeGuard {
-    type GenerateStream = Events;
+    type GenerateStream = EventStream;
 
-    async fn generate(&self, request: Request<v1::GenerateRequest>) -> Result<Response<Events>, Status> {
+    async fn generate(&self, request: Request<v1::GenerateRequest>) -> Result<Response<EventStream>, Status> {
         let messages: Vec<(String, String)> = match request.into_inner().input {
             Some(v1::generate_request::Input::Chat(c)) => {
                 c.messages.into_iter().map(|m| (m.role, m.content)).collect()
@@ -284,14 +281,7 @@ async fn fake_guard(delay: Duration) -> (String, Seen) {
         seen: Arc::default(),
     };
     let seen = guard.seen.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(WorkerServer::new(guard))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
-    (addr, seen)
+    (common::serve_fake_worker(guard).await, seen)
 }
 
 async fn guarded_gateway(name: &str, guard: &str, provider: &str) -> axum::Router {

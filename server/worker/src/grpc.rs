@@ -130,22 +130,19 @@ impl Worker for WorkerService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let r = request.into_inner();
         check_limits(&r).map_err(|e| to_status(&e))?;
-        let input = match &r.input {
-            _ if r.continuation.is_some() => {
-                let c = r.continuation.clone().unwrap_or_default();
-                Input::Continue {
-                    prompt: c.prompt_token_ids,
-                    generated: c.generated_token_ids,
-                }
-            }
-            Some(generate_request::Input::Chat(c)) => Input::Chat(
+        let input = match (&r.continuation, &r.input) {
+            (Some(c), _) => Input::Continue {
+                prompt: c.prompt_token_ids.clone(),
+                generated: c.generated_token_ids.clone(),
+            },
+            (None, Some(generate_request::Input::Chat(c))) => Input::Chat(
                 c.messages
                     .iter()
                     .map(|m| ChatMessage::new(&m.role, &m.content))
                     .collect(),
             ),
-            Some(generate_request::Input::Prompt(p)) => Input::Prompt(p.clone()),
-            None => {
+            (None, Some(generate_request::Input::Prompt(p))) => Input::Prompt(p.clone()),
+            (None, None) => {
                 return Err(Status::invalid_argument(
                     "the request has neither chat nor prompt",
                 ));

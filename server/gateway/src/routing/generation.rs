@@ -13,7 +13,6 @@ use camelid_proto::v1::{self, generate_response};
 use super::generate::{Opened, is_transport_failure};
 use super::router::{Backend, InFlight, Router};
 use crate::error::ApiError;
-use crate::metrics::MigrationLabels;
 
 /// How far a generation follows its workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,11 +109,6 @@ impl Generation {
         self.in_flight.backend()
     }
 
-    /// Times the generation moved to another worker.
-    pub fn migrations(&self) -> u32 {
-        self.migrations
-    }
-
     /// The next text or the end, moving to another worker whenever the current one drains or fails.
     pub async fn next(&mut self) -> Result<Next, ApiError> {
         loop {
@@ -183,14 +177,8 @@ impl Generation {
                 Ok(opened) => {
                     self.stream = opened.stream;
                     self.in_flight = opened.in_flight;
-                    let labels = MigrationLabels {
-                        model: self.model.clone(),
-                        cause: cause.label(),
-                    };
                     self.router
-                        .metrics
-                        .count_migration(&labels, began.elapsed().as_secs_f64());
-                    self.router.count_migration(&self.model);
+                        .count_migration(&self.model, cause.label(), began.elapsed());
                     tracing::info!(endpoint = %self.backend().addr, tokens = self.generated.len(),
                         seconds = began.elapsed().as_secs_f64(), "generation continued");
                     return Ok(());

@@ -15,7 +15,7 @@ use super::auth::{WorkerClient, WorkerSecret};
 use super::endpoints::{EndpointSource, Endpoints};
 use super::generation::MigrationLimits;
 use crate::error::ApiError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, MigrationLabels};
 
 /// [`Router::resolve`] over the `served` model ids.
 pub fn resolve_in<'a>(served: impl Iterator<Item = &'a str>, asked: &str) -> Result<String, ApiError> {
@@ -287,8 +287,14 @@ impl Router {
         load
     }
 
-    /// Counts a generation of `model` continued on another worker.
-    pub(super) fn count_migration(&self, model: &str) {
+    /// Counts a generation of `model` continued on another worker for `cause` after `took`: in the metrics and
+    /// in the load report.
+    pub(super) fn count_migration(&self, model: &str, cause: &'static str, took: Duration) {
+        let labels = MigrationLabels {
+            model: model.to_string(),
+            cause,
+        };
+        self.metrics.count_migration(&labels, took.as_secs_f64());
         if let Ok(mut migrated) = self.migrated.lock() {
             *migrated.entry(model.to_string()).or_default() += 1;
         }

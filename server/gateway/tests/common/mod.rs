@@ -34,6 +34,24 @@ pub fn gateway(dir: &std::path::Path, yaml: &str) -> (AppState, axum::Router, Ga
     (state, app, config)
 }
 
+/// The stream a fake worker's `Generate` answers with.
+pub type EventStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<camelid_proto::v1::GenerateResponse, tonic::Status>> + Send>,
+>;
+
+/// Serves `worker` (a fake `camelid.worker.v1.Worker`) on a free loopback port for as long as the runtime runs;
+/// its address.
+pub async fn serve_fake_worker<W: camelid_proto::v1::worker_server::Worker>(worker: W) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(camelid_proto::v1::worker_server::WorkerServer::new(worker))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    addr
+}
+
 pub struct Reply {
     pub status: StatusCode,
     pub headers: HeaderMap,

@@ -26,6 +26,13 @@ impl FakeNode {
         }
     }
 
+    /// A node of a GKE spot pool: labelled and tainted as GKE does, so only pods that tolerate spot land there.
+    pub fn gke_spot(name: &str) -> FakeNode {
+        FakeNode::new(name)
+            .label("cloud.google.com/gke-spot", "true")
+            .taint("cloud.google.com/gke-spot", "true", "NoSchedule")
+    }
+
     pub fn label(mut self, key: &str, value: &str) -> FakeNode {
         self.labels.push((key.into(), value.into()));
         self
