@@ -32,6 +32,13 @@ struct Sequence {
     _permit: OwnedSemaphorePermit,
 }
 
+impl Sequence {
+    /// Drops the sequence, releasing its admission permit, and keeps only the channel for its last event.
+    fn close(self) -> mpsc::UnboundedSender<Event> {
+        self.events
+    }
+}
+
 /// Runs until every handle is gone and no sequence is left.
 pub(crate) fn run(
     loaded: &LoadedModel,
@@ -137,10 +144,7 @@ impl<'p, 'm> Engine<'p, 'm> {
     fn interrupt_all(&mut self) {
         let ids: Vec<SeqId> = self.sequences.keys().copied().collect();
         for id in ids {
-            if let Some(seq) = self.sequences.get(&id) {
-                let _ = seq.events.send(Event::Interrupted);
-            }
-            self.finish(id, "interrupted");
+            self.finish(id, Some(Event::Interrupted), "interrupted");
         }
     }
 
@@ -292,23 +296,28 @@ impl<'p, 'm> Engine<'p, 'm> {
             .map(|(&id, _)| id)
             .collect();
         for id in gone {
-            self.finish(id, "cancelled");
+            self.finish(id, None, "cancelled");
         }
     }
 
     /// Drops a sequence that is done (its blocks stay cached) and counts it.
-    fn finish(&mut self, id: SeqId, outcome: &'static str) {
+    /// Ends a sequence. Its admission permit is released before its last event is sent, so a caller that has seen
+    /// the end never finds the request still counted in flight.
+    fn finish(&mut self, id: SeqId, last: Option<Event>, outcome: &'static str) {
         self.scheduler.remove(id);
-        self.sequences.remove(&id);
         self.shared.metrics.count(outcome);
+        let events = self.sequences.remove(&id).map(Sequence::close);
+        if let (Some(events), Some(event)) = (events, last) {
+            let _ = events.send(event);
+        }
     }
 
     /// Fails sequences whose step failed; their blocks are not cached.
     fn fail(&mut self, ids: &[SeqId], e: &WorkerError) {
         tracing::error!(error = %e, sequences = ids.len(), "model step failed");
         for &id in ids {
-            if let Some(seq) = self.sequences.remove(&id) {
-                let _ = seq.events.send(Event::Failed(e.clone()));
+            if let Some(events) = self.sequences.remove(&id).map(Sequence::close) {
+                let _ = events.send(Event::Failed(e.clone()));
             }
             self.scheduler.abort(id);
             self.shared.metrics.count(e.category());
@@ -448,7 +457,7 @@ impl<'p, 'm> Engine<'p, 'm> {
                 })
                 .is_ok();
         if !delivered {
-            return self.finish(id, "cancelled");
+            return self.finish(id, None, "cancelled");
         }
         let Some(reason) = pushed.finished else {
             self.scheduler.push_token(id, next);
@@ -457,13 +466,15 @@ impl<'p, 'm> Engine<'p, 'm> {
         // Counted before the client can see the end, so the metrics never lag behind an answer.
         metrics.count(outcome_of(reason));
         metrics.finished(now.duration_since(seq.submitted).as_secs_f64());
-        let _ = seq.events.send(Event::Finished {
+        let end = Event::Finished {
             reason,
             prompt_tokens: seq.prompt.len(),
             completion_tokens: seq.text.generated().len(),
-        });
+        };
         self.scheduler.remove(id);
-        self.sequences.remove(&id);
+        if let Some(events) = self.sequences.remove(&id).map(Sequence::close) {
+            let _ = events.send(end);
+        }
     }
 
     fn publish(&mut self) {
