@@ -8,6 +8,7 @@ use camelid_model::{ChatMessage, Completion, GenerateRequest, LoadedModel, Model
 use camelid_worker::ModelArgs;
 use clap::{Args, Parser, Subcommand};
 
+mod quantize;
 mod serve;
 
 #[derive(Parser)]
@@ -52,6 +53,9 @@ enum Command {
     /// Judge-model evaluation against OpenAI-compatible endpoints (FastChat's llm_judge): answer, judge, report,
     /// and the FineTuneJob promotion gate.
     Eval(camelid_eval::cli::EvalArgs),
+    /// Write a model (an HF directory or a GGUF file) as a GGUF file of quantized blocks that camelid and
+    /// llama.cpp run.
+    Quantize(quantize::QuantizeArgs),
 }
 
 #[derive(Args)]
@@ -257,6 +261,7 @@ fn main() -> ExitCode {
             sampling,
         } => run_chat(&system, &model, &sampling),
         Command::Serve(args) => serve::run(&args).map_err(|(error, code)| Failure { error, code }),
+        Command::Quantize(args) => quantize::run(&args),
         Command::Eval(args) => camelid_eval::cli::run(args).map_err(|e| Failure {
             code: e.exit_code(),
             error: e.into(),

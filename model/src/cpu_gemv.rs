@@ -16,7 +16,13 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
+use crate::quant::GgmlType;
 use crate::storage;
+use qdot::Acts;
+
+/// A weight matrix as the kernels take it: a libtorch tensor, and the GGML block type when it holds quantized
+/// blocks (a `[rows, row bytes]` u8 tensor) rather than f32 or bf16 values.
+pub type WeightRef<'a> = (&'a Tensor, Option<GgmlType>);
 
 const LANES: usize = 16;
 /// The most input rows the kernel takes at once; the CPU step feeds larger steps through it in slices of this many.
@@ -119,14 +125,20 @@ fn bf16_to_f32(bits: u16) -> f32 {
 enum Rows<'a> {
     F32(&'a [f32]),
     Bf16(&'a [u16]),
+    /// GGML blocks of `ty`, each row a whole number of blocks.
+    Quant {
+        ty: GgmlType,
+        bytes: &'a [u8],
+    },
 }
 
 impl Rows<'_> {
-    /// Weight row `row` dotted with each `cols`-wide row of `inputs`, appended to `out`.
+    /// Weight row `row` dotted with each `cols`-wide row of `inputs`, appended to `out` (f32 and bf16 only).
     fn dots(&self, row: usize, cols: usize, inputs: &[f32], out: &mut Vec<f32>) {
         match self {
             Rows::F32(w) => dot_rows(&w[row * cols..(row + 1) * cols], inputs, |v| v, out),
             Rows::Bf16(w) => dot_rows(&w[row * cols..(row + 1) * cols], inputs, bf16_to_f32, out),
+            Rows::Quant { .. } => unreachable!("quantized rows go through qdot::products"),
         }
     }
 }
@@ -134,6 +146,46 @@ impl Rows<'_> {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2;
+pub mod qdot;
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod qdot_avx2;
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod qdot_kavx2;
+
+/// A product's input rows quantized for its quantized matrices, once per activation format they need. Done by
+/// the calling thread before the helpers start: a helper waiting on another thread's quantizing would sleep, and
+/// waking it costs more than a layer's product.
+#[derive(Default)]
+struct QuantizedInput {
+    q8: Option<Acts>,
+    q8k: Option<Acts>,
+}
+
+impl QuantizedInput {
+    fn of(matrices: &[Rows<'_>], input: &[f32], cols: usize) -> Self {
+        let mut out = QuantizedInput::default();
+        for m in matrices {
+            if let Rows::Quant { ty, .. } = *m {
+                let cell = if qdot::uses_q8k(ty) {
+                    &mut out.q8k
+                } else {
+                    &mut out.q8
+                };
+                if cell.is_none() {
+                    *cell = Some(Acts::for_type(ty, input, cols));
+                }
+            }
+        }
+        out
+    }
+
+    fn get(&self, ty: GgmlType) -> Option<&Acts> {
+        let cell = if qdot::uses_q8k(ty) { &self.q8k } else { &self.q8 };
+        cell.as_ref()
+    }
+}
 
 /// One matrix-vector product over several stacked matrices: `[W_1; W_2; ...] x`.
 #[derive(Clone)]
@@ -143,6 +195,7 @@ struct Product<'a> {
     starts: Arc<Vec<usize>>,
     /// `batch` input rows of `cols` values.
     input: Arc<Vec<f32>>,
+    quantized: Arc<QuantizedInput>,
     cols: usize,
     batch: usize,
 }
@@ -182,6 +235,18 @@ impl Product<'_> {
             Rows::F32(w) if avx2::available() => avx2::products(w, self.cols, local, &self.input, &mut out),
             #[cfg(target_arch = "x86_64")]
             Rows::Bf16(w) if avx2::available() => avx2::products(w, self.cols, local, &self.input, &mut out),
+            Rows::Quant { ty, bytes } => {
+                // Quantized up front for every quantized matrix of a product; made here only if that was skipped.
+                let made;
+                let acts = match self.quantized.get(ty) {
+                    Some(acts) => acts,
+                    None => {
+                        made = Acts::for_type(ty, &self.input, self.cols);
+                        &made
+                    }
+                };
+                qdot::products(ty, bytes, self.cols, local, acts, batch, &mut out);
+            }
             matrix => {
                 let mut by_row = Vec::with_capacity(width * batch);
                 for r in local {
@@ -248,23 +313,33 @@ fn recv_spinning<T>(rx: &Receiver<T>) -> Option<T> {
 }
 
 /// The kernel's views of `weights` stacked into one product, and the first output row of each (plus the total):
-/// None unless every weight is a contiguous CPU f32 or bf16 `[_, cols]` matrix without gradients.
+/// None unless every weight is a contiguous CPU f32 or bf16 `[_, cols]` matrix without gradients, or a u8
+/// `[_, row bytes]` matrix of blocks of a type with a kernel whose rows hold `cols` values.
 fn stacked<'a>(
-    weights: impl Iterator<Item = &'a Tensor>,
+    weights: impl Iterator<Item = WeightRef<'a>>,
     cols: usize,
 ) -> Option<(Vec<Rows<'a>>, Vec<usize>)> {
     let mut matrices = Vec::new();
     let mut starts = vec![0];
-    for w in weights {
+    for (w, quant) in weights {
         let size = w.size();
-        if size.len() != 2 || size[1] as usize != cols || w.requires_grad() {
+        let width = match quant {
+            Some(ty) if qdot::has_kernel(ty) => ty.byte_size(cols as u64)? as usize,
+            Some(_) => return None,
+            None => cols,
+        };
+        if size.len() != 2 || size[1] as usize != width || w.requires_grad() {
             return None;
         }
-        matrices.push(
-            storage::f32s(w)
+        matrices.push(match quant {
+            Some(ty) => Rows::Quant {
+                ty,
+                bytes: storage::u8s(w)?,
+            },
+            None => storage::f32s(w)
                 .map(Rows::F32)
                 .or_else(|| storage::bf16s(w).map(Rows::Bf16))?,
-        );
+        });
         starts.push(starts[starts.len() - 1] + size[0] as usize);
     }
     (!matrices.is_empty()).then_some((matrices, starts))
@@ -387,7 +462,7 @@ impl<'a> DecodePool<'a> {
         let batch = if cols > 0 { x.numel() as i64 / cols } else { 0 };
         let usable =
             x.device() == Device::Cpu && (1..=MAX_ROWS as i64).contains(&batch) && !x.requires_grad();
-        let matrices = weights.iter().map(|(w, _)| *w);
+        let matrices = weights.iter().map(|(w, _)| (*w, None));
         let Some((matrices, starts)) = stacked(matrices, cols as usize).filter(|_| usable) else {
             return Ok(None);
         };
@@ -397,6 +472,7 @@ impl<'a> DecodePool<'a> {
             matrices: Arc::new(matrices),
             starts: Arc::new(starts),
             input: Arc::new(input),
+            quantized: Arc::default(), // dense matrices only
             cols: cols as usize,
             batch: batch as usize,
         });
@@ -422,17 +498,19 @@ impl<'a> DecodePool<'a> {
 
     /// `x W_i^T` for each weight over `batch` f32 input rows of `cols` values (`input` row-major), returned
     /// row-major too: input row `b`'s outputs, weights in order, are `out[b * total..(b + 1) * total]`. None when
-    /// a weight is not a contiguous CPU f32 or bf16 `[_, cols]` matrix or the batch is outside the kernel's rows.
-    pub(crate) fn products(&self, weights: &[&'a Tensor], input: Vec<f32>, batch: usize) -> Option<Vec<f32>> {
+    /// a weight is not a matrix the kernels read (see [`stacked`]) or the batch is outside the kernel's rows.
+    pub fn products(&self, weights: &[WeightRef<'a>], input: Vec<f32>, batch: usize) -> Option<Vec<f32>> {
         let cols = input.len() / batch.max(1);
         if !(1..=MAX_ROWS).contains(&batch) || cols == 0 || input.len() != batch * cols {
             return None;
         }
         let (matrices, starts) = stacked(weights.iter().copied(), cols)?;
+        let quantized = QuantizedInput::of(&matrices, &input, cols);
         Some(self.run(Product {
             matrices: Arc::new(matrices),
             starts: Arc::new(starts),
             input: Arc::new(input),
+            quantized: Arc::new(quantized),
             cols,
             batch,
         }))

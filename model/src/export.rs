@@ -17,6 +17,12 @@ use crate::{LoadedModel, weights};
 /// recognizes and loads back as `vicuna_v1.1`.
 pub fn export_hf_dir(model: &LoadedModel, dir: &Path, dtype: Kind) -> Result<()> {
     let _span = tracing::info_span!("export", dir = %dir.display()).entered();
+    if model.model.is_quantized() {
+        return Err(ModelError::Unsupported(
+            "exporting a model loaded with quantized weights: load it with --dtype f32 (or bf16) to export"
+                .into(),
+        ));
+    }
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let write_json = |name: &str, value: &serde_json::Value| -> Result<()> {
         let path = dir.join(name);

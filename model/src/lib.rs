@@ -10,9 +10,11 @@ pub mod error;
 pub mod export;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_export;
 pub mod kv_cache;
 pub mod llama;
 pub mod quant;
+pub mod quantize;
 pub mod sampling;
 mod storage;
 pub mod stream;
@@ -289,8 +291,8 @@ fn load_gguf(path: &Path, opts: LoadOptions) -> Result<LoadedModel> {
         .and_then(gguf::Value::as_bool)
         .unwrap_or(sentencepiece);
     let prompt_bos = config.bos_token_id.filter(|_| add_bos);
-    let weights = weights::read_gguf(&file, &config, opts)?;
-    let model = Llama::from_weights(config, weights)?;
+    let (weights, quant) = weights::read_gguf(&file, &config, opts)?;
+    let model = Llama::from_quantized_weights(config, weights, &quant)?;
     Ok(LoadedModel {
         prompt_bos,
         source: path.into(),

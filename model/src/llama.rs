@@ -4,25 +4,43 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{Config, RopeScaling};
-use crate::cpu_gemv::DecodePool;
+use crate::cpu_gemv::{DecodePool, WeightRef};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::weights::Weights;
+use crate::quant::GgmlType;
+use crate::weights::{QuantTypes, Weights};
 
 mod batch;
 mod cpu_step;
+mod quantized;
+mod taker;
+use quantized::{dequantized, dequantized_rows};
+use taker::Taker;
 mod training;
 pub use training::RopeTables;
 
 #[derive(Debug)]
 struct Linear {
+    /// The `[out, in]` values, or for a quantized matrix its `[out, row bytes]` u8 blocks.
     weight: Tensor,
     bias: Option<Tensor>,
+    /// The GGML block type of a quantized `weight`.
+    quant: Option<GgmlType>,
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+        match self.quant {
+            None => Ok(x.f_linear(&self.weight, self.bias.as_ref())?),
+            Some(ty) => {
+                let w = dequantized(&self.weight, ty)?.f_to_kind(x.kind())?;
+                Ok(x.f_linear(&w, self.bias.as_ref())?)
+            }
+        }
+    }
+
+    fn weight_ref(&self) -> WeightRef<'_> {
+        (&self.weight, self.quant)
     }
 }
 
@@ -41,9 +59,10 @@ fn project_all<'a, const N: usize>(
 ) -> Result<[Tensor; N]> {
     let pairs: Vec<(&'a Tensor, Option<&Tensor>)> =
         layers.iter().map(|l| (&l.weight, l.bias.as_ref())).collect();
+    let dense = layers.iter().all(|l| l.quant.is_none());
     let kernel = match pool {
-        Some(pool) => pool.linear_single_row_many(x, &pairs)?,
-        None => None,
+        Some(pool) if dense => pool.linear_single_row_many(x, &pairs)?,
+        _ => None,
     };
     let outputs = match kernel {
         Some(outputs) => outputs,
@@ -52,6 +71,20 @@ fn project_all<'a, const N: usize>(
     outputs
         .try_into()
         .map_err(|_| ModelError::InvalidRequest("projection count mismatch".into()))
+}
+
+impl Layer {
+    fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
 }
 
 #[derive(Debug)]
@@ -71,7 +104,9 @@ struct Layer {
 #[derive(Debug)]
 pub struct Llama {
     config: Config,
+    /// `[vocab, hidden]`, or quantized rows of `embed_quant` blocks.
     embed_tokens: Tensor,
+    embed_quant: Option<GgmlType>,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
@@ -93,61 +128,6 @@ struct Attention<'a> {
 
 /// Positions whose RoPE tables are computed once at load (8192 positions of a 128-wide head take 8 MB in f32).
 const ROPE_TABLE_POSITIONS: usize = 8192;
-
-struct Taker<'a> {
-    weights: &'a mut Weights,
-    config: &'a Config,
-}
-
-impl Taker<'_> {
-    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.weights.remove(name).ok_or_else(|| {
-            ModelError::Unsupported(format!(
-                "checkpoint has no tensor {name} (is it a LLaMA checkpoint?)"
-            ))
-        })?;
-        let expected: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-        if t.size() != expected {
-            return Err(ModelError::Unsupported(format!(
-                "tensor {name} has shape {:?}, the config implies {expected:?}",
-                t.size()
-            )));
-        }
-        Ok(t)
-    }
-
-    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let weight = self.take(&format!("{prefix}.weight"), &[out, inp])?;
-        let bias = if bias {
-            Some(self.take(&format!("{prefix}.bias"), &[out])?)
-        } else {
-            None
-        };
-        Ok(Linear { weight, bias })
-    }
-
-    fn layer(&mut self, i: usize) -> Result<Layer> {
-        let c = self.config;
-        let (h, q, kv, ff) = (
-            c.hidden_size,
-            c.num_heads * c.head_dim,
-            c.num_kv_heads * c.head_dim,
-            c.intermediate_size,
-        );
-        let p = format!("model.layers.{i}");
-        Ok(Layer {
-            input_layernorm: self.take(&format!("{p}.input_layernorm.weight"), &[h])?,
-            q_proj: self.linear(&format!("{p}.self_attn.q_proj"), q, h, c.attention_bias)?,
-            k_proj: self.linear(&format!("{p}.self_attn.k_proj"), kv, h, c.attention_bias)?,
-            v_proj: self.linear(&format!("{p}.self_attn.v_proj"), kv, h, c.attention_bias)?,
-            o_proj: self.linear(&format!("{p}.self_attn.o_proj"), h, q, c.attention_bias)?,
-            post_attention_layernorm: self.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            gate_proj: self.linear(&format!("{p}.mlp.gate_proj"), ff, h, c.mlp_bias)?,
-            up_proj: self.linear(&format!("{p}.mlp.up_proj"), ff, h, c.mlp_bias)?,
-            down_proj: self.linear(&format!("{p}.mlp.down_proj"), h, ff, c.mlp_bias)?,
-        })
-    }
-}
 
 /// RoPE inverse frequencies, computed as transformers computes them (in f32).
 fn inverse_frequencies(config: &Config, freq_factors: Option<&Tensor>) -> Result<Tensor> {
@@ -265,24 +245,36 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 impl Llama {
     /// Builds the model from checkpoint tensors; every expected tensor must be present with the config's shape,
     /// and no unexpected tensor may be left over.
-    pub fn from_weights(config: Config, mut weights: Weights) -> Result<Self> {
+    pub fn from_weights(config: Config, weights: Weights) -> Result<Self> {
+        Self::from_quantized_weights(config, weights, &QuantTypes::new())
+    }
+
+    /// [`Llama::from_weights`] where the matrices named in `quant` hold GGML blocks of that type (`[rows, row
+    /// bytes]` u8 tensors on the CPU) that the decode kernels compute on as they are.
+    pub fn from_quantized_weights(config: Config, mut weights: Weights, quant: &QuantTypes) -> Result<Self> {
         config.validate()?;
         let freq_factors = weights.remove("rope_freqs.weight");
         let mut taker = Taker {
             weights: &mut weights,
+            quant,
             config: &config,
         };
         let (v, h) = (config.vocab_size, config.hidden_size);
-        let embed_tokens = taker.take("model.embed_tokens.weight", &[v, h])?;
+        let embed_name = "model.embed_tokens.weight";
+        let embed_tokens = taker.take(embed_name, &[v, h])?;
+        let embed_quant = quant.get(embed_name).copied();
         let layers = (0..config.num_layers)
             .map(|i| taker.layer(i))
             .collect::<Result<Vec<_>>>()?;
         let norm = taker.take("model.norm.weight", &[h])?;
-        let lm_head_weight = if config.tie_word_embeddings {
+        let (lm_head_weight, lm_head_quant) = if config.tie_word_embeddings {
             let _ = taker.weights.remove("lm_head.weight");
-            embed_tokens.shallow_clone()
+            (embed_tokens.shallow_clone(), embed_quant)
         } else {
-            taker.take("lm_head.weight", &[v, h])?
+            (
+                taker.take("lm_head.weight", &[v, h])?,
+                quant.get("lm_head.weight").copied(),
+            )
         };
         if let Some(extra) = weights
             .keys()
@@ -296,15 +288,18 @@ impl Llama {
         let inv_freq =
             inverse_frequencies(&config, freq_factors.as_ref())?.f_to_device(embed_tokens.device())?;
         let table_len = config.max_position_embeddings.min(ROPE_TABLE_POSITIONS);
-        let (rope_cos, rope_sin) = compute_rope(&inv_freq, 0, table_len, embed_tokens.kind())?;
+        // The compute dtype is the norms' (a quantized model's matrices are bytes).
+        let (rope_cos, rope_sin) = compute_rope(&inv_freq, 0, table_len, norm.kind())?;
         Ok(Self {
             config,
             embed_tokens,
+            embed_quant,
             layers,
             norm,
             lm_head: Linear {
                 weight: lm_head_weight,
                 bias: None,
+                quant: lm_head_quant,
             },
             inv_freq,
             rope_cos,
@@ -364,8 +359,29 @@ impl Llama {
         self.embed_tokens.device()
     }
 
+    /// The dtype activations are computed and rounded in (f32 for a quantized model).
     pub fn kind(&self) -> Kind {
-        self.embed_tokens.kind()
+        self.norm.kind()
+    }
+
+    /// Whether any matrix is kept as quantized blocks.
+    pub fn is_quantized(&self) -> bool {
+        self.embed_quant.is_some()
+            || self.lm_head.quant.is_some()
+            || self
+                .layers
+                .iter()
+                .any(|l| l.linears().iter().any(|lin| lin.quant.is_some()))
+    }
+
+    /// Bytes the weights take in memory (what a decode step reads).
+    pub fn weight_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        let linears = self.layers.iter().flat_map(|l| l.linears());
+        let tied = self.config.tie_word_embeddings;
+        bytes(&self.embed_tokens)
+            + if tied { 0 } else { bytes(&self.lm_head.weight) }
+            + linears.map(|l| bytes(&l.weight)).sum::<usize>()
     }
 
     /// A fresh cache for one sequence, bounded by the model's context.

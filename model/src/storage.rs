@@ -36,6 +36,11 @@ pub fn bf16s(t: &Tensor) -> Option<&[u16]> {
     elements(t, Kind::BFloat16)
 }
 
+/// The bytes of a contiguous CPU u8 tensor (quantized weight blocks).
+pub fn u8s(t: &Tensor) -> Option<&[u8]> {
+    elements(t, Kind::Uint8)
+}
+
 /// The values of a contiguous CPU f32 tensor, writable. Only for tensors whose storage the caller owns alone (a
 /// KV cache's buffers, which are never handed out while this borrow lives: it holds `&mut` of their owner).
 pub fn f32s_mut(t: &mut Tensor) -> Option<&mut [f32]> {

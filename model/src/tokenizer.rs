@@ -174,6 +174,11 @@ impl Tokenizer {
         self.inner.save(path, false).map_err(tok_err)
     }
 
+    /// The tokenizer as `tokenizer.json` holds it.
+    pub fn to_json(&self) -> Result<Json> {
+        serde_json::to_value(&self.inner).map_err(tok_err)
+    }
+
     /// Builds the tokenizer a GGUF file describes (`tokenizer.ggml.model` `gpt2` or `llama`).
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let json = gguf_tokenizer_json(file)?;
@@ -285,6 +290,15 @@ fn byte_level_pre_tokenizer(pre: &str) -> Json {
         "qwen2" | "deepseek-r1-qwen" => split(QWEN2),
         _ => byte_level(true),
     }
+}
+
+/// llama.cpp's pre-tokenizer name for a byte-level pre-tokenizer: the one whose rules [`byte_level_pre_tokenizer`]
+/// rebuilds exactly, else `default`.
+pub fn pre_tokenizer_name(pre: &Json) -> &'static str {
+    ["smollm", "llama-bpe", "qwen2"]
+        .into_iter()
+        .find(|name| byte_level_pre_tokenizer(name) == *pre)
+        .unwrap_or("default")
 }
 
 fn string_array<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {

@@ -9,12 +9,17 @@ use tch::{Device, Kind, Tensor};
 use crate::config::Config;
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
+use crate::quant::GgmlType;
 
 /// Where and in which precision to place weights.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
+    /// The dtype of dense weights and of the activations.
     pub dtype: Kind,
     pub device: Device,
+    /// Keep a GGUF file's quantized matrices as their blocks (on the CPU, for the types with a kernel) instead of
+    /// dequantizing them to `dtype`.
+    pub keep_quantized: bool,
 }
 
 impl Default for LoadOptions {
@@ -22,11 +27,14 @@ impl Default for LoadOptions {
         Self {
             dtype: Kind::Float,
             device: Device::Cpu,
+            keep_quantized: false,
         }
     }
 }
 
 pub type Weights = HashMap<String, Tensor>;
+/// The GGML block type of each weight kept quantized (a `[rows, row bytes]` u8 tensor), by HF name.
+pub type QuantTypes = HashMap<String, GgmlType>;
 
 fn safetensors_kind(dtype: safetensors::Dtype) -> Option<Kind> {
     use safetensors::Dtype;
@@ -262,7 +270,7 @@ pub fn read_hf_dir(dir: &Path, opts: LoadOptions) -> Result<Weights> {
 }
 
 /// GGUF tensor name → HF checkpoint name.
-fn hf_name(gguf: &str) -> Option<String> {
+pub(crate) fn hf_name(gguf: &str) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -306,30 +314,53 @@ pub fn unpermute_rows(t: &Tensor, n_heads: usize) -> Result<Tensor> {
         .f_reshape(&shape)?)
 }
 
-/// Reads and dequantizes every tensor of a LLaMA GGUF file under HF names.
-pub fn read_gguf(file: &GgufFile, cfg: &Config, opts: LoadOptions) -> Result<Weights> {
+/// Reads every tensor of a LLaMA GGUF file under HF names: matrices of a type with a kernel stay as their blocks
+/// when `opts.keep_quantized` (on the CPU), everything else is dequantized to `opts.dtype`.
+pub fn read_gguf(file: &GgufFile, cfg: &Config, opts: LoadOptions) -> Result<(Weights, QuantTypes)> {
     let mut out = Weights::new();
+    let mut quant = QuantTypes::new();
     for info in &file.tensors {
         let name = hf_name(&info.name).ok_or_else(|| ModelError::Tensor {
             path: file.path().into(),
             name: info.name.clone(),
             detail: "is not a LLaMA tensor camelid knows".into(),
         })?;
-        let values = file.dequantize(info)?;
-        let mut t = Tensor::f_from_slice(&values)?.f_reshape(info.torch_shape())?;
+        let ty = info.ggml_type;
+        let shape = info.torch_shape();
+        let blocks = opts.keep_quantized
+            && opts.device == Device::Cpu
+            && crate::cpu_gemv::qdot::has_kernel(ty)
+            && shape.len() == 2;
+        let mut t = if blocks {
+            // `[rows, row bytes]`: GGML blocks run along a row, so rows can be permuted as they are.
+            let bytes = file.tensor_bytes(info);
+            let expected = ty.byte_size(info.element_count());
+            if expected != Some(bytes.len() as u64) {
+                return Err(ModelError::Tensor {
+                    path: file.path().into(),
+                    name: info.name.clone(),
+                    detail: format!("holds {} bytes, not whole {ty:?} rows", bytes.len()),
+                });
+            }
+            quant.insert(name.clone(), ty);
+            Tensor::f_from_slice(bytes)?.f_reshape([shape[0], -1])?
+        } else {
+            let values = file.dequantize(info)?;
+            Tensor::f_from_slice(&values)?.f_reshape(shape)?
+        };
         if name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.q_proj.bias") {
             t = unpermute_rows(&t, cfg.num_heads)?;
         } else if name.ends_with("self_attn.k_proj.weight") || name.ends_with("self_attn.k_proj.bias") {
             t = unpermute_rows(&t, cfg.num_kv_heads)?;
         }
-        let t = if name == "rope_freqs.weight" {
+        let t = if name == "rope_freqs.weight" || quant.contains_key(&name) {
             t
         } else {
             t.f_to_kind(opts.dtype)?
         };
         out.insert(name, t.f_to_device(opts.device)?);
     }
-    Ok(out)
+    Ok((out, quant))
 }
 
 fn safetensors_dtype(kind: Kind) -> Result<safetensors::Dtype> {

@@ -244,7 +244,8 @@ fn gguf_with_llama_cpp_layout_loads_back_to_the_same_model() {
             (read_config.num_heads, read_config.num_kv_heads),
             (config.num_heads, config.num_kv_heads)
         );
-        let weights = camelid_model::weights::read_gguf(&file, &read_config, Default::default()).unwrap();
+        let (weights, _) =
+            camelid_model::weights::read_gguf(&file, &read_config, Default::default()).unwrap();
         let back = Llama::from_weights(read_config, weights).unwrap();
         let ids = tokens(10, config.vocab_size);
         let diff = max_diff(&full_logits(&model, &ids), &full_logits(&back, &ids));

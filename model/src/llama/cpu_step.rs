@@ -14,9 +14,10 @@
 use tch::{Device, Kind, Tensor};
 
 use super::{Linear, Llama, compute_rope};
-use crate::cpu_gemv::{DecodePool, MAX_ROWS};
+use crate::cpu_gemv::{DecodePool, MAX_ROWS, WeightRef, qdot};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, with_views};
+use crate::quant::GgmlType;
 use crate::storage;
 
 /// The dtype intermediates are stored in: f32 keeps them, bf16 rounds them (to nearest, ties to even, as
@@ -75,24 +76,18 @@ impl Llama {
     /// matrix the kernel reads.
     fn cpu_step_applies(&self) -> bool {
         let kernel_weight = |t: &Tensor| storage::f32s(t).is_some() || storage::bf16s(t).is_some();
-        let linear = |l: &Linear| kernel_weight(&l.weight) && l.bias.as_ref().is_none_or(kernel_weight);
+        let matrix = |t: &Tensor, quant: Option<GgmlType>| match quant {
+            Some(ty) => qdot::has_kernel(ty) && storage::u8s(t).is_some(),
+            None => kernel_weight(t),
+        };
+        let linear = |l: &Linear| matrix(&l.weight, l.quant) && l.bias.as_ref().is_none_or(kernel_weight);
         self.device() == Device::Cpu
             && matches!(self.kind(), Kind::Float | Kind::BFloat16)
-            && kernel_weight(&self.embed_tokens)
+            && matrix(&self.embed_tokens, self.embed_quant)
             && kernel_weight(&self.norm)
             && linear(&self.lm_head)
             && self.layers.iter().all(|l| {
-                [
-                    &l.q_proj,
-                    &l.k_proj,
-                    &l.v_proj,
-                    &l.o_proj,
-                    &l.gate_proj,
-                    &l.up_proj,
-                    &l.down_proj,
-                ]
-                .into_iter()
-                .all(linear)
+                l.linears().into_iter().all(linear)
                     && kernel_weight(&l.input_layernorm)
                     && kernel_weight(&l.post_attention_layernorm)
             })
@@ -170,7 +165,13 @@ impl Llama {
                     "token id {t} is outside the vocabulary of {vocab}"
                 )));
             }
-            x.extend(kernel(values_at(&self.embed_tokens, t * hidden, hidden))?);
+            match self.embed_quant {
+                Some(ty) => {
+                    let row = super::dequantized_rows(&self.embed_tokens, ty, Some(&[t]))?;
+                    x.extend(Vec::<f32>::try_from(row.f_flatten(0, -1)?)?);
+                }
+                None => x.extend(kernel(values_at(&self.embed_tokens, t * hidden, hidden))?),
+            }
         }
         Ok(x)
     }
@@ -290,7 +291,7 @@ impl Llama {
         pool: &DecodePool<'a>,
         precision: Precision,
     ) -> Result<Vec<f32>> {
-        let weights: Vec<&'a Tensor> = linears.iter().map(|l| &l.weight).collect();
+        let weights: Vec<WeightRef<'a>> = linears.iter().map(|l| l.weight_ref()).collect();
         let cols = input.len() / batch.max(1);
         let mut out = Vec::new();
         // The kernel takes up to MAX_ROWS rows at a time; a row's values do not depend on the rows beside it.

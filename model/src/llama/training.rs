@@ -17,7 +17,23 @@ pub struct RopeTables {
 impl Llama {
     /// Token embeddings `[batch, t, hidden]` of `tokens` (`[batch, t]`, i64).
     pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
-        Ok(Tensor::f_embedding(&self.embed_tokens, tokens, -1, false, false)?)
+        let Some(ty) = self.embed_quant else {
+            return Ok(Tensor::f_embedding(&self.embed_tokens, tokens, -1, false, false)?);
+        };
+        // A quantized table: only the rows asked for are dequantized.
+        let ids = Vec::<i64>::try_from(tokens.f_flatten(0, -1)?)?;
+        let vocab = self.config.vocab_size;
+        let rows = ids
+            .iter()
+            .map(|&t| usize::try_from(t).ok().filter(|&t| t < vocab))
+            .collect::<Option<Vec<usize>>>()
+            .ok_or_else(|| {
+                ModelError::InvalidRequest(format!("a token id is outside the vocabulary of {vocab}"))
+            })?;
+        let mut shape = tokens.size();
+        shape.push(self.config.hidden_size as i64);
+        let values = super::dequantized_rows(&self.embed_tokens, ty, Some(&rows))?;
+        Ok(values.f_to_device(tokens.device())?.f_view(&shape[..])?)
     }
 
     /// RoPE tables for a training sequence of `len` positions from 0, to pass to [`Llama::decoder_layer`].

@@ -9,6 +9,9 @@ use tch::{Device, Kind};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DType {
+    /// A GGUF file's own types on the CPU (quantized matrices computed on as blocks, the rest f32); f32 for an
+    /// HF directory on the CPU, bf16 on CUDA.
+    Auto,
     F32,
     Bf16,
 }
@@ -25,7 +28,8 @@ pub struct ModelArgs {
     /// An HF model directory or a .gguf file (default: CAMELID_MODEL, else SmolLM2-135M-Instruct from .venv).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Weight precision (default: f32 on CPU, bf16 on CUDA).
+    /// Weight precision (default: auto, which keeps a GGUF file's quantized types on the CPU, else f32 on CPU and
+    /// bf16 on CUDA).
     #[arg(long, value_enum)]
     pub dtype: Option<DType>,
     #[arg(long, value_enum, default_value = "auto")]
@@ -81,10 +85,14 @@ impl ModelArgs {
             DeviceArg::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
             DeviceArg::Cuda => return Err(LoadError::NoCuda),
         };
+        let auto = matches!(self.dtype, None | Some(DType::Auto));
         let dtype = match (self.dtype, device) {
-            (Some(DType::F32), _) | (None, Device::Cpu) => Kind::Float,
+            (Some(DType::F32), _) => Kind::Float,
+            (Some(DType::Bf16), _) => Kind::BFloat16,
+            (_, Device::Cpu) => Kind::Float,
             _ => Kind::BFloat16,
         };
+        let keep_quantized = auto && device == Device::Cpu;
         let path = self.path()?;
         let template = match self.template.as_deref() {
             None => None,
@@ -101,16 +109,24 @@ impl ModelArgs {
             }),
         };
         let started = std::time::Instant::now();
-        let mut loaded =
-            camelid_model::load(&path, LoadOptions { dtype, device }).map_err(|source| LoadError::Model {
-                path: path.clone(),
-                source,
-            })?;
+        let mut loaded = camelid_model::load(
+            &path,
+            LoadOptions {
+                dtype,
+                device,
+                keep_quantized,
+            },
+        )
+        .map_err(|source| LoadError::Model {
+            path: path.clone(),
+            source,
+        })?;
         if let Some(template) = template {
             loaded.set_template(template);
         }
         tracing::info!(
-            model = %path.display(), ?device, ?dtype, template = loaded.template.name(),
+            model = %path.display(), ?device, ?dtype, quantized = loaded.model.is_quantized(),
+            weight_mb = loaded.model.weight_bytes() >> 20, template = loaded.template.name(),
             seconds = format!("{:.2}", started.elapsed().as_secs_f64()), "model loaded"
         );
         Ok(loaded)

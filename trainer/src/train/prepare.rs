@@ -149,6 +149,8 @@ pub fn load_model(
         LoadOptions {
             dtype: Kind::Float,
             device,
+            // Training updates every weight: quantized blocks are dequantized.
+            keep_quantized: false,
         },
     )?;
     if let Some(name) = &cfg.template {

@@ -1,0 +1,73 @@
+//! Taking a model's tensors out of a checkpoint by name, checking each shape against the config.
+
+use tch::Tensor;
+
+use super::{Layer, Linear};
+use crate::config::Config;
+use crate::error::{ModelError, Result};
+use crate::weights::{QuantTypes, Weights};
+
+pub(super) struct Taker<'a> {
+    pub(super) weights: &'a mut Weights,
+    pub(super) quant: &'a QuantTypes,
+    pub(super) config: &'a Config,
+}
+
+impl Taker<'_> {
+    pub(super) fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.weights.remove(name).ok_or_else(|| {
+            ModelError::Unsupported(format!(
+                "checkpoint has no tensor {name} (is it a LLaMA checkpoint?)"
+            ))
+        })?;
+        let mut expected: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        // A quantized matrix holds its rows as blocks: `[rows, row bytes]`.
+        if let (Some(ty), [_, cols]) = (self.quant.get(name), &mut expected[..]) {
+            *cols = ty.byte_size(*cols as u64).map_or(-1, |b| b as i64);
+        }
+        if t.size() != expected {
+            return Err(ModelError::Unsupported(format!(
+                "tensor {name} has shape {:?}, the config implies {expected:?}",
+                t.size()
+            )));
+        }
+        Ok(t)
+    }
+
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let weight = self.take(&name, &[out, inp])?;
+        let bias = if bias {
+            Some(self.take(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight,
+            bias,
+            quant: self.quant.get(&name).copied(),
+        })
+    }
+
+    pub(super) fn layer(&mut self, i: usize) -> Result<Layer> {
+        let c = self.config;
+        let (h, q, kv, ff) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+            c.intermediate_size,
+        );
+        let p = format!("model.layers.{i}");
+        Ok(Layer {
+            input_layernorm: self.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+            q_proj: self.linear(&format!("{p}.self_attn.q_proj"), q, h, c.attention_bias)?,
+            k_proj: self.linear(&format!("{p}.self_attn.k_proj"), kv, h, c.attention_bias)?,
+            v_proj: self.linear(&format!("{p}.self_attn.v_proj"), kv, h, c.attention_bias)?,
+            o_proj: self.linear(&format!("{p}.self_attn.o_proj"), h, q, c.attention_bias)?,
+            post_attention_layernorm: self.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            gate_proj: self.linear(&format!("{p}.mlp.gate_proj"), ff, h, c.mlp_bias)?,
+            up_proj: self.linear(&format!("{p}.mlp.up_proj"), ff, h, c.mlp_bias)?,
+            down_proj: self.linear(&format!("{p}.mlp.down_proj"), h, ff, c.mlp_bias)?,
+        })
+    }
+}
