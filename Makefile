@@ -29,7 +29,7 @@ demo: setup build-release
 	@echo
 	@echo "== fine-tune SmolLM2 on examples/data/mascot.jsonl (examples/train-demo.yaml) =="
 	@echo "Q: $(DEMO_FACT_QUESTION)"
-	@echo -n "before: "; target/release/camelid generate --temperature 0 --max-tokens 40 --prompt "$(DEMO_FACT_QUESTION)" 2>/dev/null
+	@echo -n "before: "; target/release/camelid generate --dtype f32 --temperature 0 --max-tokens 40 --prompt "$(DEMO_FACT_QUESTION)" 2>/dev/null
 	target/release/camelid-trainer train --config examples/train-demo.yaml --resume never
 	@echo -n "after:  "; target/release/camelid generate --model target/demo/finetuned --temperature 0 --max-tokens 40 --prompt "$(DEMO_FACT_QUESTION)" 2>/dev/null
 	@echo
@@ -104,11 +104,16 @@ bench-deps: $(BENCH_STAMP)
 $(BENCH_STAMP): bench/requirements.txt $(STAMP)
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q wrk; }
 	$(PY) -m pip install -q -r bench/requirements.txt
+	# llama.cpp for bench/quant_decode.py, built from source for AVX2 (a native build dies with an illegal
+	# instruction on some of these machines); the build takes 10 to 30 minutes on 2 cores.
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+		$(PY) -m pip install -q llama-cpp-python==0.3.36
 	@touch $@
 
 bench: setup bench-deps build-release
 	cargo build --release -p camelid-gateway --examples
 	$(PY) bench/decode_speed.py --camelid target/release/camelid
+	$(PY) bench/quant_decode.py --camelid target/release/camelid
 	$(PY) bench/train_speed.py --trainer target/release/camelid-trainer
 	$(PY) bench/fsdp_speed.py --trainer target/release/camelid-trainer
 	$(PY) bench/serve_speed.py --camelid target/release/camelid

@@ -105,17 +105,20 @@ pub fn generate<'m>(
     let mut sampler = Sampler::new(request.sampling.clone())?;
     let max_new = request.max_tokens.min(context - prompt_tokens);
     let _guard = tch::no_grad_guard();
-    let start = Instant::now();
     let mut cache = model.new_cache();
-    let first_logits = model.forward_last(&request.prompt_ids, &mut cache)?;
-    let prefill_time = start.elapsed();
-    let decode_start = Instant::now();
+    let mut prefill_time = std::time::Duration::ZERO;
+    let mut decode_start = Instant::now();
 
     let decode = |ids: &[u32]| tokenizer.decode(ids, true);
     let mut stream = TokenTextStream::new(&request.stop, request.eos_token_ids.clone(), max_new);
     let mut text = String::new();
-    let decode_loop = |pool: Option<&DecodePool<'m>>| -> Result<FinishReason> {
-        let mut logits = first_logits;
+    let mut decode_loop = |pool: Option<&DecodePool<'m>>| -> Result<FinishReason> {
+        // The prompt runs on the pool too when the model's matrices are quantized blocks: libtorch would
+        // dequantize every matrix, and the worker, which prefills on the pool, would compute other numbers.
+        let start = Instant::now();
+        let mut logits = model.forward_last_in(&request.prompt_ids, &mut cache, pool)?;
+        prefill_time = start.elapsed();
+        decode_start = Instant::now();
         loop {
             let mut values = Vec::<f32>::try_from(&logits.f_to_device(tch::Device::Cpu)?)?;
             let next = sampler.sample(&mut values, &request.prompt_ids, stream.generated());

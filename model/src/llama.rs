@@ -611,14 +611,17 @@ impl Llama {
         self.forward_last_in(tokens, cache, None)
     }
 
-    /// [`Llama::forward_last`] with single-token projections on a [`DecodePool`] (CPU decoding).
+    /// [`Llama::forward_last`] with single-token projections on a [`DecodePool`] (CPU decoding), and whole prompts
+    /// too when the matrices are quantized blocks (the pool's kernels compute on them; libtorch's GEMM, faster for
+    /// dense prompts, would need them dequantized).
     pub fn forward_last_in<'a>(
         &'a self,
         tokens: &[u32],
         cache: &mut KvCache,
         pool: Option<&DecodePool<'a>>,
     ) -> Result<Tensor> {
-        if let (Some(pool), [_]) = (pool, tokens)
+        if let Some(pool) = pool
+            && (tokens.len() == 1 || self.is_quantized())
             && let Some(logits) = self.cpu_step(&[tokens], &mut [&mut *cache], pool)?
         {
             return Ok(Tensor::f_from_slice(&logits)?);
