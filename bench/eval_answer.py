@@ -305,8 +305,9 @@ def main():
         gguf = smollm2_gguf()
         port, admin_port = free_port(), free_port()
         base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
-        procs = [start([str(camelid), "serve", "--model", str(gguf), "--port", str(port), "--admin-port", str(admin_port),
-                        "--served-model-name", MODEL], log)]
+        # f32: the answers FastChat's transformers worker gives (the default would compute on the Q4_1 blocks).
+        procs = [start([str(camelid), "serve", "--model", str(gguf), "--dtype", "f32", "--port", str(port),
+                        "--admin-port", str(admin_port), "--served-model-name", MODEL], log)]
         try:
             wait_ready(procs[0], base + "/readyz")
             warm_up(base)

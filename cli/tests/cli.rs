@@ -60,7 +60,15 @@ fn greedy_generate_prints_only_the_completion() {
 #[test]
 fn chat_streams_and_keeps_the_conversation() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_camelid"))
-        .args(["chat", "--dtype", "f32", "--temperature", "0", "--max-tokens", "24"])
+        .args([
+            "chat",
+            "--dtype",
+            "f32",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+        ])
         .env("CAMELID_LOG", "warn")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
