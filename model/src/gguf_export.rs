@@ -17,6 +17,7 @@ use crate::gguf::writer::{RawTensor, to_bytes};
 use crate::quant::GgmlType;
 use crate::quantize::quantize;
 use crate::template::{ChatTemplate, VICUNA_JINJA};
+use crate::weights::{FIXED_NAMES, LAYER_MODULES};
 use crate::{LoadedModel, tokenizer};
 
 /// What [`write_quantized_gguf`] wrote: each tensor's type, and the file's size.
@@ -253,33 +254,16 @@ fn permute_rows(t: &Tensor, n_heads: usize) -> Result<Tensor> {
         .f_reshape(&shape)?)
 }
 
-/// The GGML name of an HF LLaMA parameter: the inverse of the loader's mapping.
+/// The GGML name of an HF LLaMA parameter: the loader's mapping read the other way.
 pub fn gguf_name(hf: &str) -> Option<String> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(name) = fixed {
-        return Some(name.to_string());
+    if let Some((gguf, _)) = FIXED_NAMES.iter().find(|(_, h)| *h == hf) {
+        return Some(gguf.to_string());
     }
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, suffix) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, kind) = suffix.rsplit_once('.')?;
-    let gguf = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
+    let (gguf, _) = LAYER_MODULES.iter().find(|(_, h)| *h == module)?;
     Some(format!("blk.{layer}.{gguf}.{kind}"))
 }
 
