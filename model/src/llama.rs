@@ -14,7 +14,7 @@ mod batch;
 mod cpu_step;
 mod quantized;
 mod taker;
-use quantized::{dequantized, dequantized_rows};
+use quantized::{dequantized, dequantized_rows, row_values};
 use taker::Taker;
 mod training;
 pub use training::RopeTables;

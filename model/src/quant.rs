@@ -76,7 +76,7 @@ impl GgmlType {
     }
 }
 
-fn f16_at(b: &[u8], i: usize) -> f32 {
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
@@ -175,13 +175,13 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, String> {
 }
 
 /// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K block (`get_scale_min_k4` in ggml).
-fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
-        (f32::from(q[j] & 63), f32::from(q[j + 4] & 63))
+        (q[j] & 63, q[j + 4] & 63)
     } else {
         (
-            f32::from((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4)),
-            f32::from((q[j + 4] >> 4) | ((q[j] >> 6) << 4)),
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
         )
     }
 }
@@ -193,7 +193,8 @@ fn dequantize_q4k_q5k_block(head: &[u8], qh: Option<&[u8]>, qs: &[u8], out: &mut
     for (chunk, ql) in qs.chunks_exact(32).enumerate() {
         let (sc1, m1) = scale_min_k4(2 * chunk, scales);
         let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
-        let (d1, min1, d2, min2) = (d * sc1, dmin * m1, d * sc2, dmin * m2);
+        let (d1, min1) = (d * f32::from(sc1), dmin * f32::from(m1));
+        let (d2, min2) = (d * f32::from(sc2), dmin * f32::from(m2));
         let high =
             |l: usize, bit: usize| qh.map_or(0.0, |qh| if qh[l] & (1 << bit) != 0 { 16.0 } else { 0.0 });
         out.extend((0..32).map(|l| d1 * (f32::from(ql[l] & 0x0F) + high(l, 2 * chunk)) - min1));

@@ -13,7 +13,7 @@ use std::ops::Range;
 
 use half::f16;
 
-use crate::quant::GgmlType;
+use crate::quant::{GgmlType, f16_at, scale_min_k4};
 
 /// Values per block of the 32-value types and their Q8 activations.
 pub(crate) const QK: usize = 32;
@@ -29,10 +29,6 @@ pub fn has_kernel(ty: GgmlType) -> bool {
 /// Whether `ty`'s products take Q8_K activations (256-value blocks) rather than Q8 ones (32-value blocks).
 pub(crate) fn uses_q8k(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K)
-}
-
-pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
 /// Input rows quantized to Q8 blocks of 32: per block a scale `d` (rounded through f16, as ggml stores it),
@@ -288,18 +284,6 @@ struct KBlock {
     dmin: f32,
     scales: [i32; 16],
     mins: [i32; 16],
-}
-
-/// The 6-bit scale and minimum of sub-block `j` (of 32 values) of a Q4_K/Q5_K block (`get_scale_min_k4`).
-pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
-    }
 }
 
 /// Unpacks block `b` of type `ty` into `q` (256 integer values) and its scales.

@@ -91,7 +91,7 @@ struct Q4_1;
 /// The f16 at `b[i..i + 2]` as f32, by the F16C instruction (a software conversion per block would cost as much
 /// as the block's products).
 #[inline(always)]
-unsafe fn f16_at(b: &[u8], i: usize) -> f32 {
+pub(super) unsafe fn f16_at(b: &[u8], i: usize) -> f32 {
     let bits = u16::from_le_bytes([b[i], b[i + 1]]);
     // SAFETY: the caller has F16C.
     unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits)))) }
@@ -248,7 +248,7 @@ fn tile<B: Block, const N: usize, const M: usize>(w: [&[u8]; N], x: [Q8Row<'_>; 
 
 /// The sum of eight lanes, as one fixed tree.
 #[target_feature(enable = "avx2,fma")]
-fn hsum(v: __m256) -> f32 {
+pub(super) fn hsum(v: __m256) -> f32 {
     let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let h = _mm_hadd_ps(h, h);
     _mm_cvtss_f32(_mm_hadd_ps(h, h))

@@ -7,15 +7,15 @@
 //! One weight row and one input row at a time: a pair is summed the same way alone or in a batch.
 
 use std::arch::x86_64::{
-    __m256i, _mm_add_ps, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32, _mm_hadd_ps, _mm_loadl_epi64,
-    _mm256_add_epi32, _mm256_and_si256, _mm256_castps256_ps128, _mm256_cvtepi32_ps, _mm256_cvtepu8_epi32,
-    _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16,
-    _mm256_mullo_epi32, _mm256_or_si256, _mm256_set_epi16, _mm256_set1_epi8, _mm256_set1_epi16,
-    _mm256_set1_ps, _mm256_setzero_ps, _mm256_setzero_si256, _mm256_slli_epi16, _mm256_srli_epi16,
+    __m256i, _mm_loadl_epi64, _mm256_add_epi32, _mm256_and_si256, _mm256_cvtepi32_ps, _mm256_cvtepu8_epi32,
+    _mm256_fmadd_ps, _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_mullo_epi32,
+    _mm256_or_si256, _mm256_set_epi16, _mm256_set1_epi8, _mm256_set1_epi16, _mm256_set1_ps,
+    _mm256_setzero_ps, _mm256_setzero_si256, _mm256_slli_epi16, _mm256_srli_epi16,
 };
 use std::ops::Range;
 
 use super::qdot::{Q8KRow, Q8KRows, QK_K};
+use super::qdot_avx2::{f16_at, hsum};
 use crate::quant::GgmlType;
 
 pub(crate) fn handles(ty: GgmlType) -> bool {
@@ -51,20 +51,6 @@ pub(crate) fn products(
             };
         }
     }
-}
-
-#[inline(always)]
-unsafe fn f16_at(b: &[u8], i: usize) -> f32 {
-    let bits = u16::from_le_bytes([b[i], b[i + 1]]);
-    // SAFETY: the caller has F16C.
-    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits)))) }
-}
-
-#[target_feature(enable = "avx2,fma")]
-fn hsum_epi32_as_f32(v: std::arch::x86_64::__m256) -> f32 {
-    let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let h = _mm_hadd_ps(h, h);
-    _mm_cvtss_f32(_mm_hadd_ps(h, h))
 }
 
 /// The eight 6-bit scales and minimums of a Q4_K/Q5_K block from its 12 packed bytes, as ggml unpacks them:
@@ -179,7 +165,7 @@ unsafe fn dot_q45k(w: &[u8], x: Q8KRow<'_>, fifth: bool) -> f32 {
             );
         }
     }
-    hsum_epi32_as_f32(acc)
+    hsum(acc)
 }
 
 /// A Q6_K row against a Q8_K row.
@@ -240,7 +226,7 @@ unsafe fn dot_q6k(w: &[u8], x: Q8KRow<'_>) -> f32 {
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum_epi32_as_f32(acc)
+    hsum(acc)
 }
 
 #[cfg(test)]
@@ -256,7 +242,7 @@ mod tests {
         for j in 0..8 {
             assert_eq!(
                 (sc[j], m[j]),
-                super::super::qdot::scale_min_k4(j, &packed),
+                crate::quant::scale_min_k4(j, &packed),
                 "sub-block {j}"
             );
         }

@@ -166,10 +166,7 @@ impl Llama {
                 )));
             }
             match self.embed_quant {
-                Some(ty) => {
-                    let row = super::dequantized_rows(&self.embed_tokens, ty, Some(&[t]))?;
-                    x.extend(Vec::<f32>::try_from(row.f_flatten(0, -1)?)?);
-                }
+                Some(ty) => x.extend(super::row_values(&self.embed_tokens, ty, t)?),
                 None => x.extend(kernel(values_at(&self.embed_tokens, t * hidden, hidden))?),
             }
         }

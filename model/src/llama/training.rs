@@ -32,7 +32,7 @@ impl Llama {
             })?;
         let mut shape = tokens.size();
         shape.push(self.config.hidden_size as i64);
-        let values = super::dequantized_rows(&self.embed_tokens, ty, Some(&rows))?;
+        let values = super::dequantized_rows(&self.embed_tokens, ty, &rows)?;
         Ok(values.f_to_device(tokens.device())?.f_view(&shape[..])?)
     }
 
