@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod gguf_export;
 pub mod kv_cache;
 pub mod llama;
+pub mod lora;
 pub mod quant;
 pub mod quantize;
 pub mod sampling;

@@ -12,6 +12,7 @@ use crate::weights::{QuantTypes, Weights};
 
 mod batch;
 mod cpu_step;
+mod lora;
 mod quantized;
 mod taker;
 use quantized::{dequantized, dequantized_rows, row_values};
@@ -26,16 +27,22 @@ struct Linear {
     bias: Option<Tensor>,
     /// The GGML block type of a quantized `weight`.
     quant: Option<GgmlType>,
+    /// A LoRA adapter's pair attached for training (see [`Llama::attach_lora`]).
+    lora: Option<lora::Attached>,
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self.quant {
-            None => Ok(x.f_linear(&self.weight, self.bias.as_ref())?),
+        let y = match self.quant {
+            None => x.f_linear(&self.weight, self.bias.as_ref())?,
             Some(ty) => {
                 let w = dequantized(&self.weight, ty)?.f_to_kind(x.kind())?;
-                Ok(x.f_linear(&w, self.bias.as_ref())?)
+                x.f_linear(&w, self.bias.as_ref())?
             }
+        };
+        match &self.lora {
+            None => Ok(y),
+            Some(adapter) => adapter.add_to(x, y),
         }
     }
 
@@ -59,7 +66,7 @@ fn project_all<'a, const N: usize>(
 ) -> Result<[Tensor; N]> {
     let pairs: Vec<(&'a Tensor, Option<&Tensor>)> =
         layers.iter().map(|l| (&l.weight, l.bias.as_ref())).collect();
-    let dense = layers.iter().all(|l| l.quant.is_none());
+    let dense = layers.iter().all(|l| l.quant.is_none() && l.lora.is_none());
     let kernel = match pool {
         Some(pool) if dense => pool.linear_single_row_many(x, &pairs)?,
         _ => None,
@@ -300,6 +307,7 @@ impl Llama {
                 weight: lm_head_weight,
                 bias: None,
                 quant: lm_head_quant,
+                lora: None,
             },
             inv_freq,
             rope_cos,
@@ -622,7 +630,7 @@ impl Llama {
     ) -> Result<Tensor> {
         if let Some(pool) = pool
             && (tokens.len() == 1 || self.is_quantized())
-            && let Some(logits) = self.cpu_step(&[tokens], &mut [&mut *cache], pool)?
+            && let Some(logits) = self.cpu_step(&[tokens], &mut [&mut *cache], pool, &[])?
         {
             return Ok(Tensor::f_from_slice(&logits)?);
         }

@@ -8,6 +8,7 @@ use super::{Llama, apply_rope, attend_one, compute_rope, cpu_attention, project,
 use crate::cpu_gemv::DecodePool;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
+use crate::lora::LoraAdapter;
 
 impl Llama {
     /// Continues each sequence by one token: `tokens[j]` is appended to `caches[j]`. Returns the next-token logits
@@ -29,7 +30,7 @@ impl Llama {
         self.room_for_one_more(caches)?;
         let rows: Vec<&[u32]> = tokens.chunks(1).collect();
         if let Some(pool) = pool
-            && let Some(logits) = self.cpu_step(&rows, caches, pool)?
+            && let Some(logits) = self.cpu_step(&rows, caches, pool, &[])?
         {
             return Ok(Tensor::f_from_slice(&logits)?.f_view([batch as i64, -1])?);
         }
@@ -61,6 +62,19 @@ impl Llama {
         caches: &mut [&mut KvCache],
         pool: Option<&DecodePool<'a>>,
     ) -> Result<Tensor> {
+        self.forward_step_adapted(tokens, caches, pool, &[])
+    }
+
+    /// [`Llama::forward_step`] with LoRA: `adapters[j]` is sequence `j`'s adapter (None: the base model), and
+    /// sequences of different adapters share the step's pass over the base weights. Adapters run on the CPU
+    /// step (a CPU model in f32, bf16 or quantized, with a pool).
+    pub fn forward_step_adapted<'a>(
+        &'a self,
+        tokens: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        pool: Option<&DecodePool<'a>>,
+        adapters: &[Option<&LoraAdapter>],
+    ) -> Result<Tensor> {
         let n = tokens.len();
         if n == 0 || n != caches.len() || tokens.iter().any(|t| t.is_empty()) {
             return Err(ModelError::InvalidRequest(format!(
@@ -68,10 +82,24 @@ impl Llama {
                 caches.len()
             )));
         }
+        let adapted = adapters.iter().any(Option::is_some);
+        if adapted && adapters.len() != n {
+            return Err(ModelError::InvalidRequest(format!(
+                "forward_step got {} adapters for {n} sequences",
+                adapters.len()
+            )));
+        }
         if let Some(pool) = pool
-            && let Some(logits) = self.cpu_step(tokens, caches, pool)?
+            && let Some(logits) = self.cpu_step(tokens, caches, pool, adapters)?
         {
             return Ok(Tensor::f_from_slice(&logits)?.f_view([n as i64, -1])?);
+        }
+        if adapted {
+            return Err(ModelError::Unsupported(format!(
+                "LoRA adapters are served by the CPU decode step; this model runs on {:?} in {:?}",
+                self.device(),
+                self.kind()
+            )));
         }
         let (mut singles, mut chunks) = (Vec::new(), Vec::new());
         for (j, cache) in caches.iter_mut().enumerate() {

@@ -13,10 +13,12 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::lora::RowAdapters;
 use super::{Linear, Llama, compute_rope};
 use crate::cpu_gemv::{DecodePool, MAX_ROWS, WeightRef, qdot};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, with_views};
+use crate::lora::LoraAdapter;
 use crate::quant::GgmlType;
 use crate::storage;
 
@@ -80,7 +82,9 @@ impl Llama {
             Some(ty) => qdot::has_kernel(ty) && storage::u8s(t).is_some(),
             None => kernel_weight(t),
         };
-        let linear = |l: &Linear| matrix(&l.weight, l.quant) && l.bias.as_ref().is_none_or(kernel_weight);
+        let linear = |l: &Linear| {
+            matrix(&l.weight, l.quant) && l.bias.as_ref().is_none_or(kernel_weight) && l.lora.is_none()
+        };
         self.device() == Device::Cpu
             && matches!(self.kind(), Kind::Float | Kind::BFloat16)
             && matrix(&self.embed_tokens, self.embed_quant)
@@ -100,11 +104,13 @@ impl Llama {
     ///
     /// Every row is computed alone (its projections, then attention over its own sequence up to its position),
     /// so a token gets the same bits whether it is decoded, prefilled whole or in chunks, alone or in any batch.
+    /// `adapters[j]` is sequence `j`'s LoRA adapter (an empty slice: none for any).
     pub(super) fn cpu_step<'a>(
         &'a self,
         tokens: &[&[u32]],
         caches: &mut [&mut KvCache],
         pool: &DecodePool<'a>,
+        adapters: &[Option<&LoraAdapter>],
     ) -> Result<Option<Vec<f32>>> {
         let precision = match self.kind() {
             Kind::Float => Precision::F32,
@@ -123,14 +129,25 @@ impl Llama {
             .enumerate()
             .flat_map(|(seq, t)| (0..t.len()).map(move |ahead| Row { seq, ahead }))
             .collect();
+        let lora = RowAdapters {
+            rows: rows
+                .iter()
+                .map(|r| adapters.get(r.seq).copied().flatten())
+                .collect(),
+        };
         let mut x = self.embed_rows(&tokens.concat())?;
         let rope: Vec<(Vec<f32>, Vec<f32>)> = rows
             .iter()
             .map(|r| self.rope_row(caches[r.seq].len() + r.ahead))
             .collect::<Result<_>>()?;
         for i in 0..self.layers.len() {
-            self.cpu_attention_half(i, &mut x, &rows, &rope, caches, pool, precision)?;
-            self.cpu_mlp_half(i, &mut x, pool, precision)?;
+            let step = Step {
+                pool,
+                precision,
+                lora: &lora,
+            };
+            self.cpu_attention_half(i, &mut x, &rows, &rope, caches, &step)?;
+            self.cpu_mlp_half(i, &mut x, &step)?;
         }
         for (cache, t) in caches.iter_mut().zip(tokens) {
             cache.advance(t.len());
@@ -145,13 +162,12 @@ impl Llama {
         }
         let h = self.norm_rows(&last, &self.norm, precision)?;
         let lm_head = [&self.lm_head];
-        Ok(Some(self.project_rows(
-            &lm_head,
-            h,
-            tokens.len(),
+        let step = Step {
             pool,
             precision,
-        )?))
+            lora: &RowAdapters { rows: Vec::new() },
+        };
+        Ok(Some(self.project_rows(&lm_head, h, tokens.len(), &step, None)?))
     }
 
     /// The embedding rows of `tokens`, `hidden` values each.
@@ -218,14 +234,14 @@ impl Llama {
         rows: &[Row],
         rope: &[(Vec<f32>, Vec<f32>)],
         caches: &mut [&mut KvCache],
-        pool: &DecodePool<'a>,
-        precision: Precision,
+        step: &Step<'a, '_>,
     ) -> Result<()> {
+        let (pool, precision) = (step.pool, step.precision);
         let c = &self.config;
         let layer = &self.layers[i];
         let h = self.norm_rows(x, &layer.input_layernorm, precision)?;
         let qkv_proj = [&layer.q_proj, &layer.k_proj, &layer.v_proj];
-        let qkv = self.project_rows(&qkv_proj, h, rows.len(), pool, precision)?;
+        let qkv = self.project_rows(&qkv_proj, h, rows.len(), step, Some((i, &[0, 1, 2])))?;
         let (q_len, kv_len) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let mut queries = Vec::with_capacity(rows.len() * q_len);
         for ((row, values), (cos, sin)) in rows.iter().zip(qkv.chunks(q_len + 2 * kv_len)).zip(rope) {
@@ -240,23 +256,24 @@ impl Llama {
         }
         let mut attended = attend_all(caches, i, rows, &queries, pool)?;
         precision.round_all(&mut attended);
-        let out = self.project_rows(&[&layer.o_proj], attended, rows.len(), pool, precision)?;
+        let out = self.project_rows(&[&layer.o_proj], attended, rows.len(), step, Some((i, &[3])))?;
         add_residual(x, &out, precision);
         Ok(())
     }
 
     /// Layer `i`'s MLP half over every row of `x`, with its residual: `x + down(silu(gate(h)) * up(h))`.
-    fn cpu_mlp_half<'a>(
-        &'a self,
-        i: usize,
-        x: &mut [f32],
-        pool: &DecodePool<'a>,
-        precision: Precision,
-    ) -> Result<()> {
+    fn cpu_mlp_half<'a>(&'a self, i: usize, x: &mut [f32], step: &Step<'a, '_>) -> Result<()> {
+        let (pool, precision) = (step.pool, step.precision);
         let layer = &self.layers[i];
         let batch = x.len() / self.config.hidden_size;
         let h = self.norm_rows(x, &layer.post_attention_layernorm, precision)?;
-        let gate_up = self.project_rows(&[&layer.gate_proj, &layer.up_proj], h, batch, pool, precision)?;
+        let gate_up = self.project_rows(
+            &[&layer.gate_proj, &layer.up_proj],
+            h,
+            batch,
+            step,
+            Some((i, &[4, 5])),
+        )?;
         let ff = self.config.intermediate_size;
         // SwiGLU's exponentials are the costliest work between products: the rows are split over the pool.
         let parts = split_by_work(&vec![1; batch], pool.parts());
@@ -273,21 +290,23 @@ impl Llama {
             act
         };
         let act = pool.split(&swiglu).concat();
-        let out = self.project_rows(&[&layer.down_proj], act, batch, pool, precision)?;
+        let out = self.project_rows(&[&layer.down_proj], act, batch, step, Some((i, &[6])))?;
         add_residual(x, &out, precision);
         Ok(())
     }
 
     /// The projections of `input` (`batch` rows) by `linears`, each row's outputs concatenated in order, with
-    /// biases added before rounding to the dtype (as the kernel's libtorch wrapper does).
+    /// biases added before rounding to the dtype (as the kernel's libtorch wrapper does), and each row's LoRA
+    /// product when `site` names the layer and the modules' indices in [`crate::lora::LORA_MODULES`].
     fn project_rows<'a>(
         &'a self,
         linears: &[&'a Linear],
         input: Vec<f32>,
         batch: usize,
-        pool: &DecodePool<'a>,
-        precision: Precision,
+        step: &Step<'a, '_>,
+        site: Option<(usize, &[usize])>,
     ) -> Result<Vec<f32>> {
+        let (pool, precision) = (step.pool, step.precision);
         let weights: Vec<WeightRef<'a>> = linears.iter().map(|l| l.weight_ref()).collect();
         let cols = input.len() / batch.max(1);
         let mut out = Vec::new();
@@ -311,9 +330,22 @@ impl Llama {
                 row.iter_mut().zip(&bias).for_each(|(v, b)| *v += b);
             }
         }
+        if let Some((layer, modules)) = site
+            && step.lora.any()
+        {
+            let widths: Vec<usize> = linears.iter().map(|l| l.weight.size()[0] as usize).collect();
+            step.lora.add(layer, modules, &widths, &input, cols, &mut out)?;
+        }
         precision.round_all(&mut out);
         Ok(out)
     }
+}
+
+/// What every projection of one CPU step shares.
+struct Step<'a, 'b> {
+    pool: &'b DecodePool<'a>,
+    precision: Precision,
+    lora: &'b RowAdapters<'b>,
 }
 
 /// The kernel refused a tensor [`Llama::cpu_step_applies`] accepted: a broken invariant, reported, not a panic.

@@ -46,6 +46,7 @@ impl Taker<'_> {
             weight,
             bias,
             quant: self.quant.get(&name).copied(),
+            lora: None,
         })
     }
 
