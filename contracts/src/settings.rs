@@ -51,6 +51,26 @@ impl ExportDtype {
     }
 }
 
+/// What a run trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Every weight (Vicuna's recipe).
+    Full,
+    /// LoRA adapters on a frozen base; the run outputs a PEFT adapter.
+    Lora,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Full => "full",
+            Method::Lora => "lora",
+        }
+    }
+}
+
 /// What the backward pass recomputes instead of keeping from the forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "CheckpointingSetting", into = "String")]
@@ -223,6 +243,31 @@ pub struct TrainerSettings {
     #[cfg_attr(feature = "clap", arg(long, value_enum))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export_dtype: Option<ExportDtype>,
+    /// `full` (every weight) or `lora` (adapters on a frozen base; outputs a PEFT adapter).
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<Method>,
+    /// LoRA rank (default 16).
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha: the adapter's product is scaled by alpha / rank (default 32).
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the adapters' inputs while training (default 0.05).
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_dropout: Option<f64>,
+    /// Projections that get adapters: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, or
+    /// all-linear (repeatable; default all-linear).
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lora_target_modules: Vec<String>,
+    /// LoRA: also write the base with the adapter merged in, as a full HF directory under OUTPUT/merged.
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_merge: Option<bool>,
 }
 
 impl TrainerSettings {

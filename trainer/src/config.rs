@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use camelid_contracts::TrainerSettings;
-pub use camelid_contracts::settings::{Checkpointing, Device, ExportDtype, Precision};
+pub use camelid_contracts::settings::{Checkpointing, Device, ExportDtype, Method, Precision};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -45,6 +45,12 @@ pub struct TrainConfig {
     pub blocklist: Vec<String>,
     /// dtype of the exported weights: `f32` or `bf16`.
     pub export_dtype: ExportDtype,
+    pub method: Method,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub lora_target_modules: Vec<String>,
+    pub lora_merge: bool,
 }
 
 impl Default for TrainConfig {
@@ -79,6 +85,14 @@ impl Default for TrainConfig {
             min_turn_chars: 0,
             blocklist: Vec::new(),
             export_dtype: ExportDtype::F32,
+            // LoRA: rank 16 with alpha twice the rank on every linear projection (QLoRA's finding that adapting
+            // all of them is what matches full fine-tuning).
+            method: Method::Full,
+            lora_rank: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.05,
+            lora_target_modules: vec!["all-linear".into()],
+            lora_merge: false,
         }
     }
 }
@@ -153,14 +167,29 @@ impl TrainConfig {
                 "unknown template {t:?} (known: vicuna_v1.1; leave unset for the model's own)"
             ));
         }
+        if self.method == Method::Lora {
+            self.lora_config()?;
+        }
         Ok(())
+    }
+
+    /// The LoRA adapter's settings, checked (the message names the setting).
+    pub fn lora_config(&self) -> Result<camelid_model::lora::LoraConfig, String> {
+        camelid_model::lora::LoraConfig::new(
+            self.lora_rank,
+            self.lora_alpha,
+            self.lora_dropout,
+            &self.lora_target_modules,
+            false,
+        )
+        .map_err(|e| format!("--lora-*: {e}"))
     }
 
     /// The settings that decide what is computed, as hashed into checkpoints (paths, checkpoint cadence and
     /// reporting are left out: they may change between a run and its resume). The keys are part of the checkpoint
     /// format, older than the settings' names: renaming them would refuse every existing checkpoint.
     pub fn identity(&self, data_sha256: &str) -> serde_json::Value {
-        serde_json::json!({
+        let mut identity = serde_json::json!({
             "data_sha256": data_sha256,
             "epochs": self.epochs, "max_steps": self.max_steps, "seq_len": self.max_length,
             "micro_batch": self.micro_batch, "grad_accum": self.grad_accum, "lr": self.learning_rate,
@@ -169,7 +198,16 @@ impl TrainConfig {
             "max_grad_norm": self.max_grad_norm, "seed": self.seed, "group_by_length": self.group_by_length,
             "precision": self.precision, "template": self.template, "min_turn_chars": self.min_turn_chars,
             "blocklist": self.blocklist,
-        })
+        });
+        // Full runs keep the identity they always had, so their existing checkpoints still resume.
+        if self.method == Method::Lora {
+            identity["method"] = serde_json::json!("lora");
+            identity["lora"] = serde_json::json!({
+                "rank": self.lora_rank, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
+                "target_modules": self.lora_target_modules,
+            });
+        }
+        identity
     }
 }
 
@@ -252,6 +290,12 @@ mod tests {
             min_turn_chars: Some(2),
             blocklist: vec!["x".into()],
             export_dtype: Some(ExportDtype::Bf16),
+            method: Some(Method::Lora),
+            lora_rank: Some(4),
+            lora_alpha: Some(8.0),
+            lora_dropout: Some(0.1),
+            lora_target_modules: vec!["q_proj".into(), "v_proj".into()],
+            lora_merge: Some(true),
         }
     }
 

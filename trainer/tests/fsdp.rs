@@ -169,6 +169,58 @@ fn two_ranks_match_one_rank_with_the_same_global_batch_and_each_holds_half() {
     );
 }
 
+/// LoRA over a gang: every rank holds the frozen base and the same adapter, and the adapters' gradients are summed
+/// over the gang, so two ranks taking one micro-batch each train the adapter one process does with two.
+#[test]
+fn two_lora_ranks_match_one_rank_with_the_same_global_batch() {
+    let dir = scratch("lora-gang");
+    let data = dir.join("data.json");
+    write_dataset(&data, 30);
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    let common = [
+        "--method",
+        "lora",
+        "--lora-rank",
+        "4",
+        "--lora-dropout",
+        "0",
+        "--max-steps",
+        "4",
+        "--learning-rate",
+        "1e-2",
+        "--resume",
+        "never",
+    ];
+    let single = train_command(&data, &one, &[&common[..], &["--grad-accum", "2"]].concat())
+        .output()
+        .unwrap();
+    assert!(single.status.success(), "{}", stderr(&single));
+    let gang = launch_two(&data, &two, &[&common[..], &["--grad-accum", "1"]].concat())
+        .output()
+        .unwrap();
+    assert!(gang.status.success(), "{}", stderr(&gang));
+    for ((step, loss_a, lr_a, _), (_, loss_b, lr_b, _)) in step_log(&one).iter().zip(&step_log(&two)) {
+        assert!(
+            (loss_a - loss_b).abs() < 1e-4,
+            "step {step}: loss {loss_a} vs {loss_b}"
+        );
+        assert_eq!(lr_a, lr_b);
+    }
+    let read = |dir: &Path| {
+        let mut w = camelid_model::weights::Weights::new();
+        let path = dir.join("adapter_model.safetensors");
+        camelid_model::weights::read_safetensors(&path, LoadOptions::default(), &mut w).unwrap();
+        w
+    };
+    let (a, b) = (read(&one), read(&two));
+    assert_eq!(a.len(), b.len());
+    let worst = a
+        .iter()
+        .map(|(name, t)| f64::try_from((t - &b[name]).abs().max()).unwrap())
+        .fold(0.0, f64::max);
+    assert!(worst < 1e-4, "largest adapter difference {worst}");
+}
+
 #[test]
 fn a_stopped_or_broken_gang_resumes_from_its_last_complete_checkpoint() {
     let dir = scratch("fsdp-failures");

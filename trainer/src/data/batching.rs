@@ -71,6 +71,8 @@ pub struct MicroBatch {
     /// Their positions in the flattened `[batch * t]` targets (known here, so the device never has to report
     /// them back).
     pub trainable_rows: Tensor,
+    /// The micro-batch's place in the run's order (seeds LoRA dropout, so a resumed run draws the same masks).
+    pub position: u64,
 }
 
 pub fn collate(samples: &[&Sample], pad_id: u32, device: Device) -> Result<MicroBatch, tch::TchError> {
@@ -99,6 +101,7 @@ pub fn collate(samples: &[&Sample], pad_id: u32, device: Device) -> Result<Micro
         tokens,
         trainable: rows.len(),
         trainable_rows: Tensor::f_from_slice(&rows)?.f_to_device(device)?,
+        position: 0,
     })
 }
 

@@ -10,6 +10,7 @@
 //! are copied back into it after every optimizer step.
 
 use camelid_model::Llama;
+use camelid_model::lora::LoraAdapter;
 use tch::{Kind, TchError, Tensor};
 
 use crate::config::Checkpointing;
@@ -28,6 +29,20 @@ pub struct Engine {
     compute: Option<Llama>,
     checkpointing: Checkpointing,
     index: std::collections::HashMap<String, usize>,
+    /// LoRA training: the adapter whose tensors are the masters (the base is frozen).
+    lora: Option<Lora>,
+    /// Time in collectives since last taken (a replicated LoRA gang's gradient sums).
+    pub comm_time: std::time::Duration,
+}
+
+/// What a LoRA run keeps beside the masters.
+#[derive(Debug)]
+struct Lora {
+    /// Owns the adapter tensors the model's projections share.
+    adapter: LoraAdapter,
+    /// Seeds each layer's dropout masks from the run's seed, the micro-batch and the layer, so that a layer
+    /// recomputed in backward draws the masks of its forward pass, and a resumed run those of the first.
+    dropout_seed: Option<u64>,
 }
 
 /// What the forward pass keeps of one decoder layer for its backward.
@@ -79,10 +94,72 @@ impl Engine {
             compute,
             checkpointing,
             index,
+            lora: None,
+            comm_time: Default::default(),
         })
     }
 
+    /// LoRA training: `adapter` is attached to `model` (frozen, in the dtype it computes in) and its f32 tensors
+    /// are the only masters. Selective recomputation keeps the MLP's gate and up outputs without their
+    /// adapters' graph, so LoRA recomputes whole layers instead (`full`).
+    pub fn new_lora(
+        model: &mut Llama,
+        adapter: LoraAdapter,
+        checkpointing: Checkpointing,
+        seed: u64,
+    ) -> Result<Self, EngineError> {
+        for (_, t) in model.named_parameters() {
+            let _ = t.set_requires_grad(false);
+        }
+        let named = adapter.named_parameters();
+        let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
+        let masters: Vec<Tensor> = named.iter().map(|(_, t)| t.set_requires_grad(true)).collect();
+        let grads = masters
+            .iter()
+            .map(Tensor::f_zeros_like)
+            .collect::<Result<Vec<_>, _>>()?;
+        model.attach_lora(&adapter, true)?;
+        let index = names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
+        let dropout_seed = (adapter.config().dropout > 0.0).then_some(seed);
+        let checkpointing = match checkpointing {
+            Checkpointing::Selective => Checkpointing::Full,
+            other => other,
+        };
+        Ok(Self {
+            names,
+            masters,
+            grads,
+            compute: None,
+            checkpointing,
+            index,
+            lora: Some(Lora {
+                adapter,
+                dropout_seed,
+            }),
+            comm_time: Default::default(),
+        })
+    }
+
+    /// The LoRA adapter being trained.
+    pub fn adapter(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref().map(|l| &l.adapter)
+    }
+
+    /// Seeds libtorch's generator for layer `i` of `batch` when the adapter has dropout.
+    fn seed_layer(&self, batch: &MicroBatch, i: usize) {
+        if let Some(seed) = self.lora.as_ref().and_then(|l| l.dropout_seed) {
+            let mixed = seed
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(batch.position.wrapping_mul(0xBF58_476D_1CE4_E5B9))
+                .wrapping_add(i as u64);
+            tch::manual_seed((mixed >> 1) as i64);
+        }
+    }
+
     fn compute_params(&self, master: &Llama) -> Vec<Tensor> {
+        if self.lora.is_some() {
+            return self.masters.iter().map(Tensor::shallow_clone).collect();
+        }
         let model = self.compute.as_ref().unwrap_or(master);
         model
             .named_parameters()
@@ -105,10 +182,16 @@ impl Engine {
         let model = self.compute.as_ref().unwrap_or(master);
         let rope = model.rope_for_training(batch.input.size()[1] as usize)?;
         let (head_weight, head_name) = model.lm_head_weight();
-        let head_index = *self
-            .index
-            .get(head_name)
-            .ok_or_else(|| EngineError::Setup(format!("no parameter {head_name}")))?;
+        // The vocabulary projection's gradient accumulator; a LoRA run leaves it frozen.
+        let head_grad = match &self.lora {
+            Some(_) => None,
+            None => Some(
+                &self.grads[*self
+                    .index
+                    .get(head_name)
+                    .ok_or_else(|| EngineError::Setup(format!("no parameter {head_name}")))?],
+            ),
+        };
         // The loss and d(loss)/d(final hidden state), the vocabulary projection's gradient added on the side.
         let head = |last: &Tensor| -> Result<Tensor, EngineError> {
             let normed = model.final_norm(last)?;
@@ -120,7 +203,7 @@ impl Engine {
                 &batch.targets.f_view([-1])?,
                 &batch.trainable_rows,
                 loss_scale,
-                &self.grads[head_index],
+                head_grad,
             )?;
             // d(sum(flat * grad))/dθ is the vector-Jacobian product of everything before the projection.
             flat.f_mul(&grad)?.f_sum(flat.kind())?.f_backward()?;
@@ -129,6 +212,7 @@ impl Engine {
         let loss = if self.checkpointing == Checkpointing::None {
             let mut x = model.embed(&batch.input)?;
             for i in 0..model.config().num_layers {
+                self.seed_layer(batch, i);
                 x = model.decoder_layer(i, &x, &rope)?;
             }
             head(&x)?
@@ -139,6 +223,7 @@ impl Engine {
             let last = tch::no_grad(|| -> Result<Tensor, EngineError> {
                 let mut x = embedded.f_detach()?;
                 for i in 0..model.config().num_layers {
+                    self.seed_layer(batch, i);
                     let mid = model.attention_block(i, &x, &rope)?;
                     let (gate, up) = model.mlp_gate_up(i, &model.mlp_norm(i, &mid)?)?;
                     let next = mid.f_add(&model.mlp_down(i, &gate, &up)?)?;
@@ -157,6 +242,7 @@ impl Engine {
                 grad = match layer.gate_up {
                     None => {
                         let x = layer.input.f_detach()?.set_requires_grad(true);
+                        self.seed_layer(batch, i);
                         let out = model.decoder_layer(i, &x, &rope)?;
                         out.f_mul(&grad)?.f_sum(out.kind())?.f_backward()?;
                         x.f_grad()?
@@ -166,7 +252,10 @@ impl Engine {
                     }
                 };
             }
-            embedded.f_mul(&grad)?.f_sum(embedded.kind())?.f_backward()?;
+            // Frozen embeddings (LoRA) have nothing to receive the gradient.
+            if embedded.requires_grad() {
+                embedded.f_mul(&grad)?.f_sum(embedded.kind())?.f_backward()?;
+            }
             loss
         };
         tch::no_grad(|| -> Result<(), TchError> {

@@ -368,7 +368,7 @@ impl ShardedEngine {
                 &batch.targets.f_view([-1])?,
                 &batch.trainable_rows,
                 loss_scale,
-                &head_grad,
+                Some(&head_grad),
             )?;
             flat.f_mul(&g)?.f_sum(flat.kind())?.f_backward()?;
             loss = sum;

@@ -18,14 +18,15 @@ const CHUNK_BYTES_CUDA: i64 = 1 << 30;
 /// `[vocab, h]`, `targets` `[n]` and `rows`, the positions whose target is not
 /// [`crate::data::batching::IGNORE_INDEX`]: returns the
 /// summed loss (a 0-dim f64 tensor, left on the device) and the gradient of `loss * scale` with respect to
-/// `hidden`, and adds the gradient with respect to `weight` into `weight_grad` (f32).
+/// `hidden`, and adds the gradient with respect to `weight` into `weight_grad` (f32) unless the projection is
+/// frozen (`None`: LoRA training).
 pub fn linear_cross_entropy(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &Tensor,
     rows: &Tensor,
     scale: f64,
-    weight_grad: &Tensor,
+    weight_grad: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor), TchError> {
     tch::no_grad(|| {
         let weight = weight.f_detach()?;
@@ -61,10 +62,12 @@ pub fn linear_cross_entropy(
             let _ = grad_hidden
                 .shallow_clone()
                 .f_index_copy_(0, &index, &grad_logits.f_matmul(&weight)?)?;
-            let grad_weight = grad_logits.f_tr()?.f_matmul(&h)?;
-            let _ = weight_grad
-                .shallow_clone()
-                .f_add_(&grad_weight.f_to_kind(Kind::Float)?)?;
+            if let Some(weight_grad) = weight_grad {
+                let grad_weight = grad_logits.f_tr()?.f_matmul(&h)?;
+                let _ = weight_grad
+                    .shallow_clone()
+                    .f_add_(&grad_weight.f_to_kind(Kind::Float)?)?;
+            }
             start += len;
         }
         Ok((loss, grad_hidden))
@@ -96,7 +99,7 @@ mod tests {
         (&reference * scale).backward();
         let weight_grad = Tensor::zeros([v, h], (Kind::Float, Device::Cpu));
         let (loss, grad_hidden) =
-            linear_cross_entropy(&hidden, &weight, &targets, &rows, scale, &weight_grad).unwrap();
+            linear_cross_entropy(&hidden, &weight, &targets, &rows, scale, Some(&weight_grad)).unwrap();
         assert!((f64::try_from(&loss).unwrap() - f64::try_from(&reference).unwrap()).abs() < 1e-5);
         let diff = |a: &Tensor, b: &Tensor| f64::try_from((a - b).abs().max()).unwrap();
         assert!(diff(&grad_hidden, &hidden.grad()) < 1e-6);

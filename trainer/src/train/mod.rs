@@ -79,7 +79,11 @@ fn export(mut run: Run<'_>, steps: u64) -> Result<Outcome, TrainError> {
         Kind::Float
     };
     run.engine.prepare_export(&mut run.model.model, export_kind)?;
-    if leader {
+    if let Some(adapter) = run.engine.adapter() {
+        if leader {
+            export_lora(cfg, &mut run.model, adapter, &run.output, export_kind)?;
+        }
+    } else if leader {
         camelid_model::export_hf_dir(&run.model, &run.output, export_kind)?;
         tracing::info!(output = %run.output.display(), "exported");
     }
@@ -100,6 +104,27 @@ fn export(mut run: Run<'_>, steps: u64) -> Result<Outcome, TrainError> {
         steps,
         export: run.output,
     })
+}
+
+/// A LoRA run's export: the adapter in PEFT's layout in `output`, and with `loraMerge` the base with the adapter
+/// merged in as a full HF directory in `output/merged`.
+fn export_lora(
+    cfg: &TrainConfig,
+    model: &mut camelid_model::LoadedModel,
+    adapter: &camelid_model::lora::LoraAdapter,
+    output: &Path,
+    kind: Kind,
+) -> Result<(), TrainError> {
+    adapter.write_peft(output, &model.source.display().to_string())?;
+    tracing::info!(output = %output.display(), mb = adapter.weight_bytes() as f64 / 1e6, "adapter exported");
+    if cfg.lora_merge {
+        model.model.detach_lora();
+        model.model.merge_lora(adapter)?;
+        let merged = output.join("merged");
+        camelid_model::export_hf_dir(model, &merged, kind)?;
+        tracing::info!(output = %merged.display(), "merged model exported");
+    }
+    Ok(())
 }
 
 /// Writes `value` as pretty JSON into `path`.

@@ -8,7 +8,9 @@ use camelid_model::{ChatTemplate, LoadOptions, LoadedModel};
 use tch::{Device, Kind};
 
 use super::{RunOptions, write_json};
-use crate::config::{Checkpointing, Device as DeviceSetting, Precision, TrainConfig, hash_file};
+use camelid_model::lora::LoraAdapter;
+
+use crate::config::{Checkpointing, Device as DeviceSetting, Method, Precision, TrainConfig, hash_file};
 use crate::data::tokenize::{self, Sample};
 use crate::data::{self, CleanOptions, DataError};
 use crate::error::TrainError;
@@ -168,6 +170,9 @@ fn setup_engine(
     model: &mut LoadedModel,
     compute_kind: Kind,
 ) -> Result<(Backend, Comm), TrainError> {
+    if cfg.method == Method::Lora {
+        return setup_lora(cfg, opts, model, compute_kind);
+    }
     let Some(dist) = &opts.dist else {
         let engine = Engine::new(&model.model, compute_kind, cfg.activation_checkpointing)?;
         return Ok((Backend::Single(Box::new(engine)), Comm::default()));
@@ -182,4 +187,46 @@ fn setup_engine(
     }
     let engine = ShardedEngine::new(&mut model.model, compute_kind, group.clone())?;
     Ok((Backend::Sharded(engine), Comm { group: Some(group) }))
+}
+
+/// LoRA: the base frozen in the compute dtype (bf16 on a GPU), a fresh adapter (the same on every rank: it is
+/// drawn from the run's seed) whose f32 tensors are what trains, and for a gang the adapters' gradients summed
+/// over it.
+fn setup_lora(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    model: &mut LoadedModel,
+    compute_kind: Kind,
+) -> Result<(Backend, Comm), TrainError> {
+    let config = cfg.lora_config().map_err(TrainError::Config)?;
+    if compute_kind != Kind::Float {
+        let weights = model
+            .model
+            .named_parameters()
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.f_to_kind(compute_kind)?)))
+            .collect::<Result<camelid_model::weights::Weights, tch::TchError>>()?;
+        model.model = camelid_model::Llama::from_weights(model.config().clone(), weights)?;
+    }
+    let adapter = LoraAdapter::init(config, model.config(), cfg.seed as i64, model.model.device())?;
+    tracing::info!(
+        rank = cfg.lora_rank,
+        modules = ?adapter.config().target_names(),
+        adapter_mb = adapter.weight_bytes() as f64 / 1e6,
+        "LoRA: the base is frozen; only the adapters train"
+    );
+    let engine = Box::new(Engine::new_lora(
+        &mut model.model,
+        adapter,
+        cfg.activation_checkpointing,
+        cfg.seed,
+    )?);
+    let Some(dist) = &opts.dist else {
+        return Ok((Backend::Single(engine), Comm::default()));
+    };
+    let group = std::rc::Rc::new(dist.connect(model.model.device())?);
+    Ok((
+        Backend::Replicated(engine, group.clone()),
+        Comm { group: Some(group) },
+    ))
 }

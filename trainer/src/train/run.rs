@@ -199,7 +199,9 @@ impl<'a> Run<'a> {
             .pad_token_id
             .or(self.model.eos_token_ids.first().copied())
             .unwrap_or(0);
-        Ok(collate(&rows, pad, self.model.model.device())?)
+        let mut batch = collate(&rows, pad, self.model.model.device())?;
+        batch.position = position;
+        Ok(batch)
     }
 
     /// Micro-batches per optimizer step over all ranks.
