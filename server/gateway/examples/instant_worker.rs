@@ -38,6 +38,20 @@ impl Worker for Instant {
             ..Default::default()
         }))
     }
+
+    async fn load_adapter(
+        &self,
+        _: Request<v1::LoadAdapterRequest>,
+    ) -> Result<Response<v1::LoadAdapterResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn unload_adapter(
+        &self,
+        _: Request<v1::UnloadAdapterRequest>,
+    ) -> Result<Response<v1::UnloadAdapterResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 #[tokio::main]

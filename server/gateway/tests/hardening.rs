@@ -262,6 +262,20 @@ impl v1::worker_server::Worker for FakeWorker {
     ) -> Result<tonic::Response<v1::ModelInfoResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("fake"))
     }
+
+    async fn load_adapter(
+        &self,
+        _: tonic::Request<v1::LoadAdapterRequest>,
+    ) -> Result<tonic::Response<v1::LoadAdapterResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake"))
+    }
+
+    async fn unload_adapter(
+        &self,
+        _: tonic::Request<v1::UnloadAdapterRequest>,
+    ) -> Result<tonic::Response<v1::UnloadAdapterResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake"))
+    }
 }
 
 async fn start_fake_worker() -> (FakeWorker, String) {

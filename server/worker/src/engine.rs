@@ -34,6 +34,10 @@ pub struct WorkerConfig {
     /// Reuse the KV blocks of prompt prefixes computed before (shared system prompts, the earlier turns of a
     /// chat).
     pub prefix_caching: bool,
+    /// LoRA adapters served from the start, `(name, PEFT directory)` (vLLM's `--lora-modules`).
+    pub lora_modules: Vec<(String, std::path::PathBuf)>,
+    /// Most LoRA adapters kept loaded; loading one more evicts the least recently requested.
+    pub max_loras: usize,
 }
 
 /// Positions per KV block (vLLM's default too).
@@ -48,6 +52,8 @@ impl Default for WorkerConfig {
             kv_budget_bytes: 8 << 30,
             max_step_tokens: 512,
             prefix_caching: true,
+            lora_modules: Vec::new(),
+            max_loras: 8,
         }
     }
 }
@@ -73,6 +79,8 @@ pub struct GenParams {
     /// Requests share cached prompt prefixes only with requests of the same salt (the gateway sends the
     /// tenant), so one tenant cannot time another's prompts.
     pub cache_salt: String,
+    /// The LoRA adapter the request asked for by name (None: the base model).
+    pub adapter: Option<String>,
 }
 
 /// What the engine tells a request, in order: `Started` (or `Failed`), `Chunk`s, then `Finished` (or `Failed`, or
@@ -111,6 +119,17 @@ pub(crate) struct Submission {
 /// What a handle sends the engine thread.
 pub(crate) enum Command {
     Submit(Box<Submission>),
+    /// Serve an adapter (read and checked by the handle) under a name.
+    LoadAdapter {
+        name: String,
+        source: std::path::PathBuf,
+        adapter: Box<camelid_model::lora::LoraAdapter>,
+        reply: tokio::sync::oneshot::Sender<()>,
+    },
+    UnloadAdapter {
+        name: String,
+        reply: tokio::sync::oneshot::Sender<Result<(), WorkerError>>,
+    },
     /// End every sequence now with [`Event::Interrupted`] (the drain deadline passed).
     Interrupt,
 }
@@ -141,6 +160,10 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     state: watch::Sender<State>,
     pub draining: AtomicBool,
+    /// The base model's shape once loaded (adapters are checked against it before they reach the engine).
+    pub base: std::sync::OnceLock<camelid_model::Config>,
+    /// The adapters the engine serves, as it last published them.
+    pub adapters: std::sync::Mutex<Vec<crate::adapters::AdapterInfo>>,
 }
 
 impl Shared {
@@ -150,6 +173,8 @@ impl Shared {
             metrics,
             state,
             draining: AtomicBool::new(false),
+            base: std::sync::OnceLock::new(),
+            adapters: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -164,6 +189,13 @@ impl Shared {
             State::Ready(info) => Ok(info.clone()),
             State::Failed(e) => Err(WorkerError::LoadFailed(e.clone())),
         }
+    }
+
+    pub(crate) fn publish_adapters(&self, list: Vec<crate::adapters::AdapterInfo>) {
+        *self
+            .adapters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = list;
     }
 
     /// Waits until the model is loaded (or failed to load).
@@ -238,8 +270,22 @@ pub(crate) fn load_and_run(
         model = %info.name, source = %info.source, context = info.context_length, kv_blocks = num_blocks,
         seconds = format!("{:.2}", started.elapsed().as_secs_f64()), "model loaded; worker ready"
     );
+    let _ = shared.base.set(c.clone());
+    let mut adapters = crate::adapters::AdapterRegistry::new(config.max_loras);
+    for (name, path) in &config.lora_modules {
+        match camelid_model::lora::LoraAdapter::read_peft(path, c, Device::Cpu) {
+            Ok(adapter) => adapters.insert(name, path, adapter),
+            Err(e) => {
+                let message = format!("--lora-modules {name}={}: {e}", path.display());
+                tracing::error!(error = %message, "loading a LoRA adapter failed");
+                shared.state.send_replace(State::Failed(message));
+                return;
+            }
+        }
+    }
+    shared.publish_adapters(adapters.list());
     shared.metrics.set_model_name(&info.name);
     shared.metrics.ready.set(1);
     shared.state.send_replace(State::Ready(info));
-    run(&loaded, shared, commands, scheduler, store);
+    run(&loaded, shared, commands, scheduler, store, adapters);
 }

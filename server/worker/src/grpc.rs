@@ -84,6 +84,7 @@ fn params(r: &v1::GenerateRequest) -> GenParams {
         stop: r.stop.clone(),
         ignore_eos: r.ignore_eos,
         cache_salt: r.cache_salt.clone(),
+        adapter: (!r.adapter.is_empty()).then(|| r.adapter.clone()),
     }
 }
 
@@ -181,7 +182,40 @@ impl Worker for WorkerService {
             dtype: info.dtype,
             device: info.device,
             max_batch: info.max_batch as u32,
+            adapters: self
+                .handle
+                .adapters()
+                .into_iter()
+                .map(|a| v1::AdapterInfo {
+                    name: a.name,
+                    source: a.source,
+                })
+                .collect(),
         }))
+    }
+
+    async fn load_adapter(
+        &self,
+        request: Request<v1::LoadAdapterRequest>,
+    ) -> Result<Response<v1::LoadAdapterResponse>, Status> {
+        let r = request.into_inner();
+        self.handle
+            .load_adapter(&r.name, std::path::Path::new(&r.path))
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(v1::LoadAdapterResponse {}))
+    }
+
+    async fn unload_adapter(
+        &self,
+        request: Request<v1::UnloadAdapterRequest>,
+    ) -> Result<Response<v1::UnloadAdapterResponse>, Status> {
+        let r = request.into_inner();
+        self.handle
+            .unload_adapter(&r.name)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(v1::UnloadAdapterResponse {}))
     }
 }
 

@@ -7,7 +7,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use camelid_model::LoadedModel;
-use tokio::sync::{Semaphore, mpsc};
+use std::path::Path;
+
+use camelid_model::lora::LoraAdapter;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::adapters::{AdapterInfo, check_name};
 
 use crate::engine::{self, Command, Event, GenParams, Input, ModelInfo, Shared, Submission, WorkerConfig};
 use crate::error::WorkerError;
@@ -63,6 +68,62 @@ impl WorkerHandle {
 
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
+    }
+
+    /// The LoRA adapters this worker serves over its base model, by name.
+    pub fn adapters(&self) -> Vec<AdapterInfo> {
+        self.shared
+            .adapters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reads and checks a PEFT adapter directory (on a blocking thread), then serves it as `name`, replacing an
+    /// adapter of that name; beyond `max_loras` the least recently requested adapter is evicted.
+    pub async fn load_adapter(&self, name: &str, path: &Path) -> Result<(), WorkerError> {
+        check_name(name)?;
+        self.info()?;
+        let base = self.shared.base.get().cloned().ok_or(WorkerError::NotReady)?;
+        let source = path.to_path_buf();
+        let read = {
+            let source = source.clone();
+            tokio::task::spawn_blocking(move || LoraAdapter::read_peft(&source, &base, tch::Device::Cpu))
+        };
+        let adapter =
+            read.await
+                .map_err(|_| WorkerError::ShuttingDown)?
+                .map_err(|e| WorkerError::InvalidRequest {
+                    message: format!("LoRA adapter {name:?}: {e}"),
+                    code: "invalid_adapter",
+                    param: Some("lora_path"),
+                })?;
+        let (reply, done) = oneshot::channel();
+        let command = Command::LoadAdapter {
+            name: name.to_string(),
+            source,
+            adapter: Box::new(adapter),
+            reply,
+        };
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| WorkerError::ShuttingDown)?;
+        done.await.map_err(|_| WorkerError::ShuttingDown)
+    }
+
+    /// Stops serving adapter `name`; requests already running with it finish.
+    pub async fn unload_adapter(&self, name: &str) -> Result<(), WorkerError> {
+        let (reply, done) = oneshot::channel();
+        let command = Command::UnloadAdapter {
+            name: name.to_string(),
+            reply,
+        };
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| WorkerError::ShuttingDown)?;
+        done.await.map_err(|_| WorkerError::ShuttingDown)?
     }
 
     /// The model's facts once it is loaded.

@@ -5,6 +5,7 @@
 //! handle as the `camelid.worker.v1.Worker` service and [`http`] serves its
 //! metrics and health. [`engine`] holds the types the handle and the engine thread exchange.
 
+pub mod adapters;
 pub mod blocks;
 pub mod engine;
 pub mod error;

@@ -62,6 +62,13 @@ struct BatchingArgs {
     /// Compute every prompt whole instead of reusing the KV blocks of prefixes seen before.
     #[arg(long)]
     no_prefix_caching: bool,
+    /// A LoRA adapter to serve from the start, `NAME=PEFT_DIR` (repeatable; vLLM's flag). Clients ask for it by
+    /// NAME in `model`; more load at run time through the gateway.
+    #[arg(long, value_parser = camelid_worker::adapters::parse_module)]
+    lora_modules: Vec<(String, std::path::PathBuf)>,
+    /// Most LoRA adapters kept loaded; loading another evicts the least recently requested.
+    #[arg(long, default_value_t = 8)]
+    max_loras: usize,
 }
 
 fn main() -> ExitCode {
@@ -101,6 +108,8 @@ async fn run(cli: Cli) -> Result<(), (anyhow::Error, u8)> {
         kv_budget_bytes: cli.batching.kv_budget_mib << 20,
         max_step_tokens: cli.batching.max_step_tokens.max(1),
         prefix_caching: !cli.batching.no_prefix_caching,
+        lora_modules: cli.batching.lora_modules,
+        max_loras: cli.batching.max_loras.max(1),
     };
     let model = cli.model.clone();
     let handle = WorkerHandle::start(config, move || Ok(model.load()?)).map_err(|e| (e.into(), 1))?;

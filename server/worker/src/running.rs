@@ -4,16 +4,19 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
 use camelid_model::cpu_gemv::{DecodePool, with_decode_pool};
 use camelid_model::generate::TorchThreads;
+use camelid_model::lora::LoraAdapter;
 use camelid_model::stream::TokenTextStream;
 use camelid_model::{FinishReason, KvCache, LoadedModel, Sampler, SharedBlocks};
 use tch::{Device, Tensor};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
+use crate::adapters::AdapterRegistry;
 use crate::engine::{Command, Event, Input, Shared, Submission};
 use crate::error::WorkerError;
 use crate::scheduler::{Chunk, Rejected, Scheduler, SchedulerConfig, SeqId};
@@ -29,6 +32,8 @@ struct Sequence {
     unsent: Vec<u32>,
     submitted: Instant,
     last_token_at: Option<Instant>,
+    /// The LoRA adapter it runs with (None: the base model).
+    adapter: Option<Rc<LoraAdapter>>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -46,11 +51,14 @@ pub(crate) fn run(
     commands: mpsc::Receiver<Command>,
     config: SchedulerConfig,
     store: SharedBlocks,
+    adapters: AdapterRegistry,
 ) {
     if loaded.model.device() == Device::Cpu {
-        with_decode_pool(|pool| Engine::new(loaded, Some(pool), shared, config, store).run(commands));
+        with_decode_pool(|pool| {
+            Engine::new(loaded, Some(pool), shared, config, store, adapters).run(commands)
+        });
     } else {
-        Engine::new(loaded, None, shared, config, store).run(commands);
+        Engine::new(loaded, None, shared, config, store, adapters).run(commands);
     }
 }
 
@@ -89,6 +97,7 @@ struct Engine<'p, 'm> {
     scheduler: Scheduler,
     store: SharedBlocks,
     sequences: HashMap<SeqId, Sequence>,
+    adapters: AdapterRegistry,
     torch_threads: i32,
     /// Counters already published (the scheduler's are totals).
     published: (u64, u64, u64),
@@ -101,8 +110,10 @@ impl<'p, 'm> Engine<'p, 'm> {
         shared: Arc<Shared>,
         config: SchedulerConfig,
         store: SharedBlocks,
+        adapters: AdapterRegistry,
     ) -> Self {
         Self {
+            adapters,
             loaded,
             pool,
             shared,
@@ -136,6 +147,21 @@ impl<'p, 'm> Engine<'p, 'm> {
         match command {
             Command::Submit(submission) => self.admit(*submission),
             Command::Interrupt => self.interrupt_all(),
+            Command::LoadAdapter {
+                name,
+                source,
+                adapter,
+                reply,
+            } => {
+                self.adapters.insert(&name, &source, *adapter);
+                self.shared.publish_adapters(self.adapters.list());
+                let _ = reply.send(());
+            }
+            Command::UnloadAdapter { name, reply } => {
+                let result = self.adapters.remove(&name);
+                self.shared.publish_adapters(self.adapters.list());
+                let _ = reply.send(result);
+            }
         }
     }
 
@@ -150,6 +176,16 @@ impl<'p, 'm> Engine<'p, 'm> {
 
     /// Tokenizes and queues a request, answering `Started` or the reason it cannot run.
     fn admit(&mut self, s: Submission) {
+        let adapter = match s
+            .params
+            .adapter
+            .as_deref()
+            .map(|name| self.adapters.resolve(name))
+        {
+            None => None,
+            Some(Ok(adapter)) => Some(adapter),
+            Some(Err(e)) => return self.reject(&s, e),
+        };
         let Prepared {
             prompt,
             sampler,
@@ -173,7 +209,11 @@ impl<'p, 'm> Engine<'p, 'm> {
             });
             return;
         }
-        let salt = salt_of(&s.params.cache_salt);
+        // An adapter's keys and values differ from the base's: prefixes are shared only within one adapter load.
+        let salt = match &adapter {
+            None => salt_of(&s.params.cache_salt),
+            Some(a) => salt_of(&format!("{}\0lora:{}", s.params.cache_salt, a.generation)),
+        };
         // A continuation computes its replayed tokens like prompt tokens.
         let tokens = [prompt.as_slice(), text.generated()].concat();
         if let Err(Rejected::ExceedsBudget { capacity, .. }) =
@@ -203,6 +243,7 @@ impl<'p, 'm> Engine<'p, 'm> {
             unsent: Vec::new(),
             submitted: s.received,
             last_token_at: None,
+            adapter: adapter.map(|a| a.weights),
             _permit: s.permit,
         };
         self.sequences.insert(s.id, sequence);
@@ -419,13 +460,17 @@ impl<'p, 'm> Engine<'p, 'm> {
             Some(_) => TorchThreads::set(1),
             None => TorchThreads::set(self.torch_threads),
         };
+        let held: Vec<Option<Rc<LoraAdapter>>> = batch.iter().map(|(_, s)| s.adapter.clone()).collect();
         let mut caches: Vec<&mut KvCache> = batch.iter_mut().filter_map(|(_, s)| s.cache.as_mut()).collect();
         if caches.len() != tokens.len() {
             return Err(camelid_model::ModelError::InvalidRequest(
                 "a sequence of the step has no cache".into(),
             ));
         }
-        self.loaded.model.forward_step(tokens, &mut caches, self.pool)
+        let adapters: Vec<Option<&LoraAdapter>> = held.iter().map(Option::as_deref).collect();
+        self.loaded
+            .model
+            .forward_step_adapted(tokens, &mut caches, self.pool, &adapters)
     }
 
     /// Samples the next token of `id` from `logits` and streams what it produced.

@@ -32,6 +32,7 @@ fn params(temperature: f64, max_tokens: usize) -> GenParams {
         stop: vec![],
         ignore_eos: true,
         cache_salt: String::new(),
+        adapter: None,
     }
 }
 

@@ -5,7 +5,7 @@
 
 use camelid_model::{BlockStore, ChatMessage, SamplingParams};
 use camelid_worker::engine::BLOCK_SIZE;
-use camelid_worker::{Event, GenParams, Input, ModelArgs, WorkerConfig, WorkerHandle};
+use camelid_worker::{Event, GenParams, Input, ModelArgs, WorkerConfig, WorkerError, WorkerHandle};
 use tch::Kind;
 
 const SYSTEM: &str = "You are a careful assistant. Answer in one or two plain sentences, without lists, and \
@@ -40,6 +40,15 @@ async fn start(config: WorkerConfig) -> WorkerHandle {
 }
 
 async fn answer(handle: &WorkerHandle, question: &str) -> String {
+    answer_with(handle, question, None).await.unwrap()
+}
+
+/// The greedy reply to `question` from the base model or a LoRA adapter, or the error that refused it.
+async fn answer_with(
+    handle: &WorkerHandle,
+    question: &str,
+    adapter: Option<&str>,
+) -> Result<String, WorkerError> {
     let messages = vec![
         ChatMessage {
             role: "system".into(),
@@ -59,13 +68,14 @@ async fn answer(handle: &WorkerHandle, question: &str) -> String {
         stop: vec![],
         ignore_eos: true,
         cache_salt: String::new(),
+        adapter: adapter.map(str::to_string),
     };
-    let mut generation = handle.generate(Input::Chat(messages), params).await.unwrap();
+    let mut generation = handle.generate(Input::Chat(messages), params).await?;
     let mut text = String::new();
     while let Some(event) = generation.events.recv().await {
         match event {
             Event::Chunk { text: t, .. } => text.push_str(&t),
-            Event::Finished { .. } => return text,
+            Event::Finished { .. } => return Ok(text),
             Event::Failed(e) => panic!("{question}: {e}"),
             Event::Interrupted => panic!("{question}: interrupted"),
             Event::Started { .. } => {}
@@ -156,4 +166,114 @@ async fn greedy_replies_survive_prefix_caching_chunking_and_preemption() {
         metric(&squeezed, "vllm:generation_tokens_total"),
         (2 * QUESTIONS.len() * MAX_TOKENS) as f64
     );
+}
+
+/// A LoRA adapter over the served model with random, non-zero `B` (a trained adapter's), written as PEFT files.
+fn write_adapter(config: &camelid_model::Config, dir: &std::path::Path, modules: &[&str], seed: i64) {
+    use camelid_model::lora::{LoraAdapter, LoraConfig};
+    let modules: Vec<String> = modules.iter().map(|m| m.to_string()).collect();
+    let lora = LoraConfig::new(8, 16.0, 0.0, &modules, false).unwrap();
+    let fresh = LoraAdapter::init(lora.clone(), config, seed, tch::Device::Cpu).unwrap();
+    let weights = fresh
+        .named_parameters()
+        .into_iter()
+        .map(|(n, t)| (n, t.randn_like() * 0.02))
+        .collect();
+    let adapter = LoraAdapter::from_tensors(lora, config, weights, dir).unwrap();
+    adapter.write_peft(dir, "SmolLM2-135M-Instruct").unwrap();
+}
+
+/// Many adapters over one base: a batch mixing the base and adapters gives each request its own greedy reply, an
+/// adapter loads and unloads while requests run (none is lost), the least recently requested is evicted beyond
+/// `max_loras`, and a hostile adapter path is refused with the field named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_share_the_batch_with_the_base_and_come_and_go_under_load() {
+    let root = std::env::current_dir().unwrap().join("../../target/worker-lora");
+    let _ = std::fs::remove_dir_all(&root);
+    let config = model_args().load().unwrap().config().clone();
+    write_adapter(&config, &root.join("sql"), &["all-linear"], 1);
+    write_adapter(&config, &root.join("poet"), &["q_proj", "v_proj", "down_proj"], 2);
+    write_adapter(&config, &root.join("chef"), &["gate_proj", "up_proj"], 3);
+    let handle = start(WorkerConfig {
+        lora_modules: vec![("sql".into(), root.join("sql"))],
+        max_loras: 2,
+        ..WorkerConfig::default()
+    })
+    .await;
+    handle.load_adapter("poet", &root.join("poet")).await.unwrap();
+    let names: Vec<String> = handle.adapters().into_iter().map(|a| a.name).collect();
+    assert_eq!(names, ["poet", "sql"]);
+
+    let asks = [
+        (QUESTIONS[0], None),
+        (QUESTIONS[0], Some("sql")),
+        (QUESTIONS[1], Some("poet")),
+        (QUESTIONS[1], None),
+    ];
+    let mut solo = Vec::new();
+    for (q, adapter) in asks {
+        solo.push(answer_with(&handle, q, adapter).await.unwrap());
+    }
+    assert_ne!(solo[0], solo[1], "the sql adapter changes the reply");
+    assert_ne!(solo[2], solo[3], "the poet adapter changes the reply");
+    let tasks: Vec<_> = asks
+        .iter()
+        .map(|&(q, adapter)| {
+            let handle = handle.clone();
+            tokio::spawn(async move { answer_with(&handle, q, adapter).await })
+        })
+        .collect();
+    // While they run: sql is unloaded (its running request keeps the weights it started with) and chef loads.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while handle.in_flight() < asks.len() || handle.load().0 + handle.load().1 < asks.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the requests were never all admitted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    handle.unload_adapter("sql").await.unwrap();
+    handle.load_adapter("chef", &root.join("chef")).await.unwrap();
+    for ((task, want), (q, adapter)) in tasks.into_iter().zip(&solo).zip(asks) {
+        assert_eq!(
+            &task.await.unwrap().unwrap(),
+            want,
+            "{q:?} with {adapter:?}: batched differs from alone"
+        );
+    }
+    let err = answer_with(&handle, QUESTIONS[0], Some("sql")).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            WorkerError::InvalidRequest {
+                code: "model_not_found",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // Beyond max_loras (2) the least recently requested leaves: poet was just asked for, so chef goes.
+    answer_with(&handle, QUESTIONS[2], Some("poet")).await.unwrap();
+    handle.load_adapter("sql-v2", &root.join("sql")).await.unwrap();
+    let names: Vec<String> = handle.adapters().into_iter().map(|a| a.name).collect();
+    assert_eq!(names, ["poet", "sql-v2"]);
+    handle.unload_adapter("poet").await.unwrap();
+    assert!(handle.unload_adapter("poet").await.is_err());
+    for hostile in ["/etc", "/dev/zero", "../../../../etc/passwd"] {
+        let err = handle
+            .load_adapter("evil", std::path::Path::new(hostile))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WorkerError::InvalidRequest {
+                    param: Some("lora_path"),
+                    ..
+                }
+            ),
+            "{hostile}: {err}"
+        );
+    }
+    assert_eq!(handle.adapters().len(), 1);
 }

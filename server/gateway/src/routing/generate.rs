@@ -177,5 +177,6 @@ fn to_proto(v: &Validated, request_id: &str) -> v1::GenerateRequest {
         ignore_eos: p.ignore_eos,
         cache_salt: v.cache_salt.clone(),
         continuation: None,
+        adapter: String::new(),
     }
 }
