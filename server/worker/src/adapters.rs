@@ -49,6 +49,11 @@ impl AdapterRegistry {
         }
     }
 
+    /// The most adapters kept loaded.
+    pub(crate) fn max_loaded(&self) -> usize {
+        self.max_loaded
+    }
+
     /// Serves `adapter` as `name` (replacing an adapter of that name), evicting the least recently requested
     /// beyond the bound.
     pub(crate) fn insert(&mut self, name: &str, source: &Path, adapter: LoraAdapter) {

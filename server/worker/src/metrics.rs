@@ -24,6 +24,15 @@ pub struct ModelLabel {
     pub model_name: String,
 }
 
+/// vLLM's `vllm:lora_requests_info` labels: the adapters of the running and of the waiting requests
+/// (comma-separated names) and the most adapters a step may hold. Only the current set is exported (one series).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoraLabels {
+    pub running_lora_adapters: String,
+    pub waiting_lora_adapters: String,
+    pub max_lora: String,
+}
+
 type Hist = Family<ModelLabel, Histogram, fn() -> Histogram>;
 
 /// Buckets of the latency histograms, ours and vLLM's alike: time to first token, between tokens, and per request.
@@ -53,6 +62,7 @@ pub struct VllmMetrics {
     pub prefix_cache_queries: Family<ModelLabel, Counter>,
     pub prefix_cache_hits: Family<ModelLabel, Counter>,
     pub num_preemptions: Family<ModelLabel, Counter>,
+    pub lora_requests_info: Family<LoraLabels, Gauge<f64, AtomicU64>>,
 }
 
 #[derive(Debug)]
@@ -257,6 +267,25 @@ impl Metrics {
         v.num_preemptions.get_or_create(self.model()).inc_by(preemptions);
     }
 
+    /// The adapters of the running and waiting requests (names, sorted and without repeats) after a step, as vLLM
+    /// exports them: one series whose labels list them and whose value is the Unix time they were set.
+    pub fn lora(&self, running: &[&str], waiting: &[&str], max_lora: usize) {
+        let labels = LoraLabels {
+            running_lora_adapters: running.join(","),
+            waiting_lora_adapters: waiting.join(","),
+            max_lora: max_lora.to_string(),
+        };
+        let family = &self.vllm.lora_requests_info;
+        if family.get(&labels).is_some() {
+            return;
+        }
+        family.clear();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        family.get_or_create(&labels).set(now);
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
@@ -280,6 +309,7 @@ impl VllmMetrics {
             prefix_cache_queries: Family::default(),
             prefix_cache_hits: Family::default(),
             num_preemptions: Family::default(),
+            lora_requests_info: Family::default(),
         }
     }
 }
@@ -341,6 +371,11 @@ fn vllm_registry(v: &VllmMetrics) -> Registry {
         "vllm:num_preemptions",
         "Cumulative preemptions",
         v.num_preemptions.clone(),
+    );
+    r.register(
+        "vllm:lora_requests_info",
+        "Running and waiting LoRA adapters (value: the time of the last change)",
+        v.lora_requests_info.clone(),
     );
     r
 }

@@ -32,8 +32,8 @@ struct Sequence {
     unsent: Vec<u32>,
     submitted: Instant,
     last_token_at: Option<Instant>,
-    /// The LoRA adapter it runs with (None: the base model).
-    adapter: Option<Rc<LoraAdapter>>,
+    /// The LoRA adapter it runs with and its name (None: the base model).
+    adapter: Option<(String, Rc<LoraAdapter>)>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -243,7 +243,7 @@ impl<'p, 'm> Engine<'p, 'm> {
             unsent: Vec::new(),
             submitted: s.received,
             last_token_at: None,
-            adapter: adapter.map(|a| a.weights),
+            adapter: s.params.adapter.clone().zip(adapter.map(|a| a.weights)),
             _permit: s.permit,
         };
         self.sequences.insert(s.id, sequence);
@@ -460,7 +460,10 @@ impl<'p, 'm> Engine<'p, 'm> {
             Some(_) => TorchThreads::set(1),
             None => TorchThreads::set(self.torch_threads),
         };
-        let held: Vec<Option<Rc<LoraAdapter>>> = batch.iter().map(|(_, s)| s.adapter.clone()).collect();
+        let held: Vec<Option<Rc<LoraAdapter>>> = batch
+            .iter()
+            .map(|(_, s)| s.adapter.as_ref().map(|(_, a)| a.clone()))
+            .collect();
         let mut caches: Vec<&mut KvCache> = batch.iter_mut().filter_map(|(_, s)| s.cache.as_mut()).collect();
         if caches.len() != tokens.len() {
             return Err(camelid_model::ModelError::InvalidRequest(
@@ -530,5 +533,22 @@ impl<'p, 'm> Engine<'p, 'm> {
         let (q, h, p) = self.published;
         m.cache(now.0 - q, now.1 - h, now.2 - p);
         self.published = now;
+        // Sequences not yet started (or preempted) hold no cache: they are the waiting ones.
+        let (mut running, mut waiting) = (Vec::new(), Vec::new());
+        for s in self.sequences.values() {
+            if let Some((name, _)) = &s.adapter {
+                let list = if s.cache.is_some() {
+                    &mut running
+                } else {
+                    &mut waiting
+                };
+                list.push(name.as_str());
+            }
+        }
+        for list in [&mut running, &mut waiting] {
+            list.sort_unstable();
+            list.dedup();
+        }
+        m.lora(&running, &waiting, self.adapters.max_loaded());
     }
 }

@@ -232,6 +232,15 @@ async fn adapters_share_the_batch_with_the_base_and_come_and_go_under_load() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
+    let text = handle.metrics().encode();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("vllm:lora_requests_info{"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("poet") && line.contains("sql"),
+        "vLLM's adapter gauge: {line:?}"
+    );
     handle.unload_adapter("sql").await.unwrap();
     handle.load_adapter("chef", &root.join("chef")).await.unwrap();
     for ((task, want), (q, adapter)) in tasks.into_iter().zip(&solo).zip(asks) {
@@ -276,4 +285,9 @@ async fn adapters_share_the_batch_with_the_base_and_come_and_go_under_load() {
         );
     }
     assert_eq!(handle.adapters().len(), 1);
+    let text = handle.metrics().encode();
+    assert!(
+        text.contains("vllm:lora_requests_info{") && text.contains("max_lora=\"2\""),
+        "{text}"
+    );
 }
