@@ -23,6 +23,7 @@ use crate::finetunejob::PullPolicy;
     printcolumn = r#"{"name": "READY", "type": "string", "jsonPath": ".status.ready"}"#,
     printcolumn = r#"{"name": "REPLICAS", "type": "integer", "jsonPath": ".status.desiredReplicas"}"#,
     printcolumn = r#"{"name": "MODEL", "type": "string", "jsonPath": ".status.model"}"#,
+    printcolumn = r#"{"name": "ADAPTERS", "type": "integer", "jsonPath": ".status.adapterCount"}"#,
     printcolumn = r#"{"name": "ENDPOINT", "type": "string", "jsonPath": ".status.endpoint"}"#,
     printcolumn = r#"{"name": "AGE", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
     printcolumn = r#"{"name": "PREEMPTIONS", "type": "integer", "jsonPath": ".status.preemptions", "priority": 1}"#,
@@ -76,6 +77,12 @@ pub struct ChatModelSpec {
     /// Names of the gateway's API keys that may use this model (all when empty).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_keys: Vec<String>,
+    /// LoRA adapters served over the model, each asked for by its name in a request's `model`. A FineTuneJob
+    /// with `method: lora` adds its adapter here when it succeeds. Workers load adapters when first asked for
+    /// one, without a restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub adapters: Vec<AdapterSpec>,
     /// The worker image (default: the operator's `--worker-image`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
@@ -225,6 +232,39 @@ pub struct LeavingWorker {
     pub reason: String,
 }
 
+/// A LoRA adapter served over a ChatModel's model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::common::unwrap_descriptions)]
+#[x_kube(validation = Rule::new("has(self.fineTuneJob) != has(self.path)")
+    .message("an adapter names exactly one of fineTuneJob and path"))]
+#[x_kube(validation = Rule::new("!has(self.claimName) || has(self.path)").message("claimName needs a path inside the claim"))]
+pub struct AdapterSpec {
+    /// The name requests use in `model`: 1 to 128 letters, digits and `-_.:`.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9._:-]+$"))]
+    pub name: String,
+    /// A FineTuneJob in this namespace with `method: lora`, whose exported adapter this is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fine_tune_job: Option<String>,
+    /// A PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`) inside `claimName`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("!self.contains('..')").message("path must not contain '..'"))]
+    pub path: Option<String>,
+    /// The PersistentVolumeClaim `path` is on (default: the model's own claim). Workers mount it read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_name: Option<String>,
+}
+
+/// An adapter the workers can load, resolved by the operator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdapterStatus {
+    /// Its name in requests.
+    pub name: String,
+    /// Its directory as the workers see it.
+    pub path: String,
+}
+
 /// What is served, by how many workers, and the last scaling decision.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -268,6 +308,13 @@ pub struct ChatModelStatus {
     /// What is served: the FineTuneJob, path or URI.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// The adapters the workers can load (the gateway loads each on a worker when first asked for it); an
+    /// adapter whose source is not ready yet is left out, and named in `ModelAvailable`'s message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<AdapterStatus>,
+    /// How many adapters are served, for `kubectl get`.
+    #[serde(default)]
+    pub adapter_count: i32,
     /// The model's name at the gateway's `/v1` API (the ChatModel's name; also its Service).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,

@@ -67,6 +67,12 @@ fn chatmodel_examples_pass_and_bad_specs_are_rejected_with_clear_messages() {
     let schema = crd_schema("chatmodels.camelid.dev.yaml");
     let good = crd_cases::example("chatmodel.yaml");
     schema::check(&schema, &good).unwrap();
+    let with_adapters = crd_cases::patched(
+        &good,
+        json!({"spec": {"adapters": [{"name": "sql", "fineTuneJob": "sql-lora"},
+                                     {"name": "poet:v2", "path": "adapters/poet", "claimName": "shared"}]}}),
+    );
+    schema::check(&schema, &with_adapters).unwrap();
     let cases = crd_cases::chatmodel_cases();
     for (patch, needle) in cases {
         let bad = crd_cases::patched(&good, patch.clone());

@@ -54,7 +54,7 @@ pub const FINETUNEJOB_COLUMNS: [&str; 8] = [
 ];
 
 /// The printer columns of `kubectl get chatmodels` after NAME, in order.
-pub const CHATMODEL_COLUMNS: [&str; 5] = ["READY", "REPLICAS", "MODEL", "ENDPOINT", "AGE"];
+pub const CHATMODEL_COLUMNS: [&str; 6] = ["READY", "REPLICAS", "MODEL", "ADAPTERS", "ENDPOINT", "AGE"];
 /// The ChatModel's further columns in `kubectl get -o wide` (priority 1).
 pub const CHATMODEL_WIDE_COLUMNS: [&str; 2] = ["PREEMPTIONS", "MIGRATIONS"];
 
@@ -225,5 +225,25 @@ pub fn chatmodel_cases() -> Vec<(Value, &'static str)> {
         (json!({"spec": {"gpus": -1}}), "gpus"),
         (json!({"spec": {"replicas": {"desired": -1}}}), "desired"),
         (json!({"spec": {"autoscaling": {"enabled": "no"}}}), "enabled"),
+        (
+            json!({"spec": {"adapters": [{"name": "sql"}]}}),
+            "exactly one of fineTuneJob and path",
+        ),
+        (
+            json!({"spec": {"adapters": [{"name": "sql", "path": "a", "fineTuneJob": "j"}]}}),
+            "exactly one of fineTuneJob and path",
+        ),
+        (
+            json!({"spec": {"adapters": [{"name": "sql", "path": "../../etc"}]}}),
+            "must not contain '..'",
+        ),
+        (
+            json!({"spec": {"adapters": [{"name": "a b", "path": "x"}]}}),
+            "name",
+        ),
+        (
+            json!({"spec": {"adapters": [{"name": "sql", "claimName": "c", "fineTuneJob": "j"}]}}),
+            "claimName needs a path",
+        ),
     ]
 }

@@ -36,6 +36,8 @@ pub struct GatewayConfig {
     /// Connection limits: header timeout (also the keep-alive idle timeout) and most connections open.
     pub server: ServerLimits,
     pub endpoints: Endpoints,
+    /// Where each model's LoRA adapters load from: model → adapter name → directory on its workers.
+    pub adapters: crate::routing::adapters::AdapterSources,
     pub limits: Limits,
     pub probe_interval: Duration,
     /// How requests wait for a model with no ready worker.
@@ -62,6 +64,7 @@ impl Default for GatewayConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], camelid_contracts::names::GATEWAY_ADMIN_PORT)),
             server: ServerLimits::default(),
             endpoints: Endpoints::new(),
+            adapters: Default::default(),
             limits: Limits::default(),
             probe_interval: Duration::from_secs(2),
             hold: HoldLimits::default(),
@@ -122,6 +125,9 @@ struct File {
     /// Model name → worker addresses.
     #[serde(default)]
     models: Endpoints,
+    /// Model name → LoRA adapter name → its directory as the model's workers see it (loaded on demand).
+    #[serde(default)]
+    adapters: crate::routing::adapters::AdapterSources,
     limits: Option<FileLimits>,
     probe_interval_ms: Option<u64>,
     /// A moderation section, or `none` for no moderation; absent: the built-in profile (see [`crate::policy`]).
@@ -239,6 +245,20 @@ impl GatewayConfig {
                 wait: m.wait_ms.map_or(d.wait, Duration::from_millis),
             };
         }
+        for (model, adapters) in &file.adapters {
+            for (name, path) in adapters {
+                let ok = !name.is_empty() && !name.contains(['/', ' ']) && path.starts_with('/');
+                if !ok {
+                    return Err(ConfigError::Invalid {
+                        path: shown.clone(),
+                        message: format!(
+                            "`adapters.{model}.{name}`: an adapter is NAME: /ABSOLUTE/DIRECTORY on the workers"
+                        ),
+                    });
+                }
+            }
+        }
+        config.adapters = file.adapters;
         for (model, addrs) in file.models {
             config
                 .add_endpoints(&model, addrs)

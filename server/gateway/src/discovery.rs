@@ -36,6 +36,8 @@ pub struct ModelRule {
     pub moderation: Option<String>,
     /// Names of the keys that may use the model (all when empty).
     pub allowed_keys: Vec<String>,
+    /// Its LoRA adapters: name → directory on its workers (the operator's `status.adapters`).
+    pub adapters: BTreeMap<String, String>,
 }
 
 /// The id of the ChatModel `name` in `namespace`: `NAMESPACE/NAME` (a `/` is in neither, so it is unambiguous).
@@ -126,6 +128,12 @@ pub fn rules_from(models: &[ChatModel]) -> BTreeMap<String, ModelRule> {
                 ModelRule {
                     moderation: m.spec.moderation.clone(),
                     allowed_keys: m.spec.allowed_keys.clone(),
+                    adapters: m
+                        .status
+                        .iter()
+                        .flat_map(|s| &s.adapters)
+                        .map(|a| (a.name.clone(), a.path.clone()))
+                        .collect(),
                 },
             )
         })

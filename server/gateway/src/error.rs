@@ -245,6 +245,20 @@ impl ApiError {
         )
     }
 
+    /// A LoRA adapter its workers refuse to load (502 `adapter_unavailable`): the files are at fault, so no retry
+    /// helps. The worker's reason (which names paths) goes to the log, not to the client.
+    pub fn adapter_unavailable(adapter: &str, detail: &str) -> Self {
+        tracing::warn!(adapter, detail, "a LoRA adapter could not be loaded");
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            "adapter_unavailable",
+            format!(
+                "the adapter `{adapter}` cannot be loaded by this model's workers; ask the model's operator"
+            ),
+        )
+    }
+
     /// A flagged input (400 `content_filter`): never forwarded to a model.
     pub fn content_filter(categories: Vec<String>, param: String) -> Self {
         let message = format!(

@@ -50,6 +50,7 @@ pub fn reload_once(
     }
     state.policy.replace(policy);
     state.endpoints.set(config.endpoints.clone());
+    state.router.set_adapter_sources(config.adapters.clone());
     Ok(config)
 }
 

@@ -73,6 +73,20 @@ pub fn state_with(
         ),
     };
     router.set_migration_limits(config.migration);
+    router.set_adapter_sources(config.adapters.clone());
+    let found = rules.clone();
+    router.follow_adapter_sources(routing::adapters::SourceReader(Box::new(move || {
+        found
+            .read()
+            .map(|rules| {
+                rules
+                    .iter()
+                    .filter(|(_, rule)| !rule.adapters.is_empty())
+                    .map(|(model, rule)| (model.clone(), rule.adapters.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    })));
     let policy = Policy::build(&config.policy, &router, None).map_err(|message| ConfigError::Invalid {
         path: config.shown_source(),
         message,

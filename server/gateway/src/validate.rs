@@ -105,6 +105,9 @@ pub struct Validated {
     /// Whose prompt-prefix cache the request may share on the worker: the API key's name (empty without keys).
     /// Set at admission, never from the body.
     pub cache_salt: String,
+    /// The LoRA adapter of `model` the client named (empty: the model itself). Set at resolution, never from the
+    /// body.
+    pub adapter: String,
 }
 
 /// Parses JSON, telling malformed JSON (400) from the wrong shape (422, naming the field).
@@ -286,6 +289,7 @@ pub fn chat(r: ChatCompletionRequest, limits: &Limits) -> Result<Validated, ApiE
     let params = params(&r.sampling, max_tokens, limits).map_err(param_name_fix)?;
     Ok(Validated {
         cache_salt: String::new(),
+        adapter: String::new(),
         api: Api::Chat,
         model,
         input: Input::Chat(messages),
@@ -455,6 +459,7 @@ pub fn completion(r: CompletionRequest, limits: &Limits) -> Result<Validated, Ap
     let params = params(&r.sampling, Some(r.sampling.max_tokens.unwrap_or(16)), limits)?;
     Ok(Validated {
         cache_salt: String::new(),
+        adapter: String::new(),
         api: Api::Completions,
         model,
         input: Input::Prompt(prompt),

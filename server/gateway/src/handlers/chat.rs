@@ -79,7 +79,11 @@ async fn handle<T: DeserializeOwned>(
     let result = match validated {
         Ok((key, mut request)) => {
             // A bare ChatModel name becomes its `NAMESPACE/NAME` id (see `discovery`), before any rule is looked up.
-            let resolved = state.router.resolve(&request.model).map(|id| request.model = id);
+            // An adapter's name becomes its base model's id and the adapter the call names.
+            let resolved = state.router.resolve_target(&request.model).map(|target| {
+                request.model = target.model;
+                request.adapter = target.adapter;
+            });
             if state.router.knows(&request.model) {
                 record.model = request.model.clone();
             }

@@ -27,20 +27,28 @@ pub(super) async fn list_models(State(state): State<AppState>, headers: HeaderMa
         });
         by_key && by_model
     };
-    axum::Json(openai::ModelList {
-        object: "list",
-        data: state
-            .router
-            .public_ids()
-            .into_iter()
-            .filter(|(_, id)| usable(id))
-            .map(|(shown, _)| openai::ModelCard {
-                id: shown,
-                object: "model",
-                created: state.created,
-                owned_by: "camelid",
-            })
-            .collect(),
-    })
-    .into_response()
+    let models = state.router.public_ids();
+    let card = |id: String, parent: Option<String>| openai::ModelCard {
+        id,
+        object: "model",
+        created: state.created,
+        owned_by: "camelid",
+        parent,
+    };
+    // An adapter is listed under its base's rules, with the base's shown name as its parent.
+    let adapters = state
+        .router
+        .public_adapters()
+        .into_iter()
+        .filter_map(|(shown, base)| {
+            let parent = models.iter().find(|(_, id)| *id == base)?.0.clone();
+            usable(&base).then(|| card(shown, Some(parent)))
+        });
+    let data = models
+        .iter()
+        .filter(|(_, id)| usable(id))
+        .map(|(shown, _)| card(shown.clone(), None))
+        .chain(adapters)
+        .collect();
+    axum::Json(openai::ModelList { object: "list", data }).into_response()
 }

@@ -128,6 +128,7 @@ impl Guard {
         };
         Validated {
             cache_salt: String::new(),
+            adapter: String::new(),
             api: Api::Chat,
             model: self.config.model.clone(),
             input: Input::Chat(vec![("user".into(), content)]),

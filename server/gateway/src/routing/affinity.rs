@@ -24,6 +24,7 @@ pub fn prefix_key(request: &Validated) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     request.cache_salt.hash(&mut h);
     request.model.hash(&mut h);
+    request.adapter.hash(&mut h);
     let mut budget = PREFIX_CHARS;
     let mut take = |text: &str, h: &mut std::collections::hash_map::DefaultHasher| {
         let part: String = text.chars().take(budget).collect();
@@ -137,6 +138,7 @@ mod tests {
             stream: true,
             include_usage: false,
             cache_salt: salt.into(),
+            adapter: String::new(),
         };
         let first = [("system", "Be brief."), ("user", "Tell me about llamas.")];
         let third = [

@@ -62,8 +62,10 @@ impl Router {
         tried: &mut Vec<String>,
     ) -> Result<Opened, ApiError> {
         let mut overloaded = false;
+        // Adapters found evicted on a worker (each may be loaded there again, a bounded number of times).
+        let mut reloads = 0;
         loop {
-            let Some(backend) = self.pick(model, tried, key) else {
+            let Some(backend) = self.pick(model, &message.adapter, tried, key) else {
                 return Err(if overloaded {
                     ApiError::overloaded(model)
                 } else {
@@ -71,6 +73,9 @@ impl Router {
                 });
             };
             tried.push(backend.addr.clone());
+            if !self.ensure_adapter(&backend, model, &message.adapter).await? {
+                continue;
+            }
             let in_flight = InFlight::new(backend.clone());
             let mut client = backend.client.clone();
             let first = match client.generate(message.clone()).await {
@@ -99,6 +104,14 @@ impl Router {
                     ));
                 }
                 Err(status) => match status.code() {
+                    // The worker evicted the adapter since it last said it held it: load it again or go elsewhere.
+                    Code::InvalidArgument if !message.adapter.is_empty() && is_model_not_found(&status) => {
+                        backend.note_adapter(&message.adapter, false);
+                        reloads += 1;
+                        if reloads <= 2 {
+                            tried.pop();
+                        }
+                    }
                     Code::InvalidArgument => return Err(invalid_from_status(&status)),
                     Code::ResourceExhausted => overloaded = true,
                     _ if is_transport_failure(&status) => {
@@ -124,6 +137,14 @@ impl Router {
             }
         }
     }
+}
+
+fn is_model_not_found(status: &Status) -> bool {
+    status
+        .metadata()
+        .get(camelid_proto::ERROR_CODE_KEY)
+        .and_then(|v| v.to_str().ok())
+        == Some("model_not_found")
 }
 
 fn invalid_from_status(status: &Status) -> ApiError {
@@ -177,6 +198,6 @@ fn to_proto(v: &Validated, request_id: &str) -> v1::GenerateRequest {
         ignore_eos: p.ignore_eos,
         cache_salt: v.cache_salt.clone(),
         continuation: None,
-        adapter: String::new(),
+        adapter: v.adapter.clone(),
     }
 }

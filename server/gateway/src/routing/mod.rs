@@ -4,6 +4,7 @@
 //! while one starts) until one is, the gRPC [`generate`] call with retries on another worker while nothing has
 //! been sent, and the [`generation`] that continues on another worker when its own drains or dies. The names callers use are re-exported here.
 
+pub mod adapters;
 pub mod affinity;
 pub mod auth;
 pub mod endpoints;

@@ -2,7 +2,7 @@
 //! workers' health, ejecting failing ones and admitting them back, and choosing the healthy worker with the fewest
 //! requests in flight. Holding ([`super::hold`]) and the generate call ([`super::generate`]) build on it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -47,6 +47,8 @@ pub struct Backend {
     healthy: AtomicBool,
     /// Dropped from its model's endpoints: a probe still in flight must not bring its metric series back.
     retired: AtomicBool,
+    /// The LoRA adapters the worker said it serves (its `ModelInfo`), and those loaded through it since.
+    adapters: Mutex<BTreeSet<String>>,
 }
 
 impl Backend {
@@ -66,7 +68,33 @@ impl Backend {
             in_flight: AtomicUsize::new(0),
             healthy: AtomicBool::new(false),
             retired: AtomicBool::new(false),
+            adapters: Mutex::new(BTreeSet::new()),
         })
+    }
+
+    /// Whether the worker holds adapter `name`.
+    pub fn holds(&self, name: &str) -> bool {
+        self.adapters.lock().is_ok_and(|a| a.contains(name))
+    }
+
+    pub(super) fn adapters(&self) -> BTreeSet<String> {
+        self.adapters.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    pub(super) fn set_adapters(&self, names: BTreeSet<String>) {
+        if let Ok(mut a) = self.adapters.lock() {
+            *a = names;
+        }
+    }
+
+    pub(super) fn note_adapter(&self, name: &str, held: bool) {
+        if let Ok(mut a) = self.adapters.lock() {
+            if held {
+                a.insert(name.to_string());
+            } else {
+                a.remove(name);
+            }
+        }
     }
 
     pub fn in_flight(&self) -> usize {
@@ -135,6 +163,9 @@ pub struct Router {
     /// Generations continued on another worker, per model, for `/internal/load` (the operator's ChatModel
     /// status counts them).
     migrated: Mutex<BTreeMap<String, u64>>,
+    /// Where each model's LoRA adapters can be loaded from (see [`super::adapters`]).
+    pub(super) adapter_sources: RwLock<super::adapters::AdapterSources>,
+    pub(super) discovered_adapters: std::sync::OnceLock<super::adapters::SourceReader>,
 }
 
 impl Router {
@@ -157,6 +188,8 @@ impl Router {
             held_by: Mutex::new(BTreeMap::new()),
             migration: RwLock::new(MigrationLimits::default()),
             migrated: Mutex::new(BTreeMap::new()),
+            adapter_sources: RwLock::new(Default::default()),
+            discovered_adapters: std::sync::OnceLock::new(),
         });
         let mut rx = source.subscribe();
         router.apply(&rx.borrow_and_update());
@@ -226,6 +259,14 @@ impl Router {
         added
     }
 
+    pub(super) fn backends_of(&self, model: &str) -> Vec<Arc<Backend>> {
+        self.backends
+            .read()
+            .ok()
+            .and_then(|b| b.get(model).cloned())
+            .unwrap_or_default()
+    }
+
     fn all(&self) -> Vec<Arc<Backend>> {
         self.backends
             .read()
@@ -244,7 +285,17 @@ impl Router {
             let answer =
                 tokio::time::timeout(Duration::from_secs(1), client.health(v1::HealthRequest {})).await;
             match answer {
-                Ok(Ok(r)) if r.get_ref().ready => b.set_healthy(true, &self.metrics, "ready"),
+                Ok(Ok(r)) if r.get_ref().ready => {
+                    // Which adapters it holds; a worker that cannot say keeps what is known.
+                    let info = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        client.model_info(v1::ModelInfoRequest {}),
+                    );
+                    if let Ok(Ok(info)) = info.await {
+                        b.set_adapters(info.into_inner().adapters.into_iter().map(|a| a.name).collect());
+                    }
+                    b.set_healthy(true, &self.metrics, "ready")
+                }
                 Ok(Ok(_)) => b.set_healthy(false, &self.metrics, "not ready"),
                 Ok(Err(status)) => b.set_healthy(false, &self.metrics, status.message()),
                 Err(_) => b.set_healthy(false, &self.metrics, "health check timed out"),
@@ -348,14 +399,29 @@ impl Router {
     }
 
     /// The healthy backend of `model` for a request whose prefix has routing key `key`, skipping `tried`: the
-    /// one its prefix maps to unless that one is busier than the others ([`super::affinity::choose`]).
-    pub(super) fn pick(&self, model: &str, tried: &[String], key: u64) -> Option<Arc<Backend>> {
+    /// one its prefix maps to unless that one is busier than the others ([`super::affinity::choose`]). With an
+    /// `adapter`, among the workers that hold it; when none does, any worker if the adapter can be loaded there.
+    pub(super) fn pick(
+        &self,
+        model: &str,
+        adapter: &str,
+        tried: &[String],
+        key: u64,
+    ) -> Option<Arc<Backend>> {
         let backends = self.backends.read().ok()?;
-        let usable: Vec<&Arc<Backend>> = backends
+        let mut usable: Vec<&Arc<Backend>> = backends
             .get(model)?
             .iter()
             .filter(|b| b.is_healthy() && !tried.contains(&b.addr))
             .collect();
+        if !adapter.is_empty() {
+            let holders: Vec<&Arc<Backend>> = usable.iter().copied().filter(|b| b.holds(adapter)).collect();
+            if !holders.is_empty() {
+                usable = holders;
+            } else if self.adapter_source(model, adapter).is_none() {
+                return None;
+            }
+        }
         let loads: Vec<(&str, usize)> = usable.iter().map(|b| (b.addr.as_str(), b.in_flight())).collect();
         super::affinity::choose(key, &loads).map(|i| usable[i].clone())
     }
