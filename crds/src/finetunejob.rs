@@ -39,7 +39,9 @@ use crate::evaluation::{EvaluationSpec, EvaluationStatus};
     validation = Rule::new("!has(self.baseModel.fineTuneJob)")
         .message("baseModel.fineTuneJob: a FineTuneJob trains from files; name the other job's output claim and path"),
     validation = Rule::new("!has(self.spot.baseOnDemand)")
-        .message("spot.baseOnDemand is for ChatModels: a FineTuneJob's gang runs on one kind of capacity at a time")
+        .message("spot.baseOnDemand is for ChatModels: a FineTuneJob's gang runs on one kind of capacity at a time"),
+    validation = Rule::new("!has(self.lora) || (has(self.method) && self.method == 'Lora')")
+        .message("lora settings need method: Lora")
 )]
 pub struct FineTuneJobSpec {
     /// The model to fine-tune: an HF directory or a GGUF file, on a claim, in the image, or downloaded from a
@@ -53,6 +55,13 @@ pub struct FineTuneJobSpec {
     pub template: Option<String>,
     /// Training settings; each one left out takes its default (Vicuna's), so `{}` is valid.
     pub hyperparameters: Hyperparameters,
+    /// `Full` (default: every weight, as Vicuna) or `Lora`: adapters on the frozen base, and the job's output is
+    /// a PEFT adapter that `output.chatModel` serves beside the base instead of a new model.
+    #[serde(default, skip_serializing_if = "TrainMethod::is_full")]
+    pub method: TrainMethod,
+    /// LoRA's settings (with `method: Lora`; each left out takes the trainer's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSpec>,
     /// Trainer pods in the gang (default 1), each running one rank per GPU: the world size is `workers` x
     /// `gpusPerWorker`, or `workers` on CPU.
     #[serde(default = "one")]
@@ -106,6 +115,48 @@ fn one() -> i32 {
 
 fn default_max_restarts() -> i32 {
     3
+}
+
+/// What a FineTuneJob trains.
+// No doc comments on the variants: see `PullPolicy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum TrainMethod {
+    #[default]
+    Full,
+    Lora,
+}
+
+impl TrainMethod {
+    pub fn is_full(&self) -> bool {
+        *self == TrainMethod::Full
+    }
+}
+
+/// LoRA adapters' settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::common::unwrap_descriptions)]
+pub struct LoraSpec {
+    /// The adapters' rank (default 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub rank: Option<i32>,
+    /// The adapters' scale is alpha / rank (default alpha 32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub alpha: Option<f64>,
+    /// Dropout on the adapters' inputs while training (default 0.05).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 0.99))]
+    pub dropout: Option<f64>,
+    /// The projections that get adapters: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`,
+    /// `down_proj`, or `all-linear` (default).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_modules: Vec<String>,
+    /// Also export the base with the adapter merged in (`<output>/merged`); always on with `evaluation`, which
+    /// judges the merged model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<bool>,
 }
 
 /// When the kubelet pulls a container image (Kubernetes' `imagePullPolicy`): `Always` on every container

@@ -161,6 +161,18 @@ where
     Ok(())
 }
 
+/// [`apply`] under field manager `manager`: for fields several writers share by list-map key (each keeps its
+/// own entries).
+pub async fn apply_as<K, P>(api: &Api<K>, name: &str, object: &P, manager: &str) -> Result<(), Error>
+where
+    K: Clone + DeserializeOwned + Debug,
+    P: Serialize + Debug,
+{
+    api.patch(name, &PatchParams::apply(manager).force(), &Patch::Apply(object))
+        .await?;
+    Ok(())
+}
+
 /// Whether `meta` names `owner_uid` as its controller.
 pub fn controlled_by(meta: &ObjectMeta, owner_uid: &str) -> bool {
     meta.owner_references

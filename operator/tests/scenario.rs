@@ -33,6 +33,8 @@ async fn progress_server() -> (u16, std::sync::Arc<std::sync::Mutex<Value>>) {
 }
 
 struct Scenario {
+    /// The FineTuneJob's name.
+    name: &'static str,
     server: MemoryApiServer,
     client: Client,
     progress_port: u16,
@@ -60,7 +62,7 @@ impl Scenario {
     }
 
     fn job(&self, attempt: i32) -> Job {
-        let name = format!("vicuna-smol-a{attempt}");
+        let name = format!("{}-a{attempt}", self.name);
         let job = self
             .server
             .cluster()
@@ -76,7 +78,7 @@ impl Scenario {
                 "apis/camelid.dev/v1alpha1",
                 "finetunejobs",
                 Some(NS),
-                "vicuna-smol",
+                self.name,
             ))
             .cloned()
             .unwrap()
@@ -97,9 +99,9 @@ impl Scenario {
 
     /// What the Job controller and kubelet do: the attempt's pods, bound to `nodes`, running with rank 0's
     /// progress reachable on loopback.
-    fn run_pods(&self, attempt: i32, nodes: [&str; 2]) {
+    fn run_pods(&self, attempt: i32, nodes: &[&str]) {
         let mut store = self.server.cluster();
-        let job_name = format!("vicuna-smol-a{attempt}");
+        let job_name = format!("{}-a{attempt}", self.name);
         let job = store
             .get(&Key::new("apis/batch/v1", "jobs", Some(NS), &job_name))
             .cloned()
@@ -156,8 +158,8 @@ impl Scenario {
     }
 
     async fn wait_attempt(&self, attempt: i32) {
-        let job = format!("vicuna-smol-a{attempt}");
-        let previous = format!("vicuna-smol-a{}", attempt - 1);
+        let job = format!("{}-a{attempt}", self.name);
+        let previous = format!("{}-a{}", self.name, attempt - 1);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !(self.jobs() == [job.clone()] && self.status()["attempt"] == json!(attempt)) {
             assert!(
@@ -192,6 +194,7 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
     let client = client(&server);
     let (progress_port, progress) = progress_server().await;
     let s = Scenario {
+        name: "vicuna-smol",
         server,
         client: client.clone(),
         progress_port,
@@ -238,7 +241,7 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
     assert_eq!(s.status()["phase"], "Pending");
 
     // Running, with progress.
-    s.run_pods(1, ["spot-1", "spot-2"]);
+    s.run_pods(1, &["spot-1", "spot-2"]);
     let checkpoint_time = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(60);
     *progress.lock().unwrap() = json!({"phase": "training", "step": 100, "total_steps": 400, "epoch": 0.75,
         "loss": 1.5, "learning_rate": 2e-5, "tokens_per_second": 5000.0, "eta_seconds": 1800.0,
@@ -303,7 +306,7 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
     assert!(lost > 0.0);
 
     // Preemption 2: the trainer checkpoints on SIGTERM and exits 75.
-    s.run_pods(2, ["spot-3", "spot-4"]);
+    s.run_pods(2, &["spot-3", "spot-4"]);
     s.set_pod_status(
         "vicuna-smol-a2-0",
         json!({"phase": "Failed", "containerStatuses": terminated(75)}),
@@ -317,7 +320,7 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
     );
 
     // Preemption 3: a node vanishes. maxPreemptions is 3: attempt 4 goes on-demand.
-    s.run_pods(3, ["spot-5", "spot-6"]);
+    s.run_pods(3, &["spot-5", "spot-6"]);
     s.delete_node("spot-6");
     s.wait_attempt(4).await;
     assert_eq!(s.status()["preemptions"], 3);
@@ -337,7 +340,7 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
     assert!(pod_spec.affinity.is_some(), "kept off spot pools");
 
     // Every rank finishes: the model is exported and served.
-    s.run_pods(4, ["od-1", "od-2"]);
+    s.run_pods(4, &["od-1", "od-2"]);
     for pod in ["vicuna-smol-a4-0", "vicuna-smol-a4-1"] {
         s.set_pod_status(
             pod,
@@ -431,5 +434,95 @@ async fn a_finetunejob_survives_preemptions_moves_to_on_demand_and_publishes_its
     ] {
         assert!(reasons.contains(&reason), "no {reason} event in {reasons:?}");
     }
+    operator.abort();
+}
+
+/// `kubectl apply` of a ChatModel serving the base and of `examples/finetunejob-lora.yaml`: when the LoRA job
+/// succeeds its adapter joins the ChatModel's `spec.adapters` (the base it serves untouched), the ChatModel's
+/// status lists where workers find it, and the workers are not restarted (the adapter is on the claim they
+/// already mount; the gateway loads it on them when first asked for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lora_finetunejob_adds_its_adapter_to_the_running_chatmodel_of_its_base() {
+    let server = MemoryApiServer::start().await.unwrap();
+    let client = client(&server);
+    let (progress_port, _progress) = progress_server().await;
+    let s = Scenario {
+        name: "sql-lora",
+        server,
+        client: client.clone(),
+        progress_port,
+    };
+    let operator = s.start_operator();
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/finetunejob-lora.yaml");
+    let ftj: FineTuneJob = serde_yaml_ng::from_str(&std::fs::read_to_string(example).unwrap()).unwrap();
+    let base = json!({"apiVersion": "camelid.dev/v1alpha1", "kind": "ChatModel",
+        "metadata": {"name": "smollm2", "namespace": NS, "annotations": {"camelid.dev/accept-adapters": "true"}},
+        "spec": {"model": ftj.spec.base_model}});
+    let models: Api<camelid_crds::ChatModel> = Api::namespaced(client.clone(), NS);
+    models
+        .patch("smollm2", &PatchParams::apply("kubectl"), &Patch::Apply(&base))
+        .await
+        .unwrap();
+    let deployment = Key::new("apis/apps/v1", "deployments", Some(NS), "smollm2-worker");
+    eventually("the base's workers", || {
+        let found = s.server.cluster().get(&deployment).is_some();
+        async move { found }
+    })
+    .await;
+    let template = |s: &Scenario| s.server.cluster().get(&deployment).unwrap()["spec"]["template"].clone();
+    let before = template(&s);
+    let api: Api<FineTuneJob> = Api::namespaced(client.clone(), NS);
+    api.patch("sql-lora", &PatchParams::apply("kubectl"), &Patch::Apply(&ftj))
+        .await
+        .unwrap();
+    eventually("attempt 1 starts", || {
+        let jobs = s.jobs();
+        async move { jobs == ["sql-lora-a1"] }
+    })
+    .await;
+    let args = s.job(1).spec.unwrap().template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    for flag in [
+        "--method",
+        "lora",
+        "--lora-rank",
+        "16",
+        "--lora-target-modules",
+        "all-linear",
+    ] {
+        assert!(args.iter().any(|a| a == flag), "{flag} not in {args:?}");
+    }
+    s.run_pods(1, &["gpu-1"]);
+    s.set_pod_status(
+        "sql-lora-a1-0",
+        json!({"phase": "Succeeded", "containerStatuses": terminated(0)}),
+    );
+    eventually("the job succeeds", || {
+        let st = s.status();
+        async move { st["phase"] == "Succeeded" }
+    })
+    .await;
+    let chat_key = Key::new("apis/camelid.dev/v1alpha1", "chatmodels", Some(NS), "smollm2");
+    eventually("the adapter is listed and resolved", || {
+        let cm = s.server.cluster().get(&chat_key).cloned().unwrap();
+        async move {
+            cm["status"]["adapters"]
+                == json!([{"name": "sql-lora", "path": "/camelid/volumes/models/adapters/sql-lora"}])
+                && cm["status"]["adapterCount"] == 1
+        }
+    })
+    .await;
+    let cm = s.server.cluster().get(&chat_key).cloned().unwrap();
+    assert_eq!(
+        cm["spec"]["adapters"],
+        json!([{"name": "sql-lora", "fineTuneJob": "sql-lora"}])
+    );
+    assert_eq!(
+        cm["spec"]["model"],
+        json!({"claimName": "models", "path": "smollm2-135m-instruct"})
+    );
+    assert_eq!(template(&s), before, "the workers were not restarted");
     operator.abort();
 }

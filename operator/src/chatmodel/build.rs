@@ -48,6 +48,8 @@ pub struct ModelFiles {
     pub shown: String,
     /// Changes whenever the files may have: the FineTuneJob's completion, or the source itself.
     pub revision: String,
+    /// Claims holding LoRA adapters besides the model's own, which the workers mount too (read-only).
+    pub adapter_claims: Vec<String>,
 }
 
 impl ModelFiles {
@@ -294,6 +296,23 @@ fn worker_volumes(
         });
         mounts.push(VolumeMount {
             name: "model".into(),
+            mount_path: format!("{VOLUMES_ROOT}/{claim}"),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    for (i, claim) in files.adapter_claims.iter().enumerate() {
+        let name = format!("adapters-{i}");
+        volumes.push(Volume {
+            name: name.clone(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone(),
+                read_only: Some(true),
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name,
             mount_path: format!("{VOLUMES_ROOT}/{claim}"),
             read_only: Some(true),
             ..VolumeMount::default()

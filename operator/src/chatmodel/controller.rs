@@ -150,6 +150,63 @@ async fn resolve(ctx: &Context, model: &ChatModel) -> Result<Result<ModelFiles, 
     Ok(super::source::resolve(&model.spec.model, job.as_ref()))
 }
 
+/// The model's LoRA adapters that can be served, into the status (the gateway loads them from there) and, for
+/// adapters on claims the model's own is not, into the claims the workers mount; the others are named in the
+/// `AdaptersAvailable` condition.
+async fn observe_adapters(
+    ctx: &Context,
+    model: &ChatModel,
+    files: &mut ModelFiles,
+    status: &mut ChatModelStatus,
+    now: jiff::Timestamp,
+) -> Result<(), Error> {
+    let api: Api<FineTuneJob> = reconcile::namespaced(&ctx.client, model);
+    let mut jobs = std::collections::BTreeMap::new();
+    for name in model
+        .spec
+        .adapters
+        .iter()
+        .filter_map(|a| a.fine_tune_job.as_ref())
+    {
+        if let Some(job) = api.get_opt(name).await? {
+            jobs.insert(name.clone(), job);
+        }
+    }
+    let (ready, waiting) = super::adapters::resolve(&model.spec.adapters, &jobs, files.claim.as_deref());
+    let mut claims: Vec<String> = ready
+        .iter()
+        .filter_map(|a| a.claim.clone())
+        .filter(|c| Some(c) != files.claim.as_ref())
+        .collect();
+    claims.sort();
+    claims.dedup();
+    files.adapter_claims = claims;
+    status.adapters = ready.iter().map(|a| a.status()).collect();
+    status.adapter_count = i32::try_from(ready.len()).unwrap_or(i32::MAX);
+    if model.spec.adapters.is_empty() {
+        status.conditions.retain(|c| c.type_ != "AdaptersAvailable");
+    } else {
+        let (ok, reason, message) = match waiting.is_empty() {
+            true => (
+                true,
+                "Resolved",
+                format!("{} adapter(s) can be served", ready.len()),
+            ),
+            false => (false, "Waiting", waiting.join("; ")),
+        };
+        crate::conditions::set(
+            &mut status.conditions,
+            "AdaptersAvailable",
+            ok,
+            reason,
+            &message,
+            &Time(now),
+            model.metadata.generation,
+        );
+    }
+    Ok(())
+}
+
 /// The workers' desired and ready replicas now, summed over both Deployments; `None` before they exist. The
 /// desired leave out the replacements of leaving workers (each Deployment's [`build::SURGE_ANNOTATION`]).
 async fn observe_workers(ctx: &Context, model: &ChatModel) -> Result<Option<(i32, i32)>, Error> {
@@ -271,7 +328,14 @@ async fn reconcile_inner(model: &ChatModel, ctx: &Context) -> Result<Action, Err
     }
     crate::conditions::admit(&mut status.conditions);
     let mut preempted = Vec::new();
-    let note = match resolve(ctx, model).await? {
+    let resolved = match resolve(ctx, model).await? {
+        Ok(mut files) => {
+            observe_adapters(ctx, model, &mut files, &mut status, now).await?;
+            Ok(files)
+        }
+        Err(source) => Err(source),
+    };
+    let note = match resolved {
         Err(source) => {
             let workers = observe_workers(ctx, model).await?;
             let (desired, ready) = workers.unwrap_or((0, 0));

@@ -2,6 +2,7 @@
 //! files are), [`spot`] (replacing workers whose node has a termination notice) and [`status`] are pure;
 //! [`controller`] observes, decides and applies.
 
+pub mod adapters;
 pub mod autoscale;
 pub mod build;
 pub mod controller;

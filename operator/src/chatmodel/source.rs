@@ -21,6 +21,13 @@ pub fn resolve(src: &ModelSource, job: Option<&FineTuneJob>) -> Result<ModelFile
     };
     let status = ftj.status.clone().unwrap_or_default();
     match status.phase {
+        // A LoRA job's export is an adapter; the merged model beside it is a model.
+        Some(FineTuneJobPhase::Succeeded) if !ftj.spec.method.is_full() && !merged(ftj) => {
+            Err(Source::Failed(format!(
+                "FineTuneJob {name} trained a LoRA adapter: list it under spec.adapters of a ChatModel serving its \
+                 base model (or set lora.merge to export a merged model)"
+            )))
+        }
         Some(FineTuneJobPhase::Succeeded) => Ok(exported(ftj)),
         Some(FineTuneJobPhase::Failed) => Err(Source::Failed(format!(
             "FineTuneJob {name} failed: {}",
@@ -43,7 +50,21 @@ pub fn resolve(src: &ModelSource, job: Option<&FineTuneJob>) -> Result<ModelFile
     }
 }
 
-fn waiting_for(job: &str, phase: &str) -> Source {
+/// Whether a LoRA job also exported the merged model (asked for, or for its promotion gate).
+fn merged(ftj: &FineTuneJob) -> bool {
+    ftj.spec.lora.as_ref().and_then(|l| l.merge) == Some(true) || ftj.spec.evaluation.is_some()
+}
+
+/// The job's export folder inside its output claim (default `models/<job>`).
+pub(super) fn export_path(ftj: &FineTuneJob) -> String {
+    ftj.spec
+        .output
+        .path
+        .clone()
+        .unwrap_or_else(|| format!("models/{}", ftj.name_any()))
+}
+
+pub(super) fn waiting_for(job: &str, phase: &str) -> Source {
     Source::Waiting(format!("waiting for FineTuneJob {job} to succeed (now {phase})"))
 }
 
@@ -63,6 +84,7 @@ fn files_of(src: &ModelSource) -> Result<ModelFiles, Source> {
         max_bytes: src.max_bytes,
         revision: fingerprint(&shown),
         shown,
+        adapter_claims: Vec::new(),
     })
 }
 
@@ -71,12 +93,10 @@ fn files_of(src: &ModelSource) -> Result<ModelFiles, Source> {
 fn exported(ftj: &FineTuneJob) -> ModelFiles {
     let job = ftj.name_any();
     let status = ftj.status.clone().unwrap_or_default();
-    let path = ftj
-        .spec
-        .output
-        .path
-        .clone()
-        .unwrap_or_else(|| format!("models/{job}"));
+    let mut path = export_path(ftj);
+    if !ftj.spec.method.is_full() {
+        path.push_str("/merged");
+    }
     let completed = status
         .completion_time
         .map(|t| t.0.to_string())
@@ -89,6 +109,7 @@ fn exported(ftj: &FineTuneJob) -> ModelFiles {
         max_bytes: None,
         shown: format!("finetunejob/{job}"),
         revision: fingerprint(&format!("{}/{completed}", ftj.uid().unwrap_or_default())),
+        adapter_claims: Vec::new(),
     }
 }
 

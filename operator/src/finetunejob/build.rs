@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 
 use camelid_contracts::TrainerSettings;
 use camelid_contracts::names;
-use camelid_contracts::settings::Device;
+use camelid_contracts::settings::{Device, Method};
 use camelid_crds::FineTuneJob;
 use camelid_crds::common::ModelSource;
 use camelid_crds::common::VolumePath;
+use camelid_crds::finetunejob::TrainMethod;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
@@ -165,7 +166,35 @@ pub fn trainer_settings(job: &FineTuneJob) -> TrainerSettings {
         max_steps: h.max_steps.and_then(|n| u64::try_from(n).ok()),
         epochs: h.epochs.filter(|_| h.max_steps.is_none()),
         template: s.template.clone(),
+        ..lora_settings(job)
+    }
+}
+
+/// The LoRA part of the trainer settings (nothing for a full fine-tune). An evaluated LoRA job also exports the
+/// merged model, which its promotion gate serves as the candidate.
+fn lora_settings(job: &FineTuneJob) -> TrainerSettings {
+    let s = &job.spec;
+    if s.method.is_full() {
+        return TrainerSettings::default();
+    }
+    let lora = s.lora.clone().unwrap_or_default();
+    TrainerSettings {
+        method: Some(Method::Lora),
+        lora_rank: lora.rank.and_then(|r| usize::try_from(r).ok()),
+        lora_alpha: lora.alpha,
+        lora_dropout: lora.dropout,
+        lora_target_modules: lora.target_modules,
+        lora_merge: (lora.merge == Some(true) || s.evaluation.is_some()).then_some(true),
         ..TrainerSettings::default()
+    }
+}
+
+/// The folder a model server loads for `job`'s model (the promotion gate's candidate): the export, or for a
+/// LoRA job the merged model beside its adapter.
+pub fn served_dir(job: &FineTuneJob) -> String {
+    match job.spec.method {
+        TrainMethod::Full => output_dir(job),
+        TrainMethod::Lora => format!("{}/merged", output_dir(job)),
     }
 }
 

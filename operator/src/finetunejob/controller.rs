@@ -557,6 +557,9 @@ pub(super) async fn publish_model(ctx: &Context, ftj: &FineTuneJob) -> Result<()
     let Some(name) = &ftj.spec.output.chat_model else {
         return Ok(());
     };
+    if !ftj.spec.method.is_full() {
+        return publish_adapter(ctx, ftj, name).await;
+    }
     let ns = ftj.namespace().unwrap_or_default();
     let uid = ftj.uid().unwrap_or_default();
     let models: Api<ChatModel> = reconcile::namespaced(&ctx.client, ftj);
@@ -578,4 +581,14 @@ pub(super) async fn publish_model(ctx: &Context, ftj: &FineTuneJob) -> Result<()
         patch["metadata"]["resourceVersion"] = json!(version);
     }
     reconcile::apply(&models, name, &patch).await
+}
+
+/// A LoRA job's adapter onto the ChatModel `name` ([`super::publish::adapter_patch`]), applied under a field
+/// manager of the job's own so that other jobs' adapters stay.
+async fn publish_adapter(ctx: &Context, ftj: &FineTuneJob, name: &str) -> Result<(), Error> {
+    let models: Api<ChatModel> = reconcile::namespaced(&ctx.client, ftj);
+    let existing = models.get_opt(name).await?;
+    let patch = super::publish::adapter_patch(ftj, name, existing.as_ref()).map_err(Error::Invalid)?;
+    let manager = format!("{}-adapter-{}", crate::MANAGER, ftj.name_any());
+    reconcile::apply_as(&models, name, &patch, &manager).await
 }

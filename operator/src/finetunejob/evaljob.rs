@@ -109,6 +109,7 @@ pub fn base_model_baseline(job: &FineTuneJob) -> Baseline {
             max_bytes: base.max_bytes,
             revision: String::new(),
             shown,
+            adapter_claims: Vec::new(),
         },
         template: None,
     }
@@ -242,7 +243,7 @@ fn pod_spec(
     let candidate = Server {
         container: "candidate",
         name: job.name_any(),
-        path: output_dir(job),
+        path: super::build::served_dir(job),
         template: job.spec.template.clone(),
         port: CANDIDATE_PORT,
     };

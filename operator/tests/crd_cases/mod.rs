@@ -188,6 +188,12 @@ fn evaluation_cases() -> Vec<(Value, &'static str)> {
         (bad_evaluation(json!({"concurrency": 0})), "concurrency"),
         (bad_evaluation(json!({"maxQuestions": 0})), "maxQuestions"),
         (bad_evaluation(json!({"baseline": {}})), "chatModel"),
+        (
+            json!({"spec": {"lora": {"rank": 8}}}),
+            "lora settings need method: Lora",
+        ),
+        (json!({"spec": {"method": "Lora", "lora": {"rank": 0}}}), "rank"),
+        (json!({"spec": {"method": "QLoRA"}}), "method"),
     ]
 }
 

@@ -275,6 +275,26 @@ mod tests {
         assert_eq!(rules["a/smol"].allowed_keys, ["alice"]);
     }
 
+    /// The adapters the gateway may load come from the operator's status (resolved, checked paths), never from
+    /// the spec a tenant writes.
+    #[test]
+    fn adapter_sources_come_from_the_status_only() {
+        let cm: ChatModel = serde_json::from_value(json!({"apiVersion": "camelid.dev/v1alpha1",
+            "kind": "ChatModel", "metadata": {"name": "smol", "namespace": "a"},
+            "spec": {"model": {"path": "/m"}, "adapters": [{"name": "evil", "path": "x"}]},
+            "status": {"adapters": [{"name": "sql", "path": "/camelid/volumes/models/adapters/sql"}],
+                       "adapterCount": 1}}))
+        .unwrap();
+        let rules = rules_from(&[cm]);
+        assert_eq!(
+            rules["a/smol"].adapters,
+            BTreeMap::from([(
+                "sql".to_string(),
+                "/camelid/volumes/models/adapters/sql".to_string()
+            )])
+        );
+    }
+
     /// The attack: a tenant in namespace `b` creates a ChatModel named like namespace `a`'s, with its own
     /// workers, no moderation and its own allowed keys, hoping to receive `a`'s prompts or loosen its rules.
     #[test]
