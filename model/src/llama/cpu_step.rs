@@ -334,7 +334,8 @@ impl Llama {
             && step.lora.any()
         {
             let widths: Vec<usize> = linears.iter().map(|l| l.weight.size()[0] as usize).collect();
-            step.lora.add(layer, modules, &widths, &input, cols, &mut out)?;
+            step.lora
+                .add(layer, modules, &widths, &input, cols, &mut out, pool)?;
         }
         precision.round_all(&mut out);
         Ok(out)

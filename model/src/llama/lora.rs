@@ -5,6 +5,7 @@
 use tch::{Kind, Tensor};
 
 use super::{Linear, Llama};
+use crate::cpu_gemv::DecodePool;
 use crate::error::{ModelError, Result};
 use crate::lora::{LORA_MODULES, LoraAdapter};
 use crate::storage;
@@ -129,7 +130,10 @@ impl RowAdapters<'_> {
 
     /// Adds each row's adapter product for layer `layer`'s `modules` to `out` (each row's outputs of the modules
     /// concatenated, `widths[j]` values for module `j`), from the rows' inputs `input` (`cols` values each).
-    /// Rows are computed alone, so a row's bits do not depend on its neighbours.
+    ///
+    /// Rows of one adapter are taken together, so each adapter's `A` and `B` are read once per step whatever
+    /// its number of rows, and the (adapter, module) products are spread over the pool's threads. Every row's
+    /// sums run in the same order in any grouping, so a row's bits do not depend on its neighbours.
     pub(super) fn add(
         &self,
         layer: usize,
@@ -138,37 +142,99 @@ impl RowAdapters<'_> {
         input: &[f32],
         cols: usize,
         out: &mut [f32],
+        pool: &DecodePool<'_>,
     ) -> Result<()> {
         let total: usize = widths.iter().sum();
-        let mut low_rank = Vec::new();
+        let mut groups: Vec<(&LoraAdapter, Vec<usize>)> = Vec::new();
         for (r, adapter) in self.rows.iter().enumerate() {
             let Some(adapter) = adapter else { continue };
-            let x = &input[r * cols..(r + 1) * cols];
+            match groups.iter_mut().find(|(a, _)| std::ptr::eq(*a, *adapter)) {
+                Some((_, rows)) => rows.push(r),
+                None => groups.push((adapter, vec![r])),
+            }
+        }
+        let mut items = Vec::new();
+        for (adapter, rows) in &groups {
             let mut offset = 0;
             for (&m, &width) in modules.iter().zip(widths) {
                 if let Some(pair) = adapter.pair(layer, m) {
-                    let (a, b) = match (storage::f32s(&pair.a), storage::f32s(&pair.b)) {
-                        (Some(a), Some(b)) => (a, b),
-                        _ => {
-                            return Err(ModelError::InvalidRequest(format!(
-                                "LoRA weights of {} are not CPU f32",
-                                LORA_MODULES[m]
-                            )));
-                        }
+                    let (Some(a), Some(b)) = (storage::f32s(&pair.a), storage::f32s(&pair.b)) else {
+                        return Err(ModelError::InvalidRequest(format!(
+                            "LoRA weights of {} are not CPU f32",
+                            LORA_MODULES[m]
+                        )));
                     };
-                    let rank = adapter.config().rank;
-                    low_rank.clear();
-                    low_rank.extend(a.chunks_exact(cols).map(|row| dot(row, x)));
-                    let scale = adapter.config().scale() as f32;
-                    let y = &mut out[r * total + offset..r * total + offset + width];
-                    for (value, b_row) in y.iter_mut().zip(b.chunks_exact(rank)) {
-                        *value += scale * dot(b_row, &low_rank);
-                    }
+                    items.push(Product {
+                        rows,
+                        a,
+                        b,
+                        rank: adapter.config().rank,
+                        scale: adapter.config().scale() as f32,
+                        offset,
+                        width,
+                    });
                 }
                 offset += width;
             }
         }
+        if items.is_empty() {
+            return Ok(());
+        }
+        let parts = pool.parts();
+        let work = |part: usize| -> Vec<f32> {
+            let mut deltas = Vec::new();
+            for item in items.iter().skip(part).step_by(parts) {
+                item.compute(input, cols, &mut deltas);
+            }
+            deltas
+        };
+        for (part, deltas) in pool.split(&work).iter().enumerate() {
+            let mut at = 0;
+            for item in items.iter().skip(part).step_by(parts) {
+                for &r in item.rows {
+                    let dst = &mut out[r * total + item.offset..r * total + item.offset + item.width];
+                    dst.iter_mut()
+                        .zip(&deltas[at..at + item.width])
+                        .for_each(|(y, d)| *y += d);
+                    at += item.width;
+                }
+            }
+        }
         Ok(())
+    }
+}
+
+/// One adapter's product for one module over the rows that use the adapter.
+struct Product<'s> {
+    rows: &'s [usize],
+    /// `[rank, cols]` and `[width, rank]`, row-major.
+    a: &'s [f32],
+    b: &'s [f32],
+    rank: usize,
+    scale: f32,
+    /// Where the module's outputs start in a row of the step's outputs.
+    offset: usize,
+    width: usize,
+}
+
+impl Product<'_> {
+    /// Appends `s · B (A x)` of each row (`width` values per row, in `rows` order) to `deltas`.
+    fn compute(&self, input: &[f32], cols: usize, deltas: &mut Vec<f32>) {
+        let n = self.rows.len();
+        let mut low = vec![0f32; n * self.rank];
+        for (k, a_row) in self.a.chunks_exact(cols).enumerate() {
+            for (g, &r) in self.rows.iter().enumerate() {
+                low[g * self.rank + k] = dot(a_row, &input[r * cols..(r + 1) * cols]);
+            }
+        }
+        let start = deltas.len();
+        deltas.resize(start + n * self.width, 0.0);
+        for (o, b_row) in self.b.chunks_exact(self.rank).enumerate() {
+            for g in 0..n {
+                deltas[start + g * self.width + o] =
+                    self.scale * dot(b_row, &low[g * self.rank..(g + 1) * self.rank]);
+            }
+        }
     }
 }
 

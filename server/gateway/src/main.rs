@@ -18,8 +18,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// The YAML config file: `listen`, `models`, `limits`, `probe_interval_ms`, `moderation`, `keys`, `keys_file`,
-    /// `allow_anonymous`. Reloaded when it (or a file it names) changes.
+    /// The YAML config file: `listen`, `models`, `adapters`, `limits`, `probe_interval_ms`, `moderation`, `keys`,
+    /// `keys_file`, `allow_anonymous`. Reloaded when it (or a file it names) changes.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Address to serve HTTP on (overrides the config file; default 127.0.0.1:8000).

@@ -110,6 +110,18 @@ pub struct Validated {
     pub adapter: String,
 }
 
+impl Validated {
+    /// The name a response carries in `model`: the adapter's when the request asked for one (as vLLM answers),
+    /// else the model's.
+    pub fn shown_model(&self) -> String {
+        if self.adapter.is_empty() {
+            self.model.clone()
+        } else {
+            self.adapter.clone()
+        }
+    }
+}
+
 /// Parses JSON, telling malformed JSON (400) from the wrong shape (422, naming the field).
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);

@@ -151,6 +151,11 @@ async fn adapters_route_to_their_holders_load_where_missing_and_are_listed() {
     for i in 0..6 {
         let reply = post_chat(&app, None, &chat("sql", &format!("q{i}"), 5)).await;
         assert_eq!(answer(&reply), "w2:sql");
+        assert_eq!(
+            reply.json()["model"],
+            "sql",
+            "the response names the adapter asked for"
+        );
     }
     assert_eq!(
         answer(&post_chat(&app, None, &chat("team/base", "hi", 5)).await)

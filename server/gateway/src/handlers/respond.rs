@@ -110,7 +110,7 @@ fn observe_ttft(state: &AppState, record: &RequestRecord) {
 }
 
 pub(crate) fn whole_response(request: &Validated, id: String, created: u64, done: Done) -> Response {
-    let model = request.model.clone();
+    let model = request.shown_model();
     match request.api {
         Api::Chat => axum::Json(openai::ChatCompletion {
             id,
@@ -161,7 +161,7 @@ impl ChunkWriter {
             api: request.api,
             id,
             created,
-            model: request.model.clone(),
+            model: request.shown_model(),
             include_usage: request.include_usage,
         }
     }
