@@ -335,7 +335,7 @@ impl Llama {
         {
             let widths: Vec<usize> = linears.iter().map(|l| l.weight.size()[0] as usize).collect();
             step.lora
-                .add(layer, modules, &widths, &input, cols, &mut out, pool)?;
+                .add((layer, modules), &widths, &input, cols, &mut out, pool)?;
         }
         precision.round_all(&mut out);
         Ok(out)

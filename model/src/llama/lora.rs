@@ -128,7 +128,7 @@ impl RowAdapters<'_> {
         self.rows.iter().any(Option::is_some)
     }
 
-    /// Adds each row's adapter product for layer `layer`'s `modules` to `out` (each row's outputs of the modules
+    /// Adds each row's adapter product for `site`, layer `layer`'s `modules`, to `out` (each row's outputs of the modules
     /// concatenated, `widths[j]` values for module `j`), from the rows' inputs `input` (`cols` values each).
     ///
     /// Rows of one adapter are taken together, so each adapter's `A` and `B` are read once per step whatever
@@ -136,8 +136,7 @@ impl RowAdapters<'_> {
     /// sums run in the same order in any grouping, so a row's bits do not depend on its neighbours.
     pub(super) fn add(
         &self,
-        layer: usize,
-        modules: &[usize],
+        (layer, modules): (usize, &[usize]),
         widths: &[usize],
         input: &[f32],
         cols: usize,
