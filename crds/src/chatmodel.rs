@@ -80,7 +80,9 @@ pub struct ChatModelSpec {
     /// LoRA adapters served over the model, each asked for by its name in a request's `model`. A FineTuneJob
     /// with `method: lora` adds its adapter here when it succeeds. Workers load adapters when first asked for
     /// one, without a restart.
+    // The bounds keep the API server's cost estimate of the items' CEL rules within its budget.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub adapters: Vec<AdapterSpec>,
     /// The worker image (default: the operator's `--worker-image`).
@@ -245,13 +247,16 @@ pub struct AdapterSpec {
     pub name: String,
     /// A FineTuneJob in this namespace with `method: lora`, whose exported adapter this is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub fine_tune_job: Option<String>,
     /// A PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`) inside `claimName`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
     #[x_kube(validation = Rule::new("!self.contains('..')").message("path must not contain '..'"))]
     pub path: Option<String>,
     /// The PersistentVolumeClaim `path` is on (default: the model's own claim). Workers mount it read-only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub claim_name: Option<String>,
 }
 

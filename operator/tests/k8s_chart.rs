@@ -129,7 +129,10 @@ fn the_chart_installs_upgrades_and_uninstalls_on_a_real_cluster_and_its_roles_su
     assert!(names(&cp, &["deployments", "-n", NS]).is_empty());
     assert!(names(&cp, &["clusterroles", "-l", "app.kubernetes.io/instance=camelid"]).is_empty());
     // Helm never deletes what crds/ installed, so users' jobs and models survive an uninstall.
-    assert_eq!(names(&cp, &["finetunejobs", "-n", "default"]), ["vicuna-smol"]);
+    assert_eq!(
+        names(&cp, &["finetunejobs", "-n", "default"]),
+        ["sql-lora", "vicuna-smol"]
+    );
 }
 
 /// `kubectl apply -f` of every Kubernetes object in `examples/` (other YAML there is trainer or gateway config).
@@ -155,7 +158,10 @@ fn examples_are_accepted(cp: &ControlPlane) {
         }
     }
     applied.sort();
-    assert_eq!(applied, ["chatmodel.yaml", "finetunejob.yaml"]);
+    assert_eq!(
+        applied,
+        ["chatmodel.yaml", "finetunejob-lora.yaml", "finetunejob.yaml"]
+    );
 }
 
 /// Every crafted bad spec is refused by the API server itself, naming what is wrong.
@@ -274,7 +280,12 @@ fn printer_columns_show_the_operators_values(cp: &ControlPlane) {
     let columns: Vec<&str> = ftj[0].iter().map(|(c, _)| c.as_str()).collect();
     assert_eq!(columns[0], "NAME");
     assert_eq!(columns[1..], crd_cases::FINETUNEJOB_COLUMNS);
-    let row: std::collections::BTreeMap<_, _> = ftj[0].iter().cloned().collect();
+    // examples/finetunejob-lora.yaml is listed too (it waits for a GPU node).
+    let vicuna = ftj
+        .iter()
+        .find(|r| r.iter().any(|(c, v)| c == "NAME" && v == "vicuna-smol"))
+        .expect("vicuna-smol is listed");
+    let row: std::collections::BTreeMap<_, _> = vicuna.iter().cloned().collect();
     assert_eq!(
         (
             row["NAME"].as_str(),
