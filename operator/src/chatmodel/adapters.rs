@@ -9,7 +9,7 @@ use camelid_crds::FineTuneJob;
 use camelid_crds::chatmodel::{AdapterSpec, AdapterStatus};
 use camelid_crds::finetunejob::FineTuneJobPhase;
 
-use super::source::export_path;
+use crate::finetunejob::build::output_path;
 use crate::pod::on_claim;
 
 /// An adapter's files.
@@ -83,7 +83,7 @@ fn one(
             let phase = job.status.as_ref().and_then(|s| s.phase);
             match phase {
                 Some(FineTuneJobPhase::Succeeded) => {
-                    Ok(files(Some(job.spec.output.claim_name.clone()), export_path(job)))
+                    Ok(files(Some(job.spec.output.claim_name.clone()), output_path(job)))
                 }
                 Some(p) => Err(format!(
                     "waiting for FineTuneJob {name} to succeed (now {})",

@@ -10,6 +10,7 @@ use kube::ResourceExt;
 
 use super::build::{ModelFiles, fingerprint};
 use super::status::Source;
+use crate::finetunejob::build::{exports_merged, output_path};
 
 /// The files of `src`; `job` is the FineTuneJob it names, as read (none when it does not exist or none is named).
 pub fn resolve(src: &ModelSource, job: Option<&FineTuneJob>) -> Result<ModelFiles, Source> {
@@ -22,7 +23,7 @@ pub fn resolve(src: &ModelSource, job: Option<&FineTuneJob>) -> Result<ModelFile
     let status = ftj.status.clone().unwrap_or_default();
     match status.phase {
         // A LoRA job's export is an adapter; the merged model beside it is a model.
-        Some(FineTuneJobPhase::Succeeded) if !ftj.spec.method.is_full() && !merged(ftj) => {
+        Some(FineTuneJobPhase::Succeeded) if !ftj.spec.method.is_full() && !exports_merged(ftj) => {
             Err(Source::Failed(format!(
                 "FineTuneJob {name} trained a LoRA adapter: list it under spec.adapters of a ChatModel serving its \
                  base model (or set lora.merge to export a merged model)"
@@ -48,20 +49,6 @@ pub fn resolve(src: &ModelSource, job: Option<&FineTuneJob>) -> Result<ModelFile
         ) => Err(waiting_for(name, phase.as_str())),
         None => Err(waiting_for(name, "new")),
     }
-}
-
-/// Whether a LoRA job also exported the merged model (asked for, or for its promotion gate).
-fn merged(ftj: &FineTuneJob) -> bool {
-    ftj.spec.lora.as_ref().and_then(|l| l.merge) == Some(true) || ftj.spec.evaluation.is_some()
-}
-
-/// The job's export folder inside its output claim (default `models/<job>`).
-pub(super) fn export_path(ftj: &FineTuneJob) -> String {
-    ftj.spec
-        .output
-        .path
-        .clone()
-        .unwrap_or_else(|| format!("models/{}", ftj.name_any()))
 }
 
 pub(super) fn waiting_for(job: &str, phase: &str) -> Source {
@@ -93,7 +80,7 @@ fn files_of(src: &ModelSource) -> Result<ModelFiles, Source> {
 fn exported(ftj: &FineTuneJob) -> ModelFiles {
     let job = ftj.name_any();
     let status = ftj.status.clone().unwrap_or_default();
-    let mut path = export_path(ftj);
+    let mut path = output_path(ftj);
     if !ftj.spec.method.is_full() {
         path.push_str("/merged");
     }

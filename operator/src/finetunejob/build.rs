@@ -184,9 +184,14 @@ fn lora_settings(job: &FineTuneJob) -> TrainerSettings {
         lora_alpha: lora.alpha,
         lora_dropout: lora.dropout,
         lora_target_modules: lora.target_modules,
-        lora_merge: (lora.merge == Some(true) || s.evaluation.is_some()).then_some(true),
+        lora_merge: exports_merged(job).then_some(true),
         ..TrainerSettings::default()
     }
+}
+
+/// Whether a LoRA job also exports the merged model: asked for, or for its promotion gate, which judges it.
+pub fn exports_merged(job: &FineTuneJob) -> bool {
+    job.spec.lora.as_ref().and_then(|l| l.merge) == Some(true) || job.spec.evaluation.is_some()
 }
 
 /// The folder a model server loads for `job`'s model (the promotion gate's candidate): the export, or for a
