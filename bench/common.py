@@ -83,3 +83,35 @@ def wrk(url, body, connections, seconds, key=None):
     _, n, duration_us, p50, p99, errors = line.split()
     return {"rps": int(n) / (float(duration_us) / 1e6), "p50_ms": float(p50) / 1000, "p99_ms": float(p99) / 1000,
             "errors": int(errors)}
+
+
+def overlay_venv(dest, requirements):
+    """A venv at `dest` holding `requirements` (installed with --no-deps) in front of the Python running this (the
+    project .venv), whose site-packages a .pth appends: the pinned packages win, everything else comes from .venv.
+    Made once per content of `requirements`; returns its python."""
+    import hashlib
+    import sysconfig
+
+    dest, requirements = Path(dest), Path(requirements)
+    python = dest / "bin/python"
+    want = hashlib.sha256(requirements.read_bytes()).hexdigest()
+    stamp = dest / ".camelid-stamp"
+    if python.exists() and stamp.exists() and stamp.read_text().strip() == want:
+        return python
+    import shutil
+
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    print(f"making {dest} ({requirements.name})", file=sys.stderr)
+    subprocess.run([PY, "-m", "venv", str(dest)], check=True)
+    # Installed before the .pth exists, so pip sees a bare environment and never touches .venv.
+    r = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "-r",
+                        str(requirements)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"pip install -r {requirements} into {dest} failed:\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "camelid-project-venv.pth").write_text(
+        f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+    stamp.write_text(want + "\n")
+    return python

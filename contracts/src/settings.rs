@@ -222,6 +222,11 @@ pub struct TrainerSettings {
     #[cfg_attr(feature = "clap", arg(long))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_by_length: Option<bool>,
+    /// Put each micro-batch's conversations back to back in one row, attention kept within each, instead of
+    /// padding them to the longest (default true): the same loss without computing padding.
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packing: Option<bool>,
     #[cfg_attr(feature = "clap", arg(long, value_enum))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<Precision>,

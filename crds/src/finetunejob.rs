@@ -224,6 +224,11 @@ pub struct Hyperparameters {
     /// Seeds data order and sampling (default 42): the same seed and data give the same run.
     #[serde(default = "default_seed")]
     pub seed: i64,
+    /// Put each micro-batch's conversations back to back in one sequence, attention kept within each, instead
+    /// of padding them to the longest (default true): the same loss, without computing padding. Trainer flag
+    /// `--packing`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packing: Option<bool>,
 }
 
 impl Default for Hyperparameters {
@@ -237,6 +242,7 @@ impl Default for Hyperparameters {
             max_length: default_max_length(),
             warmup_ratio: default_warmup(),
             seed: default_seed(),
+            packing: None,
         }
     }
 }

@@ -130,6 +130,8 @@ struct Attention<'a> {
     sin: &'a Tensor,
     mask: Option<&'a Tensor>,
     is_causal: bool,
+    /// Packed samples `(start, len)` along the time axis, each attending only within itself; empty for none.
+    segments: &'a [(i64, i64)],
     kind: Kind,
 }
 
@@ -236,6 +238,28 @@ fn cpu_attention(q: &Tensor, cache: &KvCache, layer: usize, out: &mut Vec<f32>) 
     }
     let query = Vec::<f32>::try_from(q.f_flatten(0, -1)?)?;
     cache.attend(layer, &query, cache.len() + 1, out)
+}
+
+/// Causal attention within each packed segment `(start, len)` of the time axis (`[batch, heads, t, head_dim]`
+/// inputs): one SDPA call per segment, so the work is the sum of the segments' squares, not the row's square
+/// under a block-diagonal mask.
+fn attend_segments(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[(i64, i64)], gqa: bool) -> Result<Tensor> {
+    let parts = segments
+        .iter()
+        .map(|&(start, len)| {
+            Tensor::f_scaled_dot_product_attention(
+                &q.f_narrow(2, start, len)?,
+                &k.f_narrow(2, start, len)?,
+                &v.f_narrow(2, start, len)?,
+                None::<&Tensor>,
+                0.0,
+                len > 1,
+                None,
+                gqa,
+            )
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(Tensor::f_cat(&parts, 2)?)
 }
 
 fn rotate_half(x: &Tensor) -> Result<Tensor> {
@@ -493,6 +517,7 @@ impl Llama {
                 sin: &sin,
                 mask: mask.as_ref(),
                 is_causal,
+                segments: &[],
                 kind: attention_kind,
             };
             x = self.layer_forward(i, &x, &attention, cache.as_deref_mut(), pool)?;
@@ -564,6 +589,8 @@ impl Llama {
         let gqa = c.num_heads != c.num_kv_heads;
         let attn = if let Some(cache) = cache.filter(|_| t == 1 && batch == 1) {
             attend_cached(&q, cache, i, &k, &v)?
+        } else if !attention.segments.is_empty() {
+            attend_segments(&q, &k, &v, attention.segments, gqa)?
         } else {
             Tensor::f_scaled_dot_product_attention(
                 &q,

@@ -383,3 +383,21 @@ fn the_model_download_is_https_only_size_capped_and_checksummed() {
             .any(|e| e.value.as_deref() == Some("=http,https"))
     );
 }
+
+#[test]
+fn packing_reaches_the_trainer_under_its_one_name() {
+    let args = |job: &FineTuneJob| {
+        let built = attempt(job, 1, Capacity::Spot, &Settings::default()).unwrap();
+        built.job.spec.unwrap().template.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap()
+    };
+    let mut job = example();
+    // Unset: the trainer's default (packed) applies, and no flag is passed.
+    assert!(!args(&job).iter().any(|a| a == "--packing"));
+    job.spec.hyperparameters.packing = Some(false);
+    let given = args(&job);
+    let at = given.iter().position(|a| a == "--packing").unwrap();
+    assert_eq!(given[at + 1], "false", "{given:?}");
+}

@@ -37,6 +37,8 @@ pub struct TrainConfig {
     pub checkpoint_keep: usize,
     pub activation_checkpointing: Checkpointing,
     pub group_by_length: bool,
+    /// A micro-batch's samples back to back in one row, without padding (see `data::batching`).
+    pub packing: bool,
     pub precision: Precision,
     pub device: Device,
     /// `vicuna_v1.1`, or unset for the model's own template (vicuna_v1.1 when it has none).
@@ -79,6 +81,7 @@ impl Default for TrainConfig {
             checkpoint_keep: 2,
             activation_checkpointing: Checkpointing::Full,
             group_by_length: true,
+            packing: true,
             precision: Precision::Auto,
             device: Device::Auto,
             template: None,
@@ -284,6 +287,7 @@ mod tests {
             checkpoint_keep: Some(1),
             activation_checkpointing: Some(Checkpointing::Selective),
             group_by_length: Some(false),
+            packing: Some(false),
             precision: Some(Precision::F32),
             device: Some(Device::Cpu),
             template: Some("vicuna_v1.1".into()),

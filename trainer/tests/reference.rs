@@ -1,6 +1,7 @@
 //! Golden tests against PyTorch (transformers, in the project's .venv): the exported model loads in transformers
 //! with the same logits, chat template and tokenization as in camelid, and one training micro-step gives the
-//! same loss and the same gradient for every parameter, with full, selective and no activation checkpointing.
+//! same loss and the same gradient for every parameter, with full, selective and no activation checkpointing, and
+//! with the micro-batch padded (as transformers gets it) or packed into one row.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,7 +12,7 @@ use std::collections::HashMap;
 use camelid_model::{ChatMessage, LoadOptions};
 use camelid_trainer::config::Checkpointing;
 use camelid_trainer::data::Conversation;
-use camelid_trainer::data::batching::collate;
+use camelid_trainer::data::batching::{collate, collate_packed};
 use camelid_trainer::data::tokenize::tokenize;
 use camelid_trainer::step::Engine;
 use common::*;
@@ -59,6 +60,12 @@ fn exported_model_and_training_step_match_transformers() {
     let rows: Vec<_> = samples.iter().collect();
     let pad = loaded.eos_token_ids[0];
     let batch = collate(&rows, pad, Device::Cpu).unwrap();
+    let packed = collate_packed(&rows, Device::Cpu).unwrap();
+    assert_eq!(packed.trainable, batch.trainable);
+    assert!(
+        packed.tokens < batch.input.numel(),
+        "the padded batch has padding to save"
+    );
     let scale = 1.0 / batch.trainable as f64;
 
     let grads_path = dir.join("reference-grads.safetensors");
@@ -103,17 +110,24 @@ fn exported_model_and_training_step_match_transformers() {
     let diff = f64::try_from((&logits - &theirs).abs().max()).unwrap();
     assert!(diff < 1e-4, "exported logits differ from transformers by {diff}");
 
-    // One micro-step: same loss, same gradients, with and without recomputation.
+    // One micro-step: same loss, same gradients, with and without recomputation, padded or packed.
     let mut reference = HashMap::new();
     camelid_model::weights::read_safetensors(&grads_path, LoadOptions::default(), &mut reference).unwrap();
     let loss_ref = resp["loss_sum"].as_f64().unwrap();
-    for checkpointing in [Checkpointing::Full, Checkpointing::Selective, Checkpointing::None] {
+    let modes = [Checkpointing::Full, Checkpointing::Selective, Checkpointing::None];
+    for (checkpointing, batch) in modes.iter().flat_map(|&c| [(c, &batch), (c, &packed)]) {
+        let layout = if batch.segments.is_empty() {
+            "padded"
+        } else {
+            "packed"
+        };
+        let case = format!("{checkpointing:?} {layout}");
         let fresh = camelid_model::load(&out, LoadOptions::default()).unwrap();
         let mut engine = Engine::new(&fresh.model, Kind::Float, checkpointing).unwrap();
-        let loss = f64::try_from(engine.micro_step(&fresh.model, &batch, scale).unwrap()).unwrap();
+        let loss = f64::try_from(engine.micro_step(&fresh.model, batch, scale).unwrap()).unwrap();
         assert!(
             (loss - loss_ref).abs() / loss_ref < 1e-5,
-            "{checkpointing:?}: loss {loss} vs {loss_ref}"
+            "{case}: loss {loss} vs {loss_ref}"
         );
         assert_eq!(engine.names.len(), reference.len());
         for (name, grad) in engine.names.iter().zip(&engine.grads) {
@@ -129,10 +143,7 @@ fn exported_model_and_training_step_match_transformers() {
                 theirs = theirs.index(&[Some(&keep)]);
             }
             let diff = max_rel_diff(&ours, &theirs);
-            assert!(
-                diff < 1e-4,
-                "{checkpointing:?}: gradient of {name} differs by {diff}"
-            );
+            assert!(diff < 1e-4, "{case}: gradient of {name} differs by {diff}");
         }
     }
 }

@@ -7,11 +7,14 @@ use tch::Tensor;
 use super::{Attention, Llama, rms_norm};
 use crate::error::{ModelError, Result};
 
-/// cos/sin tables for a training sequence (see [`Llama::rope_for_training`]).
+/// cos/sin tables for a training sequence (see [`Llama::rope_for_training`]), or for a row of packed samples
+/// (see [`Llama::rope_for_packed`]).
 #[derive(Debug)]
 pub struct RopeTables {
     pub(super) cos: Tensor,
     pub(super) sin: Tensor,
+    /// `(start, len)` of each packed sample in the row; empty for one causal sequence.
+    pub(super) segments: Vec<(i64, i64)>,
 }
 
 impl Llama {
@@ -45,7 +48,34 @@ impl Llama {
             });
         }
         let (cos, sin) = self.rope_tables(0, len)?;
-        Ok(RopeTables { cos, sin })
+        Ok(RopeTables {
+            cos,
+            sin,
+            segments: Vec::new(),
+        })
+    }
+
+    /// RoPE tables for one row holding several samples back to back (sequence packing): positions restart at 0
+    /// for each sample, and attention through these tables stays inside each sample, so every sample computes
+    /// what it would alone, with no padding. `lengths` are the samples' token counts in row order.
+    pub fn rope_for_packed(&self, lengths: &[usize]) -> Result<RopeTables> {
+        if lengths.len() <= 1 {
+            return self.rope_for_training(lengths.first().copied().unwrap_or(0));
+        }
+        let (mut cos, mut sin, mut segments) = (Vec::new(), Vec::new(), Vec::new());
+        let mut start = 0i64;
+        for &len in lengths {
+            let tables = self.rope_for_training(len)?;
+            cos.push(tables.cos);
+            sin.push(tables.sin);
+            segments.push((start, len as i64));
+            start += len as i64;
+        }
+        Ok(RopeTables {
+            cos: Tensor::f_cat(&cos, 2)?,
+            sin: Tensor::f_cat(&sin, 2)?,
+            segments,
+        })
     }
 
     /// Decoder layer `i` over a whole causal sequence (no cache): the unit a trainer recomputes in backward
@@ -64,6 +94,7 @@ impl Llama {
             sin: &rope.sin,
             mask: None,
             is_causal: x.size()[1] > 1,
+            segments: &rope.segments,
             // Unlike single-token decoding, training-sized attention is as fast in bf16 as in f32 on CPU (seen:
             // 33 ms against 37 ms forward and backward for SmolLM2 at 2 x 512 tokens).
             kind: self.kind(),

@@ -155,6 +155,7 @@ pub fn trainer_settings(job: &FineTuneJob) -> TrainerSettings {
         warmup_ratio: Some(h.warmup_ratio),
         // The seed is any 64-bit pattern; the CRD's integer carries it.
         seed: Some(h.seed as u64),
+        packing: h.packing,
         checkpoint_interval_steps: u64::try_from(s.checkpoints.interval_steps).ok(),
         checkpoint_keep: usize::try_from(s.checkpoints.keep).ok(),
         device: Some(if s.gpus_per_worker > 0 {

@@ -1,7 +1,13 @@
 //! The order samples are trained in: micro-batches of similar length (less padding), shuffled from the seed, the
 //! same on every run and every resume. A position in the data is one number, the index of the next micro-batch in
 //! the endless sequence epoch 0, epoch 1, ...
+//!
+//! A micro-batch becomes tensors one of two ways: padded (one row per sample, [`collate`]) or packed (its samples
+//! back to back in one row, [`collate_packed`]), where positions restart per sample and attention never crosses
+//! a sample's end. Packing computes the same loss on the same samples without computing padding, so it changes
+//! neither the data order nor what a step learns, only the float rounding.
 
+use camelid_model::llama::{Llama, RopeTables};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -59,7 +65,8 @@ impl Batcher {
 }
 
 /// One micro-batch as tensors: `input` `[batch, t]` right-padded (causal attention never looks at the padding
-/// after a sequence), `targets` the next token where it carries the loss and [`IGNORE_INDEX`] elsewhere.
+/// after a sequence) or `[1, t]` packed, `targets` the next token where it carries the loss and [`IGNORE_INDEX`]
+/// elsewhere.
 #[derive(Debug)]
 pub struct MicroBatch {
     pub input: Tensor,
@@ -73,6 +80,54 @@ pub struct MicroBatch {
     pub trainable_rows: Tensor,
     /// The micro-batch's place in the run's order (seeds LoRA dropout, so a resumed run draws the same masks).
     pub position: u64,
+    /// The packed samples' lengths in row order; empty when padded.
+    pub segments: Vec<usize>,
+}
+
+impl MicroBatch {
+    /// The RoPE tables (and, packed, the attention segments) the decoder layers of this micro-batch use.
+    pub fn rope(&self, model: &Llama) -> camelid_model::Result<RopeTables> {
+        if self.segments.is_empty() {
+            model.rope_for_training(self.input.size()[1] as usize)
+        } else {
+            model.rope_for_packed(&self.segments)
+        }
+    }
+}
+
+/// `samples` back to back in one row with no padding (sequence packing). A sample's last token has no target, so
+/// no sample ever learns to predict the next sample's first token.
+pub fn collate_packed(samples: &[&Sample], device: Device) -> Result<MicroBatch, tch::TchError> {
+    let mut input = Vec::new();
+    let mut targets = Vec::new();
+    let mut rows = Vec::new();
+    for s in samples {
+        for (j, &id) in s.ids.iter().enumerate() {
+            if j + 1 < s.ids.len() && s.labels[j + 1] {
+                rows.push(input.len() as i64);
+                targets.push(i64::from(s.ids[j + 1]));
+            } else {
+                targets.push(IGNORE_INDEX);
+            }
+            input.push(i64::from(id));
+        }
+    }
+    let shape = [1, input.len() as i64];
+    Ok(MicroBatch {
+        input: Tensor::f_from_slice(&input)?.f_view(shape)?.f_to_device(device)?,
+        targets: Tensor::f_from_slice(&targets)?
+            .f_view(shape)?
+            .f_to_device(device)?,
+        tokens: input.len(),
+        trainable: rows.len(),
+        trainable_rows: Tensor::f_from_slice(&rows)?.f_to_device(device)?,
+        position: 0,
+        segments: if samples.len() > 1 {
+            samples.iter().map(|s| s.ids.len()).collect()
+        } else {
+            Vec::new()
+        },
+    })
 }
 
 pub fn collate(samples: &[&Sample], pad_id: u32, device: Device) -> Result<MicroBatch, tch::TchError> {
@@ -102,6 +157,7 @@ pub fn collate(samples: &[&Sample], pad_id: u32, device: Device) -> Result<Micro
         trainable: rows.len(),
         trainable_rows: Tensor::f_from_slice(&rows)?.f_to_device(device)?,
         position: 0,
+        segments: Vec::new(),
     })
 }
 
@@ -146,5 +202,22 @@ mod tests {
         assert_eq!(targets, [1, -100, 3, -100, 1, -100, -100, -100]);
         assert_eq!((batch.tokens, batch.trainable), (6, 3));
         assert_eq!(Vec::<i64>::try_from(&batch.trainable_rows).unwrap(), [0, 2, 4]);
+    }
+
+    #[test]
+    fn collate_packed_puts_samples_back_to_back_and_never_targets_across_them() {
+        let (a, b) = (sample(4), sample(3));
+        let batch = collate_packed(&[&a, &b], Device::Cpu).unwrap();
+        let input: Vec<i64> = Vec::try_from(batch.input.flatten(0, -1)).unwrap();
+        let targets: Vec<i64> = Vec::try_from(batch.targets.flatten(0, -1)).unwrap();
+        assert_eq!(batch.input.size(), [1, 7]);
+        assert_eq!(input, [0, 1, 2, 3, 0, 1, 2]);
+        // `a`'s last position would predict `b`'s first token: it carries no loss.
+        assert_eq!(targets, [1, -100, 3, -100, 1, -100, -100]);
+        assert_eq!((batch.tokens, batch.trainable), (7, 3));
+        assert_eq!(Vec::<i64>::try_from(&batch.trainable_rows).unwrap(), [0, 2, 4]);
+        assert_eq!(batch.segments, [4, 3]);
+        // One sample packs to the plain sequence.
+        assert!(collate_packed(&[&a], Device::Cpu).unwrap().segments.is_empty());
     }
 }

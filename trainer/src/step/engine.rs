@@ -180,7 +180,7 @@ impl Engine {
         loss_scale: f64,
     ) -> Result<Tensor, EngineError> {
         let model = self.compute.as_ref().unwrap_or(master);
-        let rope = model.rope_for_training(batch.input.size()[1] as usize)?;
+        let rope = batch.rope(model)?;
         let (head_weight, head_name) = model.lm_head_weight();
         // The vocabulary projection's gradient accumulator; a LoRA run leaves it frozen.
         let head_grad = match &self.lora {

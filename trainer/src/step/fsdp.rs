@@ -321,9 +321,7 @@ impl ShardedEngine {
         let kind = self.compute_kind;
         let rest = self.gather(model, 0, kind, true)?;
         let mut loss = Tensor::f_zeros([], (Kind::Double, self.device))?;
-        let rope = batch
-            .map(|b| model.rope_for_training(b.input.size()[1] as usize))
-            .transpose()?;
+        let rope = batch.map(|b| b.rope(model)).transpose()?;
         let embedded = batch.map(|b| model.embed(&b.input)).transpose()?;
         let mut x = embedded.as_ref().map(Tensor::f_detach).transpose()?;
         let mut saved = Vec::with_capacity(layers);

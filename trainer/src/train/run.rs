@@ -13,7 +13,7 @@ use super::prepare::Prepared;
 use super::{Resume, RunOptions, write_json};
 use crate::checkpoint::{self, Manifest, State, shard_file};
 use crate::config::{TrainConfig, differences, hash_json};
-use crate::data::batching::{Batcher, MicroBatch, collate};
+use crate::data::batching::{Batcher, MicroBatch, collate, collate_packed};
 use crate::data::tokenize::Sample;
 use crate::error::TrainError;
 use crate::optim::{AdamW, AdamWConfig};
@@ -199,7 +199,12 @@ impl<'a> Run<'a> {
             .pad_token_id
             .or(self.model.eos_token_ids.first().copied())
             .unwrap_or(0);
-        let mut batch = collate(&rows, pad, self.model.model.device())?;
+        let device = self.model.model.device();
+        let mut batch = if self.cfg.packing {
+            collate_packed(&rows, device)?
+        } else {
+            collate(&rows, pad, device)?
+        };
         batch.position = position;
         Ok(batch)
     }

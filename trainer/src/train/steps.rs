@@ -22,6 +22,8 @@ pub struct StepRecord {
     pub learning_rate: f64,
     pub grad_norm: f64,
     pub tokens: usize,
+    /// Tokens the step computed, padding included (equal to `tokens` when packed).
+    pub computed_tokens: usize,
     pub trainable_tokens: u64,
     pub epoch: f64,
     pub seconds: f64,
@@ -43,6 +45,7 @@ pub(super) enum LoopEnd {
 struct Accumulated {
     loss_sum: Tensor,
     tokens: usize,
+    computed: usize,
     trainable: u64,
 }
 
@@ -86,7 +89,7 @@ fn accumulate(
     let (rank, world) = (run.comm.rank() as u64, run.comm.world() as u64);
     let range = run.step_range(step);
     let scale = 1.0 / run.trainable_at(range.clone()).max(1) as f64;
-    let mut tokens = 0;
+    let (mut tokens, mut computed) = (0, 0);
     // The step's summed loss stays on the device until the step ends (no host sync per micro-batch).
     let mut loss_sum = Tensor::f_from_slice(&[partial.0])?
         .f_to_device(run.model.model.device())?
@@ -104,6 +107,7 @@ fn accumulate(
             .micro_step(&mut run.model.model, batch.as_ref(), scale)?;
         loss_sum = loss_sum.f_add(&loss)?;
         tokens += batch.as_ref().map_or(0, |b| b.tokens);
+        computed += batch.as_ref().map_or(0, |b| b.input.numel());
         let next = (position + world).min(range.end);
         partial.1 += run.trainable_at(position..next);
         micro = next - range.start;
@@ -120,6 +124,7 @@ fn accumulate(
     Ok(ControlFlow::Continue(Accumulated {
         loss_sum,
         tokens,
+        computed,
         trainable: partial.1,
     }))
 }
@@ -145,10 +150,13 @@ fn update(
     let Accumulated {
         loss_sum,
         tokens,
+        computed,
         trainable,
     } = accumulated;
-    let sums = run.comm.sum(&[f64::try_from(&loss_sum)?, tokens as f64])?;
-    let (loss_total, tokens) = (sums[0], sums[1] as usize);
+    let sums = run
+        .comm
+        .sum(&[f64::try_from(&loss_sum)?, tokens as f64, computed as f64])?;
+    let (loss_total, tokens, computed_tokens) = (sums[0], sums[1] as usize, sums[2] as usize);
     let per_epoch = run.batcher.batches_per_epoch() as u64;
     Ok(StepRecord {
         step: step + 1,
@@ -156,6 +164,7 @@ fn update(
         learning_rate: lr,
         grad_norm,
         tokens,
+        computed_tokens,
         trainable_tokens: trainable,
         epoch: run.step_range(step).end as f64 / per_epoch as f64,
         seconds: started.elapsed().as_secs_f64(),
