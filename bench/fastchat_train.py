@@ -18,7 +18,8 @@ script is changed.
 Printed per side: wall time (process start to exit, loading included), training time, useful (non-pad) tokens
 per second of training, tokens computed (padding included), peak RSS, and the last step's loss and the mean loss.
 FastChat pads every sample to the max length, as its script does; camelid packs each micro-batch (`--packing`,
-its default), and is also run padded, for the share packing has in the result.
+its default), and is also run padded, for the share packing has in the result (camelid's runs alternate over
+--rounds; the median round is shown).
 
     python bench/fastchat_train.py --trainer target/release/camelid-trainer [--conversations 64] [--max-length 512]
 """
@@ -194,6 +195,7 @@ def main():
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=4)
     p.add_argument("--learning-rate", type=float, default=2e-5)
+    p.add_argument("--rounds", type=int, default=3, help="camelid runs per layout (FastChat runs once)")
     args = p.parse_args()
 
     python = common.overlay_venv(ENV, REQUIREMENTS)
@@ -203,9 +205,15 @@ def main():
     data = work / "data.json"
     data.write_text(json.dumps(distinct_conversations(Path(args.data), args.conversations)))
 
-    rows = [("FastChat train.py", run_fastchat(args, python, model, data, work / "fastchat")),
-            ("camelid (packed)", run_camelid(args, model, data, work / "packed", "true")),
-            ("camelid (padded)", run_camelid(args, model, data, work / "padded", "false"))]
+    rows = [("FastChat train.py", run_fastchat(args, python, model, data, work / "fastchat"))]
+    # camelid's two layouts alternate over rounds (this machine's speed drifts by 10-20% between runs); the round
+    # with the median training time is shown.
+    rounds = {"packed": [], "padded": []}
+    for _ in range(args.rounds):
+        for layout, packing in (("packed", "true"), ("padded", "false")):
+            rounds[layout].append(run_camelid(args, model, data, work / layout, packing))
+    for layout, runs in rounds.items():
+        rows.append((f"camelid ({layout})", sorted(runs, key=lambda r: r["train"])[len(runs) // 2]))
     print(f"One epoch of {args.conversations} conversations of {Path(args.data).name}, SmolLM2-135M f32 on CPU "
           f"({os.cpu_count()} threads), max length {args.max_length}, micro-batch {args.micro_batch} x grad-accum "
           f"{args.grad_accum}, lr {args.learning_rate}")
