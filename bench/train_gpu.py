@@ -54,6 +54,23 @@ def flops_per_token(n_params, layers, hidden, seq_len):
     return 6 * n_params + 6 * layers * hidden * seq_len
 
 
+def accumulate(model, micro, autocast):
+    """Forward and backward of a step's micro-batches `(ids, labels)`, the loss averaged over every trainable token
+    of the step as camelid averages it; returns (the step's loss, tokens). Also run by train_gpu_1b.py's FSDP2 side."""
+    step_tokens = sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro)
+    loss_sum, tokens = 0.0, 0
+    for ids, labels in micro:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100,
+                                                 reduction="sum") / step_tokens
+        loss.backward()
+        loss_sum += loss.detach()
+        tokens += ids.numel()
+    return loss_sum, tokens
+
+
 def run_camelid(args, model_dir, data, out, checkpointing):
     cmd = [args.trainer, "train", "--model", model_dir, "--data", data, "--output", out, "--max-length",
            str(args.max_length), "--micro-batch", str(args.micro_batch), "--grad-accum", str(args.grad_accum),
@@ -83,19 +100,8 @@ def run_pytorch(args, model_dir, batches, checkpointing):
     for step in range(args.steps):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        tokens, loss_sum = 0, 0.0
         micro = [next(it) for _ in range(args.grad_accum)]
-        # Mean over every trainable token of the step, as camelid normalizes.
-        step_tokens = sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro)
-        for ids, labels in micro:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = model(input_ids=ids).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                     labels[:, 1:].reshape(-1), ignore_index=-100,
-                                                     reduction="sum") / step_tokens
-            loss.backward()
-            loss_sum += loss.detach()
-            tokens += ids.numel()
+        loss_sum, tokens = accumulate(model, micro, autocast=True)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()

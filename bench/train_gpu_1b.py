@@ -62,6 +62,8 @@ from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 req = json.load(open(sys.argv[1]))
+sys.path.insert(0, req["bench"])
+from train_gpu import accumulate
 cuda = req["device"] == "cuda"
 device = torch.device("cuda", 0) if cuda else torch.device("cpu")
 dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{req['port']}", rank=0,
@@ -89,17 +91,7 @@ rates, losses = [], []
 for step in range(req["steps"]):
     sync()
     t = time.perf_counter()
-    micro = batches[step * ga:(step + 1) * ga]
-    step_tokens = sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro)
-    loss_sum, tokens = 0.0, 0
-    for ids, labels in micro:
-        logits = model(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                 labels[:, 1:].reshape(-1), ignore_index=-100,
-                                                 reduction="sum") / step_tokens
-        loss.backward()
-        loss_sum += loss.detach()
-        tokens += ids.numel()
+    loss_sum, tokens = accumulate(model, batches[step * ga:(step + 1) * ga], autocast=False)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -181,7 +173,7 @@ def run_camelid(args, model_dir, data, out, nproc):
 
 def run_fsdp2(args, model_dir, samples, tmp):
     request, response = os.path.join(tmp, "fsdp2.json"), os.path.join(tmp, "fsdp2-out.json")
-    json.dump({"model": model_dir, "samples": samples, "device": args.device, "port": free_port(),
+    json.dump({"model": model_dir, "samples": samples, "bench": os.path.dirname(os.path.abspath(__file__)), "device": args.device, "port": free_port(),
                "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "steps": args.steps},
               open(request, "w"))
     subprocess.run([sys.executable, "-c", FSDP2, request, response], check=True)

@@ -11,15 +11,11 @@ use common::*;
 
 /// (tokens, trainable tokens) of every step of `metrics.jsonl`.
 fn tokens_seen(out: &Path) -> Vec<(u64, u64)> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (
-                v["tokens"].as_u64().unwrap(),
-                v["trainable_tokens"].as_u64().unwrap(),
-            )
+    metrics(out)
+        .iter()
+        .map(|v| {
+            let count = |key: &str| v[key].as_u64().unwrap();
+            (count("tokens"), count("trainable_tokens"))
         })
         .collect()
 }

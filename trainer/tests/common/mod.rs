@@ -109,13 +109,20 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// (step, loss, learning rate, grad norm) of every line of `metrics.jsonl`.
-pub fn step_log(out: &Path) -> Vec<(u64, f64, f64, f64)> {
+/// Every line of `metrics.jsonl`, one step each.
+pub fn metrics(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// (step, loss, learning rate, grad norm) of every line of `metrics.jsonl`.
+pub fn step_log(out: &Path) -> Vec<(u64, f64, f64, f64)> {
+    metrics(out)
+        .into_iter()
+        .map(|v| {
             (
                 v["step"].as_u64().unwrap(),
                 v["loss"].as_f64().unwrap(),
