@@ -43,8 +43,11 @@ fn a_job_is_preempted_resumes_finishes_and_its_model_is_served_with_every_proces
     ] {
         cp.add_node(&node).unwrap();
     }
-    // A node kwok runs, which none of this job's pods need: kwok is there as in the other cluster tests.
-    cp.add_node(&FakeNode::new("kwok-spare")).unwrap();
+    // A node kwok runs, which none of this job's pods need: kwok is there as in the other cluster tests. Its taint
+    // keeps them off it: kwok would report a pod there running, with no process behind it (a worker scheduled
+    // there never became ready).
+    cp.add_node(&FakeNode::new("kwok-spare").taint("camelid.test/spare", "true", "NoSchedule"))
+        .unwrap();
 
     // The claims' contents: the tiny model and a dataset.
     let claims = cp.dir().join("claims");
