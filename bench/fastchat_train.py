@@ -15,8 +15,8 @@ a fast tokenizer with `legacy = True` (whose offsets then match FastChat's: no s
 through FSDP's API, which torch 2.11 refuses without FSDP, so the driver saves plainly. Nothing else of FastChat's
 script is changed.
 
-Printed per side: wall time (process start to exit, loading included), training time, useful (non-pad) tokens
-per second of training, tokens computed (padding included), peak RSS, and the last step's loss and the mean loss.
+Printed per side: wall time (process start to exit, loading included), training time (FastChat's includes its
+lazy tokenization; camelid tokenizes before its first step), useful (non-pad) tokens per second of training, tokens computed (padding included), peak RSS, and the last step's loss and the mean loss.
 FastChat pads every sample to the max length, as its script does; camelid packs each micro-batch (`--packing`,
 its default), and is also run padded, for the share packing has in the result (camelid's runs alternate over
 --rounds; the median round is shown).

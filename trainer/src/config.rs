@@ -209,6 +209,11 @@ impl TrainConfig {
                 "rank": self.lora_rank, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
                 "target_modules": self.lora_target_modules,
             });
+            // Dropout masks are drawn over the micro-batch's tensor, whose shape packing changes: a packed run
+            // resumed padded (or a run of a trainer older than packing resumed packed) would draw other masks.
+            if self.packing && self.lora_dropout > 0.0 {
+                identity["packing"] = serde_json::json!(true);
+            }
         }
         identity
     }
@@ -230,16 +235,20 @@ pub fn hash_file(path: &Path) -> Result<String, std::io::Error> {
 /// Names the settings that differ between two identities, for the resume error.
 pub fn differences(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
     match (a.as_object(), b.as_object()) {
-        (Some(a), Some(b)) => a
-            .iter()
-            .filter(|(k, v)| b.get(*k) != Some(*v))
-            .map(|(k, v)| {
+        (Some(a), Some(b)) => {
+            let changed = a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).map(|(k, v)| {
                 format!(
                     "{k}: checkpoint {v}, now {}",
                     b.get(k).unwrap_or(&serde_json::Value::Null)
                 )
-            })
-            .collect(),
+            });
+            // A setting the checkpoint's identity does not name at all (it was added to the identity since).
+            let added = b
+                .iter()
+                .filter(|(k, _)| !a.contains_key(*k))
+                .map(|(k, v)| format!("{k}: checkpoint none, now {v}"));
+            changed.chain(added).collect()
+        }
         _ => vec![],
     }
 }
@@ -362,6 +371,28 @@ mod tests {
             ..a.clone()
         };
         assert_eq!(hash_json(&ia), hash_json(&c.identity("x")));
+        // Packing changes only rounding, except LoRA's dropout masks: only a LoRA run with dropout records it.
+        let unpacked = |cfg: &TrainConfig| TrainConfig {
+            packing: false,
+            ..cfg.clone()
+        };
+        assert_eq!(hash_json(&ia), hash_json(&unpacked(&a).identity("x")));
+        let lora = TrainConfig {
+            method: Method::Lora,
+            ..a.clone()
+        };
+        assert_eq!(
+            differences(&unpacked(&lora).identity("x"), &lora.identity("x")),
+            ["packing: checkpoint none, now true"]
+        );
+        let no_dropout = TrainConfig {
+            lora_dropout: 0.0,
+            ..lora.clone()
+        };
+        assert_eq!(
+            hash_json(&no_dropout.identity("x")),
+            hash_json(&unpacked(&no_dropout).identity("x"))
+        );
         assert!(
             TrainConfig { max_length: 0, ..a }
                 .validate()

@@ -5,7 +5,9 @@
 //! A micro-batch becomes tensors one of two ways: padded (one row per sample, [`collate`]) or packed (its samples
 //! back to back in one row, [`collate_packed`]), where positions restart per sample and attention never crosses
 //! a sample's end. Packing computes the same loss on the same samples without computing padding, so it changes
-//! neither the data order nor what a step learns, only the float rounding.
+//! neither the data order nor what a step learns, only the float rounding; the one exception is LoRA dropout,
+//! whose masks are drawn over the micro-batch's tensor (so a LoRA run with dropout records packing in its
+//! checkpoint identity).
 
 use camelid_model::llama::{Llama, RopeTables};
 use rand::SeedableRng;

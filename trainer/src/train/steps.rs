@@ -22,7 +22,9 @@ pub struct StepRecord {
     pub learning_rate: f64,
     pub grad_norm: f64,
     pub tokens: usize,
-    /// Tokens the step computed, padding included (equal to `tokens` when packed).
+    /// Tokens the step computed, padding included (equal to `tokens` when packed). Absent (0) in the lines of
+    /// trainers older than packing, which a resume keeps.
+    #[serde(default)]
     pub computed_tokens: usize,
     pub trainable_tokens: u64,
     pub epoch: f64,
@@ -307,4 +309,30 @@ fn progress_bar(step: u64, total_steps: u64) -> String {
         "#".repeat(filled as usize),
         "-".repeat((WIDTH - filled) as usize)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resume_keeps_the_step_log_of_a_trainer_older_than_packing() {
+        let dir = std::env::temp_dir().join(format!("camelid-step-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.jsonl");
+        // Lines as the trainer wrote them before `computed_tokens` existed.
+        let old = |step: u64| {
+            format!(
+                "{{\"step\":{step},\"loss\":2.5,\"learning_rate\":0.001,\"grad_norm\":1.0,\"tokens\":90,\
+                 \"trainable_tokens\":40,\"epoch\":0.5,\"seconds\":1.0}}\n"
+            )
+        };
+        std::fs::write(&path, format!("{}{}{}", old(1), old(2), old(3))).unwrap();
+        drop(open_step_log(&path, 2).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}{}", old(1), old(2))
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
