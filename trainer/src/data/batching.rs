@@ -100,62 +100,58 @@ impl MicroBatch {
 /// `samples` back to back in one row with no padding (sequence packing). A sample's last token has no target, so
 /// no sample ever learns to predict the next sample's first token.
 pub fn collate_packed(samples: &[&Sample], device: Device) -> Result<MicroBatch, tch::TchError> {
-    let mut input = Vec::new();
-    let mut targets = Vec::new();
-    let mut rows = Vec::new();
-    for s in samples {
-        for (j, &id) in s.ids.iter().enumerate() {
-            if j + 1 < s.ids.len() && s.labels[j + 1] {
-                rows.push(input.len() as i64);
-                targets.push(i64::from(s.ids[j + 1]));
-            } else {
-                targets.push(IGNORE_INDEX);
-            }
-            input.push(i64::from(id));
-        }
+    let starts: Vec<usize> = samples
+        .iter()
+        .scan(0, |at, s| {
+            let start = *at;
+            *at += s.ids.len();
+            Some(start)
+        })
+        .collect();
+    let total = samples.iter().map(|s| s.ids.len()).sum::<usize>();
+    let mut batch = lay_out(samples, &starts, [1, total], 0, device)?;
+    if samples.len() > 1 {
+        batch.segments = samples.iter().map(|s| s.ids.len()).collect();
     }
-    let shape = [1, input.len() as i64];
-    Ok(MicroBatch {
-        input: Tensor::f_from_slice(&input)?.f_view(shape)?.f_to_device(device)?,
-        targets: Tensor::f_from_slice(&targets)?
-            .f_view(shape)?
-            .f_to_device(device)?,
-        tokens: input.len(),
-        trainable: rows.len(),
-        trainable_rows: Tensor::f_from_slice(&rows)?.f_to_device(device)?,
-        position: 0,
-        segments: if samples.len() > 1 {
-            samples.iter().map(|s| s.ids.len()).collect()
-        } else {
-            Vec::new()
-        },
-    })
+    Ok(batch)
 }
 
+/// One row per sample, right-padded with `pad_id` to the longest.
 pub fn collate(samples: &[&Sample], pad_id: u32, device: Device) -> Result<MicroBatch, tch::TchError> {
     let t = samples.iter().map(|s| s.ids.len()).max().unwrap_or(1).max(1);
-    let b = samples.len();
-    let mut input = vec![i64::from(pad_id); b * t];
-    let mut targets = vec![IGNORE_INDEX; b * t];
-    let mut tokens = 0;
+    let starts: Vec<usize> = (0..samples.len()).map(|row| row * t).collect();
+    lay_out(samples, &starts, [samples.len(), t], pad_id, device)
+}
+
+/// The micro-batch with sample `i` written from flat position `starts[i]` (increasing) of a `shape` batch filled
+/// with `pad_id`: the one place that decides which positions carry the loss (the next token, where labelled).
+fn lay_out(
+    samples: &[&Sample],
+    starts: &[usize],
+    shape: [usize; 2],
+    pad_id: u32,
+    device: Device,
+) -> Result<MicroBatch, tch::TchError> {
+    let size = shape[0] * shape[1];
+    let mut input = vec![i64::from(pad_id); size];
+    let mut targets = vec![IGNORE_INDEX; size];
     let mut rows = Vec::new();
-    for (row, s) in samples.iter().enumerate() {
-        tokens += s.ids.len();
+    for (s, &start) in samples.iter().zip(starts) {
         for (j, &id) in s.ids.iter().enumerate() {
-            input[row * t + j] = i64::from(id);
+            input[start + j] = i64::from(id);
             if j + 1 < s.ids.len() && s.labels[j + 1] {
-                targets[row * t + j] = i64::from(s.ids[j + 1]);
-                rows.push((row * t + j) as i64);
+                targets[start + j] = i64::from(s.ids[j + 1]);
+                rows.push((start + j) as i64);
             }
         }
     }
-    let shape = [b as i64, t as i64];
+    let shape = shape.map(|n| n as i64);
     Ok(MicroBatch {
         input: Tensor::f_from_slice(&input)?.f_view(shape)?.f_to_device(device)?,
         targets: Tensor::f_from_slice(&targets)?
             .f_view(shape)?
             .f_to_device(device)?,
-        tokens,
+        tokens: samples.iter().map(|s| s.ids.len()).sum(),
         trainable: rows.len(),
         trainable_rows: Tensor::f_from_slice(&rows)?.f_to_device(device)?,
         position: 0,
