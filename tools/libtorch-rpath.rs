@@ -4,6 +4,11 @@
 //! directly, so without `--no-as-needed` the linker drops it and CUDA is never available at run time.
 //! `DEP_TCH_LIBTORCH_LIB` reaches only crates that depend on `torch-sys` directly, hence that dependency in each.
 fn main() {
+    // Without these, any file of the package (a test included) reruns the script and rebuilds the crate and every
+    // crate above it. What the script reads: libtorch's place (cargo reruns it when torch-sys's output changes) and
+    // whether src/main.rs exists.
+    println!("cargo:rerun-if-changed=Cargo.toml");
+    println!("cargo:rerun-if-changed=src");
     if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
         // Cargo refuses `-bins` instructions from a package without binaries (model); ours live in src/main.rs.
