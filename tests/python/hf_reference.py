@@ -45,11 +45,9 @@ def load_gguf_tokenizer(gguf):
     return tok
 
 
-def export_hf(gguf, out_dir, tok):
+def export_hf(model, out_dir, tok):
     if os.path.exists(os.path.join(out_dir, "model.safetensors")):
         return
-    directory, name = os.path.split(gguf)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
     # The weights are already dequantized to f32; drop the GGUF marker so transformers agrees to save them.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -126,13 +124,15 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     gguf = request["gguf"]
     tok = load_gguf_tokenizer(gguf)
-    export_hf(gguf, request["hf_dir"], tok)
+    directory, name = os.path.split(gguf)
+    # Loading a GGUF file through transformers takes about 20 s: the one load serves the export and the "gguf" run.
+    gguf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    export_hf(gguf_model, request["hf_dir"], tok)
     hf_tok = AutoTokenizer.from_pretrained(request["hf_dir"])
     result = {"eos_token_id": tok.eos_token_id}
 
-    directory, name = os.path.split(gguf)
     sources = {
-        "gguf": (lambda: AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32), tok),
+        "gguf": (lambda: gguf_model, tok),
         "hf": (lambda: AutoModelForCausalLM.from_pretrained(request["hf_dir"], dtype=torch.float32), hf_tok),
     }
     for key, (loader, tokenizer) in sources.items():
@@ -140,7 +140,7 @@ def main():
         logits, res = model_results(model, tokenizer, request["prompts"], request["max_new_tokens"])
         save_file(logits, os.path.join(out_dir, f"logits_{key}.safetensors"))
         result[f"model_{key}"] = res
-        del model
+    del model, gguf_model
 
     for key, tokenizer in (("gguf", tok), ("hf", hf_tok)):
         encoded = [tokenizer.backend_tokenizer.encode(t, add_special_tokens=False).ids for t in request["corpus"]]
