@@ -27,10 +27,13 @@ const CHUNK_BYTES: usize = 128 * 1024;
 /// Input rows per batched tile, and weight rows per batched and single-row tile.
 const BLOCK: usize = 4;
 const TILE_ROWS: usize = 2;
-const SINGLE_ROWS: usize = 4;
-/// How far ahead of the single-row tile weights are prefetched (2 KiB measured best of 1 to 16 KiB: 15-25% more
-/// steps a second than none on SmolLM2's Q4_1 matrices).
-const PREFETCH_BYTES: usize = 2048;
+/// Two rows, not four: each row of a tile is a stream the prefetchers follow, and with four the weights came
+/// from memory at 5 to 7 GB/s on SmolLM2's Q8_0 matrices against 8.5 to 10 with two (Q4_1: 6 to 8 against 7.5
+/// to 8.5; `examples/qkernel_speed`, 2 cores whose plain read loop reaches 16 GB/s).
+const SINGLE_ROWS: usize = 2;
+/// How far ahead of the single-row tile weights are prefetched: 4 KiB measured best of none and 1 to 16 KiB with
+/// two-row tiles (none: 4 to 5.5 GB/s on the same matrices).
+const PREFETCH_BYTES: usize = 4096;
 
 pub(crate) fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
