@@ -27,9 +27,11 @@ const CHUNK_BYTES: usize = 128 * 1024;
 /// Input rows per batched tile, and weight rows per batched and single-row tile.
 const BLOCK: usize = 4;
 const TILE_ROWS: usize = 2;
-/// Two rows, not four: each row of a tile is a stream the prefetchers follow, and with four the weights came
-/// from memory at 5 to 7 GB/s on SmolLM2's Q8_0 matrices against 8.5 to 10 with two (Q4_1: 6 to 8 against 7.5
-/// to 8.5; `examples/qkernel_speed`, 2 cores whose plain read loop reaches 16 GB/s).
+/// Weight rows per single-input tile of the 4-bit types; Q8_0 takes one. Each row of a tile is a stream the
+/// prefetchers follow, and fewer streams came from memory faster: with four, SmolLM2's Q8_0 matrices streamed at
+/// 5 to 7 GB/s, with two 8.5 to 10 (`examples/qkernel_speed`, 2 cores whose plain read loop reaches 16 GB/s). End
+/// to end (`camelid generate`, 4 interleaved runs), one row against two: Q8_0 56-66 tok/s against 43-48, Q4_0
+/// 73-82 against 72-100 and Q4_1 71-81 against 68-82, so the 4-bit types keep two.
 const SINGLE_ROWS: usize = 2;
 /// How far ahead of the single-row tile weights are prefetched: 4 KiB measured best of none and 1 to 16 KiB with
 /// two-row tiles (none: 4 to 5.5 GB/s on the same matrices).
@@ -66,9 +68,9 @@ pub(crate) fn products(
     // slices whose lengths were checked above.
     unsafe {
         match ty {
-            GgmlType::Q8_0 => run::<Q8_0>(w, row_bytes, rows, x, batch, out),
-            GgmlType::Q4_0 => run::<Q4_0>(w, row_bytes, rows, x, batch, out),
-            _ => run::<Q4_1>(w, row_bytes, rows, x, batch, out),
+            GgmlType::Q8_0 => run::<Q8_0, 1>(w, row_bytes, rows, x, batch, out),
+            GgmlType::Q4_0 => run::<Q4_0, SINGLE_ROWS>(w, row_bytes, rows, x, batch, out),
+            _ => run::<Q4_1, SINGLE_ROWS>(w, row_bytes, rows, x, batch, out),
         }
     }
 }
@@ -161,7 +163,7 @@ impl Block for Q4_1 {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn run<B: Block>(
+fn run<B: Block, const S: usize>(
     w: &[u8],
     row_bytes: usize,
     rows: Range<usize>,
@@ -177,10 +179,10 @@ fn run<B: Block>(
     let clamp = |i: usize, end: usize| i.min(end - 1);
     if batch == 1 {
         let end_byte = rows.end * row_bytes;
-        for first in rows.clone().step_by(SINGLE_ROWS) {
-            prefetch_ahead(w, first * row_bytes..(first + SINGLE_ROWS) * row_bytes, end_byte);
-            let ws: [&[u8]; SINGLE_ROWS] = std::array::from_fn(|j| wrow(clamp(first + j, rows.end)));
-            let [sums] = tile::<B, SINGLE_ROWS, 1>(ws, [x.row(0)]);
+        for first in rows.clone().step_by(S) {
+            prefetch_ahead(w, first * row_bytes..(first + S) * row_bytes, end_byte);
+            let ws: [&[u8]; S] = std::array::from_fn(|j| wrow(clamp(first + j, rows.end)));
+            let [sums] = tile::<B, S, 1>(ws, [x.row(0)]);
             for (j, value) in sums.into_iter().enumerate().take(rows.end - first) {
                 out[first + j - rows.start] = value;
             }
