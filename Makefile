@@ -114,6 +114,7 @@ bench: setup bench-deps build-release
 	cargo build --release -p camelid-gateway --examples
 	$(PY) bench/decode_speed.py --camelid target/release/camelid
 	$(PY) bench/quant_decode.py --camelid target/release/camelid
+	$(PY) bench/quant_serve.py --camelid target/release/camelid
 	$(PY) bench/train_speed.py --trainer target/release/camelid-trainer
 	$(PY) bench/fastchat_train.py --trainer target/release/camelid-trainer
 	$(PY) bench/lora_speed.py --trainer target/release/camelid-trainer

@@ -4,9 +4,9 @@
 //!
 //! A register tile holds one accumulator per (input row, weight row) pair: 4 input rows by 3 weight rows for
 //! batches (7 loads feed 12 FMAs, so the FMA units, not the load ports, set the pace), and 1 by 1 for a single
-//! row (one weight row at a time is one sequential stream, which the prefetchers serve best: SmolLM2 in f32
-//! decoded at a median 27.8 tok/s, 15 GB/s of weights, against 21.9 with eight rows at once and 22.5 with two, 5
-//! interleaved runs of each on 2 cores whose plain read loop reaches 16 GB/s). Weight rows go in chunks that stay in
+//! row (one weight row at a time is one sequential stream, which the prefetchers serve best: in two sets of
+//! interleaved runs on 2 cores, SmolLM2 in f32 decoded at a median 27.8 tok/s against 21.9 with eight rows at once,
+//! then 23.9 against 22.4). Weight rows go in chunks that stay in
 //! L2 while every block of 4 input rows (in L1) passes over them, so each weight is read from memory once per
 //! product whatever the batch.
 //!

