@@ -122,3 +122,11 @@ def overlay_venv(dest, requirements):
         f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
     stamp.write_text(want + "\n")
     return python
+
+
+def report(res, text, path):
+    """Prints a bench's summary table and writes its results, the table included, as JSON to `path`."""
+    print("\n" + text)
+    res["summary_markdown"] = text
+    Path(path).write_text(json.dumps(res, indent=2, default=str))
+    print(f"\nwrote {path}")

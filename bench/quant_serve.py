@@ -23,7 +23,6 @@ camelid's half still runs. The summary is also written to target/bench/quant_ser
 
 import argparse
 import concurrent.futures
-import json
 import os
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import openai
 
-from common import ROOT, free_port, smollm2_gguf, stop
+from common import ROOT, free_port, report, smollm2_gguf, stop
 from serve_vllm import DATA_CANDIDATES, NAME, OUT, load_data, ms, pct, ratio, start_server
 
 FILES = ("q4_1", "q8_0")
@@ -165,11 +164,7 @@ def main():
     if short:
         res["notes"].append(f"{short} llama.cpp replies stopped before max_tokens (counted as received)")
 
-    text = summary(res, args)
-    print("\n" + text)
-    res["summary_markdown"] = text
-    (OUT / "quant_serve.json").write_text(json.dumps(res, indent=2, default=str))
-    print(f"\nwrote {OUT / 'quant_serve.json'}")
+    report(res, summary(res, args), OUT / "quant_serve.json")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import openai
 
-from common import ROOT, free_port, smollm2_gguf, stop
+from common import ROOT, free_port, report, smollm2_gguf, stop
 from serve_speed import hf_model_dir
 
 NAME = "smollm2"
@@ -303,11 +303,7 @@ def main():
             print(f"\n*** vLLM failed: {e} ***\n", flush=True)
             res["notes"].append(f"vLLM failed: {e}")
 
-    text = summary(res, args)
-    print("\n" + text)
-    res["summary_markdown"] = text
-    (OUT / "serve_vllm.json").write_text(json.dumps(res, indent=2, default=str))
-    print(f"\nwrote {OUT / 'serve_vllm.json'}")
+    report(res, summary(res, args), OUT / "serve_vllm.json")
 
 
 if __name__ == "__main__":
