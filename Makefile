@@ -104,8 +104,9 @@ bench-deps: $(BENCH_STAMP)
 $(BENCH_STAMP): bench/requirements.txt $(STAMP)
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q wrk; }
 	$(PY) -m pip install -q -r bench/requirements.txt
-	# llama.cpp for bench/quant_decode.py, built from source for AVX2 (a native build dies with an illegal
-	# instruction on some of these machines); the build takes 10 to 30 minutes on 2 cores.
+	# llama.cpp for bench/quant_decode.py and bench/quant_serve.py (its server extra is in bench/requirements.txt),
+	# built from source for AVX2 (a native build dies with an illegal instruction on some of these machines); the
+	# build takes 10 to 30 minutes on 2 cores.
 	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
 		$(PY) -m pip install -q llama-cpp-python==0.3.36
 	@touch $@

@@ -8,7 +8,7 @@ tok/s, the camelid/llama.cpp ratio, TTFT p50 and TPOT p50 of each server.
 
 camelid runs the file quantized (`--dtype auto`, its default) with `ignore_eos`. llama.cpp's server has no
 `ignore_eos`, and its `min_tokens` bans only the EOS token (and is dropped when a logit bias is also given), so its
-requests carry a -100 logit bias on SmolLM2's two end tokens (<|im_end|>, <|endoftext|>) and repeat_penalty 1 (plain
+requests carry a -100 logit bias on SmolLM2's end-of-generation tokens (<|im_end|>, <|endoftext|>, <reponame>) and repeat_penalty 1 (plain
 greedy); a reply can still stop early (a stop string), so the tokens counted are those received: the usage chunk when
 the server sends one (camelid), else one token per streamed content chunk (llama.cpp sends no usage; a multi-byte
 character split over tokens comes as one chunk, so its count may run slightly low). Short replies are counted in the
@@ -22,7 +22,6 @@ camelid's half still runs. The summary is also written to target/bench/quant_ser
 """
 
 import argparse
-import concurrent.futures
 import os
 import subprocess
 import sys
@@ -33,50 +32,16 @@ from pathlib import Path
 import openai
 
 from common import ROOT, free_port, report, smollm2_gguf, stop
-from serve_vllm import DATA_CANDIDATES, NAME, OUT, load_data, ms, pct, ratio, start_server
+from serve_vllm import DATA_CANDIDATES, NAME, OUT, chat, load_data, load_run, ms, ratio, start_server
 
 FILES = ("q4_1", "q8_0")
 # What each server gets on top of a greedy request so that it decodes max_tokens tokens (see the docstring).
 NO_EOS = {
     "camelid": {"ignore_eos": True},
-    "llama.cpp": {"logit_bias": {"<|im_end|>": -100, "<|endoftext|>": -100}, "logit_bias_type": "tokens",
+    "llama.cpp": {"logit_bias": {"<|im_end|>": -100, "<|endoftext|>": -100, "<reponame>": -100},
+                  "logit_bias_type": "tokens",
                   "repeat_penalty": 1.0},
 }
-
-
-def chat(client, prompt, max_tokens, extra):
-    """One streamed chat completion: (ttft s, tpot s or None, completion tokens). serve_vllm.chat with the server's
-    own request fields."""
-    t0 = time.perf_counter()
-    first, usage, chunks = None, None, 0
-    stream = client.chat.completions.create(
-        model=NAME, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-        stream=True, stream_options={"include_usage": True}, extra_body=extra)
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            first = first or time.perf_counter()
-            chunks += 1
-        usage = chunk.usage or usage
-    end = time.perf_counter()
-    first = first or end
-    n = usage.completion_tokens if usage else chunks
-    return first - t0, (end - first) / (n - 1) if n > 1 else None, n
-
-
-def load_run(client, prompts, clients, per_client, max_tokens, extra):
-    def one_client(c):
-        return [chat(client, prompts[(c * per_client + r) % len(prompts)], max_tokens, extra)
-                for r in range(per_client)]
-
-    t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = [r for rs in pool.map(one_client, range(clients)) for r in rs]
-    wall = time.perf_counter() - t0
-    tokens = sum(r[2] for r in results)
-    ttft, tpot = [r[0] for r in results], [r[1] for r in results]
-    return {"requests": len(results), "tokens": tokens, "short_replies": sum(r[2] < max_tokens for r in results),
-            "wall_s": wall, "tok_s": tokens / wall, "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
-            "tpot_p50": pct(tpot, 0.5)}
 
 
 def measure(server, cmd, log, ready_path, prompts, args):
@@ -88,7 +53,7 @@ def measure(server, cmd, log, ready_path, prompts, args):
     print(f"  {server} ready after {time.time() - t0:.0f} s", flush=True)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=0, timeout=900)
-        chat(client, "hi", 4, NO_EOS[server])
+        chat(client, [{"role": "user", "content": "hi"}], 4, NO_EOS[server])
         out = {}
         for c in args.clients:
             r = out[c] = load_run(client, prompts, c, args.requests, args.max_tokens, NO_EOS[server])
@@ -146,20 +111,21 @@ def main():
                                check=True, capture_output=True)
             f = res["files"][name] = {"path": str(path), "bytes": path.stat().st_size}
             print(f"{name} ({f['bytes'] / 1e6:.1f} MB)", flush=True)
-            f["camelid"] = measure(
-                "camelid", [args.camelid, "serve", "--model", path, "--device", "cpu", "--admin-port", "0",
-                            "--no-moderation", "--served-model-name", NAME],
-                OUT / f"quant_serve.camelid-{ty}.log", "/readyz", prompts, args)
-            log = OUT / f"quant_serve.llama_cpp-{ty}.log"
-            try:
-                f["llama.cpp"] = measure(
-                    "llama.cpp", [sys.executable, "-m", "llama_cpp.server", "--model", path, "--model_alias", NAME,
-                                  "--host", "127.0.0.1", "--n_threads", args.threads, "--n_threads_batch",
-                                  args.threads, "--n_ctx", 4096, "--interrupt_requests", "False"],
-                    log, "/v1/models", prompts, args)
-            except Exception as e:  # a llama.cpp server that does not start leaves camelid's results standing
-                print(f"\n*** llama.cpp server failed: {e} ***\n", flush=True)
-                res["notes"].append(f"llama.cpp server failed on {name}: {e} (its server extra: `make bench-deps`)")
+            servers = {
+                "camelid": ([args.camelid, "serve", "--model", path, "--device", "cpu", "--admin-port", "0",
+                             "--no-moderation", "--served-model-name", NAME], "/readyz"),
+                "llama.cpp": ([sys.executable, "-m", "llama_cpp.server", "--model", path, "--model_alias", NAME,
+                               "--host", "127.0.0.1", "--n_threads", args.threads, "--n_threads_batch", args.threads,
+                               "--n_ctx", 4096, "--interrupt_requests", "False"], "/v1/models"),
+            }
+            for server, (cmd, ready) in servers.items():
+                log = OUT / f"quant_serve.{server.replace('.', '_')}-{ty}.log"
+                try:
+                    f[server] = measure(server, cmd, log, ready, prompts, args)
+                except Exception as e:  # one server failing leaves the other's and the other files' results
+                    print(f"\n*** {server} failed: {e} ***\n", flush=True)
+                    hint = " (llama.cpp's server extra: `make bench-deps`)" if server == "llama.cpp" else ""
+                    res["notes"].append(f"{server} failed on {name}: {e}{hint}; log {log}")
     short = sum(r["short_replies"] for f in res["files"].values() for r in f.get("llama.cpp", {}).values())
     if short:
         res["notes"].append(f"{short} llama.cpp replies stopped before max_tokens (counted as received)")

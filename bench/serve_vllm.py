@@ -90,13 +90,17 @@ def start_server(cmd, log_path, ready_url, timeout, env=None):
     raise RuntimeError(f"{ready_url} not ready after {timeout} s, see {log_path}")
 
 
-def chat(client, messages, max_tokens, ignore_eos):
-    """One streamed chat completion: (reply, ttft s, tpot s or None, completion tokens)."""
+IGNORE_EOS = {"ignore_eos": True}
+
+
+def chat(client, messages, max_tokens, extra):
+    """One streamed chat completion with `extra` request fields (the server's own, such as `ignore_eos`): (reply,
+    ttft s, tpot s or None, completion tokens)."""
     t0 = time.perf_counter()
     first, usage, text = None, None, []
     stream = client.chat.completions.create(
         model=NAME, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True} if ignore_eos else None)
+        stream_options={"include_usage": True}, extra_body=extra)
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             first = first or time.perf_counter()
@@ -113,10 +117,10 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-def load_run(client, prompts, clients, per_client, max_tokens):
+def load_run(client, prompts, clients, per_client, max_tokens, extra=IGNORE_EOS):
     def one_client(c):
         return [chat(client, [{"role": "user", "content": prompts[(c * per_client + r) % len(prompts)]}],
-                     max_tokens, ignore_eos=True) for r in range(per_client)]
+                     max_tokens, extra) for r in range(per_client)]
 
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -124,8 +128,9 @@ def load_run(client, prompts, clients, per_client, max_tokens):
     wall = time.perf_counter() - t0
     tokens = sum(r[3] for r in results)
     ttft, tpot = [r[1] for r in results], [r[2] for r in results]
-    return {"requests": len(results), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-            "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99), "tpot_p50": pct(tpot, 0.5)}
+    return {"requests": len(results), "tokens": tokens, "short_replies": sum(r[3] < max_tokens for r in results),
+            "wall_s": wall, "tok_s": tokens / wall, "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
+            "tpot_p50": pct(tpot, 0.5)}
 
 
 def multi_turn(client, conversations, max_tokens):
@@ -135,7 +140,7 @@ def multi_turn(client, conversations, max_tokens):
         history = []
         for i, user in enumerate(turns):
             history.append({"role": "user", "content": user})
-            reply, ttft, _, _ = chat(client, history, max_tokens, ignore_eos=False)
+            reply, ttft, _, _ = chat(client, history, max_tokens, None)
             history.append({"role": "assistant", "content": reply})
             if i >= 1:
                 ttfts.append(ttft)
@@ -154,7 +159,7 @@ def prefix_counters(url):
 def measure(base, prompts, conversations, args, load=True, metrics_url=None):
     """Warms the server up, then runs the load levels (if `load`) and the multi-turn replay."""
     client = openai.OpenAI(base_url=base + "/v1", api_key="bench", max_retries=0, timeout=900)
-    chat(client, [{"role": "user", "content": "hi"}], 4, ignore_eos=True)
+    chat(client, [{"role": "user", "content": "hi"}], 4, IGNORE_EOS)
     out = {"load": {}}
     if load:
         for c in args.clients:

@@ -86,6 +86,7 @@ def main():
                                                pad_token_id=tok.eos_token_id)
                 results.append({"prompt_ids": ids[0].tolist(), "greedy_ids": generated[0, ids.shape[1]:].tolist()})
             out[key][arithmetic] = results
+        del model  # before the next file's load: one f32 model in memory at a time
     json.dump(out, open(sys.argv[2], "w"))
 
 

@@ -140,7 +140,8 @@ def main():
         logits, res = model_results(model, tokenizer, request["prompts"], request["max_new_tokens"])
         save_file(logits, os.path.join(out_dir, f"logits_{key}.safetensors"))
         result[f"model_{key}"] = res
-    del model, gguf_model
+        # One f32 model in memory at a time: the GGUF one goes before the HF directory's loads.
+        model = gguf_model = None
 
     for key, tokenizer in (("gguf", tok), ("hf", hf_tok)):
         encoded = [tokenizer.backend_tokenizer.encode(t, add_special_tokens=False).ids for t in request["corpus"]]

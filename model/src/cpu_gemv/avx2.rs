@@ -6,9 +6,8 @@
 //! batches (7 loads feed 12 FMAs, so the FMA units, not the load ports, set the pace), and 1 by 1 for a single
 //! row (one weight row at a time is one sequential stream, which the prefetchers serve best: in two sets of
 //! interleaved runs on 2 cores, SmolLM2 in f32 decoded at a median 27.8 tok/s against 21.9 with eight rows at once,
-//! then 23.9 against 22.4). Weight rows go in chunks that stay in
-//! L2 while every block of 4 input rows (in L1) passes over them, so each weight is read from memory once per
-//! product whatever the batch.
+//! then 23.9 against 22.4). Weight rows go in chunks that stay in L2 while every block of 4 input rows (in L1)
+//! passes over them, so each weight is read from memory once per product whatever the batch.
 //!
 //! Every pair is summed the same way in any tile: one 8-lane FMA chain over the row, the lanes reduced as a
 //! fixed tree ([`reduce4`]), then the scalar tail. So a sequence gets the same bits alone or in a batch of any size.

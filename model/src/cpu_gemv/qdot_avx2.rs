@@ -24,17 +24,21 @@ use crate::quant::GgmlType;
 
 /// Bytes of weight rows kept in L2 while every block of input rows passes over them.
 const CHUNK_BYTES: usize = 128 * 1024;
-/// Input rows per batched tile, and weight rows per batched and single-row tile.
+/// Input rows per batched tile.
 const BLOCK: usize = 4;
+/// Weight rows per batched tile.
 const TILE_ROWS: usize = 2;
-/// Weight rows per single-input tile of the 4-bit types; Q8_0 takes one. Each row of a tile is a stream the
-/// prefetchers follow, and fewer streams came from memory faster: with four, SmolLM2's Q8_0 matrices streamed at
-/// 5 to 7 GB/s, with two 8.5 to 10 (`examples/qkernel_speed`, 2 cores whose plain read loop reaches 16 GB/s). End
-/// to end (`camelid generate`, 4 interleaved runs), one row against two: Q8_0 56-66 tok/s against 43-48, Q4_0
-/// 73-82 against 72-100 and Q4_1 71-81 against 68-82, so the 4-bit types keep two.
-const SINGLE_ROWS: usize = 2;
-/// How far ahead of the single-row tile weights are prefetched: 4 KiB measured best of none and 1 to 16 KiB with
-/// two-row tiles (none: 4 to 5.5 GB/s on the same matrices).
+/// Weight rows per single-input tile: each row of a tile is a stream the prefetchers follow, and fewer streams
+/// came from memory faster. Four rows with a 2 KiB prefetch streamed SmolLM2's Q8_0 matrices at 5 to 7 GB/s; two
+/// rows with a 4 KiB prefetch at 8.5 to 10 (Q4_1: 6 to 8 against 7.5 to 8.5; `examples/qkernel_speed`, 2 cores
+/// whose plain read loop reaches 16 GB/s). End to end (`camelid generate`, 4 interleaved runs), one row against
+/// two gave Q8_0 56-66 tok/s against 43-48, Q4_0 73-82 against 72-100 and Q4_1 71-81 against 68-82: Q8_0 takes
+/// one, the 4-bit types two.
+const SINGLE_ROWS_Q8_0: usize = 1;
+const SINGLE_ROWS_Q4: usize = 2;
+/// How far ahead of a single-input tile weights are prefetched, here and in the K-quant kernels' rows: 4 KiB
+/// measured best of none and 1 to 16 KiB with two-row tiles (none: 4 to 5.5 GB/s on the same matrices); Q4_K
+/// decoded at 1.26-1.28x llama.cpp with it against 1.15x with 2 KiB and four-row tiles.
 const PREFETCH_BYTES: usize = 4096;
 
 pub(crate) fn available() -> bool {
@@ -68,9 +72,9 @@ pub(crate) fn products(
     // slices whose lengths were checked above.
     unsafe {
         match ty {
-            GgmlType::Q8_0 => run::<Q8_0, 1>(w, row_bytes, rows, x, batch, out),
-            GgmlType::Q4_0 => run::<Q4_0, SINGLE_ROWS>(w, row_bytes, rows, x, batch, out),
-            _ => run::<Q4_1, SINGLE_ROWS>(w, row_bytes, rows, x, batch, out),
+            GgmlType::Q8_0 => run::<Q8_0, SINGLE_ROWS_Q8_0>(w, row_bytes, rows, x, batch, out),
+            GgmlType::Q4_0 => run::<Q4_0, SINGLE_ROWS_Q4>(w, row_bytes, rows, x, batch, out),
+            _ => run::<Q4_1, SINGLE_ROWS_Q4>(w, row_bytes, rows, x, batch, out),
         }
     }
 }
