@@ -29,10 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import openai
-
 from common import ROOT, free_port, report, smollm2_gguf, stop
-from serve_vllm import DATA_CANDIDATES, NAME, OUT, chat, load_data, load_run, ms, ratio, start_server
+from serve_vllm import DATA_CANDIDATES, NAME, OUT, load_data, load_levels, ms, ratio, start_server
 
 FILES = ("q4_1", "q8_0")
 # What each server gets on top of a greedy request so that it decodes max_tokens tokens (see the docstring).
@@ -52,14 +50,8 @@ def measure(server, cmd, log, ready_path, prompts, args):
     proc = start_server(cmd, log, f"http://127.0.0.1:{port}{ready_path}", 300)
     print(f"  {server} ready after {time.time() - t0:.0f} s", flush=True)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=0, timeout=900)
-        chat(client, [{"role": "user", "content": "hi"}], 4, NO_EOS[server])
-        out = {}
-        for c in args.clients:
-            r = out[c] = load_run(client, prompts, c, args.requests, args.max_tokens, NO_EOS[server])
-            print(f"  {server:9} {c:>3} clients: {r['tok_s']:.1f} tok/s, TTFT p50 {ms(r['ttft_p50'])}, "
-                  f"{r['tokens']} tokens in {r['requests']} requests", flush=True)
-        return out
+        return load_levels(f"http://127.0.0.1:{port}", prompts, args.clients, args.requests, args.max_tokens,
+                           NO_EOS[server], label=f"{server:9} ")[1]
     finally:
         stop([proc])
 

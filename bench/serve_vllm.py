@@ -156,15 +156,24 @@ def prefix_counters(url):
     return (sum(queries), sum(hits)) if queries and hits else None
 
 
+def load_levels(base, prompts, clients, per_client, max_tokens, extra=IGNORE_EOS, label=""):
+    """A client of the server at `base`, warmed up, and `load_run` at each of the `clients` levels (printed as they
+    finish): (client, {level: result})."""
+    client = openai.OpenAI(base_url=base + "/v1", api_key="bench", max_retries=0, timeout=900)
+    chat(client, [{"role": "user", "content": "hi"}], 4, extra)
+    levels = {}
+    for c in clients:
+        r = levels[c] = load_run(client, prompts, c, per_client, max_tokens, extra)
+        print(f"  {label}{c:>3} clients: {r['tok_s']:.1f} tok/s, TTFT p50 {ms(r['ttft_p50'])}, "
+              f"{r['tokens']} tokens in {r['requests']} requests", flush=True)
+    return client, levels
+
+
 def measure(base, prompts, conversations, args, load=True, metrics_url=None):
     """Warms the server up, then runs the load levels (if `load`) and the multi-turn replay."""
-    client = openai.OpenAI(base_url=base + "/v1", api_key="bench", max_retries=0, timeout=900)
-    chat(client, [{"role": "user", "content": "hi"}], 4, IGNORE_EOS)
-    out = {"load": {}}
-    if load:
-        for c in args.clients:
-            r = out["load"][c] = load_run(client, prompts, c, args.requests_per_client, args.max_tokens)
-            print(f"  {c:>3} clients: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']*1e3:.0f} ms", flush=True)
+    client, levels = load_levels(base, prompts, args.clients if load else [], args.requests_per_client,
+                                 args.max_tokens)
+    out = {"load": levels}
     before = prefix_counters(metrics_url) if metrics_url else None
     out["multi_turn"] = multi_turn(client, conversations, 32)
     print(f"  multi-turn: TTFT p50 (turns >= 2) {out['multi_turn']['ttft_p50']*1e3:.0f} ms", flush=True)
