@@ -1,6 +1,8 @@
 //! Attention of one decoded position over its sequence's KV cache, on the CPU in f32: decoding calls it once per
 //! sequence and layer, where a handful of libtorch ops would cost more in dispatch than in arithmetic.
 
+use std::ops::Range;
+
 use crate::cpu_gemv::{dots3x4, weighted_rows3};
 
 /// A cache layer's keys and values as f32 rows of `head_dim`, wherever they lie.
@@ -12,13 +14,15 @@ pub(crate) struct Rows<'a> {
     pub kv_heads: usize,
 }
 
-/// Attention of `q` over positions `0..len`, the row of key/value head `h` at position `p` starting at element
-/// `at(h, p)` of `rows.keys` and `rows.values` (so contiguous and paged caches share this loop). False, appending
-/// nothing, when the shapes do not agree or a row lies outside the buffers.
+/// Attention of `q`'s heads that share the key/value heads `kv` over positions `0..len`, the row of key/value
+/// head `h` at position `p` starting at element `at(h, p)` of `rows.keys` and `rows.values` (so contiguous and
+/// paged caches share this loop). Heads are independent, so a decoded row's heads can be spread over threads.
+/// False, appending nothing, when the shapes do not agree or a row lies outside the buffers.
 pub(crate) fn attend<'a>(
     q: &[f32],
     rows: &Rows<'a>,
     len: usize,
+    kv: Range<usize>,
     at: impl Fn(usize, usize) -> usize,
     out: &mut Vec<f32>,
 ) -> bool {
@@ -29,11 +33,11 @@ pub(crate) fn attend<'a>(
         kv_heads,
     } = *rows;
     let heads = q.len() / head_dim.max(1);
-    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || len == 0 {
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || len == 0 || kv.end > kv_heads {
         return false;
     }
     let in_bounds = |h: usize| (0..len).all(|p| at(h, p) + head_dim <= k.len().min(v.len()));
-    if !(0..kv_heads).all(in_bounds) {
+    if !kv.clone().all(in_bounds) {
         return false;
     }
     let group = heads / kv_heads;
@@ -44,7 +48,7 @@ pub(crate) fn attend<'a>(
     let mut weights = vec![0f32; padded * len];
     let mut acc = vec![0f32; padded * head_dim];
     let mut sums = vec![0f32; group];
-    for kv in 0..kv_heads {
+    for kv in kv {
         let query = |g: usize| {
             let h = kv * group + g.min(group - 1);
             &q[h * head_dim..(h + 1) * head_dim]

@@ -10,14 +10,12 @@
 //! ([`DecodePool::split`]), so nothing else competes for the cores. Training and GPUs stay on libtorch.
 
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
-use std::time::{Duration, Instant};
 
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
-use crate::error::Result;
 use crate::quant::GgmlType;
 use crate::storage;
+pub use pool::{DecodePool, with_decode_pool};
 use qdot::Acts;
 
 /// A weight matrix as the kernels take it: a libtorch tensor, and the GGML block type when it holds quantized
@@ -27,8 +25,6 @@ pub type WeightRef<'a> = (&'a Tensor, Option<GgmlType>);
 const LANES: usize = 16;
 /// The most input rows the kernel takes at once; the CPU step feeds larger steps through it in slices of this many.
 pub const MAX_ROWS: usize = 64;
-/// How long an idle helper spins before it blocks (between tokens the decoding thread samples and detokenizes).
-const SPIN: Duration = Duration::from_millis(20);
 
 /// `sum(w[i] * x[i])` with `LANES` independent accumulators (so the loop vectorizes without reassociating), the
 /// weights widened to f32 by `widen`.
@@ -146,6 +142,7 @@ impl Rows<'_> {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2;
+mod pool;
 pub mod qdot;
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
@@ -275,43 +272,6 @@ fn side_by_side(blocks: Vec<(usize, usize, Vec<f32>)>, total: usize, batch: usiz
     out
 }
 
-/// Work for a helper thread.
-enum Job<'a> {
-    /// Output rows `rows` of a product.
-    Rows {
-        product: Product<'a>,
-        rows: std::ops::Range<usize>,
-    },
-    /// Part `part` of [`DecodePool::split`]'s work.
-    Part {
-        work: &'a (dyn Fn(usize) -> Vec<f32> + Sync + 'a),
-        part: usize,
-    },
-}
-
-impl Job<'_> {
-    fn run(self) -> Vec<f32> {
-        match self {
-            Job::Rows { product, rows } => product.compute(rows),
-            Job::Part { work, part } => work(part),
-        }
-    }
-}
-
-fn recv_spinning<T>(rx: &Receiver<T>) -> Option<T> {
-    let started = Instant::now();
-    for spins in 0u32.. {
-        match rx.try_recv() {
-            Ok(v) => return Some(v),
-            Err(TryRecvError::Disconnected) => return None,
-            // Reading the clock costs more than a channel poll: look at it only now and then.
-            Err(TryRecvError::Empty) if spins % 1024 == 1023 && started.elapsed() >= SPIN => break,
-            Err(TryRecvError::Empty) => std::hint::spin_loop(),
-        }
-    }
-    rx.recv().ok()
-}
-
 /// The kernel's views of `weights` stacked into one product, and the first output row of each (plus the total):
 /// None unless every weight is a contiguous CPU f32 or bf16 `[_, cols]` matrix without gradients, or a u8
 /// `[_, row bytes]` matrix of blocks of a type with a kernel whose rows hold `cols` values.
@@ -345,192 +305,10 @@ fn stacked<'a>(
     (!matrices.is_empty()).then_some((matrices, starts))
 }
 
-/// Helper threads for the matrix-vector products of one decode loop; see [`with_decode_pool`].
-pub struct DecodePool<'a> {
-    helpers: Vec<(Sender<Job<'a>>, Receiver<Vec<f32>>)>,
-}
-
-impl std::fmt::Debug for DecodePool<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DecodePool")
-            .field("helpers", &self.helpers.len())
-            .finish()
-    }
-}
-
-/// Runs `f` with a pool of helper threads (one per core beyond the caller's), joined when `f` returns.
-pub fn with_decode_pool<'a, R>(f: impl FnOnce(&DecodePool<'a>) -> R) -> R {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    std::thread::scope(|scope| {
-        let mut helpers = Vec::with_capacity(threads.saturating_sub(1));
-        for _ in 1..threads {
-            let (job_tx, job_rx) = std::sync::mpsc::channel::<Job<'a>>();
-            let (out_tx, out_rx) = std::sync::mpsc::channel();
-            scope.spawn(move || {
-                while let Some(job) = recv_spinning(&job_rx) {
-                    if out_tx.send(job.run()).is_err() {
-                        break;
-                    }
-                }
-            });
-            helpers.push((job_tx, out_rx));
-        }
-        // Dropping the pool closes the job channels, which ends the helpers before the scope joins them.
-        let pool = DecodePool { helpers };
-        f(&pool)
-    })
-}
-
-impl<'a> DecodePool<'a> {
-    /// The product's outputs, `[batch][total]`, the output rows split evenly between the caller and the helpers.
-    fn run(&self, product: Product<'a>) -> Vec<f32> {
-        let total = product.total_rows();
-        let per_part = total.div_ceil(self.parts());
-        let range = |i: usize| (i * per_part).min(total)..((i + 1) * per_part).min(total);
-        let mut sent = Vec::with_capacity(self.helpers.len());
-        for (i, (tx, rx)) in self.helpers.iter().enumerate() {
-            let rows = range(i + 1);
-            let job = Job::Rows {
-                product: product.clone(),
-                rows: rows.clone(),
-            };
-            if !rows.is_empty() && tx.send(job).is_ok() {
-                sent.push((rx, rows));
-            }
-        }
-        let block = |rows: std::ops::Range<usize>, values| (rows.start, rows.len(), values);
-        let mut parts = vec![block(range(0), product.compute(range(0)))];
-        for (rx, rows) in sent {
-            // A helper only disappears if it panicked; compute its share here rather than lose it.
-            let values = recv_spinning(rx).unwrap_or_else(|| product.compute(rows.clone()));
-            parts.push(block(rows, values));
-        }
-        let covered = parts.last().map_or(0, |(first, width, _)| first + width);
-        if covered < total {
-            parts.push(block(covered..total, product.compute(covered..total)));
-        }
-        side_by_side(parts, total, product.batch)
-    }
-
-    /// How many parts [`DecodePool::split`] runs at once: the caller and each helper.
-    pub(crate) fn parts(&self) -> usize {
-        self.helpers.len() + 1
-    }
-
-    /// `work(0)`, ..., `work(parts() - 1)` run at once, part 0 on the caller and the others on the helpers, their
-    /// results in part order: work between the products (attention over each sequence's cache) spread over the
-    /// cores the helpers would otherwise spin on.
-    #[allow(unsafe_code)]
-    pub(crate) fn split(&self, work: &(dyn Fn(usize) -> Vec<f32> + Sync)) -> Vec<Vec<f32>> {
-        // SAFETY: only the lifetime is changed. Each helper that is sent `work` either sends back its result or
-        // drops its end of the result channel (it panicked and unwound); the loop below waits for one of the two
-        // from every such helper before this function returns or resumes a panic of its own part, so no helper
-        // still holds `work` once its true lifetime can end.
-        let shared: &'a (dyn Fn(usize) -> Vec<f32> + Sync + 'a) = unsafe { std::mem::transmute(work) };
-        let mut sent = Vec::with_capacity(self.helpers.len());
-        for (i, (tx, rx)) in self.helpers.iter().enumerate() {
-            let job = Job::Part {
-                work: shared,
-                part: i + 1,
-            };
-            if tx.send(job).is_ok() {
-                sent.push((rx, i + 1));
-            }
-        }
-        let own = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(0)));
-        let mut results: Vec<Option<Vec<f32>>> = (0..self.parts()).map(|_| None).collect();
-        for (rx, part) in sent {
-            results[part] = recv_spinning(rx);
-        }
-        match own {
-            Ok(out) => results[0] = Some(out),
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-        // A helper that is gone (it panicked) or was never reached: its part runs here.
-        let finish = |(part, out): (usize, Option<Vec<f32>>)| out.unwrap_or_else(|| work(part));
-        results.into_iter().enumerate().map(finish).collect()
-    }
-
-    /// `x W_i^T (+ b_i)` for each weight when `x` holds at most [`MAX_ROWS`] CPU rows and the weights are
-    /// contiguous f32 or bf16 matrices without gradients; None otherwise (the caller uses libtorch).
-    pub fn linear_single_row_many(
-        &self,
-        x: &Tensor,
-        weights: &[(&'a Tensor, Option<&Tensor>)],
-    ) -> Result<Option<Vec<Tensor>>> {
-        let cols = x.size().last().copied().unwrap_or(0);
-        let batch = if cols > 0 { x.numel() as i64 / cols } else { 0 };
-        let usable =
-            x.device() == Device::Cpu && (1..=MAX_ROWS as i64).contains(&batch) && !x.requires_grad();
-        let matrices = weights.iter().map(|(w, _)| (*w, None));
-        let Some((matrices, starts)) = stacked(matrices, cols as usize).filter(|_| usable) else {
-            return Ok(None);
-        };
-        let input = Vec::<f32>::try_from(x.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)?;
-        let total = starts[starts.len() - 1] as i64;
-        let out = self.run(Product {
-            matrices: Arc::new(matrices),
-            starts: Arc::new(starts),
-            input: Arc::new(input),
-            quantized: Arc::default(), // dense matrices only
-            cols: cols as usize,
-            batch: batch as usize,
-        });
-        // Bias is added before rounding to the input's dtype, as libtorch's addmm does.
-        let all = Tensor::f_from_slice(&out)?.f_view([batch, total])?;
-        let mut results = Vec::with_capacity(weights.len());
-        let mut offset = 0;
-        for (w, bias) in weights {
-            let rows = w.size()[0];
-            let mut shape = x.size();
-            if let Some(last) = shape.last_mut() {
-                *last = rows;
-            }
-            let mut y = all.f_narrow(1, offset, rows)?;
-            if let Some(b) = bias {
-                y = y.f_add(&b.f_to_kind(Kind::Float)?)?;
-            }
-            results.push(y.f_to_kind(x.kind())?.f_reshape(&shape)?);
-            offset += rows;
-        }
-        Ok(Some(results))
-    }
-
-    /// `x W_i^T` for each weight over `batch` f32 input rows of `cols` values (`input` row-major), returned
-    /// row-major too: input row `b`'s outputs, weights in order, are `out[b * total..(b + 1) * total]`. None when
-    /// a weight is not a matrix the kernels read (see [`stacked`]) or the batch is outside the kernel's rows.
-    pub fn products(&self, weights: &[WeightRef<'a>], input: Vec<f32>, batch: usize) -> Option<Vec<f32>> {
-        let cols = input.len() / batch.max(1);
-        if !(1..=MAX_ROWS).contains(&batch) || cols == 0 || input.len() != batch * cols {
-            return None;
-        }
-        let (matrices, starts) = stacked(weights.iter().copied(), cols)?;
-        let quantized = QuantizedInput::of(&matrices, &input, cols);
-        Some(self.run(Product {
-            matrices: Arc::new(matrices),
-            starts: Arc::new(starts),
-            input: Arc::new(input),
-            quantized: Arc::new(quantized),
-            cols,
-            batch,
-        }))
-    }
-
-    /// [`DecodePool::linear_single_row_many`] for one weight.
-    pub fn linear_single_row(
-        &self,
-        x: &Tensor,
-        weight: &'a Tensor,
-        bias: Option<&Tensor>,
-    ) -> Result<Option<Tensor>> {
-        Ok(self
-            .linear_single_row_many(x, &[(weight, bias)])?
-            .and_then(|mut v| v.pop()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use tch::{Device, Kind};
+
     use super::*;
 
     #[test]

@@ -7,6 +7,7 @@
 //! hold a prefix that several sequences read, is the worker's block manager's business: a cache only reads the
 //! blocks of its table and writes at its next positions.
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tch::{Device, Kind, Tensor};
@@ -271,7 +272,10 @@ impl KvCache {
     /// Attention of one query (`heads * head_dim` f32) over the first `len` positions of layer `layer`, on the
     /// CPU, appended to `out`; false (nothing appended) when the cache is not CPU f32.
     pub(crate) fn attend(&self, layer: usize, q: &[f32], len: usize, out: &mut Vec<f32>) -> Result<bool> {
-        Ok(with_views(&[self], layer, |views| views[0].attend(q, len, out)).unwrap_or(false))
+        Ok(with_views(&[self], layer, |views| {
+            views[0].attend(q, len, 0..views[0].kv_heads(), out)
+        })
+        .unwrap_or(false))
     }
 
     /// Marks `t` more positions as filled once every layer has appended them.
@@ -297,12 +301,17 @@ pub(crate) struct AttentionView<'c> {
 }
 
 impl AttentionView<'_> {
-    /// [`attend`] of `q` over the first `len` positions; false (nothing appended) when they are not all held.
-    pub(crate) fn attend(&self, q: &[f32], len: usize, out: &mut Vec<f32>) -> bool {
+    pub(crate) fn kv_heads(&self) -> usize {
+        self.rows.kv_heads
+    }
+
+    /// [`attend`] of `q`'s heads that share key/value heads `kv` over the first `len` positions; false (nothing
+    /// appended) when they are not all held.
+    pub(crate) fn attend(&self, q: &[f32], len: usize, kv: Range<usize>, out: &mut Vec<f32>) -> bool {
         let (kv_heads, head_dim) = (self.rows.kv_heads, self.rows.head_dim);
         match self.layout {
             Layout::Own { capacity } if len <= capacity => {
-                attend(q, &self.rows, len, |h, p| (h * capacity + p) * head_dim, out)
+                attend(q, &self.rows, len, kv, |h, p| (h * capacity + p) * head_dim, out)
             }
             Layout::Paged {
                 blocks,
@@ -310,7 +319,7 @@ impl AttentionView<'_> {
             } if len <= blocks.len() * b => {
                 let at =
                     |h: usize, p: usize| ((blocks[p / b] as usize * b + p % b) * kv_heads + h) * head_dim;
-                attend(q, &self.rows, len, at, out)
+                attend(q, &self.rows, len, kv, at, out)
             }
             _ => false,
         }

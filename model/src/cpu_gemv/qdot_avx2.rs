@@ -182,7 +182,8 @@ fn run<B: Block, const S: usize>(
     // Out-of-range rows of a partial tile repeat the last real one; their results are not stored.
     let clamp = |i: usize, end: usize| i.min(end - 1);
     if batch == 1 {
-        let end_byte = rows.end * row_bytes;
+        // Prefetching runs on past `rows` to the matrix's end: the pool hands a thread the chunk after this one.
+        let end_byte = w.len();
         for first in rows.clone().step_by(S) {
             prefetch_ahead(w, first * row_bytes..(first + S) * row_bytes, end_byte);
             let ws: [&[u8]; S] = std::array::from_fn(|j| wrow(clamp(first + j, rows.end)));

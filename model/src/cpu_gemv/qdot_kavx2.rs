@@ -39,7 +39,7 @@ pub(crate) fn products(
     let base = out.len();
     out.resize(base + rows.len() * batch, 0.0);
     for (j, r) in rows.clone().enumerate() {
-        super::qdot_avx2::prefetch_ahead(w, r * row_bytes..(r + 1) * row_bytes, rows.end * row_bytes);
+        super::qdot_avx2::prefetch_ahead(w, r * row_bytes..(r + 1) * row_bytes, w.len());
         let wrow = &w[r * row_bytes..(r + 1) * row_bytes];
         for i in 0..batch {
             // SAFETY: the CPU has AVX2, FMA and F16C (`handles`); the dot functions check their slices' lengths.

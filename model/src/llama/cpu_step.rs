@@ -379,8 +379,9 @@ struct Row {
 }
 
 /// Attention of every row's query (`queries`, a row each) over its sequence's layer `layer` up to and including
-/// the row's own position (causal within a prompt chunk too), the rows spread over the pool's threads in parts of
-/// about equal work.
+/// the row's own position (causal within a prompt chunk too). The work goes to the pool's threads in units of a
+/// row's heads that share one key/value head, in parts of about equal work, so a single decoded row's attention is
+/// spread over the cores too (a unit's result does not depend on which thread computes it).
 fn attend_all(
     caches: &[&mut KvCache],
     layer: usize,
@@ -390,14 +391,20 @@ fn attend_all(
 ) -> Result<Vec<f32>> {
     let lens: Vec<usize> = rows.iter().map(|r| caches[r.seq].len() + r.ahead + 1).collect();
     let q_len = queries.len() / rows.len().max(1);
-    let parts = split_by_work(&lens, pool.parts());
     let refs: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
     let attended = with_views(&refs, layer, |views| {
+        let kv_heads = views.first().map_or(1, |v| v.kv_heads()).max(1);
+        let unit_lens: Vec<usize> = lens
+            .iter()
+            .flat_map(|&len| std::iter::repeat_n(len, kv_heads))
+            .collect();
+        let parts = split_by_work(&unit_lens, pool.parts());
         let work = |part: usize| {
-            let mut out = Vec::with_capacity(parts[part].len() * q_len);
-            for j in parts[part].clone() {
+            let mut out = Vec::with_capacity(parts[part].len() * q_len / kv_heads);
+            for unit in parts[part].clone() {
+                let (j, kv) = (unit / kv_heads, unit % kv_heads);
                 let query = &queries[j * q_len..(j + 1) * q_len];
-                if !views[rows[j].seq].attend(query, lens[j], &mut out) {
+                if !views[rows[j].seq].attend(query, lens[j], kv..kv + 1, &mut out) {
                     break;
                 }
             }
