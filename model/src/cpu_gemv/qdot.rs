@@ -44,29 +44,44 @@ pub(crate) struct Q8Rows {
 impl Q8Rows {
     /// `batch` rows of `cols` values (a multiple of 32) from `x`.
     pub fn quantize(x: &[f32], cols: usize) -> Self {
-        let blocks = cols / QK;
         let total = x.len() / QK;
         let mut out = Q8Rows {
-            blocks,
+            blocks: cols / QK,
             d: Vec::with_capacity(total),
             s: Vec::with_capacity(total),
             q: Vec::with_capacity(x.len()),
         };
         for block in x.chunks_exact(QK) {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for v in block {
-                // Ties to even, as ggml's AVX2 quantizer rounds.
-                let q = (v * id).round_ties_even() as i8;
-                sum += i32::from(q);
-                out.q.push(q);
+            #[cfg(target_arch = "x86_64")]
+            if super::qdot_avx2::available() {
+                super::qdot_avx2::quantize_block(block, &mut out);
+                continue;
             }
-            out.d.push(f16::from_f32(d).to_f32());
-            out.s.push(f16::from_f32(d * sum as f32).to_f32());
+            out.push_block(block);
         }
         out
+    }
+
+    /// Appends one block of 32 values, quantized: the reference for the vector quantizer, which matches it bit
+    /// for bit (every step is exact or rounds once, the same way).
+    pub(crate) fn push_block(&mut self, block: &[f32]) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for v in block {
+            // Ties to even, as ggml's AVX2 quantizer rounds.
+            let q = (v * id).round_ties_even() as i8;
+            sum += i32::from(q);
+            self.q.push(q);
+        }
+        self.push_scales(d, sum);
+    }
+
+    /// A block's scale `d` and `d * sum(q)`, both rounded through f16 as ggml stores them.
+    pub(crate) fn push_scales(&mut self, d: f32, sum: i32) {
+        self.d.push(f16::from_f32(d).to_f32());
+        self.s.push(f16::from_f32(d * sum as f32).to_f32());
     }
 
     /// Row `r`'s blocks: scales, sums and values.
