@@ -1,5 +1,6 @@
-//! Attention of one decoded position over its sequence's KV cache, on the CPU in f32: decoding calls it once per
-//! sequence and layer, where a handful of libtorch ops would cost more in dispatch than in arithmetic.
+//! Attention of one decoded position over its sequence's KV cache, on the CPU in f32: decoding calls it per row,
+//! layer and key/value head (so one row's heads can run on several cores), where a handful of libtorch ops would
+//! cost more in dispatch than in arithmetic.
 
 use std::ops::Range;
 
@@ -89,4 +90,36 @@ pub(crate) fn attend<'a>(
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_attended_apart_give_the_same_bits_as_all_at_once() {
+        // 10 query heads on 2 key/value heads: groups of 5, so the padded three-head path runs too.
+        let (heads, kv_heads, head_dim, len) = (10, 2, 8, 13);
+        let value = |i: usize, seed: usize| ((i * seed % 97) as f32 / 48.5 - 1.0) * 0.7;
+        let q: Vec<f32> = (0..heads * head_dim).map(|i| value(i, 31)).collect();
+        let keys: Vec<f32> = (0..kv_heads * len * head_dim).map(|i| value(i, 17)).collect();
+        let values: Vec<f32> = (0..kv_heads * len * head_dim).map(|i| value(i, 23)).collect();
+        let rows = Rows {
+            keys: &keys,
+            values: &values,
+            head_dim,
+            kv_heads,
+        };
+        let at = |h: usize, p: usize| (h * len + p) * head_dim;
+        let mut whole = Vec::new();
+        assert!(attend(&q, &rows, len, 0..kv_heads, at, &mut whole));
+        let mut apart = Vec::new();
+        for kv in 0..kv_heads {
+            assert!(attend(&q, &rows, len, kv..kv + 1, at, &mut apart));
+        }
+        assert_eq!(whole.len(), heads * head_dim);
+        assert_eq!(apart, whole);
+        // A head range past the cache's heads is refused, not read out of bounds.
+        assert!(!attend(&q, &rows, len, 1..3, at, &mut Vec::new()));
+    }
 }

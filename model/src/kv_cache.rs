@@ -301,6 +301,7 @@ pub(crate) struct AttentionView<'c> {
 }
 
 impl AttentionView<'_> {
+    /// The layer's key/value heads: attention's units of work for one row.
     pub(crate) fn kv_heads(&self) -> usize {
         self.rows.kv_heads
     }

@@ -22,8 +22,8 @@ const SPIN: Duration = Duration::from_millis(20);
 /// Chunks per thread's run: enough that the last chunks even out the threads, few enough that each is a stream
 /// of many rows (SmolLM2's smallest product, 576 rows on 2 threads, gets chunks of 36).
 const CHUNKS_PER_PART: usize = 8;
-/// Chunk rows are a multiple of every tile's weight rows (1, 2 or 3), so only a product's last chunk ends in a
-/// partial tile.
+/// Chunk rows are a multiple of every tile's weight rows (1, 2 or 3), so a chunk ends in a partial tile only at
+/// the end of a matrix (partial tiles cost speed, never bits).
 const CHUNK_ALIGN: usize = 6;
 
 /// A product's output rows, `[first, first + len)`, for every input row (`[batch][len]`).
@@ -161,6 +161,23 @@ impl Chunks {
     }
 }
 
+/// The rows of `0..total` that no block covers, the blocks sorted by their first row.
+fn gaps(blocks: &mut [Block], total: usize) -> Vec<Range<usize>> {
+    blocks.sort_unstable_by_key(|&(first, _, _)| first);
+    let mut covered = 0;
+    let mut gaps = Vec::new();
+    for &(first, width, _) in blocks.iter() {
+        if first > covered {
+            gaps.push(covered..first);
+        }
+        covered = covered.max(first + width);
+    }
+    if covered < total {
+        gaps.push(covered..total);
+    }
+    gaps
+}
+
 fn recv_spinning<T>(rx: &Receiver<T>) -> Option<T> {
     let started = Instant::now();
     for spins in 0u32.. {
@@ -234,19 +251,7 @@ impl<'a> DecodePool<'a> {
             }
         }
         // A helper only disappears if it panicked, losing the chunk it held: rows no block covers run here.
-        blocks.sort_unstable_by_key(|&(first, _, _)| first);
-        let mut covered = 0;
-        let mut gaps = Vec::new();
-        for &(first, width, _) in &blocks {
-            if first > covered {
-                gaps.push(covered..first);
-            }
-            covered = covered.max(first + width);
-        }
-        if covered < total {
-            gaps.push(covered..total);
-        }
-        for rows in gaps {
+        for rows in gaps(&mut blocks, total) {
             blocks.push((rows.start, rows.len(), product.compute(rows)));
         }
         side_by_side(blocks, total, product.batch)
@@ -428,6 +433,50 @@ mod tests {
         // Chunks are multiples of every tile height, so only the product's last chunk ends in a partial tile.
         assert!(alone.iter().all(|r| r.len() % CHUNK_ALIGN == 0));
         assert_eq!(chunks.next(1), None);
+    }
+
+    #[test]
+    fn rows_no_block_covers_are_found() {
+        let block = |first: usize, width: usize| (first, width, Vec::new());
+        assert_eq!(gaps(&mut [], 10), vec![(0..10)]);
+        assert_eq!(gaps(&mut [block(6, 4), block(0, 3)], 10), vec![(3..6)]);
+        assert_eq!(gaps(&mut [block(0, 4)], 10), vec![(4..10)]);
+        assert!(gaps(&mut [block(4, 6), block(0, 4)], 10).is_empty());
+    }
+
+    #[test]
+    fn chunks_shared_by_four_threads_match_one_thread_on_quantized_and_dense_rows() {
+        // A Q8_0 matrix of 101 rows (not a multiple of a chunk or a tile) stacked on a dense one, four parts.
+        let cols = 64;
+        let wf: Vec<f32> = (0..101 * cols)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 0.3)
+            .collect();
+        let q = Tensor::from_slice(&crate::quant::quantize_q8_0(&wf)).view([101, -1]);
+        let dense = Tensor::randn([35, cols as i64], (Kind::Float, Device::Cpu));
+        let weights: [WeightRef<'_>; 2] = [(&q, Some(crate::quant::GgmlType::Q8_0)), (&dense, None)];
+        let x: Vec<f32> = (0..3 * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let (matrices, starts) = stacked(weights.iter().copied(), cols).expect("kernel matrices");
+        let product = Product {
+            quantized: Arc::new(QuantizedInput::of(&matrices, &x, cols)),
+            matrices: Arc::new(matrices),
+            starts: Arc::new(starts),
+            input: Arc::new(x),
+            cols,
+            batch: 3,
+        };
+        let chunks = Chunks::new(136, 4);
+        let (shared, chunks) = (&product, &chunks);
+        let mut blocks: Vec<Block> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..4)
+                .map(|part| scope.spawn(move || share(shared, chunks, part)))
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|t| t.join().expect("no panic"))
+                .collect()
+        });
+        assert!(gaps(&mut blocks, 136).is_empty());
+        assert_eq!(side_by_side(blocks, 136, 3), product.compute(0..136));
     }
 
     #[test]

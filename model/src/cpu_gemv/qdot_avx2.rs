@@ -60,14 +60,17 @@ pub(crate) fn handles(ty: GgmlType) -> bool {
 /// One block of 32 activations quantized to Q8 and appended to `out`, bit for bit as [`Q8Rows::push_block`]
 /// (whose scalar rounding is a libm call per value: it cost 3% of a Q4_0 decode).
 pub(crate) fn quantize_block(block: &[f32], out: &mut Q8Rows) {
-    assert!(available() && block.len() == QK);
-    // SAFETY: the CPU has AVX2 (asserted), all `quantize_avx2` needs; the block holds 32 values (asserted).
-    unsafe { quantize_avx2(block, out) }
+    assert!(available());
+    match <&[f32; QK]>::try_from(block) {
+        // SAFETY: the CPU has AVX2, FMA and F16C (asserted through `available`), all `quantize_avx2` needs.
+        Ok(block) => unsafe { quantize_avx2(block, out) },
+        Err(_) => out.push_block(block),
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn quantize_avx2(block: &[f32], out: &mut Q8Rows) {
-    // SAFETY: four 8-value loads from a block of 32 (the caller checked its length).
+fn quantize_avx2(block: &[f32; QK], out: &mut Q8Rows) {
+    // SAFETY: four 8-value loads from an array of 32.
     let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(block.as_ptr().add(8 * i)) });
     let sign = _mm256_set1_ps(-0.0);
     let abs = v.map(|x| _mm256_andnot_ps(sign, x));
@@ -84,7 +87,12 @@ fn quantize_avx2(block: &[f32], out: &mut Q8Rows) {
         // SAFETY: eight i32 stored in `q[8 * i..8 * i + 8]`, inside the array.
         unsafe { _mm256_storeu_si256(q.as_mut_ptr().add(8 * i).cast(), _mm256_cvtps_epi32(rounded)) };
     }
-    // The rounded products lie within [-127, 127] (|x| <= amax), where `as i8` is exact, as in the reference.
+    // Finite input rounds into [-127, 127] (|x| <= amax), where `as i8` is exact, as in the reference. A NaN or
+    // infinite value, or a block so small that `1 / d` overflows, makes some lane NaN or infinite, which the
+    // conversion turns into i32::MIN: such a block goes to the reference, which saturates as Rust's casts do.
+    if q.iter().any(|v| !(-127..=127).contains(v)) {
+        return out.push_block(block);
+    }
     out.q.extend(q.iter().map(|&v| v as i8));
     out.push_scales(d, q.iter().sum());
 }
@@ -303,6 +311,40 @@ mod tests {
     use super::super::qdot::dot_q8;
     use super::*;
     use crate::quant::{quantize_q4_0, quantize_q4_1, quantize_q8_0};
+
+    #[test]
+    fn the_vector_quantizer_matches_the_reference_bit_for_bit_on_any_block() {
+        if !available() {
+            return;
+        }
+        let ramp = |scale: f32| -> Vec<f32> { (0..QK).map(|i| (i as f32 - 15.5) * scale).collect() };
+        let mut ties = vec![0.0f32; QK];
+        ties[..5].copy_from_slice(&[127.0, 0.5, 1.5, -2.5, -0.5]);
+        let mut blocks = vec![vec![0.0; QK], ties, ramp(0.37), ramp(1e-3), ramp(3e4)];
+        for odd in [
+            1e-38,
+            f32::MIN_POSITIVE,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ] {
+            let mut b = ramp(0.1);
+            b[7] = odd;
+            blocks.push(b);
+        }
+        let mut tiny = vec![0.0; QK];
+        tiny[3] = 1e-38;
+        blocks.push(tiny);
+        for block in &blocks {
+            let (mut vector, mut scalar) = (Q8Rows::default(), Q8Rows::default());
+            quantize_block(block, &mut vector);
+            scalar.push_block(block);
+            assert_eq!(vector.q, scalar.q, "{block:?}");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&vector.d), bits(&scalar.d), "{block:?}");
+            assert_eq!(bits(&vector.s), bits(&scalar.s), "{block:?}");
+        }
+    }
 
     #[test]
     fn tiles_match_the_scalar_reference_and_batches_match_single_rows() {

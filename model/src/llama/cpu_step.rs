@@ -394,6 +394,9 @@ fn attend_all(
     let refs: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
     let attended = with_views(&refs, layer, |views| {
         let kv_heads = views.first().map_or(1, |v| v.kv_heads()).max(1);
+        if views.iter().any(|v| v.kv_heads() != kv_heads) {
+            return Vec::new(); // caches of different shapes: refused below
+        }
         let unit_lens: Vec<usize> = lens
             .iter()
             .flat_map(|&len| std::iter::repeat_n(len, kv_heads))
