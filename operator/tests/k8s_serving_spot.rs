@@ -6,8 +6,8 @@
 //! A termination taint on the node of a spot worker: the operator surges a replacement onto the other spot node
 //! while the old worker is still there, counts the preemption in the status (`preemptions`, `leaving`,
 //! `replacing`) with a `WorkerPreempted` Event naming the pod and its node; once the old pod is gone the surge is
-//! taken back and the replacement stays. Then, with the built-in autoscaler off, `kubectl scale` (the ChatModel's
-//! `/scale` subresource) sets the workers.
+//! taken back and one spot worker stays, on a remaining spot node. Then, with the built-in autoscaler off,
+//! `kubectl scale` (the ChatModel's `/scale` subresource) sets the workers.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -104,7 +104,7 @@ fn a_spot_worker_with_a_termination_notice_is_replaced_before_it_goes_and_kubect
         spot.iter().any(|(pod, _)| pod == &old),
         "the old worker is still there: {spot:?}"
     );
-    let (replacement, elsewhere) = spot.iter().find(|(pod, _)| pod != &old).cloned().unwrap();
+    let (_, elsewhere) = spot.iter().find(|(pod, _)| pod != &old).cloned().unwrap();
     assert!(
         elsewhere.starts_with("spot-") && elsewhere != node,
         "the replacement is on {elsewhere}"
@@ -138,9 +138,13 @@ fn a_spot_worker_with_a_termination_notice_is_replaced_before_it_goes_and_kubect
         let d = deployment(&cp, "smol-worker-spot");
         d["spec"]["replicas"] == 1 && d["metadata"]["annotations"]["camelid.dev/surge"].is_null()
     });
-    // The ReplicaSet may have started one more pod before the surge was lowered; it removes that one, the newest.
-    wait_until("one spot worker: the replacement", 90, || {
-        running(&cp, "spot") == [(replacement.clone(), elsewhere.clone())] && pods(&cp, "spot").len() == 1
+    // The ReplicaSet may have started one more pod before the surge was lowered, and then removes one of the two.
+    // Which one is its choice: it ranks pods by how long they have been ready in power-of-two buckets, so the
+    // newer pod usually goes but the replacement sometimes does (seen in 2 of 6 runs). Either way one spot worker
+    // is left, on a spot node that is still there.
+    wait_until("one spot worker, on a remaining spot node", 90, || {
+        let spot = running(&cp, "spot");
+        spot.len() == 1 && spot[0].1 != node && spot[0].1.starts_with("spot-") && pods(&cp, "spot").len() == 1
     });
     wait_until("the status no longer shows it leaving", 60, || {
         let st = status(&cp);
