@@ -197,7 +197,20 @@ struct Product<'a> {
     batch: usize,
 }
 
-impl Product<'_> {
+impl<'a> Product<'a> {
+    /// The product of the stacked `matrices` (first rows `starts`) with `batch` rows of `input`, which is
+    /// quantized here once for every quantized matrix.
+    fn new(matrices: Vec<Rows<'a>>, starts: Vec<usize>, input: Vec<f32>, cols: usize, batch: usize) -> Self {
+        Product {
+            quantized: Arc::new(QuantizedInput::of(&matrices, &input, cols)),
+            matrices: Arc::new(matrices),
+            starts: Arc::new(starts),
+            input: Arc::new(input),
+            cols,
+            batch,
+        }
+    }
+
     fn total_rows(&self) -> usize {
         self.starts.last().copied().unwrap_or(0)
     }

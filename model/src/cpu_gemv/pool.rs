@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
-use super::{MAX_ROWS, Product, QuantizedInput, WeightRef, side_by_side, stacked};
+use super::{MAX_ROWS, Product, WeightRef, side_by_side, stacked};
 use crate::error::Result;
 
 /// How long an idle helper spins before it blocks (between tokens the decoding thread samples and detokenizes).
@@ -315,14 +315,13 @@ impl<'a> DecodePool<'a> {
         };
         let input = Vec::<f32>::try_from(x.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)?;
         let total = starts[starts.len() - 1] as i64;
-        let out = self.run(Product {
-            matrices: Arc::new(matrices),
-            starts: Arc::new(starts),
-            input: Arc::new(input),
-            quantized: Arc::default(), // dense matrices only
-            cols: cols as usize,
-            batch: batch as usize,
-        });
+        let out = self.run(Product::new(
+            matrices,
+            starts,
+            input,
+            cols as usize,
+            batch as usize,
+        ));
         // Bias is added before rounding to the input's dtype, as libtorch's addmm does.
         let all = Tensor::f_from_slice(&out)?.f_view([batch, total])?;
         let mut results = Vec::with_capacity(weights.len());
@@ -352,15 +351,7 @@ impl<'a> DecodePool<'a> {
             return None;
         }
         let (matrices, starts) = stacked(weights.iter().copied(), cols)?;
-        let quantized = QuantizedInput::of(&matrices, &input, cols);
-        Some(self.run(Product {
-            matrices: Arc::new(matrices),
-            starts: Arc::new(starts),
-            input: Arc::new(input),
-            quantized: Arc::new(quantized),
-            cols,
-            batch,
-        }))
+        Some(self.run(Product::new(matrices, starts, input, cols, batch)))
     }
 
     /// [`DecodePool::linear_single_row_many`] for one weight.
@@ -430,7 +421,7 @@ mod tests {
         );
         assert_eq!(alone[8], 900..960);
         assert_eq!(alone[15], 480..540);
-        // Chunks are multiples of every tile height, so only the product's last chunk ends in a partial tile.
+        // Chunks are multiples of every tile height, so only a matrix's last chunk ends in a partial tile.
         assert!(alone.iter().all(|r| r.len() % CHUNK_ALIGN == 0));
         assert_eq!(chunks.next(1), None);
     }
@@ -456,14 +447,7 @@ mod tests {
         let weights: [WeightRef<'_>; 2] = [(&q, Some(crate::quant::GgmlType::Q8_0)), (&dense, None)];
         let x: Vec<f32> = (0..3 * cols).map(|i| (i as f32 * 0.37).sin()).collect();
         let (matrices, starts) = stacked(weights.iter().copied(), cols).expect("kernel matrices");
-        let product = Product {
-            quantized: Arc::new(QuantizedInput::of(&matrices, &x, cols)),
-            matrices: Arc::new(matrices),
-            starts: Arc::new(starts),
-            input: Arc::new(x),
-            cols,
-            batch: 3,
-        };
+        let product = Product::new(matrices, starts, x, cols, 3);
         let chunks = Chunks::new(136, 4);
         let (shared, chunks) = (&product, &chunks);
         let mut blocks: Vec<Block> = std::thread::scope(|scope| {
@@ -488,14 +472,7 @@ mod tests {
         let weights: [WeightRef<'_>; 2] = [(&a, None), (&b, None)];
         let pooled = with_decode_pool(|p| p.products(&weights, x.clone(), 3).expect("kernel applies"));
         let (matrices, starts) = stacked(weights.iter().copied(), 64).expect("dense matrices");
-        let product = Product {
-            matrices: Arc::new(matrices),
-            starts: Arc::new(starts),
-            input: Arc::new(x),
-            quantized: Arc::default(),
-            cols: 64,
-            batch: 3,
-        };
+        let product = Product::new(matrices, starts, x, 64, 3);
         assert_eq!(pooled, product.compute(0..434));
     }
 }

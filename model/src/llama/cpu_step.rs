@@ -395,7 +395,7 @@ fn attend_all(
     let attended = with_views(&refs, layer, |views| {
         let kv_heads = views.first().map_or(1, |v| v.kv_heads()).max(1);
         if views.iter().any(|v| v.kv_heads() != kv_heads) {
-            return Vec::new(); // caches of different shapes: refused below
+            return None; // caches of different shapes
         }
         let unit_lens: Vec<usize> = lens
             .iter()
@@ -413,9 +413,9 @@ fn attend_all(
             }
             out
         };
-        pool.split(&work).concat()
+        Some(pool.split(&work).concat())
     });
-    match attended {
+    match attended.flatten() {
         Some(out) if out.len() == queries.len() => Ok(out),
         _ => Err(ModelError::InvalidRequest(
             "the KV cache does not suit CPU attention".into(),
