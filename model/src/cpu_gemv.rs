@@ -13,14 +13,14 @@ use std::sync::Arc;
 
 use tch::Tensor;
 
-use crate::quant::GgmlType;
+use crate::quant::{GgmlType, QuantFormat};
 use crate::storage;
 pub use pool::{DecodePool, with_decode_pool};
 use qdot::Acts;
 
-/// A weight matrix as the kernels take it: a libtorch tensor, and the GGML block type when it holds quantized
-/// blocks (a `[rows, row bytes]` u8 tensor) rather than f32 or bf16 values.
-pub type WeightRef<'a> = (&'a Tensor, Option<GgmlType>);
+/// A weight matrix as the kernels take it: a libtorch tensor, and the GGML block type and layout when it holds
+/// quantized blocks (a `[rows, row bytes]` u8 tensor) rather than f32 or bf16 values.
+pub type WeightRef<'a> = (&'a Tensor, Option<QuantFormat>);
 
 const LANES: usize = 16;
 /// The most input rows the kernel takes at once; the CPU step feeds larger steps through it in slices of this many.
@@ -121,9 +121,9 @@ fn bf16_to_f32(bits: u16) -> f32 {
 enum Rows<'a> {
     F32(&'a [f32]),
     Bf16(&'a [u16]),
-    /// GGML blocks of `ty`, each row a whole number of blocks.
+    /// GGML blocks of `format`, each row a whole number of blocks.
     Quant {
-        ty: GgmlType,
+        format: QuantFormat,
         bytes: &'a [u8],
     },
 }
@@ -150,6 +150,9 @@ mod qdot_avx2;
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod qdot_kavx2;
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod qdot_x8;
 
 /// A product's input rows quantized for its quantized matrices, once per activation format they need. Done by
 /// the calling thread before the helpers start: a helper waiting on another thread's quantizing would sleep, and
@@ -164,7 +167,8 @@ impl QuantizedInput {
     fn of(matrices: &[Rows<'_>], input: &[f32], cols: usize) -> Self {
         let mut out = QuantizedInput::default();
         for m in matrices {
-            if let Rows::Quant { ty, .. } = *m {
+            if let Rows::Quant { format, .. } = *m {
+                let ty = format.ty;
                 let cell = if qdot::uses_q8k(ty) {
                     &mut out.q8k
                 } else {
@@ -245,7 +249,8 @@ impl<'a> Product<'a> {
             Rows::F32(w) if avx2::available() => avx2::products(w, self.cols, local, &self.input, &mut out),
             #[cfg(target_arch = "x86_64")]
             Rows::Bf16(w) if avx2::available() => avx2::products(w, self.cols, local, &self.input, &mut out),
-            Rows::Quant { ty, bytes } => {
+            Rows::Quant { format, bytes } => {
+                let ty = format.ty;
                 // Quantized up front for every quantized matrix of a product; made here only if that was skipped.
                 let made;
                 let acts = match self.quantized.get(ty) {
@@ -255,7 +260,7 @@ impl<'a> Product<'a> {
                         &made
                     }
                 };
-                qdot::products(ty, bytes, self.cols, local, acts, batch, &mut out);
+                qdot::products(format, bytes, self.cols, local, acts, batch, &mut out);
             }
             matrix => {
                 let mut by_row = Vec::with_capacity(width * batch);
@@ -297,7 +302,7 @@ fn stacked<'a>(
     for (w, quant) in weights {
         let size = w.size();
         let width = match quant {
-            Some(ty) if qdot::has_kernel(ty) => ty.byte_size(cols as u64)? as usize,
+            Some(format) if qdot::has_kernel(format.ty) => format.ty.byte_size(cols as u64)? as usize,
             Some(_) => return None,
             None => cols,
         };
@@ -305,8 +310,8 @@ fn stacked<'a>(
             return None;
         }
         matrices.push(match quant {
-            Some(ty) => Rows::Quant {
-                ty,
+            Some(format) => Rows::Quant {
+                format,
                 bytes: storage::u8s(w)?,
             },
             None => storage::f32s(w)

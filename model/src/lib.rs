@@ -11,6 +11,7 @@ pub mod export;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_export;
+pub mod interleave;
 pub mod kv_cache;
 pub mod llama;
 pub mod lora;

@@ -7,7 +7,7 @@ use crate::config::{Config, RopeScaling};
 use crate::cpu_gemv::{DecodePool, WeightRef};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::quant::GgmlType;
+use crate::quant::QuantFormat;
 use crate::weights::{QuantTypes, Weights};
 
 mod batch;
@@ -15,7 +15,7 @@ mod cpu_step;
 mod lora;
 mod quantized;
 mod taker;
-use quantized::{dequantized, dequantized_rows, row_values};
+use quantized::{dequantized, dequantized_rows, for_kernels, row_values};
 use taker::Taker;
 mod training;
 pub use training::RopeTables;
@@ -25,8 +25,8 @@ struct Linear {
     /// The `[out, in]` values, or for a quantized matrix its `[out, row bytes]` u8 blocks.
     weight: Tensor,
     bias: Option<Tensor>,
-    /// The GGML block type of a quantized `weight`.
-    quant: Option<GgmlType>,
+    /// The GGML block type and layout of a quantized `weight`.
+    quant: Option<QuantFormat>,
     /// A LoRA adapter's pair attached for training (see [`Llama::attach_lora`]).
     lora: Option<lora::Attached>,
 }
@@ -35,8 +35,8 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match self.quant {
             None => x.f_linear(&self.weight, self.bias.as_ref())?,
-            Some(ty) => {
-                let w = dequantized(&self.weight, ty)?.f_to_kind(x.kind())?;
+            Some(format) => {
+                let w = dequantized(&self.weight, format)?.f_to_kind(x.kind())?;
                 x.f_linear(&w, self.bias.as_ref())?
             }
         };
@@ -113,7 +113,7 @@ pub struct Llama {
     config: Config,
     /// `[vocab, hidden]`, or quantized rows of `embed_quant` blocks.
     embed_tokens: Tensor,
-    embed_quant: Option<GgmlType>,
+    embed_quant: Option<QuantFormat>,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
@@ -292,8 +292,7 @@ impl Llama {
         };
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed_name = "model.embed_tokens.weight";
-        let embed_tokens = taker.take(embed_name, &[v, h])?;
-        let embed_quant = quant.get(embed_name).copied();
+        let (embed_tokens, embed_quant) = taker.matrix(embed_name, &[v, h])?;
         let layers = (0..config.num_layers)
             .map(|i| taker.layer(i))
             .collect::<Result<Vec<_>>>()?;
@@ -302,10 +301,7 @@ impl Llama {
             let _ = taker.weights.remove("lm_head.weight");
             (embed_tokens.shallow_clone(), embed_quant)
         } else {
-            (
-                taker.take("lm_head.weight", &[v, h])?,
-                quant.get("lm_head.weight").copied(),
-            )
+            taker.matrix("lm_head.weight", &[v, h])?
         };
         if let Some(extra) = weights
             .keys()

@@ -76,6 +76,32 @@ impl GgmlType {
     }
 }
 
+/// How a quantized matrix's blocks lie in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Each row's blocks in turn, as GGUF stores them.
+    Rows,
+    /// Groups of rows interleaved block by block, as the decode kernels stream them (see `crate::interleave`).
+    Interleaved,
+}
+
+/// A quantized matrix's block type and layout: what every reader of its bytes needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantFormat {
+    pub ty: GgmlType,
+    pub layout: Layout,
+}
+
+impl QuantFormat {
+    /// `ty` blocks in GGUF's row order.
+    pub fn rows(ty: GgmlType) -> Self {
+        QuantFormat {
+            ty,
+            layout: Layout::Rows,
+        }
+    }
+}
+
 pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }

@@ -6,7 +6,8 @@ arithmetic llama.cpp and camelid's kernels do; only the order of the sums then d
     python gguf_greedy.py REQUEST.json OUT.json
 
 REQUEST: {"files": {key: path}, "prompts": [[{"role", "content"}, ...], ...], "max_new_tokens": N}.
-OUT: {key: {"f32": [{"prompt_ids", "greedy_ids"}, ...], "ggml": [...]}}.
+OUT: {key: {"f32": [{"prompt_ids", "greedy_ids", "margins"}, ...], "ggml": [...]}}, `margins` the logit lead of
+each greedy token over the runner-up.
 """
 
 import json
@@ -83,8 +84,13 @@ def main():
                 with torch.no_grad():
                     generated = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                                max_new_tokens=request["max_new_tokens"],
-                                               pad_token_id=tok.eos_token_id)
-                results.append({"prompt_ids": ids[0].tolist(), "greedy_ids": generated[0, ids.shape[1]:].tolist()})
+                                               pad_token_id=tok.eos_token_id, output_logits=True,
+                                               return_dict_in_generate=True)
+                # How far each chosen token led the runner-up: where an answer may part from another arithmetic's.
+                margins = [float(top[0] - top[1]) for top in (step[0].topk(2).values for step in generated.logits)]
+                results.append({"prompt_ids": ids[0].tolist(),
+                                "greedy_ids": generated.sequences[0, ids.shape[1]:].tolist(),
+                                "margins": margins})
             out[key][arithmetic] = results
         del model  # before the next file's load: one f32 model in memory at a time
     json.dump(out, open(sys.argv[2], "w"))

@@ -20,11 +20,11 @@ use crate::error::Result;
 /// How long an idle helper spins before it blocks (between tokens the decoding thread samples and detokenizes).
 const SPIN: Duration = Duration::from_millis(20);
 /// Chunks per thread's run: enough that the last chunks even out the threads, few enough that each is a stream
-/// of many rows (SmolLM2's smallest product, 576 rows on 2 threads, gets chunks of 36).
+/// of many rows (SmolLM2's smallest product, 576 rows on 2 threads, gets chunks of 48).
 const CHUNKS_PER_PART: usize = 8;
-/// Chunk rows are a multiple of every tile's weight rows (1, 2 or 3), so a chunk ends in a partial tile only at
-/// the end of a matrix (partial tiles cost speed, never bits).
-const CHUNK_ALIGN: usize = 6;
+/// Chunk rows are a multiple of every tile's weight rows (1, 2 or 3, and interleaved groups of 8), so a chunk ends
+/// in a partial tile only at the end of a matrix (partial tiles cost speed, never bits).
+const CHUNK_ALIGN: usize = 24;
 
 /// A product's output rows, `[first, first + len)`, for every input row (`[batch][len]`).
 type Block = (usize, usize, Vec<f32>);
@@ -411,16 +411,16 @@ mod tests {
 
     #[test]
     fn a_part_takes_its_own_run_in_order_then_the_back_of_the_largest() {
-        let chunks = Chunks::new(960, 2);
+        let chunks = Chunks::new(1152, 2);
         // Part 1 never comes: part 0 streams its run from the front, then takes part 1's from the back.
         let alone: Vec<Range<usize>> = std::iter::from_fn(|| chunks.next(0)).collect();
         assert_eq!(alone.len(), 16);
         assert_eq!(
             alone[..8],
-            (0..8).map(|c| c * 60..(c + 1) * 60).collect::<Vec<_>>()[..]
+            (0..8).map(|c| c * 72..(c + 1) * 72).collect::<Vec<_>>()[..]
         );
-        assert_eq!(alone[8], 900..960);
-        assert_eq!(alone[15], 480..540);
+        assert_eq!(alone[8], 1080..1152);
+        assert_eq!(alone[15], 576..648);
         // Chunks are multiples of every tile height, so only a matrix's last chunk ends in a partial tile.
         assert!(alone.iter().all(|r| r.len() % CHUNK_ALIGN == 0));
         assert_eq!(chunks.next(1), None);
@@ -437,18 +437,32 @@ mod tests {
 
     #[test]
     fn chunks_shared_by_four_threads_match_one_thread_on_quantized_and_dense_rows() {
-        // A Q8_0 matrix of 101 rows (not a multiple of a chunk or a tile) stacked on a dense one, four parts.
+        // A Q8_0 matrix of 101 rows (not a multiple of a chunk or a tile), an interleaved Q4_0 one whose groups
+        // start 101 rows in (so chunks cut through groups), and a dense one, four parts.
+        use crate::quant::{GgmlType, Layout, QuantFormat};
         let cols = 64;
         let wf: Vec<f32> = (0..101 * cols)
             .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 0.3)
             .collect();
         let q = Tensor::from_slice(&crate::quant::quantize_q8_0(&wf)).view([101, -1]);
+        let q4 = crate::quant::quantize_q4_0(&wf[..40 * cols]);
+        let q4 = crate::interleave::interleave(GgmlType::Q4_0, &q4, 40).expect("whole groups");
+        let q4 = Tensor::from_slice(&q4).view([40, -1]);
+        let interleaved = QuantFormat {
+            ty: GgmlType::Q4_0,
+            layout: Layout::Interleaved,
+        };
         let dense = Tensor::randn([35, cols as i64], (Kind::Float, Device::Cpu));
-        let weights: [WeightRef<'_>; 2] = [(&q, Some(crate::quant::GgmlType::Q8_0)), (&dense, None)];
+        let weights: [WeightRef<'_>; 3] = [
+            (&q, Some(QuantFormat::rows(GgmlType::Q8_0))),
+            (&q4, Some(interleaved)),
+            (&dense, None),
+        ];
         let x: Vec<f32> = (0..3 * cols).map(|i| (i as f32 * 0.37).sin()).collect();
         let (matrices, starts) = stacked(weights.iter().copied(), cols).expect("kernel matrices");
         let product = Product::new(matrices, starts, x, cols, 3);
-        let chunks = Chunks::new(136, 4);
+        let total = 176;
+        let chunks = Chunks::new(total, 4);
         let (shared, chunks) = (&product, &chunks);
         let mut blocks: Vec<Block> = std::thread::scope(|scope| {
             let threads: Vec<_> = (0..4)
@@ -459,8 +473,12 @@ mod tests {
                 .flat_map(|t| t.join().expect("no panic"))
                 .collect()
         });
-        assert!(gaps(&mut blocks, 136).is_empty());
-        assert_eq!(side_by_side(blocks, 136, 3), product.compute(0..136));
+        assert!(gaps(&mut blocks, total).is_empty());
+        assert_eq!(side_by_side(blocks, total, 3), product.compute(0..total));
+        // Group by group or row by row, the interleaved rows are the same.
+        let single: Vec<f32> = (101..141).map(|r| product.compute(r..r + 1)[0]).collect();
+        let whole = product.compute(101..141);
+        assert_eq!(single, whole[..40], "first input row");
     }
 
     #[test]

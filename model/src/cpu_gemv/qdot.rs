@@ -13,7 +13,8 @@ use std::ops::Range;
 
 use half::f16;
 
-use crate::quant::{GgmlType, f16_at, scale_min_k4};
+use crate::interleave;
+use crate::quant::{GgmlType, Layout, QuantFormat, f16_at, scale_min_k4};
 
 /// Values per block of the 32-value types and their Q8 activations.
 pub(crate) const QK: usize = 32;
@@ -26,18 +27,30 @@ pub fn has_kernel(ty: GgmlType) -> bool {
     matches!(ty, Q8_0 | Q4_0 | Q4_1 | Q4K | Q5K | Q6K)
 }
 
+/// Whether `ty` matrices are best interleaved at load ([`crate::interleave`]): this CPU has the tiles that stream
+/// them so. Elsewhere they stay in GGUF's order, which the row-by-row kernels read.
+pub fn prefers_interleaved(ty: GgmlType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if interleave::parts(ty).is_some() {
+        return super::qdot_x8::available();
+    }
+    false
+}
+
 /// Whether `ty`'s products take Q8_K activations (256-value blocks) rather than Q8 ones (32-value blocks).
 pub(crate) fn uses_q8k(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K)
 }
 
 /// Input rows quantized to Q8 blocks of 32: per block a scale `d` (rounded through f16, as ggml stores it),
-/// `s = d * sum(q)` (for types with a per-block minimum) and 32 signed 8-bit values.
+/// `s = d * sum(q)` (for types with a per-block minimum), `sum(q)` itself (for offsets taken off in integers)
+/// and 32 signed 8-bit values.
 #[derive(Debug, Default)]
 pub(crate) struct Q8Rows {
     pub blocks: usize,
     pub d: Vec<f32>,
     pub s: Vec<f32>,
+    pub sum: Vec<i32>,
     pub q: Vec<i8>,
 }
 
@@ -49,6 +62,7 @@ impl Q8Rows {
             blocks: cols / QK,
             d: Vec::with_capacity(total),
             s: Vec::with_capacity(total),
+            sum: Vec::with_capacity(total),
             q: Vec::with_capacity(x.len()),
         };
         for block in x.chunks_exact(QK) {
@@ -78,10 +92,11 @@ impl Q8Rows {
         self.push_scales(d, sum);
     }
 
-    /// A block's scale `d` and `d * sum(q)`, both rounded through f16 as ggml stores them.
+    /// A block's scale `d` and `d * sum(q)`, both rounded through f16 as ggml stores them, and `sum(q)`.
     pub(crate) fn push_scales(&mut self, d: f32, sum: i32) {
         self.d.push(f16::from_f32(d).to_f32());
         self.s.push(f16::from_f32(d * sum as f32).to_f32());
+        self.sum.push(sum);
     }
 
     /// Row `r`'s blocks: scales, sums and values.
@@ -90,6 +105,7 @@ impl Q8Rows {
         Q8Row {
             d: &self.d[b.clone()],
             s: &self.s[b.clone()],
+            sum: &self.sum[b.clone()],
             q: &self.q[b.start * QK..b.end * QK],
         }
     }
@@ -100,6 +116,7 @@ impl Q8Rows {
 pub(crate) struct Q8Row<'a> {
     pub d: &'a [f32],
     pub s: &'a [f32],
+    pub sum: &'a [i32],
     pub q: &'a [i8],
 }
 
@@ -196,10 +213,10 @@ impl Acts {
     }
 }
 
-/// Rows `rows` of the quantized `[_, cols]` matrix `w` (`ty` blocks, `row_bytes` a row), each dotted with every
-/// input row of `acts`, appended to `out` in `[input][row]` order.
+/// Rows `rows` of the quantized `[_, cols]` matrix `w` (`format` blocks, `row_bytes` a row), each dotted with
+/// every input row of `acts`, appended to `out` in `[input][row]` order.
 pub(crate) fn products(
-    ty: GgmlType,
+    format: QuantFormat,
     w: &[u8],
     cols: usize,
     rows: Range<usize>,
@@ -207,6 +224,7 @@ pub(crate) fn products(
     batch: usize,
     out: &mut Vec<f32>,
 ) {
+    let ty = format.ty;
     let row_bytes = ty.byte_size(cols as u64).unwrap_or(0) as usize;
     assert!(
         has_kernel(ty) && acts.matches(ty) && row_bytes > 0 && rows.end * row_bytes <= w.len(),
@@ -214,7 +232,10 @@ pub(crate) fn products(
     );
     #[cfg(target_arch = "x86_64")]
     match acts {
-        Acts::Q8(x) if super::qdot_avx2::handles(ty) => {
+        Acts::Q8(x) if format.layout == Layout::Interleaved && super::qdot_x8::available() => {
+            return super::qdot_x8::products(ty, w, row_bytes, rows, x, batch, out);
+        }
+        Acts::Q8(x) if format.layout == Layout::Rows && super::qdot_avx2::handles(ty) => {
             return super::qdot_avx2::products(ty, w, row_bytes, rows, x, batch, out);
         }
         Acts::Q8K(x) if super::qdot_kavx2::handles(ty) => {
@@ -224,6 +245,16 @@ pub(crate) fn products(
     }
     let base = out.len();
     out.resize(base + rows.len() * batch, 0.0);
+    // Without the interleaved tiles (a CPU that loading would not have interleaved for), rows in GGUF's order.
+    let plain = match format.layout {
+        Layout::Rows => None,
+        Layout::Interleaved => interleave::deinterleave(ty, w, w.len() / row_bytes),
+    };
+    assert!(
+        format.layout == Layout::Rows || plain.is_some(),
+        "an interleaved {ty:?} matrix that is not whole groups of rows"
+    );
+    let w = plain.as_deref().unwrap_or(w);
     for (j, r) in rows.clone().enumerate() {
         let wrow = &w[r * row_bytes..(r + 1) * row_bytes];
         for i in 0..batch {

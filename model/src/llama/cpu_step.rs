@@ -19,7 +19,7 @@ use crate::cpu_gemv::{DecodePool, MAX_ROWS, WeightRef, qdot};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, with_views};
 use crate::lora::LoraAdapter;
-use crate::quant::GgmlType;
+use crate::quant::QuantFormat;
 use crate::storage;
 
 /// The dtype intermediates are stored in: f32 keeps them, bf16 rounds them (to nearest, ties to even, as
@@ -78,8 +78,8 @@ impl Llama {
     /// matrix the kernel reads.
     fn cpu_step_applies(&self) -> bool {
         let kernel_weight = |t: &Tensor| storage::f32s(t).is_some() || storage::bf16s(t).is_some();
-        let matrix = |t: &Tensor, quant: Option<GgmlType>| match quant {
-            Some(ty) => qdot::has_kernel(ty) && storage::u8s(t).is_some(),
+        let matrix = |t: &Tensor, quant: Option<QuantFormat>| match quant {
+            Some(format) => qdot::has_kernel(format.ty) && storage::u8s(t).is_some(),
             None => kernel_weight(t),
         };
         let linear = |l: &Linear| {
@@ -182,7 +182,7 @@ impl Llama {
                 )));
             }
             match self.embed_quant {
-                Some(ty) => x.extend(super::row_values(&self.embed_tokens, ty, t)?),
+                Some(format) => x.extend(super::row_values(&self.embed_tokens, format, t)?),
                 None => x.extend(kernel(values_at(&self.embed_tokens, t * hidden, hidden))?),
             }
         }

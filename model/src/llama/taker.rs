@@ -5,6 +5,7 @@ use tch::Tensor;
 use super::{Layer, Linear};
 use crate::config::Config;
 use crate::error::{ModelError, Result};
+use crate::quant::QuantFormat;
 use crate::weights::{QuantTypes, Weights};
 
 pub(super) struct Taker<'a> {
@@ -34,9 +35,21 @@ impl Taker<'_> {
         Ok(t)
     }
 
+    /// A weight matrix, and for a quantized one its format: laid out for the decode kernels
+    /// ([`super::for_kernels`]).
+    pub(super) fn matrix(&mut self, name: &str, shape: &[usize]) -> Result<(Tensor, Option<QuantFormat>)> {
+        let t = self.take(name, shape)?;
+        match self.quant.get(name) {
+            Some(&ty) => {
+                let (t, format) = super::for_kernels(t, ty)?;
+                Ok((t, Some(format)))
+            }
+            None => Ok((t, None)),
+        }
+    }
+
     fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let name = format!("{prefix}.weight");
-        let weight = self.take(&name, &[out, inp])?;
+        let (weight, quant) = self.matrix(&format!("{prefix}.weight"), &[out, inp])?;
         let bias = if bias {
             Some(self.take(&format!("{prefix}.bias"), &[out])?)
         } else {
@@ -45,7 +58,7 @@ impl Taker<'_> {
         Ok(Linear {
             weight,
             bias,
-            quant: self.quant.get(&name).copied(),
+            quant,
             lora: None,
         })
     }

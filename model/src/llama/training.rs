@@ -20,7 +20,7 @@ pub struct RopeTables {
 impl Llama {
     /// Token embeddings `[batch, t, hidden]` of `tokens` (`[batch, t]`, i64).
     pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
-        let Some(ty) = self.embed_quant else {
+        let Some(format) = self.embed_quant else {
             return Ok(Tensor::f_embedding(&self.embed_tokens, tokens, -1, false, false)?);
         };
         // A quantized table: only the rows asked for are dequantized.
@@ -35,7 +35,7 @@ impl Llama {
             })?;
         let mut shape = tokens.size();
         shape.push(self.config.hidden_size as i64);
-        let values = super::dequantized_rows(&self.embed_tokens, ty, &rows)?;
+        let values = super::dequantized_rows(&self.embed_tokens, format, &rows)?;
         Ok(values.f_to_device(tokens.device())?.f_view(&shape[..])?)
     }
 
