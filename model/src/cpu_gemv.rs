@@ -310,10 +310,15 @@ fn stacked<'a>(
             return None;
         }
         matrices.push(match quant {
-            Some(format) => Rows::Quant {
-                format,
-                bytes: storage::u8s(w)?,
-            },
+            Some(format) => {
+                let bytes = storage::u8s(w)?;
+                // An interleaved matrix must be whole groups of a type with interleaved tiles.
+                let interleaved = format.layout == crate::quant::Layout::Interleaved;
+                if interleaved && !crate::interleave::applies(format.ty, bytes.len(), size[0] as usize) {
+                    return None;
+                }
+                Rows::Quant { format, bytes }
+            }
             None => storage::f32s(w)
                 .map(Rows::F32)
                 .or_else(|| storage::bf16s(w).map(Rows::Bf16))?,
@@ -412,6 +417,31 @@ mod tests {
                 .double_value(&[])
                 < 1e-4
         );
+    }
+
+    #[test]
+    fn declines_interleaved_matrices_that_are_not_whole_groups_of_a_type_with_tiles() {
+        use crate::quant::{GgmlType, Layout, QuantFormat};
+        let interleaved = |ty| QuantFormat {
+            ty,
+            layout: Layout::Interleaved,
+        };
+        // 12 rows tagged as interleaved groups of 8, and Q4_K (no interleaved tiles) tagged so: a malformed
+        // model must fall back, not panic in a pool thread.
+        let q4 = Tensor::from_slice(&crate::quant::quantize_q4_0(&vec![0.5; 12 * 64])).view([12, -1]);
+        let q4k = Tensor::from_slice(&vec![0u8; 8 * 144]).view([8, -1]);
+        for (w, format, cols) in [
+            (&q4, interleaved(GgmlType::Q4_0), 64),
+            (&q4k, interleaved(GgmlType::Q4K), 256),
+        ] {
+            let x = vec![0.1f32; cols];
+            assert!(
+                with_decode_pool(|p| p.products(&[(w, Some(format))], x, 1)).is_none(),
+                "{format:?}"
+            );
+        }
+        let rows = QuantFormat::rows(GgmlType::Q4_0);
+        assert!(with_decode_pool(|p| p.products(&[(&q4, Some(rows))], vec![0.1; 64], 1)).is_some());
     }
 
     #[test]

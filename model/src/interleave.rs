@@ -89,24 +89,27 @@ fn pieces(header: usize, block: usize) -> Vec<(usize, usize)> {
 
 /// `bytes` (a `[rows, _]` matrix of `ty` blocks in GGUF's order) interleaved; None unless it [`applies`].
 pub fn interleave(ty: GgmlType, bytes: &[u8], rows: usize) -> Option<Vec<u8>> {
-    if !applies(ty, bytes.len(), rows) {
-        return None;
-    }
-    let mut out = vec![0u8; bytes.len()];
-    for_each_piece(ty, bytes.len(), rows, |plain, grouped, n| {
-        out[grouped..grouped + n].copy_from_slice(&bytes[plain..plain + n]);
-    });
-    Some(out)
+    regroup(ty, bytes, rows, true)
 }
 
 /// An interleaved matrix back in GGUF's row order (for the paths that dequantize whole matrices).
 pub fn deinterleave(ty: GgmlType, bytes: &[u8], rows: usize) -> Option<Vec<u8>> {
+    regroup(ty, bytes, rows, false)
+}
+
+/// `bytes` moved piece by piece into groups (`into_groups`) or back into rows.
+fn regroup(ty: GgmlType, bytes: &[u8], rows: usize, into_groups: bool) -> Option<Vec<u8>> {
     if !applies(ty, bytes.len(), rows) {
         return None;
     }
     let mut out = vec![0u8; bytes.len()];
     for_each_piece(ty, bytes.len(), rows, |plain, grouped, n| {
-        out[plain..plain + n].copy_from_slice(&bytes[grouped..grouped + n]);
+        let (to, from) = if into_groups {
+            (grouped, plain)
+        } else {
+            (plain, grouped)
+        };
+        out[to..to + n].copy_from_slice(&bytes[from..from + n]);
     });
     Some(out)
 }
@@ -123,8 +126,9 @@ pub fn row(ty: GgmlType, bytes: &[u8], rows: usize, r: usize) -> Option<Vec<u8>>
     let blocks = row_bytes / block;
     let group = &bytes[(r / GROUP) * GROUP * row_bytes..][..GROUP * row_bytes];
     let mut out = vec![0u8; row_bytes];
+    let pieces = pieces(header, block);
     for b in 0..blocks {
-        for (i, n) in pieces(header, block) {
+        for &(i, n) in &pieces {
             let at = position(header, values, blocks, b, r % GROUP, i);
             out[b * block + i..b * block + i + n].copy_from_slice(&group[at..at + n]);
         }

@@ -292,7 +292,8 @@ impl Llama {
         };
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed_name = "model.embed_tokens.weight";
-        let (embed_tokens, embed_quant) = taker.matrix(embed_name, &[v, h])?;
+        // A tied table is the LM head's matrix too, so it is laid out for products.
+        let (embed_tokens, embed_quant) = taker.matrix(embed_name, &[v, h], config.tie_word_embeddings)?;
         let layers = (0..config.num_layers)
             .map(|i| taker.layer(i))
             .collect::<Result<Vec<_>>>()?;
@@ -301,7 +302,7 @@ impl Llama {
             let _ = taker.weights.remove("lm_head.weight");
             (embed_tokens.shallow_clone(), embed_quant)
         } else {
-            taker.matrix("lm_head.weight", &[v, h])?
+            taker.matrix("lm_head.weight", &[v, h], true)?
         };
         if let Some(extra) = weights
             .keys()

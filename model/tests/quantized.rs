@@ -90,8 +90,9 @@ fn agreement(loaded: &LoadedModel, ours: &[u32], theirs: &Value) -> (usize, usiz
 /// a greedy token over the runner-up: each product's input is rounded to 8-bit blocks, and a last-bit difference
 /// that flips one value's rounding moves it by a step of 1/127 of its block's largest value, so the orders'
 /// tiny differences grow layer by layer. Measured on this test's Q8_0 file and prompts: the reference in f32
-/// against itself in f64 moved the lead by up to 0.57 logits (median about 0.1).
-const ORDER_NOISE: f64 = 0.6;
+/// against itself in f64 moved the lead by up to 0.57 logits (median about 0.1); 1.0 leaves room for other
+/// machines' orders, and stays under the leads a wrong product gives up (greedy tokens here mostly lead by 1 to 6).
+const ORDER_NOISE: f64 = 1.0;
 
 /// The reference that does llama.cpp's arithmetic (transformers with each projection's input rounded to ggml's
 /// 8-bit blocks) must give camelid's Q8_0 greedy answers token for token until a near-tie: a step where the
@@ -144,7 +145,9 @@ fn quantized_files_from_an_hf_directory_run_on_their_blocks_as_llama_cpp_compute
             let ggml_run = &reference[key]["ggml"][i];
             let ggml = agreement(&loaded, &ours, &ggml_run["greedy_ids"]);
             if *key == "q8_0" && ggml.0 < ggml.1 {
-                let lead = ggml_run["margins"][ggml.0].as_f64().unwrap_or(0.0);
+                let lead = ggml_run["margins"][ggml.0]
+                    .as_f64()
+                    .expect("the reference's lead at every step it took");
                 assert!(
                     lead < ORDER_NOISE,
                     "{key} prompt {i}: parts from ggml's arithmetic at token {} where its token led by {lead:.3}",
@@ -160,7 +163,15 @@ fn quantized_files_from_an_hf_directory_run_on_their_blocks_as_llama_cpp_compute
             (total.0, total.1) = (total.0 + ggml.1, total.1 + f32.1);
         }
         eprintln!("{key}: {same:?} of {total:?} tokens agree (ggml arithmetic, f32)");
-        if *key != "q8_0" {
+        if *key == "q8_0" {
+            // Near-ties part answers, but not most of them: measured 66 of 94 tokens (94 with other kernels).
+            assert!(
+                same.0 * 2 >= total.0,
+                "{key}: only {} of {} tokens follow ggml's arithmetic",
+                same.0,
+                total.0
+            );
+        } else {
             // Q4_1 blocks (the K-quant's fallback for 576-wide rows) add `m * s` with the activation block's sum
             // `s` stored in f16, as ggml's Q8_1 does; the reference does not round it, so near-ties may part.
             // Measured: 59 of 96 tokens with the ggml reference, 72 with f32.

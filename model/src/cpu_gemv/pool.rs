@@ -99,7 +99,7 @@ impl Chunks {
             .div_ceil(parts * CHUNKS_PER_PART)
             .next_multiple_of(CHUNK_ALIGN)
             .max(CHUNK_ALIGN);
-        // Chunk indices fit 32 bits: a chunk has at least 6 rows, and no matrix has 2^34 rows.
+        // Chunk indices fit 32 bits: a chunk has at least 24 rows, and no matrix has 2^34 rows.
         let count = rows.div_ceil(chunk).min(u32::MAX as usize);
         let per = count.div_ceil(parts);
         let runs = (0..parts)

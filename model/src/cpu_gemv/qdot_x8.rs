@@ -151,6 +151,10 @@ trait Engine {
 struct Avx2;
 struct Vnni;
 
+/// A block's 4-bit registers meet the activations twice each (low and high nibbles), each `maddubs` lane summing two
+/// products of at most 15 * 128: their 16-bit sum must not saturate.
+const _: () = assert!(2 * 4 * (2 * 15 * 128) <= i16::MAX as usize);
+
 impl Engine for Avx2 {
     /// 32-bit sums and 16-bit pair sums not yet widened.
     type Acc = (__m256i, __m256i);
@@ -437,34 +441,38 @@ mod tests {
             return;
         }
         // Every Q8_0 weight -128 (a hostile file; ggml writes -127 at most) or 127, every nibble 15, activations
-        // at +-127: the integer sums must not saturate on either engine.
+        // all 127 (the 16-bit sums' largest) or of mixed sign: the integer sums must not saturate on either engine.
         let cols = 64;
-        let xf: Vec<f32> = (0..cols).map(|i| if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
-        let x = Q8Rows::quantize(&xf, cols);
-        for (ty, fill) in [
-            (GgmlType::Q8_0, 0x80u8),
-            (GgmlType::Q8_0, 0x7F),
-            (GgmlType::Q4_0, 0xFF),
-            (GgmlType::Q4_1, 0xFF),
+        let mixed: Vec<f32> = (0..cols).map(|i| if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
+        for x in [
+            Q8Rows::quantize(&vec![1.0; cols], cols),
+            Q8Rows::quantize(&mixed, cols),
         ] {
-            let block = ty.block().1 as usize;
-            let mut plain = vec![fill; 8 * cols / 32 * block];
-            for b in plain.chunks_exact_mut(block) {
-                b[0..2].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
-                if ty == GgmlType::Q4_1 {
-                    b[2..4].copy_from_slice(&half::f16::from_f32(0.25).to_le_bytes());
+            for (ty, fill) in [
+                (GgmlType::Q8_0, 0x80u8),
+                (GgmlType::Q8_0, 0x7F),
+                (GgmlType::Q4_0, 0xFF),
+                (GgmlType::Q4_1, 0xFF),
+            ] {
+                let block = ty.block().1 as usize;
+                let mut plain = vec![fill; 8 * cols / 32 * block];
+                for b in plain.chunks_exact_mut(block) {
+                    b[0..2].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
+                    if ty == GgmlType::Q4_1 {
+                        b[2..4].copy_from_slice(&half::f16::from_f32(0.25).to_le_bytes());
+                    }
                 }
-            }
-            let grouped = interleave(ty, &plain, 8).unwrap();
-            for vnni in engines() {
-                let mut ours = Vec::new();
-                products_on(vnni, ty, &grouped, plain.len() / 8, 0..8, &x, 1, &mut ours);
-                let (reference, scale) = reference(ty, &plain[..plain.len() / 8], x.row(0));
-                assert!(
-                    (ours[0] - reference).abs() <= 1e-5 * scale,
-                    "{ty:?} {fill:#x}: {} vs {reference}",
-                    ours[0]
-                );
+                let grouped = interleave(ty, &plain, 8).unwrap();
+                for vnni in engines() {
+                    let mut ours = Vec::new();
+                    products_on(vnni, ty, &grouped, plain.len() / 8, 0..8, &x, 1, &mut ours);
+                    let (reference, scale) = reference(ty, &plain[..plain.len() / 8], x.row(0));
+                    assert!(
+                        (ours[0] - reference).abs() <= 1e-5 * scale,
+                        "{ty:?} {fill:#x}: {} vs {reference}",
+                        ours[0]
+                    );
+                }
             }
         }
     }

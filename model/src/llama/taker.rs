@@ -36,10 +36,16 @@ impl Taker<'_> {
     }
 
     /// A weight matrix, and for a quantized one its format: laid out for the decode kernels
-    /// ([`super::for_kernels`]).
-    pub(super) fn matrix(&mut self, name: &str, shape: &[usize]) -> Result<(Tensor, Option<QuantFormat>)> {
+    /// ([`super::for_kernels`]) when `products` (an embedding table only looked up by row stays in GGUF's order).
+    pub(super) fn matrix(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        products: bool,
+    ) -> Result<(Tensor, Option<QuantFormat>)> {
         let t = self.take(name, shape)?;
         match self.quant.get(name) {
+            Some(&ty) if !products => Ok((t, Some(QuantFormat::rows(ty)))),
             Some(&ty) => {
                 let (t, format) = super::for_kernels(t, ty)?;
                 Ok((t, Some(format)))
@@ -49,7 +55,7 @@ impl Taker<'_> {
     }
 
     fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let (weight, quant) = self.matrix(&format!("{prefix}.weight"), &[out, inp])?;
+        let (weight, quant) = self.matrix(&format!("{prefix}.weight"), &[out, inp], true)?;
         let bias = if bias {
             Some(self.take(&format!("{prefix}.bias"), &[out])?)
         } else {
