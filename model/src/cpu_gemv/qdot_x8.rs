@@ -4,7 +4,9 @@
 //! Per block of a group, the eight rows' scales load and convert as one vector. Each 32-byte register of values
 //! (row r in 32-bit lane r) is multiplied by a broadcast of the four activation bytes its values meet and summed
 //! into its lane, so lane r ends with row r's integer dot; one conversion and one FMA then scale all eight.
-//! Q4_0's offset of 8 is taken off in integers (the sum starts at -8 times the activation block's sum); Q4_1's
+//! Q4_0's offset of 8 is taken off in integers (the sum starts at -8 times the activation block's sum; the row-by-row
+//! tiles and the scalar reference take it through that sum rounded to f16, as ggml's scalar code does, so a Q4_0
+//! row's last bits differ between the two layouts, while a loaded model's matrices keep one each); Q4_1's
 //! minimum adds `m * s` per block. Q8_0's signed weights take the sign trick (`|w|` times `x` signed by `w`).
 //!
 //! With VNNI, `vpdpbusd` multiplies and sums a register in one instruction. Without it, `maddubs` sums pairs to
