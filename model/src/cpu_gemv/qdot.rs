@@ -243,20 +243,38 @@ pub(crate) fn products(
         }
         _ => {}
     }
-    let base = out.len();
-    out.resize(base + rows.len() * batch, 0.0);
-    // Without the interleaved tiles (a CPU that loading would not have interleaved for), rows in GGUF's order.
-    let plain = match format.layout {
-        Layout::Rows => None,
-        Layout::Interleaved => interleave::deinterleave(ty, w, w.len() / row_bytes),
-    };
+    scalar_products(format, w, row_bytes, rows, acts, batch, out);
+}
+
+/// [`products`] by the scalar reference, row by row; an interleaved matrix's rows (on a CPU that loading would not
+/// have interleaved for) are each read back in GGUF's order.
+fn scalar_products(
+    format: QuantFormat,
+    w: &[u8],
+    row_bytes: usize,
+    rows: Range<usize>,
+    acts: &Acts,
+    batch: usize,
+    out: &mut Vec<f32>,
+) {
+    let ty = format.ty;
+    let matrix_rows = w.len() / row_bytes;
     assert!(
-        format.layout == Layout::Rows || plain.is_some(),
+        format.layout == Layout::Rows || interleave::applies(ty, w.len(), matrix_rows),
         "an interleaved {ty:?} matrix that is not whole groups of rows"
     );
-    let w = plain.as_deref().unwrap_or(w);
+    let base = out.len();
+    out.resize(base + rows.len() * batch, 0.0);
     for (j, r) in rows.clone().enumerate() {
-        let wrow = &w[r * row_bytes..(r + 1) * row_bytes];
+        let gathered;
+        let wrow = match format.layout {
+            Layout::Rows => &w[r * row_bytes..(r + 1) * row_bytes],
+            Layout::Interleaved => {
+                // Whole groups (asserted) and `r` inside them (the caller's check), so the row is there.
+                gathered = interleave::row(ty, w, matrix_rows, r).unwrap_or_default();
+                &gathered[..]
+            }
+        };
         for i in 0..batch {
             out[base + i * rows.len() + j] = match acts {
                 Acts::Q8(x) => dot_q8(ty, wrow, x.row(i)),
@@ -478,6 +496,29 @@ mod tests {
             // And against the unquantized activations, within what 8-bit activations cost.
             let exact = f32_dot(&wf, &x);
             assert!((ours - exact).abs() <= scale * 0.02, "{ty:?}: {ours} vs {exact}");
+        }
+    }
+
+    #[test]
+    fn the_scalar_path_reads_an_interleaved_matrix_as_its_rows() {
+        let (rows, cols, batch) = (16, 128, 3);
+        let x = Acts::for_type(GgmlType::Q4_1, &values(cols * batch, 5), cols);
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+            let w = match ty {
+                GgmlType::Q8_0 => quantize_q8_0(&values(rows * cols, 3)),
+                GgmlType::Q4_0 => quantize_q4_0(&values(rows * cols, 3)),
+                _ => quantize_q4_1(&values(rows * cols, 3)),
+            };
+            let grouped = interleave::interleave(ty, &w, rows).unwrap();
+            let row_bytes = w.len() / rows;
+            let (mut plain, mut interleaved) = (Vec::new(), Vec::new());
+            scalar_products(QuantFormat::rows(ty), &w, row_bytes, 3..13, &x, batch, &mut plain);
+            let format = QuantFormat {
+                ty,
+                layout: Layout::Interleaved,
+            };
+            scalar_products(format, &grouped, row_bytes, 3..13, &x, batch, &mut interleaved);
+            assert_eq!(plain, interleaved, "{ty:?}");
         }
     }
 

@@ -371,6 +371,17 @@ mod tests {
         }
     }
 
+    /// The tiles' block constants are the layout's (`interleave::parts`), which is the one definition of it.
+    #[test]
+    fn each_block_type_reads_the_layout_interleave_writes() {
+        fn parts<B: Block>() -> Option<(usize, usize)> {
+            Some((B::HEADER, 4 * B::REGS))
+        }
+        assert_eq!(crate::interleave::parts(GgmlType::Q8_0), parts::<Q8_0>());
+        assert_eq!(crate::interleave::parts(GgmlType::Q4_0), parts::<Q4_0>());
+        assert_eq!(crate::interleave::parts(GgmlType::Q4_1), parts::<Q4_1>());
+    }
+
     fn engines() -> Vec<bool> {
         if vnni() { vec![false, true] } else { vec![false] }
     }

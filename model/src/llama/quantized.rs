@@ -2,7 +2,7 @@
 //! kernel, libtorch's (GPU-less fallbacks, whole-sequence scoring) and the embedding lookup, which dequantize
 //! what they read.
 
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 use crate::cpu_gemv::qdot;
 use crate::error::{ModelError, Result};
@@ -15,9 +15,7 @@ use crate::storage;
 pub(super) fn for_kernels(w: Tensor, ty: GgmlType) -> Result<(Tensor, QuantFormat)> {
     let rows = w.size().first().copied().unwrap_or(0) as usize;
     let grouped = match storage::u8s(&w) {
-        Some(bytes) if w.device() == Device::Cpu && qdot::prefers_interleaved(ty) => {
-            interleave::interleave(ty, bytes, rows)
-        }
+        Some(bytes) if qdot::prefers_interleaved(ty) => interleave::interleave(ty, bytes, rows),
         _ => None,
     };
     match grouped {
